@@ -1,0 +1,406 @@
+//! Configuration: the TOML schema, parsing, validation and address resolution.
+//!
+//! The file is deserialized into the `raw` structs with `deny_unknown_fields`, so a
+//! typo is an error instead of a silently ignored key. Values that need checking
+//! (durations, weights, addresses) have their own types whose `Deserialize` impls
+//! reject bad input, so the error carries the key path and the position of the value.
+//! Cross-references (a listener's pool, duplicate names) are checked afterwards, using
+//! the spans `toml::Spanned` keeps. Every error renders as
+//! `FILE:LINE:COLUMN: KEY.PATH: what was expected`.
+
+mod types;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+pub use types::{Algorithm, DurationStr, Protocol, Weight, WorkerModel};
+
+/// A configuration error, written for the human who has to fix the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{file}:{line}:{column}: {path}: {message}")]
+    Invalid {
+        file: PathBuf,
+        line: usize,
+        column: usize,
+        /// Dotted key path, e.g. `pools[0].backends[1].weight`.
+        path: String,
+        message: String,
+    },
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub runtime: RuntimeConfig,
+    pub listeners: Vec<ListenerConfig>,
+    pub pools: Vec<PoolConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Number of worker threads; already resolved from `0` to the CPU count.
+    pub workers: usize,
+    pub worker_model: WorkerModel,
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub bind: SocketAddr,
+    pub protocol: Protocol,
+    pub pool: String,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_connections: Option<usize>,
+    pub backlog: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    pub name: String,
+    pub algorithm: Algorithm,
+    pub connect_attempts: usize,
+    pub backends: Vec<BackendConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendConfig {
+    /// The address as written in the file: the backend's identity in logs, the API,
+    /// metrics labels and the consistent hash, so it stays stable across restarts.
+    pub name: String,
+    /// The resolved address connections go to.
+    pub addr: SocketAddr,
+    pub weight: u32,
+}
+
+mod raw {
+    //! The file's shape, one struct per table, before cross-checks.
+    use super::*;
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct File {
+        #[serde(default)]
+        pub runtime: Runtime,
+        #[serde(default)]
+        pub listeners: Vec<Listener>,
+        #[serde(default)]
+        pub pools: Vec<Pool>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Runtime {
+        #[serde(default)]
+        pub workers: usize,
+        #[serde(default)]
+        pub worker_model: WorkerModel,
+        #[serde(default = "default_shutdown")]
+        pub shutdown_timeout: DurationStr,
+    }
+
+    impl Default for Runtime {
+        fn default() -> Self {
+            Runtime {
+                workers: 0,
+                worker_model: WorkerModel::default(),
+                shutdown_timeout: default_shutdown(),
+            }
+        }
+    }
+
+    fn default_shutdown() -> DurationStr {
+        DurationStr(Duration::from_secs(30))
+    }
+    fn default_connect_timeout() -> DurationStr {
+        DurationStr(Duration::from_secs(3))
+    }
+    fn default_idle_timeout() -> DurationStr {
+        DurationStr(Duration::from_secs(350))
+    }
+    fn default_attempts() -> Spanned<usize> {
+        Spanned::new(0..0, 3)
+    }
+    fn default_protocol() -> Spanned<Protocol> {
+        Spanned::new(0..0, Protocol::Tcp)
+    }
+    fn default_backlog() -> u32 {
+        1024
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Listener {
+        pub name: Spanned<String>,
+        pub bind: Spanned<String>,
+        #[serde(default = "default_protocol")]
+        pub protocol: Spanned<Protocol>,
+        pub pool: Spanned<String>,
+        #[serde(default = "default_connect_timeout")]
+        pub connect_timeout: DurationStr,
+        #[serde(default = "default_idle_timeout")]
+        pub idle_timeout: DurationStr,
+        pub max_connections: Option<Spanned<usize>>,
+        #[serde(default = "default_backlog")]
+        pub backlog: u32,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Pool {
+        pub name: Spanned<String>,
+        #[serde(default)]
+        pub algorithm: Algorithm,
+        #[serde(default = "default_attempts")]
+        pub connect_attempts: Spanned<usize>,
+        pub backends: Spanned<Vec<Backend>>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Backend {
+        pub address: Spanned<String>,
+        #[serde(default)]
+        pub weight: Weight,
+    }
+}
+
+/// Upper bound on `connect_attempts`; more than this only delays the client's error.
+const MAX_CONNECT_ATTEMPTS: usize = 32;
+
+impl Config {
+    /// Reads, parses, validates and resolves the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses `text`; `file` is only used in error messages.
+    pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
+        let err = |span: Range<usize>, path: String, message: String| {
+            let (line, column) = line_col(text, span.start);
+            ConfigError::Invalid {
+                file: file.to_owned(),
+                line,
+                column,
+                path,
+                message,
+            }
+        };
+
+        let de = toml::Deserializer::new(text);
+        let raw: raw::File = serde_path_to_error::deserialize(de).map_err(|e| {
+            // Spanned<T> shows up in the path as a private field; hide it.
+            let path = e
+                .path()
+                .to_string()
+                .replace(".$__serde_spanned_private_value", "");
+            let inner = e.into_inner();
+            let span = inner.span().unwrap_or(0..0);
+            let path = if path == "." { "(top level)".into() } else { path };
+            err(span, path, inner.message().trim().to_string())
+        })?;
+
+        let workers = match raw.runtime.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+
+        let mut pools = Vec::with_capacity(raw.pools.len());
+        let mut pool_names = HashSet::new();
+        for (i, p) in raw.pools.iter().enumerate() {
+            let at = |key: &str| format!("pools[{i}].{key}");
+            if p.name.get_ref().is_empty() {
+                return Err(err(p.name.span(), at("name"), "must not be empty".into()));
+            }
+            if !pool_names.insert(p.name.get_ref().clone()) {
+                return Err(err(
+                    p.name.span(),
+                    at("name"),
+                    format!("duplicate pool name {:?}", p.name.get_ref()),
+                ));
+            }
+            let attempts = *p.connect_attempts.get_ref();
+            if !(1..=MAX_CONNECT_ATTEMPTS).contains(&attempts) {
+                return Err(err(
+                    p.connect_attempts.span(),
+                    at("connect_attempts"),
+                    format!("expected 1..={MAX_CONNECT_ATTEMPTS}, found {attempts}"),
+                ));
+            }
+            if p.backends.get_ref().is_empty() {
+                return Err(err(
+                    p.backends.span(),
+                    at("backends"),
+                    "expected at least one backend, found an empty list".into(),
+                ));
+            }
+            let mut backends = Vec::with_capacity(p.backends.get_ref().len());
+            let mut seen = HashSet::new();
+            for (j, b) in p.backends.get_ref().iter().enumerate() {
+                let key = format!("pools[{i}].backends[{j}].address");
+                let name = b.address.get_ref().trim().to_string();
+                let addr = resolve(&name).map_err(|m| err(b.address.span(), key.clone(), m))?;
+                if !seen.insert(name.clone()) {
+                    return Err(err(
+                        b.address.span(),
+                        key,
+                        format!("duplicate backend {name:?} in pool {:?}", p.name.get_ref()),
+                    ));
+                }
+                backends.push(BackendConfig {
+                    name,
+                    addr,
+                    weight: b.weight.0,
+                });
+            }
+            pools.push(PoolConfig {
+                name: p.name.get_ref().clone(),
+                algorithm: p.algorithm,
+                connect_attempts: attempts,
+                backends,
+            });
+        }
+
+        let mut listeners = Vec::with_capacity(raw.listeners.len());
+        let mut names = HashSet::new();
+        let mut binds = HashSet::new();
+        for (i, l) in raw.listeners.iter().enumerate() {
+            let at = |key: &str| format!("listeners[{i}].{key}");
+            if l.name.get_ref().is_empty() {
+                return Err(err(l.name.span(), at("name"), "must not be empty".into()));
+            }
+            if !names.insert(l.name.get_ref().clone()) {
+                return Err(err(
+                    l.name.span(),
+                    at("name"),
+                    format!("duplicate listener name {:?}", l.name.get_ref()),
+                ));
+            }
+            if *l.protocol.get_ref() != Protocol::Tcp {
+                return Err(err(
+                    l.protocol.span(),
+                    at("protocol"),
+                    format!(
+                        "protocol {:?} is not supported yet; expected \"tcp\"",
+                        l.protocol.get_ref().as_str()
+                    ),
+                ));
+            }
+            let bind = resolve(l.bind.get_ref()).map_err(|m| err(l.bind.span(), at("bind"), m))?;
+            if bind.port() != 0 && !binds.insert(bind) {
+                return Err(err(
+                    l.bind.span(),
+                    at("bind"),
+                    format!("address {bind} is already bound by another listener"),
+                ));
+            }
+            if !pool_names.contains(l.pool.get_ref()) {
+                let known: Vec<_> = raw.pools.iter().map(|p| p.name.get_ref().as_str()).collect();
+                return Err(err(
+                    l.pool.span(),
+                    at("pool"),
+                    format!(
+                        "no pool named {:?}; defined pools: {}",
+                        l.pool.get_ref(),
+                        if known.is_empty() { "(none)".to_string() } else { known.join(", ") }
+                    ),
+                ));
+            }
+            if let Some(m) = &l.max_connections {
+                if *m.get_ref() == 0 {
+                    return Err(err(
+                        m.span(),
+                        at("max_connections"),
+                        "expected a positive number (leave it out for no limit)".into(),
+                    ));
+                }
+            }
+            listeners.push(ListenerConfig {
+                name: l.name.get_ref().clone(),
+                bind,
+                protocol: *l.protocol.get_ref(),
+                pool: l.pool.get_ref().clone(),
+                connect_timeout: l.connect_timeout.0,
+                idle_timeout: l.idle_timeout.0,
+                max_connections: l.max_connections.as_ref().map(|m| *m.get_ref()),
+                backlog: l.backlog,
+            });
+        }
+
+        Ok(Config {
+            runtime: RuntimeConfig {
+                workers,
+                worker_model: raw.runtime.worker_model,
+                shutdown_timeout: raw.runtime.shutdown_timeout.0,
+            },
+            listeners,
+            pools,
+        })
+    }
+
+    pub fn pool(&self, name: &str) -> Option<&PoolConfig> {
+        self.pools.iter().find(|p| p.name == name)
+    }
+}
+
+/// Resolves `host:port` or `[v6]:port`. Hostnames go through the system resolver,
+/// once, at load time.
+fn resolve(s: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    let s = s.trim();
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let expected = "expected \"HOST:PORT\", \"IPv4:PORT\" or \"[IPv6]:PORT\"";
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return Err(format!("{s:?} has no port; {expected}"));
+    };
+    let port: u32 = port
+        .parse()
+        .map_err(|_| format!("{s:?} has an invalid port {port:?}; {expected}"))?;
+    if port > 65535 {
+        return Err(format!("port {port} in {s:?} is out of range (0..=65535)"));
+    }
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() || host.contains(|c: char| c.is_whitespace() || c == '/' || c == ':') {
+        if host.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(format!("{s:?} is not a valid address; {expected}"));
+        }
+    }
+    let mut addrs = (host, port as u16)
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {host:?}: {e}"))?;
+    addrs
+        .next()
+        .ok_or_else(|| format!("{host:?} resolved to no address"))
+}
+
+/// 1-based line and column of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rfind('\n').map_or(offset, |nl| offset - nl - 1) + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests;

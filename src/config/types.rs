@@ -1,0 +1,116 @@
+//! Value types of the config file that validate themselves while deserializing, so
+//! their errors carry the key path and position.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::de::{self, Deserializer, Visitor};
+use serde::Deserialize;
+
+/// A duration written like "250ms", "3s" or "5m".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DurationStr(pub Duration);
+
+impl<'de> Deserialize<'de> for DurationStr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = DurationStr;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a duration string like \"250ms\", \"3s\" or \"5m\"")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<DurationStr, E> {
+                let ok = s.starts_with(|c: char| c.is_ascii_digit())
+                    && s.ends_with(|c: char| c.is_ascii_alphabetic());
+                match humantime::parse_duration(s) {
+                    Ok(d) if ok => Ok(DurationStr(d)),
+                    _ => Err(E::custom(format!(
+                        "invalid duration {s:?}: expected a number with a unit, like \"250ms\", \"3s\" or \"5m\""
+                    ))),
+                }
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// A backend weight, 1..=1000.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Weight(pub u32);
+
+impl Default for Weight {
+    fn default() -> Self {
+        Weight(1)
+    }
+}
+
+impl<'de> Deserialize<'de> for Weight {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let w = i64::deserialize(d)?;
+        if (1..=1000).contains(&w) {
+            Ok(Weight(w as u32))
+        } else {
+            Err(de::Error::custom(format!(
+                "weight {w} is out of range: expected 1..=1000"
+            )))
+        }
+    }
+}
+
+/// Backend selection algorithm of a pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Algorithm {
+    #[default]
+    RoundRobin,
+    WeightedRoundRobin,
+    LeastConnections,
+    IpHash,
+    Random,
+    PowerOfTwo,
+}
+
+impl Algorithm {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Algorithm::RoundRobin => "round-robin",
+            Algorithm::WeightedRoundRobin => "weighted-round-robin",
+            Algorithm::LeastConnections => "least-connections",
+            Algorithm::IpHash => "ip-hash",
+            Algorithm::Random => "random",
+            Algorithm::PowerOfTwo => "power-of-two",
+        }
+    }
+}
+
+/// Listener protocol. Only `tcp` is served so far; the others parse so the error
+/// can say "not supported yet" rather than "unknown variant".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Tcp,
+    Udp,
+    Http,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Http => "http",
+        }
+    }
+}
+
+/// How connections are spread over worker threads (see docs/architecture.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WorkerModel {
+    /// One single-threaded runtime per worker, each with its own SO_REUSEPORT socket.
+    #[default]
+    PerCore,
+    /// One multi-threaded, work-stealing runtime shared by all workers.
+    Shared,
+}

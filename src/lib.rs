@@ -1,1 +1,3 @@
+pub mod backend;
+pub mod balance;
 pub mod config;

@@ -1,0 +1,700 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark of flowgate against HAProxy (mode tcp, with and
+# without `option splice-auto`), nginx `stream` and a direct connection.
+#
+# Everything runs on loopback (127.0.0.1) on this machine. All balancers get
+# 2 workers/threads and are left unpinned. The run is interleaved: in every
+# round each figure is measured for every target before moving on to the next
+# figure, and the final table reports the median over the rounds together with
+# flowgate/HAProxy ratios. Benchmarks are not tests; CI does not run this.
+#
+# Usage:
+#   scripts/bench.sh                       # full run, about 10 minutes
+#   ROUNDS=1 TARGETS="direct flowgate haproxy" FIGURES="bulk1 latency" scripts/bench.sh
+#
+# Environment (defaults in brackets):
+#   ROUNDS         rounds to run                                          [3]
+#   TARGETS        any of: direct flowgate haproxy haproxy-splice nginx  [all five]
+#   FIGURES        any of: bulk1 bulk4 latency cps rps mem                [all six]
+#   IPERF_TIME     seconds per iperf3 run                                 [5]
+#   SOCKPERF_TIME  seconds per sockperf ping-pong run                     [5]
+#   WRK_TIME       seconds per wrk run                                    [5]
+#   WRK_THREADS    wrk threads                                            [2]
+#   WRK_CONNS      wrk connections                                        [64]
+#   MEM_CONNS      idle connections held for the memory figure            [4000]
+#   PORT_BASE      first port of the block of ports used                  [29000]
+#   OUT_DIR        where raw results, configs and logs go
+#                  [${CARGO_TARGET_DIR:-<repo>/target}/bench/<UTC timestamp>]
+#   FLOWGATE_BIN   use this binary instead of `cargo build --release`
+#   CARGO_TARGET_DIR  honoured for the cargo build                       [<repo>/target]
+#   NO_INSTALL=1   never apt-get install missing tools, fail instead
+#
+# Tools (installed with `apt-get install -y` when missing): haproxy, nginx
+# (+ libnginx-mod-stream), iperf3, sockperf, wrk; python3 must be present.
+#
+# Output: progress on stderr; the Markdown result tables on stdout, also saved
+# as $OUT_DIR/results.md. Raw per-round numbers are in $OUT_DIR/raw.tsv.
+
+set -Eeuo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+HELPERS=$REPO/scripts/bench
+TARGET_DIR=${CARGO_TARGET_DIR:-$REPO/target}
+
+ROUNDS=${ROUNDS:-3}
+TARGETS=${TARGETS:-"direct flowgate haproxy haproxy-splice nginx"}
+FIGURES=${FIGURES:-"bulk1 bulk4 latency cps rps mem"}
+IPERF_TIME=${IPERF_TIME:-5}
+SOCKPERF_TIME=${SOCKPERF_TIME:-5}
+WRK_TIME=${WRK_TIME:-5}
+WRK_THREADS=${WRK_THREADS:-2}
+WRK_CONNS=${WRK_CONNS:-64}
+MEM_CONNS=${MEM_CONNS:-4000}
+PORT_BASE=${PORT_BASE:-29000}
+OUT_DIR=${OUT_DIR:-$TARGET_DIR/bench/$(date -u +%Y%m%dT%H%M%SZ)}
+FLOWGATE_BIN=${FLOWGATE_BIN:-}
+NO_INSTALL=${NO_INSTALL:-0}
+
+LB_WORKERS=2          # workers/threads for every balancer (fixed by design)
+HAPROXY_MAXCONN=7900  # 2 fds per connection + splice pipes (maxconn/4 pairs) must fit the fd limit 20000
+HOST=127.0.0.1
+
+log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { printf 'bench.sh: error: %s\n' "$*" >&2; exit 1; }
+
+# ---------------------------------------------------------------- arguments --
+
+ALL_TARGETS="direct flowgate haproxy haproxy-splice nginx"
+ALL_FIGURES="bulk1 bulk4 latency cps rps mem"
+for t in $TARGETS; do
+    [[ " $ALL_TARGETS " == *" $t "* ]] || die "unknown target '$t' (known: $ALL_TARGETS)"
+done
+for f in $FIGURES; do
+    [[ " $ALL_FIGURES " == *" $f "* ]] || die "unknown figure '$f' (known: $ALL_FIGURES)"
+done
+[[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive integer, got '$ROUNDS'"
+[[ -n ${TARGETS// /} ]] || die "TARGETS is empty"
+[[ -n ${FIGURES// /} ]] || die "FIGURES is empty"
+
+has_target() { [[ " $TARGETS " == *" $1 "* ]]; }
+has_figure() { [[ " $FIGURES " == *" $1 "* ]]; }
+has_any_figure() { local f; for f in "$@"; do has_figure "$f" && return 0; done; return 1; }
+
+# -------------------------------------------------------------------- ports --
+# Backend services: 1 = iperf3, 2 = sockperf, 3 = HTTP (nginx), 4 = idle-hold.
+# direct uses the backend port itself; balancer number i listens on
+# PORT_BASE + 100*i + service; the memory-figure instance on PORT_BASE + 100*i + 50.
+
+SVC_NAMES=(none iperf sockperf http hold)
+target_index() {
+    case $1 in
+        flowgate) echo 1 ;; haproxy) echo 2 ;; haproxy-splice) echo 3 ;; nginx) echo 4 ;;
+        *) die "no index for target '$1'" ;;
+    esac
+}
+backend_port() { echo $((PORT_BASE + $1)); }
+target_port() { # target service-number
+    if [[ $1 == direct ]]; then backend_port "$2"; else echo $((PORT_BASE + 100 * $(target_index "$1") + $2)); fi
+}
+mem_port() { echo $((PORT_BASE + 100 * $(target_index "$1") + 50)); }
+
+# ------------------------------------------------------ process management --
+
+PIDS=()
+declare -A PID_NAME=()
+LAST_PID=
+
+descendants() { # pid -> all descendant pids, one per line
+    local c
+    for c in $(pgrep -P "$1" 2>/dev/null || true); do
+        echo "$c"
+        descendants "$c"
+    done
+}
+
+start_bg() { # name logfile command...
+    local name=$1 logf=$2
+    shift 2
+    "$@" >"$logf" 2>&1 </dev/null &
+    LAST_PID=$!
+    PIDS+=("$LAST_PID")
+    PID_NAME[$LAST_PID]=$name
+}
+
+stop_pid() { # pid: TERM, wait up to 5 s, then KILL it and anything it left behind
+    local pid=$1 kids i
+    kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
+    kids=$(descendants "$pid")
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < 100; i++)); do
+        kill -0 "$pid" 2>/dev/null || break
+        # A zombie child still answers kill -0; reap it via `wait` below.
+        [[ $(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) == Z ]] && break
+        sleep 0.05
+    done
+    if kill -0 "$pid" 2>/dev/null && [[ $(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) != Z ]]; then
+        log "warning: ${PID_NAME[$pid]:-pid $pid} ignored SIGTERM, killing it"
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    wait "$pid" 2>/dev/null || true
+    for i in $kids; do kill -KILL "$i" 2>/dev/null || true; done
+    local keep=() p
+    for p in "${PIDS[@]}"; do [[ $p == "$pid" ]] || keep+=("$p"); done
+    PIDS=("${keep[@]}")
+}
+
+cleanup() {
+    local rc=$? i
+    trap - EXIT INT TERM
+    for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
+        stop_pid "${PIDS[i]}"
+    done
+    if ((rc != 0)); then log "stopped (exit status $rc); logs are in $OUT_DIR/logs"; fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+is_listening() { # port
+    if command -v ss >/dev/null 2>&1; then
+        [[ -n $(ss -ltnH "sport = :$1" 2>/dev/null) ]]
+    else
+        (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null
+    fi
+}
+
+wait_listen() { # pid name logfile port... : poll until every port listens
+    local pid=$1 name=$2 logf=$3 port deadline
+    shift 3
+    deadline=$((SECONDS + 20))
+    for port in "$@"; do
+        until is_listening "$port"; do
+            if ! kill -0 "$pid" 2>/dev/null; then
+                printf 'bench.sh: error: %s exited during startup; last lines of %s:\n' "$name" "$logf" >&2
+                tail -n 20 "$logf" >&2 || true
+                exit 1
+            fi
+            if ((SECONDS >= deadline)); then
+                printf 'bench.sh: error: %s is not listening on %s:%s after 20 s; last lines of %s:\n' \
+                    "$name" "$HOST" "$port" "$logf" >&2
+                tail -n 20 "$logf" >&2 || true
+                exit 1
+            fi
+            sleep 0.05
+        done
+    done
+}
+
+check_alive() { # pid name logfile
+    kill -0 "$1" 2>/dev/null && [[ $(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) != Z ]] && return 0
+    printf 'bench.sh: error: %s has died; last lines of %s:\n' "$2" "$3" >&2
+    tail -n 20 "$3" >&2 || true
+    exit 1
+}
+
+rss_kib() { # pid -> summed VmRSS (KiB) of the process and all its descendants
+    local p total=0 v
+    for p in "$1" $(descendants "$1"); do
+        v=$(awk '/^VmRSS:/ {print $2}' "/proc/$p/status" 2>/dev/null || true)
+        total=$((total + ${v:-0}))
+    done
+    echo "$total"
+}
+
+# -------------------------------------------------------------------- tools --
+
+ensure_tools() {
+    local need=() pkgs=() cmd
+    has_any_figure bulk1 bulk4 && need+=(iperf3)
+    has_figure latency && need+=(sockperf)
+    has_any_figure cps rps && need+=(wrk nginx)
+    { has_target haproxy || has_target haproxy-splice; } && need+=(haproxy)
+    has_target nginx && need+=(nginx)
+    for cmd in "${need[@]}"; do
+        command -v "$cmd" >/dev/null 2>&1 || pkgs+=("$cmd")
+    done
+    if has_target nginx; then
+        # Debian builds the stream module as a dynamic module in its own package.
+        if ! command -v nginx >/dev/null 2>&1 ||
+            { nginx -V 2>&1 | grep -q -- '--with-stream=dynamic' &&
+                ! [[ -e /usr/lib/nginx/modules/ngx_stream_module.so ]]; }; then
+            pkgs+=(libnginx-mod-stream)
+        fi
+    fi
+    # Deduplicate.
+    mapfile -t pkgs < <(printf '%s\n' "${pkgs[@]}" | awk 'NF && !seen[$0]++')
+    if ((${#pkgs[@]})); then
+        [[ $NO_INSTALL == 1 ]] && die "missing tools: ${pkgs[*]} (NO_INSTALL=1)"
+        command -v apt-get >/dev/null 2>&1 || die "missing tools: ${pkgs[*]}, and no apt-get to install them"
+        local sudo=()
+        if ((EUID != 0)); then
+            command -v sudo >/dev/null 2>&1 || die "missing tools: ${pkgs[*]}; run as root or install them"
+            sudo=(sudo)
+        fi
+        log "installing: ${pkgs[*]}"
+        if ! DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y "${pkgs[@]}" >"$OUT_DIR/logs/apt.log" 2>&1; then
+            log "apt-get install failed, retrying after apt-get update"
+            DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get update >>"$OUT_DIR/logs/apt.log" 2>&1 || true
+            DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y "${pkgs[@]}" >>"$OUT_DIR/logs/apt.log" 2>&1 ||
+                die "apt-get install ${pkgs[*]} failed; see $OUT_DIR/logs/apt.log"
+        fi
+    fi
+    command -v python3 >/dev/null 2>&1 || die "python3 is required"
+    for cmd in "${need[@]}"; do
+        command -v "$cmd" >/dev/null 2>&1 || die "$cmd is still missing after installation"
+    done
+}
+
+build_flowgate() {
+    if [[ -n $FLOWGATE_BIN ]]; then
+        [[ -x $FLOWGATE_BIN ]] || die "FLOWGATE_BIN=$FLOWGATE_BIN is not an executable"
+        return
+    fi
+    command -v cargo >/dev/null 2>&1 || die "cargo not found (or set FLOWGATE_BIN)"
+    log "building flowgate: cargo build --release (CARGO_TARGET_DIR=$TARGET_DIR)"
+    if ! CARGO_TARGET_DIR=$TARGET_DIR cargo build --release --manifest-path "$REPO/Cargo.toml" \
+        >"$OUT_DIR/logs/cargo-build.log" 2>&1; then
+        tail -n 30 "$OUT_DIR/logs/cargo-build.log" >&2
+        die "cargo build --release failed; see $OUT_DIR/logs/cargo-build.log"
+    fi
+    FLOWGATE_BIN=$TARGET_DIR/release/flowgate
+    [[ -x $FLOWGATE_BIN ]] || die "cargo build succeeded but $FLOWGATE_BIN does not exist"
+}
+
+# ----------------------------------------------------------------- backends --
+
+declare -A BACKEND_PID=()
+declare -A BACKEND_LOG=()
+
+start_backends() {
+    local port logf dir
+    if has_any_figure bulk1 bulk4; then
+        port=$(backend_port 1)
+        logf=$OUT_DIR/logs/iperf3-server.log
+        # --idle-timeout: restart the server if an aborted client ever leaves it stuck.
+        start_bg "iperf3 server" "$logf" iperf3 -s -B "$HOST" -p "$port" --idle-timeout 30
+        BACKEND_PID[iperf]=$LAST_PID BACKEND_LOG[iperf]=$logf
+        wait_listen "$LAST_PID" "iperf3 server" "$logf" "$port"
+    fi
+    if has_figure latency; then
+        port=$(backend_port 2)
+        logf=$OUT_DIR/logs/sockperf-server.log
+        start_bg "sockperf server" "$logf" sockperf server --tcp -i "$HOST" -p "$port"
+        BACKEND_PID[sockperf]=$LAST_PID BACKEND_LOG[sockperf]=$logf
+        wait_listen "$LAST_PID" "sockperf server" "$logf" "$port"
+    fi
+    if has_any_figure cps rps; then
+        port=$(backend_port 3)
+        dir=$OUT_DIR/nginx-http
+        mkdir -p "$dir/tmp"
+        cat >"$dir/nginx.conf" <<EOF
+# HTTP backend for the cps/rps figures: a tiny static response.
+daemon off;
+master_process on;
+worker_processes $LB_WORKERS;
+worker_rlimit_nofile 20000;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections 19000; }
+http {
+    access_log off;
+    keepalive_timeout 350s;
+    keepalive_requests 100000000;
+    client_body_temp_path $dir/tmp/body;
+    proxy_temp_path $dir/tmp/proxy;
+    fastcgi_temp_path $dir/tmp/fastcgi;
+    uwsgi_temp_path $dir/tmp/uwsgi;
+    scgi_temp_path $dir/tmp/scgi;
+    server {
+        listen $HOST:$port backlog=4096;
+        location / {
+            default_type text/plain;
+            return 200 "ok\n";
+        }
+    }
+}
+EOF
+        logf=$OUT_DIR/logs/nginx-http-backend.log
+        start_bg "nginx HTTP backend" "$logf" nginx -e "$dir/error.log" -p "$dir" -c "$dir/nginx.conf"
+        BACKEND_PID[http]=$LAST_PID BACKEND_LOG[http]=$logf
+        wait_listen "$LAST_PID" "nginx HTTP backend" "$logf" "$port"
+    fi
+    if has_figure mem; then
+        port=$(backend_port 4)
+        logf=$OUT_DIR/logs/hold-server.log
+        start_bg "idle-hold server" "$logf" python3 "$HELPERS/holdconn.py" server --bind "$HOST" --port "$port"
+        BACKEND_PID[hold]=$LAST_PID BACKEND_LOG[hold]=$logf
+        wait_listen "$LAST_PID" "idle-hold server" "$logf" "$port"
+    fi
+}
+
+check_backend() { check_alive "${BACKEND_PID[$1]}" "$1 backend" "${BACKEND_LOG[$1]}"; }
+
+# ---------------------------------------------------------------- balancers --
+# A listener spec is "service:listen_port:backend_port".
+
+write_flowgate_config() { # file spec...
+    local file=$1 s name lport bport
+    shift
+    {
+        printf '[runtime]\nworkers = %d\nshutdown_timeout = "1s"\n' "$LB_WORKERS"
+        for s in "$@"; do
+            IFS=: read -r name lport bport <<<"$s"
+            printf '\n[[listeners]]\nname = "%s"\nbind = "%s:%s"\nprotocol = "tcp"\npool = "%s"\n' \
+                "$name" "$HOST" "$lport" "$name"
+            printf 'connect_timeout = "3s"\nidle_timeout = "350s"\n'
+        done
+        for s in "$@"; do
+            IFS=: read -r name lport bport <<<"$s"
+            printf '\n[[pools]]\nname = "%s"\nalgorithm = "round-robin"\nbackends = [ { address = "%s:%s" } ]\n' \
+                "$name" "$HOST" "$bport"
+        done
+    } >"$file"
+}
+
+write_haproxy_config() { # file splice(0|1) spec...
+    local file=$1 splice=$2 s name lport bport
+    shift 2
+    {
+        cat <<EOF
+global
+    nbthread $LB_WORKERS
+    maxconn $HAPROXY_MAXCONN
+
+defaults
+    mode tcp
+    maxconn $HAPROXY_MAXCONN
+    timeout connect 3s
+    timeout client 350s
+    timeout server 350s
+EOF
+        ((splice)) && echo "    option splice-auto"
+        for s in "$@"; do
+            IFS=: read -r name lport bport <<<"$s"
+            printf '\nlisten %s\n    bind %s:%s\n    server %s %s:%s\n' "$name" "$HOST" "$lport" "$name" "$HOST" "$bport"
+        done
+    } >"$file"
+}
+
+write_nginx_config() { # dir spec...
+    local dir=$1 s name lport bport
+    shift
+    {
+        if nginx -V 2>&1 | grep -q -- '--with-stream=dynamic'; then
+            echo "load_module /usr/lib/nginx/modules/ngx_stream_module.so;"
+        fi
+        cat <<EOF
+daemon off;
+master_process on;
+worker_processes $LB_WORKERS;
+worker_rlimit_nofile 20000;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections 19000; }
+stream {
+    proxy_connect_timeout 3s;
+    proxy_timeout 350s;
+EOF
+        for s in "$@"; do
+            IFS=: read -r name lport bport <<<"$s"
+            printf '    upstream %s { server %s:%s; }\n' "$name" "$HOST" "$bport"
+            printf '    server { listen %s:%s backlog=4096; proxy_pass %s; }\n' "$HOST" "$lport" "$name"
+        done
+        echo "}"
+    } >"$dir/nginx.conf"
+}
+
+start_lb() { # target instance-name spec... ; sets LAST_PID and LAST_LOG, waits for all ports
+    local target=$1 inst=$2 dir logf s ports=()
+    shift 2
+    dir=$OUT_DIR/$inst
+    mkdir -p "$dir"
+    logf=$OUT_DIR/logs/$inst.log
+    for s in "$@"; do ports+=("$(cut -d: -f2 <<<"$s")"); done
+    case $target in
+        flowgate)
+            write_flowgate_config "$dir/flowgate.toml" "$@"
+            start_bg "$inst" "$logf" "$FLOWGATE_BIN" run --config "$dir/flowgate.toml"
+            ;;
+        haproxy | haproxy-splice)
+            write_haproxy_config "$dir/haproxy.cfg" "$([[ $target == haproxy-splice ]] && echo 1 || echo 0)" "$@"
+            haproxy -c -f "$dir/haproxy.cfg" >"$logf.check" 2>&1 ||
+                { cat "$logf.check" >&2; die "haproxy rejected $dir/haproxy.cfg"; }
+            start_bg "$inst" "$logf" haproxy -db -f "$dir/haproxy.cfg"
+            ;;
+        nginx)
+            write_nginx_config "$dir" "$@"
+            start_bg "$inst" "$logf" nginx -e "$dir/error.log" -p "$dir" -c "$dir/nginx.conf"
+            ;;
+        *) die "start_lb: bad target $target" ;;
+    esac
+    LAST_LOG=$logf
+    wait_listen "$LAST_PID" "$inst" "$logf" "${ports[@]}"
+}
+
+declare -A LB_PID=()
+declare -A LB_LOG=()
+
+start_balancers() {
+    local t svc svcs=() specs
+    has_any_figure bulk1 bulk4 && svcs+=(1)
+    has_figure latency && svcs+=(2)
+    has_any_figure cps rps && svcs+=(3)
+    ((${#svcs[@]})) || return 0
+    for t in $TARGETS; do
+        [[ $t == direct ]] && continue
+        specs=()
+        for svc in "${svcs[@]}"; do
+            specs+=("${SVC_NAMES[svc]}:$(target_port "$t" "$svc"):$(backend_port "$svc")")
+        done
+        log "starting $t"
+        start_lb "$t" "$t" "${specs[@]}"
+        LB_PID[$t]=$LAST_PID LB_LOG[$t]=$LAST_LOG
+    done
+}
+
+check_target() { # target
+    [[ $1 == direct ]] && return 0
+    [[ -n ${LB_PID[$1]:-} ]] || return 0
+    check_alive "${LB_PID[$1]}" "$1" "${LB_LOG[$1]}"
+}
+
+# ------------------------------------------------------------- measurements --
+# Each sets RESULT (space-separated numbers) and returns non-zero on failure,
+# after printing why.
+
+RESULT=
+
+measure_bulk() { # target streams logfile
+    local port out rc
+    port=$(target_port "$1" 1)
+    out=$3
+    rc=0
+    timeout $((IPERF_TIME + 30)) iperf3 -c "$HOST" -p "$port" -t "$IPERF_TIME" -P "$2" -J \
+        --connect-timeout 3000 >"$out" 2>&1 || rc=$?
+    if ((rc != 0)); then
+        log "error: iperf3 -P $2 via $1 exited with status $rc; see $out"
+        return 1
+    fi
+    RESULT=$(python3 - "$out" <<'EOF'
+import json, sys
+d = json.load(open(sys.argv[1]))
+if d.get("error"):
+    sys.exit("iperf3: " + d["error"])
+print("%.3f" % (d["end"]["sum_received"]["bits_per_second"] / 1e9))
+EOF
+    ) || { log "error: could not read the iperf3 result via $1; see $out"; return 1; }
+}
+
+measure_latency() { # target logfile
+    local port out rc
+    port=$(target_port "$1" 2)
+    out=$2
+    rc=0
+    timeout $((SOCKPERF_TIME + 30)) sockperf ping-pong --tcp -i "$HOST" -p "$port" -m 64 \
+        -t "$SOCKPERF_TIME" --full-rtt >"$out" 2>&1 || rc=$?
+    if ((rc != 0)); then
+        log "error: sockperf ping-pong via $1 exited with status $rc; see $out"
+        return 1
+    fi
+    RESULT=$(sed 's/\x1b\[[0-9;]*m//g' "$out" | awk '
+        /percentile 50\.000 =/ { p50 = $NF }
+        /percentile 99\.000 =/ { p99 = $NF }
+        /percentile 99\.900 =/ { p999 = $NF }
+        END { if (p50 == "" || p99 == "" || p999 == "") exit 1; print p50, p99, p999 }') ||
+        { log "error: no percentiles in the sockperf output via $1; see $out"; return 1; }
+}
+
+measure_wrk() { # target close(0|1) logfile
+    local port out rc hdr=()
+    port=$(target_port "$1" 3)
+    out=$3
+    (($2)) && hdr=(-H 'Connection: close')
+    rc=0
+    timeout $((WRK_TIME + 30)) wrk -t "$WRK_THREADS" -c "$WRK_CONNS" -d "${WRK_TIME}s" "${hdr[@]}" \
+        "http://$HOST:$port/" >"$out" 2>&1 || rc=$?
+    if ((rc != 0)); then
+        log "error: wrk via $1 exited with status $rc; see $out"
+        return 1
+    fi
+    RESULT=$(awk '/^Requests\/sec:/ { print $2 }' "$out")
+    [[ -n $RESULT ]] || { log "error: no Requests/sec in the wrk output via $1; see $out"; return 1; }
+    local total errs non2xx
+    total=$(awk '/requests in/ { print $1 }' "$out")
+    errs=$(awk '/Socket errors:/ { gsub(",", ""); s = 0; for (i = 1; i <= NF; i++) if ($i ~ /^[0-9]+$/) s += $i; print s }' "$out")
+    non2xx=$(awk '/Non-2xx or 3xx responses:/ { print $NF }' "$out")
+    if [[ -n $non2xx ]] && ((non2xx > 0)); then
+        log "error: $non2xx non-2xx responses via $1; see $out"
+        return 1
+    fi
+    if [[ -n $errs ]] && ((errs > 0)); then
+        # A few errors at the very end of a Connection: close run are normal;
+        # more than 1% means the number is not trustworthy.
+        if ((errs * 100 > ${total:-0})); then
+            log "error: $errs socket errors in $total requests via $1; see $out"
+            return 1
+        fi
+        log "note: $errs socket errors in $total requests via $1 (under 1%, kept)"
+    fi
+}
+
+measure_mem() { # target logfile-prefix ; KiB of balancer RSS per idle established connection
+    local t=$1 pre=$2 port pid before after ready cpid rc i
+    port=$(mem_port "$t")
+    start_lb "$t" "$t-mem" "hold:$port:$(backend_port 4)"
+    pid=$LAST_PID
+    # Warm up: a handful of connections so one-off lazy initialisation is not counted.
+    ready=$pre.warm.ready
+    rm -f "$ready"
+    rc=0
+    timeout 30 python3 "$HELPERS/holdconn.py" client --host "$HOST" --port "$port" --count 50 \
+        --ready-file "$ready" --hold 0 >"$pre.warm.log" 2>&1 || rc=$?
+    if ((rc != 0)) || [[ ! -s $ready ]]; then
+        log "error: warm-up connections via $t failed (status $rc); see $pre.warm.log"
+        stop_pid "$pid"
+        return 1
+    fi
+    sleep 0.5
+    check_alive "$pid" "$t-mem" "$LAST_LOG"
+    before=$(rss_kib "$pid")
+    ready=$pre.ready
+    rm -f "$ready"
+    start_bg "idle-hold client" "$pre.client.log" python3 "$HELPERS/holdconn.py" client --host "$HOST" \
+        --port "$port" --count "$MEM_CONNS" --ready-file "$ready" --hold 120 --timeout 60
+    cpid=$LAST_PID
+    for ((i = 0; i < 1800; i++)); do # up to 90 s
+        [[ -s $ready ]] && break
+        kill -0 "$cpid" 2>/dev/null || break
+        sleep 0.05
+    done
+    if [[ ! -s $ready ]]; then
+        log "error: could not hold $MEM_CONNS connections via $t; see $pre.client.log and $LAST_LOG"
+        stop_pid "$cpid"
+        stop_pid "$pid"
+        return 1
+    fi
+    sleep 1 # let the balancer settle
+    check_alive "$pid" "$t-mem" "$LAST_LOG"
+    after=$(rss_kib "$pid")
+    stop_pid "$cpid"
+    stop_pid "$pid"
+    echo "$t before=${before}KiB after=${after}KiB conns=$MEM_CONNS" >>"$pre.rss"
+    RESULT=$(awk -v a="$after" -v b="$before" -v n="$MEM_CONNS" 'BEGIN { printf "%.3f", (a - b) / n }')
+}
+
+# ------------------------------------------------------------------- main ----
+
+mkdir -p "$OUT_DIR/logs" "$OUT_DIR/runs"
+RAW=$OUT_DIR/raw.tsv
+printf 'round\tmetric\ttarget\tvalue\n' >"$RAW"
+FAILED=0
+
+record() { # round metric target value
+    printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$RAW"
+}
+
+ensure_tools
+has_target flowgate && build_flowgate
+
+# Refuse to start if something else already uses our ports.
+for svc in 1 2 3 4; do
+    p=$(backend_port $svc)
+    is_listening "$p" && die "port $p is already in use (set PORT_BASE to move the block)"
+    for t in $TARGETS; do
+        [[ $t == direct ]] && continue
+        p=$(target_port "$t" $svc)
+        is_listening "$p" && die "port $p is already in use (set PORT_BASE to move the block)"
+        p=$(mem_port "$t")
+        is_listening "$p" && die "port $p is already in use (set PORT_BASE to move the block)"
+    done
+done
+
+{
+    echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+    echo "git: $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo none) $(git -C "$REPO" status --porcelain 2>/dev/null | grep -q . && echo '(dirty)')"
+    echo "nproc: $(nproc)"
+    echo "cpu: $(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)"
+    echo "kernel: $(uname -r)"
+    echo "ROUNDS=$ROUNDS TARGETS=\"$TARGETS\" FIGURES=\"$FIGURES\""
+    echo "IPERF_TIME=$IPERF_TIME SOCKPERF_TIME=$SOCKPERF_TIME WRK_TIME=$WRK_TIME WRK_THREADS=$WRK_THREADS WRK_CONNS=$WRK_CONNS MEM_CONNS=$MEM_CONNS"
+    command -v haproxy >/dev/null && echo "haproxy: $(haproxy -v 2>&1 | head -n1)"
+    command -v nginx >/dev/null && echo "nginx: $(nginx -v 2>&1)"
+    command -v iperf3 >/dev/null && echo "iperf3: $(iperf3 --version 2>&1 | head -n1)"
+    command -v sockperf >/dev/null && echo "sockperf: $(sockperf --version 2>&1 | head -n1)"
+    command -v wrk >/dev/null && echo "wrk: $(wrk -v 2>&1 | head -n1)"
+    [[ -n $FLOWGATE_BIN ]] && echo "flowgate: $FLOWGATE_BIN"
+} >"$OUT_DIR/meta.txt"
+
+log "results and logs: $OUT_DIR"
+start_backends
+start_balancers
+
+START=$SECONDS
+for ((r = 1; r <= ROUNDS; r++)); do
+    for f in $FIGURES; do
+        for t in $TARGETS; do
+            [[ $f == mem && $t == direct ]] && continue # no balancer, nothing to measure
+            check_target "$t"
+            pre=$OUT_DIR/runs/r$r-$f-$t
+            case $f in
+                bulk1 | bulk4)
+                    check_backend iperf
+                    if measure_bulk "$t" "${f#bulk}" "$pre.json"; then
+                        record "$r" "bulk_${f#bulk}" "$t" "$RESULT"
+                        log "round $r/$ROUNDS $f $t: $RESULT Gbit/s"
+                    else
+                        record "$r" "bulk_${f#bulk}" "$t" NA
+                        FAILED=$((FAILED + 1))
+                    fi
+                    ;;
+                latency)
+                    check_backend sockperf
+                    if measure_latency "$t" "$pre.log"; then
+                        read -r p50 p99 p999 <<<"$RESULT"
+                        record "$r" lat_p50 "$t" "$p50"
+                        record "$r" lat_p99 "$t" "$p99"
+                        record "$r" lat_p999 "$t" "$p999"
+                        log "round $r/$ROUNDS latency $t: p50 $p50 p99 $p99 p99.9 $p999 us"
+                    else
+                        for m in lat_p50 lat_p99 lat_p999; do record "$r" "$m" "$t" NA; done
+                        FAILED=$((FAILED + 1))
+                    fi
+                    ;;
+                cps | rps)
+                    check_backend http
+                    if measure_wrk "$t" "$([[ $f == cps ]] && echo 1 || echo 0)" "$pre.log"; then
+                        record "$r" "$f" "$t" "$RESULT"
+                        log "round $r/$ROUNDS $f $t: $RESULT /s"
+                    else
+                        record "$r" "$f" "$t" NA
+                        FAILED=$((FAILED + 1))
+                    fi
+                    ;;
+                mem)
+                    check_backend hold
+                    if measure_mem "$t" "$pre"; then
+                        record "$r" mem_kb "$t" "$RESULT"
+                        log "round $r/$ROUNDS mem $t: $RESULT KiB/conn"
+                    else
+                        record "$r" mem_kb "$t" NA
+                        FAILED=$((FAILED + 1))
+                    fi
+                    ;;
+            esac
+        done
+    done
+done
+log "measurements took $((SECONDS - START)) s"
+
+python3 "$HELPERS/report.py" "$RAW" "$TARGETS" "$ROUNDS" >"$OUT_DIR/results.md"
+{
+    echo
+    echo "Results ($(date -u '+%Y-%m-%d'), $(nproc) CPUs, ROUNDS=$ROUNDS; raw numbers in $RAW):"
+    echo
+    cat "$OUT_DIR/results.md"
+}
+if ((FAILED)); then
+    log "$FAILED measurement(s) failed; see the errors above"
+    exit 1
+fi

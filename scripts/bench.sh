@@ -122,18 +122,21 @@ start_bg() { # name logfile command...
 }
 
 stop_pid() { # pid: TERM, wait up to 5 s, then KILL it and anything it left behind
-    local pid=$1 kids i
+    local pid=$1 kids i gone
     kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
     kids=$(descendants "$pid")
     kill -TERM "$pid" 2>/dev/null || true
+    gone=0
     for ((i = 0; i < 100; i++)); do
-        kill -0 "$pid" 2>/dev/null || break
-        # A zombie child still answers kill -0; reap it via `wait` below.
-        [[ $(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) == Z ]] && break
+        # A zombie still answers kill -0 (bash reaps it asynchronously, or in `wait` below).
+        if ! kill -0 "$pid" 2>/dev/null || [[ $(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) == Z ]]; then
+            gone=1
+            break
+        fi
         sleep 0.05
     done
-    if kill -0 "$pid" 2>/dev/null && [[ $(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) != Z ]]; then
-        log "warning: ${PID_NAME[$pid]:-pid $pid} ignored SIGTERM, killing it"
+    if ((!gone)); then
+        log "warning: ${PID_NAME[$pid]:-pid $pid} still running 5 s after SIGTERM, killing it"
         kill -KILL "$pid" 2>/dev/null || true
     fi
     wait "$pid" 2>/dev/null || true

@@ -41,7 +41,11 @@ mod tests {
         let mut held = Vec::new();
         for _ in 0..10 {
             let i = lc
-                .select(&Pick { backends: &bs, client: "::1".parse().unwrap(), usable: &all })
+                .select(&Pick {
+                    backends: &bs,
+                    client: "::1".parse().unwrap(),
+                    usable: &all,
+                })
                 .unwrap();
             held.push(bs[i].claim());
         }
@@ -50,7 +54,11 @@ mod tests {
         held.retain(|g| g.backend().name != bs[0].name);
         for _ in 0..4 {
             let i = lc
-                .select(&Pick { backends: &bs, client: "::1".parse().unwrap(), usable: &all })
+                .select(&Pick {
+                    backends: &bs,
+                    client: "::1".parse().unwrap(),
+                    usable: &all,
+                })
                 .unwrap();
             assert_eq!(i, 0);
             held.push(bs[i].claim());
@@ -65,7 +73,11 @@ mod tests {
         let mut held = Vec::new();
         for _ in 0..8 {
             let i = lc
-                .select(&Pick { backends: &bs, client: "::1".parse().unwrap(), usable: &all })
+                .select(&Pick {
+                    backends: &bs,
+                    client: "::1".parse().unwrap(),
+                    usable: &all,
+                })
                 .unwrap();
             held.push(bs[i].claim());
         }

@@ -75,7 +75,9 @@ impl Maglev {
     /// The backend a key maps to with every backend usable.
     pub fn lookup(&self, client: IpAddr) -> Option<usize> {
         let h = key_hash(client, 0);
-        self.table.get((h % TABLE_SIZE as u64) as usize).map(|&i| i as usize)
+        self.table
+            .get((h % TABLE_SIZE as u64) as usize)
+            .map(|&i| i as usize)
     }
 }
 
@@ -97,7 +99,8 @@ impl Selector for Maglev {
         }
         let mut first = 0;
         for round in 0..REHASHES {
-            let i = self.table[(key_hash(pick.client, round) % TABLE_SIZE as u64) as usize] as usize;
+            let i =
+                self.table[(key_hash(pick.client, round) % TABLE_SIZE as u64) as usize] as usize;
             if round == 0 {
                 first = i;
             }
@@ -116,7 +119,9 @@ mod tests {
     use std::net::Ipv4Addr;
 
     fn clients(n: u32) -> Vec<IpAddr> {
-        (0..n).map(|i| IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i * 7919))).collect()
+        (0..n)
+            .map(|i| IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i * 7919)))
+            .collect()
     }
 
     #[test]

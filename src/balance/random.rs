@@ -41,7 +41,10 @@ impl WeightedRandom {
             }
         }
         let n = self.cumulative.len();
-        let total: u64 = (0..n).filter(|&i| (pick.usable)(i)).map(|i| self.weight(i)).sum();
+        let total: u64 = (0..n)
+            .filter(|&i| (pick.usable)(i))
+            .map(|i| self.weight(i))
+            .sum();
         if total == 0 {
             return None;
         }
@@ -82,7 +85,11 @@ mod tests {
         let wr = WeightedRandom::new(&[5, 1, 5]);
         let only_1 = |i: usize| i == 1;
         for _ in 0..100 {
-            let p = wr.select(&Pick { backends: &bs, client: "::1".parse().unwrap(), usable: &only_1 });
+            let p = wr.select(&Pick {
+                backends: &bs,
+                client: "::1".parse().unwrap(),
+                usable: &only_1,
+            });
             assert_eq!(p, Some(1));
         }
     }

@@ -36,10 +36,21 @@ mod tests {
         let rr = RoundRobin::default();
         let not_1 = |i: usize| i != 1;
         for _ in 0..10 {
-            let p = rr.select(&Pick { backends: &bs, client: "::1".parse().unwrap(), usable: &not_1 });
+            let p = rr.select(&Pick {
+                backends: &bs,
+                client: "::1".parse().unwrap(),
+                usable: &not_1,
+            });
             assert_ne!(p, Some(1));
         }
         let none = |_: usize| false;
-        assert_eq!(rr.select(&Pick { backends: &bs, client: "::1".parse().unwrap(), usable: &none }), None);
+        assert_eq!(
+            rr.select(&Pick {
+                backends: &bs,
+                client: "::1".parse().unwrap(),
+                usable: &none
+            }),
+            None
+        );
     }
 }

@@ -214,7 +214,11 @@ impl Config {
                 .replace(".$__serde_spanned_private_value", "");
             let inner = e.into_inner();
             let span = inner.span().unwrap_or(0..0);
-            let path = if path == "." { "(top level)".into() } else { path };
+            let path = if path == "." {
+                "(top level)".into()
+            } else {
+                path
+            };
             err(span, path, inner.message().trim().to_string())
         })?;
 
@@ -313,14 +317,22 @@ impl Config {
                 ));
             }
             if !pool_names.contains(l.pool.get_ref()) {
-                let known: Vec<_> = raw.pools.iter().map(|p| p.name.get_ref().as_str()).collect();
+                let known: Vec<_> = raw
+                    .pools
+                    .iter()
+                    .map(|p| p.name.get_ref().as_str())
+                    .collect();
                 return Err(err(
                     l.pool.span(),
                     at("pool"),
                     format!(
                         "no pool named {:?}; defined pools: {}",
                         l.pool.get_ref(),
-                        if known.is_empty() { "(none)".to_string() } else { known.join(", ") }
+                        if known.is_empty() {
+                            "(none)".to_string()
+                        } else {
+                            known.join(", ")
+                        }
                     ),
                 ));
             }

@@ -1,0 +1,168 @@
+//! Listening sockets and accept loops.
+//!
+//! Each worker gets its own socket for a listener (SO_REUSEPORT), so the kernel
+//! spreads new connections over workers without a shared accept lock. An accept
+//! loop never exits on an error: on EMFILE/ENFILE it logs once and pauses ~100 ms
+//! (as HAProxy does) so it neither spins nor dies, and resumes by itself.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::config::ListenerConfig;
+use crate::pool::Pool;
+use crate::proxy;
+
+/// How long the accept loop pauses when the process is out of descriptors.
+const FD_EXHAUSTED_PAUSE: Duration = Duration::from_millis(100);
+
+/// What every session of a listener shares.
+pub struct ListenerShared {
+    pub name: String,
+    pub pool: Arc<Pool>,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_connections: Option<usize>,
+    /// Sessions in progress, across all workers.
+    pub active: AtomicUsize,
+    /// Accepted client connections, rejected ones included.
+    pub accepted: AtomicU64,
+    /// Clients closed at once because `max_connections` was reached.
+    pub rejected_max_connections: AtomicU64,
+}
+
+impl ListenerShared {
+    pub fn new(cfg: &ListenerConfig, pool: Arc<Pool>) -> Arc<ListenerShared> {
+        Arc::new(ListenerShared {
+            name: cfg.name.clone(),
+            pool,
+            connect_timeout: cfg.connect_timeout,
+            idle_timeout: cfg.idle_timeout,
+            max_connections: cfg.max_connections,
+            active: AtomicUsize::new(0),
+            accepted: AtomicU64::new(0),
+            rejected_max_connections: AtomicU64::new(0),
+        })
+    }
+}
+
+/// Creates a non-blocking listening socket with SO_REUSEADDR and SO_REUSEPORT.
+pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    #[cfg(unix)]
+    socket.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nodelay(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(backlog.min(i32::MAX as u32) as i32)?;
+    Ok(socket.into())
+}
+
+/// Accepts until `stop` fires; every session is spawned on `tracker`.
+pub async fn accept_loop(
+    listener: std::net::TcpListener,
+    shared: Arc<ListenerShared>,
+    stop: CancellationToken,
+    hard_stop: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(listener = %shared.name, error = %e, "cannot register listening socket");
+            return;
+        }
+    };
+    let mut exhausted = false;
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                if exhausted {
+                    info!(listener = %shared.name, "accepting again: file descriptors available");
+                    exhausted = false;
+                }
+                shared.accepted.fetch_add(1, Ordering::Relaxed);
+                if let Some(slot) = Slot::take(&shared) {
+                    let shared = shared.clone();
+                    let hard_stop = hard_stop.clone();
+                    tracker.spawn(async move {
+                        let _slot = slot;
+                        proxy::serve(stream, peer, shared, hard_stop).await
+                    });
+                } else {
+                    shared
+                        .rejected_max_connections
+                        .fetch_add(1, Ordering::Relaxed);
+                    debug!(listener = %shared.name, client = %peer, "max_connections reached, closing client");
+                    reject(stream);
+                }
+            }
+            Err(e) if is_fd_exhaustion(&e) => {
+                if !exhausted {
+                    warn!(
+                        listener = %shared.name,
+                        error = %e,
+                        "out of file descriptors; pausing accepts for {FD_EXHAUSTED_PAUSE:?} at a time"
+                    );
+                    exhausted = true;
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(FD_EXHAUSTED_PAUSE) => {}
+                }
+            }
+            // ECONNABORTED and friends concern one client only.
+            Err(e) => debug!(listener = %shared.name, error = %e, "accept failed"),
+        }
+    }
+    debug!(listener = %shared.name, "accept loop stopped");
+}
+
+fn is_fd_exhaustion(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(code) if code == nix::libc::EMFILE || code == nix::libc::ENFILE
+    ) || e.kind() == io::ErrorKind::OutOfMemory
+}
+
+/// Closes a client we will not serve.
+fn reject(stream: TcpStream) {
+    drop(stream);
+}
+
+/// A counted place under the listener's `max_connections`.
+struct Slot(Arc<ListenerShared>);
+
+impl Slot {
+    fn take(shared: &Arc<ListenerShared>) -> Option<Slot> {
+        let before = shared.active.fetch_add(1, Ordering::AcqRel);
+        if shared.max_connections.is_some_and(|max| before >= max) {
+            shared.active.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Slot(shared.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}

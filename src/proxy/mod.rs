@@ -1,0 +1,213 @@
+//! One TCP session, start to end: pick a backend -> connect (with retries on other
+//! backends) -> move bytes both ways -> account -> close.
+//!
+//! Bytes move in [`pump`]: on Linux, bulk transfers go through splice(2) and small
+//! messages through a plain read/write with a per-thread buffer; elsewhere only the
+//! copy path exists. Neither holds a user-space buffer while a connection is idle.
+
+#[cfg(target_os = "linux")]
+mod pipe;
+mod pump;
+
+use std::io;
+use std::net::{Shutdown, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use socket2::SockRef;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::backend::{ActiveGuard, Backend};
+use crate::listener::ListenerShared;
+use pump::{pump, PumpEnd};
+
+/// Why a session ended; the names are the access log's termination reasons.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Termination {
+    ClientClosed,
+    BackendClosed,
+    ClientReset,
+    BackendReset,
+    IdleTimeout,
+    ConnectFailed,
+    NoBackend,
+    Shutdown,
+}
+
+impl Termination {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Termination::ClientClosed => "client_closed",
+            Termination::BackendClosed => "backend_closed",
+            Termination::ClientReset => "client_reset",
+            Termination::BackendReset => "backend_reset",
+            Termination::IdleTimeout => "idle_timeout",
+            Termination::ConnectFailed => "connect_failed",
+            Termination::NoBackend => "no_backend",
+            Termination::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// Time of the last byte moved, shared by both directions of a session.
+pub(crate) struct Activity {
+    start: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn touch(&self) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// Serves one accepted client until both directions end.
+pub async fn serve(
+    client: TcpStream,
+    peer: SocketAddr,
+    listener: Arc<ListenerShared>,
+    hard_stop: CancellationToken,
+) -> Termination {
+    let _ = client.set_nodelay(true);
+    let connected = tokio::select! {
+        biased;
+        _ = hard_stop.cancelled() => return Termination::Shutdown,
+        r = connect(&listener, peer) => r,
+    };
+    let (backend, guard) = match connected {
+        Ok(c) => c,
+        Err(t) => {
+            debug!(listener = %listener.name, client = %peer, reason = t.as_str(), "no backend connection");
+            return t;
+        }
+    };
+    let _ = backend.set_nodelay(true);
+    let (end, up, down) = splice_both(&client, &backend, listener.idle_timeout, &hard_stop).await;
+    debug!(
+        listener = %listener.name,
+        client = %peer,
+        backend = %guard.backend().name,
+        to_backend = up,
+        from_backend = down,
+        reason = end.as_str(),
+        "session closed"
+    );
+    end
+}
+
+/// Connects to a backend, moving on to the next distinct one on failure, up to the
+/// pool's `connect_attempts`.
+async fn connect(
+    listener: &ListenerShared,
+    peer: SocketAddr,
+) -> Result<(TcpStream, ActiveGuard), Termination> {
+    let pool = &listener.pool;
+    let mut tried: Vec<Arc<Backend>> = Vec::new();
+    for _ in 0..pool.connect_attempts {
+        let Some(guard) = pool.pick(peer.ip(), &tried) else {
+            break;
+        };
+        let addr = guard.backend().addr;
+        match tokio::time::timeout(listener.connect_timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => return Ok((stream, guard)),
+            Ok(Err(e)) => {
+                debug!(pool = %pool.name, backend = %guard.backend().name, error = %e, "connect failed")
+            }
+            Err(_) => {
+                debug!(pool = %pool.name, backend = %guard.backend().name, "connect timed out")
+            }
+        }
+        tried.push(guard.backend().clone());
+    }
+    Err(if tried.is_empty() {
+        Termination::NoBackend
+    } else {
+        Termination::ConnectFailed
+    })
+}
+
+/// Moves bytes both ways until both directions have ended, one side resets, the
+/// session idles out or a hard stop comes. Returns why, and bytes (up, down).
+async fn splice_both(
+    client: &TcpStream,
+    backend: &TcpStream,
+    idle_timeout: Duration,
+    hard_stop: &CancellationToken,
+) -> (Termination, u64, u64) {
+    let activity = Activity::new();
+    let (up_bytes, down_bytes) = (AtomicU64::new(0), AtomicU64::new(0));
+    let up = pump(client, backend, &activity, &up_bytes);
+    let down = pump(backend, client, &activity, &down_bytes);
+    tokio::pin!(up, down);
+    let idle = tokio::time::sleep(idle_timeout);
+    tokio::pin!(idle);
+    let (mut up_done, mut down_done) = (false, false);
+    let mut first_close = None;
+
+    let end = loop {
+        tokio::select! {
+            biased;
+            _ = hard_stop.cancelled() => break Termination::Shutdown,
+            e = &mut up, if !up_done => match e {
+                PumpEnd::Eof => {
+                    shutdown_write(backend);
+                    up_done = true;
+                    first_close.get_or_insert(Termination::ClientClosed);
+                }
+                PumpEnd::ReadError(e) => break reset(backend, Termination::ClientReset, e),
+                PumpEnd::WriteError(e) => break reset(client, Termination::BackendReset, e),
+            },
+            e = &mut down, if !down_done => match e {
+                PumpEnd::Eof => {
+                    shutdown_write(client);
+                    down_done = true;
+                    first_close.get_or_insert(Termination::BackendClosed);
+                }
+                PumpEnd::ReadError(e) => break reset(client, Termination::BackendReset, e),
+                PumpEnd::WriteError(e) => break reset(backend, Termination::ClientReset, e),
+            },
+            _ = &mut idle => {
+                let deadline = activity.last() + idle_timeout;
+                if Instant::now() >= deadline {
+                    break Termination::IdleTimeout;
+                }
+                idle.as_mut().reset(deadline.into());
+            }
+        }
+        if up_done && down_done {
+            break first_close.unwrap_or(Termination::ClientClosed);
+        }
+    };
+    (
+        end,
+        up_bytes.load(Ordering::Relaxed),
+        down_bytes.load(Ordering::Relaxed),
+    )
+}
+
+fn shutdown_write(s: &TcpStream) {
+    let _ = SockRef::from(s).shutdown(Shutdown::Write);
+}
+
+/// One side failed: pass it on to the other side as a reset (SO_LINGER 0, then the
+/// close when the session drops the socket), not as a FIN.
+fn reset(other: &TcpStream, why: Termination, e: io::Error) -> Termination {
+    debug!(error = %e, reason = why.as_str(), "passing on reset");
+    let _ = SockRef::from(other).set_linger(Some(Duration::ZERO));
+    why
+}

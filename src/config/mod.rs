@@ -392,10 +392,9 @@ fn resolve(s: &str) -> Result<SocketAddr, String> {
         return Err(format!("port {port} in {s:?} is out of range (0..=65535)"));
     }
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    if host.is_empty() || host.contains(|c: char| c.is_whitespace() || c == '/' || c == ':') {
-        if host.parse::<std::net::Ipv6Addr>().is_err() {
-            return Err(format!("{s:?} is not a valid address; {expected}"));
-        }
+    let malformed = host.is_empty() || host.contains(|c: char| c.is_whitespace() || c == '/');
+    if malformed || (host.contains(':') && host.parse::<std::net::Ipv6Addr>().is_err()) {
+        return Err(format!("{s:?} is not a valid address; {expected}"));
     }
     let mut addrs = (host, port as u16)
         .to_socket_addrs()

@@ -1,0 +1,300 @@
+//! Test harness: real backends on loopback (in-process tokio tasks or the flowgate
+//! binary as a child process), all on port 0, with readiness read back, never slept on.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use flowgate::{Config, Flowgate};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+/// What a test backend does with each connection.
+#[derive(Clone, Copy, Debug)]
+pub enum Kind {
+    /// Writes back everything it reads; closes after the client's FIN.
+    Echo,
+    /// Writes its own name and a newline first, then echoes.
+    Identity,
+    /// Reads and discards; closes after the client's FIN.
+    Sink,
+}
+
+/// A backend server running as tasks in the test's runtime.
+pub struct TestBackend {
+    pub addr: SocketAddr,
+    pub name: String,
+    /// Connections accepted so far.
+    pub accepted: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+    conns: Arc<std::sync::Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl TestBackend {
+    pub async fn start(kind: Kind) -> TestBackend {
+        Self::start_on("127.0.0.1:0".parse().unwrap(), kind).await
+    }
+
+    pub async fn start_on(addr: SocketAddr, kind: Kind) -> TestBackend {
+        let listener = TcpListener::bind(addr).await.expect("bind test backend");
+        let addr = listener.local_addr().unwrap();
+        let name = addr.to_string();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let conns: Arc<std::sync::Mutex<Vec<JoinHandle<()>>>> = Default::default();
+        let (acc, cs, nm) = (accepted.clone(), conns.clone(), name.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    continue;
+                };
+                acc.fetch_add(1, Ordering::SeqCst);
+                let nm = nm.clone();
+                let h = tokio::spawn(async move {
+                    let _ = s.set_nodelay(true);
+                    if let Kind::Identity = kind {
+                        if s.write_all(format!("{nm}\n").as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                if !matches!(kind, Kind::Sink)
+                                    && s.write_all(&buf[..n]).await.is_err()
+                                {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                    let _ = s.shutdown().await;
+                });
+                cs.lock().unwrap().push(h);
+            }
+        });
+        TestBackend {
+            addr,
+            name,
+            accepted,
+            task,
+            conns,
+        }
+    }
+
+    /// Stops listening and cuts every open connection (the process "dies").
+    pub fn kill(&self) {
+        self.task.abort();
+        for c in self.conns.lock().unwrap().drain(..) {
+            c.abort();
+        }
+    }
+}
+
+impl Drop for TestBackend {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Starts flowgate in-process from TOML text.
+pub fn start(toml: &str) -> Flowgate {
+    let cfg = Config::parse(toml, std::path::Path::new("test.toml")).expect("valid test config");
+    Flowgate::start(cfg).expect("flowgate starts")
+}
+
+/// A one-listener, one-pool config: listener "l" on port 0 over `backends`
+/// (address, weight). `extra_listener` and `extra_pool` are appended to the tables.
+pub fn config(
+    algorithm: &str,
+    backends: &[(SocketAddr, u32)],
+    extra_listener: &str,
+    extra_pool: &str,
+) -> String {
+    let list: Vec<String> = backends
+        .iter()
+        .map(|(a, w)| format!("{{ address = \"{a}\", weight = {w} }}"))
+        .collect();
+    format!(
+        r#"
+[runtime]
+workers = 2
+shutdown_timeout = "5s"
+
+[[listeners]]
+name = "l"
+bind = "127.0.0.1:0"
+pool = "p"
+connect_timeout = "1s"
+{extra_listener}
+
+[[pools]]
+name = "p"
+algorithm = "{algorithm}"
+backends = [ {} ]
+{extra_pool}
+"#,
+        list.join(", ")
+    )
+}
+
+/// Connects through flowgate to an identity backend and returns (stream, backend name).
+pub async fn connect_identity(addr: SocketAddr) -> (BufReader<TcpStream>, String) {
+    let s = TcpStream::connect(addr).await.expect("connect to flowgate");
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    tokio::time::timeout(Duration::from_secs(10), r.read_line(&mut line))
+        .await
+        .expect("identity line in time")
+        .expect("read identity");
+    (r, line.trim().to_string())
+}
+
+/// Polls `cond` every 10 ms until it holds or `limit` passes; returns whether it held.
+pub async fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if cond() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The flowgate binary cargo built for these tests.
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_flowgate"))
+}
+
+/// The binary running `run --config` on a file with `toml`; stderr is read for the
+/// listening addresses and kept for assertions.
+pub struct Proc {
+    pub child: Child,
+    pub dir: tempdir::Dir,
+    pub log: Arc<std::sync::Mutex<String>>,
+}
+
+pub mod tempdir {
+    //! A unique scratch directory under the target dir, removed on drop.
+    use std::path::PathBuf;
+    pub struct Dir(pub PathBuf);
+    impl Dir {
+        pub fn new() -> Dir {
+            static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+            let p = std::env::temp_dir().join(format!(
+                "flowgate-test-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            ));
+            std::fs::create_dir_all(&p).unwrap();
+            Dir(p)
+        }
+        pub fn file(&self, name: &str, contents: &str) -> PathBuf {
+            let p = self.0.join(name);
+            std::fs::write(&p, contents).unwrap();
+            p
+        }
+    }
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+impl Proc {
+    /// Spawns the binary (optionally under `prlimit`-style wrapper `pre`) and waits
+    /// until it logs "flowgate started" (or exits).
+    pub fn spawn(toml: &str, pre: &[&str]) -> Proc {
+        let dir = tempdir::Dir::new();
+        let cfg = dir.file("flowgate.toml", toml);
+        let mut cmd = if pre.is_empty() {
+            Command::new(bin())
+        } else {
+            let mut c = Command::new(pre[0]);
+            c.args(&pre[1..]).arg(bin());
+            c
+        };
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&cfg)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn flowgate");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(std::sync::Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let l2 = log.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            let mut tx = Some(tx);
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let started = line.contains("flowgate started");
+                l2.lock().unwrap().push_str(&line);
+                l2.lock().unwrap().push('\n');
+                if started {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
+            }
+        });
+        let _ = rx.recv_timeout(Duration::from_secs(20));
+        Proc { child, dir, log }
+    }
+
+    /// The address the binary logged for listener `name`.
+    pub fn addr(&self, name: &str) -> SocketAddr {
+        let log = self.log.lock().unwrap();
+        let needle = format!("listener={name} addr=");
+        let line = log
+            .lines()
+            .find(|l| l.contains(&needle))
+            .unwrap_or_else(|| panic!("no listening line for {name} in log:\n{log}"));
+        let rest = &line[line.find(&needle).unwrap() + needle.len()..];
+        rest.split_whitespace().next().unwrap().parse().unwrap()
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).unwrap();
+    }
+
+    /// Waits for the process to exit; `None` if it is still running after `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return Some(st);
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -211,3 +211,46 @@ fn reset(other: &TcpStream, why: Termination, e: io::Error) -> Termination {
     let _ = SockRef::from(other).set_linger(Some(Duration::ZERO));
     why
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What an idle connection costs in user space is mostly this future (the task
+    /// stores it inline); keep it small. Two sockets, two directions, a timer.
+    #[test]
+    fn session_future_is_small() {
+        fn size<F: std::future::Future>(_: &F) -> usize {
+            std::mem::size_of::<F>()
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _g = rt.enter();
+        let std_l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = std::net::TcpStream::connect(std_l.local_addr().unwrap()).unwrap();
+        c.set_nonblocking(true).unwrap();
+        let a = TcpStream::from_std(c).unwrap();
+        let accepted = std_l.accept().unwrap().0;
+        accepted.set_nonblocking(true).unwrap();
+        let b = TcpStream::from_std(accepted).unwrap();
+        let token = CancellationToken::new();
+        let f = splice_both(&a, &b, Duration::from_secs(1), &token);
+        let n = size(&f);
+        eprintln!("splice_both future: {n} bytes");
+        assert!(n < 1024, "splice_both future is {n} bytes");
+        drop(f);
+        let cfg = crate::config::Config::parse(
+            "[[listeners]]\nname='l'\nbind='127.0.0.1:0'\npool='p'\n[[pools]]\nname='p'\nbackends=[{address='127.0.0.1:1'}]",
+            std::path::Path::new("t"),
+        )
+        .unwrap();
+        let pool = crate::pool::Pool::new(&cfg.pools[0]);
+        let shared = ListenerShared::new(&cfg.listeners[0], pool);
+        let whole = serve(a, "127.0.0.1:2".parse().unwrap(), shared, token.clone());
+        let n = size(&whole);
+        eprintln!("serve future: {n} bytes");
+        assert!(n < 1536, "serve future is {n} bytes");
+    }
+}

@@ -52,3 +52,31 @@ fn line_col_counts_from_one() {
     assert_eq!(line_col("ab\ncd", 0), (1, 1));
     assert_eq!(line_col("ab\ncd", 4), (2, 2));
 }
+
+/// Any mangling of a valid file gives Ok or a positioned error, never a panic.
+#[test]
+fn mangled_input_never_panics() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
+    let bytes = GOOD.as_bytes();
+    for _ in 0..3000 {
+        let mut b = bytes.to_vec();
+        for _ in 0..rng.gen_range(1..6) {
+            let i = rng.gen_range(0..b.len());
+            match rng.gen_range(0..3) {
+                0 => b[i] = rng.gen(),
+                1 => {
+                    b.remove(i);
+                }
+                _ => b.truncate(i),
+            }
+            if b.is_empty() {
+                break;
+            }
+        }
+        let text = String::from_utf8_lossy(&b);
+        if let Err(ConfigError::Invalid { line, column, .. }) = parse(&text) {
+            assert!(line >= 1 && column >= 1);
+        }
+    }
+}

@@ -1,35 +1,35 @@
 //! Backend state shared by every connection and every pool snapshot: identity,
-//! address, weight, state and the live connection count.
+//! address, weight, state flags, live connection count and the drain cut-off.
 //!
 //! A `Backend` is created once per configured address and kept behind an `Arc`, so
-//! pool snapshots can be rebuilt (reload, weight change) without resetting counters.
+//! pool snapshots can be rebuilt (reload, weight change) without resetting health,
+//! counters or operator state.
+//!
+//! State is a set of independent flags in one atomic byte, so the connect path checks
+//! usability with one load: an operator's drain or disable, the health checker's
+//! verdict and passive ejection never overwrite each other. The state shown to
+//! operators is derived: disabled > draining > down > up.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU8, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::BackendConfig;
 
 /// Whether a backend takes new connections. Only `Up` does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
 pub enum BackendState {
-    Up = 0,
-    Down = 1,
-    Draining = 2,
-    Disabled = 3,
+    Up,
+    Down,
+    Draining,
+    Disabled,
 }
 
 impl BackendState {
-    fn from_u8(v: u8) -> BackendState {
-        match v {
-            0 => BackendState::Up,
-            1 => BackendState::Down,
-            2 => BackendState::Draining,
-            _ => BackendState::Disabled,
-        }
-    }
-
     pub fn as_str(self) -> &'static str {
         match self {
             BackendState::Up => "up",
@@ -40,16 +40,49 @@ impl BackendState {
     }
 }
 
+/// State flags; a backend is usable when none is set.
+pub mod flag {
+    /// Operator (or reload) drain: no new connections, open ones may finish.
+    pub const DRAINING: u8 = 1;
+    /// Operator maintenance mode: no new connections, nothing is closed.
+    pub const DISABLED: u8 = 2;
+    /// Active health checks say down (or have not said up yet).
+    pub const UNHEALTHY: u8 = 4;
+    /// Passive outlier detection ejected it for a while.
+    pub const EJECTED: u8 = 8;
+    /// Flags an operator sets; `fail-open` ignores the others.
+    pub const ADMIN: u8 = DRAINING | DISABLED;
+}
+
+/// The last active health check, for the API.
+#[derive(Debug, Clone)]
+pub struct CheckRecord {
+    pub ok: bool,
+    pub at: SystemTime,
+    /// "ok", or why it failed (refused, timeout, bad status 503, unexpected reply).
+    pub detail: String,
+}
+
 #[derive(Debug)]
 pub struct Backend {
     /// The address as written in the config: identity for logs, hashing and the API.
     pub name: String,
     pub addr: SocketAddr,
-    weight: AtomicU32,
-    state: AtomicU8,
+    /// Weight from the config file.
+    config_weight: AtomicU32,
+    /// Weight set through the API (0: none); wins over the file, survives reloads.
+    override_weight: AtomicU32,
+    /// Slow-start ramp in per-mille of the weight (1000 = full).
+    ramp: AtomicU32,
+    flags: AtomicU8,
     /// Connections picked for this backend and not yet closed (including those still
     /// connecting), so least-connections sees a connect in progress.
     active: AtomicUsize,
+    /// Cancelled when a drain deadline passes: cuts this backend's open sessions.
+    cut: ArcSwap<CancellationToken>,
+    /// Consecutive connect failures or resets, for passive ejection.
+    passive_failures: AtomicU32,
+    last_check: Mutex<Option<CheckRecord>>,
 }
 
 impl Backend {
@@ -57,27 +90,86 @@ impl Backend {
         Arc::new(Backend {
             name: cfg.name.clone(),
             addr: cfg.addr,
-            weight: AtomicU32::new(cfg.weight),
-            state: AtomicU8::new(BackendState::Up as u8),
+            config_weight: AtomicU32::new(cfg.weight),
+            override_weight: AtomicU32::new(0),
+            ramp: AtomicU32::new(1000),
+            flags: AtomicU8::new(0),
             active: AtomicUsize::new(0),
+            cut: ArcSwap::from_pointee(CancellationToken::new()),
+            passive_failures: AtomicU32::new(0),
+            last_check: Mutex::new(None),
         })
     }
 
+    /// The configured (or API-set) weight, ignoring slow start.
+    pub fn base_weight(&self) -> u32 {
+        match self.override_weight.load(Ordering::Relaxed) {
+            0 => self.config_weight.load(Ordering::Relaxed),
+            w => w,
+        }
+    }
+
+    /// The weight selection uses now: the base weight, scaled down during slow start
+    /// (never below 1).
     pub fn weight(&self) -> u32 {
-        self.weight.load(Ordering::Relaxed)
+        let w = u64::from(self.base_weight());
+        let ramp = u64::from(self.ramp.load(Ordering::Relaxed));
+        ((w * ramp) / 1000).max(1) as u32
+    }
+
+    pub fn set_config_weight(&self, w: u32) {
+        self.config_weight.store(w, Ordering::Relaxed);
+    }
+
+    /// Sets the runtime weight (API); it outlives reloads.
+    pub fn set_override_weight(&self, w: u32) {
+        self.override_weight.store(w, Ordering::Relaxed);
+    }
+
+    pub fn set_ramp(&self, per_mille: u32) {
+        self.ramp.store(per_mille.min(1000), Ordering::Relaxed);
+    }
+
+    pub fn flags(&self) -> u8 {
+        self.flags.load(Ordering::Acquire)
+    }
+
+    /// Sets `f`; returns whether it was clear before (a state change).
+    pub fn set_flag(&self, f: u8) -> bool {
+        self.flags.fetch_or(f, Ordering::AcqRel) & f == 0
+    }
+
+    /// Clears `f`; returns whether it was set before (a state change).
+    pub fn clear_flag(&self, f: u8) -> bool {
+        self.flags.fetch_and(!f, Ordering::AcqRel) & f != 0
     }
 
     pub fn state(&self) -> BackendState {
-        BackendState::from_u8(self.state.load(Ordering::Relaxed))
+        let f = self.flags();
+        if f & flag::DISABLED != 0 {
+            BackendState::Disabled
+        } else if f & flag::DRAINING != 0 {
+            BackendState::Draining
+        } else if f != 0 {
+            BackendState::Down
+        } else {
+            BackendState::Up
+        }
     }
 
-    /// Sets the state; returns whether it changed, so a flip is logged once.
-    pub fn set_state(&self, s: BackendState) -> bool {
-        self.state.swap(s as u8, Ordering::AcqRel) != s as u8
-    }
-
+    /// Takes new connections: up, not drained, disabled or ejected.
     pub fn is_usable(&self) -> bool {
-        self.state() == BackendState::Up
+        self.flags() == 0
+    }
+
+    /// Healthy or not, the operator has not taken it out (for `fail-open`).
+    pub fn is_admin_usable(&self) -> bool {
+        self.flags() & flag::ADMIN == 0
+    }
+
+    /// Whether the health checker considers it up (ignores operator flags).
+    pub fn is_healthy(&self) -> bool {
+        self.flags() & (flag::UNHEALTHY | flag::EJECTED) == 0
     }
 
     pub fn active(&self) -> usize {
@@ -88,6 +180,40 @@ impl Backend {
     pub fn claim(self: &Arc<Self>) -> ActiveGuard {
         self.active.fetch_add(1, Ordering::Relaxed);
         ActiveGuard(self.clone())
+    }
+
+    /// The token that cuts this backend's sessions when a drain deadline passes.
+    pub fn cut_token(&self) -> CancellationToken {
+        CancellationToken::clone(&self.cut.load())
+    }
+
+    /// Closes every open session on this backend now (drain deadline). Sessions that
+    /// start later get a fresh token.
+    pub fn cut_sessions(&self) {
+        let old = self.cut.swap(Arc::new(CancellationToken::new()));
+        old.cancel();
+    }
+
+    /// Records a failed connect or a reset; returns the count of failures in a row.
+    pub fn passive_failure(&self) -> u32 {
+        self.passive_failures.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    pub fn passive_success(&self) {
+        if self.passive_failures.load(Ordering::Relaxed) != 0 {
+            self.passive_failures.store(0, Ordering::Relaxed);
+        }
+    }
+
+    pub fn record_check(&self, r: CheckRecord) {
+        *self.last_check.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+    }
+
+    pub fn last_check(&self) -> Option<CheckRecord> {
+        self.last_check
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 

@@ -10,16 +10,20 @@
 //! - [`pool`]: a pool's backends and selector as one lock-free snapshot.
 //! - [`balance`]: the selection algorithms, one file each, behind one trait.
 //! - [`backend`]: per-backend state (up/down/draining/disabled) and counters.
+//! - [`health`]: active probes (tcp, http) and the rise/fall verdict.
+//! - [`admin`]: the JSON admin API (hyper) and /healthz.
 //! - [`proxy`]: one session: connect with retries, splice/copy both ways, half-close,
 //!   reset propagation, idle timeout.
 
+pub mod admin;
 pub mod backend;
 pub mod balance;
 pub mod config;
+pub mod health;
 pub mod listener;
 pub mod pool;
 pub mod proxy;
 pub mod runtime;
 
 pub use config::Config;
-pub use runtime::{Flowgate, StartError};
+pub use runtime::{Flowgate, OpError, ReloadError, StartError};

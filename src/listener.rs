@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -27,10 +28,12 @@ const FD_EXHAUSTED_PAUSE: Duration = Duration::from_millis(100);
 /// What every session of a listener shares.
 pub struct ListenerShared {
     pub name: String,
-    pub pool: Arc<Pool>,
-    pub connect_timeout: Duration,
-    pub idle_timeout: Duration,
-    pub max_connections: Option<usize>,
+    /// Replaced whole by a reload; a session keeps the settings it started with.
+    settings: ArcSwap<ListenerSettings>,
+    /// Stops this listener's accept loops (reload removed it, or shutdown).
+    pub stop_accept: CancellationToken,
+    /// Cuts this listener's sessions (a child of the process-wide hard stop).
+    pub cut: CancellationToken,
     /// Sessions in progress, across all workers.
     pub active: AtomicUsize,
     /// Accepted client connections, rejected ones included.
@@ -39,18 +42,51 @@ pub struct ListenerShared {
     pub rejected_max_connections: AtomicU64,
 }
 
-impl ListenerShared {
-    pub fn new(cfg: &ListenerConfig, pool: Arc<Pool>) -> Arc<ListenerShared> {
-        Arc::new(ListenerShared {
-            name: cfg.name.clone(),
+/// A listener's settings as of the last (re)load.
+pub struct ListenerSettings {
+    pub pool: Arc<Pool>,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_connections: Option<usize>,
+    pub bind: SocketAddr,
+}
+
+impl ListenerSettings {
+    pub fn new(cfg: &ListenerConfig, pool: Arc<Pool>) -> ListenerSettings {
+        ListenerSettings {
             pool,
             connect_timeout: cfg.connect_timeout,
             idle_timeout: cfg.idle_timeout,
             max_connections: cfg.max_connections,
+            bind: cfg.bind,
+        }
+    }
+}
+
+impl ListenerShared {
+    pub fn new(
+        cfg: &ListenerConfig,
+        pool: Arc<Pool>,
+        stop_accept: CancellationToken,
+        cut: CancellationToken,
+    ) -> Arc<ListenerShared> {
+        Arc::new(ListenerShared {
+            name: cfg.name.clone(),
+            settings: ArcSwap::from_pointee(ListenerSettings::new(cfg, pool)),
+            stop_accept,
+            cut,
             active: AtomicUsize::new(0),
             accepted: AtomicU64::new(0),
             rejected_max_connections: AtomicU64::new(0),
         })
+    }
+
+    pub fn settings(&self) -> Arc<ListenerSettings> {
+        self.settings.load_full()
+    }
+
+    pub fn set_settings(&self, s: ListenerSettings) {
+        self.settings.store(Arc::new(s));
     }
 }
 
@@ -70,14 +106,14 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener>
     Ok(socket.into())
 }
 
-/// Accepts until `stop` fires; every session is spawned on `tracker`.
+/// Accepts until the listener's `stop_accept` fires; every session is spawned on
+/// `tracker`.
 pub async fn accept_loop(
     listener: std::net::TcpListener,
     shared: Arc<ListenerShared>,
-    stop: CancellationToken,
-    hard_stop: CancellationToken,
     tracker: TaskTracker,
 ) {
+    let stop = shared.stop_accept.clone();
     let listener = match TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -99,12 +135,11 @@ pub async fn accept_loop(
                     exhausted = false;
                 }
                 shared.accepted.fetch_add(1, Ordering::Relaxed);
-                if let Some(slot) = Slot::take(&shared) {
-                    let shared = shared.clone();
-                    let hard_stop = hard_stop.clone();
+                let settings = shared.settings();
+                if let Some(slot) = Slot::take(&shared, settings.max_connections) {
+                    let cut = shared.cut.clone();
                     tracker.spawn(async move {
-                        let _slot = slot;
-                        proxy::serve(stream, peer, shared, hard_stop).await
+                        proxy::serve(stream, peer, &slot.0.name, settings, cut).await
                     });
                 } else {
                     shared
@@ -151,9 +186,9 @@ fn reject(stream: TcpStream) {
 struct Slot(Arc<ListenerShared>);
 
 impl Slot {
-    fn take(shared: &Arc<ListenerShared>) -> Option<Slot> {
+    fn take(shared: &Arc<ListenerShared>, max: Option<usize>) -> Option<Slot> {
         let before = shared.active.fetch_add(1, Ordering::AcqRel);
-        if shared.max_connections.is_some_and(|max| before >= max) {
+        if max.is_some_and(|max| before >= max) {
             shared.active.fetch_sub(1, Ordering::AcqRel);
             return None;
         }

@@ -92,11 +92,23 @@ fn run(cfg: Config) -> anyhow::Result<()> {
     rt.block_on(async {
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
+        let mut hup = signal(SignalKind::hangup())?;
         let fg = Flowgate::start(cfg)?;
         info!(version = env!("CARGO_PKG_VERSION"), "flowgate started");
-        let sig = tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
+        let sig = loop {
+            tokio::select! {
+                _ = term.recv() => break "SIGTERM",
+                _ = int.recv() => break "SIGINT",
+                _ = hup.recv() => {
+                    info!("SIGHUP: reloading configuration");
+                    let fg2 = fg.clone();
+                    match tokio::task::spawn_blocking(move || fg2.reload()).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => error!("reload failed; keeping the running configuration: {e}"),
+                        Err(e) => error!("reload task failed: {e}"),
+                    }
+                }
+            }
         };
         info!(signal = sig, "graceful stop");
         // A second signal skips the rest of the grace period.

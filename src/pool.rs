@@ -1,41 +1,98 @@
-//! A pool: its backends and their selector, published as one immutable snapshot.
+//! A pool: its backends, their selector and its settings, published as one immutable
+//! snapshot.
 //!
 //! The connect path loads the snapshot (`ArcSwap`, no lock), asks the selector and
 //! claims the backend. Anything that changes the backend set or a weight builds a new
 //! snapshot off the data path and swaps it in; `Backend`s that stay are the same
-//! `Arc`s, so their counters and state carry over.
+//! `Arc`s, so their counters, health and operator state carry over.
 
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 
-use crate::backend::{ActiveGuard, Backend};
+use crate::backend::{flag, ActiveGuard, Backend};
 use crate::balance::{self, Pick, Selector};
-use crate::config::{Algorithm, PoolConfig};
+use crate::config::{PoolConfig, WhenAllDown};
 
 pub struct Pool {
     pub name: String,
-    pub algorithm: Algorithm,
-    /// Distinct backends tried for one client before giving up.
-    pub connect_attempts: usize,
     snapshot: ArcSwap<Snapshot>,
+    /// Backends a reload removed that still have connections draining; shown in the
+    /// API until they are gone.
+    retiring: Mutex<Vec<Arc<Backend>>>,
+    /// Whether the last health change left no usable backend (logged once per episode).
+    all_down: AtomicBool,
 }
 
 pub struct Snapshot {
     pub backends: Vec<Arc<Backend>>,
+    pub config: Arc<PoolConfig>,
     selector: Box<dyn Selector>,
 }
 
 impl Pool {
+    /// A new pool; with health checks configured its backends start down until their
+    /// first successful probe.
     pub fn new(cfg: &PoolConfig) -> Arc<Pool> {
-        let backends: Vec<_> = cfg.backends.iter().map(Backend::new).collect();
+        let backends: Vec<_> = cfg.backends.iter().map(|b| new_backend(cfg, b)).collect();
         Arc::new(Pool {
             name: cfg.name.clone(),
-            algorithm: cfg.algorithm,
-            connect_attempts: cfg.connect_attempts,
-            snapshot: ArcSwap::from_pointee(Snapshot::new(cfg.algorithm, backends)),
+            snapshot: ArcSwap::from_pointee(Snapshot::new(Arc::new(cfg.clone()), backends)),
+            retiring: Mutex::new(Vec::new()),
+            all_down: AtomicBool::new(false),
         })
+    }
+
+    /// Applies a new config for this pool (reload). Backends whose address stays are
+    /// kept as they are (health, counters, operator state; a weight set through the API
+    /// keeps winning over the file). Returns the backends that were removed.
+    pub fn update(&self, cfg: &PoolConfig) -> Vec<Arc<Backend>> {
+        let old = self.snapshot.load_full();
+        let mut kept = Vec::with_capacity(cfg.backends.len());
+        for bc in &cfg.backends {
+            match old
+                .backends
+                .iter()
+                .find(|b| b.name == bc.name && b.addr == bc.addr)
+            {
+                Some(b) => {
+                    b.set_config_weight(bc.weight);
+                    if cfg.health_check.is_none() {
+                        b.clear_flag(flag::UNHEALTHY);
+                    }
+                    kept.push(b.clone());
+                }
+                None => kept.push(new_backend(cfg, bc)),
+            }
+        }
+        let removed: Vec<_> = old
+            .backends
+            .iter()
+            .filter(|b| !kept.iter().any(|k| Arc::ptr_eq(k, b)))
+            .cloned()
+            .collect();
+        self.snapshot
+            .store(Arc::new(Snapshot::new(Arc::new(cfg.clone()), kept)));
+        removed
+    }
+
+    /// Rebuilds the selector with the backends' current weights.
+    pub fn reweigh(&self) {
+        let old = self.snapshot.load_full();
+        self.snapshot.store(Arc::new(Snapshot::new(
+            old.config.clone(),
+            old.backends.clone(),
+        )));
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    pub fn config(&self) -> Arc<PoolConfig> {
+        self.snapshot.load().config.clone()
     }
 
     /// The current backends, in config order.
@@ -43,26 +100,92 @@ impl Pool {
         self.snapshot.load().backends.clone()
     }
 
+    pub fn find(&self, name: &str) -> Option<Arc<Backend>> {
+        self.snapshot
+            .load()
+            .backends
+            .iter()
+            .find(|b| b.name == name)
+            .cloned()
+    }
+
     /// Picks a usable backend for `client` that is not in `tried`, and counts the
-    /// connection against it. `None` when no usable backend is left.
+    /// connection against it. `None` when no usable backend is left. With
+    /// `when_all_down = "fail-open"` and no healthy backend at all, health is ignored
+    /// (operator drain/disable still count).
     pub fn pick(&self, client: IpAddr, tried: &[Arc<Backend>]) -> Option<ActiveGuard> {
         let snap = self.snapshot.load();
-        let usable = |i: usize| {
-            let b = &snap.backends[i];
-            b.is_usable() && !tried.iter().any(|t| Arc::ptr_eq(t, b))
-        };
-        let i = snap.selector.select(&Pick {
+        let untried = |b: &Arc<Backend>| !tried.iter().any(|t| Arc::ptr_eq(t, b));
+        let usable = |i: usize| snap.backends[i].is_usable() && untried(&snap.backends[i]);
+        let pick = Pick {
             backends: &snap.backends,
             client,
             usable: &usable,
-        })?;
-        Some(snap.backends[i].claim())
+        };
+        if let Some(i) = snap.selector.select(&pick) {
+            return Some(snap.backends[i].claim());
+        }
+        if snap.config.when_all_down == WhenAllDown::FailOpen
+            && !snap.backends.iter().any(|b| b.is_usable())
+        {
+            let open = |i: usize| snap.backends[i].is_admin_usable() && untried(&snap.backends[i]);
+            let i = snap.selector.select(&Pick {
+                usable: &open,
+                ..pick
+            })?;
+            return Some(snap.backends[i].claim());
+        }
+        None
+    }
+
+    /// Re-evaluates "every backend is down"; returns `Some(now_all_down)` when that
+    /// changed, so the caller logs the edge once.
+    pub fn check_all_down(&self) -> Option<bool> {
+        let down = !self.snapshot.load().backends.iter().any(|b| b.is_usable());
+        (self.all_down.swap(down, Ordering::AcqRel) != down).then_some(down)
+    }
+
+    pub fn all_down(&self) -> bool {
+        self.all_down.load(Ordering::Acquire)
+    }
+
+    pub fn add_retiring(&self, b: Arc<Backend>) {
+        self.retiring
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(b);
+    }
+
+    pub fn remove_retiring(&self, b: &Arc<Backend>) {
+        self.retiring
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|r| !Arc::ptr_eq(r, b));
+    }
+
+    pub fn retiring(&self) -> Vec<Arc<Backend>> {
+        self.retiring
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
+fn new_backend(pool: &PoolConfig, cfg: &crate::config::BackendConfig) -> Arc<Backend> {
+    let b = Backend::new(cfg);
+    if pool.health_check.is_some() {
+        b.set_flag(flag::UNHEALTHY);
+    }
+    b
+}
+
 impl Snapshot {
-    fn new(algorithm: Algorithm, backends: Vec<Arc<Backend>>) -> Snapshot {
-        let selector = balance::build(algorithm, &backends);
-        Snapshot { backends, selector }
+    fn new(config: Arc<PoolConfig>, backends: Vec<Arc<Backend>>) -> Snapshot {
+        let selector = balance::build(config.algorithm, &backends);
+        Snapshot {
+            backends,
+            config,
+            selector,
+        }
     }
 }

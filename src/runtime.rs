@@ -1,11 +1,17 @@
-//! Workers, startup and graceful shutdown.
+//! Workers, startup, reload, operator actions and graceful shutdown.
 //!
-//! `Flowgate::start` binds every listener (failing fast with the address and OS error),
-//! starts the workers and their accept loops, and returns a handle. Workers are OS
-//! threads, each driving a tokio runtime: with `worker_model = "per-core"` (default)
-//! one single-threaded runtime per worker with its own SO_REUSEPORT socket per
-//! listener; with `"shared"` one multi-threaded runtime and one socket per listener.
+//! `Flowgate::start` binds every listener (failing fast with the address and OS
+//! error), starts the workers and their accept loops, the control runtime (health
+//! probes, drains, admin API) and returns a handle. Workers are OS threads, each
+//! driving a tokio runtime: with `worker_model = "per-core"` (default) one
+//! single-threaded runtime per worker with its own SO_REUSEPORT socket per listener;
+//! with `"shared"` one multi-threaded runtime and one socket per listener.
 //! docs/architecture.md has the measurements behind the default.
+//!
+//! Reload applies a new config without touching what stays: kept listeners keep their
+//! sockets and accept loops, kept backends keep their `Arc` (health, counters,
+//! operator state). Removed backends and listeners drain under the pool's
+//! `drain_timeout`.
 //!
 //! Shutdown: stop accepting (close the listening sockets), let sessions finish for up
 //! to the grace period (`TaskTracker::wait`), then cancel the rest.
@@ -13,16 +19,20 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::config::{Config, WorkerModel};
-use crate::listener::{self, ListenerShared};
+use crate::backend::{flag, Backend};
+use crate::config::{Config, ConfigError, ListenerConfig, WorkerModel};
+use crate::health;
+use crate::listener::{self, ListenerSettings, ListenerShared};
 use crate::pool::Pool;
 
 #[derive(Debug, thiserror::Error)]
@@ -38,22 +48,70 @@ pub enum StartError {
     Workers(#[source] io::Error),
 }
 
-/// A running balancer.
-pub struct Flowgate {
-    listeners: Vec<RunningListener>,
-    pools: HashMap<String, Arc<Pool>>,
-    shutdown_timeout: Duration,
-    /// Stops accept loops (closes listening sockets).
-    stop_accept: CancellationToken,
-    /// Ends every session at once: the grace period is over.
-    hard_stop: CancellationToken,
-    /// Lets worker threads return.
-    stop_workers: CancellationToken,
-    accept_loops: TaskTracker,
-    sessions: TaskTracker,
-    workers: Vec<std::thread::JoinHandle<()>>,
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error("listener {listener:?}: cannot bind {addr}: {source}")]
+    Bind {
+        listener: String,
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("no configuration file to reload from (started from an in-memory config)")]
+    NoSource,
+    #[error("shutting down")]
+    ShuttingDown,
 }
 
+/// What an operator action on one backend can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum OpError {
+    #[error("no pool named {0:?}")]
+    NoPool(String),
+    #[error("pool {pool:?} has no backend {backend:?}")]
+    NoBackend { pool: String, backend: String },
+    #[error("weight {0} is out of range: expected 1..=1000")]
+    BadWeight(u32),
+}
+
+/// A running balancer. Cheap to clone: clones share the same instance.
+#[derive(Clone)]
+pub struct Flowgate {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    worker_model: WorkerModel,
+    workers: usize,
+    /// Runtimes of the data-path workers (one per worker, or one shared).
+    handles: Vec<Handle>,
+    /// The control runtime: health probes, drains, admin API.
+    control: Handle,
+    /// Parent of every listener's `stop_accept`.
+    stop_accept: CancellationToken,
+    /// Parent of every listener's `cut`: ends every session at once.
+    hard_stop: CancellationToken,
+    /// Lets worker threads and the control thread return.
+    stop_threads: CancellationToken,
+    accept_loops: TaskTracker,
+    sessions: TaskTracker,
+    shutting_down: AtomicBool,
+    admin_token: ArcSwapOption<String>,
+    admin_addr: Mutex<Option<SocketAddr>>,
+    state: Mutex<State>,
+}
+
+struct State {
+    config: Config,
+    listeners: Vec<RunningListener>,
+    pools: HashMap<String, Arc<Pool>>,
+    /// Per pool: stops its probe tasks.
+    probes: HashMap<String, CancellationToken>,
+}
+
+#[derive(Clone)]
 pub struct RunningListener {
     pub shared: Arc<ListenerShared>,
     pub local_addr: SocketAddr,
@@ -61,76 +119,359 @@ pub struct RunningListener {
 
 impl Flowgate {
     pub fn start(config: Config) -> Result<Flowgate, StartError> {
-        let pools: HashMap<String, Arc<Pool>> = config
-            .pools
-            .iter()
-            .map(|p| (p.name.clone(), Pool::new(p)))
-            .collect();
-
-        // Bind everything before starting anything, so a bad address fails fast.
-        let sockets_per_listener = match config.runtime.worker_model {
-            WorkerModel::PerCore => config.runtime.workers,
-            WorkerModel::Shared => 1,
-        };
-        let mut bound = Vec::new();
-        for l in &config.listeners {
-            let bind_err = |source| StartError::Bind {
-                listener: l.name.clone(),
-                addr: l.bind,
-                source,
-            };
-            let first = listener::bind(l.bind, l.backlog).map_err(bind_err)?;
-            let local_addr = first.local_addr().map_err(bind_err)?;
-            let mut sockets = vec![first];
-            for _ in 1..sockets_per_listener {
-                sockets.push(listener::bind(local_addr, l.backlog).map_err(bind_err)?);
-            }
-            let shared = ListenerShared::new(l, pools[&l.pool].clone());
-            bound.push((RunningListener { shared, local_addr }, sockets));
-        }
-
-        let stop_workers = CancellationToken::new();
-        let (workers, handles) = spawn_workers(
+        let stop_threads = CancellationToken::new();
+        let (handles, control) = spawn_threads(
             config.runtime.worker_model,
             config.runtime.workers,
-            &stop_workers,
+            &stop_threads,
         )
         .map_err(StartError::Workers)?;
-
-        let fg = Flowgate {
-            listeners: Vec::new(),
-            pools,
-            shutdown_timeout: config.runtime.shutdown_timeout,
+        let inner = Arc::new(Inner {
+            worker_model: config.runtime.worker_model,
+            workers: config.runtime.workers,
+            handles,
+            control,
             stop_accept: CancellationToken::new(),
             hard_stop: CancellationToken::new(),
-            stop_workers,
+            stop_threads,
             accept_loops: TaskTracker::new(),
             sessions: TaskTracker::new(),
-            workers,
-        };
-        let mut fg = fg;
-        for (running, sockets) in bound {
-            for (i, socket) in sockets.into_iter().enumerate() {
-                let handle = &handles[i % handles.len()];
-                let task = listener::accept_loop(
-                    socket,
-                    running.shared.clone(),
-                    fg.stop_accept.clone(),
-                    fg.hard_stop.clone(),
-                    fg.sessions.clone(),
-                );
-                fg.accept_loops.spawn_on(task, handle);
-            }
-            info!(
-                listener = %running.shared.name,
-                addr = %running.local_addr,
-                pool = %running.shared.pool.name,
-                "listening"
-            );
-            fg.listeners.push(running);
+            shutting_down: AtomicBool::new(false),
+            admin_token: ArcSwapOption::from(
+                config
+                    .admin
+                    .as_ref()
+                    .and_then(|a| a.token.clone())
+                    .map(Arc::new),
+            ),
+            admin_addr: Mutex::new(None),
+            state: Mutex::new(State {
+                config: config.clone(),
+                listeners: Vec::new(),
+                pools: HashMap::new(),
+                probes: HashMap::new(),
+            }),
+        });
+        let fg = Flowgate { inner };
+
+        // Bind everything before serving anything, so a bad address fails fast.
+        let mut bound = Vec::new();
+        for l in &config.listeners {
+            let sockets = fg
+                .bind_listener(l)
+                .map_err(|(addr, source)| StartError::Bind {
+                    listener: l.name.clone(),
+                    addr,
+                    source,
+                })?;
+            bound.push((l, sockets));
         }
-        handles[0].spawn(report_unreachable(fg.pools.values().cloned().collect()));
+        let admin = match &config.admin {
+            Some(a) => Some(
+                listener::bind(a.bind, 128).map_err(|source| StartError::Bind {
+                    listener: "admin".into(),
+                    addr: a.bind,
+                    source,
+                })?,
+            ),
+            None => None,
+        };
+
+        {
+            let mut st = fg.inner.lock();
+            for p in &config.pools {
+                let pool = Pool::new(p);
+                fg.start_probes(&mut st, &pool);
+                st.pools.insert(p.name.clone(), pool);
+            }
+            for (l, sockets) in bound {
+                let pool = st.pools[&l.pool].clone();
+                let running = fg.serve_listener(l, pool, sockets);
+                st.listeners.push(running);
+            }
+            let pools: Vec<_> = st.pools.values().cloned().collect();
+            let unchecked: Vec<_> = pools
+                .into_iter()
+                .filter(|p| p.config().health_check.is_none())
+                .collect();
+            fg.inner.control.spawn(report_unreachable(unchecked));
+        }
+        if let Some(sock) = admin {
+            let addr = sock.local_addr().ok();
+            *fg.inner
+                .admin_addr
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = addr;
+            let fg2 = fg.clone();
+            fg.inner
+                .control
+                .spawn(async move { crate::admin::serve(sock, fg2).await });
+            info!(addr = ?addr, "admin API listening");
+        }
         Ok(fg)
+    }
+
+    /// Binds the sockets for one listener: one per worker (SO_REUSEPORT), or one.
+    fn bind_listener(
+        &self,
+        l: &ListenerConfig,
+    ) -> Result<Vec<std::net::TcpListener>, (SocketAddr, io::Error)> {
+        let count = match self.inner.worker_model {
+            WorkerModel::PerCore => self.inner.workers,
+            WorkerModel::Shared => 1,
+        };
+        let first = listener::bind(l.bind, l.backlog).map_err(|e| (l.bind, e))?;
+        let local = first.local_addr().map_err(|e| (l.bind, e))?;
+        let mut sockets = vec![first];
+        for _ in 1..count {
+            sockets.push(listener::bind(local, l.backlog).map_err(|e| (local, e))?);
+        }
+        Ok(sockets)
+    }
+
+    /// Starts accept loops on bound sockets.
+    fn serve_listener(
+        &self,
+        l: &ListenerConfig,
+        pool: Arc<Pool>,
+        sockets: Vec<std::net::TcpListener>,
+    ) -> RunningListener {
+        let local_addr = sockets[0].local_addr().unwrap_or(l.bind);
+        let shared = ListenerShared::new(
+            l,
+            pool,
+            self.inner.stop_accept.child_token(),
+            self.inner.hard_stop.child_token(),
+        );
+        for (i, socket) in sockets.into_iter().enumerate() {
+            let handle = &self.inner.handles[i % self.inner.handles.len()];
+            let task = listener::accept_loop(socket, shared.clone(), self.inner.sessions.clone());
+            self.inner.accept_loops.spawn_on(task, handle);
+        }
+        info!(listener = %l.name, addr = %local_addr, pool = %l.pool, "listening");
+        RunningListener { shared, local_addr }
+    }
+
+    fn start_probes(&self, st: &mut State, pool: &Arc<Pool>) {
+        if let Some(old) = st.probes.remove(&pool.name) {
+            old.cancel();
+        }
+        if let Some(hc) = pool.config().health_check.clone() {
+            let stop = CancellationToken::new();
+            health::spawn(pool, Arc::new(hc), &stop, &self.inner.control);
+            st.probes.insert(pool.name.clone(), stop);
+        }
+    }
+
+    /// Re-reads the file the running config came from and applies it.
+    pub fn reload(&self) -> Result<(), ReloadError> {
+        let source = self.inner.lock().config.source.clone();
+        let path = source.ok_or(ReloadError::NoSource)?;
+        let cfg = Config::load(&path)?;
+        self.apply(cfg)
+    }
+
+    /// Applies `new` atomically with respect to errors: if a new listener cannot bind,
+    /// nothing changes.
+    pub fn apply(&self, mut new: Config) -> Result<(), ReloadError> {
+        if self.inner.shutting_down.load(Ordering::Acquire) {
+            return Err(ReloadError::ShuttingDown);
+        }
+        let mut st = self.inner.lock();
+        if new.source.is_none() {
+            new.source = st.config.source.clone();
+        }
+        let same_socket = |old: &RunningListener, l: &ListenerConfig| {
+            old.shared.name == l.name && old.shared.settings().bind == l.bind
+        };
+
+        // 1. Bind new listeners first; failure leaves everything as it was.
+        let mut fresh = Vec::new();
+        for l in &new.listeners {
+            if !st.listeners.iter().any(|o| same_socket(o, l)) {
+                let sockets =
+                    self.bind_listener(l)
+                        .map_err(|(addr, source)| ReloadError::Bind {
+                            listener: l.name.clone(),
+                            addr,
+                            source,
+                        })?;
+                fresh.push((l.clone(), sockets));
+            }
+        }
+
+        // 2. Pools: update kept ones, create new ones, drain removed ones.
+        let mut pools = HashMap::new();
+        for p in &new.pools {
+            let pool = match st.pools.get(&p.name) {
+                Some(pool) => {
+                    let removed = pool.update(p);
+                    for b in removed {
+                        info!(pool = %p.name, backend = %b.name, "backend removed by reload: draining");
+                        pool.add_retiring(b.clone());
+                        self.drain_backend(pool.clone(), b, p.drain_timeout, true);
+                    }
+                    pool.clone()
+                }
+                None => Pool::new(p),
+            };
+            pools.insert(p.name.clone(), pool);
+        }
+        let old_pools: Vec<_> = st.pools.drain().collect();
+        for (name, old) in old_pools {
+            if !pools.contains_key(&name) {
+                info!(pool = %name, "pool removed by reload: draining its backends");
+                let drain = old.config().drain_timeout;
+                for b in old.backends() {
+                    self.drain_backend(old.clone(), b, drain, false);
+                }
+                if let Some(stop) = st.probes.remove(&name) {
+                    stop.cancel();
+                }
+            }
+        }
+        st.pools = pools;
+        let all: Vec<_> = st.pools.values().cloned().collect();
+        for pool in &all {
+            self.start_probes(&mut st, pool);
+            health::report_all_down(pool);
+        }
+
+        // 3. Listeners: keep sockets of kept ones, stop removed ones, start new ones.
+        let mut listeners = Vec::new();
+        for old in std::mem::take(&mut st.listeners) {
+            match new.listeners.iter().find(|l| same_socket(&old, l)) {
+                Some(l) => {
+                    old.shared
+                        .set_settings(ListenerSettings::new(l, st.pools[&l.pool].clone()));
+                    listeners.push(old);
+                }
+                None => {
+                    let grace = old.shared.settings().pool.config().drain_timeout;
+                    info!(listener = %old.shared.name, "listener removed by reload: closing it, draining its connections");
+                    self.retire_listener(old.shared, grace);
+                }
+            }
+        }
+        for (l, sockets) in fresh {
+            let pool = st.pools[&l.pool].clone();
+            listeners.push(self.serve_listener(&l, pool, sockets));
+        }
+        st.listeners = listeners;
+
+        // 4. What only a restart can change.
+        if new.runtime.workers != st.config.runtime.workers
+            || new.runtime.worker_model != st.config.runtime.worker_model
+        {
+            warn!("runtime.workers and runtime.worker_model only change on restart");
+        }
+        if new.admin.as_ref().map(|a| a.bind) != st.config.admin.as_ref().map(|a| a.bind) {
+            warn!("admin.bind only changes on restart");
+        }
+        self.inner.admin_token.store(
+            new.admin
+                .as_ref()
+                .and_then(|a| a.token.clone())
+                .map(Arc::new),
+        );
+        st.config = new;
+        info!("configuration reloaded");
+        Ok(())
+    }
+
+    /// Marks `b` draining and, on the control runtime, waits for its last connection or
+    /// the deadline, then cuts what is left. `retire` drops it from the API afterwards.
+    fn drain_backend(&self, pool: Arc<Pool>, b: Arc<Backend>, timeout: Duration, retire: bool) {
+        b.set_flag(flag::DRAINING);
+        self.inner.control.spawn(async move {
+            let deadline = tokio::time::Instant::now() + timeout;
+            while b.active() > 0 && b.flags() & flag::DRAINING != 0 {
+                if tokio::time::Instant::now() >= deadline {
+                    warn!(pool = %pool.name, backend = %b.name, open = b.active(), "drain_timeout passed: closing remaining connections");
+                    b.cut_sessions();
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            if b.flags() & flag::DRAINING != 0 {
+                info!(pool = %pool.name, backend = %b.name, "drain complete");
+            }
+            if retire {
+                pool.remove_retiring(&b);
+            }
+        });
+    }
+
+    /// Stops a listener's accept loops now and cuts its sessions after `grace`.
+    fn retire_listener(&self, shared: Arc<ListenerShared>, grace: Duration) {
+        shared.stop_accept.cancel();
+        self.inner.control.spawn(async move {
+            let deadline = tokio::time::Instant::now() + grace;
+            while shared.active.load(Ordering::Acquire) > 0 {
+                if tokio::time::Instant::now() >= deadline {
+                    warn!(listener = %shared.name, "drain_timeout passed: closing the removed listener's connections");
+                    shared.cut.cancel();
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+    }
+
+    fn backend(&self, pool: &str, backend: &str) -> Result<(Arc<Pool>, Arc<Backend>), OpError> {
+        let p = self
+            .pool(pool)
+            .ok_or_else(|| OpError::NoPool(pool.into()))?;
+        let b = p.find(backend).ok_or_else(|| OpError::NoBackend {
+            pool: pool.into(),
+            backend: backend.into(),
+        })?;
+        Ok((p, b))
+    }
+
+    /// Operator drain: no new connections; open ones finish or are cut at the pool's
+    /// `drain_timeout`. Stays draining until `enable`.
+    pub fn drain(&self, pool: &str, backend: &str) -> Result<(), OpError> {
+        let (p, b) = self.backend(pool, backend)?;
+        if b.flags() & flag::DRAINING == 0 {
+            info!(pool, backend, "backend draining (API)");
+            let t = p.config().drain_timeout;
+            self.drain_backend(p.clone(), b, t, false);
+            health::report_all_down(&p);
+        }
+        Ok(())
+    }
+
+    /// Operator maintenance mode: no new connections, nothing is closed.
+    pub fn disable(&self, pool: &str, backend: &str) -> Result<(), OpError> {
+        let (p, b) = self.backend(pool, backend)?;
+        if b.set_flag(flag::DISABLED) {
+            info!(pool, backend, "backend disabled (API)");
+            health::report_all_down(&p);
+        }
+        Ok(())
+    }
+
+    /// Clears drain and disable.
+    pub fn enable(&self, pool: &str, backend: &str) -> Result<(), OpError> {
+        let (p, b) = self.backend(pool, backend)?;
+        if b.clear_flag(flag::DRAINING | flag::DISABLED) {
+            info!(pool, backend, "backend enabled (API)");
+            health::report_all_down(&p);
+        }
+        Ok(())
+    }
+
+    /// Runtime weight; kept across reloads for as long as the backend stays.
+    pub fn set_weight(&self, pool: &str, backend: &str, weight: u32) -> Result<(), OpError> {
+        if !(1..=1000).contains(&weight) {
+            return Err(OpError::BadWeight(weight));
+        }
+        let (p, b) = self.backend(pool, backend)?;
+        b.set_override_weight(weight);
+        p.reweigh();
+        info!(pool, backend, weight, "backend weight set (API)");
+        Ok(())
     }
 
     /// The address a listener is bound to (its port when the config said 0).
@@ -138,72 +479,106 @@ impl Flowgate {
         self.listener(listener).map(|l| l.local_addr)
     }
 
-    pub fn listener(&self, name: &str) -> Option<&RunningListener> {
-        self.listeners.iter().find(|l| l.shared.name == name)
+    pub fn listener(&self, name: &str) -> Option<RunningListener> {
+        self.inner
+            .lock()
+            .listeners
+            .iter()
+            .find(|l| l.shared.name == name)
+            .cloned()
     }
 
-    pub fn pool(&self, name: &str) -> Option<&Arc<Pool>> {
-        self.pools.get(name)
+    pub fn listeners(&self) -> Vec<RunningListener> {
+        self.inner.lock().listeners.clone()
+    }
+
+    pub fn pool(&self, name: &str) -> Option<Arc<Pool>> {
+        self.inner.lock().pools.get(name).cloned()
+    }
+
+    /// Pools sorted by name.
+    pub fn pools(&self) -> Vec<Arc<Pool>> {
+        let mut v: Vec<_> = self.inner.lock().pools.values().cloned().collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        *self
+            .inner
+            .admin_addr
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn admin_token(&self) -> Option<Arc<String>> {
+        self.inner.admin_token.load_full()
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.inner.shutting_down.load(Ordering::Acquire)
     }
 
     /// Sessions in progress, all listeners together.
     pub fn active_sessions(&self) -> usize {
-        self.sessions.len()
+        self.inner.sessions.len()
     }
 
     /// Stops accepting, waits up to `shutdown_timeout` for sessions to finish, then
     /// closes the rest. Returns whether every session finished within the grace period.
     pub async fn shutdown(self) -> bool {
-        self.stop_accept.cancel();
-        self.accept_loops.close();
-        self.accept_loops.wait().await;
-        self.sessions.close();
-        let open = self.sessions.len();
+        let inner = &self.inner;
+        inner.shutting_down.store(true, Ordering::Release);
+        let grace = inner.lock().config.runtime.shutdown_timeout;
+        inner.stop_accept.cancel();
+        inner.accept_loops.close();
+        inner.accept_loops.wait().await;
+        inner.sessions.close();
+        let open = inner.sessions.len();
         if open > 0 {
-            info!(
-                connections = open,
-                grace = ?self.shutdown_timeout,
-                "stopped accepting; waiting for open connections"
-            );
+            info!(connections = open, grace = ?grace, "stopped accepting; waiting for open connections");
         }
-        let graceful = tokio::time::timeout(self.shutdown_timeout, self.sessions.wait())
+        let graceful = tokio::time::timeout(grace, inner.sessions.wait())
             .await
             .is_ok();
         if !graceful {
             warn!(
-                connections = self.sessions.len(),
+                connections = inner.sessions.len(),
                 "shutdown_timeout expired; closing the remaining connections"
             );
-            self.hard_stop.cancel();
-            let _ = tokio::time::timeout(Duration::from_secs(5), self.sessions.wait()).await;
+            inner.hard_stop.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(5), inner.sessions.wait()).await;
         }
+        inner.stop_threads.cancel();
         graceful
     }
 }
 
-impl Drop for Flowgate {
-    fn drop(&mut self) {
-        self.stop_accept.cancel();
-        self.hard_stop.cancel();
-        self.stop_workers.cancel();
-        for w in self.workers.drain(..) {
-            // Joining from inside a runtime would block it; the threads exit on their own.
-            drop(w);
-        }
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
-/// Starts the worker threads; returns them and the handles to spawn work on.
-fn spawn_workers(
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.stop_accept.cancel();
+        self.hard_stop.cancel();
+        self.stop_threads.cancel();
+    }
+}
+
+/// Starts the worker threads and the control thread; returns the workers' runtime
+/// handles and the control runtime's.
+fn spawn_threads(
     model: WorkerModel,
     workers: usize,
     stop: &CancellationToken,
-) -> io::Result<(Vec<std::thread::JoinHandle<()>>, Vec<Handle>)> {
+) -> io::Result<(Vec<Handle>, Handle)> {
     let runtimes = match model {
         WorkerModel::PerCore => workers,
         WorkerModel::Shared => 1,
     };
-    let mut threads = Vec::with_capacity(runtimes);
     let mut handles = Vec::with_capacity(runtimes);
     for i in 0..runtimes {
         let rt = match model {
@@ -217,21 +592,31 @@ fn spawn_workers(
                 .build()?,
         };
         handles.push(rt.handle().clone());
-        let stop = stop.clone();
-        threads.push(
-            std::thread::Builder::new()
-                .name(format!("flowgate-w{i}"))
-                .spawn(move || {
-                    rt.block_on(stop.cancelled());
-                    rt.shutdown_timeout(Duration::from_millis(100));
-                })?,
-        );
+        run_on_thread(format!("flowgate-w{i}"), rt, stop.clone())?;
     }
-    Ok((threads, handles))
+    let control = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let control_handle = control.handle().clone();
+    run_on_thread("flowgate-control".into(), control, stop.clone())?;
+    Ok((handles, control_handle))
 }
 
-/// Tries each backend once at startup and says which are unreachable, so an operator
-/// sees a typo'd port in the log right away. Traffic does not wait for it.
+fn run_on_thread(
+    name: String,
+    rt: tokio::runtime::Runtime,
+    stop: CancellationToken,
+) -> io::Result<()> {
+    std::thread::Builder::new().name(name).spawn(move || {
+        rt.block_on(stop.cancelled());
+        rt.shutdown_timeout(Duration::from_millis(100));
+    })?;
+    Ok(())
+}
+
+/// Tries each backend of pools without health checks once at startup and says which
+/// are unreachable, so an operator sees a typo'd port in the log right away. Traffic
+/// does not wait for it. (Pools with health checks log their own verdicts.)
 async fn report_unreachable(pools: Vec<Arc<Pool>>) {
     for pool in pools {
         for b in pool.backends() {

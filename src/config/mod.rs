@@ -19,7 +19,9 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-pub use types::{Algorithm, DurationStr, Protocol, Weight, WorkerModel};
+pub use types::{
+    Algorithm, DurationStr, HealthKind, Protocol, StatusRanges, Weight, WhenAllDown, WorkerModel,
+};
 
 /// A configuration error, written for the human who has to fix the file.
 #[derive(Debug, thiserror::Error)]
@@ -44,7 +46,10 @@ pub enum ConfigError {
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// The file this was loaded from (reload re-reads it).
+    pub source: Option<PathBuf>,
     pub runtime: RuntimeConfig,
+    pub admin: Option<AdminConfig>,
     pub listeners: Vec<ListenerConfig>,
     pub pools: Vec<PoolConfig>,
 }
@@ -75,6 +80,48 @@ pub struct PoolConfig {
     pub algorithm: Algorithm,
     pub connect_attempts: usize,
     pub backends: Vec<BackendConfig>,
+    /// How long connections of a draining (or removed) backend may stay open.
+    pub drain_timeout: Duration,
+    /// Ramp a recovered backend's weight from ~0 to full over this time.
+    pub slow_start: Duration,
+    pub when_all_down: WhenAllDown,
+    pub health_check: Option<HealthCheckConfig>,
+    pub passive: Option<PassiveConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheckConfig {
+    pub kind: HealthKind,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+    /// Probe this port instead of the traffic port.
+    pub port: Option<u16>,
+    /// http: request path.
+    pub path: String,
+    /// http: accepted status codes (inclusive ranges).
+    pub expect_status: Vec<(u16, u16)>,
+    /// http: Host header; default the backend's address as written.
+    pub host: Option<String>,
+    /// tcp: bytes to send after connecting.
+    pub send: Option<String>,
+    /// tcp: bytes the reply must contain.
+    pub expect: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PassiveConfig {
+    pub consecutive_failures: u32,
+    pub eject_for: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub bind: SocketAddr,
+    pub token_file: Option<PathBuf>,
+    /// The token read from `token_file` at load time.
+    pub token: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,6 +143,7 @@ mod raw {
     pub struct File {
         #[serde(default)]
         pub runtime: Runtime,
+        pub admin: Option<Admin>,
         #[serde(default)]
         pub listeners: Vec<Listener>,
         #[serde(default)]
@@ -161,6 +209,13 @@ mod raw {
 
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
+    pub struct Admin {
+        pub bind: Spanned<String>,
+        pub token_file: Option<Spanned<String>>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
     pub struct Pool {
         pub name: Spanned<String>,
         #[serde(default)]
@@ -168,6 +223,68 @@ mod raw {
         #[serde(default = "default_attempts")]
         pub connect_attempts: Spanned<usize>,
         pub backends: Spanned<Vec<Backend>>,
+        #[serde(default = "default_drain")]
+        pub drain_timeout: Spanned<DurationStr>,
+        #[serde(default = "default_zero")]
+        pub slow_start: DurationStr,
+        #[serde(default)]
+        pub when_all_down: WhenAllDown,
+        pub health_check: Option<Spanned<HealthCheck>>,
+        pub passive: Option<Passive>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct HealthCheck {
+        pub kind: HealthKind,
+        #[serde(default = "default_interval")]
+        pub interval: DurationStr,
+        #[serde(default = "default_check_timeout")]
+        pub timeout: DurationStr,
+        #[serde(default = "default_rise")]
+        pub rise: Spanned<u32>,
+        #[serde(default = "default_fall")]
+        pub fall: Spanned<u32>,
+        pub port: Option<Spanned<u32>>,
+        pub path: Option<Spanned<String>>,
+        pub expect_status: Option<Spanned<StatusRanges>>,
+        pub host: Option<Spanned<String>>,
+        pub send: Option<Spanned<String>>,
+        pub expect: Option<Spanned<String>>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Passive {
+        #[serde(default = "default_failures")]
+        pub consecutive_failures: Spanned<u32>,
+        #[serde(default = "default_eject")]
+        pub eject_for: DurationStr,
+    }
+
+    fn default_drain() -> Spanned<DurationStr> {
+        Spanned::new(0..0, DurationStr(Duration::from_secs(300)))
+    }
+    fn default_zero() -> DurationStr {
+        DurationStr(Duration::ZERO)
+    }
+    fn default_interval() -> DurationStr {
+        DurationStr(Duration::from_secs(2))
+    }
+    fn default_check_timeout() -> DurationStr {
+        DurationStr(Duration::from_secs(1))
+    }
+    fn default_rise() -> Spanned<u32> {
+        Spanned::new(0..0, 2)
+    }
+    fn default_fall() -> Spanned<u32> {
+        Spanned::new(0..0, 3)
+    }
+    fn default_failures() -> Spanned<u32> {
+        Spanned::new(0..0, 5)
+    }
+    fn default_eject() -> DurationStr {
+        DurationStr(Duration::from_secs(30))
     }
 
     #[derive(Deserialize)]
@@ -181,6 +298,106 @@ mod raw {
 
 /// Upper bound on `connect_attempts`; more than this only delays the client's error.
 const MAX_CONNECT_ATTEMPTS: usize = 32;
+/// Upper bound on `drain_timeout` (NLB's deregistration delay has the same range).
+const MAX_DRAIN: Duration = Duration::from_secs(3600);
+
+/// Validates one `[pools.health_check]` table.
+fn health_check(
+    h: &Spanned<raw::HealthCheck>,
+    err: &dyn Fn(Range<usize>, &str, String) -> ConfigError,
+) -> Result<HealthCheckConfig, ConfigError> {
+    let span = h.span();
+    let h = h.get_ref();
+    for (v, key) in [(&h.rise, "rise"), (&h.fall, "fall")] {
+        if *v.get_ref() == 0 || *v.get_ref() > 100 {
+            return Err(err(
+                v.span(),
+                key,
+                format!("expected 1..=100, found {}", v.get_ref()),
+            ));
+        }
+    }
+    if h.interval.0.is_zero() {
+        return Err(err(span.clone(), "interval", "must be more than 0s".into()));
+    }
+    if h.timeout.0.is_zero() {
+        return Err(err(span.clone(), "timeout", "must be more than 0s".into()));
+    }
+    let port = match &h.port {
+        None => None,
+        Some(p) if (1..=65535).contains(p.get_ref()) => Some(*p.get_ref() as u16),
+        Some(p) => {
+            return Err(err(
+                p.span(),
+                "port",
+                format!("port {} is out of range (1..=65535)", p.get_ref()),
+            ))
+        }
+    };
+    let only = |present: Option<Range<usize>>, key: &str, kind: &str| match present {
+        Some(sp) => Err(err(sp, key, format!("only applies to kind = \"{kind}\""))),
+        None => Ok(()),
+    };
+    match h.kind {
+        HealthKind::Tcp => {
+            only(h.path.as_ref().map(|v| v.span()), "path", "http")?;
+            only(
+                h.expect_status.as_ref().map(|v| v.span()),
+                "expect_status",
+                "http",
+            )?;
+            only(h.host.as_ref().map(|v| v.span()), "host", "http")?;
+        }
+        HealthKind::Http => {
+            only(h.send.as_ref().map(|v| v.span()), "send", "tcp")?;
+            only(h.expect.as_ref().map(|v| v.span()), "expect", "tcp")?;
+            if let Some(p) = &h.path {
+                if !p.get_ref().starts_with('/') {
+                    return Err(err(
+                        p.span(),
+                        "path",
+                        format!("{:?} must start with '/'", p.get_ref()),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(HealthCheckConfig {
+        kind: h.kind,
+        interval: h.interval.0,
+        timeout: h.timeout.0,
+        rise: *h.rise.get_ref(),
+        fall: *h.fall.get_ref(),
+        port,
+        path: h
+            .path
+            .as_ref()
+            .map_or_else(|| "/".to_string(), |p| p.get_ref().clone()),
+        expect_status: h
+            .expect_status
+            .as_ref()
+            .map_or_else(|| vec![(200, 399)], |r| r.get_ref().0.clone()),
+        host: h.host.as_ref().map(|v| v.get_ref().clone()),
+        send: h.send.as_ref().map(|v| v.get_ref().clone()),
+        expect: h.expect.as_ref().map(|v| v.get_ref().clone()),
+    })
+}
+
+/// Reads the admin token; a relative path is relative to the config file.
+fn read_token(path: &Path, config_file: &Path) -> Result<String, String> {
+    let full = if path.is_relative() {
+        config_file.parent().unwrap_or(Path::new(".")).join(path)
+    } else {
+        path.to_owned()
+    };
+    let text = std::fs::read_to_string(&full)
+        .map_err(|e| format!("cannot read {}: {e}", full.display()))?;
+    let token = text.trim().to_string();
+    if token.is_empty() {
+        return Err(format!("{} is empty", full.display()));
+    }
+    Ok(token)
+}
 
 impl Config {
     /// Reads, parses, validates and resolves the file at `path`.
@@ -189,7 +406,9 @@ impl Config {
             file: path.to_owned(),
             source,
         })?;
-        Config::parse(&text, path)
+        let mut c = Config::parse(&text, path)?;
+        c.source = Some(path.to_owned());
+        Ok(c)
     }
 
     /// Parses `text`; `file` is only used in error messages.
@@ -275,11 +494,46 @@ impl Config {
                     weight: b.weight.0,
                 });
             }
+            let drain = p.drain_timeout.get_ref().0;
+            if drain > MAX_DRAIN {
+                return Err(err(
+                    p.drain_timeout.span(),
+                    at("drain_timeout"),
+                    format!("{drain:?} is out of range: expected 0s..=3600s"),
+                ));
+            }
+            let health_check = match &p.health_check {
+                None => None,
+                Some(h) => Some(health_check(h, &|span, key: &str, m| {
+                    err(span, at(&format!("health_check.{key}")), m)
+                })?),
+            };
+            let passive = match &p.passive {
+                None => None,
+                Some(pv) => {
+                    if *pv.consecutive_failures.get_ref() == 0 {
+                        return Err(err(
+                            pv.consecutive_failures.span(),
+                            at("passive.consecutive_failures"),
+                            "expected a positive number".into(),
+                        ));
+                    }
+                    Some(PassiveConfig {
+                        consecutive_failures: *pv.consecutive_failures.get_ref(),
+                        eject_for: pv.eject_for.0,
+                    })
+                }
+            };
             pools.push(PoolConfig {
                 name: p.name.get_ref().clone(),
                 algorithm: p.algorithm,
                 connect_attempts: attempts,
                 backends,
+                drain_timeout: drain,
+                slow_start: p.slow_start.0,
+                when_all_down: p.when_all_down,
+                health_check,
+                passive,
             });
         }
 
@@ -357,7 +611,47 @@ impl Config {
             });
         }
 
+        let admin = match &raw.admin {
+            None => None,
+            Some(a) => {
+                let bind = resolve(a.bind.get_ref())
+                    .map_err(|m| err(a.bind.span(), "admin.bind".into(), m))?;
+                let (token_file, token) = match &a.token_file {
+                    None => (None, None),
+                    Some(tf) => {
+                        let path = PathBuf::from(tf.get_ref());
+                        let token = read_token(&path, file)
+                            .map_err(|m| err(tf.span(), "admin.token_file".into(), m))?;
+                        (Some(path), Some(token))
+                    }
+                };
+                if !bind.ip().is_loopback() && token.is_none() {
+                    return Err(err(
+                        a.bind.span(),
+                        "admin.bind".into(),
+                        format!(
+                            "{bind} is not a loopback address, and without admin.token_file anyone who can reach it could drain backends or reload the config: set token_file or bind to 127.0.0.1"
+                        ),
+                    ));
+                }
+                if binds.contains(&bind) {
+                    return Err(err(
+                        a.bind.span(),
+                        "admin.bind".into(),
+                        format!("address {bind} is already bound by a listener"),
+                    ));
+                }
+                Some(AdminConfig {
+                    bind,
+                    token_file,
+                    token,
+                })
+            }
+        };
+
         Ok(Config {
+            source: None,
+            admin,
             runtime: RuntimeConfig {
                 workers,
                 worker_model: raw.runtime.worker_model,

@@ -114,3 +114,58 @@ pub enum WorkerModel {
     /// One multi-threaded, work-stealing runtime shared by all workers.
     Shared,
 }
+
+/// What a pool does when none of its backends is usable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WhenAllDown {
+    /// Close new clients at once.
+    #[default]
+    Reject,
+    /// Balance across every backend that is not draining or disabled, ignoring health
+    /// (what AWS NLB does).
+    FailOpen,
+}
+
+impl WhenAllDown {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WhenAllDown::Reject => "reject",
+            WhenAllDown::FailOpen => "fail-open",
+        }
+    }
+}
+
+/// Active health probe kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthKind {
+    Tcp,
+    Http,
+}
+
+/// Accepted HTTP status codes: "200", "200-399" or a comma-separated list of those.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusRanges(pub Vec<(u16, u16)>);
+
+impl<'de> Deserialize<'de> for StatusRanges {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let bad = || {
+            de::Error::custom(format!(
+                "invalid status list {s:?}: expected codes or ranges like \"200\", \"200-399\" or \"200,204\""
+            ))
+        };
+        let mut out = Vec::new();
+        for part in s.split(',').map(str::trim) {
+            let (lo, hi) = part.split_once('-').unwrap_or((part, part));
+            let lo: u16 = lo.trim().parse().map_err(|_| bad())?;
+            let hi: u16 = hi.trim().parse().map_err(|_| bad())?;
+            if !(100..=599).contains(&lo) || !(100..=599).contains(&hi) || lo > hi {
+                return Err(bad());
+            }
+            out.push((lo, hi));
+        }
+        Ok(StatusRanges(out))
+    }
+}

@@ -18,10 +18,11 @@ use std::time::{Duration, Instant};
 use socket2::SockRef;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{debug, info, warn};
 
-use crate::backend::{ActiveGuard, Backend};
-use crate::listener::ListenerShared;
+use crate::backend::{flag, ActiveGuard, Backend};
+use crate::listener::ListenerSettings;
+use crate::pool::Pool;
 use pump::{pump, PumpEnd};
 
 /// Why a session ended; the names are the access log's termination reasons.
@@ -34,6 +35,8 @@ pub enum Termination {
     IdleTimeout,
     ConnectFailed,
     NoBackend,
+    /// A drain deadline passed (backend drained, or listener/backend removed by reload).
+    Drained,
     Shutdown,
 }
 
@@ -47,6 +50,7 @@ impl Termination {
             Termination::IdleTimeout => "idle_timeout",
             Termination::ConnectFailed => "connect_failed",
             Termination::NoBackend => "no_backend",
+            Termination::Drained => "drained",
             Termination::Shutdown => "shutdown",
         }
     }
@@ -77,29 +81,45 @@ impl Activity {
 }
 
 /// Serves one accepted client until both directions end.
+///
+/// `cut` ends the session early: the process's hard stop, or the listener's drain
+/// deadline after a reload removed it.
 pub async fn serve(
     client: TcpStream,
     peer: SocketAddr,
-    listener: Arc<ListenerShared>,
-    hard_stop: CancellationToken,
+    listener: &str,
+    settings: Arc<ListenerSettings>,
+    cut: CancellationToken,
 ) -> Termination {
     let _ = client.set_nodelay(true);
     let connected = tokio::select! {
         biased;
-        _ = hard_stop.cancelled() => return Termination::Shutdown,
-        r = connect(&listener, peer) => r,
+        _ = cut.cancelled() => return Termination::Shutdown,
+        r = connect(&settings, peer) => r,
     };
     let (backend, guard) = match connected {
         Ok(c) => c,
         Err(t) => {
-            debug!(listener = %listener.name, client = %peer, reason = t.as_str(), "no backend connection");
+            debug!(listener, client = %peer, reason = t.as_str(), "no backend connection");
             return t;
         }
     };
     let _ = backend.set_nodelay(true);
-    let (end, up, down) = splice_both(&client, &backend, listener.idle_timeout, &hard_stop).await;
+    let stops = Stops {
+        listener: cut,
+        backend: guard.backend().cut_token(),
+    };
+    let (end, up, down) = splice_both(&client, &backend, settings.idle_timeout, &stops).await;
+    // Passive outlier detection counts resets as failures, and only a session
+    // that ended otherwise as a success (a backend that accepts and resets every
+    // connection must still be ejected).
+    if end == Termination::BackendReset {
+        passive_failure(&settings.pool, guard.backend());
+    } else {
+        guard.backend().passive_success();
+    }
     debug!(
-        listener = %listener.name,
+        listener,
         client = %peer,
         backend = %guard.backend().name,
         to_backend = up,
@@ -110,29 +130,37 @@ pub async fn serve(
     end
 }
 
+/// What can end a session from outside.
+struct Stops {
+    /// Hard stop of the process or of the listener.
+    listener: CancellationToken,
+    /// The backend's drain deadline.
+    backend: CancellationToken,
+}
+
 /// Connects to a backend, moving on to the next distinct one on failure, up to the
 /// pool's `connect_attempts`.
 async fn connect(
-    listener: &ListenerShared,
+    settings: &ListenerSettings,
     peer: SocketAddr,
 ) -> Result<(TcpStream, ActiveGuard), Termination> {
-    let pool = &listener.pool;
+    let pool = &settings.pool;
+    let attempts = pool.config().connect_attempts;
     let mut tried: Vec<Arc<Backend>> = Vec::new();
-    for _ in 0..pool.connect_attempts {
+    for _ in 0..attempts {
         let Some(guard) = pool.pick(peer.ip(), &tried) else {
             break;
         };
-        let addr = guard.backend().addr;
-        match tokio::time::timeout(listener.connect_timeout, TcpStream::connect(addr)).await {
+        let b = guard.backend();
+        match tokio::time::timeout(settings.connect_timeout, TcpStream::connect(b.addr)).await {
             Ok(Ok(stream)) => return Ok((stream, guard)),
             Ok(Err(e)) => {
-                debug!(pool = %pool.name, backend = %guard.backend().name, error = %e, "connect failed")
+                debug!(pool = %pool.name, backend = %b.name, error = %e, "connect failed")
             }
-            Err(_) => {
-                debug!(pool = %pool.name, backend = %guard.backend().name, "connect timed out")
-            }
+            Err(_) => debug!(pool = %pool.name, backend = %b.name, "connect timed out"),
         }
-        tried.push(guard.backend().clone());
+        passive_failure(pool, b);
+        tried.push(b.clone());
     }
     Err(if tried.is_empty() {
         Termination::NoBackend
@@ -141,13 +169,38 @@ async fn connect(
     })
 }
 
+/// Counts a failure for passive outlier detection and ejects the backend when it
+/// reaches the pool's `passive.consecutive_failures`.
+fn passive_failure(pool: &Arc<Pool>, b: &Arc<Backend>) {
+    let Some(passive) = pool.config().passive.clone() else {
+        return;
+    };
+    if b.passive_failure() >= passive.consecutive_failures && b.set_flag(flag::EJECTED) {
+        warn!(
+            pool = %pool.name,
+            backend = %b.name,
+            failures = passive.consecutive_failures,
+            eject_for = ?passive.eject_for,
+            "backend ejected: consecutive connect failures or resets"
+        );
+        let (pool, b) = (pool.clone(), b.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(passive.eject_for).await;
+            b.passive_success();
+            if b.clear_flag(flag::EJECTED) {
+                info!(pool = %pool.name, backend = %b.name, "backend back from passive ejection");
+            }
+        });
+    }
+}
+
 /// Moves bytes both ways until both directions have ended, one side resets, the
 /// session idles out or a hard stop comes. Returns why, and bytes (up, down).
 async fn splice_both(
     client: &TcpStream,
     backend: &TcpStream,
     idle_timeout: Duration,
-    hard_stop: &CancellationToken,
+    stops: &Stops,
 ) -> (Termination, u64, u64) {
     let activity = Activity::new();
     let (up_bytes, down_bytes) = (AtomicU64::new(0), AtomicU64::new(0));
@@ -162,7 +215,8 @@ async fn splice_both(
     let end = loop {
         tokio::select! {
             biased;
-            _ = hard_stop.cancelled() => break Termination::Shutdown,
+            _ = stops.listener.cancelled() => break Termination::Shutdown,
+            _ = stops.backend.cancelled() => break Termination::Drained,
             e = &mut up, if !up_done => match e {
                 PumpEnd::Eof => {
                     shutdown_write(backend);
@@ -236,7 +290,11 @@ mod tests {
         accepted.set_nonblocking(true).unwrap();
         let b = TcpStream::from_std(accepted).unwrap();
         let token = CancellationToken::new();
-        let f = splice_both(&a, &b, Duration::from_secs(1), &token);
+        let stops = Stops {
+            listener: token.clone(),
+            backend: token.clone(),
+        };
+        let f = splice_both(&a, &b, Duration::from_secs(1), &stops);
         let n = size(&f);
         eprintln!("splice_both future: {n} bytes");
         assert!(n < 1024, "splice_both future is {n} bytes");
@@ -247,8 +305,14 @@ mod tests {
         )
         .unwrap();
         let pool = crate::pool::Pool::new(&cfg.pools[0]);
-        let shared = ListenerShared::new(&cfg.listeners[0], pool);
-        let whole = serve(a, "127.0.0.1:2".parse().unwrap(), shared, token.clone());
+        let settings = Arc::new(ListenerSettings::new(&cfg.listeners[0], pool));
+        let whole = serve(
+            a,
+            "127.0.0.1:2".parse().unwrap(),
+            "l",
+            settings,
+            token.clone(),
+        );
         let n = size(&whole);
         eprintln!("serve future: {n} bytes");
         assert!(n < 1536, "serve future is {n} bytes");

@@ -1,0 +1,298 @@
+//! The admin API: JSON over HTTP/1.1 (hyper) on `admin.bind`, on the control runtime.
+//!
+//! | method | path | |
+//! |---|---|---|
+//! | GET | /healthz | 200 while serving, 503 once shutting down |
+//! | GET | /api/v1/pools | pools, algorithms, backends with state and last check |
+//! | POST | /api/v1/pools/{pool}/backends/{address}/drain, /enable, /disable | |
+//! | PUT | /api/v1/pools/{pool}/backends/{address}/weight | body `{"weight": N}` |
+//! | POST | /api/v1/reload | re-read the config file |
+//!
+//! `{address}` is the backend's address as written in the config, raw or
+//! percent-encoded. Errors are `{"error": "..."}` with 400, 401, 404, 405 or 413.
+//! With `admin.token_file`, every POST and PUT needs `Authorization: Bearer TOKEN`
+//! (compared in constant time); GET needs none.
+
+use std::convert::Infallible;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use percent_encoding::percent_decode_str;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tracing::{debug, warn};
+
+use crate::runtime::{Flowgate, OpError};
+
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// Serves the admin API on `sock` until the process stops.
+pub async fn serve(sock: std::net::TcpListener, fg: Flowgate) {
+    let listener = match TcpListener::from_std(sock) {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(error = %e, "admin API: cannot register socket");
+            return;
+        }
+    };
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                debug!(error = %e, "admin API: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let fg = fg.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let fg = fg.clone();
+                async move { Ok::<_, Infallible>(handle(req, &fg).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), svc);
+            if let Err(e) = conn.await {
+                debug!(error = %e, "admin API connection");
+            }
+        });
+    }
+}
+
+type Reply = Response<Full<Bytes>>;
+
+fn reply(status: StatusCode, body: Value) -> Reply {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string() + "\n")));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn error(status: StatusCode, msg: impl std::fmt::Display) -> Reply {
+    reply(status, json!({ "error": msg.to_string() }))
+}
+
+async fn handle(req: Request<Incoming>, fg: &Flowgate) -> Reply {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let mutating = method == Method::POST || method == Method::PUT;
+
+    if mutating {
+        if let Some(token) = fg.admin_token() {
+            if !authorized(&req, &token) {
+                return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+            }
+        }
+    }
+    let body = match read_body(req).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+
+    match (method.clone(), segs.as_slice()) {
+        (Method::GET, ["healthz"]) => {
+            if fg.is_shutting_down() {
+                reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    json!({ "status": "shutting down" }),
+                )
+            } else {
+                reply(StatusCode::OK, json!({ "status": "ok" }))
+            }
+        }
+        (Method::GET, ["api", "v1", "pools"]) => reply(StatusCode::OK, pools_json(fg)),
+        (Method::POST, ["api", "v1", "reload"]) => {
+            let fg2 = fg.clone();
+            // Reload binds sockets and reads files: keep it off the async thread.
+            match tokio::task::spawn_blocking(move || fg2.reload()).await {
+                Ok(Ok(())) => reply(StatusCode::OK, json!({ "status": "reloaded" })),
+                Ok(Err(e)) => {
+                    warn!(error = %e, "reload failed; keeping the running configuration");
+                    error(StatusCode::BAD_REQUEST, e)
+                }
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+            }
+        }
+        (m, ["api", "v1", "pools", pool, "backends", addr, action]) => {
+            let (Some(pool), Some(addr)) = (decode(pool), decode(addr)) else {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "path is not valid percent-encoded UTF-8",
+                );
+            };
+            let result = match (m, *action) {
+                (Method::POST, "drain") => fg.drain(&pool, &addr),
+                (Method::POST, "enable") => fg.enable(&pool, &addr),
+                (Method::POST, "disable") => fg.disable(&pool, &addr),
+                (Method::PUT, "weight") => match parse_weight(&body) {
+                    Ok(w) => fg.set_weight(&pool, &addr, w),
+                    Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
+                },
+                (_, "drain" | "enable" | "disable" | "weight") => {
+                    return error(
+                        StatusCode::METHOD_NOT_ALLOWED,
+                        format!("{method} is not allowed here"),
+                    )
+                }
+                _ => return error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}")),
+            };
+            match result {
+                Ok(()) => match backend_json(fg, &pool, &addr) {
+                    Some(b) => reply(StatusCode::OK, b),
+                    None => reply(StatusCode::OK, json!({ "status": "ok" })),
+                },
+                Err(e @ (OpError::NoPool(_) | OpError::NoBackend { .. })) => {
+                    error(StatusCode::NOT_FOUND, e)
+                }
+                Err(e @ OpError::BadWeight(_)) => error(StatusCode::BAD_REQUEST, e),
+            }
+        }
+        (_, ["healthz"] | ["api", "v1", "pools"] | ["api", "v1", "reload"]) => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{method} is not allowed here"),
+        ),
+        _ => error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}")),
+    }
+}
+
+fn authorized(req: &Request<Incoming>, token: &str) -> bool {
+    let Some(v) = req.headers().get(hyper::header::AUTHORIZATION) else {
+        return false;
+    };
+    let v = v.as_bytes();
+    let Some(given) = v.strip_prefix(b"Bearer ") else {
+        return false;
+    };
+    constant_time_eq::constant_time_eq(given, token.as_bytes())
+}
+
+async fn read_body(req: Request<Incoming>) -> Result<Bytes, Reply> {
+    let too_big = || {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("body over {MAX_BODY} bytes"),
+        )
+    };
+    if let Some(len) = req.headers().get(hyper::header::CONTENT_LENGTH) {
+        if len
+            .to_str()
+            .ok()
+            .and_then(|s| s.parse::<usize>().ok())
+            .is_some_and(|n| n > MAX_BODY)
+        {
+            return Err(too_big());
+        }
+    }
+    match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(too_big())
+        }
+        Err(e) => Err(error(
+            StatusCode::BAD_REQUEST,
+            format!("cannot read body: {e}"),
+        )),
+    }
+}
+
+fn decode(seg: &str) -> Option<String> {
+    percent_decode_str(seg)
+        .decode_utf8()
+        .ok()
+        .map(|s| s.into_owned())
+}
+
+fn parse_weight(body: &[u8]) -> Result<u32, String> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct W {
+        weight: i64,
+    }
+    let w: W = serde_json::from_slice(body)
+        .map_err(|e| format!("malformed JSON: {e}; expected {{\"weight\": N}}"))?;
+    if !(1..=1000).contains(&w.weight) {
+        return Err(format!(
+            "weight {} is out of range: expected 1..=1000",
+            w.weight
+        ));
+    }
+    Ok(w.weight as u32)
+}
+
+fn time(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+fn one_backend(b: &crate::backend::Backend, retiring: bool) -> Value {
+    let check = b
+        .last_check()
+        .map(|c| json!({ "ok": c.ok, "at": time(c.at), "detail": c.detail }));
+    json!({
+        "address": b.name,
+        "resolved": b.addr.to_string(),
+        "weight": b.base_weight(),
+        "effective_weight": b.weight(),
+        "state": b.state().as_str(),
+        "healthy": b.is_healthy(),
+        "active_connections": b.active(),
+        "last_check": check,
+        "removed": retiring,
+    })
+}
+
+fn backend_json(fg: &Flowgate, pool: &str, addr: &str) -> Option<Value> {
+    let b = fg.pool(pool)?.find(addr)?;
+    Some(one_backend(&b, false))
+}
+
+/// The body of GET /api/v1/pools.
+pub fn pools_json(fg: &Flowgate) -> Value {
+    let pools: Vec<Value> = fg
+        .pools()
+        .iter()
+        .map(|p| {
+            let cfg = p.config();
+            let mut backends: Vec<Value> = p.backends().iter().map(|b| one_backend(b, false)).collect();
+            backends.extend(p.retiring().iter().map(|b| one_backend(b, true)));
+            json!({
+                "name": p.name,
+                "algorithm": cfg.algorithm.as_str(),
+                "when_all_down": cfg.when_all_down.as_str(),
+                "all_down": p.all_down(),
+                "health_check": cfg.health_check.as_ref().map(|h| json!({
+                    "kind": match h.kind { crate::config::HealthKind::Tcp => "tcp", crate::config::HealthKind::Http => "http" },
+                    "interval_ms": h.interval.as_millis() as u64,
+                    "rise": h.rise,
+                    "fall": h.fall,
+                })),
+                "backends": backends,
+            })
+        })
+        .collect();
+    let listeners: Vec<Value> = fg
+        .listeners()
+        .iter()
+        .map(|l| {
+            json!({
+                "name": l.shared.name,
+                "address": l.local_addr.to_string(),
+                "pool": l.shared.settings().pool.name,
+                "active_connections": l.shared.active.load(std::sync::atomic::Ordering::Relaxed),
+            })
+        })
+        .collect();
+    json!({ "pools": pools, "listeners": listeners })
+}

@@ -1,0 +1,228 @@
+//! Active health checks: one probe task per backend on the control runtime, never on
+//! the data path.
+//!
+//! A backend goes down after `fall` failed probes in a row and comes back after
+//! `rise` successes. A backend that has never been checked starts down, is probed at
+//! once and is used after its first success. Each flip is logged once with the
+//! reason, and flips only ever happen through [`Verdict::record`], which says
+//! whether the state changed. Probe intervals are jittered (±10%) so a large pool
+//! is not probed in lock-step.
+
+mod probe;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rand::Rng;
+use tokio::runtime::Handle;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::backend::{flag, Backend, CheckRecord};
+use crate::config::HealthCheckConfig;
+use crate::pool::Pool;
+
+pub use probe::{probe, ProbeError};
+
+/// The rise/fall counter of one backend.
+#[derive(Debug, Clone)]
+pub struct Verdict {
+    rise: u32,
+    fall: u32,
+    up: bool,
+    /// Never been up: the first success is enough.
+    fresh: bool,
+    streak: u32,
+}
+
+impl Verdict {
+    pub fn new(rise: u32, fall: u32, up: bool, fresh: bool) -> Verdict {
+        Verdict {
+            rise,
+            fall,
+            up,
+            fresh,
+            streak: 0,
+        }
+    }
+
+    /// Records one probe result; returns the new state when it flipped.
+    pub fn record(&mut self, ok: bool) -> Option<bool> {
+        if ok == self.up {
+            self.streak = 0;
+            return None;
+        }
+        self.streak += 1;
+        let needed = if ok {
+            if self.fresh {
+                1
+            } else {
+                self.rise
+            }
+        } else {
+            self.fall
+        };
+        if self.streak >= needed {
+            self.up = ok;
+            self.streak = 0;
+            if ok {
+                self.fresh = false;
+            }
+            Some(ok)
+        } else {
+            None
+        }
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up
+    }
+}
+
+/// Starts probing every backend of `pool` with `cfg` until `stop` fires.
+pub fn spawn(pool: &Arc<Pool>, cfg: Arc<HealthCheckConfig>, stop: &CancellationToken, on: &Handle) {
+    for backend in pool.backends() {
+        on.spawn(check_loop(pool.clone(), backend, cfg.clone(), stop.clone()));
+    }
+}
+
+async fn check_loop(
+    pool: Arc<Pool>,
+    b: Arc<Backend>,
+    cfg: Arc<HealthCheckConfig>,
+    stop: CancellationToken,
+) {
+    let checked_before = b.last_check().is_some();
+    let healthy = b.flags() & flag::UNHEALTHY == 0;
+    let mut verdict = Verdict::new(cfg.rise, cfg.fall, healthy, !checked_before && !healthy);
+    // A backend carried over by a reload keeps its state: no immediate re-probe.
+    if checked_before {
+        if sleep_or_stop(jittered(cfg.interval), &stop).await {
+            return;
+        }
+    }
+    loop {
+        let result = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = probe(&cfg, &b) => r,
+        };
+        b.record_check(CheckRecord {
+            ok: result.is_ok(),
+            at: SystemTime::now(),
+            detail: match &result {
+                Ok(()) => "ok".to_string(),
+                Err(e) => e.to_string(),
+            },
+        });
+        if let Some(up) = verdict.record(result.is_ok()) {
+            flip(&pool, &b, up, result.err(), &cfg);
+        }
+        if sleep_or_stop(jittered(cfg.interval), &stop).await {
+            return;
+        }
+    }
+}
+
+/// Applies and logs a health flip, once.
+fn flip(
+    pool: &Arc<Pool>,
+    b: &Arc<Backend>,
+    up: bool,
+    why: Option<ProbeError>,
+    cfg: &HealthCheckConfig,
+) {
+    if up {
+        if b.clear_flag(flag::UNHEALTHY) {
+            info!(pool = %pool.name, backend = %b.name, rise = cfg.rise, "backend up: health check passed");
+            slow_start(pool, b);
+        }
+    } else if b.set_flag(flag::UNHEALTHY) {
+        warn!(
+            pool = %pool.name,
+            backend = %b.name,
+            reason = %why.map_or_else(|| "unknown".to_string(), |e| e.to_string()),
+            fall = cfg.fall,
+            "backend down: health check failed"
+        );
+    }
+    report_all_down(pool);
+}
+
+/// Logs the edge into and out of "no backend usable" for a pool.
+pub fn report_all_down(pool: &Pool) {
+    match pool.check_all_down() {
+        Some(true) => warn!(
+            pool = %pool.name,
+            policy = pool.config().when_all_down.as_str(),
+            "every backend of the pool is down"
+        ),
+        Some(false) => info!(pool = %pool.name, "pool has a usable backend again"),
+        None => {}
+    }
+}
+
+/// Ramps a recovered backend's weight from 10% to 100% over the pool's `slow_start`,
+/// rebuilding the pool's selector at each step.
+fn slow_start(pool: &Arc<Pool>, b: &Arc<Backend>) {
+    let ramp = pool.config().slow_start;
+    if ramp.is_zero() {
+        return;
+    }
+    const STEPS: u32 = 10;
+    b.set_ramp(1000 / STEPS);
+    pool.reweigh();
+    let (pool, b) = (pool.clone(), b.clone());
+    tokio::spawn(async move {
+        for step in 2..=STEPS {
+            tokio::time::sleep(ramp / STEPS).await;
+            b.set_ramp(step * 1000 / STEPS);
+            pool.reweigh();
+        }
+    });
+}
+
+fn jittered(d: Duration) -> Duration {
+    d.mul_f64(rand::thread_rng().gen_range(0.9..1.1))
+}
+
+/// Sleeps; returns true if `stop` fired first.
+async fn sleep_or_stop(d: Duration, stop: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = stop.cancelled() => true,
+        _ = tokio::time::sleep(d) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fresh_backend_is_up_after_one_success() {
+        let mut v = Verdict::new(2, 3, false, true);
+        assert_eq!(v.record(true), Some(true));
+    }
+
+    #[test]
+    fn falls_after_fall_failures_and_rises_after_rise() {
+        let mut v = Verdict::new(2, 3, true, false);
+        assert_eq!(v.record(false), None);
+        assert_eq!(v.record(false), None);
+        assert_eq!(v.record(false), Some(false));
+        assert_eq!(v.record(false), None, "a flip is reported once");
+        assert_eq!(v.record(true), None);
+        assert_eq!(v.record(true), Some(true));
+        assert!(v.is_up());
+    }
+
+    #[test]
+    fn a_success_resets_the_failure_streak() {
+        let mut v = Verdict::new(2, 3, true, false);
+        v.record(false);
+        v.record(false);
+        assert_eq!(v.record(true), None);
+        assert_eq!(v.record(false), None);
+        assert_eq!(v.record(false), None);
+        assert_eq!(v.record(false), Some(false));
+    }
+}

@@ -122,23 +122,43 @@ async fn connect(
         let Some(guard) = pool.pick(peer.ip(), &tried) else {
             break;
         };
-        let addr = guard.backend().addr;
-        match tokio::time::timeout(listener.connect_timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(stream)) => return Ok((stream, guard)),
-            Ok(Err(e)) => {
-                debug!(pool = %pool.name, backend = %guard.backend().name, error = %e, "connect failed")
-            }
-            Err(_) => {
-                debug!(pool = %pool.name, backend = %guard.backend().name, "connect timed out")
-            }
+        let b = guard.backend();
+        match connect_one(b.addr, listener.connect_timeout).await {
+            Ok(stream) => return Ok((stream, guard)),
+            Err(e) => debug!(pool = %pool.name, backend = %b.name, error = %e, "connect failed"),
         }
-        tried.push(guard.backend().clone());
+        tried.push(b.clone());
     }
     Err(if tried.is_empty() {
         Termination::NoBackend
     } else {
         Termination::ConnectFailed
     })
+}
+
+/// One connect attempt within `timeout`. Running out of descriptors is our problem,
+/// not the backend's: it pauses and tries the same backend again, within the same
+/// timeout.
+async fn connect_one(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    let attempt = async {
+        loop {
+            match TcpStream::connect(addr).await {
+                Ok(s) => {
+                    crate::fd::available();
+                    return Ok(s);
+                }
+                Err(e) if crate::fd::is_exhaustion(&e) => {
+                    crate::fd::exhausted("backend connect", &e);
+                    tokio::time::sleep(crate::fd::PAUSE).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
+    }
 }
 
 /// Moves bytes both ways until both directions have ended, one side resets, the

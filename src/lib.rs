@@ -7,6 +7,7 @@
 //! - [`config`]: the TOML schema, parsing, validation, errors with line and column.
 //! - [`runtime`]: worker threads, startup, graceful shutdown.
 //! - [`listener`]: listening sockets (SO_REUSEPORT per worker), accept loops.
+//! - [`fd`]: the process-wide "out of file descriptors" episode.
 //! - [`pool`]: a pool's backends and selector as one lock-free snapshot.
 //! - [`balance`]: the selection algorithms, one file each, behind one trait.
 //! - [`backend`]: per-backend state (up/down/draining/disabled) and counters.
@@ -19,6 +20,7 @@ pub mod admin;
 pub mod backend;
 pub mod balance;
 pub mod config;
+pub mod fd;
 pub mod health;
 pub mod listener;
 pub mod pool;

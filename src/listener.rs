@@ -2,8 +2,8 @@
 //!
 //! Each worker gets its own socket for a listener (SO_REUSEPORT), so the kernel
 //! spreads new connections over workers without a shared accept lock. An accept
-//! loop never exits on an error: on EMFILE/ENFILE it logs once and pauses ~100 ms
-//! (as HAProxy does) so it neither spins nor dies, and resumes by itself.
+//! loop never exits on an error: on EMFILE/ENFILE it pauses ~100 ms (as HAProxy
+//! does) so it neither spins nor dies, and resumes by itself; see [`crate::fd`].
 
 use std::io;
 use std::net::SocketAddr;
@@ -16,14 +16,12 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::config::ListenerConfig;
+use crate::fd;
 use crate::pool::Pool;
 use crate::proxy;
-
-/// How long the accept loop pauses when the process is out of descriptors.
-const FD_EXHAUSTED_PAUSE: Duration = Duration::from_millis(100);
 
 /// What every session of a listener shares.
 pub struct ListenerShared {
@@ -121,8 +119,15 @@ pub async fn accept_loop(
             return;
         }
     };
-    let mut exhausted = false;
     loop {
+        // While descriptors are exhausted, take one client per pause: the others wait
+        // in the backlog rather than being accepted without a backend socket.
+        if fd::is_exhausted() {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tokio::time::sleep(fd::PAUSE) => {}
+            }
+        }
         let accepted = tokio::select! {
             biased;
             _ = stop.cancelled() => break,
@@ -130,10 +135,6 @@ pub async fn accept_loop(
         };
         match accepted {
             Ok((stream, peer)) => {
-                if exhausted {
-                    info!(listener = %shared.name, "accepting again: file descriptors available");
-                    exhausted = false;
-                }
                 shared.accepted.fetch_add(1, Ordering::Relaxed);
                 let settings = shared.settings();
                 if let Some(slot) = Slot::take(&shared, settings.max_connections) {
@@ -149,18 +150,11 @@ pub async fn accept_loop(
                     reject(stream);
                 }
             }
-            Err(e) if is_fd_exhaustion(&e) => {
-                if !exhausted {
-                    warn!(
-                        listener = %shared.name,
-                        error = %e,
-                        "out of file descriptors; pausing accepts for {FD_EXHAUSTED_PAUSE:?} at a time"
-                    );
-                    exhausted = true;
-                }
+            Err(e) if fd::is_exhaustion(&e) => {
+                fd::exhausted("accept", &e);
                 tokio::select! {
                     _ = stop.cancelled() => break,
-                    _ = tokio::time::sleep(FD_EXHAUSTED_PAUSE) => {}
+                    _ = tokio::time::sleep(fd::PAUSE) => {}
                 }
             }
             // ECONNABORTED and friends concern one client only.
@@ -168,13 +162,6 @@ pub async fn accept_loop(
         }
     }
     debug!(listener = %shared.name, "accept loop stopped");
-}
-
-fn is_fd_exhaustion(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(code) if code == nix::libc::EMFILE || code == nix::libc::ENFILE
-    ) || e.kind() == io::ErrorKind::OutOfMemory
 }
 
 /// Closes a client we will not serve.

@@ -481,6 +481,13 @@ impl Config {
                 let key = format!("pools[{i}].backends[{j}].address");
                 let name = b.address.get_ref().trim().to_string();
                 let addr = resolve(&name).map_err(|m| err(b.address.span(), key.clone(), m))?;
+                if addr.port() == 0 {
+                    return Err(err(
+                        b.address.span(),
+                        key,
+                        format!("{name:?}: port 0 is not a valid backend port"),
+                    ));
+                }
                 if !seen.insert(name.clone()) {
                     return Err(err(
                         b.address.span(),
@@ -609,6 +616,14 @@ impl Config {
                 max_connections: l.max_connections.as_ref().map(|m| *m.get_ref()),
                 backlog: l.backlog,
             });
+        }
+
+        if listeners.is_empty() {
+            return Err(err(
+                0..0,
+                "listeners".into(),
+                "expected at least one [[listeners]] table; a balancer with none would serve nothing".into(),
+            ));
         }
 
         let admin = match &raw.admin {

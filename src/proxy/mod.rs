@@ -152,12 +152,9 @@ async fn connect(
             break;
         };
         let b = guard.backend();
-        match tokio::time::timeout(settings.connect_timeout, TcpStream::connect(b.addr)).await {
-            Ok(Ok(stream)) => return Ok((stream, guard)),
-            Ok(Err(e)) => {
-                debug!(pool = %pool.name, backend = %b.name, error = %e, "connect failed")
-            }
-            Err(_) => debug!(pool = %pool.name, backend = %b.name, "connect timed out"),
+        match connect_one(b.addr, settings.connect_timeout).await {
+            Ok(stream) => return Ok((stream, guard)),
+            Err(e) => debug!(pool = %pool.name, backend = %b.name, error = %e, "connect failed"),
         }
         passive_failure(pool, b);
         tried.push(b.clone());
@@ -191,6 +188,31 @@ fn passive_failure(pool: &Arc<Pool>, b: &Arc<Backend>) {
                 info!(pool = %pool.name, backend = %b.name, "backend back from passive ejection");
             }
         });
+    }
+}
+
+/// One connect attempt within `timeout`. Running out of descriptors is our problem,
+/// not the backend's: it pauses and tries the same backend again, within the same
+/// timeout.
+async fn connect_one(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    let attempt = async {
+        loop {
+            match TcpStream::connect(addr).await {
+                Ok(s) => {
+                    crate::fd::available();
+                    return Ok(s);
+                }
+                Err(e) if crate::fd::is_exhaustion(&e) => {
+                    crate::fd::exhausted("backend connect", &e);
+                    tokio::time::sleep(crate::fd::PAUSE).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
     }
 }
 

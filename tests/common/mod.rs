@@ -181,6 +181,8 @@ pub struct Proc {
     pub child: Child,
     pub dir: tempdir::Dir,
     pub log: Arc<std::sync::Mutex<String>>,
+    /// Set when stderr reached its end (the process closed it).
+    pub log_done: Arc<std::sync::atomic::AtomicBool>,
 }
 
 pub mod tempdir {
@@ -236,6 +238,8 @@ impl Proc {
         let log = Arc::new(std::sync::Mutex::new(String::new()));
         let (tx, rx) = std::sync::mpsc::channel();
         let l2 = log.clone();
+        let log_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let done = log_done.clone();
         std::thread::spawn(move || {
             use std::io::BufRead;
             let mut tx = Some(tx);
@@ -252,9 +256,15 @@ impl Proc {
                     }
                 }
             }
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
         });
         let _ = rx.recv_timeout(Duration::from_secs(20));
-        Proc { child, dir, log }
+        Proc {
+            child,
+            dir,
+            log,
+            log_done,
+        }
     }
 
     /// The address the binary logged for listener `name`.
@@ -282,6 +292,10 @@ impl Proc {
         let deadline = std::time::Instant::now() + limit;
         loop {
             if let Some(st) = self.child.try_wait().unwrap() {
+                while !self.log_done.load(Ordering::SeqCst) && std::time::Instant::now() < deadline
+                {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
                 return Some(st);
             }
             if std::time::Instant::now() >= deadline {
@@ -296,5 +310,35 @@ impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    /// The child's process id.
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Async `wait_exit`: lets test backends in this runtime keep serving while the
+    /// binary shuts down. Once it has exited, also waits (briefly) until its stderr
+    /// has been read to the end, so the log holds its last lines.
+    pub async fn exited(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                let eof = self.log_done.clone();
+                wait_until(Duration::from_secs(5), || eof.load(Ordering::SeqCst)).await;
+                return Some(st);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until the binary's log contains `needle`; returns whether it did in time.
+    pub async fn logged(&self, needle: &str, limit: Duration) -> bool {
+        wait_until(limit, || self.log.lock().unwrap().contains(needle)).await
     }
 }

@@ -1,5 +1,6 @@
-//! One direction of a session: read from `src`, write to `dst`, until end of stream
-//! or an error, with no user-space buffer held while the direction is idle.
+//! One direction of a session as a poll-driven state machine: read from `src`, write
+//! to `dst`, until end of stream or an error, with no user-space buffer held while
+//! the direction is idle.
 //!
 //! Small reads go through a per-thread buffer: read, then write at once; only bytes
 //! the destination cannot take right now are copied to a heap buffer owned by the
@@ -7,13 +8,19 @@
 //! stream is moving bulk data, and (on Linux) the direction switches to splice(2)
 //! through a pooled pipe; a splice that moves less than `SPLICE_MIN` switches back.
 //! This is HAProxy's "splice-auto" idea; the thresholds are in docs/performance.md.
+//!
+//! Reads and writes go through tokio's `poll_read`/`poll_write` on the borrowed
+//! halves: a short read or write clears the socket's readiness without another
+//! syscall (edge-triggered epoll), and readiness waits use the socket's own reader
+//! and writer waker slots, so the state kept per direction is a few words.
 
 use std::cell::RefCell;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
 
-use tokio::io::Interest;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::tcp::{ReadHalf, WriteHalf};
 
 use super::Activity;
 
@@ -30,6 +37,7 @@ thread_local! {
     static BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0; COPY_BUF].into_boxed_slice());
 }
 
+#[derive(Debug)]
 pub(crate) enum PumpEnd {
     /// `src` sent FIN and everything read was written.
     Eof,
@@ -39,170 +47,183 @@ pub(crate) enum PumpEnd {
     WriteError(io::Error),
 }
 
-enum Step {
-    Moved(usize),
-    Again,
-    Eof,
+/// The state of one direction.
+#[derive(Default)]
+pub(crate) struct Pump {
+    /// Bytes read but not yet written (copy path); empty and unallocated when idle.
+    pending: Vec<u8>,
+    /// A pipe holding spliced bytes not yet written; `None` when idle.
+    #[cfg(target_os = "linux")]
+    pipe: Option<super::pipe::Pipe>,
+    #[cfg(target_os = "linux")]
+    use_splice: bool,
+    /// Bytes written to `dst` so far.
+    pub moved: u64,
+    /// Reached end of stream (and passed the FIN on).
+    pub done: bool,
 }
 
-pub(crate) async fn pump(
-    src: &TcpStream,
-    dst: &TcpStream,
-    activity: &Activity,
-    moved: &AtomicU64,
-) -> PumpEnd {
-    // Bytes read but not yet written: a heap buffer (copy path) and/or a pipe.
-    let mut pending: Vec<u8> = Vec::new();
-    #[cfg(target_os = "linux")]
-    let mut pipe: Option<super::pipe::Pipe> = None;
-    #[cfg(target_os = "linux")]
-    let mut use_splice = false;
-
-    loop {
-        // Flush what is held before reading more: this is the backpressure.
-        #[cfg(target_os = "linux")]
-        if let Some(p) = pipe.as_mut() {
-            while p.len > 0 {
-                if let Err(e) = dst.writable().await {
-                    return PumpEnd::WriteError(e);
+impl Pump {
+    /// Moves bytes until `src` or `dst` would block (Pending) or the direction ends.
+    pub(crate) fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &mut ReadHalf<'_>,
+        dst: &mut WriteHalf<'_>,
+        activity: &Activity,
+    ) -> Poll<PumpEnd> {
+        loop {
+            // Flush what is held before reading more: this is the backpressure.
+            #[cfg(target_os = "linux")]
+            if let Some(p) = self.pipe.as_mut() {
+                while p.len > 0 {
+                    let d = dst.as_ref();
+                    if let Err(e) = ready!(d.poll_write_ready(cx)) {
+                        return Poll::Ready(PumpEnd::WriteError(e));
+                    }
+                    match d.try_io(tokio::io::Interest::WRITABLE, || p.drain(d)) {
+                        Ok(n) => {
+                            self.moved += n as u64;
+                            activity.touch();
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Poll::Ready(PumpEnd::WriteError(e)),
+                    }
                 }
-                match dst.try_io(Interest::WRITABLE, || p.drain(dst)) {
+                if let Some(p) = self.pipe.take() {
+                    p.put();
+                }
+            }
+            while !self.pending.is_empty() {
+                match ready!(Pin::new(&mut *dst).poll_write(cx, &self.pending)) {
                     Ok(n) => {
-                        moved.fetch_add(n as u64, Ordering::Relaxed);
+                        self.pending.drain(..n);
+                        self.moved += n as u64;
                         activity.touch();
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return PumpEnd::WriteError(e),
+                    Err(e) => return Poll::Ready(PumpEnd::WriteError(e)),
                 }
             }
-            if let Some(p) = pipe.take() {
-                p.put();
+            if self.pending.capacity() > 0 {
+                self.pending = Vec::new();
             }
-        }
-        while !pending.is_empty() {
-            if let Err(e) = dst.writable().await {
-                return PumpEnd::WriteError(e);
-            }
-            match dst.try_write(&pending) {
-                Ok(n) => {
-                    pending.drain(..n);
-                    moved.fetch_add(n as u64, Ordering::Relaxed);
-                    activity.touch();
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return PumpEnd::WriteError(e),
-            }
-        }
-        if pending.capacity() > 0 {
-            pending = Vec::new();
-        }
 
-        if let Err(e) = src.readable().await {
-            return PumpEnd::ReadError(e);
-        }
-
-        #[cfg(target_os = "linux")]
-        if use_splice {
-            // Out of descriptors for a pipe: copy instead, the connection lives on.
-            let Ok(p) = super::pipe::Pipe::get() else {
-                use_splice = false;
-                continue;
-            };
-            match splice_step(src, dst, p, &mut pipe, moved) {
-                Ok(Step::Moved(n)) => {
-                    activity.touch();
-                    if n < SPLICE_MIN {
-                        use_splice = false;
+            #[cfg(target_os = "linux")]
+            if self.use_splice {
+                // Out of descriptors for a pipe: copy instead, the connection lives on.
+                if let Ok(p) = super::pipe::Pipe::get() {
+                    match ready!(self.splice_once(cx, p, src, dst)) {
+                        Ok(0) => return Poll::Ready(PumpEnd::Eof),
+                        Ok(n) => {
+                            activity.touch();
+                            if n < SPLICE_MIN {
+                                self.use_splice = false;
+                            }
+                        }
+                        Err(end) => return Poll::Ready(end),
                     }
+                    continue;
                 }
-                Ok(Step::Again) => {}
-                Ok(Step::Eof) => return PumpEnd::Eof,
-                Err(end) => return end,
+                self.use_splice = false;
             }
-            continue;
-        }
 
-        match copy_step(src, dst, &mut pending, moved) {
-            Ok(Step::Moved(n)) => {
-                activity.touch();
-                #[cfg(target_os = "linux")]
-                if n == COPY_BUF {
-                    use_splice = true;
+            match ready!(self.copy_once(cx, src, dst)) {
+                Ok(0) => return Poll::Ready(PumpEnd::Eof),
+                Ok(n) => {
+                    activity.touch();
+                    #[cfg(target_os = "linux")]
+                    if n == COPY_BUF {
+                        self.use_splice = true;
+                    }
+                    #[cfg(not(target_os = "linux"))]
+                    let _ = n;
                 }
-                #[cfg(not(target_os = "linux"))]
-                let _ = n;
+                Err(end) => return Poll::Ready(end),
             }
-            Ok(Step::Again) => {}
-            Ok(Step::Eof) => return PumpEnd::Eof,
-            Err(end) => return end,
         }
     }
-}
 
-/// Reads once into the thread's buffer and writes as much as `dst` takes now; the
-/// rest goes to `pending`.
-fn copy_step(
-    src: &TcpStream,
-    dst: &TcpStream,
-    pending: &mut Vec<u8>,
-    moved: &AtomicU64,
-) -> Result<Step, PumpEnd> {
-    BUF.with_borrow_mut(|buf| {
-        let n = match src.try_read(buf) {
-            Ok(0) => return Ok(Step::Eof),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Step::Again),
-            Err(e) => return Err(PumpEnd::ReadError(e)),
-        };
-        let written = match dst.try_write(&buf[..n]) {
-            Ok(w) => w,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-            Err(e) => return Err(PumpEnd::WriteError(e)),
-        };
-        moved.fetch_add(written as u64, Ordering::Relaxed);
-        if written < n {
-            pending.extend_from_slice(&buf[written..n]);
-        }
-        Ok(Step::Moved(n))
-    })
-}
+    /// Reads once into the thread's buffer and writes as much as `dst` takes now; the
+    /// rest goes to `pending`. Returns the bytes read (0: end of stream).
+    fn copy_once(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &mut ReadHalf<'_>,
+        dst: &mut WriteHalf<'_>,
+    ) -> Poll<Result<usize, PumpEnd>> {
+        BUF.with_borrow_mut(|buf| {
+            let mut rb = ReadBuf::new(buf);
+            if let Err(e) = ready!(Pin::new(&mut *src).poll_read(cx, &mut rb)) {
+                return Poll::Ready(Err(PumpEnd::ReadError(e)));
+            }
+            let n = rb.filled().len();
+            if n == 0 {
+                return Poll::Ready(Ok(0));
+            }
+            let written = match Pin::new(&mut *dst).poll_write(cx, &buf[..n]) {
+                Poll::Ready(Ok(w)) => w,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(PumpEnd::WriteError(e))),
+                Poll::Pending => 0,
+            };
+            self.moved += written as u64;
+            if written < n {
+                self.pending.extend_from_slice(&buf[written..n]);
+            }
+            Poll::Ready(Ok(n))
+        })
+    }
 
-/// Splices once from `src` into the (empty) pipe `p` and on into `dst` as far as it goes now; a
-/// pipe that still holds bytes is kept in `held` for the flush loop.
-#[cfg(target_os = "linux")]
-fn splice_step(
-    src: &TcpStream,
-    dst: &TcpStream,
-    mut p: super::pipe::Pipe,
-    held: &mut Option<super::pipe::Pipe>,
-    moved: &AtomicU64,
-) -> Result<Step, PumpEnd> {
-    let n = match src.try_io(Interest::READABLE, || p.fill(src, SPLICE_CHUNK)) {
-        Ok(0) => {
-            p.put();
-            return Ok(Step::Eof);
+    /// Splices once from `src` into the (empty) pipe `p` and on into `dst` as far as
+    /// it goes now; a pipe that still holds bytes is kept for the flush. Returns the
+    /// bytes read (0: end of stream).
+    #[cfg(target_os = "linux")]
+    fn splice_once(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut p: super::pipe::Pipe,
+        src: &mut ReadHalf<'_>,
+        dst: &mut WriteHalf<'_>,
+    ) -> Poll<Result<usize, PumpEnd>> {
+        use tokio::io::Interest;
+        let s = src.as_ref();
+        loop {
+            match s.poll_read_ready(cx) {
+                Poll::Pending => {
+                    p.put();
+                    return Poll::Pending;
+                }
+                Poll::Ready(Err(e)) => {
+                    p.put();
+                    return Poll::Ready(Err(PumpEnd::ReadError(e)));
+                }
+                Poll::Ready(Ok(())) => {}
+            }
+            match s.try_io(Interest::READABLE, || p.fill(s, SPLICE_CHUNK)) {
+                Ok(0) => {
+                    p.put();
+                    return Poll::Ready(Ok(0));
+                }
+                Ok(n) => {
+                    let d = dst.as_ref();
+                    match d.try_io(Interest::WRITABLE, || p.drain(d)) {
+                        Ok(w) => self.moved += w as u64,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Poll::Ready(Err(PumpEnd::WriteError(e))),
+                    }
+                    if p.len > 0 {
+                        self.pipe = Some(p);
+                    } else {
+                        p.put();
+                    }
+                    return Poll::Ready(Ok(n));
+                }
+                // Readiness was stale: cleared by try_io; poll again to register.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => {
+                    p.put();
+                    return Poll::Ready(Err(PumpEnd::ReadError(e)));
+                }
+            }
         }
-        Ok(n) => n,
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-            p.put();
-            return Ok(Step::Again);
-        }
-        Err(e) => {
-            p.put();
-            return Err(PumpEnd::ReadError(e));
-        }
-    };
-    match dst.try_io(Interest::WRITABLE, || p.drain(dst)) {
-        Ok(w) => {
-            moved.fetch_add(w as u64, Ordering::Relaxed);
-        }
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-        Err(e) => return Err(PumpEnd::WriteError(e)),
     }
-    if p.len > 0 {
-        *held = Some(p);
-    } else {
-        p.put();
-    }
-    Ok(Step::Moved(n))
 }

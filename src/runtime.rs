@@ -76,10 +76,21 @@ pub enum OpError {
     BadWeight(u32),
 }
 
-/// A running balancer. Cheap to clone: clones share the same instance.
+/// A running balancer. Cheap to clone: clones share the same instance. Dropping the
+/// last clone stops it at once (use [`Flowgate::shutdown`] for a graceful stop).
 #[derive(Clone)]
 pub struct Flowgate {
     inner: Arc<Inner>,
+}
+
+/// A handle that does not keep the balancer alive (for the admin server).
+#[derive(Clone)]
+pub struct WeakFlowgate(std::sync::Weak<Inner>);
+
+impl WeakFlowgate {
+    pub fn upgrade(&self) -> Option<Flowgate> {
+        self.0.upgrade().map(|inner| Flowgate { inner })
+    }
 }
 
 struct Inner {
@@ -202,10 +213,10 @@ impl Flowgate {
                 .admin_addr
                 .lock()
                 .unwrap_or_else(|e| e.into_inner()) = addr;
-            let fg2 = fg.clone();
+            let weak = WeakFlowgate(Arc::downgrade(&fg.inner));
             fg.inner
                 .control
-                .spawn(async move { crate::admin::serve(sock, fg2).await });
+                .spawn(async move { crate::admin::serve(sock, weak).await });
             info!(addr = ?addr, "admin API listening");
         }
         Ok(fg)

@@ -26,13 +26,13 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
-use crate::runtime::{Flowgate, OpError};
+use crate::runtime::{Flowgate, OpError, WeakFlowgate};
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 64 * 1024;
 
-/// Serves the admin API on `sock` until the process stops.
-pub async fn serve(sock: std::net::TcpListener, fg: Flowgate) {
+/// Serves the admin API on `sock` until the balancer is gone.
+pub async fn serve(sock: std::net::TcpListener, fg: WeakFlowgate) {
     let listener = match TcpListener::from_std(sock) {
         Ok(l) => l,
         Err(e) => {
@@ -49,11 +49,19 @@ pub async fn serve(sock: std::net::TcpListener, fg: Flowgate) {
                 continue;
             }
         };
+        if fg.upgrade().is_none() {
+            return;
+        }
         let fg = fg.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
-                let fg = fg.clone();
-                async move { Ok::<_, Infallible>(handle(req, &fg).await) }
+                let fg = fg.upgrade();
+                async move {
+                    Ok::<_, Infallible>(match fg {
+                        Some(fg) => handle(req, &fg).await,
+                        None => error(StatusCode::SERVICE_UNAVAILABLE, "shutting down"),
+                    })
+                }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .header_read_timeout(Duration::from_secs(10))

@@ -135,7 +135,15 @@ impl Pool {
             })?;
             return Some(snap.backends[i].claim());
         }
-        None
+        // A reload replaced the backends and the new ones have not passed a health
+        // check yet: keep sending to healthy backends being retired rather than
+        // refuse clients because of a reload.
+        let retiring = self.retiring.lock().unwrap_or_else(|e| e.into_inner());
+        retiring
+            .iter()
+            .filter(|b| b.is_healthy() && b.flags() & flag::DISABLED == 0 && untried(b))
+            .min_by_key(|b| b.active())
+            .map(|b| b.claim())
     }
 
     /// Re-evaluates "every backend is down"; returns `Some(now_all_down)` when that
@@ -143,6 +151,11 @@ impl Pool {
     pub fn check_all_down(&self) -> Option<bool> {
         let down = !self.snapshot.load().backends.iter().any(|b| b.is_usable());
         (self.all_down.swap(down, Ordering::AcqRel) != down).then_some(down)
+    }
+
+    /// Whether any current backend takes new connections.
+    pub fn has_usable(&self) -> bool {
+        self.snapshot.load().backends.iter().any(|b| b.is_usable())
     }
 
     pub fn all_down(&self) -> bool {

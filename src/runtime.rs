@@ -396,7 +396,10 @@ impl Flowgate {
         b.set_flag(flag::DRAINING);
         self.inner.control.spawn(async move {
             let deadline = tokio::time::Instant::now() + timeout;
-            while b.active() > 0 && b.flags() & flag::DRAINING != 0 {
+            // A backend removed by a reload also stays as a fallback (see Pool::pick)
+            // until its replacements are usable, so a reload never refuses a client.
+            let busy = |b: &Backend| b.active() > 0 || (retire && !pool.has_usable());
+            while busy(&b) && b.flags() & flag::DRAINING != 0 {
                 if tokio::time::Instant::now() >= deadline {
                     warn!(pool = %pool.name, backend = %b.name, open = b.active(), "drain_timeout passed: closing remaining connections");
                     b.cut_sessions();

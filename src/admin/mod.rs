@@ -64,6 +64,7 @@ pub async fn serve(sock: std::net::TcpListener, fg: WeakFlowgate) {
                 }
             });
             let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))
                 .serve_connection(TokioIo::new(stream), svc);
             if let Err(e) = conn.await {

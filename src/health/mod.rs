@@ -96,10 +96,8 @@ async fn check_loop(
     let healthy = b.flags() & flag::UNHEALTHY == 0;
     let mut verdict = Verdict::new(cfg.rise, cfg.fall, healthy, !checked_before && !healthy);
     // A backend carried over by a reload keeps its state: no immediate re-probe.
-    if checked_before {
-        if sleep_or_stop(jittered(cfg.interval), &stop).await {
-            return;
-        }
+    if checked_before && sleep_or_stop(jittered(cfg.interval), &stop).await {
+        return;
     }
     loop {
         let result = tokio::select! {

@@ -342,3 +342,200 @@ impl Proc {
         wait_until(limit, || self.log.lock().unwrap().contains(needle)).await
     }
 }
+
+// ---- Admin API and reload (tests/admin.rs, tests/reload.rs) ----
+
+/// A reply from the admin API.
+#[derive(Debug)]
+pub struct ApiReply {
+    pub status: u16,
+    /// The body parsed as JSON (`Null` when it is not JSON).
+    pub json: serde_json::Value,
+    pub text: String,
+}
+
+impl ApiReply {
+    /// The `error` string of an error reply; panics (with the reply) if there is none.
+    pub fn error(&self) -> &str {
+        self.json["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no \"error\" string in {self:?}"))
+    }
+}
+
+/// Calls the admin API at `admin` with curl, the client operators use: `method` on
+/// `path` (sent as written: percent-encoding is the caller's), with `body` as
+/// `application/json` and `token` as a bearer token when given.
+pub async fn curl(
+    admin: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    token: Option<&str>,
+) -> ApiReply {
+    curl_with(admin, method, path, body, token, &[]).await
+}
+
+/// `curl` with extra command-line arguments (headers, for instance).
+pub async fn curl_with(
+    admin: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    token: Option<&str>,
+    extra: &[&str],
+) -> ApiReply {
+    let mut cmd = tokio::process::Command::new("curl");
+    cmd.args(["-s", "-S", "-g", "--noproxy", "*", "--max-time", "20"])
+        .args(["-o", "-", "-w", "\n%{http_code}", "-X", method])
+        .args(extra);
+    if let Some(t) = token {
+        cmd.arg("-H").arg(format!("Authorization: Bearer {t}"));
+    }
+    if body.is_some() {
+        cmd.args([
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            "@-",
+        ]);
+    }
+    cmd.arg(format!("http://{admin}{path}"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().expect("run curl (apt-get install -y curl)");
+    let mut stdin = child.stdin.take().unwrap();
+    if let Some(b) = body {
+        // curl may stop reading early once the server has answered (413).
+        let _ = stdin.write_all(b).await;
+    }
+    drop(stdin);
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("curl finished")
+        .expect("curl output");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (text, code) = stdout.rsplit_once('\n').unwrap_or(("", &stdout));
+    let status: u16 = code.trim().parse().unwrap_or(0);
+    assert!(
+        out.status.success() && status != 0,
+        "curl -X {method} {path} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        stdout
+    );
+    ApiReply {
+        status,
+        json: serde_json::from_str(text).unwrap_or(serde_json::Value::Null),
+        text: text.to_string(),
+    }
+}
+
+/// GET /api/v1/pools, asserting 200; returns the body.
+pub async fn get_pools(admin: SocketAddr) -> serde_json::Value {
+    let r = curl(admin, "GET", "/api/v1/pools", None, None).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    r.json
+}
+
+/// The backends of `pool` in a GET /api/v1/pools body.
+pub fn backends_of(pools: &serde_json::Value, pool: &str) -> Vec<serde_json::Value> {
+    pools["pools"]
+        .as_array()
+        .expect("\"pools\" is an array")
+        .iter()
+        .find(|p| p["name"] == pool)
+        .unwrap_or_else(|| panic!("no pool {pool:?} in {pools}"))["backends"]
+        .as_array()
+        .expect("\"backends\" is an array")
+        .clone()
+}
+
+/// The entries for backend `address` in pool `pool` (a backend removed by reload and
+/// draining can appear next to a re-added one).
+pub fn backend_entries(
+    pools: &serde_json::Value,
+    pool: &str,
+    address: &str,
+) -> Vec<serde_json::Value> {
+    backends_of(pools, pool)
+        .into_iter()
+        .filter(|b| b["address"] == address)
+        .collect()
+}
+
+/// Starts flowgate in-process from `toml` written to `name` in `dir`, loaded with
+/// `Config::load` so reload re-reads that file. Returns the handle and the path.
+pub fn start_file(dir: &tempdir::Dir, name: &str, toml: &str) -> (Flowgate, PathBuf) {
+    let path = dir.file(name, toml);
+    let cfg = Config::load(&path).expect("valid test config");
+    (Flowgate::start(cfg).expect("flowgate starts"), path)
+}
+
+/// Sends `msg` on a connection from `connect_identity` and reads it back.
+pub async fn echo(conn: &mut BufReader<TcpStream>, msg: &[u8]) -> std::io::Result<()> {
+    conn.get_mut().write_all(msg).await?;
+    let mut back = vec![0u8; msg.len()];
+    tokio::time::timeout(Duration::from_secs(10), conn.read_exact(&mut back))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no echo in 10s"))??;
+    if back != msg {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("sent {msg:?}, got {back:?}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Opens `n` connections through `addr` to identity backends, one after another;
+/// returns them with the backend each reached.
+pub async fn connect_n(addr: SocketAddr, n: usize) -> Vec<(BufReader<TcpStream>, String)> {
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        v.push(connect_identity(addr).await);
+    }
+    v
+}
+
+/// Whether the connection has ended (EOF or error) within `limit`; bytes that
+/// arrive first are skipped.
+pub async fn closed_within(conn: &mut BufReader<TcpStream>, limit: Duration) -> bool {
+    let mut buf = [0u8; 1024];
+    let ended = async {
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(limit, ended).await.is_ok()
+}
+
+/// Opens `n` new connections and counts them per backend, closing each.
+pub async fn spread(addr: SocketAddr, n: usize) -> std::collections::HashMap<String, usize> {
+    let mut counts = std::collections::HashMap::new();
+    for (_, name) in connect_n(addr, n).await {
+        *counts.entry(name).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// Opens connections until `want` of them reached `backend`; returns those and
+/// closes the others.
+pub async fn hold_on(addr: SocketAddr, backend: &str, want: usize) -> Vec<BufReader<TcpStream>> {
+    let mut held = Vec::new();
+    for _ in 0..want * 20 {
+        let (c, name) = connect_identity(addr).await;
+        if name == backend {
+            held.push(c);
+            if held.len() == want {
+                return held;
+            }
+        }
+    }
+    panic!("{want} connections never reached {backend}");
+}

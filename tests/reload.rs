@@ -522,7 +522,7 @@ async fn full_backend_swap_with_health_checks_drops_no_connection() {
     let names: Vec<&str> = be.iter().map(|b| b.name.as_str()).collect();
     let hc = "drain_timeout = \"20s\"\n[pools.health_check]\nkind = \"tcp\"\ninterval = \"200ms\"\ntimeout = \"500ms\"";
     let variant = |i: usize| -> String {
-        let set = if i % 2 == 0 {
+        let set = if i.is_multiple_of(2) {
             vec![(names[0], 1), (names[1], 1)]
         } else {
             vec![(names[2], 1), (names[3], 1)]

@@ -35,15 +35,20 @@ use crate::health;
 use crate::listener::{self, ListenerSettings, ListenerShared};
 use crate::pool::Pool;
 
+/// A listening socket that could not be bound (at start or on reload).
+#[derive(Debug, thiserror::Error)]
+#[error("listener {listener:?}: cannot bind {addr}: {source}")]
+pub struct BindError {
+    pub listener: String,
+    pub addr: SocketAddr,
+    #[source]
+    pub source: io::Error,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("listener {listener:?}: cannot bind {addr}: {source}")]
-    Bind {
-        listener: String,
-        addr: SocketAddr,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] BindError),
     #[error("cannot start worker threads: {0}")]
     Workers(#[source] io::Error),
 }
@@ -52,13 +57,8 @@ pub enum StartError {
 pub enum ReloadError {
     #[error("{0}")]
     Config(#[from] ConfigError),
-    #[error("listener {listener:?}: cannot bind {addr}: {source}")]
-    Bind {
-        listener: String,
-        addr: SocketAddr,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] BindError),
     #[error("no configuration file to reload from (started from an in-memory config)")]
     NoSource,
     #[error("shutting down")]
@@ -168,23 +168,15 @@ impl Flowgate {
         // Bind everything before serving anything, so a bad address fails fast.
         let mut bound = Vec::new();
         for l in &config.listeners {
-            let sockets = fg
-                .bind_listener(l)
-                .map_err(|(addr, source)| StartError::Bind {
-                    listener: l.name.clone(),
-                    addr,
-                    source,
-                })?;
+            let sockets = fg.bind_listener(l)?;
             bound.push((l, sockets));
         }
         let admin = match &config.admin {
-            Some(a) => Some(
-                listener::bind(a.bind, 128).map_err(|source| StartError::Bind {
-                    listener: "admin".into(),
-                    addr: a.bind,
-                    source,
-                })?,
-            ),
+            Some(a) => Some(listener::bind(a.bind, 128).map_err(|source| BindError {
+                listener: "admin".into(),
+                addr: a.bind,
+                source,
+            })?),
             None => None,
         };
 
@@ -223,19 +215,21 @@ impl Flowgate {
     }
 
     /// Binds the sockets for one listener: one per worker (SO_REUSEPORT), or one.
-    fn bind_listener(
-        &self,
-        l: &ListenerConfig,
-    ) -> Result<Vec<std::net::TcpListener>, (SocketAddr, io::Error)> {
+    fn bind_listener(&self, l: &ListenerConfig) -> Result<Vec<std::net::TcpListener>, BindError> {
         let count = match self.inner.worker_model {
             WorkerModel::PerCore => self.inner.workers,
             WorkerModel::Shared => 1,
         };
-        let first = listener::bind(l.bind, l.backlog).map_err(|e| (l.bind, e))?;
-        let local = first.local_addr().map_err(|e| (l.bind, e))?;
+        let err = |addr, source| BindError {
+            listener: l.name.clone(),
+            addr,
+            source,
+        };
+        let first = listener::bind(l.bind, l.backlog).map_err(|e| err(l.bind, e))?;
+        let local = first.local_addr().map_err(|e| err(l.bind, e))?;
         let mut sockets = vec![first];
         for _ in 1..count {
-            sockets.push(listener::bind(local, l.backlog).map_err(|e| (local, e))?);
+            sockets.push(listener::bind(local, l.backlog).map_err(|e| err(local, e))?);
         }
         Ok(sockets)
     }
@@ -300,13 +294,7 @@ impl Flowgate {
         let mut fresh = Vec::new();
         for l in &new.listeners {
             if !st.listeners.iter().any(|o| same_socket(o, l)) {
-                let sockets =
-                    self.bind_listener(l)
-                        .map_err(|(addr, source)| ReloadError::Bind {
-                            listener: l.name.clone(),
-                            addr,
-                            source,
-                        })?;
+                let sockets = self.bind_listener(l)?;
                 fresh.push((l.clone(), sockets));
             }
         }

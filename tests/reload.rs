@@ -138,6 +138,35 @@ struct Load {
     errors: Mutex<Vec<String>>,
 }
 
+/// `clients` tasks running short sessions against `lb` until `stop`, counting into
+/// `load`; `seed` keeps their messages distinct from other tests'.
+fn spawn_load(
+    lb: SocketAddr,
+    clients: u64,
+    seed: u64,
+    load: &Arc<Load>,
+    stop: &Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..clients)
+        .map(|c| {
+            let (load, stop) = (load.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut n = (c << 40) | (seed << 50);
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    match round_trip(lb, n).await {
+                        Ok(()) => load.ok.fetch_add(1, Ordering::Relaxed),
+                        Err(e) => {
+                            load.errors.lock().unwrap().push(e);
+                            load.failed.fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                }
+            })
+        })
+        .collect()
+}
+
 /// One short session: connect, send a unique message, read it back, close.
 async fn round_trip(lb: SocketAddr, n: u64) -> Result<(), String> {
     let mut s = TcpStream::connect(lb)
@@ -193,23 +222,7 @@ async fn forty_reloads_under_load_drop_no_connection() {
 
     let load = Arc::new(Load::default());
     let stop = Arc::new(AtomicBool::new(false));
-    let mut clients = Vec::new();
-    for c in 0..CLIENTS {
-        let (load, stop) = (load.clone(), stop.clone());
-        clients.push(tokio::spawn(async move {
-            let mut n = (c as u64) << 40;
-            while !stop.load(Ordering::Relaxed) {
-                n += 1;
-                match round_trip(lb, n).await {
-                    Ok(()) => load.ok.fetch_add(1, Ordering::Relaxed),
-                    Err(e) => {
-                        load.errors.lock().unwrap().push(e);
-                        load.failed.fetch_add(1, Ordering::Relaxed)
-                    }
-                };
-            }
-        }));
-    }
+    let clients = spawn_load(lb, CLIENTS as u64, 0, &load, &stop);
 
     let started = Instant::now();
     for i in 1..=RELOADS {
@@ -540,23 +553,7 @@ async fn full_backend_swap_with_health_checks_drops_no_connection() {
 
     let load = Arc::new(Load::default());
     let stop = Arc::new(AtomicBool::new(false));
-    let mut clients = Vec::new();
-    for c in 0..4u64 {
-        let (load, stop) = (load.clone(), stop.clone());
-        clients.push(tokio::spawn(async move {
-            let mut n = (c << 40) | (1 << 50);
-            while !stop.load(Ordering::Relaxed) {
-                n += 1;
-                match round_trip(lb, n).await {
-                    Ok(()) => load.ok.fetch_add(1, Ordering::Relaxed),
-                    Err(e) => {
-                        load.errors.lock().unwrap().push(e);
-                        load.failed.fetch_add(1, Ordering::Relaxed)
-                    }
-                };
-            }
-        }));
-    }
+    let clients = spawn_load(lb, 4, 1, &load, &stop);
     for i in 1..=RELOADS {
         let before = load.ok.load(Ordering::Relaxed) + load.failed.load(Ordering::Relaxed);
         assert!(

@@ -7,7 +7,7 @@
 //! `Arc`s, so their counters, health and operator state carry over.
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -24,6 +24,8 @@ pub struct Pool {
     retiring: Mutex<Vec<Arc<Backend>>>,
     /// Whether the last health change left no usable backend (logged once per episode).
     all_down: AtomicBool,
+    /// Cursor for `when_all_down = "fail-open"`.
+    fail_open_next: AtomicUsize,
 }
 
 pub struct Snapshot {
@@ -42,6 +44,7 @@ impl Pool {
             snapshot: ArcSwap::from_pointee(Snapshot::new(Arc::new(cfg.clone()), backends)),
             retiring: Mutex::new(Vec::new()),
             all_down: AtomicBool::new(false),
+            fail_open_next: AtomicUsize::new(0),
         })
     }
 
@@ -128,12 +131,14 @@ impl Pool {
         if snap.config.when_all_down == WhenAllDown::FailOpen
             && !snap.backends.iter().any(|b| b.is_usable())
         {
-            let open = |i: usize| snap.backends[i].is_admin_usable() && untried(&snap.backends[i]);
-            let i = snap.selector.select(&Pick {
-                usable: &open,
-                ..pick
-            })?;
-            return Some(snap.backends[i].claim());
+            // Fail open: round-robin over every backend the operator has not taken out,
+            // healthy or not (the selector's own cursor already moved for this client).
+            let n = snap.backends.len();
+            let start = self.fail_open_next.fetch_add(1, Ordering::Relaxed);
+            return (0..n)
+                .map(|k| &snap.backends[(start + k) % n])
+                .find(|b| b.is_admin_usable() && untried(b))
+                .map(|b| b.claim());
         }
         // A reload replaced the backends and the new ones have not passed a health
         // check yet: keep sending to healthy backends being retired rather than

@@ -115,6 +115,8 @@ async fn check_loop(
         if let Some(up) = verdict.record(result.is_ok()) {
             flip(&pool, &b, up, result.err(), &cfg);
         }
+        // Also without a flip: a pool whose backends never came up is all down too.
+        report_all_down(&pool);
         if sleep_or_stop(jittered(cfg.interval), &stop).await {
             return;
         }
@@ -143,7 +145,6 @@ fn flip(
             "backend down: health check failed"
         );
     }
-    report_all_down(pool);
 }
 
 /// Logs the edge into and out of "no backend usable" for a pool.

@@ -87,14 +87,17 @@ async fn run(cfg: &HealthCheckConfig, b: &Backend, addr: SocketAddr) -> Result<(
                 .body(Empty::<Bytes>::new())
                 .map_err(|e| ProbeError::Other(e.to_string()))?;
             let send = sender.send_request(req);
-            tokio::pin!(conn);
+            tokio::pin!(conn, send);
             let resp = tokio::select! {
-                r = send => r.map_err(|e| ProbeError::Other(e.to_string()))?,
+                r = &mut send => r,
                 r = &mut conn => {
+                    // With "Connection: close" the connection can finish in the same
+                    // poll that hands the response over: the response is then ready.
                     r.map_err(|e| ProbeError::Other(e.to_string()))?;
-                    return Err(ProbeError::Other("connection closed before a response".into()));
+                    send.await
                 }
-            };
+            }
+            .map_err(|e| ProbeError::Other(e.to_string()))?;
             let status = resp.status().as_u16();
             if cfg
                 .expect_status

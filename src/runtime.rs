@@ -130,6 +130,7 @@ pub struct RunningListener {
 
 impl Flowgate {
     pub fn start(config: Config) -> Result<Flowgate, StartError> {
+        crate::proxy::set_splice(config.runtime.splice);
         let stop_threads = CancellationToken::new();
         let (handles, control) = spawn_threads(
             config.runtime.worker_model,

@@ -60,6 +60,8 @@ pub struct RuntimeConfig {
     pub workers: usize,
     pub worker_model: WorkerModel,
     pub shutdown_timeout: Duration,
+    /// Use splice(2) for bulk transfers (Linux); `false` copies everything.
+    pub splice: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -159,6 +161,8 @@ mod raw {
         pub worker_model: WorkerModel,
         #[serde(default = "default_shutdown")]
         pub shutdown_timeout: DurationStr,
+        #[serde(default = "default_true")]
+        pub splice: bool,
     }
 
     impl Default for Runtime {
@@ -167,10 +171,14 @@ mod raw {
                 workers: 0,
                 worker_model: WorkerModel::default(),
                 shutdown_timeout: default_shutdown(),
+                splice: true,
             }
         }
     }
 
+    fn default_true() -> bool {
+        true
+    }
     fn default_shutdown() -> DurationStr {
         DurationStr(Duration::from_secs(30))
     }
@@ -671,6 +679,7 @@ impl Config {
                 workers,
                 worker_model: raw.runtime.worker_model,
                 shutdown_timeout: raw.runtime.shutdown_timeout.0,
+                splice: raw.runtime.splice,
             },
             listeners,
             pools,

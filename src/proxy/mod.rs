@@ -25,6 +25,7 @@ use tracing::{debug, info, warn};
 use crate::backend::{flag, ActiveGuard, Backend};
 use crate::listener::ListenerSettings;
 use crate::pool::Pool;
+pub use pump::set_splice;
 use pump::{Pump, PumpEnd};
 
 /// Why a session ended; the names are the access log's termination reasons.

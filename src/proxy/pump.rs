@@ -17,6 +17,7 @@
 use std::cell::RefCell;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{ready, Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -32,6 +33,14 @@ const SPLICE_CHUNK: usize = 64 * 1024;
 /// A splice that moves less than this switches back to copying.
 #[cfg(target_os = "linux")]
 const SPLICE_MIN: usize = 4 * 1024;
+
+/// Whether bulk transfers may switch to splice(2) (`runtime.splice`).
+static SPLICE_ENABLED: AtomicBool = AtomicBool::new(true);
+
+/// Turns the splice path on or off for new switches (startup, from the config).
+pub fn set_splice(on: bool) {
+    SPLICE_ENABLED.store(on, Ordering::Relaxed);
+}
 
 thread_local! {
     static BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0; COPY_BUF].into_boxed_slice());
@@ -132,7 +141,7 @@ impl Pump {
                 Ok(n) => {
                     activity.touch();
                     #[cfg(target_os = "linux")]
-                    if n == COPY_BUF {
+                    if n == COPY_BUF && SPLICE_ENABLED.load(Ordering::Relaxed) {
                         self.use_splice = true;
                     }
                     #[cfg(not(target_os = "linux"))]

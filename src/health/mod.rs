@@ -225,3 +225,43 @@ mod tests {
         assert_eq!(v.record(false), Some(false));
     }
 }
+
+#[cfg(test)]
+mod slow_start_tests {
+    use super::*;
+    use crate::config::Config;
+
+    /// With paused time: a recovered backend starts at 10% of its weight and reaches
+    /// 100% after `slow_start`, in steps.
+    #[tokio::test(start_paused = true)]
+    async fn recovered_backend_ramps_up_over_slow_start() {
+        let cfg = Config::parse(
+            r#"
+[[listeners]]
+name = "l"
+bind = "127.0.0.1:0"
+pool = "p"
+[[pools]]
+name = "p"
+slow_start = "10s"
+backends = [ { address = "127.0.0.1:1", weight = 100 } ]
+[pools.health_check]
+kind = "tcp"
+"#,
+            std::path::Path::new("t.toml"),
+        )
+        .unwrap();
+        let pool = Pool::new(&cfg.pools[0]);
+        let b = pool.backends()[0].clone();
+        let hc = cfg.pools[0].health_check.clone().unwrap();
+        flip(&pool, &b, true, None, &hc);
+        assert!(b.is_usable());
+        assert_eq!(b.weight(), 10);
+        tokio::time::sleep(Duration::from_millis(5_500)).await;
+        let mid = b.weight();
+        assert!((40..=70).contains(&mid), "half-way weight {mid}");
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        assert_eq!(b.weight(), 100);
+        assert_eq!(b.base_weight(), 100);
+    }
+}

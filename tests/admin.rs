@@ -14,7 +14,6 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::*;
-use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 
 /// How long something that should happen "at once" may take before the test fails.
 const LIVENESS: Duration = Duration::from_secs(10);
@@ -32,15 +31,16 @@ fn start_with_admin(
     (fg, admin)
 }
 
-/// The path of an action on backend `address` of pool `p`, the address
-/// percent-encoded when `encode` is set and raw otherwise.
-fn action(address: &str, what: &str, encode: bool) -> String {
-    let addr = if encode {
-        utf8_percent_encode(address, NON_ALPHANUMERIC).to_string()
-    } else {
-        address.to_string()
-    };
-    format!("/api/v1/pools/p/backends/{addr}/{what}")
+/// Three identity backends, round-robin behind flowgate with the admin API and
+/// `extra_pool`; returns them with flowgate, the API's address and listener "l"'s.
+async fn three_behind(
+    extra_pool: &str,
+) -> ([TestBackend; 3], flowgate::Flowgate, SocketAddr, SocketAddr) {
+    let bs: [_; 3] = start_backends(Kind::Identity).await;
+    let list: Vec<_> = bs.iter().map(|b| (b.addr, 1)).collect();
+    let (fg, admin) = start_with_admin("round-robin", &list, extra_pool);
+    let lb = fg.local_addr("l").unwrap();
+    (bs, fg, admin, lb)
 }
 
 /// Asserts a successful action reply, which describes the backend.
@@ -56,6 +56,15 @@ async fn backend(admin: SocketAddr, address: &str) -> serde_json::Value {
     let mut e = backend_entries(&pools, "p", address);
     assert_eq!(e.len(), 1, "one entry for {address} in {pools}");
     e.remove(0)
+}
+
+/// Asserts the state and weight the listing shows for `address` in pool "p".
+async fn assert_listed(admin: SocketAddr, address: &str, state: &str, weight: u64) {
+    let entry = backend(admin, address).await;
+    assert_eq!(
+        (&entry["state"], &entry["weight"]),
+        (&state.into(), &weight.into())
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -140,18 +149,11 @@ rise = 1
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_keeps_open_connections_and_sends_new_ones_elsewhere_until_enable() {
-    let bs = [
-        TestBackend::start(Kind::Identity).await,
-        TestBackend::start(Kind::Identity).await,
-        TestBackend::start(Kind::Identity).await,
-    ];
-    let list: Vec<_> = bs.iter().map(|b| (b.addr, 1)).collect();
-    let (fg, admin) = start_with_admin("round-robin", &list, "drain_timeout = \"60s\"");
-    let lb = fg.local_addr("l").unwrap();
+    let (bs, _fg, admin, lb) = three_behind("drain_timeout = \"60s\"").await;
     let a = &bs[0].name;
     let mut held = hold_on(lb, a, 3).await;
 
-    let r = curl(admin, "POST", &action(a, "drain", false), None, None).await;
+    let r = post_action(admin, a, "drain", false).await;
     assert_ok(&r, a, "draining");
     let entry = backend(admin, a).await;
     assert_eq!(entry["state"], "draining", "{entry}");
@@ -169,10 +171,10 @@ async fn drain_keeps_open_connections_and_sends_new_ones_elsewhere_until_enable(
             .expect("a connection open on a draining backend keeps working");
     }
     // Draining twice is not an error and changes nothing.
-    let r = curl(admin, "POST", &action(a, "drain", false), None, None).await;
+    let r = post_action(admin, a, "drain", false).await;
     assert_ok(&r, a, "draining");
 
-    let r = curl(admin, "POST", &action(a, "enable", false), None, None).await;
+    let r = post_action(admin, a, "enable", false).await;
     assert_ok(&r, a, "up");
     let counts = spread(lb, 6).await;
     assert_eq!(counts.get(a), Some(&2), "enable restores {a}: {counts:?}");
@@ -184,21 +186,14 @@ async fn drain_keeps_open_connections_and_sends_new_ones_elsewhere_until_enable(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disable_closes_nothing_even_past_the_drain_deadline() {
-    let bs = [
-        TestBackend::start(Kind::Identity).await,
-        TestBackend::start(Kind::Identity).await,
-        TestBackend::start(Kind::Identity).await,
-    ];
-    let list: Vec<_> = bs.iter().map(|b| (b.addr, 1)).collect();
-    let (fg, admin) = start_with_admin("round-robin", &list, "drain_timeout = \"300ms\"");
-    let lb = fg.local_addr("l").unwrap();
+    let (bs, _fg, admin, lb) = three_behind("drain_timeout = \"300ms\"").await;
     let (a, b, c) = (&bs[0].name, &bs[1].name, &bs[2].name);
     let mut on_a = hold_on(lb, a, 1).await.remove(0);
     let mut on_b = hold_on(lb, b, 1).await.remove(0);
 
-    let r = curl(admin, "POST", &action(a, "disable", false), None, None).await;
+    let r = post_action(admin, a, "disable", false).await;
     assert_ok(&r, a, "disabled");
-    let r = curl(admin, "POST", &action(b, "drain", false), None, None).await;
+    let r = post_action(admin, b, "drain", false).await;
     assert_ok(&r, b, "draining");
     let counts = spread(lb, 6).await;
     assert_eq!(
@@ -220,7 +215,7 @@ async fn disable_closes_nothing_even_past_the_drain_deadline() {
     assert_eq!(entry["state"], "disabled", "{entry}");
     assert_eq!(entry["active_connections"], 1, "{entry}");
 
-    let r = curl(admin, "POST", &action(a, "enable", false), None, None).await;
+    let r = post_action(admin, a, "enable", false).await;
     assert_ok(&r, a, "up");
     // Round-robin over A and C (B still draining) gives A one pick in three.
     let counts = spread(lb, 6).await;
@@ -237,14 +232,7 @@ async fn weight_put_changes_the_split_and_shows_in_the_listing() {
     let counts = spread(lb, 8).await;
     assert_eq!(counts.get(&a.name), Some(&4), "1:1 before: {counts:?}");
 
-    let r = curl(
-        admin,
-        "PUT",
-        &action(&a.name, "weight", false),
-        Some(br#"{"weight": 3}"#),
-        None,
-    )
-    .await;
+    let r = put_weight(admin, &a.name, br#"{"weight": 3}"#, false).await;
     assert_ok(&r, &a.name, "up");
     assert_eq!(r.json["weight"], 3, "{r:?}");
     assert_eq!(backend(admin, &a.name).await["weight"], 3);
@@ -268,7 +256,7 @@ async fn drain_deadline_closes_connections_still_open() {
     let mut on_a = hold_on(lb, &a.name, 1).await.remove(0);
     let mut on_b = hold_on(lb, &b.name, 1).await.remove(0);
 
-    let r = curl(admin, "POST", &action(&a.name, "drain", false), None, None).await;
+    let r = post_action(admin, &a.name, "drain", false).await;
     assert_ok(&r, &a.name, "draining");
     echo(&mut on_a, b"before the deadline")
         .await
@@ -313,25 +301,11 @@ async fn addresses_work_raw_percent_encoded_and_ipv6() {
     let (fg, admin) = start_with_admin("round-robin", &list, "");
     let lb = fg.local_addr("l").unwrap();
 
-    let r = curl(admin, "POST", &action(&v4.name, "drain", true), None, None).await;
+    let r = post_action(admin, &v4.name, "drain", true).await;
     assert_ok(&r, &v4.name, "draining");
-    let r = curl(
-        admin,
-        "POST",
-        &action(&v4.name, "enable", false),
-        None,
-        None,
-    )
-    .await;
+    let r = post_action(admin, &v4.name, "enable", false).await;
     assert_ok(&r, &v4.name, "up");
-    let r = curl(
-        admin,
-        "PUT",
-        &action(&v4.name, "weight", true),
-        Some(br#"{"weight":7}"#),
-        None,
-    )
-    .await;
+    let r = put_weight(admin, &v4.name, br#"{"weight":7}"#, true).await;
     assert_eq!((r.status, &r.json["weight"]), (200, &7.into()), "{r:?}");
 
     let Some(v6) = v6 else { return };
@@ -344,35 +318,17 @@ async fn addresses_work_raw_percent_encoded_and_ipv6() {
         "traffic reaches ::1: {counts:?}"
     );
 
-    let r = curl(admin, "POST", &action(&v6.name, "drain", true), None, None).await;
+    let r = post_action(admin, &v6.name, "drain", true).await;
     assert_ok(&r, &v6.name, "draining");
     let counts = spread(lb, 4).await;
     assert_eq!(counts.get(&v4.name), Some(&4), "{counts:?}");
-    let r = curl(admin, "POST", &action(&v6.name, "enable", true), None, None).await;
+    let r = post_action(admin, &v6.name, "enable", true).await;
     assert_ok(&r, &v6.name, "up");
-    let r = curl(
-        admin,
-        "POST",
-        &action(&v6.name, "disable", true),
-        None,
-        None,
-    )
-    .await;
+    let r = post_action(admin, &v6.name, "disable", true).await;
     assert_ok(&r, &v6.name, "disabled");
-    let r = curl(
-        admin,
-        "PUT",
-        &action(&v6.name, "weight", true),
-        Some(br#"{"weight":2}"#),
-        None,
-    )
-    .await;
+    let r = put_weight(admin, &v6.name, br#"{"weight":2}"#, true).await;
     assert_eq!(r.status, 200, "{r:?}");
-    let entry = backend(admin, &v6.name).await;
-    assert_eq!(
-        (&entry["state"], &entry["weight"]),
-        (&"disabled".into(), &2.into())
-    );
+    assert_listed(admin, &v6.name, "disabled", 2).await;
 }
 
 /// A request and what it must get: method, path, body, status, error text.
@@ -502,11 +458,7 @@ async fn bad_requests_get_json_errors_with_the_right_status() {
         assert!(r.error().contains(message), "{method} {path}: {r:?}");
     }
     // Nothing above changed the backend.
-    let entry = backend(admin, &a.name).await;
-    assert_eq!(
-        (&entry["state"], &entry["weight"]),
-        (&"up".into(), &1.into())
-    );
+    assert_listed(admin, &a.name, "up", 1).await;
 
     // A body over 64 KiB, announced by Content-Length or streamed in chunks.
     let big = format!("{{\"weight\": 2, \"pad\": \"{}\"}}", "x".repeat(70 * 1024));
@@ -554,11 +506,7 @@ async fn token_guards_post_and_put_but_not_get() {
     let basic = ["-H", "Authorization: Basic czNjcmV0LXRva2Vu"];
     let r = curl_with(admin, "POST", &drain, None, None, &basic).await;
     assert_eq!(r.status, 401, "{r:?}");
-    let entry = backend(admin, &a.name).await;
-    assert_eq!(
-        (&entry["state"], &entry["weight"]),
-        (&"up".into(), &1.into())
-    );
+    assert_listed(admin, &a.name, "up", 1).await;
 
     let r = curl(admin, "GET", "/api/v1/pools", None, None).await;
     assert_eq!(r.status, 200, "GET needs no token: {r:?}");

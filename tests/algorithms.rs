@@ -6,13 +6,32 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use common::*;
+use flowgate::Flowgate;
 
-async fn identity_backends(n: usize) -> Vec<TestBackend> {
-    let mut v = Vec::new();
-    for _ in 0..n {
-        v.push(TestBackend::start(Kind::Identity).await);
-    }
-    v
+/// Two identity backends with `weights`, and flowgate balancing over them with
+/// `algorithm`.
+async fn two_behind(algorithm: &str, weights: [u32; 2]) -> ([TestBackend; 2], Flowgate) {
+    let bs: [_; 2] = start_backends(Kind::Identity).await;
+    let fg = start(&config(
+        algorithm,
+        &[(bs[0].addr, weights[0]), (bs[1].addr, weights[1])],
+        "",
+        "",
+    ));
+    (bs, fg)
+}
+
+/// The backend that a client from `ip` reaches through `addr`.
+async fn identity_from(ip: std::net::Ipv4Addr, addr: std::net::SocketAddr) -> String {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind((ip, 0).into()).unwrap();
+    let s = sock.connect(addr).await.unwrap();
+    let mut r = tokio::io::BufReader::new(s);
+    let mut line = String::new();
+    tokio::io::AsyncBufReadExt::read_line(&mut r, &mut line)
+        .await
+        .unwrap();
+    line.trim().to_string()
 }
 
 async fn count(addr: std::net::SocketAddr, n: usize) -> (Vec<String>, HashMap<String, usize>) {
@@ -28,13 +47,7 @@ async fn count(addr: std::net::SocketAddr, n: usize) -> (Vec<String>, HashMap<St
 
 #[tokio::test]
 async fn round_robin_30_over_2_is_15_15() {
-    let bs = identity_backends(2).await;
-    let fg = start(&config(
-        "round-robin",
-        &[(bs[0].addr, 1), (bs[1].addr, 1)],
-        "",
-        "",
-    ));
+    let (bs, fg) = two_behind("round-robin", [1, 1]).await;
     let (_, counts) = count(fg.local_addr("l").unwrap(), 30).await;
     assert_eq!(counts[&bs[0].name], 15);
     assert_eq!(counts[&bs[1].name], 15);
@@ -42,13 +55,7 @@ async fn round_robin_30_over_2_is_15_15() {
 
 #[tokio::test]
 async fn weighted_round_robin_is_exact_and_smooth() {
-    let bs = identity_backends(2).await;
-    let fg = start(&config(
-        "weighted-round-robin",
-        &[(bs[0].addr, 1), (bs[1].addr, 2)],
-        "",
-        "",
-    ));
+    let (bs, fg) = two_behind("weighted-round-robin", [1, 2]).await;
     let (order, counts) = count(fg.local_addr("l").unwrap(), 30).await;
     assert_eq!(counts[&bs[0].name], 10);
     assert_eq!(counts[&bs[1].name], 20);
@@ -60,18 +67,9 @@ async fn weighted_round_robin_is_exact_and_smooth() {
 
 #[tokio::test]
 async fn least_connections_fills_the_emptier_backend() {
-    let bs = identity_backends(2).await;
-    let fg = start(&config(
-        "least-connections",
-        &[(bs[0].addr, 1), (bs[1].addr, 1)],
-        "",
-        "",
-    ));
+    let (bs, fg) = two_behind("least-connections", [1, 1]).await;
     let addr = fg.local_addr("l").unwrap();
-    let mut held = Vec::new();
-    for _ in 0..10 {
-        held.push(connect_identity(addr).await);
-    }
+    let mut held = connect_n(addr, 10).await;
     let on_a = held.iter().filter(|(_, n)| *n == bs[0].name).count();
     assert_eq!(on_a, 5, "10 held connections split 5/5");
     held.retain(|(_, n)| *n != bs[0].name);
@@ -94,7 +92,7 @@ async fn least_connections_fills_the_emptier_backend() {
 
 #[tokio::test]
 async fn ip_hash_is_sticky_and_weighted() {
-    let bs = identity_backends(3).await;
+    let bs: [_; 3] = start_backends(Kind::Identity).await;
     let toml = config(
         "ip-hash",
         &[(bs[0].addr, 1), (bs[1].addr, 1), (bs[2].addr, 2)],
@@ -109,15 +107,7 @@ async fn ip_hash_is_sticky_and_weighted() {
     for x in 1..=200u8 {
         let ip = std::net::Ipv4Addr::new(127, 0, x / 100 + 1, x % 100 + 1);
         for _ in 0..2 {
-            let sock = tokio::net::TcpSocket::new_v4().unwrap();
-            sock.bind((ip, 0).into()).unwrap();
-            let s = sock.connect(addr).await.unwrap();
-            let mut r = tokio::io::BufReader::new(s);
-            let mut line = String::new();
-            tokio::io::AsyncBufReadExt::read_line(&mut r, &mut line)
-                .await
-                .unwrap();
-            let name = line.trim().to_string();
+            let name = identity_from(ip, addr).await;
             match first.get(&ip) {
                 None => {
                     first.insert(ip, name.clone());
@@ -138,27 +128,17 @@ async fn ip_hash_is_sticky_and_weighted() {
     let fg2 = start(&toml);
     let addr2 = fg2.local_addr("l").unwrap();
     for (ip, name) in first.iter().take(50) {
-        let sock = tokio::net::TcpSocket::new_v4().unwrap();
-        sock.bind((*ip, 0).into()).unwrap();
-        let s = sock.connect(addr2).await.unwrap();
-        let mut r = tokio::io::BufReader::new(s);
-        let mut line = String::new();
-        tokio::io::AsyncBufReadExt::read_line(&mut r, &mut line)
-            .await
-            .unwrap();
-        assert_eq!(line.trim(), name, "restarted instance disagrees for {ip}");
+        assert_eq!(
+            &identity_from(*ip, addr2).await,
+            name,
+            "restarted instance disagrees for {ip}"
+        );
     }
 }
 
 #[tokio::test]
 async fn random_follows_weights() {
-    let bs = identity_backends(2).await;
-    let fg = start(&config(
-        "random",
-        &[(bs[0].addr, 1), (bs[1].addr, 3)],
-        "",
-        "",
-    ));
+    let (bs, fg) = two_behind("random", [1, 3]).await;
     let (_, counts) = count(fg.local_addr("l").unwrap(), 400).await;
     let heavy = counts[&bs[1].name] as f64 / 400.0;
     // Binomial(400, 0.75): sd ~ 0.022; 0.62..0.88 is ~6 sd.
@@ -167,18 +147,9 @@ async fn random_follows_weights() {
 
 #[tokio::test]
 async fn power_of_two_avoids_the_loaded_backend() {
-    let bs = identity_backends(2).await;
-    let fg = start(&config(
-        "power-of-two",
-        &[(bs[0].addr, 1), (bs[1].addr, 1)],
-        "",
-        "",
-    ));
+    let (bs, fg) = two_behind("power-of-two", [1, 1]).await;
     let addr = fg.local_addr("l").unwrap();
-    let mut held = Vec::new();
-    for _ in 0..20 {
-        held.push(connect_identity(addr).await);
-    }
+    let held = connect_n(addr, 20).await;
     // Two candidates are always distinct with 2 backends, so p2c is least-connections
     // here: the split of held connections stays within one.
     let on_a = held.iter().filter(|(_, n)| *n == bs[0].name).count() as i64;

@@ -62,6 +62,16 @@ fn check(path: &Path) -> Output {
     flowgate(&["check", "--config", path.to_str().unwrap()])
 }
 
+/// Asserts `flowgate check` exited 0.
+fn assert_valid(out: &Output) {
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Runs `flowgate check` on `toml` and asserts: exit code 2, and stderr reads
 /// `error: FILE:LINE:COLUMN: PATH: MESSAGE` with LINE the one marked `# HERE`,
 /// PATH = `path` (not checked when `None`) and MESSAGE containing `message`.
@@ -120,12 +130,7 @@ fn base_config_is_valid() {
     let dir = tempdir::Dir::new();
     let out = check(&dir.file("ok.toml", BASE));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "stderr: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_valid(&out);
     assert!(stdout.contains("ok (1 listeners, 1 pools)"), "{stdout}");
 }
 
@@ -482,9 +487,7 @@ async fn run_with_invalid_config_exits_2() {
         "{ address = \"127.0.0.1:9002\", weight = 0 },",
     );
     let mut fg = Proc::spawn(&toml, &[]);
-    let st = fg.exited(Duration::from_secs(10)).await.expect("exits");
-    let log = fg.log();
-    assert_eq!(st.code(), Some(2), "log:\n{log}");
+    let log = exits_with(&mut fg, Duration::from_secs(10), 2, "does not exit").await;
     let file = fg.dir.0.join("flowgate.toml");
     let line = 1 + toml.lines().position(|l| l.contains("weight = 0")).unwrap();
     let want = format!("invalid configuration: {}:{line}:", file.display());
@@ -528,18 +531,24 @@ fn help_lists_subcommands() {
 fn shipped_config_is_valid() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/flowgate.toml");
     assert!(path.exists(), "{} is missing", path.display());
-    let out = check(&path);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "stderr: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_valid(&check(&path));
 }
 
 // ---------------------------------------------------------------------------
 // `flowgate run`: bind failure, signals.
 // ---------------------------------------------------------------------------
+
+/// Waits up to `limit` for the binary to exit (failing with `still_running` and its log
+/// if it does not), asserts its exit code is `code`, and returns its log.
+async fn exits_with(fg: &mut Proc, limit: Duration, code: i32, still_running: &str) -> String {
+    let st = fg
+        .exited(limit)
+        .await
+        .unwrap_or_else(|| panic!("{still_running}:\n{}", fg.log()));
+    let log = fg.log();
+    assert_eq!(st.code(), Some(code), "log:\n{log}");
+    log
+}
 
 /// One listener "l" on `bind` over one backend.
 fn run_config(bind: &str, backend: SocketAddr, shutdown_timeout: &str, workers: usize) -> String {
@@ -569,9 +578,7 @@ async fn bind_conflict_exits_1_naming_address_and_error() {
     let taken = held.local_addr().unwrap();
     let backend: SocketAddr = "127.0.0.1:9".parse().unwrap();
     let mut fg = Proc::spawn(&run_config(&taken.to_string(), backend, "5s", 1), &[]);
-    let st = fg.exited(Duration::from_secs(10)).await.expect("exits");
-    let log = fg.log();
-    assert_eq!(st.code(), Some(1), "log:\n{log}");
+    let log = exits_with(&mut fg, Duration::from_secs(10), 1, "does not exit").await;
     assert!(log.contains(&format!("cannot bind {taken}")), "{log}");
     assert!(log.contains("Address already in use"), "{log}");
     assert!(!log.contains("flowgate started"), "{log}");
@@ -586,6 +593,24 @@ async fn echo_once(s: &mut TcpStream, msg: &[u8]) {
         .expect("echo in time")
         .expect("echo");
     assert_eq!(buf, msg);
+}
+
+/// An echo backend and the binary on 127.0.0.1:0 in front of it (2 workers, the given
+/// shutdown_timeout), with one session open through it that has echoed `first`.
+/// Returns them with the listener's address.
+async fn running_with_session(
+    shutdown_timeout: &str,
+    first: &[u8],
+) -> (TestBackend, Proc, SocketAddr, TcpStream) {
+    let backend = TestBackend::start(Kind::Echo).await;
+    let fg = Proc::spawn(
+        &run_config("127.0.0.1:0", backend.addr, shutdown_timeout, 2),
+        &[],
+    );
+    let addr = fg.addr("l");
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    echo_once(&mut s, first).await;
+    (backend, fg, addr, s)
 }
 
 /// A new connection to `addr` is refused, or closed without being served.
@@ -606,11 +631,7 @@ async fn assert_not_served(addr: SocketAddr) {
 
 #[tokio::test]
 async fn sigterm_lets_the_stream_in_flight_finish() {
-    let backend = TestBackend::start(Kind::Echo).await;
-    let mut fg = Proc::spawn(&run_config("127.0.0.1:0", backend.addr, "30s", 2), &[]);
-    let addr = fg.addr("l");
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    echo_once(&mut s, b"first chunk").await;
+    let (_backend, mut fg, addr, s) = running_with_session("30s", b"first chunk").await;
 
     fg.signal(Signal::SIGTERM);
     // Logged once every listening socket is closed, with our session still open.
@@ -641,46 +662,40 @@ async fn sigterm_lets_the_stream_in_flight_finish() {
     assert_eq!(got.len(), payload.len(), "echoed bytes after SIGTERM");
     assert!(got == payload, "echoed bytes differ");
 
-    let st = fg
-        .exited(Duration::from_secs(20))
-        .await
-        .unwrap_or_else(|| panic!("still running after the stream ended:\n{}", fg.log()));
-    let log = fg.log();
-    assert_eq!(st.code(), Some(0), "log:\n{log}");
+    let log = exits_with(
+        &mut fg,
+        Duration::from_secs(20),
+        0,
+        "still running after the stream ended",
+    )
+    .await;
     assert!(log.contains("graceful=true"), "{log}");
 }
 
 #[tokio::test]
 async fn sigint_with_nothing_open_exits_0_at_once() {
-    let backend = TestBackend::start(Kind::Echo).await;
     // A 30 s grace period: exiting within 10 s means it did not wait for it.
-    let mut fg = Proc::spawn(&run_config("127.0.0.1:0", backend.addr, "30s", 2), &[]);
-    let addr = fg.addr("l");
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    echo_once(&mut s, b"ping").await;
+    let (_backend, mut fg, _, mut s) = running_with_session("30s", b"ping").await;
     s.shutdown().await.unwrap();
     let mut rest = Vec::new();
     s.read_to_end(&mut rest).await.unwrap();
     drop(s);
 
     fg.signal(Signal::SIGINT);
-    let st = fg
-        .exited(Duration::from_secs(10))
-        .await
-        .unwrap_or_else(|| panic!("still running 10 s after SIGINT:\n{}", fg.log()));
-    let log = fg.log();
-    assert_eq!(st.code(), Some(0), "log:\n{log}");
+    let log = exits_with(
+        &mut fg,
+        Duration::from_secs(10),
+        0,
+        "still running 10 s after SIGINT",
+    )
+    .await;
     assert!(log.contains("signal=\"SIGINT\""), "{log}");
     assert!(log.contains("graceful=true"), "{log}");
 }
 
 #[tokio::test]
 async fn sigterm_closes_idle_connection_after_shutdown_timeout() {
-    let backend = TestBackend::start(Kind::Echo).await;
-    let mut fg = Proc::spawn(&run_config("127.0.0.1:0", backend.addr, "1s", 2), &[]);
-    let addr = fg.addr("l");
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    echo_once(&mut s, b"hold me").await;
+    let (_backend, mut fg, _, mut s) = running_with_session("1s", b"hold me").await;
 
     fg.signal(Signal::SIGTERM);
     let mut buf = [0u8; 16];
@@ -688,12 +703,7 @@ async fn sigterm_closes_idle_connection_after_shutdown_timeout() {
         .await
         .unwrap_or_else(|_| panic!("idle connection not closed:\n{}", fg.log()));
     assert!(matches!(r, Ok(0) | Err(_)), "unexpected data: {r:?}");
-    let st = fg
-        .exited(Duration::from_secs(15))
-        .await
-        .unwrap_or_else(|| panic!("still running:\n{}", fg.log()));
-    let log = fg.log();
-    assert_eq!(st.code(), Some(0), "log:\n{log}");
+    let log = exits_with(&mut fg, Duration::from_secs(15), 0, "still running").await;
     assert!(log.contains("shutdown_timeout expired"), "{log}");
     assert!(log.contains("graceful=false"), "{log}");
 }

@@ -31,7 +31,7 @@ use tokio::net::TcpStream;
 const LIVENESS: Duration = Duration::from_secs(10);
 
 /// How one backend process is started.
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct Opts {
     /// Traffic port (0: any); a restart passes the old one.
     port: u16,
@@ -157,6 +157,12 @@ impl Py {
             self.count(prefix)
         );
     }
+
+    /// Waits until it has printed `more` events starting with `prefix` beyond those so far.
+    async fn await_more(&self, prefix: &str, more: usize) {
+        let n = self.count(prefix);
+        self.await_count(prefix, n + more).await;
+    }
 }
 
 impl Drop for Py {
@@ -181,6 +187,83 @@ fn pool_extra(pool: &str, check: &str) -> String {
 fn start_over(backends: &[SocketAddr], pool: &str, check: &str) -> Flowgate {
     let list: Vec<_> = backends.iter().map(|&a| (a, 1)).collect();
     start(&config("round-robin", &list, "", &pool_extra(pool, check)))
+}
+
+/// An HTTP probe of /health every 200 ms with a 300 ms timeout, up after `rise`
+/// passes in a row and down after `fall` failures.
+fn http_check(rise: u32, fall: u32) -> String {
+    format!(
+        r#"kind = "http"
+path = "/health"
+interval = "200ms"
+timeout = "300ms"
+rise = {rise}
+fall = {fall}"#
+    )
+}
+
+/// Two backend processes started alike, behind flowgate (`start_over`).
+struct Two {
+    a: Py,
+    b: Py,
+    /// Kept running for as long as the fixture lives.
+    _fg: Flowgate,
+    /// Flowgate's listener "l".
+    addr: SocketAddr,
+    pool: Arc<flowgate::pool::Pool>,
+    /// `a` and `b` as flowgate's backends.
+    ba: Arc<Backend>,
+    bb: Arc<Backend>,
+}
+
+impl Two {
+    /// Waits until both backends are in `state`.
+    async fn wait_both(&self, state: BackendState, limit: Duration) {
+        wait_state(&self.ba, state, limit).await;
+        wait_state(&self.bb, state, limit).await;
+    }
+}
+
+/// Starts two backends with `opts` and flowgate over them (pool keys `pool`, health
+/// check `check`).
+fn two_behind(opts: Opts, pool: &str, check: &str) -> Two {
+    let a = Py::spawn(opts.clone());
+    let b = Py::spawn(opts);
+    let fg = start_over(&[a.addr, b.addr], pool, check);
+    let addr = fg.local_addr("l").unwrap();
+    let pool = fg.pool("p").unwrap();
+    let (ba, bb) = (backend(&fg, &a.name()), backend(&fg, &b.name()));
+    Two {
+        a,
+        b,
+        _fg: fg,
+        addr,
+        pool,
+        ba,
+        bb,
+    }
+}
+
+/// Two backends flagged down from the start (health answers 503, the traffic ports
+/// serve) behind flowgate with pool keys `pool` and `http_check(1, 1)`; returns once
+/// each has failed its first probe.
+async fn two_flagged_down(pool: &str) -> Two {
+    let opts = Opts {
+        down: true,
+        ..Opts::default()
+    };
+    let t = two_behind(opts, pool, &http_check(1, 1));
+    assert_eq!(first_check(&t.ba).await, "bad status 503");
+    assert_eq!(first_check(&t.bb).await, "bad status 503");
+    t
+}
+
+/// Asserts the pool counts as all down.
+fn assert_never_passed(pool: &flowgate::pool::Pool) {
+    assert!(
+        pool.all_down(),
+        "pool.all_down() must be true: no backend has passed a health check"
+    );
 }
 
 /// Backend `name` of pool "p".
@@ -285,18 +368,10 @@ async fn some_served_by(addr: SocketAddr, n: usize, who: &str) {
     );
 }
 
-/// An address on loopback with nothing listening on it.
-fn dead_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkilled_backend_goes_down_and_is_back_after_restart_on_its_port() {
-    let a = Py::spawn(Opts::default());
-    let b = Py::spawn(Opts::default());
-    let fg = start_over(
-        &[a.addr, b.addr],
+    let t = two_behind(
+        Opts::default(),
         "connect_attempts = 1",
         r#"kind = "tcp"
 interval = "200ms"
@@ -304,21 +379,18 @@ timeout = "300ms"
 rise = 2
 fall = 3"#,
     );
-    let addr = fg.local_addr("l").unwrap();
-    let (ba, bb) = (backend(&fg, &a.name()), backend(&fg, &b.name()));
-    wait_state(&ba, BackendState::Up, LIVENESS).await;
-    wait_state(&bb, BackendState::Up, LIVENESS).await;
-    some_served_by(addr, 4, &a.name()).await;
+    t.wait_both(BackendState::Up, LIVENESS).await;
+    some_served_by(t.addr, 4, &t.a.name()).await;
 
-    let (port, name) = (a.addr.port(), a.name());
-    a.signal(Signal::SIGKILL);
-    drop(a);
+    let (port, name) = (t.a.addr.port(), t.a.name());
+    t.a.signal(Signal::SIGKILL);
+    drop(t.a);
     // interval × fall + timeout is 0.9 s (interval jitter: +10%); allow 3× plus slack.
-    wait_state(&ba, BackendState::Down, Duration::from_secs(5)).await;
-    assert_eq!(detail(&ba), "refused");
-    assert!(!ba.is_healthy());
-    assert_eq!(bb.state(), BackendState::Up, "b: {}", detail(&bb));
-    all_served_by(addr, 10, &b.name()).await;
+    wait_state(&t.ba, BackendState::Down, Duration::from_secs(5)).await;
+    assert_eq!(detail(&t.ba), "refused");
+    assert!(!t.ba.is_healthy());
+    assert_eq!(t.bb.state(), BackendState::Up, "b: {}", detail(&t.bb));
+    all_served_by(t.addr, 10, &t.b.name()).await;
 
     let a = Py::spawn(Opts {
         port,
@@ -326,41 +398,27 @@ fall = 3"#,
     });
     assert_eq!(a.name(), name, "restarted on the same port");
     // rise × interval is 0.4 s.
-    wait_state(&ba, BackendState::Up, Duration::from_secs(5)).await;
-    assert!(ba.is_healthy());
-    some_served_by(addr, 10, &name).await;
+    wait_state(&t.ba, BackendState::Up, Duration::from_secs(5)).await;
+    assert!(t.ba.is_healthy());
+    some_served_by(t.addr, 10, &name).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigstopped_backend_fails_the_http_probe_and_recovers_after_sigcont() {
-    let a = Py::spawn(Opts::default());
-    let b = Py::spawn(Opts::default());
-    let fg = start_over(
-        &[a.addr, b.addr],
-        "connect_attempts = 1",
-        r#"kind = "http"
-path = "/health"
-interval = "200ms"
-timeout = "300ms"
-rise = 2
-fall = 2"#,
-    );
-    let addr = fg.local_addr("l").unwrap();
-    let (ba, bb) = (backend(&fg, &a.name()), backend(&fg, &b.name()));
-    wait_state(&ba, BackendState::Up, LIVENESS).await;
-    wait_state(&bb, BackendState::Up, LIVENESS).await;
+    let t = two_behind(Opts::default(), "connect_attempts = 1", &http_check(2, 2));
+    t.wait_both(BackendState::Up, LIVENESS).await;
 
     // Stopped, its kernel still completes handshakes: only the HTTP answer is missing.
-    a.signal(Signal::SIGSTOP);
-    wait_state(&ba, BackendState::Down, Duration::from_secs(5)).await;
-    assert_eq!(detail(&ba), "timeout");
+    t.a.signal(Signal::SIGSTOP);
+    wait_state(&t.ba, BackendState::Down, Duration::from_secs(5)).await;
+    assert_eq!(detail(&t.ba), "timeout");
     // A client sent to a would hang (and fail as Hung).
-    all_served_by(addr, 6, &b.name()).await;
+    all_served_by(t.addr, 6, &t.b.name()).await;
 
-    a.signal(Signal::SIGCONT);
-    wait_state(&ba, BackendState::Up, Duration::from_secs(5)).await;
-    assert_eq!(detail(&ba), "ok");
-    some_served_by(addr, 10, &a.name()).await;
+    t.a.signal(Signal::SIGCONT);
+    wait_state(&t.ba, BackendState::Up, Duration::from_secs(5)).await;
+    assert_eq!(detail(&t.ba), "ok");
+    some_served_by(t.addr, 10, &t.a.name()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -404,16 +462,7 @@ async fn probe_port_decides_health_while_traffic_goes_to_the_traffic_port() {
     let fg = start_over(
         &[a.addr],
         "connect_attempts = 1",
-        &format!(
-            r#"kind = "http"
-path = "/health"
-port = {}
-interval = "200ms"
-timeout = "300ms"
-rise = 1
-fall = 1"#,
-            a.health_port
-        ),
+        &format!("{}\nport = {}", http_check(1, 1), a.health_port),
     );
     let addr = fg.local_addr("l").unwrap();
     let ba = backend(&fg, &a.name());
@@ -443,13 +492,7 @@ async fn http_status_outside_expect_status_is_down() {
     let fg = start_over(
         &[ok.addr, flagged.addr, redirect.addr],
         "connect_attempts = 1",
-        r#"kind = "http"
-path = "/health"
-expect_status = "200-299"
-interval = "200ms"
-timeout = "300ms"
-rise = 1
-fall = 2"#,
+        &format!("{}\nexpect_status = \"200-299\"", http_check(1, 2)),
     );
     let addr = fg.local_addr("l").unwrap();
     let (bo, bf, br) = (
@@ -563,110 +606,48 @@ async fn passive_ejection_after_consecutive_connect_failures() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_all_down_reject_closes_new_clients() {
-    let a = Py::spawn(Opts::default());
-    let b = Py::spawn(Opts::default());
-    let fg = start_over(
-        &[a.addr, b.addr],
+    let t = two_behind(
+        Opts::default(),
         "when_all_down = \"reject\"",
-        r#"kind = "http"
-path = "/health"
-interval = "200ms"
-timeout = "300ms"
-rise = 1
-fall = 1"#,
+        &http_check(1, 1),
     );
-    let addr = fg.local_addr("l").unwrap();
-    let pool = fg.pool("p").unwrap();
-    let (ba, bb) = (backend(&fg, &a.name()), backend(&fg, &b.name()));
-    wait_state(&ba, BackendState::Up, LIVENESS).await;
-    wait_state(&bb, BackendState::Up, LIVENESS).await;
-    assert!(!pool.all_down());
+    t.wait_both(BackendState::Up, LIVENESS).await;
+    assert!(!t.pool.all_down());
 
-    a.set_down(true);
-    b.set_down(true);
-    wait_state(&ba, BackendState::Down, LIVENESS).await;
-    wait_state(&bb, BackendState::Down, LIVENESS).await;
+    t.a.set_down(true);
+    t.b.set_down(true);
+    t.wait_both(BackendState::Down, LIVENESS).await;
     assert!(
-        wait_until(LIVENESS, || pool.all_down()).await,
+        wait_until(LIVENESS, || t.pool.all_down()).await,
         "pool.all_down() with every backend down"
     );
     for i in 0..3 {
-        assert_eq!(attempt(addr).await, Outcome::Closed, "client {i}");
+        assert_eq!(attempt(t.addr).await, Outcome::Closed, "client {i}");
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_all_down_fail_open_forwards_to_unhealthy_backends() {
     // Health says 503 from the start; the traffic ports serve.
-    let a = Py::spawn(Opts {
-        down: true,
-        ..Opts::default()
-    });
-    let b = Py::spawn(Opts {
-        down: true,
-        ..Opts::default()
-    });
-    let fg = start_over(
-        &[a.addr, b.addr],
-        "when_all_down = \"fail-open\"",
-        r#"kind = "http"
-path = "/health"
-interval = "200ms"
-timeout = "300ms"
-rise = 1
-fall = 1"#,
-    );
-    let addr = fg.local_addr("l").unwrap();
-    let pool = fg.pool("p").unwrap();
-    let (ba, bb) = (backend(&fg, &a.name()), backend(&fg, &b.name()));
-    assert_eq!(first_check(&ba).await, "bad status 503");
-    assert_eq!(first_check(&bb).await, "bad status 503");
-    assert_eq!(ba.state(), BackendState::Down);
-    assert_eq!(bb.state(), BackendState::Down);
+    let t = two_flagged_down("when_all_down = \"fail-open\"").await;
+    assert_eq!(t.ba.state(), BackendState::Down);
+    assert_eq!(t.bb.state(), BackendState::Down);
 
-    let names = serve_n(addr, 6).await;
+    let names = serve_n(t.addr, 6).await;
     assert!(
-        names.contains(&a.name()) && names.contains(&b.name()),
+        names.contains(&t.a.name()) && names.contains(&t.b.name()),
         "fail-open balances over both: {names:?}"
     );
-    assert!(
-        pool.all_down(),
-        "pool.all_down() must be true: no backend has passed a health check"
-    );
+    assert_never_passed(&t.pool);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pool_that_never_came_up_is_all_down() {
-    let a = Py::spawn(Opts {
-        down: true,
-        ..Opts::default()
-    });
-    let b = Py::spawn(Opts {
-        down: true,
-        ..Opts::default()
-    });
-    let fg = start_over(
-        &[a.addr, b.addr],
-        "when_all_down = \"reject\"",
-        r#"kind = "http"
-path = "/health"
-interval = "200ms"
-timeout = "300ms"
-rise = 1
-fall = 1"#,
-    );
-    let addr = fg.local_addr("l").unwrap();
-    let pool = fg.pool("p").unwrap();
-    let (ba, bb) = (backend(&fg, &a.name()), backend(&fg, &b.name()));
-    assert_eq!(first_check(&ba).await, "bad status 503");
-    assert_eq!(first_check(&bb).await, "bad status 503");
-    a.await_count("health 503", 3).await;
-    b.await_count("health 503", 3).await;
-    assert_eq!(attempt(addr).await, Outcome::Closed, "no backend is up");
-    assert!(
-        pool.all_down(),
-        "pool.all_down() must be true: no backend has passed a health check"
-    );
+    let t = two_flagged_down("when_all_down = \"reject\"").await;
+    t.a.await_count("health 503", 3).await;
+    t.b.await_count("health 503", 3).await;
+    assert_eq!(attempt(t.addr).await, Outcome::Closed, "no backend is up");
+    assert_never_passed(&t.pool);
 }
 
 /// Lines of `log` that are about backend `name` and contain `what`.
@@ -698,8 +679,7 @@ fall = 2"#,
     let name = a.name();
     assert!(p.logged("backend up", LIVENESS).await, "log:\n{}", p.log());
     // Several more probes, all passing.
-    let n = a.count("health 200");
-    a.await_count("health 200", n + 5).await;
+    a.await_more("health 200", 5).await;
 
     a.set_down(true);
     assert!(
@@ -708,12 +688,10 @@ fall = 2"#,
         p.log()
     );
     // Several more probes, all failing: still one line.
-    let n = a.count("health 503");
-    a.await_count("health 503", n + 5).await;
+    a.await_more("health 503", 5).await;
 
     a.set_down(false);
-    let n = a.count("health 200");
-    a.await_count("health 200", n + 5).await;
+    a.await_more("health 200", 5).await;
 
     let log = p.log();
     assert_eq!(lines_about(&log, "backend up", &name), 2, "log:\n{log}");

@@ -10,6 +10,7 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -51,6 +52,23 @@ async fn api_reload(admin: SocketAddr) {
     assert_eq!(r.json["status"], "reloaded", "{r:?}");
 }
 
+/// GET /api/v1/pools until `done` holds for the body (200 tries, 20 ms apart); returns
+/// the last body, whether or not it did.
+async fn pools_when(
+    admin: SocketAddr,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let mut pools = serde_json::Value::Null;
+    for _ in 0..200 {
+        pools = get_pools(admin).await;
+        if done(&pools) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    pools
+}
+
 /// `Flowgate::reload` off the async threads (it binds sockets and reads the file).
 async fn lib_reload(fg: &Flowgate) -> Result<(), String> {
     let fg = fg.clone();
@@ -61,11 +79,7 @@ async fn lib_reload(fg: &Flowgate) -> Result<(), String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removed_backend_drains_then_disappears_and_added_one_serves() {
-    let (a, b, c) = (
-        TestBackend::start(Kind::Identity).await,
-        TestBackend::start(Kind::Identity).await,
-        TestBackend::start(Kind::Identity).await,
-    );
+    let [a, b, c] = start_backends(Kind::Identity).await;
     let dir = tempdir::Dir::new();
     let drain = "drain_timeout = \"60s\"";
     let v1 = cfg(&["l"], "round-robin", &[(&a.name, 1), (&b.name, 1)], drain);
@@ -104,25 +118,18 @@ async fn removed_backend_drains_then_disappears_and_added_one_serves() {
 
     // One closes: still listed. The last closes: gone.
     on_a.pop();
-    let mut pools = serde_json::Value::Null;
-    for _ in 0..200 {
-        pools = get_pools(admin).await;
-        if backend_entries(&pools, "p", &a.name)[0]["active_connections"] == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let pools = pools_when(admin, |pools| {
+        backend_entries(pools, "p", &a.name)[0]["active_connections"] == 1
+    })
+    .await;
     let gone = backend_entries(&pools, "p", &a.name);
     assert_eq!(gone[0]["active_connections"], 1, "{pools}");
     echo(&mut on_a[0], b"last one").await.unwrap();
     drop(on_a);
-    for _ in 0..200 {
-        pools = get_pools(admin).await;
-        if backend_entries(&pools, "p", &a.name).is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let pools = pools_when(admin, |pools| {
+        backend_entries(pools, "p", &a.name).is_empty()
+    })
+    .await;
     assert!(
         backend_entries(&pools, "p", &a.name).is_empty(),
         "removed backend leaves the API once drained: {pools}"
@@ -136,6 +143,27 @@ struct Load {
     ok: AtomicUsize,
     failed: AtomicUsize,
     errors: Mutex<Vec<String>>,
+}
+
+impl Load {
+    /// Sessions that succeeded and failed so far.
+    fn totals(&self) -> (usize, usize) {
+        (
+            self.ok.load(Ordering::SeqCst),
+            self.failed.load(Ordering::SeqCst),
+        )
+    }
+
+    /// Asserts no session failed, showing the first errors.
+    fn assert_none_failed(&self) {
+        let errors = self.errors.lock().unwrap();
+        assert_eq!(
+            self.failed.load(Ordering::SeqCst),
+            0,
+            "first errors: {:?}",
+            &errors[..errors.len().min(10)]
+        );
+    }
 }
 
 /// `clients` tasks running short sessions against `lb` until `stop`, counting into
@@ -165,6 +193,48 @@ fn spawn_load(
             })
         })
         .collect()
+}
+
+/// Reloads under load: `clients` load clients (`seed` as for `spawn_load`) run
+/// sessions through listener "l" of `fg`; `reloads` times, once `per_config` more
+/// sessions have ended, `variant(i)` (i from 1) is written to `path` and reloaded.
+/// After the last reload it waits (without asserting) for `per_config` more
+/// successful sessions, then stops the clients. Returns what they saw and the time
+/// from the first client to the last one's end.
+async fn reload_under_load(
+    fg: &Flowgate,
+    path: &Path,
+    clients: u64,
+    seed: u64,
+    reloads: usize,
+    per_config: usize,
+    variant: impl Fn(usize) -> String,
+) -> (Arc<Load>, Duration) {
+    let load = Arc::new(Load::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks = spawn_load(fg.local_addr("l").unwrap(), clients, seed, &load, &stop);
+    let started = Instant::now();
+    for i in 1..=reloads {
+        let before = load.ok.load(Ordering::Relaxed) + load.failed.load(Ordering::Relaxed);
+        let traffic = wait_until(LIVENESS, || {
+            load.ok.load(Ordering::Relaxed) + load.failed.load(Ordering::Relaxed)
+                >= before + per_config
+        })
+        .await;
+        assert!(traffic, "sessions stalled before reload {i}");
+        std::fs::write(path, variant(i)).unwrap();
+        lib_reload(fg).await.expect("valid reload");
+    }
+    let last = load.ok.load(Ordering::Relaxed);
+    wait_until(LIVENESS, || {
+        load.ok.load(Ordering::Relaxed) >= last + per_config
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    (load, started.elapsed())
 }
 
 /// One short session: connect, send a unique message, read it back, close.
@@ -201,7 +271,7 @@ async fn forty_reloads_under_load_drop_no_connection() {
     const CLIENTS: usize = 4;
     /// New sessions completed between two reloads, so every config sees traffic.
     const PER_CONFIG: usize = 50;
-    let be = echo_backends(4).await;
+    let be: [_; 4] = start_backends(Kind::Echo).await;
     let names: Vec<&str> = be.iter().map(|b| b.name.as_str()).collect();
     let set = |i: usize| -> (&str, Vec<(&str, u32)>) {
         match i % 4 {
@@ -218,50 +288,16 @@ async fn forty_reloads_under_load_drop_no_connection() {
     };
     let dir = tempdir::Dir::new();
     let (fg, path) = start_file(&dir, "flowgate.toml", &variant(0));
-    let lb = fg.local_addr("l").unwrap();
 
-    let load = Arc::new(Load::default());
-    let stop = Arc::new(AtomicBool::new(false));
-    let clients = spawn_load(lb, CLIENTS as u64, 0, &load, &stop);
-
-    let started = Instant::now();
-    for i in 1..=RELOADS {
-        let before = load.ok.load(Ordering::Relaxed) + load.failed.load(Ordering::Relaxed);
-        let traffic = wait_until(LIVENESS, || {
-            load.ok.load(Ordering::Relaxed) + load.failed.load(Ordering::Relaxed)
-                >= before + PER_CONFIG
-        })
-        .await;
-        assert!(traffic, "sessions stalled before reload {i}");
-        std::fs::write(&path, variant(i)).unwrap();
-        lib_reload(&fg).await.expect("valid reload");
-    }
-    let last = load.ok.load(Ordering::Relaxed);
-    wait_until(LIVENESS, || {
-        load.ok.load(Ordering::Relaxed) >= last + PER_CONFIG
-    })
-    .await;
-    stop.store(true, Ordering::Relaxed);
-    for c in clients {
-        c.await.unwrap();
-    }
-    let elapsed = started.elapsed();
-    let (ok, failed) = (
-        load.ok.load(Ordering::SeqCst),
-        load.failed.load(Ordering::SeqCst),
-    );
+    let (load, elapsed) =
+        reload_under_load(&fg, &path, CLIENTS as u64, 0, RELOADS, PER_CONFIG, variant).await;
+    let (ok, failed) = load.totals();
     eprintln!(
         "reload under load: {RELOADS} reloads, {ok} sessions ok, {failed} failed, {:.1}s, {:.0} sessions/s",
         elapsed.as_secs_f64(),
         ok as f64 / elapsed.as_secs_f64()
     );
-    let errors = load.errors.lock().unwrap();
-    assert_eq!(
-        failed,
-        0,
-        "first errors: {:?}",
-        &errors[..errors.len().min(10)]
-    );
+    load.assert_none_failed();
     assert!(ok >= RELOADS * PER_CONFIG, "{ok} sessions");
     // The last file is the one in force.
     let p = fg.pool("p").unwrap();
@@ -270,21 +306,9 @@ async fn forty_reloads_under_load_drop_no_connection() {
     assert_eq!(now, want);
 }
 
-/// Starts `n` echo backends.
-async fn echo_backends(n: usize) -> Vec<TestBackend> {
-    let mut v = Vec::with_capacity(n);
-    for _ in 0..n {
-        v.push(TestBackend::start(Kind::Echo).await);
-    }
-    v
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_reload_keeps_the_running_config_and_says_where() {
-    let (a, b) = (
-        TestBackend::start(Kind::Identity).await,
-        TestBackend::start(Kind::Identity).await,
-    );
+    let [a, b] = start_backends(Kind::Identity).await;
     let dir = tempdir::Dir::new();
     let v1 = cfg(&["l"], "round-robin", &[(&a.name, 1)], "");
     let (fg, path) = start_file(&dir, "flowgate.toml", &v1);
@@ -338,10 +362,7 @@ async fn invalid_reload_keeps_the_running_config_and_says_where() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_applies_the_changed_file_to_the_binary() {
-    let (a, b) = (
-        TestBackend::start(Kind::Identity).await,
-        TestBackend::start(Kind::Identity).await,
-    );
+    let [a, b] = start_backends(Kind::Identity).await;
     let v1 = cfg(&["l"], "round-robin", &[(&a.name, 1)], "");
     let mut p = Proc::spawn(&v1, &[]);
     assert!(p.logged("flowgate started", LIVENESS).await, "{}", p.log());
@@ -393,12 +414,7 @@ async fn sighup_applies_the_changed_file_to_the_binary() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_drain_disable_and_weight_survive_reload() {
-    let be = [
-        TestBackend::start(Kind::Identity).await,
-        TestBackend::start(Kind::Identity).await,
-        TestBackend::start(Kind::Identity).await,
-        TestBackend::start(Kind::Identity).await,
-    ];
+    let be: [_; 4] = start_backends(Kind::Identity).await;
     let [a, b, c, d] = [&be[0].name, &be[1].name, &be[2].name, &be[3].name];
     let dir = tempdir::Dir::new();
     let drain = "drain_timeout = \"60s\"";
@@ -412,24 +428,10 @@ async fn api_drain_disable_and_weight_survive_reload() {
     let (lb, admin) = (fg.local_addr("l").unwrap(), fg.admin_addr().unwrap());
     let mut on_a = hold_on(lb, a, 1).await.remove(0);
 
-    let act = |addr: &str, what: &str| format!("/api/v1/pools/p/backends/{addr}/{what}");
-    assert_eq!(
-        curl(admin, "POST", &act(a, "drain"), None, None)
-            .await
-            .status,
-        200
-    );
-    assert_eq!(
-        curl(admin, "POST", &act(b, "disable"), None, None)
-            .await
-            .status,
-        200
-    );
-    let w = Some(&br#"{"weight": 5}"#[..]);
-    assert_eq!(
-        curl(admin, "PUT", &act(c, "weight"), w, None).await.status,
-        200
-    );
+    assert_eq!(post_action(admin, a, "drain", false).await.status, 200);
+    assert_eq!(post_action(admin, b, "disable", false).await.status, 200);
+    let w = br#"{"weight": 5}"#;
+    assert_eq!(put_weight(admin, c, w, false).await.status, 200);
 
     // The file changes every weight and adds D; the operator's choices stay.
     let v2 = cfg(
@@ -480,12 +482,7 @@ async fn api_drain_disable_and_weight_survive_reload() {
     echo(&mut on_a, b"drained, kept, open").await.unwrap();
 
     // The drained backend is still the same one: enable brings it back.
-    assert_eq!(
-        curl(admin, "POST", &act(a, "enable"), None, None)
-            .await
-            .status,
-        200
-    );
+    assert_eq!(post_action(admin, a, "enable", false).await.status, 200);
     let counts = spread(lb, 12).await;
     assert!(counts.contains_key(a), "{counts:?}");
 }
@@ -531,7 +528,7 @@ async fn removed_listener_stops_accepting_and_added_one_starts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_backend_swap_with_health_checks_drops_no_connection() {
     const RELOADS: usize = 12;
-    let be = echo_backends(4).await;
+    let be: [_; 4] = start_backends(Kind::Echo).await;
     let names: Vec<&str> = be.iter().map(|b| b.name.as_str()).collect();
     let hc = "drain_timeout = \"20s\"\n[pools.health_check]\nkind = \"tcp\"\ninterval = \"200ms\"\ntimeout = \"500ms\"";
     let variant = |i: usize| -> String {
@@ -544,45 +541,15 @@ async fn full_backend_swap_with_health_checks_drops_no_connection() {
     };
     let dir = tempdir::Dir::new();
     let (fg, path) = start_file(&dir, "flowgate.toml", &variant(0));
-    let lb = fg.local_addr("l").unwrap();
     let pool = fg.pool("p").unwrap();
     assert!(
         wait_until(LIVENESS, || pool.backends().iter().all(|b| b.is_usable())).await,
         "initial backends never came up"
     );
 
-    let load = Arc::new(Load::default());
-    let stop = Arc::new(AtomicBool::new(false));
-    let clients = spawn_load(lb, 4, 1, &load, &stop);
-    for i in 1..=RELOADS {
-        let before = load.ok.load(Ordering::Relaxed) + load.failed.load(Ordering::Relaxed);
-        assert!(
-            wait_until(LIVENESS, || {
-                load.ok.load(Ordering::Relaxed) + load.failed.load(Ordering::Relaxed) >= before + 30
-            })
-            .await,
-            "sessions stalled before reload {i}"
-        );
-        std::fs::write(&path, variant(i)).unwrap();
-        lib_reload(&fg).await.expect("valid reload");
-    }
-    let last = load.ok.load(Ordering::Relaxed);
-    wait_until(LIVENESS, || load.ok.load(Ordering::Relaxed) >= last + 30).await;
-    stop.store(true, Ordering::Relaxed);
-    for c in clients {
-        c.await.unwrap();
-    }
-    let (ok, failed) = (
-        load.ok.load(Ordering::SeqCst),
-        load.failed.load(Ordering::SeqCst),
-    );
+    let (load, _) = reload_under_load(&fg, &path, 4, 1, RELOADS, 30, variant).await;
+    let (ok, failed) = load.totals();
     eprintln!("full swaps with health checks: {RELOADS} reloads, {ok} ok, {failed} failed");
-    let errors = load.errors.lock().unwrap();
-    assert_eq!(
-        failed,
-        0,
-        "first errors: {:?}",
-        &errors[..errors.len().min(10)]
-    );
+    load.assert_none_failed();
     assert!(ok > 0);
 }

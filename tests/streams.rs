@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
+use flowgate::Flowgate;
 use sha2::{Digest, Sha256};
 use socket2::{Domain, SockRef, Socket, Type};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
@@ -85,12 +86,6 @@ backends = [ {} ]
     )
 }
 
-/// An address on loopback with nothing listening on it.
-fn dead_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
-}
-
 /// A listener that never accepts and whose accept queue is full, so the kernel drops
 /// further SYNs and a connect to it hangs. Returns the socket, the connections that
 /// fill its queue, and its address. Fails if this kernel does not behave that way.
@@ -134,6 +129,35 @@ async fn read_until_end(r: &mut (impl AsyncRead + Unpin)) -> (Vec<u8>, io::Resul
             Ok(n) => got.extend_from_slice(&buf[..n]),
             Err(e) => return (got, Err(e)),
         }
+    }
+}
+
+/// Flowgate started on `toml`, and one client connected to its listener "l".
+async fn client_through(toml: &str) -> (Flowgate, TcpStream) {
+    let fg = start(toml);
+    let c = TcpStream::connect(fg.local_addr("l").unwrap())
+        .await
+        .unwrap();
+    (fg, c)
+}
+
+/// `common::config` for round-robin over `backends`, weight 1 each.
+fn round_robin(backends: &[SocketAddr], extra_listener: &str) -> String {
+    let list: Vec<_> = backends.iter().map(|&a| (a, 1)).collect();
+    config("round-robin", &list, extra_listener, "")
+}
+
+/// Asserts `c` ends within `limit` (a FIN or a reset) with nothing received.
+async fn assert_closed_unserved(c: &mut TcpStream, limit: Duration, what: &str) {
+    let (got, end) = within(limit, what, read_until_end(c)).await;
+    assert!(got.is_empty(), "{what}: got {got:?}");
+    assert_fin_or_reset(end);
+}
+
+/// A stream that ended with an error ended in a reset.
+fn assert_fin_or_reset(end: io::Result<()>) {
+    if let Err(e) = end {
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}");
     }
 }
 
@@ -184,10 +208,7 @@ async fn two_hundred_mib_each_way_arrive_intact() {
     const TOTAL: usize = 200 << 20;
     const CHUNK: usize = 256 << 10;
     let be = TestBackend::start(Kind::Echo).await;
-    let fg = start(&config("round-robin", &[(be.addr, 1)], "", ""));
-    let s = TcpStream::connect(fg.local_addr("l").unwrap())
-        .await
-        .unwrap();
+    let (_fg, s) = client_through(&round_robin(&[be.addr], "")).await;
     let (mut rd, mut wr) = s.into_split();
 
     let writer = tokio::spawn(async move {
@@ -238,16 +259,8 @@ fn pattern(id: usize, len: usize) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_hundred_concurrent_streams_do_not_mix() {
     const N: usize = 300;
-    let bs = [
-        TestBackend::start(Kind::Echo).await,
-        TestBackend::start(Kind::Echo).await,
-    ];
-    let fg = start(&config(
-        "round-robin",
-        &[(bs[0].addr, 1), (bs[1].addr, 1)],
-        "",
-        "",
-    ));
+    let bs: [_; 2] = start_backends(Kind::Echo).await;
+    let fg = start(&round_robin(&[bs[0].addr, bs[1].addr], ""));
     let addr = fg.local_addr("l").unwrap();
     let go = Arc::new(tokio::sync::Barrier::new(N + 1));
     let mut clients = Vec::new();
@@ -313,10 +326,7 @@ async fn client_half_close_lets_the_backend_still_reply() {
         s.shutdown().await.unwrap();
         got
     });
-    let fg = start(&config("round-robin", &[(baddr, 1)], "", ""));
-    let mut c = TcpStream::connect(fg.local_addr("l").unwrap())
-        .await
-        .unwrap();
+    let (_fg, mut c) = client_through(&round_robin(&[baddr], "")).await;
     c.write_all(b"request, then FIN").await.unwrap();
     c.shutdown().await.unwrap();
     let (got, end) = within(LIVENESS, "reply and EOF", read_until_end(&mut c)).await;
@@ -347,10 +357,7 @@ async fn backend_half_close_lets_the_client_still_send() {
         end.expect("backend reads to a clean EOF after its own FIN");
         got
     });
-    let fg = start(&config("round-robin", &[(baddr, 1)], "", ""));
-    let mut c = TcpStream::connect(fg.local_addr("l").unwrap())
-        .await
-        .unwrap();
+    let (_fg, mut c) = client_through(&round_robin(&[baddr], "")).await;
     c.write_all(b"start").await.unwrap();
     let (got, end) = within(LIVENESS, "backend's bytes and FIN", read_until_end(&mut c)).await;
     end.expect("client sees the backend's FIN as a clean EOF");
@@ -394,10 +401,7 @@ async fn client_reset_reaches_the_backend_as_a_reset() {
         let mut buf = [0u8; 64];
         s.read(&mut buf).await
     });
-    let fg = start(&config("round-robin", &[(baddr, 1)], "", ""));
-    let mut c = TcpStream::connect(fg.local_addr("l").unwrap())
-        .await
-        .unwrap();
+    let (_fg, mut c) = client_through(&round_robin(&[baddr], "")).await;
     c.write_all(b"hello").await.unwrap();
     within(LIVENESS, "backend got hello", hello_rx)
         .await
@@ -425,10 +429,7 @@ async fn backend_reset_reaches_the_client_as_a_reset() {
         SockRef::from(&s).set_linger(Some(Duration::ZERO)).unwrap();
         drop(s); // RST
     });
-    let fg = start(&config("round-robin", &[(baddr, 1)], "", ""));
-    let mut c = TcpStream::connect(fg.local_addr("l").unwrap())
-        .await
-        .unwrap();
+    let (_fg, mut c) = client_through(&round_robin(&[baddr], "")).await;
     c.write_all(b"hello").await.unwrap();
     within(LIVENESS, "backend done", backend).await.unwrap();
     let mut buf = [0u8; 64];
@@ -440,16 +441,8 @@ async fn backend_reset_reaches_the_client_as_a_reset() {
 
 #[tokio::test]
 async fn backend_killed_mid_stream_ends_the_client_and_new_ones_go_elsewhere() {
-    let bs = [
-        TestBackend::start(Kind::Identity).await,
-        TestBackend::start(Kind::Identity).await,
-    ];
-    let fg = start(&config(
-        "round-robin",
-        &[(bs[0].addr, 1), (bs[1].addr, 1)],
-        "",
-        "",
-    ));
+    let bs: [_; 2] = start_backends(Kind::Identity).await;
+    let fg = start(&round_robin(&[bs[0].addr, bs[1].addr], ""));
     let addr = fg.local_addr("l").unwrap();
     let (conn, name) = connect_identity(addr).await;
     let victim = bs.iter().position(|b| b.name == name).unwrap();
@@ -480,9 +473,7 @@ async fn backend_killed_mid_stream_ends_the_client_and_new_ones_go_elsewhere() {
         read_until_end(&mut rd),
     )
     .await;
-    if let Err(e) = end {
-        assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}");
-    }
+    assert_fin_or_reset(end);
     let e = within(LIVENESS, "client's writes fail", writer)
         .await
         .unwrap();
@@ -530,25 +521,16 @@ async fn backend_that_never_answers_the_handshake_is_skipped_after_connect_timeo
 #[tokio::test]
 async fn all_backends_down_closes_the_client_and_recovers() {
     let dead = [dead_addr(), dead_addr()];
-    let fg = start(&config(
-        "round-robin",
-        &[(dead[0], 1), (dead[1], 1)],
-        "",
-        "",
-    ));
+    let fg = start(&round_robin(&dead, ""));
     let addr = fg.local_addr("l").unwrap();
     for _ in 0..3 {
         let mut c = TcpStream::connect(addr).await.unwrap();
-        let (got, end) = within(
+        assert_closed_unserved(
+            &mut c,
             Duration::from_secs(5),
             "client closed with no backend up",
-            read_until_end(&mut c),
         )
         .await;
-        assert!(got.is_empty(), "got {got:?} from no backend");
-        if let Err(e) = end {
-            assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}");
-        }
     }
     let be = TestBackend::start_on(dead[1], Kind::Identity).await;
     for _ in 0..2 {
@@ -560,15 +542,7 @@ async fn all_backends_down_closes_the_client_and_recovers() {
 #[tokio::test]
 async fn idle_connection_is_closed_after_idle_timeout() {
     let be = TestBackend::start(Kind::Echo).await;
-    let fg = start(&config(
-        "round-robin",
-        &[(be.addr, 1)],
-        "idle_timeout = \"500ms\"",
-        "",
-    ));
-    let mut c = TcpStream::connect(fg.local_addr("l").unwrap())
-        .await
-        .unwrap();
+    let (_fg, mut c) = client_through(&round_robin(&[be.addr], "idle_timeout = \"500ms\"")).await;
     c.write_all(b"x").await.unwrap();
     let mut one = [0u8; 1];
     within(LIVENESS, "echo", c.read_exact(&mut one))
@@ -582,15 +556,7 @@ async fn idle_connection_is_closed_after_idle_timeout() {
 #[tokio::test]
 async fn busy_connection_outlives_idle_timeout() {
     let be = TestBackend::start(Kind::Echo).await;
-    let fg = start(&config(
-        "round-robin",
-        &[(be.addr, 1)],
-        "idle_timeout = \"500ms\"",
-        "",
-    ));
-    let mut c = TcpStream::connect(fg.local_addr("l").unwrap())
-        .await
-        .unwrap();
+    let (_fg, mut c) = client_through(&round_robin(&[be.addr], "idle_timeout = \"500ms\"")).await;
     // ~1.5 s of small messages, three idle timeouts' worth, each echoed.
     for i in 0..15 {
         let msg = format!("tick {i:02}");
@@ -611,12 +577,7 @@ async fn busy_connection_outlives_idle_timeout() {
 #[tokio::test]
 async fn max_connections_rejects_the_extra_client_and_frees_its_slot() {
     let be = TestBackend::start(Kind::Identity).await;
-    let fg = start(&config(
-        "round-robin",
-        &[(be.addr, 1)],
-        "max_connections = 3",
-        "",
-    ));
+    let fg = start(&round_robin(&[be.addr], "max_connections = 3"));
     let addr = fg.local_addr("l").unwrap();
     let shared = fg.listener("l").unwrap().shared.clone();
     let mut held = Vec::new();
@@ -627,11 +588,7 @@ async fn max_connections_rejects_the_extra_client_and_frees_its_slot() {
     }
 
     let mut extra = TcpStream::connect(addr).await.unwrap();
-    let (got, end) = within(LIVENESS, "4th client closed", read_until_end(&mut extra)).await;
-    assert!(got.is_empty(), "4th client was served: {got:?}");
-    if let Err(e) = end {
-        assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}");
-    }
+    assert_closed_unserved(&mut extra, LIVENESS, "4th client closed").await;
     assert!(
         wait_until(LIVENESS, || shared
             .rejected_max_connections
@@ -698,10 +655,7 @@ async fn graceful_shutdown_refuses_new_clients_and_finishes_the_open_stream() {
 #[tokio::test]
 async fn shutdown_cuts_a_connection_still_open_after_the_grace_period() {
     let be = TestBackend::start(Kind::Echo).await;
-    let fg = start(&config_with(&[be.addr], "1s", "500ms", ""));
-    let mut c = TcpStream::connect(fg.local_addr("l").unwrap())
-        .await
-        .unwrap();
+    let (fg, mut c) = client_through(&config_with(&[be.addr], "1s", "500ms", "")).await;
     c.write_all(b"held").await.unwrap();
     let mut back = [0u8; 4];
     within(LIVENESS, "echo", c.read_exact(&mut back))
@@ -710,11 +664,7 @@ async fn shutdown_cuts_a_connection_still_open_after_the_grace_period() {
     assert_eq!(&back, b"held");
 
     let shutdown = tokio::spawn(fg.shutdown());
-    let (got, end) = within(LIVENESS, "held connection cut", read_until_end(&mut c)).await;
-    assert!(got.is_empty());
-    if let Err(e) = end {
-        assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}");
-    }
+    assert_closed_unserved(&mut c, LIVENESS, "held connection cut").await;
     let graceful = within(LIVENESS, "shutdown returns", shutdown)
         .await
         .unwrap();

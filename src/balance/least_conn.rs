@@ -30,36 +30,38 @@ impl Selector for LeastConnections {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::super::testutil::*;
     use super::*;
+    use crate::backend::{ActiveGuard, Backend};
+
+    /// One pick among `bs`, every backend usable.
+    fn select(lc: &LeastConnections, bs: &[Arc<Backend>]) -> usize {
+        let all = |_: usize| true;
+        lc.select(&Pick {
+            backends: bs,
+            client: "::1".parse().unwrap(),
+            usable: &all,
+        })
+        .unwrap()
+    }
+
+    /// `n` picks, each one claimed (held open) before the next.
+    fn claim_n(lc: &LeastConnections, bs: &[Arc<Backend>], n: usize) -> Vec<ActiveGuard> {
+        (0..n).map(|_| bs[select(lc, bs)].claim()).collect()
+    }
 
     #[test]
     fn held_connections_split_then_refill() {
         let bs = backends(&[1, 1]);
         let lc = LeastConnections::default();
-        let all = |_: usize| true;
-        let mut held = Vec::new();
-        for _ in 0..10 {
-            let i = lc
-                .select(&Pick {
-                    backends: &bs,
-                    client: "::1".parse().unwrap(),
-                    usable: &all,
-                })
-                .unwrap();
-            held.push(bs[i].claim());
-        }
+        let mut held = claim_n(&lc, &bs, 10);
         assert_eq!(bs[0].active(), 5);
         assert_eq!(bs[1].active(), 5);
         held.retain(|g| g.backend().name != bs[0].name);
         for _ in 0..4 {
-            let i = lc
-                .select(&Pick {
-                    backends: &bs,
-                    client: "::1".parse().unwrap(),
-                    usable: &all,
-                })
-                .unwrap();
+            let i = select(&lc, &bs);
             assert_eq!(i, 0);
             held.push(bs[i].claim());
         }
@@ -69,18 +71,7 @@ mod tests {
     fn respects_weight() {
         let bs = backends(&[1, 3]);
         let lc = LeastConnections::default();
-        let all = |_: usize| true;
-        let mut held = Vec::new();
-        for _ in 0..8 {
-            let i = lc
-                .select(&Pick {
-                    backends: &bs,
-                    client: "::1".parse().unwrap(),
-                    usable: &all,
-                })
-                .unwrap();
-            held.push(bs[i].claim());
-        }
+        let _held = claim_n(&lc, &bs, 8);
         assert_eq!((bs[0].active(), bs[1].active()), (2, 6));
     }
 }

@@ -103,6 +103,24 @@ impl Drop for TestBackend {
     }
 }
 
+/// Starts `N` backends of `kind`, one after another.
+pub async fn start_backends<const N: usize>(kind: Kind) -> [TestBackend; N] {
+    let mut v = Vec::with_capacity(N);
+    for _ in 0..N {
+        v.push(TestBackend::start(kind).await);
+    }
+    match v.try_into() {
+        Ok(bs) => bs,
+        Err(_) => unreachable!("started exactly N backends"),
+    }
+}
+
+/// An address on loopback with nothing listening on it.
+pub fn dead_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
 /// Starts flowgate in-process from TOML text.
 pub fn start(toml: &str) -> Flowgate {
     let cfg = Config::parse(toml, std::path::Path::new("test.toml")).expect("valid test config");
@@ -431,6 +449,36 @@ pub async fn curl_with(
         json: serde_json::from_str(text).unwrap_or(serde_json::Value::Null),
         text: text.to_string(),
     }
+}
+
+/// The path of an action on backend `address` of pool "p", the address
+/// percent-encoded when `encode` is set and raw otherwise.
+pub fn action(address: &str, what: &str, encode: bool) -> String {
+    let addr = if encode {
+        percent_encoding::utf8_percent_encode(address, percent_encoding::NON_ALPHANUMERIC)
+            .to_string()
+    } else {
+        address.to_string()
+    };
+    format!("/api/v1/pools/p/backends/{addr}/{what}")
+}
+
+/// POSTs action `what` (drain, enable, disable) on backend `address` of pool "p",
+/// with no token.
+pub async fn post_action(admin: SocketAddr, address: &str, what: &str, encode: bool) -> ApiReply {
+    curl(admin, "POST", &action(address, what, encode), None, None).await
+}
+
+/// PUTs `body` as the weight of backend `address` of pool "p", with no token.
+pub async fn put_weight(admin: SocketAddr, address: &str, body: &[u8], encode: bool) -> ApiReply {
+    curl(
+        admin,
+        "PUT",
+        &action(address, "weight", encode),
+        Some(body),
+        None,
+    )
+    .await
 }
 
 /// GET /api/v1/pools, asserting 200; returns the body.

@@ -14,7 +14,9 @@
 #
 # Environment (defaults in brackets):
 #   ROUNDS         rounds to run                                          [3]
-#   TARGETS        any of: direct flowgate haproxy haproxy-splice nginx  [all five]
+#   TARGETS        any of: direct flowgate haproxy haproxy-splice nginx  [these five]
+#                  and flowgate-shared (flowgate with worker_model = "shared";
+#                  plain flowgate uses the default, "per-core")
 #   FIGURES        any of: bulk1 bulk4 latency cps rps mem                [all six]
 #   IPERF_TIME     seconds per iperf3 run                                 [5]
 #   SOCKPERF_TIME  seconds per sockperf ping-pong run                     [5]
@@ -28,12 +30,24 @@
 #   FLOWGATE_BIN   use this binary instead of `cargo build --release`
 #   CARGO_TARGET_DIR  honoured for the cargo build                       [<repo>/target]
 #   NO_INSTALL=1   never apt-get install missing tools, fail instead
+#   FOREIGN_THRESHOLD  % of one CPU that processes outside the benchmark may
+#                  use during a measurement before it counts as disturbed [15]
+#   QUIET_WAIT     before each measurement wait up to this many seconds for
+#                  the machine to be quiet (below FOREIGN_THRESHOLD)        [0]
+#   RETRY_DISTURBED  measure a disturbed measurement again, up to N times [0]
+#   NICE           run the benchmark (every process it starts) at this nice
+#                  level; negative values need root. On a shared machine,
+#                  e.g. NICE=-10 keeps other work from taking the CPUs.      [0]
 #
 # Tools (installed with `apt-get install -y` when missing): haproxy, nginx
 # (+ libnginx-mod-stream), iperf3, sockperf, wrk; python3 must be present.
 #
 # Output: progress on stderr; the Markdown result tables on stdout, also saved
-# as $OUT_DIR/results.md. Raw per-round numbers are in $OUT_DIR/raw.tsv.
+# as $OUT_DIR/results.md. Raw per-round numbers are in $OUT_DIR/raw.tsv; the CPU
+# used by processes outside this benchmark during each measurement (as % of one
+# CPU; warned about above FOREIGN_THRESHOLD, default 15) in $OUT_DIR/load.tsv;
+# the machine and tool versions in $OUT_DIR/meta.txt; every tool's output under
+# $OUT_DIR/runs/ and every server's log and config under $OUT_DIR.
 
 set -Eeuo pipefail
 
@@ -54,9 +68,12 @@ PORT_BASE=${PORT_BASE:-29000}
 OUT_DIR=${OUT_DIR:-$TARGET_DIR/bench/$(date -u +%Y%m%dT%H%M%SZ)}
 FLOWGATE_BIN=${FLOWGATE_BIN:-}
 NO_INSTALL=${NO_INSTALL:-0}
+FOREIGN_THRESHOLD=${FOREIGN_THRESHOLD:-15}
+QUIET_WAIT=${QUIET_WAIT:-0}
+RETRY_DISTURBED=${RETRY_DISTURBED:-0}
+NICE=${NICE:-0}
 
 LB_WORKERS=2          # workers/threads for every balancer (fixed by design)
-HAPROXY_MAXCONN=7900  # 2 fds per connection + splice pipes (maxconn/4 pairs) must fit the fd limit 20000
 HOST=127.0.0.1
 
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
@@ -64,7 +81,7 @@ die() { printf 'bench.sh: error: %s\n' "$*" >&2; exit 1; }
 
 # ---------------------------------------------------------------- arguments --
 
-ALL_TARGETS="direct flowgate haproxy haproxy-splice nginx"
+ALL_TARGETS="direct flowgate flowgate-shared haproxy haproxy-splice nginx"
 ALL_FIGURES="bulk1 bulk4 latency cps rps mem"
 for t in $TARGETS; do
     [[ " $ALL_TARGETS " == *" $t "* ]] || die "unknown target '$t' (known: $ALL_TARGETS)"
@@ -73,6 +90,29 @@ for f in $FIGURES; do
     [[ " $ALL_FIGURES " == *" $f "* ]] || die "unknown figure '$f' (known: $ALL_FIGURES)"
 done
 [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive integer, got '$ROUNDS'"
+for v in IPERF_TIME SOCKPERF_TIME WRK_TIME WRK_THREADS WRK_CONNS MEM_CONNS PORT_BASE; do
+    [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer, got '${!v}'"
+done
+for v in FOREIGN_THRESHOLD QUIET_WAIT RETRY_DISTURBED; do
+    [[ ${!v} =~ ^[0-9]+$ ]] || die "$v must be a non-negative integer, got '${!v}'"
+done
+[[ $NICE =~ ^-?[0-9]+$ ]] || die "NICE must be an integer, got '$NICE'"
+((PORT_BASE + 560 < 32768)) || die "PORT_BASE must leave room below the ephemeral port range (32768)"
+
+# Open files. Every process started from here inherits the raised soft limit.
+# The balancers' limits are sized for 20000 descriptors (less if the machine
+# allows less), so that the configuration is the same on every machine that
+# allows at least that many.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+FD_BUDGET=$(ulimit -n)
+[[ $FD_BUDGET == unlimited ]] || ((FD_BUDGET > 20000)) && FD_BUDGET=20000
+# HAProxy: 2 fds per connection plus, with splicing, a pipe pair per 4 connections.
+HAPROXY_MAXCONN=$(((FD_BUDGET - 100) * 2 / 5))
+((HAPROXY_MAXCONN > 7900)) && HAPROXY_MAXCONN=7900
+NGINX_RLIMIT=$FD_BUDGET
+NGINX_WORKER_CONNECTIONS=$((FD_BUDGET * 19 / 20))
+((MEM_CONNS <= HAPROXY_MAXCONN - 100 && 2 * MEM_CONNS + 200 <= FD_BUDGET)) ||
+    die "MEM_CONNS=$MEM_CONNS is too high for the open-files limit $(ulimit -n) (HAProxy maxconn would be $HAPROXY_MAXCONN)"
 [[ -n ${TARGETS// /} ]] || die "TARGETS is empty"
 [[ -n ${FIGURES// /} ]] || die "FIGURES is empty"
 
@@ -89,6 +129,7 @@ SVC_NAMES=(none iperf sockperf http hold)
 target_index() {
     case $1 in
         flowgate) echo 1 ;; haproxy) echo 2 ;; haproxy-splice) echo 3 ;; nginx) echo 4 ;;
+        flowgate-shared) echo 5 ;;
         *) die "no index for target '$1'" ;;
     esac
 }
@@ -102,6 +143,7 @@ mem_port() { echo $((PORT_BASE + 100 * $(target_index "$1") + 50)); }
 
 PIDS=()
 declare -A PID_NAME=()
+OLD_AUTOGROUP_NICE=
 LAST_PID=
 
 descendants() { # pid -> all descendant pids, one per line
@@ -152,12 +194,24 @@ cleanup() {
     for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
         stop_pid "${PIDS[i]}"
     done
+    if [[ -n $OLD_AUTOGROUP_NICE ]]; then echo "$OLD_AUTOGROUP_NICE" >"/proc/$$/autogroup" 2>/dev/null || true; fi
     if ((rc != 0)); then log "stopped (exit status $rc); logs are in $OUT_DIR/logs"; fi
     exit "$rc"
 }
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
+
+if ((NICE != 0)); then
+    renice -n "$NICE" -p $$ >/dev/null || die "cannot renice to $NICE (negative values need root)"
+    # With autogroup scheduling, nice only ranks tasks within one session;
+    # between sessions the session's autogroup nice counts. Set it for the
+    # duration of the run and put it back in cleanup.
+    if [[ -w /proc/$$/autogroup ]] && [[ $(cat /proc/sys/kernel/sched_autogroup_enabled 2>/dev/null) == 1 ]]; then
+        OLD_AUTOGROUP_NICE=$(awk '{ print $NF }' "/proc/$$/autogroup")
+        echo "$NICE" >"/proc/$$/autogroup" || die "cannot set the autogroup nice level to $NICE"
+    fi
+fi
 
 is_listening() { # port
     if command -v ss >/dev/null 2>&1; then
@@ -203,6 +257,29 @@ rss_kib() { # pid -> summed VmRSS (KiB) of the process and all its descendants
         total=$((total + ${v:-0}))
     done
     echo "$total"
+}
+
+cpu_snapshot() { # -> "<uptime s> <busy jiffies, all CPUs> <jiffies used by this benchmark>"
+    # Busy = user + nice + system + irq + softirq from /proc/stat. "Ours" is this
+    # shell and all its descendants (reaped ones via cutime/cstime), plus
+    # the ksoftirqd threads, which run the loopback traffic's deferred softirq
+    # work. With tick-based accounting a task's stime includes the softirq ticks
+    # it was interrupted for, hence softirq must be on both sides.
+    local up busy ours=0 p
+    read -r up _ </proc/uptime
+    busy=$(awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 }' /proc/stat)
+    for p in $$ $(descendants $$) $(pgrep -x 'ksoftirqd/[0-9]+' 2>/dev/null || true); do
+        ours=$((ours + $(sed 's/^.*) //' "/proc/$p/stat" 2>/dev/null | awk '{ print $12 + $13 + $14 + $15 }' || echo 0)))
+    done
+    echo "$up $busy $ours"
+}
+
+foreign_cpu_pct() { # "snapshot-before" "snapshot-after" -> % of one CPU used by other processes
+    awk -v a="$1" -v b="$2" -v hz="$(getconf CLK_TCK)" 'BEGIN {
+        split(a, x, " "); split(b, y, " ")
+        wall = y[1] - x[1]; if (wall <= 0) { print 0; exit }
+        f = ((y[2] - x[2]) - (y[3] - x[3])) / hz / wall * 100
+        printf "%.0f", (f < 0 ? 0 : f) }'
 }
 
 # -------------------------------------------------------------------- tools --
@@ -296,10 +373,10 @@ start_backends() {
 daemon off;
 master_process on;
 worker_processes $LB_WORKERS;
-worker_rlimit_nofile 20000;
+worker_rlimit_nofile $NGINX_RLIMIT;
 pid $dir/nginx.pid;
 error_log $dir/error.log warn;
-events { worker_connections 19000; }
+events { worker_connections $NGINX_WORKER_CONNECTIONS; }
 http {
     access_log off;
     keepalive_timeout 350s;
@@ -337,11 +414,12 @@ check_backend() { check_alive "${BACKEND_PID[$1]}" "$1 backend" "${BACKEND_LOG[$
 # ---------------------------------------------------------------- balancers --
 # A listener spec is "service:listen_port:backend_port".
 
-write_flowgate_config() { # file spec...
-    local file=$1 s name lport bport
-    shift
+write_flowgate_config() { # file worker_model(""=default) spec...
+    local file=$1 model=$2 s name lport bport
+    shift 2
     {
         printf '[runtime]\nworkers = %d\nshutdown_timeout = "1s"\n' "$LB_WORKERS"
+        [[ -n $model ]] && printf 'worker_model = "%s"\n' "$model"
         for s in "$@"; do
             IFS=: read -r name lport bport <<<"$s"
             printf '\n[[listeners]]\nname = "%s"\nbind = "%s:%s"\nprotocol = "tcp"\npool = "%s"\n' \
@@ -391,10 +469,10 @@ write_nginx_config() { # dir spec...
 daemon off;
 master_process on;
 worker_processes $LB_WORKERS;
-worker_rlimit_nofile 20000;
+worker_rlimit_nofile $NGINX_RLIMIT;
 pid $dir/nginx.pid;
 error_log $dir/error.log warn;
-events { worker_connections 19000; }
+events { worker_connections $NGINX_WORKER_CONNECTIONS; }
 stream {
     proxy_connect_timeout 3s;
     proxy_timeout 350s;
@@ -416,8 +494,8 @@ start_lb() { # target instance-name spec... ; sets LAST_PID and LAST_LOG, waits 
     logf=$OUT_DIR/logs/$inst.log
     for s in "$@"; do ports+=("$(cut -d: -f2 <<<"$s")"); done
     case $target in
-        flowgate)
-            write_flowgate_config "$dir/flowgate.toml" "$@"
+        flowgate | flowgate-shared)
+            write_flowgate_config "$dir/flowgate.toml" "$([[ $target == flowgate-shared ]] && echo shared)" "$@"
             start_bg "$inst" "$logf" "$FLOWGATE_BIN" run --config "$dir/flowgate.toml"
             ;;
         haproxy | haproxy-splice)
@@ -598,7 +676,7 @@ record() { # round metric target value
 }
 
 ensure_tools
-has_target flowgate && build_flowgate
+{ has_target flowgate || has_target flowgate-shared; } && build_flowgate
 
 # Refuse to start if something else already uses our ports.
 for svc in 1 2 3 4; do
@@ -619,78 +697,134 @@ done
     echo "nproc: $(nproc)"
     echo "cpu: $(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)"
     echo "kernel: $(uname -r)"
-    echo "ROUNDS=$ROUNDS TARGETS=\"$TARGETS\" FIGURES=\"$FIGURES\""
+    echo "memory: $(awk '/^MemTotal:/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)"
+    echo "loadavg at the start: $(cat /proc/loadavg)"
+    echo "ROUNDS=$ROUNDS TARGETS=\"$TARGETS\" FIGURES=\"$FIGURES\" NICE=$NICE (actual: $(ps -o ni= -p $$ | tr -d ' '))"
     echo "IPERF_TIME=$IPERF_TIME SOCKPERF_TIME=$SOCKPERF_TIME WRK_TIME=$WRK_TIME WRK_THREADS=$WRK_THREADS WRK_CONNS=$WRK_CONNS MEM_CONNS=$MEM_CONNS"
     command -v haproxy >/dev/null && echo "haproxy: $(haproxy -v 2>&1 | head -n1)"
     command -v nginx >/dev/null && echo "nginx: $(nginx -v 2>&1)"
     command -v iperf3 >/dev/null && echo "iperf3: $(iperf3 --version 2>&1 | head -n1)"
     command -v sockperf >/dev/null && echo "sockperf: $(sockperf --version 2>&1 | head -n1)"
     command -v wrk >/dev/null && echo "wrk: $(wrk -v 2>&1 | head -n1)"
-    [[ -n $FLOWGATE_BIN ]] && echo "flowgate: $FLOWGATE_BIN"
+    [[ -n $FLOWGATE_BIN ]] && echo "flowgate: $FLOWGATE_BIN ($("$FLOWGATE_BIN" --version 2>&1 | head -n1))"
 } >"$OUT_DIR/meta.txt"
 
 log "results and logs: $OUT_DIR"
+snap=$(cpu_snapshot)
+sleep 1
+busy_pct=$(foreign_cpu_pct "$snap" "$(cpu_snapshot)")
+if ((busy_pct > 10)); then
+    log "warning: other processes are using ${busy_pct}% of a CPU right now; they will distort the figures"
+fi
+printf 'round\tfigure\ttarget\tforeign_cpu_pct\n' >"$OUT_DIR/load.tsv"
+DISTURBED=0
 start_backends
 start_balancers
+
+# measure_one figure target prefix: sets LINES to "metric value" pairs (value NA
+# on failure), MSG to a human summary; returns non-zero when the tool failed.
+measure_one() {
+    local f=$1 t=$2 pre=$3 p50 p99 p999
+    LINES='' MSG=''
+    case $f in
+        bulk1 | bulk4)
+            check_backend iperf
+            if measure_bulk "$t" "${f#bulk}" "$pre.json"; then
+                LINES="bulk_${f#bulk} $RESULT" MSG="$RESULT Gbit/s"
+            else
+                LINES="bulk_${f#bulk} NA"
+                return 1
+            fi
+            ;;
+        latency)
+            check_backend sockperf
+            if measure_latency "$t" "$pre.log"; then
+                read -r p50 p99 p999 <<<"$RESULT"
+                LINES="lat_p50 $p50"$'\n'"lat_p99 $p99"$'\n'"lat_p999 $p999"
+                MSG="p50 $p50 p99 $p99 p99.9 $p999 us"
+            else
+                LINES="lat_p50 NA"$'\n'"lat_p99 NA"$'\n'"lat_p999 NA"
+                return 1
+            fi
+            ;;
+        cps | rps)
+            check_backend http
+            if measure_wrk "$t" "$([[ $f == cps ]] && echo 1 || echo 0)" "$pre.log"; then
+                LINES="$f $RESULT" MSG="$RESULT /s"
+            else
+                LINES="$f NA"
+                return 1
+            fi
+            ;;
+        mem)
+            check_backend hold
+            if measure_mem "$t" "$pre"; then
+                LINES="mem_kb $RESULT" MSG="$RESULT KiB/conn"
+            else
+                LINES="mem_kb NA"
+                return 1
+            fi
+            ;;
+    esac
+}
+
+wait_quiet() { # wait up to QUIET_WAIT seconds for other processes to calm down
+    local deadline=$((SECONDS + QUIET_WAIT)) snap pct
+    ((QUIET_WAIT > 0)) || return 0
+    while ((SECONDS < deadline)); do
+        snap=$(cpu_snapshot)
+        sleep 1
+        pct=$(foreign_cpu_pct "$snap" "$(cpu_snapshot)")
+        ((pct <= FOREIGN_THRESHOLD)) && return 0
+    done
+    log "note: other processes still use ${pct}% of a CPU after waiting ${QUIET_WAIT}s; measuring anyway"
+}
 
 START=$SECONDS
 for ((r = 1; r <= ROUNDS; r++)); do
     for f in $FIGURES; do
         for t in $TARGETS; do
             [[ $f == mem && $t == direct ]] && continue # no balancer, nothing to measure
-            check_target "$t"
-            pre=$OUT_DIR/runs/r$r-$f-$t
-            case $f in
-                bulk1 | bulk4)
-                    check_backend iperf
-                    if measure_bulk "$t" "${f#bulk}" "$pre.json"; then
-                        record "$r" "bulk_${f#bulk}" "$t" "$RESULT"
-                        log "round $r/$ROUNDS $f $t: $RESULT Gbit/s"
-                    else
-                        record "$r" "bulk_${f#bulk}" "$t" NA
-                        FAILED=$((FAILED + 1))
-                    fi
-                    ;;
-                latency)
-                    check_backend sockperf
-                    if measure_latency "$t" "$pre.log"; then
-                        read -r p50 p99 p999 <<<"$RESULT"
-                        record "$r" lat_p50 "$t" "$p50"
-                        record "$r" lat_p99 "$t" "$p99"
-                        record "$r" lat_p999 "$t" "$p999"
-                        log "round $r/$ROUNDS latency $t: p50 $p50 p99 $p99 p99.9 $p999 us"
-                    else
-                        for m in lat_p50 lat_p99 lat_p999; do record "$r" "$m" "$t" NA; done
-                        FAILED=$((FAILED + 1))
-                    fi
-                    ;;
-                cps | rps)
-                    check_backend http
-                    if measure_wrk "$t" "$([[ $f == cps ]] && echo 1 || echo 0)" "$pre.log"; then
-                        record "$r" "$f" "$t" "$RESULT"
-                        log "round $r/$ROUNDS $f $t: $RESULT /s"
-                    else
-                        record "$r" "$f" "$t" NA
-                        FAILED=$((FAILED + 1))
-                    fi
-                    ;;
-                mem)
-                    check_backend hold
-                    if measure_mem "$t" "$pre"; then
-                        record "$r" mem_kb "$t" "$RESULT"
-                        log "round $r/$ROUNDS mem $t: $RESULT KiB/conn"
-                    else
-                        record "$r" mem_kb "$t" NA
-                        FAILED=$((FAILED + 1))
-                    fi
-                    ;;
-            esac
+            for ((attempt = 0; ; attempt++)); do
+                check_target "$t"
+                wait_quiet
+                pre=$OUT_DIR/runs/r$r-$f-$t
+                ((attempt == 0)) || pre=$pre-retry$attempt
+                snap=$(cpu_snapshot)
+                ok=1
+                measure_one "$f" "$t" "$pre" || ok=0
+                foreign=$(foreign_cpu_pct "$snap" "$(cpu_snapshot)")
+                printf '%s\t%s\t%s\t%s\n' "$r" "$f" "$t" "$foreign" >>"$OUT_DIR/load.tsv"
+                ((foreign > FOREIGN_THRESHOLD)) || break
+                if ((attempt < RETRY_DISTURBED)); then
+                    log "other processes used ${foreign}% of a CPU during round $r $f $t; measuring it again"
+                    continue
+                fi
+                log "warning: other processes used ${foreign}% of a CPU during round $r $f $t"
+                DISTURBED=$((DISTURBED + 1))
+                break
+            done
+            while read -r metric value; do
+                record "$r" "$metric" "$t" "$value"
+            done <<<"$LINES"
+            if ((ok)); then
+                log "round $r/$ROUNDS $f $t: $MSG"
+            else
+                FAILED=$((FAILED + 1))
+            fi
         done
     done
 done
 log "measurements took $((SECONDS - START)) s"
+echo "loadavg at the end: $(cat /proc/loadavg)" >>"$OUT_DIR/meta.txt"
 
 python3 "$HELPERS/report.py" "$RAW" "$TARGETS" "$ROUNDS" >"$OUT_DIR/results.md"
+max_foreign=$(awk -F'\t' 'NR > 1 && $4 > m { m = $4 } END { print m + 0 }' "$OUT_DIR/load.tsv")
+{
+    echo
+    echo "Other processes on the machine used at most ${max_foreign}% of one CPU during any single measurement;"
+    echo "$DISTURBED measurement(s) exceeded ${FOREIGN_THRESHOLD}% (per-measurement figures in load.tsv)."
+} >>"$OUT_DIR/results.md"
 {
     echo
     echo "Results ($(date -u '+%Y-%m-%d'), $(nproc) CPUs, ROUNDS=$ROUNDS; raw numbers in $RAW):"

@@ -25,7 +25,8 @@ METRICS = [
     ("mem_kb", "Memory per idle established connection", "KiB/conn", False, "{:.2f}"),
 ]
 
-RATIO_PAIRS = [("flowgate", "haproxy"), ("flowgate", "haproxy-splice")]
+RATIO_PAIRS = [("flowgate", "haproxy"), ("flowgate", "haproxy-splice"),
+               ("flowgate-shared", "haproxy")]
 
 
 def main():

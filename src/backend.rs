@@ -11,7 +11,7 @@
 //! operators is derived: disabled > draining > down > up.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -78,8 +78,12 @@ pub struct Backend {
     /// Connections picked for this backend and not yet closed (including those still
     /// connecting), so least-connections sees a connect in progress.
     active: AtomicUsize,
-    /// Cancelled when a drain deadline passes: cuts this backend's open sessions.
+    /// Cancelled (and replaced) to wake this backend's sessions: they then check
+    /// `drain_epoch` and their listener, and end or wait on the new token. One wake
+    /// source per session keeps the per-connection footprint small.
     cut: ArcSwap<CancellationToken>,
+    /// Bumped when a drain deadline passes: sessions started before it end.
+    drain_epoch: AtomicU64,
     /// Consecutive connect failures or resets, for passive ejection.
     passive_failures: AtomicU32,
     last_check: Mutex<Option<CheckRecord>>,
@@ -96,6 +100,7 @@ impl Backend {
             flags: AtomicU8::new(0),
             active: AtomicUsize::new(0),
             cut: ArcSwap::from_pointee(CancellationToken::new()),
+            drain_epoch: AtomicU64::new(0),
             passive_failures: AtomicU32::new(0),
             last_check: Mutex::new(None),
         })
@@ -182,14 +187,25 @@ impl Backend {
         ActiveGuard(self.clone())
     }
 
-    /// The token that cuts this backend's sessions when a drain deadline passes.
+    /// The token that wakes this backend's sessions (see `cut`).
     pub fn cut_token(&self) -> CancellationToken {
         CancellationToken::clone(&self.cut.load())
     }
 
+    pub fn drain_epoch(&self) -> u64 {
+        self.drain_epoch.load(Ordering::Acquire)
+    }
+
     /// Closes every open session on this backend now (drain deadline). Sessions that
-    /// start later get a fresh token.
+    /// start later are not affected.
     pub fn cut_sessions(&self) {
+        self.drain_epoch.fetch_add(1, Ordering::AcqRel);
+        self.wake_sessions();
+    }
+
+    /// Wakes every session on this backend so it re-checks why it might have to end
+    /// (its listener was cut); sessions with no reason carry on.
+    pub fn wake_sessions(&self) {
         let old = self.cut.swap(Arc::new(CancellationToken::new()));
         old.cancel();
     }

@@ -120,6 +120,9 @@ struct State {
     pools: HashMap<String, Arc<Pool>>,
     /// Per pool: stops its probe tasks.
     probes: HashMap<String, CancellationToken>,
+    /// Pools a reload removed; their backends may still have sessions to cut on a
+    /// hard stop.
+    removed_pools: Vec<Arc<Pool>>,
 }
 
 #[derive(Clone)]
@@ -162,6 +165,7 @@ impl Flowgate {
                 listeners: Vec::new(),
                 pools: HashMap::new(),
                 probes: HashMap::new(),
+                removed_pools: Vec::new(),
             }),
         });
         let fg = Flowgate { inner };
@@ -328,6 +332,7 @@ impl Flowgate {
                 if let Some(stop) = st.probes.remove(&name) {
                     stop.cancel();
                 }
+                st.removed_pools.push(old);
             }
         }
         st.pools = pools;
@@ -414,6 +419,8 @@ impl Flowgate {
                 if tokio::time::Instant::now() >= deadline {
                     warn!(listener = %shared.name, "drain_timeout passed: closing the removed listener's connections");
                     shared.cut.cancel();
+                    let pool = shared.settings().pool.clone();
+                    wake_all(&[pool]);
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -550,6 +557,15 @@ impl Flowgate {
                 "shutdown_timeout expired; closing the remaining connections"
             );
             inner.hard_stop.cancel();
+            let pools: Vec<_> = {
+                let st = inner.lock();
+                st.pools
+                    .values()
+                    .chain(&st.removed_pools)
+                    .cloned()
+                    .collect()
+            };
+            wake_all(&pools);
             let _ = tokio::time::timeout(Duration::from_secs(5), inner.sessions.wait()).await;
         }
         inner.stop_threads.cancel();
@@ -568,6 +584,16 @@ impl Drop for Inner {
         self.stop_accept.cancel();
         self.hard_stop.cancel();
         self.stop_threads.cancel();
+    }
+}
+
+/// Wakes every session of these pools' backends (current and retiring) so they
+/// re-check their listener's cut.
+fn wake_all(pools: &[Arc<Pool>]) {
+    for p in pools {
+        for b in p.backends().iter().chain(&p.retiring()) {
+            b.wake_sessions();
+        }
     }
 }
 

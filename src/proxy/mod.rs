@@ -100,7 +100,8 @@ pub async fn serve(
     settings: Arc<ListenerSettings>,
     cut: CancellationToken,
 ) -> Termination {
-    let _ = client.set_nodelay(true);
+    // TCP_NODELAY: accepted sockets inherit it from the listening socket
+    // (listener::bind sets it), which saves a syscall per connection.
     let connected = tokio::select! {
         biased;
         _ = cut.cancelled() => return Termination::Shutdown,
@@ -118,7 +119,8 @@ pub async fn serve(
     let _ = backend.set_nodelay(true);
     let stops = Stops {
         listener: cut,
-        backend: guard.backend().cut_token(),
+        epoch: guard.backend().drain_epoch(),
+        backend: guard.backend().clone(),
     };
     let (end, up, down) =
         splice_both(&mut client, &mut backend, settings.idle_timeout, &stops).await;
@@ -142,12 +144,28 @@ pub async fn serve(
     end
 }
 
-/// What can end a session from outside.
+/// What can end a session from outside. A session waits on one wake-up source only,
+/// its backend's token; when woken it checks whether its listener was cut (hard stop,
+/// or a removed listener's deadline) or its backend's drain deadline passed since the
+/// session started, and otherwise waits again.
 struct Stops {
-    /// Hard stop of the process or of the listener.
+    /// Hard stop of the process or of the listener (checked, not awaited).
     listener: CancellationToken,
-    /// The backend's drain deadline.
-    backend: CancellationToken,
+    backend: Arc<Backend>,
+    /// The backend's drain epoch when the session started.
+    epoch: u64,
+}
+
+impl Stops {
+    fn reason(&self) -> Option<Termination> {
+        if self.listener.is_cancelled() {
+            Some(Termination::Shutdown)
+        } else if self.backend.drain_epoch() != self.epoch {
+            Some(Termination::Drained)
+        } else {
+            None
+        }
+    }
 }
 
 /// Connects to a backend, moving on to the next distinct one on failure, up to the
@@ -248,18 +266,18 @@ async fn splice_both(
         let (mut cr, mut cw) = client.split();
         let (mut br, mut bw) = backend.split();
         let idle = tokio::time::sleep(idle_timeout);
-        let stop = stops.listener.cancelled();
-        let drained = stops.backend.cancelled();
-        tokio::pin!(idle, stop, drained);
+        let wake = stops.backend.cut_token().cancelled_owned();
+        tokio::pin!(idle, wake);
         // Alternate which direction goes first, so a bulk direction that uses up the
         // task's budget cannot starve the other one.
         let mut up_first = true;
         std::future::poll_fn(|cx| {
-            if stop.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Termination::Shutdown);
-            }
-            if drained.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Termination::Drained);
+            while wake.as_mut().poll(cx).is_ready() {
+                // Load the next token before re-checking, so a cut in between is seen.
+                wake.set(stops.backend.cut_token().cancelled_owned());
+                if let Some(why) = stops.reason() {
+                    return Poll::Ready(why);
+                }
             }
             up_first = !up_first;
             for dir in [up_first, !up_first] {
@@ -372,9 +390,15 @@ mod tests {
         accepted.set_nonblocking(true).unwrap();
         let mut b = TcpStream::from_std(accepted).unwrap();
         let token = CancellationToken::new();
+        let backend = crate::backend::Backend::new(&crate::config::BackendConfig {
+            name: "127.0.0.1:1".into(),
+            addr: "127.0.0.1:1".parse().unwrap(),
+            weight: 1,
+        });
         let stops = Stops {
             listener: token.clone(),
-            backend: token.clone(),
+            backend,
+            epoch: 0,
         };
         let f = splice_both(&mut a, &mut b, Duration::from_secs(1), &stops);
         let n = size(&f);

@@ -94,6 +94,12 @@ impl Pool {
         self.snapshot.load_full()
     }
 
+    /// `connect_attempts`, read without touching the config's shared refcount (this is
+    /// on every connect).
+    pub fn connect_attempts(&self) -> usize {
+        self.snapshot.load().config.connect_attempts
+    }
+
     pub fn config(&self) -> Arc<PoolConfig> {
         self.snapshot.load().config.clone()
     }

@@ -175,7 +175,7 @@ async fn connect(
     peer: SocketAddr,
 ) -> Result<(TcpStream, ActiveGuard), Termination> {
     let pool = &settings.pool;
-    let attempts = pool.config().connect_attempts;
+    let attempts = pool.connect_attempts();
     let mut tried: Vec<Arc<Backend>> = Vec::new();
     for _ in 0..attempts {
         let Some(guard) = pool.pick(peer.ip(), &tried) else {

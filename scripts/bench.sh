@@ -370,13 +370,7 @@ start_backends() {
         mkdir -p "$dir/tmp"
         cat >"$dir/nginx.conf" <<EOF
 # HTTP backend for the cps/rps figures: a tiny static response.
-daemon off;
-master_process on;
-worker_processes $LB_WORKERS;
-worker_rlimit_nofile $NGINX_RLIMIT;
-pid $dir/nginx.pid;
-error_log $dir/error.log warn;
-events { worker_connections $NGINX_WORKER_CONNECTIONS; }
+$(nginx_main "$dir")
 http {
     access_log off;
     keepalive_timeout 350s;
@@ -458,6 +452,18 @@ EOF
     } >"$file"
 }
 
+nginx_main() { # dir -> the main-context lines both nginx instances share
+    cat <<EOF
+daemon off;
+master_process on;
+worker_processes $LB_WORKERS;
+worker_rlimit_nofile $NGINX_RLIMIT;
+pid $1/nginx.pid;
+error_log $1/error.log warn;
+events { worker_connections $NGINX_WORKER_CONNECTIONS; }
+EOF
+}
+
 write_nginx_config() { # dir spec...
     local dir=$1 s name lport bport
     shift
@@ -466,13 +472,7 @@ write_nginx_config() { # dir spec...
             echo "load_module /usr/lib/nginx/modules/ngx_stream_module.so;"
         fi
         cat <<EOF
-daemon off;
-master_process on;
-worker_processes $LB_WORKERS;
-worker_rlimit_nofile $NGINX_RLIMIT;
-pid $dir/nginx.pid;
-error_log $dir/error.log warn;
-events { worker_connections $NGINX_WORKER_CONNECTIONS; }
+$(nginx_main "$dir")
 stream {
     proxy_connect_timeout 3s;
     proxy_timeout 350s;

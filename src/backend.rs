@@ -9,6 +9,10 @@
 //! usability with one load: an operator's drain or disable, the health checker's
 //! verdict and passive ejection never overwrite each other. The state shown to
 //! operators is derived: disabled > draining > down > up.
+//!
+//! Counters ([`BackendStats`]) are plain atomics bumped on the data path; the API and
+//! `GET /metrics` read them (see `crate::metrics`). Histograms are `metrics` handles
+//! registered once per backend, so recording one is a lock-free push.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
@@ -19,6 +23,7 @@ use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::BackendConfig;
+use crate::metrics::names;
 
 /// Whether a backend takes new connections. Only `Up` does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,8 +70,11 @@ pub struct CheckRecord {
 
 #[derive(Debug)]
 pub struct Backend {
-    /// The address as written in the config: identity for logs, hashing and the API.
-    pub name: String,
+    /// The address as written in the config: identity for logs, hashing, the API and
+    /// the `backend` metric label.
+    pub name: Arc<str>,
+    /// The pool this backend belongs to (the `pool` metric label).
+    pub pool: Arc<str>,
     pub addr: SocketAddr,
     /// Weight from the config file.
     config_weight: AtomicU32,
@@ -87,12 +95,99 @@ pub struct Backend {
     /// Consecutive connect failures or resets, for passive ejection.
     passive_failures: AtomicU32,
     last_check: Mutex<Option<CheckRecord>>,
+    pub stats: BackendStats,
+    pub histograms: BackendHistograms,
+}
+
+/// Why a connect to a backend failed: the `reason` label of
+/// `flowgate_backend_connect_errors_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectError {
+    Refused,
+    Timeout,
+    Reset,
+    Other,
+}
+
+impl ConnectError {
+    pub const ALL: [ConnectError; 4] = [
+        ConnectError::Refused,
+        ConnectError::Timeout,
+        ConnectError::Reset,
+        ConnectError::Other,
+    ];
+
+    pub fn classify(e: &std::io::Error) -> ConnectError {
+        use std::io::ErrorKind::*;
+        match e.kind() {
+            ConnectionRefused => ConnectError::Refused,
+            TimedOut => ConnectError::Timeout,
+            ConnectionReset | ConnectionAborted => ConnectError::Reset,
+            _ => ConnectError::Other,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnectError::Refused => "refused",
+            ConnectError::Timeout => "timeout",
+            ConnectError::Reset => "reset",
+            ConnectError::Other => "other",
+        }
+    }
+}
+
+/// Exact counters of one backend, kept across reloads with the backend. Relaxed
+/// atomics: each is independent, and readers only need eventually-exact totals.
+#[derive(Debug, Default)]
+pub struct BackendStats {
+    /// TCP connections established to the backend.
+    pub connections: AtomicU64,
+    /// Failed connect attempts, indexed like [`ConnectError::ALL`].
+    pub connect_errors: [AtomicU64; 4],
+    /// Bytes written to the backend, counted as they move.
+    pub bytes_to: AtomicU64,
+    /// Bytes read from the backend and written to clients, counted as they move.
+    pub bytes_from: AtomicU64,
+    pub checks_ok: AtomicU64,
+    pub checks_failed: AtomicU64,
+    /// UDP sessions started on this backend, and those still open.
+    pub udp_sessions: AtomicU64,
+    pub udp_active: AtomicU64,
+}
+
+impl BackendStats {
+    pub fn connect_error(&self, e: ConnectError) {
+        self.connect_errors[e as usize].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Per-backend histograms (no-ops when no metrics recorder is installed).
+#[derive(Debug)]
+pub struct BackendHistograms {
+    pub connect: metrics::Histogram,
+    pub first_byte: metrics::Histogram,
+    pub health_check: metrics::Histogram,
+}
+
+impl BackendHistograms {
+    fn new(pool: &str, backend: &str) -> BackendHistograms {
+        let labels = [("pool", pool.to_string()), ("backend", backend.to_string())];
+        BackendHistograms {
+            connect: metrics::histogram!(names::BACKEND_CONNECT_DURATION, &labels),
+            first_byte: metrics::histogram!(names::BACKEND_FIRST_BYTE_DURATION, &labels),
+            health_check: metrics::histogram!(names::HEALTH_CHECK_DURATION, &labels),
+        }
+    }
 }
 
 impl Backend {
-    pub fn new(cfg: &BackendConfig) -> Arc<Backend> {
+    pub fn new(cfg: &BackendConfig, pool: &str) -> Arc<Backend> {
         Arc::new(Backend {
-            name: cfg.name.clone(),
+            name: cfg.name.as_str().into(),
+            pool: pool.into(),
+            stats: BackendStats::default(),
+            histograms: BackendHistograms::new(pool, &cfg.name),
             addr: cfg.addr,
             config_weight: AtomicU32::new(cfg.weight),
             override_weight: AtomicU32::new(0),

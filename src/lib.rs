@@ -12,10 +12,14 @@
 //! - [`balance`]: the selection algorithms, one file each, behind one trait.
 //! - [`backend`]: per-backend state (up/down/draining/disabled) and counters.
 //! - [`health`]: active probes (tcp, http) and the rise/fall verdict.
-//! - [`admin`]: the JSON admin API (hyper) and /healthz.
+//! - [`admin`]: the JSON admin API (hyper), /healthz, /metrics and the status page.
+//! - [`metrics`]: Prometheus metrics: exact atomics on the data path, exported at
+//!   scrape time.
+//! - [`access_log`]: one line per finished connection, written off the data path.
 //! - [`proxy`]: one session: connect with retries, splice/copy both ways, half-close,
 //!   reset propagation, idle timeout.
 
+pub mod access_log;
 pub mod admin;
 pub mod backend;
 pub mod balance;
@@ -23,6 +27,7 @@ pub mod config;
 pub mod fd;
 pub mod health;
 pub mod listener;
+pub mod metrics;
 pub mod pool;
 pub mod proxy;
 pub mod runtime;

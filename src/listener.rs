@@ -25,7 +25,7 @@ use crate::proxy;
 
 /// What every session of a listener shares.
 pub struct ListenerShared {
-    pub name: String,
+    pub name: Arc<str>,
     /// Replaced whole by a reload; a session keeps the settings it started with.
     settings: ArcSwap<ListenerSettings>,
     /// Stops this listener's accept loops (reload removed it, or shutdown).
@@ -38,6 +38,12 @@ pub struct ListenerShared {
     pub accepted: AtomicU64,
     /// Clients closed at once because `max_connections` was reached.
     pub rejected_max_connections: AtomicU64,
+    /// Clients closed because no backend was usable.
+    pub rejected_no_backend: AtomicU64,
+    /// Clients closed because every connect attempt failed.
+    pub rejected_connect_failed: AtomicU64,
+    /// `flowgate_session_duration_seconds{listener}`.
+    pub session_duration: metrics::Histogram,
 }
 
 /// A listener's settings as of the last (re)load.
@@ -69,14 +75,39 @@ impl ListenerShared {
         cut: CancellationToken,
     ) -> Arc<ListenerShared> {
         Arc::new(ListenerShared {
-            name: cfg.name.clone(),
+            name: cfg.name.as_str().into(),
             settings: ArcSwap::from_pointee(ListenerSettings::new(cfg, pool)),
             stop_accept,
             cut,
             active: AtomicUsize::new(0),
             accepted: AtomicU64::new(0),
             rejected_max_connections: AtomicU64::new(0),
+            rejected_no_backend: AtomicU64::new(0),
+            rejected_connect_failed: AtomicU64::new(0),
+            session_duration: metrics::histogram!(
+                crate::metrics::names::SESSION_DURATION,
+                "listener" => cfg.name.clone()
+            ),
         })
+    }
+
+    /// Rejected clients by reason (the `reason` label of
+    /// `flowgate_connections_rejected_total`).
+    pub fn rejected(&self) -> [(&'static str, u64); 3] {
+        [
+            (
+                "max_connections",
+                self.rejected_max_connections.load(Ordering::Relaxed),
+            ),
+            (
+                "no_backend",
+                self.rejected_no_backend.load(Ordering::Relaxed),
+            ),
+            (
+                "connect_failed",
+                self.rejected_connect_failed.load(Ordering::Relaxed),
+            ),
+        ]
     }
 
     pub fn settings(&self) -> Arc<ListenerSettings> {
@@ -140,7 +171,7 @@ pub async fn accept_loop(
                 if let Some(slot) = Slot::take(&shared, settings.max_connections) {
                     let cut = shared.cut.clone();
                     tracker.spawn(async move {
-                        proxy::serve(stream, peer, &slot.0.name, settings, cut).await
+                        proxy::serve(stream, peer, &slot.0, settings, cut).await
                     });
                 } else {
                     shared
@@ -148,6 +179,7 @@ pub async fn accept_loop(
                         .fetch_add(1, Ordering::Relaxed);
                     debug!(listener = %shared.name, client = %peer, "max_connections reached, closing client");
                     reject(stream);
+                    proxy::log_rejected(&shared, &settings, peer);
                 }
             }
             Err(e) if fd::is_exhaustion(&e) => {

@@ -5,9 +5,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use flowgate::config::{LogConfig, LogFormat};
 use flowgate::{Config, Flowgate};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{reload, EnvFilter, Registry};
 
 /// A Layer 4 TCP load balancer.
 #[derive(Parser)]
@@ -56,15 +60,16 @@ fn main() -> ExitCode {
             }
         },
         Command::Run { config } => {
-            init_logging();
             let cfg = match Config::load(&config) {
                 Ok(c) => c,
                 Err(e) => {
+                    init_logging(&flowgate::config::LogConfig::default());
                     error!("invalid configuration: {e}");
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
-            match run(cfg) {
+            let level = init_logging(&cfg.log);
+            match run(cfg, level) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     error!("{e:#}");
@@ -75,17 +80,36 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
+/// Changes the log level of the running process (reload).
+type LevelHandle = Option<reload::Handle<EnvFilter, Registry>>;
+
+/// Logs to stderr at `[log] level`, as text or JSON lines (`[log] format`); `RUST_LOG`,
+/// when set, wins over the file and is not changed by a reload.
+fn init_logging(log: &LogConfig) -> LevelHandle {
+    let from_env = EnvFilter::try_from_default_env().ok();
+    let env_set = from_env.is_some();
+    let filter = from_env.unwrap_or_else(|| EnvFilter::new(&log.level));
+    let (filter, handle) = reload::Layer::new(filter);
+    let json = log.format == LogFormat::Json;
+    let text = (!json).then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
+    });
+    let json = json.then(|| {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+    });
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(text)
+        .with(json)
         .init();
+    (!env_set).then_some(handle)
 }
 
-fn run(cfg: Config) -> anyhow::Result<()> {
+fn run(cfg: Config, level: LevelHandle) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -93,12 +117,25 @@ fn run(cfg: Config) -> anyhow::Result<()> {
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let mut hup = signal(SignalKind::hangup())?;
+        let mut usr1 = signal(SignalKind::user_defined1())?;
+        if let Some(h) = level {
+            flowgate::runtime::set_log_level_hook(move |new| {
+                match h.reload(EnvFilter::new(new)) {
+                    Ok(()) => info!(level = new, "log level changed"),
+                    Err(e) => warn!(error = %e, "cannot change the log level"),
+                }
+            });
+        }
         let fg = Flowgate::start(cfg)?;
         info!(version = env!("CARGO_PKG_VERSION"), "flowgate started");
         let sig = loop {
             tokio::select! {
                 _ = term.recv() => break "SIGTERM",
                 _ = int.recv() => break "SIGINT",
+                _ = usr1.recv() => {
+                    info!("SIGUSR1: reopening the access log");
+                    flowgate::access_log::reopen();
+                }
                 _ = hup.recv() => {
                     info!("SIGHUP: reloading configuration");
                     let fg2 = fg.clone();

@@ -17,7 +17,7 @@ use crate::balance::{self, Pick, Selector};
 use crate::config::{PoolConfig, WhenAllDown};
 
 pub struct Pool {
-    pub name: String,
+    pub name: Arc<str>,
     snapshot: ArcSwap<Snapshot>,
     /// Backends a reload removed that still have connections draining; shown in the
     /// API until they are gone.
@@ -40,7 +40,7 @@ impl Pool {
     pub fn new(cfg: &PoolConfig) -> Arc<Pool> {
         let backends: Vec<_> = cfg.backends.iter().map(|b| new_backend(cfg, b)).collect();
         Arc::new(Pool {
-            name: cfg.name.clone(),
+            name: cfg.name.as_str().into(),
             snapshot: ArcSwap::from_pointee(Snapshot::new(Arc::new(cfg.clone()), backends)),
             retiring: Mutex::new(Vec::new()),
             all_down: AtomicBool::new(false),
@@ -58,7 +58,7 @@ impl Pool {
             match old
                 .backends
                 .iter()
-                .find(|b| b.name == bc.name && b.addr == bc.addr)
+                .find(|b| *b.name == *bc.name && b.addr == bc.addr)
             {
                 Some(b) => {
                     b.set_config_weight(bc.weight);
@@ -114,7 +114,7 @@ impl Pool {
             .load()
             .backends
             .iter()
-            .find(|b| b.name == name)
+            .find(|b| &*b.name == name)
             .cloned()
     }
 
@@ -196,7 +196,7 @@ impl Pool {
 }
 
 fn new_backend(pool: &PoolConfig, cfg: &crate::config::BackendConfig) -> Arc<Backend> {
-    let b = Backend::new(cfg);
+    let b = Backend::new(cfg, &pool.name);
     if pool.health_check.is_some() {
         b.set_flag(flag::UNHEALTHY);
     }

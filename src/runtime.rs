@@ -19,9 +19,9 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
 use tokio::runtime::Handle;
@@ -45,10 +45,21 @@ pub struct BindError {
     pub source: io::Error,
 }
 
+/// The access log's file could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[error("log.access_log: cannot open {path}: {source}")]
+pub struct AccessLogError {
+    pub path: String,
+    #[source]
+    pub source: io::Error,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
     Bind(#[from] BindError),
+    #[error(transparent)]
+    AccessLog(#[from] AccessLogError),
     #[error("cannot start worker threads: {0}")]
     Workers(#[source] io::Error),
 }
@@ -59,6 +70,8 @@ pub enum ReloadError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Bind(#[from] BindError),
+    #[error(transparent)]
+    AccessLog(#[from] AccessLogError),
     #[error("no configuration file to reload from (started from an in-memory config)")]
     NoSource,
     #[error("shutting down")]
@@ -111,7 +124,38 @@ struct Inner {
     shutting_down: AtomicBool,
     admin_token: ArcSwapOption<String>,
     admin_addr: Mutex<Option<SocketAddr>>,
+    reloads_ok: AtomicU64,
+    reloads_failed: AtomicU64,
+    last_load: Mutex<SystemTime>,
     state: Mutex<State>,
+}
+
+/// Reload outcomes, for `flowgate_config_reloads_total`.
+pub struct ReloadStats {
+    pub ok: u64,
+    pub failed: u64,
+    /// The last successful load: startup or reload.
+    pub last_success: SystemTime,
+}
+
+/// Applies a new `[log] level`; set by the binary, which owns the subscriber.
+type LevelHook = Box<dyn Fn(&str) + Send + Sync>;
+static LOG_LEVEL_HOOK: std::sync::OnceLock<LevelHook> = std::sync::OnceLock::new();
+
+/// Lets a reload change the log level: `f` gets the new `[log] level`.
+pub fn set_log_level_hook(f: impl Fn(&str) + Send + Sync + 'static) {
+    let _ = LOG_LEVEL_HOOK.set(Box::new(f));
+}
+
+/// Applies the access-log part of `[log]`; a file that cannot be opened is an error.
+fn configure_access_log(log: &crate::config::LogConfig) -> Result<(), AccessLogError> {
+    crate::access_log::configure(&log.access_log, log.format).map_err(|source| AccessLogError {
+        path: match &log.access_log {
+            crate::config::AccessLogDest::File(p) => p.display().to_string(),
+            d => format!("{d:?}"),
+        },
+        source,
+    })
 }
 
 struct State {
@@ -134,6 +178,11 @@ pub struct RunningListener {
 impl Flowgate {
     pub fn start(config: Config) -> Result<Flowgate, StartError> {
         crate::proxy::set_splice(config.runtime.splice);
+        // Before any backend or listener exists: they register their histograms.
+        if config.admin.is_some() {
+            crate::metrics::install();
+        }
+        configure_access_log(&config.log)?;
         let stop_threads = CancellationToken::new();
         let (handles, control) = spawn_threads(
             config.runtime.worker_model,
@@ -160,6 +209,9 @@ impl Flowgate {
                     .map(Arc::new),
             ),
             admin_addr: Mutex::new(None),
+            reloads_ok: AtomicU64::new(0),
+            reloads_failed: AtomicU64::new(0),
+            last_load: Mutex::new(SystemTime::now()),
             state: Mutex::new(State {
                 config: config.clone(),
                 listeners: Vec::new(),
@@ -214,6 +266,7 @@ impl Flowgate {
             fg.inner
                 .control
                 .spawn(async move { crate::admin::serve(sock, weak).await });
+            fg.inner.control.spawn(crate::metrics::upkeep());
             info!(addr = ?addr, "admin API listening");
         }
         Ok(fg)
@@ -263,22 +316,50 @@ impl Flowgate {
     }
 
     fn start_probes(&self, st: &mut State, pool: &Arc<Pool>) {
-        if let Some(old) = st.probes.remove(&pool.name) {
+        if let Some(old) = st.probes.remove(&*pool.name) {
             old.cancel();
         }
         if let Some(hc) = pool.config().health_check.clone() {
             let stop = CancellationToken::new();
             health::spawn(pool, Arc::new(hc), &stop, &self.inner.control);
-            st.probes.insert(pool.name.clone(), stop);
+            st.probes.insert(pool.name.to_string(), stop);
         }
     }
 
     /// Re-reads the file the running config came from and applies it.
     pub fn reload(&self) -> Result<(), ReloadError> {
-        let source = self.inner.lock().config.source.clone();
-        let path = source.ok_or(ReloadError::NoSource)?;
-        let cfg = Config::load(&path)?;
-        self.apply(cfg)
+        let r = (|| {
+            let source = self.inner.lock().config.source.clone();
+            let path = source.ok_or(ReloadError::NoSource)?;
+            let cfg = Config::load(&path)?;
+            self.apply(cfg)
+        })();
+        match &r {
+            Ok(()) => {
+                self.inner.reloads_ok.fetch_add(1, Ordering::Relaxed);
+                *self
+                    .inner
+                    .last_load
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = SystemTime::now();
+            }
+            Err(_) => {
+                self.inner.reloads_failed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        r
+    }
+
+    pub fn reload_stats(&self) -> ReloadStats {
+        ReloadStats {
+            ok: self.inner.reloads_ok.load(Ordering::Relaxed),
+            failed: self.inner.reloads_failed.load(Ordering::Relaxed),
+            last_success: *self
+                .inner
+                .last_load
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        }
     }
 
     /// Applies `new` atomically with respect to errors: if a new listener cannot bind,
@@ -292,8 +373,18 @@ impl Flowgate {
             new.source = st.config.source.clone();
         }
         let same_socket = |old: &RunningListener, l: &ListenerConfig| {
-            old.shared.name == l.name && old.shared.settings().bind == l.bind
+            *old.shared.name == *l.name && old.shared.settings().bind == l.bind
         };
+
+        // 0. A new access-log file must open, or nothing changes.
+        if new.log.access_log != st.config.log.access_log {
+            if let crate::config::AccessLogDest::File(p) = &new.log.access_log {
+                crate::access_log::check(p).map_err(|source| AccessLogError {
+                    path: p.display().to_string(),
+                    source,
+                })?;
+            }
+        }
 
         // 1. Bind new listeners first; failure leaves everything as it was.
         let mut fresh = Vec::new();
@@ -372,6 +463,18 @@ impl Flowgate {
         }
         if new.admin.as_ref().map(|a| a.bind) != st.config.admin.as_ref().map(|a| a.bind) {
             warn!("admin.bind only changes on restart");
+        }
+        if new.log.access_log != st.config.log.access_log || new.log.format != st.config.log.format
+        {
+            configure_access_log(&new.log)?;
+        }
+        if new.log.level != st.config.log.level {
+            if let Some(hook) = LOG_LEVEL_HOOK.get() {
+                hook(&new.log.level);
+            }
+        }
+        if new.admin.is_some() && !crate::metrics::enabled() {
+            warn!("metrics start with the admin listener, on restart");
         }
         self.inner.admin_token.store(
             new.admin
@@ -494,7 +597,7 @@ impl Flowgate {
             .lock()
             .listeners
             .iter()
-            .find(|l| l.shared.name == name)
+            .find(|l| &*l.shared.name == name)
             .cloned()
     }
 

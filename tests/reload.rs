@@ -301,7 +301,7 @@ async fn forty_reloads_under_load_drop_no_connection() {
     assert!(ok >= RELOADS * PER_CONFIG, "{ok} sessions");
     // The last file is the one in force.
     let p = fg.pool("p").unwrap();
-    let now: Vec<_> = p.backends().iter().map(|b| b.name.clone()).collect();
+    let now: Vec<_> = p.backends().iter().map(|b| b.name.to_string()).collect();
     let want: Vec<_> = set(RELOADS).1.iter().map(|(n, _)| n.to_string()).collect();
     assert_eq!(now, want);
 }

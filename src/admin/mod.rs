@@ -2,6 +2,8 @@
 //!
 //! | method | path | |
 //! |---|---|---|
+//! | GET | / | the status page (one self-contained HTML file, `status.html`) |
+//! | GET | /metrics | Prometheus text format (see `crate::metrics`, docs/metrics.md) |
 //! | GET | /healthz | 200 while serving, 503 once shutting down |
 //! | GET | /api/v1/pools | pools, algorithms, backends with state and last check |
 //! | POST | /api/v1/pools/{pool}/backends/{address}/drain, /enable, /disable | |
@@ -76,12 +78,23 @@ pub async fn serve(sock: std::net::TcpListener, fg: WeakFlowgate) {
 
 type Reply = Response<Full<Bytes>>;
 
+/// The status page; it polls `GET /api/v1/pools` and draws everything itself.
+const STATUS_PAGE: &str = include_str!("status.html");
+
 fn reply(status: StatusCode, body: Value) -> Reply {
-    let mut r = Response::new(Full::new(Bytes::from(body.to_string() + "\n")));
+    typed(status, "application/json", body.to_string() + "\n")
+}
+
+fn typed(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Reply {
+    let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
     r.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/json"),
+        hyper::header::HeaderValue::from_static(content_type),
+    );
+    r.headers_mut().insert(
+        hyper::header::CACHE_CONTROL,
+        hyper::header::HeaderValue::from_static("no-store"),
     );
     r
 }
@@ -120,6 +133,15 @@ async fn handle(req: Request<Incoming>, fg: &Flowgate) -> Reply {
             }
         }
         (Method::GET, ["api", "v1", "pools"]) => reply(StatusCode::OK, pools_json(fg)),
+        (Method::GET, [""]) => typed(StatusCode::OK, "text/html; charset=utf-8", STATUS_PAGE),
+        (Method::GET, ["metrics"]) => match crate::metrics::render(fg) {
+            Some(text) => typed(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                text,
+            ),
+            None => error(StatusCode::SERVICE_UNAVAILABLE, "metrics are not enabled"),
+        },
         (Method::POST, ["api", "v1", "reload"]) => {
             let fg2 = fg.clone();
             // Reload binds sockets and reads files: keep it off the async thread.
@@ -166,7 +188,10 @@ async fn handle(req: Request<Incoming>, fg: &Flowgate) -> Reply {
                 Err(e @ OpError::BadWeight(_)) => error(StatusCode::BAD_REQUEST, e),
             }
         }
-        (_, ["healthz"] | ["api", "v1", "pools"] | ["api", "v1", "reload"]) => error(
+        (
+            _,
+            ["healthz"] | ["api", "v1", "pools"] | ["api", "v1", "reload"] | ["metrics"] | [""],
+        ) => error(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("{method} is not allowed here"),
         ),
@@ -246,11 +271,14 @@ fn time(t: SystemTime) -> String {
 }
 
 fn one_backend(b: &crate::backend::Backend, retiring: bool) -> Value {
+    use crate::backend::ConnectError;
+    use std::sync::atomic::Ordering::Relaxed;
+    let st = &b.stats;
     let check = b
         .last_check()
         .map(|c| json!({ "ok": c.ok, "at": time(c.at), "detail": c.detail }));
     json!({
-        "address": b.name,
+        "address": &*b.name,
         "resolved": b.addr.to_string(),
         "weight": b.base_weight(),
         "effective_weight": b.weight(),
@@ -259,6 +287,14 @@ fn one_backend(b: &crate::backend::Backend, retiring: bool) -> Value {
         "active_connections": b.active(),
         "last_check": check,
         "removed": retiring,
+        "connections_total": st.connections.load(Relaxed),
+        "connect_errors_total": ConnectError::ALL.iter().map(|e| st.connect_errors[*e as usize].load(Relaxed)).sum::<u64>(),
+        "bytes_to_backend": st.bytes_to.load(Relaxed),
+        "bytes_from_backend": st.bytes_from.load(Relaxed),
+        "checks_ok": st.checks_ok.load(Relaxed),
+        "checks_failed": st.checks_failed.load(Relaxed),
+        "udp_sessions_active": st.udp_active.load(Relaxed),
+        "udp_sessions_total": st.udp_sessions.load(Relaxed),
     })
 }
 
@@ -277,7 +313,7 @@ pub fn pools_json(fg: &Flowgate) -> Value {
             let mut backends: Vec<Value> = p.backends().iter().map(|b| one_backend(b, false)).collect();
             backends.extend(p.retiring().iter().map(|b| one_backend(b, true)));
             json!({
-                "name": p.name,
+                "name": &*p.name,
                 "algorithm": cfg.algorithm.as_str(),
                 "when_all_down": cfg.when_all_down.as_str(),
                 "all_down": p.all_down(),
@@ -295,11 +331,20 @@ pub fn pools_json(fg: &Flowgate) -> Value {
         .listeners()
         .iter()
         .map(|l| {
+            let s = &l.shared;
+            let rejected: serde_json::Map<String, Value> = s
+                .rejected()
+                .iter()
+                .map(|(k, v)| (k.to_string(), json!(v)))
+                .collect();
             json!({
-                "name": l.shared.name,
+                "name": &*s.name,
+                "protocol": "tcp",
                 "address": l.local_addr.to_string(),
-                "pool": l.shared.settings().pool.name,
-                "active_connections": l.shared.active.load(std::sync::atomic::Ordering::Relaxed),
+                "pool": &*s.settings().pool.name,
+                "active_connections": s.active.load(std::sync::atomic::Ordering::Relaxed),
+                "connections_total": s.accepted.load(std::sync::atomic::Ordering::Relaxed),
+                "rejected": rejected,
             })
         })
         .collect();

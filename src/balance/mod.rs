@@ -45,7 +45,7 @@ pub fn build(algorithm: Algorithm, backends: &[Arc<Backend>]) -> Box<dyn Selecto
         Algorithm::WeightedRoundRobin => Box::new(weighted::SmoothWeighted::new(&weights)),
         Algorithm::LeastConnections => Box::new(least_conn::LeastConnections::default()),
         Algorithm::IpHash => {
-            let names: Vec<&str> = backends.iter().map(|b| b.name.as_str()).collect();
+            let names: Vec<&str> = backends.iter().map(|b| &*b.name).collect();
             Box::new(Maglev::new(&names, &weights))
         }
         Algorithm::Random => Box::new(random::WeightedRandom::new(&weights)),
@@ -74,11 +74,14 @@ pub(crate) mod testutil {
             .iter()
             .enumerate()
             .map(|(i, &w)| {
-                Backend::new(&BackendConfig {
-                    name: format!("10.0.0.{}:80", i + 1),
-                    addr: format!("10.0.0.{}:80", i + 1).parse().unwrap(),
-                    weight: w,
-                })
+                Backend::new(
+                    &BackendConfig {
+                        name: format!("10.0.0.{}:80", i + 1),
+                        addr: format!("10.0.0.{}:80", i + 1).parse().unwrap(),
+                        weight: w,
+                    },
+                    "p",
+                )
             })
             .collect()
     }

@@ -20,7 +20,8 @@ use serde::Deserialize;
 use toml::Spanned;
 
 pub use types::{
-    Algorithm, DurationStr, HealthKind, Protocol, StatusRanges, Weight, WhenAllDown, WorkerModel,
+    AccessLogDest, Algorithm, DurationStr, HealthKind, LogFormat, Protocol, StatusRanges, Weight,
+    WhenAllDown, WorkerModel,
 };
 
 /// A configuration error, written for the human who has to fix the file.
@@ -50,8 +51,29 @@ pub struct Config {
     pub source: Option<PathBuf>,
     pub runtime: RuntimeConfig,
     pub admin: Option<AdminConfig>,
+    pub log: LogConfig,
     pub listeners: Vec<ListenerConfig>,
     pub pools: Vec<PoolConfig>,
+}
+
+/// `[log]`: flowgate's own log and the access log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogConfig {
+    /// A tracing filter ("info", "debug", "flowgate=debug,info"); `RUST_LOG` wins.
+    pub level: String,
+    pub format: LogFormat,
+    /// Relative paths are resolved against the config file's directory.
+    pub access_log: AccessLogDest,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            format: LogFormat::Text,
+            access_log: AccessLogDest::Off,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -74,6 +96,12 @@ pub struct ListenerConfig {
     pub idle_timeout: Duration,
     pub max_connections: Option<usize>,
     pub backlog: u32,
+    /// UDP: at most this many sessions at once on the listener.
+    pub max_sessions: Option<usize>,
+    /// UDP: at most this many sessions per client IP address.
+    pub max_sessions_per_source: Option<usize>,
+    /// UDP: a session ends after this many reply datagrams (0: never).
+    pub responses: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -146,6 +174,7 @@ mod raw {
         #[serde(default)]
         pub runtime: Runtime,
         pub admin: Option<Admin>,
+        pub log: Option<Log>,
         #[serde(default)]
         pub listeners: Vec<Listener>,
         #[serde(default)]
@@ -213,6 +242,19 @@ mod raw {
         pub max_connections: Option<Spanned<usize>>,
         #[serde(default = "default_backlog")]
         pub backlog: u32,
+        pub max_sessions: Option<Spanned<usize>>,
+        pub max_sessions_per_source: Option<Spanned<usize>>,
+        pub responses: Option<Spanned<u64>>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Log {
+        pub level: Option<Spanned<String>>,
+        #[serde(default)]
+        pub format: LogFormat,
+        #[serde(default)]
+        pub access_log: AccessLogDest,
     }
 
     #[derive(Deserialize)]
@@ -578,11 +620,14 @@ impl Config {
                 ));
             }
             let bind = resolve(l.bind.get_ref()).map_err(|m| err(l.bind.span(), at("bind"), m))?;
-            if bind.port() != 0 && !binds.insert(bind) {
+            if bind.port() != 0 && !binds.insert((*l.protocol.get_ref(), bind)) {
                 return Err(err(
                     l.bind.span(),
                     at("bind"),
-                    format!("address {bind} is already bound by another listener"),
+                    format!(
+                        "{} address {bind} is already bound by another listener",
+                        l.protocol.get_ref().as_str()
+                    ),
                 ));
             }
             if !pool_names.contains(l.pool.get_ref()) {
@@ -605,12 +650,43 @@ impl Config {
                     ),
                 ));
             }
-            if let Some(m) = &l.max_connections {
-                if *m.get_ref() == 0 {
+            let protocol = *l.protocol.get_ref();
+            for (key, v) in [
+                ("max_connections", &l.max_connections),
+                ("max_sessions", &l.max_sessions),
+                ("max_sessions_per_source", &l.max_sessions_per_source),
+            ] {
+                if let Some(m) = v {
+                    if *m.get_ref() == 0 {
+                        return Err(err(
+                            m.span(),
+                            at(key),
+                            "expected a positive number (leave it out for no limit)".into(),
+                        ));
+                    }
+                    let udp_only = key != "max_connections";
+                    if udp_only != (protocol == Protocol::Udp) {
+                        return Err(err(
+                            m.span(),
+                            at(key),
+                            format!(
+                                "{key} applies to {} listeners; this one is {}",
+                                if udp_only { "udp" } else { "tcp" },
+                                protocol.as_str()
+                            ),
+                        ));
+                    }
+                }
+            }
+            if let Some(r) = &l.responses {
+                if protocol != Protocol::Udp {
                     return Err(err(
-                        m.span(),
-                        at("max_connections"),
-                        "expected a positive number (leave it out for no limit)".into(),
+                        r.span(),
+                        at("responses"),
+                        format!(
+                            "responses applies to udp listeners; this one is {}",
+                            protocol.as_str()
+                        ),
                     ));
                 }
             }
@@ -623,6 +699,9 @@ impl Config {
                 idle_timeout: l.idle_timeout.0,
                 max_connections: l.max_connections.as_ref().map(|m| *m.get_ref()),
                 backlog: l.backlog,
+                max_sessions: l.max_sessions.as_ref().map(|m| *m.get_ref()),
+                max_sessions_per_source: l.max_sessions_per_source.as_ref().map(|m| *m.get_ref()),
+                responses: l.responses.as_ref().map_or(0, |r| *r.get_ref()),
             });
         }
 
@@ -657,7 +736,7 @@ impl Config {
                         ),
                     ));
                 }
-                if binds.contains(&bind) {
+                if binds.contains(&(Protocol::Tcp, bind)) {
                     return Err(err(
                         a.bind.span(),
                         "admin.bind".into(),
@@ -672,9 +751,53 @@ impl Config {
             }
         };
 
+        let log = match &raw.log {
+            None => LogConfig::default(),
+            Some(lg) => {
+                let level = match &lg.level {
+                    None => "info".to_string(),
+                    Some(l) => {
+                        let v = l.get_ref();
+                        // A bare word must be a level (a bare "loud" would parse as a
+                        // target name and silence everything); directives go through
+                        // tracing's own parser.
+                        let bare = !v.contains(['=', ',']);
+                        let ok = if bare {
+                            ["off", "error", "warn", "info", "debug", "trace"]
+                                .contains(&v.to_ascii_lowercase().as_str())
+                        } else {
+                            tracing_subscriber::EnvFilter::try_new(v).is_ok()
+                        };
+                        if !ok {
+                            return Err(err(
+                                l.span(),
+                                "log.level".into(),
+                                format!(
+                                    "invalid level {v:?}: expected off, error, warn, info, debug or trace, or tracing directives like \"flowgate=debug,info\""
+                                ),
+                            ));
+                        }
+                        v.clone()
+                    }
+                };
+                let access_log = match &lg.access_log {
+                    AccessLogDest::File(p) if p.is_relative() => {
+                        AccessLogDest::File(file.parent().unwrap_or(Path::new(".")).join(p))
+                    }
+                    d => d.clone(),
+                };
+                LogConfig {
+                    level,
+                    format: lg.format,
+                    access_log,
+                }
+            }
+        };
+
         Ok(Config {
             source: None,
             admin,
+            log,
             runtime: RuntimeConfig {
                 workers,
                 worker_model: raw.runtime.worker_model,

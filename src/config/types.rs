@@ -85,7 +85,7 @@ impl Algorithm {
 
 /// Listener protocol. Only `tcp` is served so far; the others parse so the error
 /// can say "not supported yet" rather than "unknown variant".
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     #[default]
@@ -167,5 +167,39 @@ impl<'de> Deserialize<'de> for StatusRanges {
             out.push((lo, hi));
         }
         Ok(StatusRanges(out))
+    }
+}
+
+/// Format of log lines (both the access log and flowgate's own log).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable; the access log is logfmt (`key=value`).
+    #[default]
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// Where access-log lines go: `"off"`, `"stdout"` or a file path.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum AccessLogDest {
+    #[default]
+    Off,
+    Stdout,
+    File(std::path::PathBuf),
+}
+
+impl<'de> Deserialize<'de> for AccessLogDest {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        match s.as_str() {
+            "off" => Ok(AccessLogDest::Off),
+            "stdout" => Ok(AccessLogDest::Stdout),
+            "" => Err(de::Error::custom(
+                "expected \"off\", \"stdout\" or a file path, found an empty string",
+            )),
+            p => Ok(AccessLogDest::File(p.into())),
+        }
     }
 }

@@ -100,10 +100,18 @@ async fn check_loop(
         return;
     }
     loop {
+        let t0 = std::time::Instant::now();
         let result = tokio::select! {
             _ = stop.cancelled() => return,
             r = probe(&cfg, &b) => r,
         };
+        b.histograms.health_check.record(t0.elapsed());
+        let counter = if result.is_ok() {
+            &b.stats.checks_ok
+        } else {
+            &b.stats.checks_failed
+        };
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         b.record_check(CheckRecord {
             ok: result.is_ok(),
             at: SystemTime::now(),

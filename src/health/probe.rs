@@ -79,7 +79,7 @@ async fn run(cfg: &HealthCheckConfig, b: &Backend, addr: SocketAddr) -> Result<(
             let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
                 .await
                 .map_err(|e| ProbeError::Other(e.to_string()))?;
-            let host = cfg.host.clone().unwrap_or_else(|| b.name.clone());
+            let host = cfg.host.clone().unwrap_or_else(|| b.name.to_string());
             let req = hyper::Request::get(cfg.path.as_str())
                 .header(hyper::header::HOST, host)
                 .header(hyper::header::USER_AGENT, "flowgate-health-check")

@@ -15,15 +15,16 @@ use std::net::{Shutdown, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use socket2::SockRef;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::backend::{flag, ActiveGuard, Backend};
-use crate::listener::ListenerSettings;
+use crate::access_log;
+use crate::backend::{flag, ActiveGuard, Backend, ConnectError};
+use crate::listener::{ListenerSettings, ListenerShared};
 use crate::pool::Pool;
 pub use pump::set_splice;
 use pump::{Pump, PumpEnd};
@@ -89,30 +90,41 @@ impl Activity {
     }
 }
 
-/// Serves one accepted client until both directions end.
+/// Serves one accepted client until both directions end, then accounts for it
+/// (session histogram, rejection counters, access log).
 ///
 /// `cut` ends the session early: the process's hard stop, or the listener's drain
 /// deadline after a reload removed it.
 pub async fn serve(
     mut client: TcpStream,
     peer: SocketAddr,
-    listener: &str,
+    listener: &Arc<ListenerShared>,
     settings: Arc<ListenerSettings>,
     cut: CancellationToken,
 ) -> Termination {
+    let start = Instant::now();
     // TCP_NODELAY: accepted sockets inherit it from the listening socket
     // (listener::bind sets it), which saves a syscall per connection.
     let connected = tokio::select! {
         biased;
-        _ = cut.cancelled() => return Termination::Shutdown,
+        _ = cut.cancelled() => Err(Termination::Shutdown),
         // Boxed: the connect phase is larger than the transfer phase, and a task is
         // sized for its largest phase.
         r = Box::pin(connect(&settings, peer)) => r,
     };
-    let (mut backend, guard) = match connected {
+    let (mut backend, guard, connect_time) = match connected {
         Ok(c) => c,
         Err(t) => {
-            debug!(listener, client = %peer, reason = t.as_str(), "no backend connection");
+            debug!(listener = %listener.name, client = %peer, reason = t.as_str(), "no backend connection");
+            let rejected = match t {
+                Termination::NoBackend => Some(&listener.rejected_no_backend),
+                Termination::ConnectFailed => Some(&listener.rejected_connect_failed),
+                _ => None,
+            };
+            if let Some(r) = rejected {
+                r.fetch_add(1, Ordering::Relaxed);
+            }
+            finish(listener, &settings, peer, start, None, t);
             return t;
         }
     };
@@ -122,8 +134,8 @@ pub async fn serve(
         epoch: guard.backend().drain_epoch(),
         backend: guard.backend().clone(),
     };
-    let (end, up, down) =
-        splice_both(&mut client, &mut backend, settings.idle_timeout, &stops).await;
+    let moved = splice_both(&mut client, &mut backend, settings.idle_timeout, &stops).await;
+    let end = moved.end;
     // Passive outlier detection counts resets as failures, and only a session
     // that ended otherwise as a success (a backend that accepts and resets every
     // connection must still be ejected).
@@ -132,16 +144,97 @@ pub async fn serve(
     } else {
         guard.backend().passive_success();
     }
-    debug!(
+    let first_byte = moved
+        .first_byte
+        .map(|d| d.saturating_duration_since(start + connect_time));
+    if let Some(fb) = first_byte {
+        guard.backend().histograms.first_byte.record(fb);
+    }
+    finish(
         listener,
-        client = %peer,
-        backend = %guard.backend().name,
-        to_backend = up,
-        from_backend = down,
-        reason = end.as_str(),
-        "session closed"
+        &settings,
+        peer,
+        start,
+        Some(Connected {
+            backend: guard.backend(),
+            connect: connect_time,
+            first_byte,
+            up: moved.up,
+            down: moved.down,
+        }),
+        end,
     );
     end
+}
+
+/// What a session that reached a backend adds to its access-log line.
+struct Connected<'a> {
+    backend: &'a Arc<Backend>,
+    connect: Duration,
+    first_byte: Option<Duration>,
+    up: u64,
+    down: u64,
+}
+
+/// Records the end of a session: the duration histogram and the access-log line.
+fn finish(
+    listener: &ListenerShared,
+    settings: &ListenerSettings,
+    peer: SocketAddr,
+    start: Instant,
+    c: Option<Connected<'_>>,
+    end: Termination,
+) {
+    let duration = start.elapsed();
+    listener.session_duration.record(duration);
+    if let Some(c) = &c {
+        debug!(
+            listener = %listener.name,
+            client = %peer,
+            backend = %c.backend.name,
+            to_backend = c.up,
+            from_backend = c.down,
+            reason = end.as_str(),
+            "session closed"
+        );
+    }
+    if !access_log::enabled() {
+        return;
+    }
+    access_log::log(access_log::Entry {
+        time: SystemTime::now(),
+        protocol: "tcp",
+        listener: listener.name.clone(),
+        client: peer,
+        pool: settings.pool.name.clone(),
+        backend: c.as_ref().map(|c| c.backend.name.clone()),
+        to_backend: c.as_ref().map_or(0, |c| c.up),
+        from_backend: c.as_ref().map_or(0, |c| c.down),
+        connect: c.as_ref().map(|c| c.connect),
+        first_byte: c.as_ref().and_then(|c| c.first_byte),
+        duration,
+        reason: end.as_str(),
+    });
+}
+
+/// The access-log line of a client closed at once (`max_connections`).
+pub fn log_rejected(listener: &ListenerShared, settings: &ListenerSettings, peer: SocketAddr) {
+    if access_log::enabled() {
+        access_log::log(access_log::Entry {
+            time: SystemTime::now(),
+            protocol: "tcp",
+            listener: listener.name.clone(),
+            client: peer,
+            pool: settings.pool.name.clone(),
+            backend: None,
+            to_backend: 0,
+            from_backend: 0,
+            connect: None,
+            first_byte: None,
+            duration: Duration::ZERO,
+            reason: "rejected",
+        });
+    }
 }
 
 /// What can end a session from outside. A session waits on one wake-up source only,
@@ -173,7 +266,7 @@ impl Stops {
 async fn connect(
     settings: &ListenerSettings,
     peer: SocketAddr,
-) -> Result<(TcpStream, ActiveGuard), Termination> {
+) -> Result<(TcpStream, ActiveGuard, Duration), Termination> {
     let pool = &settings.pool;
     let attempts = pool.connect_attempts();
     let mut tried: Vec<Arc<Backend>> = Vec::new();
@@ -182,9 +275,18 @@ async fn connect(
             break;
         };
         let b = guard.backend();
+        let t0 = Instant::now();
         match connect_one(b.addr, settings.connect_timeout).await {
-            Ok(stream) => return Ok((stream, guard)),
-            Err(e) => debug!(pool = %pool.name, backend = %b.name, error = %e, "connect failed"),
+            Ok(stream) => {
+                let took = t0.elapsed();
+                b.stats.connections.fetch_add(1, Ordering::Relaxed);
+                b.histograms.connect.record(took);
+                return Ok((stream, guard, took));
+            }
+            Err(e) => {
+                debug!(pool = %pool.name, backend = %b.name, error = %e, "connect failed");
+                b.stats.connect_error(ConnectError::classify(&e));
+            }
         }
         passive_failure(pool, b);
         tried.push(b.clone());
@@ -246,8 +348,19 @@ async fn connect_one(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStrea
     }
 }
 
+/// How a session's transfer phase ended.
+struct Moved {
+    end: Termination,
+    /// Bytes written to the backend and to the client.
+    up: u64,
+    down: u64,
+    /// When the backend's first byte reached the client.
+    first_byte: Option<Instant>,
+}
+
 /// Moves bytes both ways until both directions have ended, one side resets, the
-/// session idles out or a hard stop comes. Returns why, and bytes (up, down).
+/// session idles out or a hard stop comes. Bytes are added to the backend's
+/// counters as they move (one atomic add per wake-up that moved any).
 ///
 /// The whole session is one `poll_fn`: two [`Pump`]s, the idle timer and the stop
 /// signal, a few hundred bytes in all (see the size test below).
@@ -256,8 +369,10 @@ async fn splice_both(
     backend: &mut TcpStream,
     idle_timeout: Duration,
     stops: &Stops,
-) -> (Termination, u64, u64) {
+) -> Moved {
     let activity = Activity::new();
+    let stats = &stops.backend.stats;
+    let mut first_byte = None;
     let (mut up, mut down) = (Pump::default(), Pump::default());
     let mut first_close = None;
     // Which side to reset (SO_LINGER 0) once the halves are released.
@@ -295,7 +410,20 @@ async fn splice_both(
                 } else {
                     (Side::Backend, Side::Client)
                 };
-                match pump.poll(cx, src, dst, &activity) {
+                let before = pump.moved;
+                let polled = pump.poll(cx, src, dst, &activity);
+                if pump.moved != before {
+                    let counter = if dir {
+                        &stats.bytes_to
+                    } else {
+                        &stats.bytes_from
+                    };
+                    counter.fetch_add(pump.moved - before, Ordering::Relaxed);
+                    if !dir && before == 0 {
+                        first_byte = Some(Instant::now());
+                    }
+                }
+                match polled {
                     Poll::Pending => {}
                     Poll::Ready(PumpEnd::Eof) => {
                         pump.done = true;
@@ -337,7 +465,12 @@ async fn splice_both(
         };
         let _ = SockRef::from(s).set_linger(Some(Duration::ZERO));
     }
-    (end, up.moved, down.moved)
+    Moved {
+        end,
+        up: up.moved,
+        down: down.moved,
+        first_byte,
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -390,11 +523,14 @@ mod tests {
         accepted.set_nonblocking(true).unwrap();
         let mut b = TcpStream::from_std(accepted).unwrap();
         let token = CancellationToken::new();
-        let backend = crate::backend::Backend::new(&crate::config::BackendConfig {
-            name: "127.0.0.1:1".into(),
-            addr: "127.0.0.1:1".parse().unwrap(),
-            weight: 1,
-        });
+        let backend = crate::backend::Backend::new(
+            &crate::config::BackendConfig {
+                name: "127.0.0.1:1".into(),
+                addr: "127.0.0.1:1".parse().unwrap(),
+                weight: 1,
+            },
+            "p",
+        );
         let stops = Stops {
             listener: token.clone(),
             backend,
@@ -412,10 +548,16 @@ mod tests {
         .unwrap();
         let pool = crate::pool::Pool::new(&cfg.pools[0]);
         let settings = Arc::new(ListenerSettings::new(&cfg.listeners[0], pool));
+        let shared = ListenerShared::new(
+            &cfg.listeners[0],
+            settings.pool.clone(),
+            token.clone(),
+            token.clone(),
+        );
         let whole = serve(
             a,
             "127.0.0.1:2".parse().unwrap(),
-            "l",
+            &shared,
             settings,
             token.clone(),
         );

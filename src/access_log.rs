@@ -1,0 +1,329 @@
+//! The access log: one line per finished TCP connection or UDP session.
+//!
+//! The data path never blocks on it and never formats: a session hands a small
+//! [`Entry`] to a bounded channel with `try_send`, and a dedicated thread formats and
+//! writes. When the channel is full the entry is dropped and counted
+//! (`flowgate_access_log_dropped_total`). The writer reopens its file on
+//! [`reopen`] (SIGUSR1, for logrotate) and takes a new destination or format on
+//! [`configure`] (startup and reload).
+//!
+//! Text lines are logfmt (`key=value`), JSON lines one object per line.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufWriter, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use crate::config::{AccessLogDest, LogFormat};
+
+/// Entries that may wait for the writer; beyond this they are dropped.
+const QUEUE: usize = 16 * 1024;
+
+/// One finished connection or session.
+#[derive(Debug)]
+pub struct Entry {
+    /// When it ended.
+    pub time: SystemTime,
+    pub protocol: &'static str,
+    pub listener: Arc<str>,
+    pub client: SocketAddr,
+    pub pool: Arc<str>,
+    /// The backend's configured address; `None` if none was connected.
+    pub backend: Option<Arc<str>>,
+    pub to_backend: u64,
+    pub from_backend: u64,
+    /// Time of the successful connect (TCP).
+    pub connect: Option<Duration>,
+    /// From the connect (TCP) or the first datagram (UDP) to the first byte from the
+    /// backend.
+    pub first_byte: Option<Duration>,
+    /// Accept (or first datagram) to the end.
+    pub duration: Duration,
+    /// The termination reason (see docs/operations.md).
+    pub reason: &'static str,
+}
+
+enum Msg {
+    Entry(Entry),
+    Reopen,
+    Configure(AccessLogDest, LogFormat),
+}
+
+struct Log {
+    tx: SyncSender<Msg>,
+}
+
+static LOG: OnceLock<Log> = OnceLock::new();
+static ENABLED: AtomicBool = AtomicBool::new(false);
+static DROPPED: AtomicU64 = AtomicU64::new(0);
+
+/// Whether entries are wanted; sessions skip building one when not.
+#[inline]
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
+
+/// Entries dropped because the writer fell behind.
+pub fn dropped() -> u64 {
+    DROPPED.load(Ordering::Relaxed)
+}
+
+/// Queues an entry without ever blocking; drops and counts it if the queue is full.
+pub fn log(e: Entry) {
+    let Some(log) = LOG.get() else { return };
+    match log.tx.try_send(Msg::Entry(e)) {
+        Ok(()) => {}
+        Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+            DROPPED.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Sets the destination and format (startup and reload). Starts the writer thread on
+/// first use; opening a file happens on the writer thread, and a failure to open is
+/// logged there, with entries dropped and counted until a reopen succeeds.
+pub fn configure(dest: &AccessLogDest, format: LogFormat) -> io::Result<()> {
+    if *dest == AccessLogDest::Off && LOG.get().is_none() {
+        return Ok(());
+    }
+    // Check a file can be opened now, so a bad path fails startup or reload loudly.
+    if let AccessLogDest::File(p) = dest {
+        check(p)?;
+    }
+    let log = match LOG.get() {
+        Some(l) => l,
+        None => {
+            let (tx, rx) = sync_channel(QUEUE);
+            let writer = Writer::new(rx);
+            std::thread::Builder::new()
+                .name("flowgate-access-log".into())
+                .spawn(move || writer.run())?;
+            LOG.get_or_init(|| Log { tx })
+        }
+    };
+    ENABLED.store(*dest != AccessLogDest::Off, Ordering::Relaxed);
+    // A blocking send: this is the control path, and the writer drains the queue.
+    let _ = log.tx.send(Msg::Configure(dest.clone(), format));
+    Ok(())
+}
+
+/// Whether `p` can be opened for appending (created if missing).
+pub fn check(p: &std::path::Path) -> io::Result<()> {
+    open(p).map(drop)
+}
+
+/// Reopens the log file (after logrotate moved it). No-op for stdout or off.
+pub fn reopen() {
+    if let Some(log) = LOG.get() {
+        let _ = log.tx.send(Msg::Reopen);
+    }
+}
+
+enum Out {
+    Off,
+    Stdout(io::Stdout),
+    File(PathBuf, Option<BufWriter<File>>),
+}
+
+struct Writer {
+    rx: Receiver<Msg>,
+    out: Out,
+    format: LogFormat,
+    line: String,
+}
+
+/// Serializes file opens with the checks in [`configure`].
+static OPEN: Mutex<()> = Mutex::new(());
+
+fn open(p: &std::path::Path) -> io::Result<File> {
+    let _g = OPEN.lock().unwrap_or_else(|e| e.into_inner());
+    OpenOptions::new().create(true).append(true).open(p)
+}
+
+impl Writer {
+    fn new(rx: Receiver<Msg>) -> Writer {
+        Writer {
+            rx,
+            out: Out::Off,
+            format: LogFormat::Text,
+            line: String::with_capacity(512),
+        }
+    }
+
+    fn run(mut self) {
+        while let Ok(msg) = self.rx.recv() {
+            self.handle(msg);
+            // Write everything queued, then flush once.
+            while let Ok(msg) = self.rx.try_recv() {
+                self.handle(msg);
+            }
+            self.flush();
+        }
+    }
+
+    fn handle(&mut self, msg: Msg) {
+        match msg {
+            Msg::Entry(e) => {
+                self.line.clear();
+                match self.format {
+                    LogFormat::Text => text(&e, &mut self.line),
+                    LogFormat::Json => json(&e, &mut self.line),
+                }
+                self.line.push('\n');
+                let r = match &mut self.out {
+                    Out::Off => return,
+                    Out::Stdout(s) => s.write_all(self.line.as_bytes()),
+                    Out::File(_, Some(f)) => f.write_all(self.line.as_bytes()),
+                    Out::File(_, None) => {
+                        DROPPED.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                };
+                if let Err(e) = r {
+                    DROPPED.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %e, "access log write failed");
+                }
+            }
+            Msg::Reopen => {
+                self.flush();
+                if let Out::File(p, f) = &mut self.out {
+                    *f = open_logged(p);
+                    tracing::info!(path = %p.display(), "access log reopened");
+                }
+            }
+            Msg::Configure(dest, format) => {
+                self.flush();
+                self.format = format;
+                self.out = match dest {
+                    AccessLogDest::Off => Out::Off,
+                    AccessLogDest::Stdout => Out::Stdout(io::stdout()),
+                    AccessLogDest::File(p) => {
+                        let f = open_logged(&p);
+                        Out::File(p, f)
+                    }
+                };
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        let r = match &mut self.out {
+            Out::Stdout(s) => s.flush(),
+            Out::File(_, Some(f)) => f.flush(),
+            _ => Ok(()),
+        };
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "access log flush failed");
+        }
+    }
+}
+
+fn open_logged(p: &std::path::Path) -> Option<BufWriter<File>> {
+    match open(p) {
+        Ok(f) => Some(BufWriter::with_capacity(64 * 1024, f)),
+        Err(e) => {
+            tracing::error!(path = %p.display(), error = %e, "cannot open the access log; lines are dropped until SIGUSR1 reopens it");
+            None
+        }
+    }
+}
+
+fn ms(d: Option<Duration>) -> Option<f64> {
+    d.map(|d| (d.as_secs_f64() * 1e6).round() / 1e3)
+}
+
+/// `time=… listener=… client=… …`, logfmt. Names come from the configuration, which
+/// rejects spaces in none of them, so values with spaces or quotes are quoted.
+fn text(e: &Entry, out: &mut String) {
+    use std::fmt::Write;
+    let q = |s: &str| {
+        if s.is_empty() || s.contains([' ', '"', '=']) {
+            format!("{s:?}")
+        } else {
+            s.to_string()
+        }
+    };
+    let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| v.to_string());
+    let _ = write!(
+        out,
+        "time={} proto={} listener={} client={} pool={} backend={} to_backend={} from_backend={} connect_ms={} first_byte_ms={} duration_ms={} reason={}",
+        humantime::format_rfc3339_micros(e.time),
+        e.protocol,
+        q(&e.listener),
+        e.client,
+        q(&e.pool),
+        e.backend.as_deref().map_or("-".to_string(), q),
+        e.to_backend,
+        e.from_backend,
+        opt(ms(e.connect)),
+        opt(ms(e.first_byte)),
+        ms(Some(e.duration)).unwrap_or(0.0),
+        e.reason,
+    );
+}
+
+fn json(e: &Entry, out: &mut String) {
+    let v = serde_json::json!({
+        "time": humantime::format_rfc3339_micros(e.time).to_string(),
+        "proto": e.protocol,
+        "listener": &*e.listener,
+        "client": e.client.to_string(),
+        "pool": &*e.pool,
+        "backend": e.backend.as_deref(),
+        "to_backend": e.to_backend,
+        "from_backend": e.from_backend,
+        "connect_ms": ms(e.connect),
+        "first_byte_ms": ms(e.first_byte),
+        "duration_ms": ms(Some(e.duration)),
+        "reason": e.reason,
+    });
+    out.push_str(&v.to_string());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry() -> Entry {
+        Entry {
+            time: SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+            protocol: "tcp",
+            listener: "web front".into(),
+            client: "127.0.0.1:5000".parse().unwrap(),
+            pool: "p".into(),
+            backend: Some("10.0.0.1:80".into()),
+            to_backend: 10,
+            from_backend: 20,
+            connect: Some(Duration::from_micros(250)),
+            first_byte: None,
+            duration: Duration::from_millis(1500),
+            reason: "client_closed",
+        }
+    }
+
+    #[test]
+    fn text_line_is_logfmt() {
+        let mut s = String::new();
+        text(&entry(), &mut s);
+        assert_eq!(
+            s,
+            "time=2027-01-15T08:00:00.000000Z proto=tcp listener=\"web front\" client=127.0.0.1:5000 pool=p backend=10.0.0.1:80 to_backend=10 from_backend=20 connect_ms=0.25 first_byte_ms=- duration_ms=1500 reason=client_closed"
+        );
+    }
+
+    #[test]
+    fn json_line_is_one_object() {
+        let mut s = String::new();
+        json(&entry(), &mut s);
+        let v: serde_json::Value = serde_json::from_str(&s).unwrap();
+        assert_eq!(v["listener"], "web front");
+        assert_eq!(v["to_backend"], 10);
+        assert_eq!(v["connect_ms"], 0.25);
+        assert!(v["first_byte_ms"].is_null());
+        assert!(!s.contains('\n'));
+    }
+}

@@ -77,7 +77,7 @@ async fn least_connections_fills_the_emptier_backend() {
     let a = pool
         .backends()
         .into_iter()
-        .find(|b| b.name == bs[0].name)
+        .find(|b| *b.name == *bs[0].name)
         .unwrap();
     assert!(
         wait_until(Duration::from_secs(5), || a.active() == 0).await,

@@ -287,6 +287,9 @@ impl Proc {
 
     /// The address the binary logged for listener `name`.
     pub fn addr(&self, name: &str) -> SocketAddr {
+        if let Some(a) = self.json_field("listening", Some(name)) {
+            return a.parse().unwrap();
+        }
         let log = self.log.lock().unwrap();
         let needle = format!("listener={name} addr=");
         let line = log
@@ -299,6 +302,35 @@ impl Proc {
 
     pub fn log(&self) -> String {
         self.log.lock().unwrap().clone()
+    }
+
+    /// With `[log] format = "json"`: the `addr` field of the line with `message`
+    /// (and `listener`, when given).
+    fn json_field(&self, message: &str, listener: Option<&str>) -> Option<String> {
+        let log = self.log.lock().unwrap();
+        log.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| {
+                v["fields"]["message"] == message
+                    && listener.is_none_or(|n| v["fields"]["listener"] == n)
+            })
+            .and_then(|v| v["fields"]["addr"].as_str().map(String::from))
+    }
+
+    /// The admin API address the binary logged.
+    pub fn admin(&self) -> SocketAddr {
+        if let Some(a) = self.json_field("admin API listening", None) {
+            let a = a.trim_start_matches("Some(").trim_end_matches(')');
+            return a.parse().unwrap();
+        }
+        let log = self.log.lock().unwrap();
+        let needle = "admin API listening addr=Some(";
+        let line = log
+            .lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no admin listening line in log:\n{log}"));
+        let rest = &line[line.find(needle).unwrap() + needle.len()..];
+        rest[..rest.find(')').unwrap()].parse().unwrap()
     }
 
     pub fn signal(&self, sig: nix::sys::signal::Signal) {

@@ -273,6 +273,10 @@ fn sync(fg: &Flowgate) {
             export(CONNECTIONS_REJECTED, &l, owner, n);
         }
     }
+    for u in fg.udp_listeners() {
+        let owner = std::sync::Arc::as_ptr(&u.shared) as usize;
+        crate::proxy::udp::export(&u.shared, |name, labels, n| export(name, labels, owner, n));
+    }
     for p in fg.pools() {
         for b in p.backends().iter().chain(p.retiring().iter()) {
             backend(b);

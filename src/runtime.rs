@@ -30,10 +30,12 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::backend::{flag, Backend};
+use crate::config::Protocol;
 use crate::config::{Config, ConfigError, ListenerConfig, WorkerModel};
 use crate::health;
 use crate::listener::{self, ListenerSettings, ListenerShared};
 use crate::pool::Pool;
+use crate::proxy::udp::{self, UdpListenerShared, UdpSettings};
 
 /// A listening socket that could not be bound (at start or on reload).
 #[derive(Debug, thiserror::Error)]
@@ -161,6 +163,7 @@ fn configure_access_log(log: &crate::config::LogConfig) -> Result<(), AccessLogE
 struct State {
     config: Config,
     listeners: Vec<RunningListener>,
+    udp_listeners: Vec<RunningUdp>,
     pools: HashMap<String, Arc<Pool>>,
     /// Per pool: stops its probe tasks.
     probes: HashMap<String, CancellationToken>,
@@ -173,6 +176,19 @@ struct State {
 pub struct RunningListener {
     pub shared: Arc<ListenerShared>,
     pub local_addr: SocketAddr,
+}
+
+/// A UDP listener being served.
+#[derive(Clone)]
+pub struct RunningUdp {
+    pub shared: Arc<UdpListenerShared>,
+    pub local_addr: SocketAddr,
+}
+
+/// Sockets bound for one listener, one per worker (or one).
+enum Bound {
+    Tcp(Vec<std::net::TcpListener>),
+    Udp(Vec<std::net::UdpSocket>),
 }
 
 impl Flowgate {
@@ -215,6 +231,7 @@ impl Flowgate {
             state: Mutex::new(State {
                 config: config.clone(),
                 listeners: Vec::new(),
+                udp_listeners: Vec::new(),
                 pools: HashMap::new(),
                 probes: HashMap::new(),
                 removed_pools: Vec::new(),
@@ -246,13 +263,19 @@ impl Flowgate {
             }
             for (l, sockets) in bound {
                 let pool = st.pools[&l.pool].clone();
-                let running = fg.serve_listener(l, pool, sockets);
-                st.listeners.push(running);
+                fg.serve(&mut st, l, pool, sockets);
             }
+            // Only TCP backends can be tried with a connect.
+            let tcp_pools: std::collections::HashSet<&str> = config
+                .listeners
+                .iter()
+                .filter(|l| l.protocol == Protocol::Tcp)
+                .map(|l| l.pool.as_str())
+                .collect();
             let pools: Vec<_> = st.pools.values().cloned().collect();
             let unchecked: Vec<_> = pools
                 .into_iter()
-                .filter(|p| p.config().health_check.is_none())
+                .filter(|p| p.config().health_check.is_none() && tcp_pools.contains(&*p.name))
                 .collect();
             fg.inner.control.spawn(report_unreachable(unchecked));
         }
@@ -273,7 +296,7 @@ impl Flowgate {
     }
 
     /// Binds the sockets for one listener: one per worker (SO_REUSEPORT), or one.
-    fn bind_listener(&self, l: &ListenerConfig) -> Result<Vec<std::net::TcpListener>, BindError> {
+    fn bind_listener(&self, l: &ListenerConfig) -> Result<Bound, BindError> {
         let count = match self.inner.worker_model {
             WorkerModel::PerCore => self.inner.workers,
             WorkerModel::Shared => 1,
@@ -283,13 +306,59 @@ impl Flowgate {
             addr,
             source,
         };
+        if l.protocol == Protocol::Udp {
+            let first = udp::bind(l.bind).map_err(|e| err(l.bind, e))?;
+            let local = first.local_addr().map_err(|e| err(l.bind, e))?;
+            let mut sockets = vec![first];
+            for _ in 1..count {
+                sockets.push(udp::bind(local).map_err(|e| err(local, e))?);
+            }
+            return Ok(Bound::Udp(sockets));
+        }
         let first = listener::bind(l.bind, l.backlog).map_err(|e| err(l.bind, e))?;
         let local = first.local_addr().map_err(|e| err(l.bind, e))?;
         let mut sockets = vec![first];
         for _ in 1..count {
             sockets.push(listener::bind(local, l.backlog).map_err(|e| err(local, e))?);
         }
-        Ok(sockets)
+        Ok(Bound::Tcp(sockets))
+    }
+
+    /// Serves a freshly bound listener and enters it in `st`.
+    fn serve(&self, st: &mut State, l: &ListenerConfig, pool: Arc<Pool>, sockets: Bound) {
+        match sockets {
+            Bound::Tcp(s) => {
+                let running = self.serve_listener(l, pool, s);
+                st.listeners.push(running);
+            }
+            Bound::Udp(s) => {
+                let running = self.serve_udp(l, pool, s);
+                st.udp_listeners.push(running);
+            }
+        }
+    }
+
+    /// Starts a UDP listener's receive loops on bound sockets.
+    fn serve_udp(
+        &self,
+        l: &ListenerConfig,
+        pool: Arc<Pool>,
+        sockets: Vec<std::net::UdpSocket>,
+    ) -> RunningUdp {
+        let local_addr = sockets[0].local_addr().unwrap_or(l.bind);
+        let shared = UdpListenerShared::new(
+            l,
+            pool,
+            self.inner.stop_accept.child_token(),
+            self.inner.hard_stop.child_token(),
+        );
+        for (i, socket) in sockets.into_iter().enumerate() {
+            let handle = &self.inner.handles[i % self.inner.handles.len()];
+            let task = udp::recv_loop(socket, shared.clone());
+            self.inner.accept_loops.spawn_on(task, handle);
+        }
+        info!(listener = %l.name, addr = %local_addr, pool = %l.pool, protocol = "udp", "listening");
+        RunningUdp { shared, local_addr }
     }
 
     /// Starts accept loops on bound sockets.
@@ -373,7 +442,14 @@ impl Flowgate {
             new.source = st.config.source.clone();
         }
         let same_socket = |old: &RunningListener, l: &ListenerConfig| {
-            *old.shared.name == *l.name && old.shared.settings().bind == l.bind
+            l.protocol == Protocol::Tcp
+                && *old.shared.name == *l.name
+                && old.shared.settings().bind == l.bind
+        };
+        let same_udp = |old: &RunningUdp, l: &ListenerConfig| {
+            l.protocol == Protocol::Udp
+                && *old.shared.name == *l.name
+                && old.shared.settings().bind == l.bind
         };
 
         // 0. A new access-log file must open, or nothing changes.
@@ -389,7 +465,9 @@ impl Flowgate {
         // 1. Bind new listeners first; failure leaves everything as it was.
         let mut fresh = Vec::new();
         for l in &new.listeners {
-            if !st.listeners.iter().any(|o| same_socket(o, l)) {
+            let kept = st.listeners.iter().any(|o| same_socket(o, l))
+                || st.udp_listeners.iter().any(|o| same_udp(o, l));
+            if !kept {
                 let sockets = self.bind_listener(l)?;
                 fresh.push((l.clone(), sockets));
             }
@@ -449,11 +527,26 @@ impl Flowgate {
                 }
             }
         }
+        st.listeners = listeners;
+        let mut udp_listeners = Vec::new();
+        for old in std::mem::take(&mut st.udp_listeners) {
+            match new.listeners.iter().find(|l| same_udp(&old, l)) {
+                Some(l) => {
+                    old.shared
+                        .set_settings(UdpSettings::new(l, st.pools[&l.pool].clone()));
+                    udp_listeners.push(old);
+                }
+                None => {
+                    info!(listener = %old.shared.name, "UDP listener removed by reload: closing it and its sessions");
+                    old.shared.stop.cancel();
+                }
+            }
+        }
+        st.udp_listeners = udp_listeners;
         for (l, sockets) in fresh {
             let pool = st.pools[&l.pool].clone();
-            listeners.push(self.serve_listener(&l, pool, sockets));
+            self.serve(&mut st, &l, pool, sockets);
         }
-        st.listeners = listeners;
 
         // 4. What only a restart can change.
         if new.runtime.workers != st.config.runtime.workers
@@ -603,6 +696,20 @@ impl Flowgate {
 
     pub fn listeners(&self) -> Vec<RunningListener> {
         self.inner.lock().listeners.clone()
+    }
+
+    pub fn udp_listeners(&self) -> Vec<RunningUdp> {
+        self.inner.lock().udp_listeners.clone()
+    }
+
+    /// The address UDP listener `name` is bound to.
+    pub fn udp_local_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.inner
+            .lock()
+            .udp_listeners
+            .iter()
+            .find(|l| &*l.shared.name == name)
+            .map(|l| l.local_addr)
     }
 
     pub fn pool(&self, name: &str) -> Option<Arc<Pool>> {

@@ -364,14 +364,14 @@ fn unknown_algorithm() {
 }
 
 #[test]
-fn unsupported_protocol_udp() {
+fn unsupported_protocol_http() {
     rejects(
         &edit(
             "pool = \"gpu\"",
-            "pool = \"gpu\"\nprotocol = \"udp\" # HERE",
+            "pool = \"gpu\"\nprotocol = \"http\" # HERE",
         ),
         Some("listeners[0].protocol"),
-        "\"udp\" is not supported yet",
+        "\"http\" is not supported yet",
     );
 }
 

@@ -609,12 +609,12 @@ impl Config {
                     format!("duplicate listener name {:?}", l.name.get_ref()),
                 ));
             }
-            if *l.protocol.get_ref() != Protocol::Tcp {
+            if *l.protocol.get_ref() == Protocol::Http {
                 return Err(err(
                     l.protocol.span(),
                     at("protocol"),
                     format!(
-                        "protocol {:?} is not supported yet; expected \"tcp\"",
+                        "protocol {:?} is not supported yet; expected \"tcp\" or \"udp\"",
                         l.protocol.get_ref().as_str()
                     ),
                 ));

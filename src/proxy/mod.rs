@@ -8,6 +8,7 @@
 #[cfg(target_os = "linux")]
 mod pipe;
 mod pump;
+pub mod udp;
 
 use std::future::Future;
 use std::io;
@@ -300,7 +301,7 @@ async fn connect(
 
 /// Counts a failure for passive outlier detection and ejects the backend when it
 /// reaches the pool's `passive.consecutive_failures`.
-fn passive_failure(pool: &Arc<Pool>, b: &Arc<Backend>) {
+pub(crate) fn passive_failure(pool: &Arc<Pool>, b: &Arc<Backend>) {
     let Some(passive) = pool.config().passive.clone() else {
         return;
     };

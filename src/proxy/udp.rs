@@ -1,0 +1,762 @@
+//! UDP load balancing: sessions keyed by the client's address and port.
+//!
+//! Each worker has its own SO_REUSEPORT socket per UDP listener; the kernel hashes a
+//! client's 4-tuple to one of them, so a client's datagrams always reach the same
+//! worker, and each worker keeps its own session table (a lock only that worker and
+//! its sessions touch).
+//!
+//! - **client -> backend**: the worker's receive loop reads a datagram, finds (or
+//!   creates) the client's session and sends it on the session's *connected* upstream
+//!   socket (one `send`, no queue in between).
+//! - **backend -> client**: a task per session reads the upstream socket and sends
+//!   each reply to the client from the listener's own socket, so it comes from the
+//!   address and port the client sent to.
+//! - **expiry**: a session's task sleeps on tokio's timer wheel until its idle
+//!   deadline, checked lazily against the last datagram time (no scan over sessions).
+//! - **failure**: when the backend answers with ICMP port unreachable (the connected
+//!   socket reports `ECONNREFUSED`) or health checks take it down, the session is
+//!   marked failed and the client's next datagram picks another backend.
+//!
+//! Nothing is dropped silently: every datagram that is not forwarded is counted in
+//! `flowgate_udp_dropped_total{reason}`.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::task::Poll;
+use std::time::{Duration, Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+use crossbeam_utils::CachePadded;
+use tokio::io::ReadBuf;
+use tokio::net::UdpSocket;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::Activity;
+use crate::access_log;
+use crate::backend::{flag, ActiveGuard, Backend};
+use crate::config::ListenerConfig;
+use crate::metrics::names;
+use crate::pool::Pool;
+
+/// Receive buffers hold any datagram (IPv6 payloads can be a little larger).
+const RECV_BUF: usize = 65_536;
+
+/// Why a datagram was not forwarded: the `reason` label of
+/// `flowgate_udp_dropped_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// No usable backend in the pool.
+    NoBackend,
+    /// The listener's `max_sessions` is reached.
+    MaxSessions,
+    /// The client's IP has `max_sessions_per_source` sessions already.
+    MaxSessionsPerSource,
+    /// No upstream socket could be made (out of descriptors, usually).
+    SocketFailed,
+    /// The upstream socket would not take the datagram (buffer full, error).
+    SendFailed,
+    /// A reply could not be sent to the client (buffer full, error).
+    ReplyFailed,
+}
+
+impl DropReason {
+    const ALL: [DropReason; 6] = [
+        DropReason::NoBackend,
+        DropReason::MaxSessions,
+        DropReason::MaxSessionsPerSource,
+        DropReason::SocketFailed,
+        DropReason::SendFailed,
+        DropReason::ReplyFailed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::NoBackend => "no_backend",
+            DropReason::MaxSessions => "max_sessions",
+            DropReason::MaxSessionsPerSource => "max_sessions_per_source",
+            DropReason::SocketFailed => "socket_failed",
+            DropReason::SendFailed => "send_failed",
+            DropReason::ReplyFailed => "reply_failed",
+        }
+    }
+}
+
+/// Why a session ended: the access log's termination reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    IdleTimeout,
+    /// `responses` replies came back.
+    Responses,
+    /// ICMP port unreachable (or another socket error) from the backend.
+    BackendUnreachable,
+    /// Health checks or passive ejection took the backend out; re-picked.
+    BackendDown,
+    /// The backend's drain deadline passed.
+    Drained,
+    /// Hard stop, graceful stop or the listener was removed.
+    Shutdown,
+}
+
+impl End {
+    fn as_str(self) -> &'static str {
+        match self {
+            End::IdleTimeout => "idle_timeout",
+            End::Responses => "responses",
+            End::BackendUnreachable => "backend_unreachable",
+            End::BackendDown => "backend_down",
+            End::Drained => "drained",
+            End::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// Datagram counters of one worker (summed over workers when read), padded so two
+/// workers never share a cache line.
+#[derive(Debug, Default)]
+pub struct UdpCounters {
+    pub datagrams_to: AtomicU64,
+    pub datagrams_from: AtomicU64,
+    pub bytes_to: AtomicU64,
+    pub bytes_from: AtomicU64,
+    dropped: [AtomicU64; 6],
+}
+
+impl UdpCounters {
+    fn dropped(&self, r: DropReason) {
+        self.dropped[r as usize].fetch_add(1, Relaxed);
+    }
+}
+
+/// A UDP listener's settings as of the last (re)load.
+pub struct UdpSettings {
+    pub pool: Arc<Pool>,
+    pub idle_timeout: Duration,
+    pub max_sessions: Option<usize>,
+    pub max_sessions_per_source: Option<usize>,
+    pub responses: u64,
+    pub bind: SocketAddr,
+}
+
+impl UdpSettings {
+    pub fn new(cfg: &ListenerConfig, pool: Arc<Pool>) -> UdpSettings {
+        UdpSettings {
+            pool,
+            idle_timeout: cfg.idle_timeout,
+            max_sessions: cfg.max_sessions,
+            max_sessions_per_source: cfg.max_sessions_per_source,
+            responses: cfg.responses,
+            bind: cfg.bind,
+        }
+    }
+}
+
+/// What every worker of a UDP listener shares.
+pub struct UdpListenerShared {
+    pub name: Arc<str>,
+    settings: ArcSwap<UdpSettings>,
+    /// Stops the receive loops (listener removed by a reload, or shutdown).
+    pub stop: CancellationToken,
+    /// Ends every session (a child of the process-wide hard stop).
+    pub cut: CancellationToken,
+    /// Sessions open now, all workers together.
+    pub active: AtomicUsize,
+    /// Sessions started.
+    pub sessions: AtomicU64,
+    /// Sessions per client IP, for `max_sessions_per_source` (touched only when a
+    /// session starts or ends).
+    per_source: Mutex<HashMap<IpAddr, usize>>,
+    /// One set of counters per worker socket.
+    counters: Mutex<Vec<Arc<CachePadded<UdpCounters>>>>,
+    session_duration: metrics::Histogram,
+}
+
+impl UdpListenerShared {
+    pub fn new(
+        cfg: &ListenerConfig,
+        pool: Arc<Pool>,
+        stop: CancellationToken,
+        cut: CancellationToken,
+    ) -> Arc<UdpListenerShared> {
+        Arc::new(UdpListenerShared {
+            name: cfg.name.as_str().into(),
+            settings: ArcSwap::from_pointee(UdpSettings::new(cfg, pool)),
+            stop,
+            cut,
+            active: AtomicUsize::new(0),
+            sessions: AtomicU64::new(0),
+            per_source: Mutex::new(HashMap::new()),
+            counters: Mutex::new(Vec::new()),
+            session_duration: metrics::histogram!(
+                names::SESSION_DURATION,
+                "listener" => cfg.name.clone()
+            ),
+        })
+    }
+
+    pub fn settings(&self) -> Arc<UdpSettings> {
+        self.settings.load_full()
+    }
+
+    pub fn set_settings(&self, s: UdpSettings) {
+        self.settings.store(Arc::new(s));
+    }
+
+    fn new_counters(&self) -> Arc<CachePadded<UdpCounters>> {
+        let c = Arc::new(CachePadded::new(UdpCounters::default()));
+        self.counters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(c.clone());
+        c
+    }
+
+    /// Totals over workers: (datagrams to, from, bytes to, from, drops by reason).
+    pub fn totals(&self) -> UdpTotals {
+        let mut t = UdpTotals::default();
+        for c in self
+            .counters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            t.datagrams_to += c.datagrams_to.load(Relaxed);
+            t.datagrams_from += c.datagrams_from.load(Relaxed);
+            t.bytes_to += c.bytes_to.load(Relaxed);
+            t.bytes_from += c.bytes_from.load(Relaxed);
+            for r in DropReason::ALL {
+                t.dropped[r as usize].1 += c.dropped[r as usize].load(Relaxed);
+            }
+        }
+        for r in DropReason::ALL {
+            t.dropped[r as usize].0 = r.as_str();
+        }
+        t
+    }
+}
+
+/// A UDP listener's counters summed over its workers.
+#[derive(Debug, Default)]
+pub struct UdpTotals {
+    pub datagrams_to: u64,
+    pub datagrams_from: u64,
+    pub bytes_to: u64,
+    pub bytes_from: u64,
+    /// (reason, count).
+    pub dropped: [(&'static str, u64); 6],
+}
+
+/// Creates a non-blocking UDP socket bound to `addr` with SO_REUSEADDR and
+/// SO_REUSEPORT (one per worker).
+pub fn bind(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    socket.set_reuse_address(true)?;
+    #[cfg(unix)]
+    socket.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    // Bursts of small datagrams: a larger receive buffer absorbs them while a worker
+    // is busy (the kernel caps it at net.core.rmem_max).
+    let _ = socket.set_recv_buffer_size(4 << 20);
+    let _ = socket.set_send_buffer_size(4 << 20);
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
+/// Session state bits.
+mod state {
+    /// The backend failed (ICMP unreachable): the next datagram re-picks.
+    pub const FAILED: u8 = 1;
+    /// The receive loop replaced the session (backend down): its task ends.
+    pub const REPLACED: u8 = 2;
+}
+
+/// One client's session.
+struct Session {
+    client: SocketAddr,
+    upstream: UdpSocket,
+    guard: ActiveGuard,
+    /// The backend's drain epoch when the session started.
+    epoch: u64,
+    start: Instant,
+    activity: Activity,
+    state: AtomicU8,
+    /// Wakes the session's task when the receive loop replaces it.
+    replaced: Notify,
+    to_backend: AtomicU64,
+    from_backend: AtomicU64,
+}
+
+impl Session {
+    fn backend(&self) -> &Arc<Backend> {
+        self.guard.backend()
+    }
+
+    /// Whether the client's next datagram should go to a new backend instead.
+    fn must_repick(&self) -> Option<End> {
+        let b = self.backend();
+        if self.state.load(Relaxed) & state::FAILED != 0 {
+            Some(End::BackendUnreachable)
+        } else if b.drain_epoch() != self.epoch {
+            Some(End::Drained)
+        } else if b.flags() & (flag::UNHEALTHY | flag::EJECTED) != 0 {
+            Some(End::BackendDown)
+        } else {
+            None
+        }
+    }
+}
+
+type Table = Mutex<HashMap<SocketAddr, Arc<Session>>>;
+
+/// One worker's receive loop and session table for a UDP listener.
+struct Worker {
+    shared: Arc<UdpListenerShared>,
+    socket: Arc<UdpSocket>,
+    table: Arc<Table>,
+    counters: Arc<CachePadded<UdpCounters>>,
+}
+
+thread_local! {
+    static BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0; RECV_BUF].into_boxed_slice());
+}
+
+/// Receives until the listener's `stop` fires; spawns session tasks on the current
+/// runtime.
+pub async fn recv_loop(socket: std::net::UdpSocket, shared: Arc<UdpListenerShared>) {
+    let socket = match UdpSocket::from_std(socket) {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            warn!(listener = %shared.name, error = %e, "cannot register UDP socket");
+            return;
+        }
+    };
+    let w = Worker {
+        counters: shared.new_counters(),
+        shared,
+        socket,
+        table: Arc::new(Mutex::new(HashMap::new())),
+    };
+    let stop = w.shared.stop.clone();
+    let mut buf = vec![0u8; RECV_BUF];
+    loop {
+        let r = tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            r = w.socket.recv_from(&mut buf) => r,
+        };
+        match r {
+            Ok((n, client)) => w.forward(&buf[..n], client),
+            Err(e) if crate::fd::is_exhaustion(&e) => {
+                crate::fd::exhausted("UDP receive", &e);
+                tokio::time::sleep(crate::fd::PAUSE).await;
+            }
+            // ICMP errors for the listening socket and the like concern one peer.
+            Err(e) => debug!(listener = %w.shared.name, error = %e, "UDP receive failed"),
+        }
+    }
+    // End this worker's sessions now: the listener is gone or the process stops.
+    let sessions: Vec<_> = w
+        .table
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .values()
+        .cloned()
+        .collect();
+    for s in sessions {
+        s.state.fetch_or(state::REPLACED, Relaxed);
+        s.replaced.notify_one();
+    }
+    debug!(listener = %w.shared.name, "UDP receive loop stopped");
+}
+
+impl Worker {
+    /// Sends one client datagram on its session, starting or replacing the session
+    /// as needed; counts it as forwarded or dropped.
+    fn forward(&self, data: &[u8], client: SocketAddr) {
+        let existing = self
+            .table
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&client)
+            .cloned();
+        let mut avoid = None;
+        let session = match existing {
+            Some(s) => match s.must_repick() {
+                None => s,
+                Some(why) => {
+                    avoid = Some(s.backend().clone());
+                    self.replace(&s, why);
+                    match self.start_session(client, avoid.as_ref()) {
+                        Ok(s) => s,
+                        Err(r) => return self.counters.dropped(r),
+                    }
+                }
+            },
+            None => match self.start_session(client, None) {
+                Ok(s) => s,
+                Err(r) => return self.counters.dropped(r),
+            },
+        };
+        match send(&session.upstream, data) {
+            Ok(_) => self.sent(&session, data.len()),
+            // The backend's ICMP port unreachable, reported on this send: re-pick
+            // once, now, rather than lose the datagram.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused && avoid.is_none() => {
+                session.state.fetch_or(state::FAILED, Relaxed);
+                crate::proxy::passive_failure(&self.shared.settings().pool, session.backend());
+                self.replace(&session, End::BackendUnreachable);
+                match self.start_session(client, Some(session.backend())) {
+                    Ok(s) => match send(&s.upstream, data) {
+                        Ok(_) => self.sent(&s, data.len()),
+                        Err(_) => self.counters.dropped(DropReason::SendFailed),
+                    },
+                    Err(r) => self.counters.dropped(r),
+                }
+            }
+            Err(e) => {
+                debug!(listener = %self.shared.name, client = %client, error = %e, "UDP send to backend failed");
+                self.counters.dropped(DropReason::SendFailed);
+            }
+        }
+    }
+
+    fn sent(&self, s: &Session, n: usize) {
+        s.activity.touch();
+        s.to_backend.fetch_add(n as u64, Relaxed);
+        s.backend().stats.bytes_to.fetch_add(n as u64, Relaxed);
+        self.counters.datagrams_to.fetch_add(1, Relaxed);
+        self.counters.bytes_to.fetch_add(n as u64, Relaxed);
+    }
+
+    /// Takes `s` out of the table and tells its task to end with `why`.
+    fn replace(&self, s: &Arc<Session>, why: End) {
+        {
+            let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
+            if t.get(&s.client).is_some_and(|cur| Arc::ptr_eq(cur, s)) {
+                t.remove(&s.client);
+            }
+        }
+        debug!(listener = %self.shared.name, client = %s.client, backend = %s.backend().name, reason = why.as_str(), "UDP session re-picks");
+        s.state.fetch_or(state::REPLACED, Relaxed);
+        s.replaced.notify_one();
+    }
+
+    /// Admits a new session for `client` (limits, backend pick, upstream socket),
+    /// enters it in the table and spawns its reply task.
+    fn start_session(
+        &self,
+        client: SocketAddr,
+        avoid: Option<&Arc<Backend>>,
+    ) -> Result<Arc<Session>, DropReason> {
+        let shared = &self.shared;
+        let settings = shared.settings();
+        let slot = Slot::take(shared, &settings, client.ip())?;
+        let tried: &[Arc<Backend>] = match avoid {
+            Some(b) => std::slice::from_ref(b),
+            None => &[],
+        };
+        let guard = settings
+            .pool
+            .pick(client.ip(), tried)
+            .or_else(|| avoid.and_then(|_| settings.pool.pick(client.ip(), &[])))
+            .ok_or(DropReason::NoBackend)?;
+        let b = guard.backend().clone();
+        let upstream = match connect_upstream(b.addr) {
+            Ok(u) => {
+                crate::fd::available();
+                u
+            }
+            Err(e) => {
+                if crate::fd::is_exhaustion(&e) {
+                    crate::fd::exhausted("UDP upstream socket", &e);
+                } else {
+                    debug!(backend = %b.name, error = %e, "UDP upstream socket failed");
+                }
+                return Err(DropReason::SocketFailed);
+            }
+        };
+        let session = Arc::new(Session {
+            client,
+            upstream,
+            epoch: b.drain_epoch(),
+            guard,
+            start: Instant::now(),
+            activity: Activity::new(),
+            state: AtomicU8::new(0),
+            replaced: Notify::new(),
+            to_backend: AtomicU64::new(0),
+            from_backend: AtomicU64::new(0),
+        });
+        shared.sessions.fetch_add(1, Relaxed);
+        b.stats.udp_sessions.fetch_add(1, Relaxed);
+        b.stats.udp_active.fetch_add(1, Relaxed);
+        self.table
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(client, session.clone());
+        let task = SessionTask {
+            session: session.clone(),
+            socket: self.socket.clone(),
+            table: self.table.clone(),
+            counters: self.counters.clone(),
+            settings,
+            shared: shared.clone(),
+            _slot: slot,
+        };
+        tokio::spawn(task.run());
+        Ok(session)
+    }
+}
+
+/// Sends on a connected socket now, or fails with `WouldBlock`. A direct syscall:
+/// tokio's `try_send` would refuse until it has seen the socket writable once, and
+/// a datagram that cannot go now is dropped (and counted) anyway, never queued.
+fn send(s: &UdpSocket, data: &[u8]) -> io::Result<usize> {
+    socket2::SockRef::from(s).send(data)
+}
+
+/// Sends a reply to `to` from the listener's socket now (see [`send`]).
+fn send_to(s: &UdpSocket, data: &[u8], to: SocketAddr) -> io::Result<usize> {
+    socket2::SockRef::from(s).send_to(data, &to.into())
+}
+
+/// A new socket connected to `addr`, so only that backend's datagrams are read and
+/// its ICMP errors are reported.
+fn connect_upstream(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let local: SocketAddr = if addr.is_ipv6() {
+        "[::]:0".parse().expect("literal")
+    } else {
+        "0.0.0.0:0".parse().expect("literal")
+    };
+    let s = std::net::UdpSocket::bind(local)?;
+    s.connect(addr)?;
+    s.set_nonblocking(true)?;
+    UdpSocket::from_std(s)
+}
+
+/// A counted place under `max_sessions` and `max_sessions_per_source`.
+struct Slot {
+    shared: Arc<UdpListenerShared>,
+    ip: IpAddr,
+    per_source: bool,
+}
+
+impl Slot {
+    fn take(
+        shared: &Arc<UdpListenerShared>,
+        settings: &UdpSettings,
+        ip: IpAddr,
+    ) -> Result<Slot, DropReason> {
+        let before = shared.active.fetch_add(1, Relaxed);
+        if settings.max_sessions.is_some_and(|m| before >= m) {
+            shared.active.fetch_sub(1, Relaxed);
+            return Err(DropReason::MaxSessions);
+        }
+        let mut slot = Slot {
+            shared: shared.clone(),
+            ip,
+            per_source: false,
+        };
+        if let Some(max) = settings.max_sessions_per_source {
+            let mut m = shared.per_source.lock().unwrap_or_else(|e| e.into_inner());
+            let n = m.entry(ip).or_insert(0);
+            if *n >= max {
+                drop(m);
+                return Err(DropReason::MaxSessionsPerSource);
+            }
+            *n += 1;
+            slot.per_source = true;
+        }
+        Ok(slot)
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.shared.active.fetch_sub(1, Relaxed);
+        if self.per_source {
+            let mut m = self
+                .shared
+                .per_source
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if let Some(n) = m.get_mut(&self.ip) {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(&self.ip);
+                }
+            }
+        }
+    }
+}
+
+/// A session's reply path and lifetime.
+struct SessionTask {
+    session: Arc<Session>,
+    socket: Arc<UdpSocket>,
+    table: Arc<Table>,
+    counters: Arc<CachePadded<UdpCounters>>,
+    settings: Arc<UdpSettings>,
+    shared: Arc<UdpListenerShared>,
+    _slot: Slot,
+}
+
+impl SessionTask {
+    async fn run(self) {
+        let s = &self.session;
+        let mut first_reply = None;
+        let end = self.replies(&mut first_reply).await;
+        {
+            let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
+            if t.get(&s.client).is_some_and(|cur| Arc::ptr_eq(cur, s)) {
+                t.remove(&s.client);
+            }
+        }
+        let b = s.backend();
+        b.stats.udp_active.fetch_sub(1, Relaxed);
+        let duration = s.start.elapsed();
+        self.shared.session_duration.record(duration);
+        if let Some(fb) = first_reply {
+            b.histograms.first_byte.record(fb);
+        }
+        debug!(listener = %self.shared.name, client = %s.client, backend = %b.name, reason = end.as_str(), "UDP session ended");
+        if access_log::enabled() {
+            access_log::log(access_log::Entry {
+                time: SystemTime::now(),
+                protocol: "udp",
+                listener: self.shared.name.clone(),
+                client: s.client,
+                pool: b.pool.clone(),
+                backend: Some(b.name.clone()),
+                to_backend: s.to_backend.load(Relaxed),
+                from_backend: s.from_backend.load(Relaxed),
+                connect: None,
+                first_byte: first_reply,
+                duration,
+                reason: end.as_str(),
+            });
+        }
+    }
+
+    /// Relays replies until the session ends; returns why.
+    async fn replies(&self, first_reply: &mut Option<Duration>) -> End {
+        let s = &self.session;
+        let idle_timeout = self.settings.idle_timeout;
+        let idle = tokio::time::sleep(idle_timeout);
+        let replaced = s.replaced.notified();
+        let wake = s.backend().cut_token().cancelled_owned();
+        tokio::pin!(idle, replaced, wake);
+        let mut replies = 0u64;
+        std::future::poll_fn(|cx| {
+            if replaced.as_mut().poll(cx).is_ready() || s.state.load(Relaxed) & state::REPLACED != 0
+            {
+                return Poll::Ready(if self.shared.cut.is_cancelled() || self.shared.stop.is_cancelled() {
+                    End::Shutdown
+                } else if s.state.load(Relaxed) & state::FAILED != 0 {
+                    End::BackendUnreachable
+                } else {
+                    s.must_repick().unwrap_or(End::BackendDown)
+                });
+            }
+            while wake.as_mut().poll(cx).is_ready() {
+                wake.set(s.backend().cut_token().cancelled_owned());
+                if self.shared.cut.is_cancelled() {
+                    return Poll::Ready(End::Shutdown);
+                }
+                if s.backend().drain_epoch() != s.epoch {
+                    return Poll::Ready(End::Drained);
+                }
+            }
+            // A failed session only waits to be replaced or to expire.
+            if s.state.load(Relaxed) & state::FAILED == 0 {
+                loop {
+                    let got = BUF.with_borrow_mut(|buf| {
+                        let mut rb = ReadBuf::new(buf);
+                        match s.upstream.poll_recv(cx, &mut rb) {
+                            Poll::Pending => Poll::Pending,
+                            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                            Poll::Ready(Ok(())) => {
+                                let n = rb.filled().len();
+                                let sent = send_to(&self.socket, &buf[..n], s.client);
+                                Poll::Ready(Ok((n, sent)))
+                            }
+                        }
+                    });
+                    match got {
+                        Poll::Pending => break,
+                        Poll::Ready(Ok((n, Ok(_)))) => {
+                            s.activity.touch();
+                            first_reply.get_or_insert_with(|| s.start.elapsed());
+                            s.from_backend.fetch_add(n as u64, Relaxed);
+                            s.backend().stats.bytes_from.fetch_add(n as u64, Relaxed);
+                            self.counters.datagrams_from.fetch_add(1, Relaxed);
+                            self.counters.bytes_from.fetch_add(n as u64, Relaxed);
+                            replies += 1;
+                            if self.settings.responses != 0 && replies >= self.settings.responses
+                            {
+                                return Poll::Ready(End::Responses);
+                            }
+                        }
+                        Poll::Ready(Ok((_, Err(e)))) => {
+                            debug!(client = %s.client, error = %e, "UDP reply to client failed");
+                            self.counters.dropped(DropReason::ReplyFailed);
+                        }
+                        Poll::Ready(Err(e)) => {
+                            debug!(backend = %s.backend().name, error = %e, "UDP backend unreachable");
+                            s.state.fetch_or(state::FAILED, Relaxed);
+                            crate::proxy::passive_failure(&self.settings.pool, s.backend());
+                            break;
+                        }
+                    }
+                }
+            }
+            while idle.as_mut().poll(cx).is_ready() {
+                let deadline = s.activity.last() + idle_timeout;
+                if Instant::now() >= deadline {
+                    return Poll::Ready(if s.state.load(Relaxed) & state::FAILED != 0 {
+                        End::BackendUnreachable
+                    } else {
+                        End::IdleTimeout
+                    });
+                }
+                idle.as_mut().reset(deadline.into());
+            }
+            Poll::Pending
+        })
+        .await
+    }
+}
+
+/// Copies a UDP listener's counters into the metrics registry (at scrape time).
+pub fn export(
+    l: &UdpListenerShared,
+    export: impl Fn(&'static str, &[(&'static str, String)], u64),
+) {
+    let name = l.name.to_string();
+    let t = l.totals();
+    let labels = [("listener", name.clone())];
+    metrics::gauge!(names::UDP_SESSIONS_ACTIVE, &labels).set(l.active.load(Relaxed) as f64);
+    export(names::UDP_SESSIONS, &labels, l.sessions.load(Relaxed));
+    for (dir, d, b) in [
+        ("to_backend", t.datagrams_to, t.bytes_to),
+        ("from_backend", t.datagrams_from, t.bytes_from),
+    ] {
+        let l = [("listener", name.clone()), ("direction", dir.to_string())];
+        export(names::UDP_DATAGRAMS, &l, d);
+        export(names::UDP_BYTES, &l, b);
+    }
+    for (reason, n) in t.dropped {
+        let l = [("listener", name.clone()), ("reason", reason.to_string())];
+        export(names::UDP_DROPPED, &l, n);
+    }
+}

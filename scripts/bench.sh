@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Side-by-side benchmark of flowgate against HAProxy (mode tcp, with and
-# without `option splice-auto`), nginx `stream` and a direct connection.
+# without `option splice-auto`), nginx `stream` and a direct connection; for
+# UDP against nginx `stream` (`listen ... udp`) and a direct connection only,
+# as HAProxy OSS does not balance UDP.
 #
 # Everything runs on loopback (127.0.0.1) on this machine. All balancers get
 # 2 workers/threads and are left unpinned. The run is interleaved: in every
@@ -9,17 +11,48 @@
 # flowgate/HAProxy ratios. Benchmarks are not tests; CI does not run this.
 #
 # Usage:
-#   scripts/bench.sh                       # full run, about 10 minutes
+#   scripts/bench.sh                       # full TCP run, about 10 minutes
 #   ROUNDS=1 TARGETS="direct flowgate haproxy" FIGURES="bulk1 latency" scripts/bench.sh
+#   FIGURES=udp TARGETS="direct flowgate nginx" scripts/bench.sh   # UDP, about 2.5 minutes
+#
+# The default FIGURES are the six TCP figures, as before the UDP figures were
+# added: the UDP section would add about 2.5 minutes (a quarter) to a default
+# run, so it is asked for explicitly, with FIGURES=udp or FIGURES=all (or by
+# naming UDP figures). The haproxy targets are skipped for the UDP figures, with
+# a note; flowgate (and flowgate-shared) are skipped, with a note and without
+# failing the run, when `flowgate check` rejects the UDP configuration.
 #
 # Environment (defaults in brackets):
 #   ROUNDS         rounds to run                                          [3]
 #   TARGETS        any of: direct flowgate haproxy haproxy-splice nginx  [these five]
 #                  and flowgate-shared (flowgate with worker_model = "shared";
 #                  plain flowgate uses the default, "per-core")
-#   FIGURES        any of: bulk1 bulk4 latency cps rps mem                [all six]
+#   FIGURES        any of: bulk1 bulk4 latency cps rps mem (TCP)          [these six]
+#                  udp-latency udp-pps udp-iperf (UDP; targets direct, flowgate,
+#                  flowgate-shared and nginx); the words tcp, udp and all
+#                  stand for the TCP figures, the UDP figures and all nine.
+#                  udp-latency: sockperf ping-pong RTT, 64-byte datagrams
+#                    (p50/p99/p99.9, like latency over TCP, with --full-rtt).
+#                  udp-pps: sockperf throughput, 64-byte datagrams sent as
+#                    fast as the client can; the figure is the rate at which
+#                    a sockperf server (started for each measurement) received
+#                    them, and the loss is the share of the sent ones it did
+#                    not receive.
+#                  udp-iperf: iperf3 -u with 1400-byte datagrams at each rate
+#                    of UDP_IPERF_RATES: the throughput the server received
+#                    and the loss % it saw. iperf3 runs its control connection
+#                    over TCP on the same port, so the balancers forward TCP
+#                    and UDP on that port to the same iperf3 server.
 #   IPERF_TIME     seconds per iperf3 run                                 [5]
-#   SOCKPERF_TIME  seconds per sockperf ping-pong run                     [5]
+#   SOCKPERF_TIME  seconds per sockperf ping-pong run (TCP and UDP)       [5]
+#   UDP_PPS_TIME   seconds per sockperf throughput run (udp-pps)          [3]
+#   UDP_IPERF_TIME seconds per iperf3 -u run (udp-iperf, per rate)        [3]
+#   UDP_IPERF_RATES  iperf3 -b values for udp-iperf, one run each      ["1G 0"]
+#                  1G (about 89k datagrams/s) is a load that loopback and a
+#                  balancer on 2 CPUs should carry with little loss, so it
+#                  compares loss at a given load; 0 (unlimited: the client
+#                  sends as fast as it can) compares the most each can carry,
+#                  with the loss showing how far the client outran it.
 #   WRK_TIME       seconds per wrk run                                    [5]
 #   WRK_THREADS    wrk threads                                            [2]
 #   WRK_CONNS      wrk connections                                        [64]
@@ -38,6 +71,14 @@
 #   NICE           run the benchmark (every process it starts) at this nice
 #                  level; negative values need root. On a shared machine,
 #                  e.g. NICE=-10 keeps other work from taking the CPUs.      [0]
+#
+# UDP sessions: flowgate's UDP listeners and nginx's `listen ... udp` servers
+# drop a client's session after 30 s without traffic (flowgate idle_timeout,
+# nginx proxy_timeout); neither limits the responses per client datagram
+# (no flowgate `responses`, no nginx `proxy_responses`), as every figure is a
+# flow of many datagrams. nginx gets `reuseport` on its UDP listeners, so each
+# client sticks to one worker, and $LB_WORKERS (2) workers like every balancer
+# here (the same as `worker_processes auto` on a 2-CPU machine).
 #
 # Tools (installed with `apt-get install -y` when missing): haproxy, nginx
 # (+ libnginx-mod-stream), iperf3, sockperf, wrk; python3 must be present.
@@ -60,6 +101,9 @@ TARGETS=${TARGETS:-"direct flowgate haproxy haproxy-splice nginx"}
 FIGURES=${FIGURES:-"bulk1 bulk4 latency cps rps mem"}
 IPERF_TIME=${IPERF_TIME:-5}
 SOCKPERF_TIME=${SOCKPERF_TIME:-5}
+UDP_PPS_TIME=${UDP_PPS_TIME:-3}
+UDP_IPERF_TIME=${UDP_IPERF_TIME:-3}
+UDP_IPERF_RATES=${UDP_IPERF_RATES:-"1G 0"}
 WRK_TIME=${WRK_TIME:-5}
 WRK_THREADS=${WRK_THREADS:-2}
 WRK_CONNS=${WRK_CONNS:-64}
@@ -75,6 +119,7 @@ NICE=${NICE:-0}
 
 LB_WORKERS=2          # workers/threads for every balancer (fixed by design)
 HOST=127.0.0.1
+UDP_IDLE_TIMEOUT=30s  # UDP session idle timeout, flowgate and nginx alike
 
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { printf 'bench.sh: error: %s\n' "$*" >&2; exit 1; }
@@ -82,21 +127,31 @@ die() { printf 'bench.sh: error: %s\n' "$*" >&2; exit 1; }
 # ---------------------------------------------------------------- arguments --
 
 ALL_TARGETS="direct flowgate flowgate-shared haproxy haproxy-splice nginx"
-ALL_FIGURES="bulk1 bulk4 latency cps rps mem"
+TCP_FIGURES="bulk1 bulk4 latency cps rps mem"
+UDP_FIGURES="udp-latency udp-pps udp-iperf"
+UDP_TARGETS="direct flowgate flowgate-shared nginx" # the targets that can measure UDP
+ALL_FIGURES="$TCP_FIGURES $UDP_FIGURES"
+FIGURES=$(for f in $FIGURES; do
+    case $f in tcp) echo "$TCP_FIGURES" ;; udp) echo "$UDP_FIGURES" ;; all) echo "$ALL_FIGURES" ;; *) echo "$f" ;; esac
+done | tr ' ' '\n' | awk 'NF && !seen[$0]++' | paste -sd ' ')
 for t in $TARGETS; do
     [[ " $ALL_TARGETS " == *" $t "* ]] || die "unknown target '$t' (known: $ALL_TARGETS)"
 done
 for f in $FIGURES; do
-    [[ " $ALL_FIGURES " == *" $f "* ]] || die "unknown figure '$f' (known: $ALL_FIGURES)"
+    [[ " $ALL_FIGURES " == *" $f "* ]] || die "unknown figure '$f' (known: $ALL_FIGURES, or tcp udp all)"
 done
 [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive integer, got '$ROUNDS'"
-for v in IPERF_TIME SOCKPERF_TIME WRK_TIME WRK_THREADS WRK_CONNS MEM_CONNS PORT_BASE; do
+for v in IPERF_TIME SOCKPERF_TIME UDP_PPS_TIME UDP_IPERF_TIME WRK_TIME WRK_THREADS WRK_CONNS MEM_CONNS PORT_BASE; do
     [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer, got '${!v}'"
 done
 for v in FOREIGN_THRESHOLD QUIET_WAIT RETRY_DISTURBED; do
     [[ ${!v} =~ ^[0-9]+$ ]] || die "$v must be a non-negative integer, got '${!v}'"
 done
 [[ $NICE =~ ^-?[0-9]+$ ]] || die "NICE must be an integer, got '$NICE'"
+for b in $UDP_IPERF_RATES; do
+    [[ $b =~ ^[0-9]+(\.[0-9]+)?[KMG]?$ ]] || die "UDP_IPERF_RATES: '$b' is not an iperf3 -b rate (like 500M, 1G or 0)"
+done
+[[ -n ${UDP_IPERF_RATES// /} ]] || die "UDP_IPERF_RATES is empty"
 ((PORT_BASE + 560 < 32768)) || die "PORT_BASE must leave room below the ephemeral port range (32768)"
 
 # Open files. Every process started from here inherits the raised soft limit.
@@ -119,13 +174,23 @@ NGINX_WORKER_CONNECTIONS=$((FD_BUDGET * 19 / 20))
 has_target() { [[ " $TARGETS " == *" $1 "* ]]; }
 has_figure() { [[ " $FIGURES " == *" $1 "* ]]; }
 has_any_figure() { local f; for f in "$@"; do has_figure "$f" && return 0; done; return 1; }
+is_udp_figure() { [[ $1 == udp-* ]]; }
+can_udp() { [[ " $UDP_TARGETS " == *" $1 "* ]]; }
 
 # -------------------------------------------------------------------- ports --
-# Backend services: 1 = iperf3, 2 = sockperf, 3 = HTTP (nginx), 4 = idle-hold.
+# Backend services: 1 = iperf3, 2 = sockperf, 3 = HTTP (nginx), 4 = idle-hold,
+# and for UDP: 5 = sockperf (UDP, udp-latency), 6 = iperf3 (UDP data and TCP
+# control on the same port, udp-iperf), 7 = sockperf (UDP, udp-pps; started
+# afresh for every measurement, so its exit report counts what it received).
 # direct uses the backend port itself; balancer number i listens on
 # PORT_BASE + 100*i + service; the memory-figure instance on PORT_BASE + 100*i + 50.
+# The TCP services go through one instance of each balancer and the UDP ones
+# through a second instance (<target>-udp), so that a balancer that refuses the
+# UDP configuration still runs the TCP figures; its listeners are named after the
+# services, and udp-iperf's TCP listener (for iperf3's control connection)
+# udp-iperf-tcp.
 
-SVC_NAMES=(none iperf sockperf http hold)
+SVC_NAMES=(none iperf sockperf http hold udp-sockperf udp-iperf udp-pps)
 target_index() {
     case $1 in
         flowgate) echo 1 ;; haproxy) echo 2 ;; haproxy-splice) echo 3 ;; nginx) echo 4 ;;
@@ -221,26 +286,49 @@ is_listening() { # port
     fi
 }
 
-wait_listen() { # pid name logfile port... : poll until every port listens
-    local pid=$1 name=$2 logf=$3 port deadline
+is_udp_bound() { # port: is a UDP socket bound to it (on any address)?
+    awk -v p="$(printf ':%04X' "$1")" 'FNR > 1 && substr($2, length($2) - 4) == p { f = 1; exit } END { exit !f }' \
+        /proc/net/udp /proc/net/udp6 2>/dev/null
+}
+
+is_bound() { # tcp|udp port
+    if [[ $1 == udp ]]; then is_udp_bound "$2"; else is_listening "$2"; fi
+}
+
+wait_bound() { # pid name logfile proto:port... : poll until every port is bound;
+    # returns 1, after printing why, when the process exits or 20 s pass first
+    local pid=$1 name=$2 logf=$3 spec proto port deadline what
     shift 3
     deadline=$((SECONDS + 20))
-    for port in "$@"; do
-        until is_listening "$port"; do
-            if ! kill -0 "$pid" 2>/dev/null; then
+    for spec in "$@"; do
+        proto=${spec%%:*} port=${spec#*:}
+        what=$([[ $proto == udp ]] && echo "bound to UDP" || echo "listening on")
+        until is_bound "$proto" "$port"; do
+            if ! is_running "$pid"; then
                 printf 'bench.sh: error: %s exited during startup; last lines of %s:\n' "$name" "$logf" >&2
                 tail -n 20 "$logf" >&2 || true
-                exit 1
+                return 1
             fi
             if ((SECONDS >= deadline)); then
-                printf 'bench.sh: error: %s is not listening on %s:%s after 20 s; last lines of %s:\n' \
-                    "$name" "$HOST" "$port" "$logf" >&2
+                printf 'bench.sh: error: %s is not %s %s:%s after 20 s; last lines of %s:\n' \
+                    "$name" "$what" "$HOST" "$port" "$logf" >&2
                 tail -n 20 "$logf" >&2 || true
-                exit 1
+                return 1
             fi
             sleep 0.05
         done
     done
+}
+
+wait_listen() { # pid name logfile port... : poll until every TCP port listens, exit if not
+    local pid=$1 name=$2 logf=$3 port specs=()
+    shift 3
+    for port in "$@"; do specs+=("tcp:$port"); done
+    wait_bound "$pid" "$name" "$logf" "${specs[@]}" || exit 1
+}
+
+is_running() { # pid: alive and not a zombie (bash reaps its children asynchronously)
+    kill -0 "$1" 2>/dev/null && [[ $(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) != Z ]]
 }
 
 check_alive() { # pid name logfile
@@ -286,8 +374,8 @@ foreign_cpu_pct() { # "snapshot-before" "snapshot-after" -> % of one CPU used by
 
 ensure_tools() {
     local need=() pkgs=() cmd
-    has_any_figure bulk1 bulk4 && need+=(iperf3)
-    has_figure latency && need+=(sockperf)
+    has_any_figure bulk1 bulk4 udp-iperf && need+=(iperf3)
+    has_any_figure latency udp-latency udp-pps && need+=(sockperf)
     has_any_figure cps rps && need+=(wrk nginx)
     { has_target haproxy || has_target haproxy-splice; } && need+=(haproxy)
     has_target nginx && need+=(nginx)
@@ -401,27 +489,57 @@ EOF
         BACKEND_PID[hold]=$LAST_PID BACKEND_LOG[hold]=$logf
         wait_listen "$LAST_PID" "idle-hold server" "$logf" "$port"
     fi
+    if has_figure udp-latency; then
+        port=$(backend_port 5)
+        logf=$OUT_DIR/logs/sockperf-udp-server.log
+        start_bg "sockperf UDP server" "$logf" sockperf server -i "$HOST" -p "$port"
+        BACKEND_PID[udp-sockperf]=$LAST_PID BACKEND_LOG[udp-sockperf]=$logf
+        wait_bound "$LAST_PID" "sockperf UDP server" "$logf" "udp:$port" || exit 1
+    fi
+    if has_figure udp-iperf; then
+        # The same server answers TCP and UDP tests; a UDP test's data socket is
+        # bound to the control connection's port when the test starts.
+        port=$(backend_port 6)
+        logf=$OUT_DIR/logs/iperf3-udp-server.log
+        start_bg "iperf3 UDP server" "$logf" iperf3 -s -B "$HOST" -p "$port" --idle-timeout 30
+        BACKEND_PID[udp-iperf]=$LAST_PID BACKEND_LOG[udp-iperf]=$logf
+        wait_listen "$LAST_PID" "iperf3 UDP server" "$logf" "$port"
+    fi
+    # udp-pps (service 7) starts its sockperf server in each measurement.
 }
 
 check_backend() { check_alive "${BACKEND_PID[$1]}" "$1 backend" "${BACKEND_LOG[$1]}"; }
 
 # ---------------------------------------------------------------- balancers --
-# A listener spec is "service:listen_port:backend_port".
+# A listener spec is "service:listen_port:backend_port[:protocol]", protocol tcp
+# (the default) or udp. The listener is named after the service, but with an
+# explicit tcp the name gets "-tcp" appended, so that udp-iperf can have a UDP
+# and a TCP listener on one port. Every service gets one pool (one upstream),
+# which all of its listeners feed. HAProxy only ever gets TCP specs.
 
 write_flowgate_config() { # file worker_model(""=default) spec...
-    local file=$1 model=$2 s name lport bport
+    local file=$1 model=$2 s name lport bport proto
+    local -A pooled=()
     shift 2
     {
         printf '[runtime]\nworkers = %d\nshutdown_timeout = "1s"\n' "$LB_WORKERS"
         [[ -n $model ]] && printf 'worker_model = "%s"\n' "$model"
         for s in "$@"; do
-            IFS=: read -r name lport bport <<<"$s"
-            printf '\n[[listeners]]\nname = "%s"\nbind = "%s:%s"\nprotocol = "tcp"\npool = "%s"\n' \
-                "$name" "$HOST" "$lport" "$name"
-            printf 'connect_timeout = "3s"\nidle_timeout = "350s"\n'
+            IFS=: read -r name lport bport proto <<<"$s"
+            printf '\n[[listeners]]\nname = "%s"\nbind = "%s:%s"\nprotocol = "%s"\npool = "%s"\n' \
+                "$name$([[ $proto == tcp ]] && echo -tcp)" "$HOST" "$lport" "${proto:-tcp}" "$name"
+            if [[ $proto == udp ]]; then
+                # Sessions end after this long without a datagram either way; no
+                # `responses` limit (a flow of many datagrams each way).
+                printf 'idle_timeout = "%s"\n' "$UDP_IDLE_TIMEOUT"
+            else
+                printf 'connect_timeout = "3s"\nidle_timeout = "350s"\n'
+            fi
         done
         for s in "$@"; do
-            IFS=: read -r name lport bport <<<"$s"
+            IFS=: read -r name lport bport proto <<<"$s"
+            [[ -n ${pooled[$name]:-} ]] && continue
+            pooled[$name]=1
             printf '\n[[pools]]\nname = "%s"\nalgorithm = "round-robin"\nbackends = [ { address = "%s:%s" } ]\n' \
                 "$name" "$HOST" "$bport"
         done
@@ -465,7 +583,8 @@ EOF
 }
 
 write_nginx_config() { # dir spec...
-    local dir=$1 s name lport bport
+    local dir=$1 s name lport bport proto
+    local -A pooled=()
     shift
     {
         if nginx -V 2>&1 | grep -q -- '--with-stream=dynamic'; then
@@ -478,24 +597,46 @@ stream {
     proxy_timeout 350s;
 EOF
         for s in "$@"; do
-            IFS=: read -r name lport bport <<<"$s"
-            printf '    upstream %s { server %s:%s; }\n' "$name" "$HOST" "$bport"
-            printf '    server { listen %s:%s backlog=4096; proxy_pass %s; }\n' "$HOST" "$lport" "$name"
+            IFS=: read -r name lport bport proto <<<"$s"
+            if [[ -z ${pooled[$name]:-} ]]; then
+                pooled[$name]=1
+                printf '    upstream %s { server %s:%s; }\n' "$name" "$HOST" "$bport"
+            fi
+            if [[ $proto == udp ]]; then
+                # reuseport: one socket per worker, so a client's datagrams all
+                # reach the worker that holds its session. No proxy_responses:
+                # a session carries any number of datagrams each way and ends
+                # after proxy_timeout without traffic.
+                printf '    server { listen %s:%s udp reuseport; proxy_pass %s; proxy_timeout %s; }\n' \
+                    "$HOST" "$lport" "$name" "$UDP_IDLE_TIMEOUT"
+            else
+                printf '    server { listen %s:%s backlog=4096; proxy_pass %s; }\n' "$HOST" "$lport" "$name"
+            fi
         done
         echo "}"
     } >"$dir/nginx.conf"
 }
 
+LB_SOFT=0 # 1: start_lb returns 1 when the balancer fails to start, instead of exiting
+
 start_lb() { # target instance-name spec... ; sets LAST_PID and LAST_LOG, waits for all ports
-    local target=$1 inst=$2 dir logf s ports=()
+    local target=$1 inst=$2 dir logf s name lport bport proto ports=()
     shift 2
     dir=$OUT_DIR/$inst
     mkdir -p "$dir"
     logf=$OUT_DIR/logs/$inst.log
-    for s in "$@"; do ports+=("$(cut -d: -f2 <<<"$s")"); done
+    for s in "$@"; do
+        IFS=: read -r name lport bport proto <<<"$s"
+        ports+=("${proto:-tcp}:$lport")
+    done
     case $target in
         flowgate | flowgate-shared)
             write_flowgate_config "$dir/flowgate.toml" "$([[ $target == flowgate-shared ]] && echo shared)" "$@"
+            if ((LB_SOFT)) && ! "$FLOWGATE_BIN" check --config "$dir/flowgate.toml" >"$logf.check" 2>&1; then
+                printf 'bench.sh: %s rejected %s:\n' "$inst" "$dir/flowgate.toml" >&2
+                tail -n 20 "$logf.check" >&2 || true
+                return 1
+            fi
             start_bg "$inst" "$logf" "$FLOWGATE_BIN" run --config "$dir/flowgate.toml"
             ;;
         haproxy | haproxy-splice)
@@ -511,7 +652,11 @@ start_lb() { # target instance-name spec... ; sets LAST_PID and LAST_LOG, waits 
         *) die "start_lb: bad target $target" ;;
     esac
     LAST_LOG=$logf
-    wait_listen "$LAST_PID" "$inst" "$logf" "${ports[@]}"
+    if ! wait_bound "$LAST_PID" "$inst" "$logf" "${ports[@]}"; then
+        ((LB_SOFT)) || exit 1
+        stop_pid "$LAST_PID"
+        return 1
+    fi
 }
 
 declare -A LB_PID=()
@@ -541,6 +686,71 @@ check_target() { # target
     check_alive "${LB_PID[$1]}" "$1" "${LB_LOG[$1]}"
 }
 
+declare -A UDP_SKIP=() # target -> why it is not measured for the UDP figures
+declare -A UDP_DIED=()
+
+# The UDP instances (<target>-udp). HAProxy targets are skipped. flowgate's
+# instance is started softly: when `flowgate check` rejects the configuration
+# or it does not start, flowgate is skipped for the UDP figures, with a note in
+# the log and the results, and the rest of the run goes on.
+start_udp_balancers() {
+    local t specs why
+    # shellcheck disable=SC2086 # word splitting intended
+    has_any_figure $UDP_FIGURES || return 0
+    for t in $TARGETS; do
+        [[ $t == direct ]] && continue
+        if ! can_udp "$t"; then
+            UDP_SKIP[$t]="HAProxy OSS does not balance UDP"
+            log "note: $t is skipped for the UDP figures: ${UDP_SKIP[$t]}"
+            continue
+        fi
+        specs=()
+        has_figure udp-latency && specs+=("${SVC_NAMES[5]}:$(target_port "$t" 5):$(backend_port 5):udp")
+        # iperf3 needs its TCP control connection and the UDP data on one port.
+        has_figure udp-iperf && specs+=("${SVC_NAMES[6]}:$(target_port "$t" 6):$(backend_port 6):tcp"
+            "${SVC_NAMES[6]}:$(target_port "$t" 6):$(backend_port 6):udp")
+        has_figure udp-pps && specs+=("${SVC_NAMES[7]}:$(target_port "$t" 7):$(backend_port 7):udp")
+        log "starting $t-udp"
+        if [[ $t == flowgate* ]]; then
+            LB_SOFT=1
+            if ! start_lb "$t" "$t-udp" "${specs[@]}"; then
+                LB_SOFT=0
+                if [[ -s $OUT_DIR/logs/$t-udp.log.check ]] && ! [[ -e $OUT_DIR/logs/$t-udp.log ]]; then
+                    why=$(grep -v '^[[:space:]]*$' "$OUT_DIR/logs/$t-udp.log.check" | head -n 3 | tr -s ' \n' ' ')
+                    UDP_SKIP[$t]="\`flowgate check\` rejected the UDP configuration ($OUT_DIR/$t-udp/flowgate.toml): ${why% }"
+                else
+                    UDP_SKIP[$t]="it did not start with the UDP configuration ($OUT_DIR/$t-udp/flowgate.toml); see $OUT_DIR/logs/$t-udp.log"
+                fi
+                log "note: $t is skipped for the UDP figures: ${UDP_SKIP[$t]}"
+                continue
+            fi
+            LB_SOFT=0
+        else
+            start_lb "$t" "$t-udp" "${specs[@]}"
+        fi
+        LB_PID[$t-udp]=$LAST_PID LB_LOG[$t-udp]=$LAST_LOG
+    done
+}
+
+check_udp_target() { # target: is its UDP instance running? exits if not, but for flowgate returns 1
+    local pid
+    [[ $1 == direct ]] && return 0
+    pid=${LB_PID[$1-udp]}
+    if [[ $1 != flowgate* ]]; then
+        check_alive "$pid" "$1-udp" "${LB_LOG[$1-udp]}"
+        return 0
+    fi
+    is_running "$pid" && return 0
+    if [[ -z ${UDP_DIED[$1]:-} ]]; then
+        UDP_DIED[$1]=1
+        log "error: $1-udp has died; its UDP figures fail from here on; last lines of ${LB_LOG[$1-udp]}:"
+        tail -n 20 "${LB_LOG[$1-udp]}" >&2 || true
+    else
+        log "error: $1-udp is not running (it died earlier)"
+    fi
+    return 1
+}
+
 # ------------------------------------------------------------- measurements --
 # Each sets RESULT (space-separated numbers) and returns non-zero on failure,
 # after printing why.
@@ -568,16 +778,22 @@ EOF
     ) || { log "error: could not read the iperf3 result via $1; see $out"; return 1; }
 }
 
-measure_latency() { # target logfile
-    local port out rc
+measure_latency() { # target logfile [udp]
+    local port out rc proto=(--tcp) dropped
     port=$(target_port "$1" 2)
+    [[ ${3:-} == udp ]] && port=$(target_port "$1" 5) proto=()
     out=$2
     rc=0
-    timeout $((SOCKPERF_TIME + 30)) sockperf ping-pong --tcp -i "$HOST" -p "$port" -m 64 \
+    timeout $((SOCKPERF_TIME + 30)) sockperf ping-pong "${proto[@]}" -i "$HOST" -p "$port" -m 64 \
         -t "$SOCKPERF_TIME" --full-rtt >"$out" 2>&1 || rc=$?
     if ((rc != 0)); then
-        log "error: sockperf ping-pong via $1 exited with status $rc; see $out"
+        log "error: sockperf ping-pong ${3:-tcp} via $1 exited with status $rc; see $out"
         return 1
+    fi
+    # Over UDP a lost request or reply is counted by sockperf as dropped.
+    dropped=$(sed 's/\x1b\[[0-9;]*m//g' "$out" | awk -F'[=;]' '/# dropped messages =/ { gsub(/ /, "", $2); print $2; exit }')
+    if [[ -n $dropped && $dropped != 0 ]]; then
+        log "note: sockperf counted $dropped dropped messages via $1; see $out"
     fi
     RESULT=$(sed 's/\x1b\[[0-9;]*m//g' "$out" | awk '
         /percentile 50\.000 =/ { p50 = $NF }
@@ -585,6 +801,74 @@ measure_latency() { # target logfile
         /percentile 99\.900 =/ { p999 = $NF }
         END { if (p50 == "" || p99 == "" || p999 == "") exit 1; print p50, p99, p999 }') ||
         { log "error: no percentiles in the sockperf output via $1; see $out"; return 1; }
+}
+
+measure_udp_pps() { # target prefix ; RESULT = "received-msg/s loss-% sent-msg/s"
+    local t=$1 pre=$2 port bport slog spid rc i sent secs rcvd
+    port=$(target_port "$t" 7)
+    bport=$(backend_port 7)
+    slog=$pre.server.log
+    # A fresh server for every measurement: it reports the messages it received
+    # when it is interrupted (SIGINT; sockperf installs its own handler).
+    start_bg "sockperf pps server" "$slog" sockperf server -i "$HOST" -p "$bport"
+    spid=$LAST_PID
+    wait_bound "$spid" "sockperf pps server" "$slog" "udp:$bport" || { stop_pid "$spid"; return 1; }
+    rc=0
+    timeout $((UDP_PPS_TIME + 30)) sockperf throughput -i "$HOST" -p "$port" -m 64 -t "$UDP_PPS_TIME" \
+        >"$pre.log" 2>&1 || rc=$?
+    sleep 0.5 # what the balancer still holds reaches the server, or is lost
+    kill -INT "$spid" 2>/dev/null || true
+    for ((i = 0; i < 100; i++)); do
+        is_running "$spid" || break
+        sleep 0.05
+    done
+    stop_pid "$spid"
+    if ((rc != 0)); then
+        log "error: sockperf throughput via $t exited with status $rc; see $pre.log"
+        return 1
+    fi
+    read -r sent secs < <(sed 's/\x1b\[[0-9;]*m//g' "$pre.log" |
+        awk '/Total of [0-9]+ messages sent in/ { for (i = 1; i <= NF; i++) if ($i == "of") n = $(i + 1); else if ($i == "in") s = $(i + 1) }
+             END { if (n != "" && s > 0) print n, s }') || true
+    rcvd=$(sed 's/\x1b\[[0-9;]*m//g' "$slog" | awk '/Total [0-9]+ messages received/ { for (i = 1; i < NF; i++) if ($i == "Total") print $(i + 1) }' | tail -n 1)
+    if [[ -z ${sent:-} || -z ${secs:-} ]]; then
+        log "error: no 'Total of N messages sent' in the sockperf client output via $t; see $pre.log"
+        return 1
+    fi
+    if [[ -z $rcvd ]]; then
+        log "error: the sockperf server did not report what it received via $t; see $slog"
+        return 1
+    fi
+    RESULT=$(awk -v n="$sent" -v s="$secs" -v r="$rcvd" 'BEGIN {
+        loss = n > 0 ? (n - r) * 100 / n : 0; if (loss < 0) loss = 0
+        printf "%.0f %.3f %.0f", r / s, loss, n / s }')
+}
+
+measure_udp_iperf() { # target rate logfile ; RESULT = "received-Gbit/s loss-%"
+    local port out rc
+    port=$(target_port "$1" 6)
+    out=$3
+    rc=0
+    timeout $((UDP_IPERF_TIME + 30)) iperf3 -c "$HOST" -p "$port" -u -l 1400 -b "$2" -t "$UDP_IPERF_TIME" -J \
+        --connect-timeout 3000 >"$out" 2>&1 || rc=$?
+    if ((rc != 0)); then
+        log "error: iperf3 -u -b $2 via $1 exited with status $rc; see $out"
+        return 1
+    fi
+    # iperf3 >= 3.? reports the receiver's side in end.sum_received; older ones
+    # only in end.sum (the sender's rate, with the loss the receiver counted).
+    RESULT=$(python3 - "$out" <<'EOF'
+import json, sys
+d = json.load(open(sys.argv[1]))
+if d.get("error"):
+    sys.exit("iperf3: " + d["error"])
+e = d["end"]
+s = e.get("sum_received") or e["sum"]
+loss = s["lost_percent"]
+bps = s["bits_per_second"] if "sum_received" in e else s["bits_per_second"] * (1 - loss / 100)
+print("%.3f %.3f" % (bps / 1e9, loss))
+EOF
+    ) || { log "error: could not read the iperf3 -u result via $1; see $out"; return 1; }
 }
 
 measure_wrk() { # target close(0|1) logfile
@@ -690,6 +974,15 @@ for svc in 1 2 3 4; do
         is_listening "$p" && die "port $p is already in use (set PORT_BASE to move the block)"
     done
 done
+for svc in 5 6 7; do # UDP services; udp-iperf (6) also listens on TCP
+    for t in $UDP_TARGETS; do
+        has_target "$t" || continue
+        p=$(target_port "$t" $svc)
+        for proto in udp $( ((svc == 6)) && echo tcp); do
+            is_bound "$proto" "$p" && die "$proto port $p is already in use (set PORT_BASE to move the block)"
+        done
+    done
+done
 
 {
     echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
@@ -701,6 +994,7 @@ done
     echo "loadavg at the start: $(cat /proc/loadavg)"
     echo "ROUNDS=$ROUNDS TARGETS=\"$TARGETS\" FIGURES=\"$FIGURES\" NICE=$NICE (actual: $(ps -o ni= -p $$ | tr -d ' '))"
     echo "IPERF_TIME=$IPERF_TIME SOCKPERF_TIME=$SOCKPERF_TIME WRK_TIME=$WRK_TIME WRK_THREADS=$WRK_THREADS WRK_CONNS=$WRK_CONNS MEM_CONNS=$MEM_CONNS"
+    echo "UDP_PPS_TIME=$UDP_PPS_TIME UDP_IPERF_TIME=$UDP_IPERF_TIME UDP_IPERF_RATES=\"$UDP_IPERF_RATES\""
     command -v haproxy >/dev/null && echo "haproxy: $(haproxy -v 2>&1 | head -n1)"
     command -v nginx >/dev/null && echo "nginx: $(nginx -v 2>&1)"
     command -v iperf3 >/dev/null && echo "iperf3: $(iperf3 --version 2>&1 | head -n1)"
@@ -720,11 +1014,12 @@ printf 'round\tfigure\ttarget\tforeign_cpu_pct\n' >"$OUT_DIR/load.tsv"
 DISTURBED=0
 start_backends
 start_balancers
+start_udp_balancers
 
 # measure_one figure target prefix: sets LINES to "metric value" pairs (value NA
 # on failure), MSG to a human summary; returns non-zero when the tool failed.
 measure_one() {
-    local f=$1 t=$2 pre=$3 p50 p99 p999
+    local f=$1 t=$2 pre=$3 p50 p99 p999 rx tx loss
     LINES='' MSG=''
     case $f in
         bulk1 | bulk4)
@@ -765,6 +1060,44 @@ measure_one() {
                 return 1
             fi
             ;;
+        udp-latency)
+            check_backend udp-sockperf
+            if check_udp_target "$t" && measure_latency "$t" "$pre.log" udp; then
+                read -r p50 p99 p999 <<<"$RESULT"
+                LINES="udp_lat_p50 $p50"$'\n'"udp_lat_p99 $p99"$'\n'"udp_lat_p999 $p999"
+                MSG="p50 $p50 p99 $p99 p99.9 $p999 us"
+            else
+                LINES="udp_lat_p50 NA"$'\n'"udp_lat_p99 NA"$'\n'"udp_lat_p999 NA"
+                return 1
+            fi
+            ;;
+        udp-pps)
+            if check_udp_target "$t" && measure_udp_pps "$t" "$pre"; then
+                read -r rx loss tx <<<"$RESULT"
+                LINES="udp_pps $rx"$'\n'"udp_pps_loss $loss"
+                MSG="received $rx msg/s of $tx sent, loss $loss %"
+            else
+                LINES="udp_pps NA"$'\n'"udp_pps_loss NA"
+                return 1
+            fi
+            ;;
+        udp-iperf)
+            # One run per rate; metric names carry the rate (report.py labels them).
+            local b failed=0
+            for b in $UDP_IPERF_RATES; do
+                check_backend udp-iperf
+                if check_udp_target "$t" && measure_udp_iperf "$t" "$b" "$pre-b$b.json"; then
+                    read -r rx loss <<<"$RESULT"
+                    LINES+="udp_iperf_gbps@$b $rx"$'\n'"udp_iperf_loss@$b $loss"$'\n'
+                    MSG+="${MSG:+, }-b $b: $rx Gbit/s, loss $loss %"
+                else
+                    LINES+="udp_iperf_gbps@$b NA"$'\n'"udp_iperf_loss@$b NA"$'\n'
+                    failed=1
+                fi
+            done
+            LINES=${LINES%$'\n'}
+            ((!failed)) || return 1
+            ;;
     esac
 }
 
@@ -785,8 +1118,9 @@ for ((r = 1; r <= ROUNDS; r++)); do
     for f in $FIGURES; do
         for t in $TARGETS; do
             [[ $f == mem && $t == direct ]] && continue # no balancer, nothing to measure
+            is_udp_figure "$f" && [[ -n ${UDP_SKIP[$t]:-} ]] && continue # noted at the start
             for ((attempt = 0; ; attempt++)); do
-                check_target "$t"
+                is_udp_figure "$f" || check_target "$t" # measure_one checks the UDP instances
                 wait_quiet
                 pre=$OUT_DIR/runs/r$r-$f-$t
                 ((attempt == 0)) || pre=$pre-retry$attempt
@@ -819,6 +1153,14 @@ log "measurements took $((SECONDS - START)) s"
 echo "loadavg at the end: $(cat /proc/loadavg)" >>"$OUT_DIR/meta.txt"
 
 python3 "$HELPERS/report.py" "$RAW" "$TARGETS" "$ROUNDS" >"$OUT_DIR/results.md"
+if ((${#UDP_SKIP[@]})); then
+    {
+        echo
+        for t in $TARGETS; do
+            if [[ -n ${UDP_SKIP[$t]:-} ]]; then echo "UDP figures: $t not measured: ${UDP_SKIP[$t]}."; fi
+        done
+    } >>"$OUT_DIR/results.md"
+fi
 max_foreign=$(awk -F'\t' 'NR > 1 && $4 > m { m = $4 } END { print m + 0 }' "$OUT_DIR/load.tsv")
 {
     echo

@@ -442,7 +442,7 @@ async fn bad_requests_get_json_errors_with_the_right_status() {
             404,
             "no such endpoint",
         ),
-        ("GET", "/".into(), None, 404, "no such endpoint"),
+        ("GET", "/index.html".into(), None, 404, "no such endpoint"),
         (
             "GET",
             action(&a.name, "drain", false),

@@ -104,7 +104,8 @@ backends = [{}]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_pass_promtool_and_keep_the_contract() {
     let b = TestBackend::start(Kind::Echo).await;
-    let toml = config(&[b.name.clone()], "") + "[pools.health_check]\nkind = \"tcp\"\ninterval = \"100ms\"\n";
+    let toml = config(&[b.name.clone()], "")
+        + "[pools.health_check]\nkind = \"tcp\"\ninterval = \"100ms\"\n";
     let fg = Proc::spawn(&toml, &[]);
     let admin = fg.admin();
     // One session and a few probes, so every histogram has samples.

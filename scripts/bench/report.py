@@ -6,9 +6,12 @@ usage: report.py RAW_TSV "TARGET ..." [ROUNDS]
 RAW_TSV has a header line and rows "round<TAB>metric<TAB>target<TAB>value",
 where value is a number or "NA" (the measurement failed). Prints two Markdown
 tables to stdout: the medians with flowgate/HAProxy ratios, and the per-round
-minimum..maximum so the noise can be judged.
+minimum..maximum so the noise can be judged. When UDP figures are present they
+get two tables of their own after those, with the targets that can balance UDP
+and flowgate/nginx ratios (HAProxy OSS does not balance UDP).
 """
 
+import re
 import statistics
 import sys
 from collections import defaultdict
@@ -28,13 +31,47 @@ METRICS = [
 RATIO_PAIRS = [("flowgate", "haproxy"), ("flowgate", "haproxy-splice"),
                ("flowgate-shared", "haproxy")]
 
+# UDP figures: same layout as METRICS. The udp_iperf ones carry the iperf3 -b
+# rate after an "@" and are added in the order the raw file first shows them.
+UDP_METRICS = [
+    ("udp_lat_p50", "UDP ping-pong RTT p50 (64 B)", "µs", False, "{:.1f}"),
+    ("udp_lat_p99", "UDP ping-pong RTT p99 (64 B)", "µs", False, "{:.1f}"),
+    ("udp_lat_p999", "UDP ping-pong RTT p99.9 (64 B)", "µs", False, "{:.1f}"),
+    ("udp_pps", "UDP datagrams received (64 B, sent flat out)", "msg/s", True, "{:,.0f}"),
+    ("udp_pps_loss", "UDP datagrams lost (64 B, sent flat out)", "%", False, "{:.2f}"),
+]
+UDP_DYNAMIC = {
+    "udp_iperf_gbps": ("iperf3 UDP received (1400 B, {})", "Gbit/s", True, "{:.2f}"),
+    "udp_iperf_loss": ("iperf3 UDP lost (1400 B, {})", "%", False, "{:.2f}"),
+}
+UDP_TARGETS = ["direct", "flowgate", "flowgate-shared", "nginx"]
+UDP_RATIO_PAIRS = [("flowgate", "nginx"), ("flowgate-shared", "nginx")]
+NO_RATIO = re.compile(r"loss")  # a ratio of loss percentages means little (and 0 is common)
+
+
+def udp_metrics(order):
+    """The UDP metric rows for the metric keys in `order` (first-seen order)."""
+    rows = [m for m in UDP_METRICS if m[0] in order]
+    rates = []
+    for key in order:
+        base, _, rate = key.partition("@")
+        if base in UDP_DYNAMIC and rate and rate not in rates:
+            rates.append(rate)
+    for rate in rates:
+        for base, (label, unit, higher, fmt) in UDP_DYNAMIC.items():
+            key = base + "@" + rate
+            if key in order:
+                shown = "sent flat out" if rate == "0" else "sent at " + rate + "bit/s"
+                rows.append((key, label.format(shown), unit, higher, fmt))
+    return rows
+
 
 def main():
     raw, targets = sys.argv[1], sys.argv[2].split()
     rounds = int(sys.argv[3]) if len(sys.argv) > 3 else None
     values = defaultdict(list)  # (metric, target) -> [float]
     failed = defaultdict(int)
-    seen_metrics = set()
+    seen_metrics = {}  # metric -> None, in first-seen order
     with open(raw) as f:
         next(f, None)
         for line in f:
@@ -42,7 +79,7 @@ def main():
             if len(parts) != 4:
                 continue
             _, metric, target, value = parts
-            seen_metrics.add(metric)
+            seen_metrics.setdefault(metric, None)
             if value == "NA":
                 failed[(metric, target)] += 1
             else:
@@ -50,7 +87,20 @@ def main():
 
     metrics = [m for m in METRICS if m[0] in seen_metrics]
     ratios = [(a, b) for a, b in RATIO_PAIRS if a in targets and b in targets]
+    udp_rows = udp_metrics(list(seen_metrics))
+    udp_targets = [t for t in targets if t in UDP_TARGETS]
+    udp_ratios = [(a, b) for a, b in UDP_RATIO_PAIRS if a in udp_targets and b in udp_targets]
+    if metrics or not udp_rows:
+        tables(metrics, targets, ratios, "HAProxy", rounds, values, failed)
+    if udp_rows:
+        if metrics:
+            print()
+        print("UDP (HAProxy OSS does not balance UDP):")
+        print()
+        tables(udp_rows, udp_targets, udp_ratios, "nginx", rounds, values, failed)
 
+
+def tables(metrics, targets, ratios, versus, rounds, values, failed):
     def cell(metric, target, fmt):
         vs = values.get((metric, target))
         note = " (%d failed)" % failed[(metric, target)] if failed.get((metric, target)) else ""
@@ -70,15 +120,15 @@ def main():
             row.append(text)
             meds[t] = med
         for a, b in ratios:
-            if meds.get(a) and meds.get(b):
+            if meds.get(a) and meds.get(b) and not NO_RATIO.search(key):
                 row.append("{:.2f}".format(meds[a] / meds[b]))
             else:
                 row.append("—")
         print("| " + " | ".join(row) + " |")
     print()
     print("↑ higher is better, ↓ lower is better. Cells are medians over %s rounds; "
-          "ratio columns divide the flowgate median by the HAProxy median."
-          % (rounds if rounds is not None else "all"))
+          "ratio columns divide the flowgate median by the %s median."
+          % (rounds if rounds is not None else "all", versus))
     print()
     print("Spread (min .. max over rounds):")
     print()

@@ -79,7 +79,7 @@ fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
-fn config(backends: &[String], extra: &str) -> String {
+fn config(backends: &[&str], extra: &str) -> String {
     let list: Vec<String> = backends
         .iter()
         .map(|b| format!("{{ address = \"{b}\" }}"))
@@ -104,8 +104,8 @@ backends = [{}]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_pass_promtool_and_keep_the_contract() {
     let b = TestBackend::start(Kind::Echo).await;
-    let toml = config(&[b.name.clone()], "")
-        + "[pools.health_check]\nkind = \"tcp\"\ninterval = \"100ms\"\n";
+    let toml =
+        config(&[&b.name], "") + "[pools.health_check]\nkind = \"tcp\"\ninterval = \"100ms\"\n";
     let fg = Proc::spawn(&toml, &[]);
     let admin = fg.admin();
     // One session and a few probes, so every histogram has samples.
@@ -263,7 +263,7 @@ async fn byte_counters_are_exact_move_live_and_match_the_access_log() {
     let backend = up_then_down(10 * MIB, 5 * MIB).await;
     let name = backend.to_string();
     let fg = Proc::spawn(
-        &config(&[name.clone()], "[log]\naccess_log = \"access.log\"\n"),
+        &config(&[&name], "[log]\naccess_log = \"access.log\"\n"),
         &[],
     );
     let admin = fg.admin();
@@ -483,7 +483,7 @@ async fn json_access_log_reopens_on_sigusr1() {
     let b = TestBackend::start(Kind::Echo).await;
     let fg = Proc::spawn(
         &config(
-            &[b.name.clone()],
+            &[&b.name],
             "[log]\nformat = \"json\"\naccess_log = \"access.log\"\n",
         ),
         &[],

@@ -348,5 +348,30 @@ pub fn pools_json(fg: &Flowgate) -> Value {
             })
         })
         .collect();
+    let udp = fg.udp_listeners().into_iter().map(|l| {
+        let s = &l.shared;
+        let t = s.totals();
+        let dropped: serde_json::Map<String, Value> = t
+            .dropped
+            .iter()
+            .map(|(k, v)| (k.to_string(), json!(v)))
+            .collect();
+        let active = s.active.load(std::sync::atomic::Ordering::Relaxed);
+        json!({
+            "name": &*s.name,
+            "protocol": "udp",
+            "address": l.local_addr.to_string(),
+            "pool": &*s.settings().pool.name,
+            "active_connections": active,
+            "sessions_active": active,
+            "sessions_total": s.sessions.load(std::sync::atomic::Ordering::Relaxed),
+            "datagrams_to_backend": t.datagrams_to,
+            "datagrams_from_backend": t.datagrams_from,
+            "bytes_to_backend": t.bytes_to,
+            "bytes_from_backend": t.bytes_from,
+            "dropped": dropped,
+        })
+    });
+    let listeners: Vec<Value> = listeners.into_iter().chain(udp).collect();
     json!({ "pools": pools, "listeners": listeners })
 }

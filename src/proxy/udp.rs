@@ -294,6 +294,9 @@ struct Session {
     replaced: Notify,
     to_backend: AtomicU64,
     from_backend: AtomicU64,
+    /// Client datagrams taken for this session, counted under the table lock, so
+    /// the session never ends with a request still unanswered (`responses`).
+    requests: AtomicU64,
 }
 
 impl Session {
@@ -388,6 +391,9 @@ impl Worker {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&client)
+            .inspect(|s| {
+                s.requests.fetch_add(1, Relaxed);
+            })
             .cloned();
         let mut avoid = None;
         let session = match existing {
@@ -496,6 +502,7 @@ impl Worker {
             replaced: Notify::new(),
             to_backend: AtomicU64::new(0),
             from_backend: AtomicU64::new(0),
+            requests: AtomicU64::new(1),
         });
         shared.sessions.fetch_add(1, Relaxed);
         b.stats.udp_sessions.fetch_add(1, Relaxed);
@@ -557,11 +564,12 @@ impl Slot {
         settings: &UdpSettings,
         ip: IpAddr,
     ) -> Result<Slot, DropReason> {
-        let before = shared.active.fetch_add(1, Relaxed);
-        if settings.max_sessions.is_some_and(|m| before >= m) {
-            shared.active.fetch_sub(1, Relaxed);
-            return Err(DropReason::MaxSessions);
-        }
+        // A compare-and-swap, so the count never shows more than the limit.
+        let max = settings.max_sessions.unwrap_or(usize::MAX);
+        shared
+            .active
+            .fetch_update(Relaxed, Relaxed, |n| (n < max).then_some(n + 1))
+            .map_err(|_| DropReason::MaxSessions)?;
         let mut slot = Slot {
             shared: shared.clone(),
             ip,
@@ -648,6 +656,25 @@ impl SessionTask {
         }
     }
 
+    /// With `responses = N`: whether every request has its N replies, in which case
+    /// the session leaves the table (under the lock that new requests are counted
+    /// under, so none can slip in unanswered).
+    fn answered(&self, replies: u64) -> bool {
+        let n = self.settings.responses;
+        if n == 0 {
+            return false;
+        }
+        let s = &self.session;
+        let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        if replies < n.saturating_mul(s.requests.load(Relaxed)) {
+            return false;
+        }
+        if t.get(&s.client).is_some_and(|cur| Arc::ptr_eq(cur, s)) {
+            t.remove(&s.client);
+        }
+        true
+    }
+
     /// Relays replies until the session ends; returns why.
     async fn replies(&self, first_reply: &mut Option<Duration>) -> End {
         let s = &self.session;
@@ -702,8 +729,7 @@ impl SessionTask {
                             self.counters.datagrams_from.fetch_add(1, Relaxed);
                             self.counters.bytes_from.fetch_add(n as u64, Relaxed);
                             replies += 1;
-                            if self.settings.responses != 0 && replies >= self.settings.responses
-                            {
+                            if self.answered(replies) {
                                 return Poll::Ready(End::Responses);
                             }
                         }

@@ -838,3 +838,100 @@ async fn try_echo(addr: SocketAddr) -> std::io::Result<()> {
         Err(std::io::Error::other("wrong echo"))
     }
 }
+
+#[test]
+fn udp_keys_on_a_tcp_listener() {
+    for (key, v) in [
+        ("max_sessions", "10"),
+        ("max_sessions_per_source", "10"),
+        ("responses", "1"),
+    ] {
+        rejects(
+            &edit(
+                "pool = \"gpu\"",
+                &format!("pool = \"gpu\"\n{key} = {v} # HERE"),
+            ),
+            Some(&format!("listeners[0].{key}")),
+            "applies to udp listeners; this one is tcp",
+        );
+    }
+}
+
+#[test]
+fn max_connections_on_a_udp_listener() {
+    rejects(
+        &edit(
+            "pool = \"gpu\"",
+            "pool = \"gpu\"\nprotocol = \"udp\"\nmax_connections = 5 # HERE",
+        ),
+        Some("listeners[0].max_connections"),
+        "applies to tcp listeners; this one is udp",
+    );
+}
+
+#[test]
+fn zero_max_sessions() {
+    rejects(
+        &edit(
+            "pool = \"gpu\"",
+            "pool = \"gpu\"\nprotocol = \"udp\"\nmax_sessions = 0 # HERE",
+        ),
+        Some("listeners[0].max_sessions"),
+        "expected a positive number",
+    );
+}
+
+#[test]
+fn udp_and_tcp_may_share_a_bind_but_not_two_udp() {
+    let both = append(
+        "[[listeners]]\nname = \"u\"\nbind = \"127.0.0.1:7000\"\nprotocol = \"udp\"\npool = \"gpu\"\n",
+    );
+    let dir = tempdir::Dir::new();
+    assert_valid(&check(&dir.file("ok.toml", &both)));
+    rejects(
+        &format!(
+            "{both}[[listeners]]\nname = \"u2\"\nbind = \"127.0.0.1:7000\" # HERE\nprotocol = \"udp\"\npool = \"gpu\"\n"
+        ),
+        Some("listeners[2].bind"),
+        "udp address 127.0.0.1:7000 is already bound",
+    );
+}
+
+#[test]
+fn bad_log_section() {
+    rejects(
+        &append("[log]\nlevel = \"loud\" # HERE\n"),
+        Some("log.level"),
+        "invalid level \"loud\"",
+    );
+    rejects(
+        &append("[log]\nformat = \"xml\" # HERE\n"),
+        Some("log.format"),
+        "unknown variant `xml`",
+    );
+    rejects(
+        &append("[log]\naccess_log = \"\" # HERE\n"),
+        Some("log.access_log"),
+        "expected \"off\", \"stdout\" or a file path",
+    );
+}
+
+#[test]
+fn access_log_that_cannot_be_opened_fails_startup() {
+    let dir = tempdir::Dir::new();
+    let file = dir.file(
+        "f.toml",
+        &append("[log]\naccess_log = \"/nonexistent-dir/access.log\"\n"),
+    );
+    let out = Command::new(bin())
+        .args(["run", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("log.access_log: cannot open /nonexistent-dir/access.log"),
+        "{stderr}"
+    );
+}

@@ -454,3 +454,98 @@ async fn dnsmasq_behind_flowgate_answers_every_query() {
     let _ = dnsmasq.kill();
     let _ = dnsmasq.wait();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_and_reload_apply_to_udp_sessions() {
+    let (a, b) = (
+        UdpBackend::start(false).await,
+        UdpBackend::start(false).await,
+    );
+    let extra = "idle_timeout = \"30s\"";
+    let pool_extra = "drain_timeout = \"300ms\"\n";
+    let toml = config(&[(&a.name, 1), (&b.name, 1)], "round-robin", extra)
+        .replace("algorithm =", &format!("{pool_extra}algorithm ="));
+    let (fg, addr) = start(&toml);
+    let c1 = client().await;
+    let first = who(&ask(&c1, addr, b"1", 5 * SEC).await.expect("reply"));
+    let (x, y) = if first == a.name { (&a, &b) } else { (&b, &a) };
+
+    // Drain x: new sessions avoid it, c1's session on it carries on.
+    fg.drain("p", &x.name).unwrap();
+    for _ in 0..4 {
+        let c = client().await;
+        assert_eq!(who(&ask(&c, addr, b"n", 5 * SEC).await.unwrap()), y.name);
+    }
+    assert_eq!(who(&ask(&c1, addr, b"2", 5 * SEC).await.unwrap()), x.name);
+    fg.enable("p", &x.name).unwrap();
+
+    // Reload without x: the listener keeps its socket; x drains, and after
+    // drain_timeout c1's next datagram goes to y.
+    let new = config(&[(&y.name, 1)], "round-robin", extra)
+        .replace("algorithm =", &format!("{pool_extra}algorithm ="));
+    fg.apply(flowgate::Config::parse(&new, std::path::Path::new("t.toml")).unwrap())
+        .unwrap();
+    assert_eq!(
+        fg.udp_local_addr("u"),
+        Some(addr),
+        "same socket after reload"
+    );
+    let moved = async {
+        loop {
+            let r = ask(&c1, addr, b"3", 5 * SEC).await.expect("reply");
+            if who(&r) == y.name {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(10 * SEC, moved)
+        .await
+        .expect("c1 moved to the remaining backend after drain_timeout");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checks_take_a_udp_backend_out_and_sessions_repick() {
+    // Each UDP backend also listens on TCP on its port number, for the probe.
+    let (a, b) = (
+        UdpBackend::start(false).await,
+        UdpBackend::start(false).await,
+    );
+    let ta = tokio::net::TcpListener::bind(&a.name).await.unwrap();
+    let tb = tokio::net::TcpListener::bind(&b.name).await.unwrap();
+    let accept = |l: tokio::net::TcpListener| {
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                drop(s);
+            }
+        })
+    };
+    let (pa, pb) = (accept(ta), accept(tb));
+    let toml = config(&[(&a.name, 1), (&b.name, 1)], "ip-hash", "")
+        + "[pools.health_check]\nkind = \"tcp\"\ninterval = \"100ms\"\nfall = 1\nrise = 1\n";
+    let (fg, addr) = start(&toml);
+    let p = fg.pool("p").unwrap();
+    assert!(
+        wait_until(10 * SEC, || p.backends().iter().all(|b| b.is_usable())).await,
+        "both up"
+    );
+    let c = client().await;
+    let first = who(&ask(&c, addr, b"1", 5 * SEC).await.expect("reply"));
+    let (down, other, probe) = if first == a.name {
+        (&a, &b, &pa)
+    } else {
+        (&b, &a, &pb)
+    };
+    // Only the probe port goes away: the UDP server still answers, but health
+    // says down, so the session moves.
+    probe.abort();
+    let d = p.find(&down.name).unwrap();
+    assert!(
+        wait_until(10 * SEC, || !d.is_usable()).await,
+        "health check marked {} down",
+        down.name
+    );
+    let r = ask(&c, addr, b"2", 5 * SEC).await.expect("reply");
+    assert_eq!(who(&r), other.name);
+    let _ = (pa, pb);
+}

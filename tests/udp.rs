@@ -23,7 +23,20 @@ struct UdpBackend {
 
 impl UdpBackend {
     async fn start(raw: bool) -> UdpBackend {
-        let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on(UdpSocket::bind("127.0.0.1:0").await.unwrap(), raw)
+    }
+
+    /// A backend whose port is also free for TCP, where its health probe connects.
+    async fn with_probe_port() -> (UdpBackend, tokio::net::TcpListener) {
+        loop {
+            let t = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            if let Ok(u) = UdpSocket::bind(t.local_addr().unwrap()).await {
+                return (Self::start_on(u, false), t);
+            }
+        }
+    }
+
+    fn start_on(s: UdpSocket, raw: bool) -> UdpBackend {
         let name = s.local_addr().unwrap().to_string();
         let prefix = format!("{name}:").into_bytes();
         let task = tokio::spawn(async move {
@@ -44,8 +57,10 @@ impl UdpBackend {
     }
 
     /// Closes the socket: datagrams to it now get ICMP port unreachable.
-    fn kill(&self) {
+    async fn kill(&mut self) {
         self.task.abort();
+        // The socket is closed once the aborted task is dropped.
+        let _ = (&mut self.task).await;
     }
 }
 
@@ -262,15 +277,19 @@ async fn max_sessions_per_source_drops_and_counts_the_excess() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_backends_session_repicks() {
-    let (a, b) = (
+    let (mut a, mut b) = (
         UdpBackend::start(false).await,
         UdpBackend::start(false).await,
     );
     let (fg, addr) = start(&config(&[(&a.name, 1), (&b.name, 1)], "ip-hash", ""));
     let c = client().await;
     let first = who(&ask(&c, addr, b"1", 5 * SEC).await.expect("reply"));
-    let (dead, live) = if first == a.name { (&a, &b) } else { (&b, &a) };
-    dead.kill();
+    let (dead, live) = if first == a.name {
+        (&mut a, &b)
+    } else {
+        (&mut b, &a)
+    };
+    dead.kill().await;
     // The next datagram meets ICMP port unreachable; the session re-picks, and
     // within a few datagrams the live backend answers, every time after that.
     let mut moved = None;
@@ -344,11 +363,15 @@ async fn empty_and_largest_datagrams_pass_and_a_port_burst_stays_bounded() {
 /// runs a bounded load and must lose nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dnsmasq_behind_flowgate_answers_every_query() {
-    let port = {
-        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        s.local_addr().unwrap().port()
+    // A port free for both UDP and TCP: dnsmasq binds both.
+    let port = loop {
+        let t = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = t.local_addr().unwrap().port();
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            break port;
+        }
     };
-    let mut dnsmasq = std::process::Command::new("dnsmasq")
+    let dnsmasq = std::process::Command::new("dnsmasq")
         .args([
             "--no-daemon",
             "--keep-in-foreground",
@@ -364,9 +387,18 @@ async fn dnsmasq_behind_flowgate_answers_every_query() {
             "--host-record=gamma.test,10.0.0.3",
         ])
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
         .spawn()
         .expect("run dnsmasq (apt-get install -y dnsmasq-base)");
+    // Killed however the test ends.
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _dnsmasq = Kill(dnsmasq);
     let backend = format!("127.0.0.1:{port}");
     let fg = Proc::spawn(
         &config(
@@ -451,8 +483,6 @@ async fn dnsmasq_behind_flowgate_answers_every_query() {
         .parse()
         .unwrap();
     assert_eq!(lost, 0, "{report}");
-    let _ = dnsmasq.kill();
-    let _ = dnsmasq.wait();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -507,12 +537,8 @@ async fn drain_and_reload_apply_to_udp_sessions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_checks_take_a_udp_backend_out_and_sessions_repick() {
     // Each UDP backend also listens on TCP on its port number, for the probe.
-    let (a, b) = (
-        UdpBackend::start(false).await,
-        UdpBackend::start(false).await,
-    );
-    let ta = tokio::net::TcpListener::bind(&a.name).await.unwrap();
-    let tb = tokio::net::TcpListener::bind(&b.name).await.unwrap();
+    let (a, ta) = UdpBackend::with_probe_port().await;
+    let (b, tb) = UdpBackend::with_probe_port().await;
     let accept = |l: tokio::net::TcpListener| {
         tokio::spawn(async move {
             while let Ok((s, _)) = l.accept().await {

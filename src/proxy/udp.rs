@@ -333,6 +333,96 @@ thread_local! {
     static BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0; RECV_BUF].into_boxed_slice());
 }
 
+/// Receive batches taken per wake-up before the loop yields to other tasks.
+const BATCHES_PER_TURN: usize = 8;
+
+/// Receives what is queued on `socket` without blocking, up to a batch, and calls
+/// `f` for each datagram. `WouldBlock` when nothing was queued.
+#[cfg(target_os = "linux")]
+fn recv_batch(socket: &UdpSocket, f: impl FnMut(&[u8], SocketAddr)) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    mmsg::recv(socket.as_raw_fd(), f)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn recv_batch(socket: &UdpSocket, mut f: impl FnMut(&[u8], SocketAddr)) -> io::Result<usize> {
+    BUF.with_borrow_mut(|buf| {
+        let (n, from) = socket.try_recv_from(buf)?;
+        f(&buf[..n], from);
+        Ok(1)
+    })
+}
+
+/// recvmmsg(2): one syscall for up to [`mmsg::BATCH`] datagrams (Linux).
+#[cfg(target_os = "linux")]
+mod mmsg {
+    use std::cell::RefCell;
+    use std::io::{self, IoSliceMut};
+    use std::net::SocketAddr;
+    use std::os::fd::RawFd;
+
+    use nix::sys::socket::{recvmmsg, MsgFlags, MultiHeaders, SockaddrStorage};
+
+    use super::RECV_BUF;
+
+    /// Datagrams per recvmmsg call.
+    pub const BATCH: usize = 16;
+
+    struct Batch {
+        headers: MultiHeaders<SockaddrStorage>,
+        /// `BATCH` slots of `RECV_BUF` bytes: any datagram fits whole.
+        buf: Box<[u8]>,
+    }
+
+    thread_local! {
+        /// Per worker thread: the headers hold raw pointers and cannot move between
+        /// threads, and a batch never outlives one call.
+        static STATE: RefCell<Batch> = RefCell::new(Batch {
+            headers: MultiHeaders::preallocate(BATCH, None),
+            buf: vec![0; BATCH * RECV_BUF].into_boxed_slice(),
+        });
+    }
+
+    fn to_std(a: &SockaddrStorage) -> Option<SocketAddr> {
+        if let Some(v4) = a.as_sockaddr_in() {
+            return Some(SocketAddr::V4((*v4).into()));
+        }
+        a.as_sockaddr_in6().map(|v6| SocketAddr::V6((*v6).into()))
+    }
+
+    pub fn recv(fd: RawFd, mut f: impl FnMut(&[u8], SocketAddr)) -> io::Result<usize> {
+        STATE.with_borrow_mut(|st| {
+            let mut got = [(0usize, None::<SocketAddr>); BATCH];
+            let n = {
+                let mut chunks = st.buf.chunks_mut(RECV_BUF);
+                let mut iovs: [[IoSliceMut<'_>; 1]; BATCH] =
+                    std::array::from_fn(|_| [IoSliceMut::new(chunks.next().expect("BATCH slots"))]);
+                let results = recvmmsg(
+                    fd,
+                    &mut st.headers,
+                    iovs.iter_mut(),
+                    MsgFlags::MSG_DONTWAIT,
+                    None,
+                )
+                .map_err(io::Error::from)?;
+                let mut n = 0;
+                for (slot, r) in got.iter_mut().zip(results) {
+                    *slot = (r.bytes, r.address.as_ref().and_then(to_std));
+                    n += 1;
+                }
+                n
+            };
+            for (i, (len, from)) in got[..n].iter().enumerate() {
+                if let Some(from) = from {
+                    let start = i * RECV_BUF;
+                    f(&st.buf[start..start + len], *from);
+                }
+            }
+            Ok(n)
+        })
+    }
+}
+
 /// Receives until the listener's `stop` fires; spawns session tasks on the current
 /// runtime.
 pub async fn recv_loop(socket: std::net::UdpSocket, shared: Arc<UdpListenerShared>) {
@@ -350,22 +440,34 @@ pub async fn recv_loop(socket: std::net::UdpSocket, shared: Arc<UdpListenerShare
         table: Arc::new(Mutex::new(HashMap::new())),
     };
     let stop = w.shared.stop.clone();
-    let mut buf = vec![0u8; RECV_BUF];
     loop {
-        let r = tokio::select! {
+        let ready = tokio::select! {
             biased;
             _ = stop.cancelled() => break,
-            r = w.socket.recv_from(&mut buf) => r,
+            r = w.socket.readable() => r,
         };
-        match r {
-            Ok((n, client)) => w.forward(&buf[..n], client),
-            Err(e) if crate::fd::is_exhaustion(&e) => {
-                crate::fd::exhausted("UDP receive", &e);
-                tokio::time::sleep(crate::fd::PAUSE).await;
-            }
-            // ICMP errors for the listening socket and the like concern one peer.
-            Err(e) => debug!(listener = %w.shared.name, error = %e, "UDP receive failed"),
+        if let Err(e) = ready {
+            warn!(listener = %w.shared.name, error = %e, "UDP socket failed");
+            break;
         }
+        // Drain what is queued, a bounded number of batches at a time, then let the
+        // worker's other tasks (the sessions' reply paths) run.
+        for _ in 0..BATCHES_PER_TURN {
+            match w.socket.try_io(tokio::io::Interest::READABLE, || {
+                recv_batch(&w.socket, |data, client| w.forward(data, client))
+            }) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if crate::fd::is_exhaustion(&e) => {
+                    crate::fd::exhausted("UDP receive", &e);
+                    tokio::time::sleep(crate::fd::PAUSE).await;
+                    break;
+                }
+                // ICMP errors for the listening socket and the like concern one peer.
+                Err(e) => debug!(listener = %w.shared.name, error = %e, "UDP receive failed"),
+            }
+        }
+        tokio::task::yield_now().await;
     }
     // End this worker's sessions now: the listener is gone or the process stops.
     let sessions: Vec<_> = w
@@ -682,7 +784,10 @@ impl SessionTask {
         let idle = tokio::time::sleep(idle_timeout);
         let replaced = s.replaced.notified();
         let wake = s.backend().cut_token().cancelled_owned();
-        tokio::pin!(idle, replaced, wake);
+        // ICMP port unreachable shows up as a socket error (EPOLLERR), which does
+        // not wake a reader: wait for it on its own.
+        let error = s.upstream.ready(tokio::io::Interest::ERROR);
+        tokio::pin!(idle, replaced, wake, error);
         let mut replies = 0u64;
         std::future::poll_fn(|cx| {
             if replaced.as_mut().poll(cx).is_ready() || s.state.load(Relaxed) & state::REPLACED != 0
@@ -702,6 +807,13 @@ impl SessionTask {
                 }
                 if s.backend().drain_epoch() != s.epoch {
                     return Poll::Ready(End::Drained);
+                }
+            }
+            if s.state.load(Relaxed) & state::FAILED == 0 && error.as_mut().poll(cx).is_ready() {
+                if let Ok(Some(e)) = s.upstream.take_error() {
+                    debug!(backend = %s.backend().name, error = %e, "UDP backend unreachable");
+                    s.state.fetch_or(state::FAILED, Relaxed);
+                    crate::proxy::passive_failure(&self.settings.pool, s.backend());
                 }
             }
             // A failed session only waits to be replaced or to expire.

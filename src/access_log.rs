@@ -192,7 +192,9 @@ impl Writer {
                 self.flush();
                 if let Out::File(p, f) = &mut self.out {
                     *f = open_logged(p);
-                    tracing::info!(path = %p.display(), "access log reopened");
+                    if f.is_some() {
+                        tracing::info!(path = %p.display(), "access log reopened");
+                    }
                 }
             }
             Msg::Configure(dest, format) => {
@@ -236,12 +238,16 @@ fn ms(d: Option<Duration>) -> Option<f64> {
     d.map(|d| (d.as_secs_f64() * 1e6).round() / 1e3)
 }
 
-/// `time=… listener=… client=… …`, logfmt. Names come from the configuration, which
-/// rejects spaces in none of them, so values with spaces or quotes are quoted.
+/// `time=… listener=… client=… …`, logfmt. Names come from the configuration and
+/// may hold anything TOML can: a value with whitespace, control characters, quotes
+/// or `=` is quoted and escaped, so a line stays one line.
 fn text(e: &Entry, out: &mut String) {
     use std::fmt::Write;
     let q = |s: &str| {
-        if s.is_empty() || s.contains([' ', '"', '=']) {
+        if s.is_empty()
+            || s.chars()
+                .any(|c| c.is_whitespace() || c.is_control() || c == '"' || c == '=')
+        {
             format!("{s:?}")
         } else {
             s.to_string()
@@ -292,7 +298,7 @@ mod tests {
         Entry {
             time: SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
             protocol: "tcp",
-            listener: "web front".into(),
+            listener: "web front\n".into(),
             client: "127.0.0.1:5000".parse().unwrap(),
             pool: "p".into(),
             backend: Some("10.0.0.1:80".into()),
@@ -311,7 +317,7 @@ mod tests {
         text(&entry(), &mut s);
         assert_eq!(
             s,
-            "time=2027-01-15T08:00:00.000000Z proto=tcp listener=\"web front\" client=127.0.0.1:5000 pool=p backend=10.0.0.1:80 to_backend=10 from_backend=20 connect_ms=0.25 first_byte_ms=- duration_ms=1500 reason=client_closed"
+            "time=2027-01-15T08:00:00.000000Z proto=tcp listener=\"web front\\n\" client=127.0.0.1:5000 pool=p backend=10.0.0.1:80 to_backend=10 from_backend=20 connect_ms=0.25 first_byte_ms=- duration_ms=1500 reason=client_closed"
         );
     }
 
@@ -320,7 +326,7 @@ mod tests {
         let mut s = String::new();
         json(&entry(), &mut s);
         let v: serde_json::Value = serde_json::from_str(&s).unwrap();
-        assert_eq!(v["listener"], "web front");
+        assert_eq!(v["listener"], "web front\n");
         assert_eq!(v["to_backend"], 10);
         assert_eq!(v["connect_ms"], 0.25);
         assert!(v["first_byte_ms"].is_null());

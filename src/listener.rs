@@ -32,6 +32,9 @@ pub struct ListenerShared {
     pub stop_accept: CancellationToken,
     /// Cuts this listener's sessions (a child of the process-wide hard stop).
     pub cut: CancellationToken,
+    /// Set when a reload removed the listener: its sessions cut at the deadline end
+    /// as `drained`, not `shutdown`.
+    pub retired: std::sync::atomic::AtomicBool,
     /// Sessions in progress, across all workers.
     pub active: AtomicUsize,
     /// Accepted client connections, rejected ones included.
@@ -81,6 +84,7 @@ impl ListenerShared {
             cut,
             active: AtomicUsize::new(0),
             accepted: AtomicU64::new(0),
+            retired: std::sync::atomic::AtomicBool::new(false),
             rejected_max_connections: AtomicU64::new(0),
             rejected_no_backend: AtomicU64::new(0),
             rejected_connect_failed: AtomicU64::new(0),

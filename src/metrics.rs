@@ -3,9 +3,9 @@
 //! Counters and gauges live as plain atomics in the objects they describe
 //! ([`crate::backend::BackendStats`], [`crate::listener::ListenerShared`], the UDP
 //! listeners, the access log): the data path pays one relaxed atomic add per event,
-//! and never touches the `metrics` registry. At each scrape, [`render`] copies those
-//! atomics into the registry (counters with `absolute`, gauges with `set`) and
-//! renders it with `metrics-exporter-prometheus`. Label values are listener, pool and
+//! and never touches the `metrics` registry. At each scrape, [`render`] adds what
+//! each atomic gained since the last scrape to its registry counter (gauges are
+//! `set`) and renders the registry with `metrics-exporter-prometheus`. Label values are listener, pool and
 //! backend names from the configuration, never anything a client sends.
 //!
 //! Histograms are `metrics` handles registered once per backend or listener, so a
@@ -223,7 +223,7 @@ fn describe() {
 }
 
 /// What was last exported per counter series, and from which object.
-static LAST: Mutex<Option<HashMap<String, (usize, u64)>>> = Mutex::new(None);
+static LAST: Mutex<Option<HashMap<String, u64>>> = Mutex::new(None);
 
 /// Adds to a registry counter what `owner`'s atomic gained since the last scrape.
 /// A backend or listener that a reload removed and a later reload re-added is a new
@@ -238,11 +238,15 @@ fn export(name: &'static str, labels: &[(&'static str, String)], owner: usize, n
         key.push_str(v);
         key.push(',');
     }
+    // Per object: two objects with the same labels (a backend re-added by a reload
+    // while its old copy still drains) both add what they gained.
+    key.push_str(&format!("@{owner:x}"));
     let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
     let last = last.get_or_insert_with(HashMap::new);
-    let prev = last.insert(key, (owner, now));
+    let prev = last.insert(key, now);
+    // Less than last time: a new object at a freed address; it counts from 0.
     let delta = match prev {
-        Some((o, v)) if o == owner && now >= v => now - v,
+        Some(v) if now >= v => now - v,
         _ => now,
     };
     counter!(name, labels).increment(delta);
@@ -278,7 +282,9 @@ fn sync(fg: &Flowgate) {
         crate::proxy::udp::export(&u.shared, |name, labels, n| export(name, labels, owner, n));
     }
     for p in fg.pools() {
-        for b in p.backends().iter().chain(p.retiring().iter()) {
+        // Retiring copies first, so a current backend with the same address sets
+        // the gauges last.
+        for b in p.retiring().iter().chain(p.backends().iter()) {
             backend(b);
         }
     }

@@ -557,6 +557,12 @@ impl Flowgate {
         if new.admin.as_ref().map(|a| a.bind) != st.config.admin.as_ref().map(|a| a.bind) {
             warn!("admin.bind only changes on restart");
         }
+        if new.runtime.splice != st.config.runtime.splice {
+            warn!("runtime.splice only changes on restart");
+        }
+        if new.log.format != st.config.log.format {
+            warn!("log.format changes the access log now; flowgate's own log changes on restart");
+        }
         if new.log.access_log != st.config.log.access_log || new.log.format != st.config.log.format
         {
             configure_access_log(&new.log)?;
@@ -614,6 +620,7 @@ impl Flowgate {
             while shared.active.load(Ordering::Acquire) > 0 {
                 if tokio::time::Instant::now() >= deadline {
                     warn!(listener = %shared.name, "drain_timeout passed: closing the removed listener's connections");
+                    shared.retired.store(true, Ordering::Relaxed);
                     shared.cut.cancel();
                     let pool = shared.settings().pool.clone();
                     wake_all(&[pool]);

@@ -281,7 +281,13 @@ async fn a_dead_backends_session_repicks() {
         UdpBackend::start(false).await,
         UdpBackend::start(false).await,
     );
-    let (fg, addr) = start(&config(&[(&a.name, 1), (&b.name, 1)], "ip-hash", ""));
+    // One session per source: the re-pick must give back the old session's place
+    // before it takes a new one.
+    let (fg, addr) = start(&config(
+        &[(&a.name, 1), (&b.name, 1)],
+        "ip-hash",
+        "max_sessions_per_source = 1",
+    ));
     let c = client().await;
     let first = who(&ask(&c, addr, b"1", 5 * SEC).await.expect("reply"));
     let (dead, live) = if first == a.name {

@@ -131,7 +131,7 @@ pub async fn serve(
     };
     let _ = backend.set_nodelay(true);
     let stops = Stops {
-        listener: cut,
+        listener: listener.clone(),
         epoch: guard.backend().drain_epoch(),
         backend: guard.backend().clone(),
     };
@@ -243,8 +243,8 @@ pub fn log_rejected(listener: &ListenerShared, settings: &ListenerSettings, peer
 /// or a removed listener's deadline) or its backend's drain deadline passed since the
 /// session started, and otherwise waits again.
 struct Stops {
-    /// Hard stop of the process or of the listener (checked, not awaited).
-    listener: CancellationToken,
+    /// Its `cut`: hard stop of the process or of the listener (checked, not awaited).
+    listener: Arc<ListenerShared>,
     backend: Arc<Backend>,
     /// The backend's drain epoch when the session started.
     epoch: u64,
@@ -252,8 +252,12 @@ struct Stops {
 
 impl Stops {
     fn reason(&self) -> Option<Termination> {
-        if self.listener.is_cancelled() {
-            Some(Termination::Shutdown)
+        if self.listener.cut.is_cancelled() {
+            Some(if self.listener.retired.load(Ordering::Relaxed) {
+                Termination::Drained
+            } else {
+                Termination::Shutdown
+            })
         } else if self.backend.drain_epoch() != self.epoch {
             Some(Termination::Drained)
         } else {
@@ -532,16 +536,6 @@ mod tests {
             },
             "p",
         );
-        let stops = Stops {
-            listener: token.clone(),
-            backend,
-            epoch: 0,
-        };
-        let f = splice_both(&mut a, &mut b, Duration::from_secs(1), &stops);
-        let n = size(&f);
-        eprintln!("splice_both future: {n} bytes");
-        assert!(n < 640, "splice_both future is {n} bytes");
-        drop(f);
         let cfg = crate::config::Config::parse(
             "[[listeners]]\nname='l'\nbind='127.0.0.1:0'\npool='p'\n[[pools]]\nname='p'\nbackends=[{address='127.0.0.1:1'}]",
             std::path::Path::new("t"),
@@ -555,6 +549,16 @@ mod tests {
             token.clone(),
             token.clone(),
         );
+        let stops = Stops {
+            listener: shared.clone(),
+            backend,
+            epoch: 0,
+        };
+        let f = splice_both(&mut a, &mut b, Duration::from_secs(1), &stops);
+        let n = size(&f);
+        eprintln!("splice_both future: {n} bytes");
+        assert!(n < 640, "splice_both future is {n} bytes");
+        drop(f);
         let whole = serve(
             a,
             "127.0.0.1:2".parse().unwrap(),

@@ -297,6 +297,8 @@ struct Session {
     /// Client datagrams taken for this session, counted under the table lock, so
     /// the session never ends with a request still unanswered (`responses`).
     requests: AtomicU64,
+    /// Its place under `max_sessions` and `max_sessions_per_source`.
+    slot: Mutex<Option<Slot>>,
 }
 
 impl Session {
@@ -304,18 +306,26 @@ impl Session {
         self.guard.backend()
     }
 
-    /// Whether the client's next datagram should go to a new backend instead.
-    fn must_repick(&self) -> Option<End> {
+    /// Whether the client's next datagram should go to a new backend instead. A
+    /// backend that is down is left only if the pool has a usable one (with
+    /// `fail-open` and everything down, sessions stay where they are).
+    fn must_repick(&self, pool: &Pool) -> Option<End> {
         let b = self.backend();
         if self.state.load(Relaxed) & state::FAILED != 0 {
             Some(End::BackendUnreachable)
         } else if b.drain_epoch() != self.epoch {
             Some(End::Drained)
-        } else if b.flags() & (flag::UNHEALTHY | flag::EJECTED) != 0 {
+        } else if b.flags() & (flag::UNHEALTHY | flag::EJECTED) != 0 && pool.has_usable() {
             Some(End::BackendDown)
         } else {
             None
         }
+    }
+
+    /// Gives back the session's place under the listener's limits (when it ends or
+    /// is replaced, whichever comes first).
+    fn release(&self) {
+        drop(self.slot.lock().unwrap_or_else(|e| e.into_inner()).take());
     }
 }
 
@@ -499,7 +509,7 @@ impl Worker {
             .cloned();
         let mut avoid = None;
         let session = match existing {
-            Some(s) => match s.must_repick() {
+            Some(s) => match s.must_repick(&self.shared.settings().pool) {
                 None => s,
                 Some(why) => {
                     avoid = Some(s.backend().clone());
@@ -556,6 +566,7 @@ impl Worker {
         }
         debug!(listener = %self.shared.name, client = %s.client, backend = %s.backend().name, reason = why.as_str(), "UDP session re-picks");
         s.state.fetch_or(state::REPLACED, Relaxed);
+        s.release();
         s.replaced.notify_one();
     }
 
@@ -605,6 +616,7 @@ impl Worker {
             to_backend: AtomicU64::new(0),
             from_backend: AtomicU64::new(0),
             requests: AtomicU64::new(1),
+            slot: Mutex::new(Some(slot)),
         });
         shared.sessions.fetch_add(1, Relaxed);
         b.stats.udp_sessions.fetch_add(1, Relaxed);
@@ -620,7 +632,6 @@ impl Worker {
             counters: self.counters.clone(),
             settings,
             shared: shared.clone(),
-            _slot: slot,
         };
         tokio::spawn(task.run());
         Ok(session)
@@ -718,7 +729,6 @@ struct SessionTask {
     counters: Arc<CachePadded<UdpCounters>>,
     settings: Arc<UdpSettings>,
     shared: Arc<UdpListenerShared>,
-    _slot: Slot,
 }
 
 impl SessionTask {
@@ -732,6 +742,7 @@ impl SessionTask {
                 t.remove(&s.client);
             }
         }
+        s.release();
         let b = s.backend();
         b.stats.udp_active.fetch_sub(1, Relaxed);
         let duration = s.start.elapsed();
@@ -797,7 +808,7 @@ impl SessionTask {
                 } else if s.state.load(Relaxed) & state::FAILED != 0 {
                     End::BackendUnreachable
                 } else {
-                    s.must_repick().unwrap_or(End::BackendDown)
+                    s.must_repick(&self.settings.pool).unwrap_or(End::BackendDown)
                 });
             }
             while wake.as_mut().poll(cx).is_ready() {
@@ -835,7 +846,12 @@ impl SessionTask {
                         Poll::Pending => break,
                         Poll::Ready(Ok((n, Ok(_)))) => {
                             s.activity.touch();
-                            first_reply.get_or_insert_with(|| s.start.elapsed());
+                            if first_reply.is_none() {
+                                *first_reply = Some(s.start.elapsed());
+                                // An answer: the backend's failures are no longer
+                                // "in a row" (passive ejection).
+                                s.backend().passive_success();
+                            }
                             s.from_backend.fetch_add(n as u64, Relaxed);
                             s.backend().stats.bytes_from.fetch_add(n as u64, Relaxed);
                             self.counters.datagrams_from.fetch_add(1, Relaxed);

@@ -29,7 +29,10 @@
 #   ROUNDS         rounds to run                                          [3]
 #   TARGETS        any of: direct flowgate haproxy haproxy-splice nginx  [these five]
 #                  and flowgate-shared (flowgate with worker_model = "shared";
-#                  plain flowgate uses the default, "per-core")
+#                  plain flowgate uses the default, "per-core"), and
+#                  flowgate-metrics (flowgate with [admin], so the metrics
+#                  recorder is on, scraped once a second during the run; plain
+#                  flowgate has no [admin] and records no histograms)
 #   FIGURES        any of: bulk1 bulk4 latency cps rps mem (TCP)          [these six]
 #                  udp-latency udp-pps udp-iperf (UDP; targets direct, flowgate,
 #                  flowgate-shared and nginx); the words tcp, udp and all
@@ -131,10 +134,10 @@ die() { printf 'bench.sh: error: %s\n' "$*" >&2; exit 1; }
 
 # ---------------------------------------------------------------- arguments --
 
-ALL_TARGETS="direct flowgate flowgate-shared haproxy haproxy-splice nginx"
+ALL_TARGETS="direct flowgate flowgate-shared flowgate-metrics haproxy haproxy-splice nginx"
 TCP_FIGURES="bulk1 bulk4 latency cps rps mem"
 UDP_FIGURES="udp-latency udp-pps udp-iperf"
-UDP_TARGETS="direct flowgate flowgate-shared nginx" # the targets that can measure UDP
+UDP_TARGETS="direct flowgate flowgate-shared flowgate-metrics nginx" # the targets that can measure UDP
 ALL_FIGURES="$TCP_FIGURES $UDP_FIGURES"
 FIGURES=$(for f in $FIGURES; do
     case $f in tcp) echo "$TCP_FIGURES" ;; udp) echo "$UDP_FIGURES" ;; all) echo "$ALL_FIGURES" ;; *) echo "$f" ;; esac
@@ -157,7 +160,7 @@ for b in $UDP_IPERF_RATES; do
     [[ $b =~ ^[0-9]+(\.[0-9]+)?[KMG]?$ ]] || die "UDP_IPERF_RATES: '$b' is not an iperf3 -b rate (like 500M, 1G or 0)"
 done
 [[ -n ${UDP_IPERF_RATES// /} ]] || die "UDP_IPERF_RATES is empty"
-((PORT_BASE + 560 < 32768)) || die "PORT_BASE must leave room below the ephemeral port range (32768)"
+((PORT_BASE + 700 < 32768)) || die "PORT_BASE must leave room below the ephemeral port range (32768)"
 
 # Open files. Every process started from here inherits the raised soft limit.
 # The balancers' limits are sized for 20000 descriptors (less if the machine
@@ -199,13 +202,17 @@ SVC_NAMES=(none iperf sockperf http hold udp-sockperf udp-iperf udp-pps)
 target_index() {
     case $1 in
         flowgate) echo 1 ;; haproxy) echo 2 ;; haproxy-splice) echo 3 ;; nginx) echo 4 ;;
-        flowgate-shared) echo 5 ;;
+        flowgate-shared) echo 5 ;; flowgate-metrics) echo 6 ;;
         *) die "no index for target '$1'" ;;
     esac
 }
 backend_port() { echo $((PORT_BASE + $1)); }
 target_port() { # target service-number
     if [[ $1 == direct ]]; then backend_port "$2"; else echo $((PORT_BASE + 100 * $(target_index "$1") + $2)); fi
+}
+admin_port() { # instance-name: the admin API of a flowgate-metrics instance
+    local base=$((PORT_BASE + 100 * $(target_index flowgate-metrics) + 90))
+    case $1 in *-udp) echo $((base + 1)) ;; *-mem) echo $((base + 2)) ;; *) echo "$base" ;; esac
 }
 mem_port() { echo $((PORT_BASE + 100 * $(target_index "$1") + 50)); }
 
@@ -522,13 +529,14 @@ check_backend() { check_alive "${BACKEND_PID[$1]}" "$1 backend" "${BACKEND_LOG[$
 # and a TCP listener on one port. Every service gets one pool (one upstream),
 # which all of its listeners feed. HAProxy only ever gets TCP specs.
 
-write_flowgate_config() { # file worker_model(""=default) spec...
-    local file=$1 model=$2 s name lport bport proto
+write_flowgate_config() { # file worker_model(""=default) admin-port(""=none) spec...
+    local file=$1 model=$2 admin=$3 s name lport bport proto
     local -A pooled=()
-    shift 2
+    shift 3
     {
         printf '[runtime]\nworkers = %d\nshutdown_timeout = "1s"\n' "$LB_WORKERS"
         [[ -n $model ]] && printf 'worker_model = "%s"\n' "$model"
+        [[ -n $admin ]] && printf '\n[admin]\nbind = "%s:%s"\n' "$HOST" "$admin"
         for s in "$@"; do
             IFS=: read -r name lport bport proto <<<"$s"
             printf '\n[[listeners]]\nname = "%s"\nbind = "%s:%s"\nprotocol = "%s"\npool = "%s"\n' \
@@ -635,8 +643,9 @@ start_lb() { # target instance-name spec... ; sets LAST_PID and LAST_LOG, waits 
         ports+=("${proto:-tcp}:$lport")
     done
     case $target in
-        flowgate | flowgate-shared)
-            write_flowgate_config "$dir/flowgate.toml" "$([[ $target == flowgate-shared ]] && echo shared)" "$@"
+        flowgate | flowgate-shared | flowgate-metrics)
+            write_flowgate_config "$dir/flowgate.toml" "$([[ $target == flowgate-shared ]] && echo shared)" \
+                "$([[ $target == flowgate-metrics ]] && admin_port "$inst")" "$@"
             if ((LB_SOFT)) && ! "$FLOWGATE_BIN" check --config "$dir/flowgate.toml" >"$logf.check" 2>&1; then
                 printf 'bench.sh: %s rejected %s:\n' "$inst" "$dir/flowgate.toml" >&2
                 tail -n 20 "$logf.check" >&2 || true
@@ -682,6 +691,11 @@ start_balancers() {
         log "starting $t"
         start_lb "$t" "$t" "${specs[@]}"
         LB_PID[$t]=$LAST_PID LB_LOG[$t]=$LAST_LOG
+        if [[ $t == flowgate-metrics ]]; then
+            # Scraped like Prometheus would, only more often: every second.
+            start_bg "$t scraper" "$OUT_DIR/logs/$t.scrape.log" bash -c \
+                "while sleep 1; do curl -s -o /dev/null --max-time 2 http://$HOST:$(admin_port "$t")/metrics; done"
+        fi
     done
 }
 
@@ -968,7 +982,7 @@ record() { # round metric target value
 }
 
 ensure_tools
-{ has_target flowgate || has_target flowgate-shared; } && build_flowgate
+{ has_target flowgate || has_target flowgate-shared || has_target flowgate-metrics; } && build_flowgate
 
 # Refuse to start if something else already uses our ports.
 for svc in 1 2 3 4; do

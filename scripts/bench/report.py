@@ -29,7 +29,7 @@ METRICS = [
 ]
 
 RATIO_PAIRS = [("flowgate", "haproxy"), ("flowgate", "haproxy-splice"),
-               ("flowgate-shared", "haproxy")]
+               ("flowgate-shared", "haproxy"), ("flowgate-metrics", "flowgate")]
 
 # UDP figures: same layout as METRICS. The udp_iperf ones carry the iperf3 -b
 # rate after an "@" and are added in the order the raw file first shows them.
@@ -44,8 +44,9 @@ UDP_DYNAMIC = {
     "udp_iperf_gbps": ("iperf3 UDP received (1400 B, {})", "Gbit/s", True, "{:.2f}"),
     "udp_iperf_loss": ("iperf3 UDP lost (1400 B, {})", "%", False, "{:.2f}"),
 }
-UDP_TARGETS = ["direct", "flowgate", "flowgate-shared", "nginx"]
-UDP_RATIO_PAIRS = [("flowgate", "nginx"), ("flowgate-shared", "nginx")]
+UDP_TARGETS = ["direct", "flowgate", "flowgate-shared", "flowgate-metrics", "nginx"]
+UDP_RATIO_PAIRS = [("flowgate", "nginx"), ("flowgate-shared", "nginx"),
+                   ("flowgate-metrics", "flowgate")]
 NO_RATIO = re.compile(r"loss")  # a ratio of loss percentages means little (and 0 is common)
 
 

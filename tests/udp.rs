@@ -581,3 +581,40 @@ async fn health_checks_take_a_udp_backend_out_and_sessions_repick() {
     assert_eq!(who(&r), other.name);
     let _ = (pa, pb);
 }
+
+/// A client that sends without waiting: consecutive datagrams go out to the backend
+/// as one run (one GSO send on Linux), and must arrive as the same datagrams, in
+/// order, with every byte counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_from_one_client_arrives_datagram_by_datagram() {
+    let a = UdpBackend::start(true).await;
+    let (fg, addr) = start(&config(&[(&a.name, 1)], "round-robin", ""));
+    let c = client().await;
+    // Runs of equal sizes, a shorter one ending a run, a longer one starting the
+    // next, an empty one in between.
+    let sizes = [1000, 1000, 1000, 700, 1200, 1200, 0, 1200, 64, 64, 64, 64];
+    let mut sent = Vec::new();
+    for i in 0..100usize {
+        let n = sizes[i % sizes.len()];
+        let mut d = vec![(i % 251) as u8; n];
+        if n >= 2 {
+            d[..2].copy_from_slice(&(i as u16).to_be_bytes());
+        }
+        c.send_to(&d, addr).await.unwrap();
+        sent.push(d);
+    }
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    while got.len() < sent.len() {
+        match tokio::time::timeout(5 * SEC, c.recv_from(&mut buf)).await {
+            Ok(Ok((n, _))) => got.push(buf[..n].to_vec()),
+            _ => break,
+        }
+    }
+    assert_eq!(got.len(), sent.len(), "every datagram came back");
+    assert!(got == sent, "the same datagrams, in order");
+    let t = udp(&fg).totals();
+    let bytes: u64 = sent.iter().map(|d| d.len() as u64).sum();
+    assert_eq!((t.datagrams_to, t.bytes_to), (100, bytes));
+    assert_eq!((t.datagrams_from, t.bytes_from), (100, bytes));
+}

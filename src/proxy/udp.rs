@@ -129,8 +129,8 @@ pub struct UdpCounters {
 }
 
 impl UdpCounters {
-    fn dropped(&self, r: DropReason) {
-        self.dropped[r as usize].fetch_add(1, Relaxed);
+    fn dropped(&self, r: DropReason, n: u64) {
+        self.dropped[r as usize].fetch_add(n, Relaxed);
     }
 }
 
@@ -349,16 +349,16 @@ const BATCHES_PER_TURN: usize = 8;
 /// Receives what is queued on `socket` without blocking, up to a batch, and calls
 /// `f` for each datagram. `WouldBlock` when nothing was queued.
 #[cfg(target_os = "linux")]
-fn recv_batch(socket: &UdpSocket, f: impl FnMut(&[u8], SocketAddr)) -> io::Result<usize> {
+fn recv_batch(socket: &UdpSocket, f: impl FnOnce(&[(&[u8], SocketAddr)])) -> io::Result<usize> {
     use std::os::fd::AsRawFd;
     mmsg::recv(socket.as_raw_fd(), f)
 }
 
 #[cfg(not(target_os = "linux"))]
-fn recv_batch(socket: &UdpSocket, mut f: impl FnMut(&[u8], SocketAddr)) -> io::Result<usize> {
+fn recv_batch(socket: &UdpSocket, f: impl FnOnce(&[(&[u8], SocketAddr)])) -> io::Result<usize> {
     BUF.with_borrow_mut(|buf| {
         let (n, from) = socket.try_recv_from(buf)?;
-        f(&buf[..n], from);
+        f(&[(&buf[..n], from)]);
         Ok(1)
     })
 }
@@ -400,7 +400,7 @@ mod mmsg {
         a.as_sockaddr_in6().map(|v6| SocketAddr::V6((*v6).into()))
     }
 
-    pub fn recv(fd: RawFd, mut f: impl FnMut(&[u8], SocketAddr)) -> io::Result<usize> {
+    pub fn recv(fd: RawFd, f: impl FnOnce(&[(&[u8], SocketAddr)])) -> io::Result<usize> {
         STATE.with_borrow_mut(|st| {
             let mut got = [(0usize, None::<SocketAddr>); BATCH];
             let n = {
@@ -422,12 +422,16 @@ mod mmsg {
                 }
                 n
             };
+            let mut batch = [(&[][..], SocketAddr::from(([0, 0, 0, 0], 0))); BATCH];
+            let mut k = 0;
             for (i, (len, from)) in got[..n].iter().enumerate() {
                 if let Some(from) = from {
                     let start = i * RECV_BUF;
-                    f(&st.buf[start..start + len], *from);
+                    batch[k] = (&st.buf[start..start + len], *from);
+                    k += 1;
                 }
             }
+            f(&batch[..k]);
             Ok(n)
         })
     }
@@ -464,7 +468,7 @@ pub async fn recv_loop(socket: std::net::UdpSocket, shared: Arc<UdpListenerShare
         // worker's other tasks (the sessions' reply paths) run.
         for _ in 0..BATCHES_PER_TURN {
             match w.socket.try_io(tokio::io::Interest::READABLE, || {
-                recv_batch(&w.socket, |data, client| w.forward(data, client))
+                recv_batch(&w.socket, |batch| w.forward_batch(batch))
             }) {
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -495,16 +499,33 @@ pub async fn recv_loop(socket: std::net::UdpSocket, shared: Arc<UdpListenerShare
 }
 
 impl Worker {
-    /// Sends one client datagram on its session, starting or replacing the session
-    /// as needed; counts it as forwarded or dropped.
-    fn forward(&self, data: &[u8], client: SocketAddr) {
+    /// Forwards a received batch: consecutive datagrams from one client form a run
+    /// that goes to its session in one send (UDP GSO on Linux).
+    fn forward_batch(&self, batch: &[(&[u8], SocketAddr)]) {
+        let mut i = 0;
+        while i < batch.len() {
+            let client = batch[i].1;
+            let n = run_len(&batch[i..]);
+            let mut run = [&[][..]; MAX_RUN];
+            for (k, (d, _)) in batch[i..i + n].iter().enumerate() {
+                run[k] = d;
+            }
+            self.forward(&run[..n], client);
+            i += n;
+        }
+    }
+
+    /// Sends datagrams from one client on its session, starting or replacing the
+    /// session as needed; counts them as forwarded or dropped.
+    fn forward(&self, run: &[&[u8]], client: SocketAddr) {
+        let n = run.len() as u64;
         let existing = self
             .table
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&client)
             .inspect(|s| {
-                s.requests.fetch_add(1, Relaxed);
+                s.requests.fetch_add(n, Relaxed);
             })
             .cloned();
         let mut avoid = None;
@@ -514,46 +535,54 @@ impl Worker {
                 Some(why) => {
                     avoid = Some(s.backend().clone());
                     self.replace(&s, why);
-                    match self.start_session(client, avoid.as_ref()) {
+                    match self.start_session(client, avoid.as_ref(), n) {
                         Ok(s) => s,
-                        Err(r) => return self.counters.dropped(r),
+                        Err(r) => return self.counters.dropped(r, n),
                     }
                 }
             },
-            None => match self.start_session(client, None) {
+            None => match self.start_session(client, None, n) {
                 Ok(s) => s,
-                Err(r) => return self.counters.dropped(r),
+                Err(r) => return self.counters.dropped(r, n),
             },
         };
-        match send(&session.upstream, data) {
-            Ok(_) => self.sent(&session, data.len()),
+        let (k, err) = send_run(&session.upstream, run);
+        self.sent(&session, &run[..k]);
+        let Some(e) = err else { return };
+        let rest = &run[k..];
+        let left = rest.len() as u64;
+        if e.kind() == io::ErrorKind::ConnectionRefused && avoid.is_none() {
             // The backend's ICMP port unreachable, reported on this send: re-pick
-            // once, now, rather than lose the datagram.
-            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused && avoid.is_none() => {
-                session.state.fetch_or(state::FAILED, Relaxed);
-                crate::proxy::passive_failure(&self.shared.settings().pool, session.backend());
-                self.replace(&session, End::BackendUnreachable);
-                match self.start_session(client, Some(session.backend())) {
-                    Ok(s) => match send(&s.upstream, data) {
-                        Ok(_) => self.sent(&s, data.len()),
-                        Err(_) => self.counters.dropped(DropReason::SendFailed),
-                    },
-                    Err(r) => self.counters.dropped(r),
+            // once, now, rather than lose the datagrams.
+            session.state.fetch_or(state::FAILED, Relaxed);
+            crate::proxy::passive_failure(&self.shared.settings().pool, session.backend());
+            self.replace(&session, End::BackendUnreachable);
+            match self.start_session(client, Some(session.backend()), left) {
+                Ok(s) => {
+                    let (k, err) = send_run(&s.upstream, rest);
+                    self.sent(&s, &rest[..k]);
+                    if err.is_some() {
+                        self.counters
+                            .dropped(DropReason::SendFailed, (rest.len() - k) as u64);
+                    }
                 }
+                Err(r) => self.counters.dropped(r, left),
             }
-            Err(e) => {
-                debug!(listener = %self.shared.name, client = %client, error = %e, "UDP send to backend failed");
-                self.counters.dropped(DropReason::SendFailed);
-            }
+        } else {
+            debug!(listener = %self.shared.name, client = %client, error = %e, "UDP send to backend failed");
+            self.counters.dropped(DropReason::SendFailed, left);
         }
     }
 
-    fn sent(&self, s: &Session, n: usize) {
+    fn sent(&self, s: &Session, run: &[&[u8]]) {
+        let bytes: u64 = run.iter().map(|d| d.len() as u64).sum();
         s.activity.touch();
-        s.to_backend.fetch_add(n as u64, Relaxed);
-        s.backend().stats.bytes_to.fetch_add(n as u64, Relaxed);
-        self.counters.datagrams_to.fetch_add(1, Relaxed);
-        self.counters.bytes_to.fetch_add(n as u64, Relaxed);
+        s.to_backend.fetch_add(bytes, Relaxed);
+        s.backend().stats.bytes_to.fetch_add(bytes, Relaxed);
+        self.counters
+            .datagrams_to
+            .fetch_add(run.len() as u64, Relaxed);
+        self.counters.bytes_to.fetch_add(bytes, Relaxed);
     }
 
     /// Takes `s` out of the table and tells its task to end with `why`.
@@ -576,6 +605,7 @@ impl Worker {
         &self,
         client: SocketAddr,
         avoid: Option<&Arc<Backend>>,
+        requests: u64,
     ) -> Result<Arc<Session>, DropReason> {
         let shared = &self.shared;
         let settings = shared.settings();
@@ -615,7 +645,7 @@ impl Worker {
             replaced: Notify::new(),
             to_backend: AtomicU64::new(0),
             from_backend: AtomicU64::new(0),
-            requests: AtomicU64::new(1),
+            requests: AtomicU64::new(requests),
             slot: Mutex::new(Some(slot)),
         });
         shared.sessions.fetch_add(1, Relaxed);
@@ -636,6 +666,83 @@ impl Worker {
         tokio::spawn(task.run());
         Ok(session)
     }
+}
+
+/// Datagrams one run may hold: a receive batch.
+#[cfg(target_os = "linux")]
+const MAX_RUN: usize = mmsg::BATCH;
+#[cfg(not(target_os = "linux"))]
+const MAX_RUN: usize = 1;
+
+/// How many datagrams at the start of `batch` go out as one run: same client, all
+/// the size of the first but the last (which may be shorter), at most 64 KiB in
+/// all, none empty. What UDP GSO can send as one buffer.
+fn run_len(batch: &[(&[u8], SocketAddr)]) -> usize {
+    let (first, client) = (batch[0].0.len(), batch[0].1);
+    if first == 0 {
+        return 1;
+    }
+    let mut total = first;
+    let mut n = 1;
+    while n < batch.len().min(MAX_RUN) {
+        let (d, c) = batch[n];
+        if c != client || d.is_empty() || d.len() > first || total + d.len() > 65_507 {
+            break;
+        }
+        total += d.len();
+        n += 1;
+        if d.len() < first {
+            break;
+        }
+    }
+    n
+}
+
+/// Whether UDP GSO works here; turned off for good by the first send it fails.
+#[cfg(target_os = "linux")]
+static GSO: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Sends a run (see [`run_len`]) on a connected socket now: one sendmsg with
+/// UDP_SEGMENT, the kernel cutting it into the datagrams (Linux), or one send each.
+/// Returns how many went, and the error that stopped the rest.
+fn send_run(s: &UdpSocket, run: &[&[u8]]) -> (usize, Option<io::Error>) {
+    #[cfg(target_os = "linux")]
+    if run.len() > 1 && GSO.load(Relaxed) {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, SockaddrStorage};
+        use std::os::fd::AsRawFd;
+        let seg = run[0].len() as u16;
+        let mut iov = [std::io::IoSlice::new(&[]); MAX_RUN];
+        for (k, d) in run.iter().enumerate() {
+            iov[k] = std::io::IoSlice::new(d);
+        }
+        let cmsg = [ControlMessage::UdpGsoSegments(&seg)];
+        match sendmsg::<SockaddrStorage>(
+            s.as_raw_fd(),
+            &iov[..run.len()],
+            &cmsg,
+            MsgFlags::MSG_DONTWAIT,
+            None,
+        ) {
+            // All or nothing: the kernel takes the whole buffer or none of it.
+            Ok(_) => return (run.len(), None),
+            Err(
+                e @ (nix::Error::EIO
+                | nix::Error::EINVAL
+                | nix::Error::EOPNOTSUPP
+                | nix::Error::ENOPROTOOPT),
+            ) => {
+                warn!(error = %e, "UDP GSO is not available; sending datagrams one by one");
+                GSO.store(false, Relaxed);
+            }
+            Err(e) => return (0, Some(e.into())),
+        }
+    }
+    for (k, d) in run.iter().enumerate() {
+        if let Err(e) = send(s, d) {
+            return (k, Some(e));
+        }
+    }
+    (run.len(), None)
 }
 
 /// Sends on a connected socket now, or fails with `WouldBlock`. A direct syscall:
@@ -863,7 +970,7 @@ impl SessionTask {
                         }
                         Poll::Ready(Ok((_, Err(e)))) => {
                             debug!(client = %s.client, error = %e, "UDP reply to client failed");
-                            self.counters.dropped(DropReason::ReplyFailed);
+                            self.counters.dropped(DropReason::ReplyFailed, 1);
                         }
                         Poll::Ready(Err(e)) => {
                             debug!(backend = %s.backend().name, error = %e, "UDP backend unreachable");

@@ -72,6 +72,11 @@ fn epoch() -> Instant {
     *EPOCH.get_or_init(Instant::now)
 }
 
+/// Microseconds since the process-wide epoch: a timestamp in one word.
+pub(crate) fn now_us() -> u64 {
+    epoch().elapsed().as_micros() as u64
+}
+
 impl Activity {
     fn new() -> Activity {
         let a = Activity {
@@ -103,7 +108,9 @@ pub async fn serve(
     settings: Arc<ListenerSettings>,
     cut: CancellationToken,
 ) -> Termination {
-    let start = Instant::now();
+    // Times are microseconds on the process clock (8 bytes, not an `Instant`'s
+    // 16): they live in every connection's task for its whole life.
+    let start = now_us();
     // TCP_NODELAY: accepted sockets inherit it from the listening socket
     // (listener::bind sets it), which saves a syscall per connection.
     let connected = tokio::select! {
@@ -145,9 +152,9 @@ pub async fn serve(
     } else {
         guard.backend().passive_success();
     }
-    let first_byte = moved
-        .first_byte
-        .map(|d| d.saturating_duration_since(start + connect_time));
+    let first_byte = (moved.first_byte != 0).then(|| {
+        Duration::from_micros(moved.first_byte.saturating_sub(start + connect_time as u64))
+    });
     if let Some(fb) = first_byte {
         guard.backend().histograms.first_byte.record(fb);
     }
@@ -158,7 +165,7 @@ pub async fn serve(
         start,
         Some(Connected {
             backend: guard.backend(),
-            connect: connect_time,
+            connect: Duration::from_micros(connect_time as u64),
             first_byte,
             up: moved.up,
             down: moved.down,
@@ -182,11 +189,11 @@ fn finish(
     listener: &ListenerShared,
     settings: &ListenerSettings,
     peer: SocketAddr,
-    start: Instant,
+    start: u64,
     c: Option<Connected<'_>>,
     end: Termination,
 ) {
-    let duration = start.elapsed();
+    let duration = Duration::from_micros(now_us().saturating_sub(start));
     listener.session_duration.record(duration);
     if let Some(c) = &c {
         debug!(
@@ -271,7 +278,7 @@ impl Stops {
 async fn connect(
     settings: &ListenerSettings,
     peer: SocketAddr,
-) -> Result<(TcpStream, ActiveGuard, Duration), Termination> {
+) -> Result<(TcpStream, ActiveGuard, u32), Termination> {
     let pool = &settings.pool;
     let attempts = pool.connect_attempts();
     let mut tried: Vec<Arc<Backend>> = Vec::new();
@@ -286,7 +293,8 @@ async fn connect(
                 let took = t0.elapsed();
                 b.stats.connections.fetch_add(1, Ordering::Relaxed);
                 b.histograms.connect.record(took);
-                return Ok((stream, guard, took));
+                let us = took.as_micros().min(u32::MAX as u128) as u32;
+                return Ok((stream, guard, us));
             }
             Err(e) => {
                 debug!(pool = %pool.name, backend = %b.name, error = %e, "connect failed");
@@ -359,8 +367,8 @@ struct Moved {
     /// Bytes written to the backend and to the client.
     up: u64,
     down: u64,
-    /// When the backend's first byte reached the client.
-    first_byte: Option<Instant>,
+    /// When the backend's first byte reached the client ([`now_us`]; 0: never).
+    first_byte: u64,
 }
 
 /// Moves bytes both ways until both directions have ended, one side resets, the
@@ -377,7 +385,7 @@ async fn splice_both(
 ) -> Moved {
     let activity = Activity::new();
     let stats = &stops.backend.stats;
-    let mut first_byte = None;
+    let mut first_byte = 0;
     let (mut up, mut down) = (Pump::default(), Pump::default());
     let mut first_close = None;
     // Which side to reset (SO_LINGER 0) once the halves are released.
@@ -425,7 +433,7 @@ async fn splice_both(
                     };
                     counter.fetch_add(pump.moved - before, Ordering::Relaxed);
                     if !dir && before == 0 {
-                        first_byte = Some(Instant::now());
+                        first_byte = now_us().max(1);
                     }
                 }
                 match polled {

@@ -173,10 +173,8 @@ pub async fn accept_loop(
                 shared.accepted.fetch_add(1, Ordering::Relaxed);
                 let settings = shared.settings();
                 if let Some(slot) = Slot::take(&shared, settings.max_connections) {
-                    let cut = shared.cut.clone();
-                    tracker.spawn(async move {
-                        proxy::serve(stream, peer, &slot.0, settings, cut).await
-                    });
+                    tracker
+                        .spawn(async move { proxy::serve(stream, peer, &slot.0, settings).await });
                 } else {
                     shared
                         .rejected_max_connections

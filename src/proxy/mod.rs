@@ -20,7 +20,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use socket2::SockRef;
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::access_log;
@@ -65,6 +64,10 @@ impl Termination {
 /// since a process-wide epoch, so a session stores one word.
 pub(crate) struct Activity {
     last_ms: AtomicU64,
+    /// When the backend's first byte reached the client ([`now_us`]; 0: not yet).
+    /// Kept here rather than in a local of the session's future, which would cost
+    /// that future a word more (see the size test below).
+    first_us: AtomicU64,
 }
 
 fn epoch() -> Instant {
@@ -81,6 +84,7 @@ impl Activity {
     fn new() -> Activity {
         let a = Activity {
             last_ms: AtomicU64::new(0),
+            first_us: AtomicU64::new(0),
         };
         a.touch();
         a
@@ -106,7 +110,6 @@ pub async fn serve(
     peer: SocketAddr,
     listener: &Arc<ListenerShared>,
     settings: Arc<ListenerSettings>,
-    cut: CancellationToken,
 ) -> Termination {
     // Times are microseconds on the process clock (8 bytes, not an `Instant`'s
     // 16): they live in every connection's task for its whole life.
@@ -115,7 +118,7 @@ pub async fn serve(
     // (listener::bind sets it), which saves a syscall per connection.
     let connected = tokio::select! {
         biased;
-        _ = cut.cancelled() => Err(Termination::Shutdown),
+        _ = listener.cut.cancelled() => Err(Termination::Shutdown),
         // Boxed: the connect phase is larger than the transfer phase, and a task is
         // sized for its largest phase.
         r = Box::pin(connect(&settings, peer)) => r,
@@ -140,9 +143,10 @@ pub async fn serve(
     let stops = Stops {
         listener: listener.clone(),
         epoch: guard.backend().drain_epoch(),
-        backend: guard.backend().clone(),
+        guard,
     };
-    let moved = splice_both(&mut client, &mut backend, settings.idle_timeout, &stops).await;
+    let guard = &stops.guard;
+    let moved = splice_both(&mut client, &mut backend, &settings, &stops).await;
     let end = moved.end;
     // Passive outlier detection counts resets as failures, and only a session
     // that ended otherwise as a success (a backend that accepts and resets every
@@ -252,7 +256,8 @@ pub fn log_rejected(listener: &ListenerShared, settings: &ListenerSettings, peer
 struct Stops {
     /// Its `cut`: hard stop of the process or of the listener (checked, not awaited).
     listener: Arc<ListenerShared>,
-    backend: Arc<Backend>,
+    /// The session's place on its backend (and so the backend).
+    guard: ActiveGuard,
     /// The backend's drain epoch when the session started.
     epoch: u64,
 }
@@ -265,7 +270,7 @@ impl Stops {
             } else {
                 Termination::Shutdown
             })
-        } else if self.backend.drain_epoch() != self.epoch {
+        } else if self.guard.backend().drain_epoch() != self.epoch {
             Some(Termination::Drained)
         } else {
             None
@@ -380,12 +385,11 @@ struct Moved {
 async fn splice_both(
     client: &mut TcpStream,
     backend: &mut TcpStream,
-    idle_timeout: Duration,
+    // The settings by reference (one word; the idle timeout alone is two).
+    settings: &ListenerSettings,
     stops: &Stops,
 ) -> Moved {
     let activity = Activity::new();
-    let stats = &stops.backend.stats;
-    let mut first_byte = 0;
     let (mut up, mut down) = (Pump::default(), Pump::default());
     let mut first_close = None;
     // Which side to reset (SO_LINGER 0) once the halves are released.
@@ -393,8 +397,8 @@ async fn splice_both(
     let end = {
         let (mut cr, mut cw) = client.split();
         let (mut br, mut bw) = backend.split();
-        let idle = tokio::time::sleep(idle_timeout);
-        let wake = stops.backend.cut_token().cancelled_owned();
+        let idle = tokio::time::sleep(settings.idle_timeout);
+        let wake = stops.guard.backend().cut_token().cancelled_owned();
         tokio::pin!(idle, wake);
         // Alternate which direction goes first, so a bulk direction that uses up the
         // task's budget cannot starve the other one.
@@ -402,7 +406,7 @@ async fn splice_both(
         std::future::poll_fn(|cx| {
             while wake.as_mut().poll(cx).is_ready() {
                 // Load the next token before re-checking, so a cut in between is seen.
-                wake.set(stops.backend.cut_token().cancelled_owned());
+                wake.set(stops.guard.backend().cut_token().cancelled_owned());
                 if let Some(why) = stops.reason() {
                     return Poll::Ready(why);
                 }
@@ -426,6 +430,7 @@ async fn splice_both(
                 let before = pump.moved;
                 let polled = pump.poll(cx, src, dst, &activity);
                 if pump.moved != before {
+                    let stats = &stops.guard.backend().stats;
                     let counter = if dir {
                         &stats.bytes_to
                     } else {
@@ -433,7 +438,7 @@ async fn splice_both(
                     };
                     counter.fetch_add(pump.moved - before, Ordering::Relaxed);
                     if !dir && before == 0 {
-                        first_byte = now_us().max(1);
+                        activity.first_us.store(now_us().max(1), Ordering::Relaxed);
                     }
                 }
                 match polled {
@@ -459,7 +464,7 @@ async fn splice_both(
                 return Poll::Ready(first_close.unwrap_or(Termination::ClientClosed));
             }
             while idle.as_mut().poll(cx).is_ready() {
-                let deadline = activity.last() + idle_timeout;
+                let deadline = activity.last() + settings.idle_timeout;
                 if Instant::now() >= deadline {
                     return Poll::Ready(Termination::IdleTimeout);
                 }
@@ -482,7 +487,7 @@ async fn splice_both(
         end,
         up: up.moved,
         down: down.moved,
-        first_byte,
+        first_byte: activity.first_us.load(Ordering::Relaxed),
     }
 }
 
@@ -515,6 +520,7 @@ fn shutdown_write(s: &TcpStream) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio_util::sync::CancellationToken;
 
     /// What an idle connection costs in user space is mostly this future (the task
     /// stores it inline); keep it small. Two sockets, two directions, a timer.
@@ -559,22 +565,24 @@ mod tests {
         );
         let stops = Stops {
             listener: shared.clone(),
-            backend,
+            guard: backend.claim(),
             epoch: 0,
         };
-        let f = splice_both(&mut a, &mut b, Duration::from_secs(1), &stops);
+        let f = splice_both(&mut a, &mut b, &settings, &stops);
         let n = size(&f);
         eprintln!("splice_both future: {n} bytes");
         assert!(n < 640, "splice_both future is {n} bytes");
         drop(f);
-        let whole = serve(
-            a,
-            "127.0.0.1:2".parse().unwrap(),
-            &shared,
-            settings,
-            token.clone(),
-        );
+        let whole = serve(a, "127.0.0.1:2".parse().unwrap(), &shared, settings);
         let n = size(&whole);
+        {
+            let st = Arc::new(ListenerSettings::new(
+                &cfg.listeners[0],
+                crate::pool::Pool::new(&cfg.pools[0]),
+            ));
+            let c = connect(&st, "127.0.0.1:2".parse().unwrap());
+            eprintln!("connect future: {} bytes", size(&c));
+        }
         eprintln!("serve future: {n} bytes");
         assert!(n < 1000, "serve future is {n} bytes");
     }

@@ -338,6 +338,17 @@ impl Flowgate {
         }
     }
 
+    /// Runs `task` for each socket, the sockets spread over the workers in turn.
+    fn spawn_per_worker<S, F>(&self, sockets: Vec<S>, mut task: impl FnMut(S) -> F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        for (i, socket) in sockets.into_iter().enumerate() {
+            let handle = &self.inner.handles[i % self.inner.handles.len()];
+            self.inner.accept_loops.spawn_on(task(socket), handle);
+        }
+    }
+
     /// Starts a UDP listener's receive loops on bound sockets.
     fn serve_udp(
         &self,
@@ -352,11 +363,7 @@ impl Flowgate {
             self.inner.stop_accept.child_token(),
             self.inner.hard_stop.child_token(),
         );
-        for (i, socket) in sockets.into_iter().enumerate() {
-            let handle = &self.inner.handles[i % self.inner.handles.len()];
-            let task = udp::recv_loop(socket, shared.clone());
-            self.inner.accept_loops.spawn_on(task, handle);
-        }
+        self.spawn_per_worker(sockets, |socket| udp::recv_loop(socket, shared.clone()));
         info!(listener = %l.name, addr = %local_addr, pool = %l.pool, protocol = "udp", "listening");
         RunningUdp { shared, local_addr }
     }
@@ -375,11 +382,9 @@ impl Flowgate {
             self.inner.stop_accept.child_token(),
             self.inner.hard_stop.child_token(),
         );
-        for (i, socket) in sockets.into_iter().enumerate() {
-            let handle = &self.inner.handles[i % self.inner.handles.len()];
-            let task = listener::accept_loop(socket, shared.clone(), self.inner.sessions.clone());
-            self.inner.accept_loops.spawn_on(task, handle);
-        }
+        self.spawn_per_worker(sockets, |socket| {
+            listener::accept_loop(socket, shared.clone(), self.inner.sessions.clone())
+        });
         info!(listener = %l.name, addr = %local_addr, pool = %l.pool, "listening");
         RunningListener { shared, local_addr }
     }

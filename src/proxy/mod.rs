@@ -213,39 +213,52 @@ fn finish(
     if !access_log::enabled() {
         return;
     }
-    access_log::log(access_log::Entry {
-        time: SystemTime::now(),
-        protocol: "tcp",
-        listener: listener.name.clone(),
-        client: peer,
-        pool: settings.pool.name.clone(),
-        backend: c.as_ref().map(|c| c.backend.name.clone()),
-        to_backend: c.as_ref().map_or(0, |c| c.up),
-        from_backend: c.as_ref().map_or(0, |c| c.down),
-        connect: c.as_ref().map(|c| c.connect),
-        first_byte: c.as_ref().and_then(|c| c.first_byte),
+    access_log::log(entry(
+        listener,
+        settings,
+        peer,
+        c.as_ref(),
         duration,
-        reason: end.as_str(),
-    });
+        end.as_str(),
+    ));
 }
 
 /// The access-log line of a client closed at once (`max_connections`).
 pub fn log_rejected(listener: &ListenerShared, settings: &ListenerSettings, peer: SocketAddr) {
     if access_log::enabled() {
-        access_log::log(access_log::Entry {
-            time: SystemTime::now(),
-            protocol: "tcp",
-            listener: listener.name.clone(),
-            client: peer,
-            pool: settings.pool.name.clone(),
-            backend: None,
-            to_backend: 0,
-            from_backend: 0,
-            connect: None,
-            first_byte: None,
-            duration: Duration::ZERO,
-            reason: "rejected",
-        });
+        access_log::log(entry(
+            listener,
+            settings,
+            peer,
+            None,
+            Duration::ZERO,
+            "rejected",
+        ));
+    }
+}
+
+/// A TCP access-log entry; `c` when a backend was connected.
+fn entry(
+    listener: &ListenerShared,
+    settings: &ListenerSettings,
+    peer: SocketAddr,
+    c: Option<&Connected<'_>>,
+    duration: Duration,
+    reason: &'static str,
+) -> access_log::Entry {
+    access_log::Entry {
+        time: SystemTime::now(),
+        protocol: "tcp",
+        listener: listener.name.clone(),
+        client: peer,
+        pool: settings.pool.name.clone(),
+        backend: c.map(|c| c.backend.name.clone()),
+        to_backend: c.map_or(0, |c| c.up),
+        from_backend: c.map_or(0, |c| c.down),
+        connect: c.map(|c| c.connect),
+        first_byte: c.and_then(|c| c.first_byte),
+        duration,
+        reason,
     }
 }
 

@@ -149,12 +149,21 @@ impl UdpSettings {
         UdpSettings {
             pool,
             idle_timeout: cfg.idle_timeout,
-            max_sessions: cfg.max_sessions,
+            max_sessions: Some(cfg.max_sessions.unwrap_or_else(default_max_sessions)),
             max_sessions_per_source: cfg.max_sessions_per_source,
             responses: cfg.responses,
             bind: cfg.bind,
         }
     }
+}
+
+/// `max_sessions` when the config leaves it out: half the open-files limit (each
+/// session holds a socket), so a flood of source ports is refused and counted
+/// before it takes the descriptors TCP clients and health checks need.
+pub fn default_max_sessions() -> usize {
+    let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(1024, |(soft, _)| soft);
+    (soft / 2).clamp(512, 1 << 20) as usize
 }
 
 /// What every worker of a UDP listener shares.

@@ -49,8 +49,9 @@ pub struct Entry {
 
 enum Msg {
     Entry(Entry),
-    Reopen,
-    Configure(AccessLogDest, LogFormat),
+    /// Look at [`PENDING`] and [`REOPEN`] (sent with `try_send`: a full queue
+    /// means the writer is busy and will look anyway).
+    Wake,
 }
 
 struct Log {
@@ -60,6 +61,10 @@ struct Log {
 static LOG: OnceLock<Log> = OnceLock::new();
 static ENABLED: AtomicBool = AtomicBool::new(false);
 static DROPPED: AtomicU64 = AtomicU64::new(0);
+/// A reopen asked for (SIGUSR1) and not yet done.
+static REOPEN: AtomicBool = AtomicBool::new(false);
+/// A destination and format to switch to (startup, reload).
+static PENDING: Mutex<Option<(AccessLogDest, LogFormat)>> = Mutex::new(None);
 
 /// Whether entries are wanted; sessions skip building one when not.
 #[inline]
@@ -106,8 +111,9 @@ pub fn configure(dest: &AccessLogDest, format: LogFormat) -> io::Result<()> {
         }
     };
     ENABLED.store(*dest != AccessLogDest::Off, Ordering::Relaxed);
-    // A blocking send: this is the control path, and the writer drains the queue.
-    let _ = log.tx.send(Msg::Configure(dest.clone(), format));
+    *PENDING.lock().unwrap_or_else(|e| e.into_inner()) = Some((dest.clone(), format));
+    // Never blocks: a writer stuck on a full pipe must not hold up a reload.
+    let _ = log.tx.try_send(Msg::Wake);
     Ok(())
 }
 
@@ -119,7 +125,9 @@ pub fn check(p: &std::path::Path) -> io::Result<()> {
 /// Reopens the log file (after logrotate moved it). No-op for stdout or off.
 pub fn reopen() {
     if let Some(log) = LOG.get() {
-        let _ = log.tx.send(Msg::Reopen);
+        REOPEN.store(true, Ordering::Relaxed);
+        // Never blocks: the signal loop must stay free for SIGTERM.
+        let _ = log.tx.try_send(Msg::Wake);
     }
 }
 
@@ -166,7 +174,10 @@ impl Writer {
     }
 
     fn handle(&mut self, msg: Msg) {
+        // Control first, so entries after a reload or reopen follow it.
+        self.control();
         match msg {
+            Msg::Wake => {}
             Msg::Entry(e) => {
                 self.line.clear();
                 match self.format {
@@ -188,26 +199,31 @@ impl Writer {
                     tracing::warn!(error = %e, "access log write failed");
                 }
             }
-            Msg::Reopen => {
-                self.flush();
-                if let Out::File(p, f) = &mut self.out {
-                    *f = open_logged(p);
-                    if f.is_some() {
-                        tracing::info!(path = %p.display(), "access log reopened");
-                    }
+        }
+    }
+
+    /// Applies a pending destination change or reopen.
+    fn control(&mut self) {
+        let pending = PENDING.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some((dest, format)) = pending {
+            self.flush();
+            self.format = format;
+            self.out = match dest {
+                AccessLogDest::Off => Out::Off,
+                AccessLogDest::Stdout => Out::Stdout(io::stdout()),
+                AccessLogDest::File(p) => {
+                    let f = open_logged(&p);
+                    Out::File(p, f)
                 }
-            }
-            Msg::Configure(dest, format) => {
-                self.flush();
-                self.format = format;
-                self.out = match dest {
-                    AccessLogDest::Off => Out::Off,
-                    AccessLogDest::Stdout => Out::Stdout(io::stdout()),
-                    AccessLogDest::File(p) => {
-                        let f = open_logged(&p);
-                        Out::File(p, f)
-                    }
-                };
+            };
+        }
+        if REOPEN.swap(false, Ordering::Relaxed) {
+            self.flush();
+            if let Out::File(p, f) = &mut self.out {
+                *f = open_logged(p);
+                if f.is_some() {
+                    tracing::info!(path = %p.display(), "access log reopened");
+                }
             }
         }
     }

@@ -137,6 +137,10 @@ pub fn render(fg: &Flowgate) -> Option<String> {
     let Some(Some(e)) = EXPORTER.get() else {
         return None;
     };
+    // One scrape at a time: two at once (an HA pair of Prometheus servers) would
+    // each read an atomic and race to add its gain.
+    static SCRAPE: Mutex<()> = Mutex::new(());
+    let _one = SCRAPE.lock().unwrap_or_else(|e| e.into_inner());
     e.process.collect();
     sync(fg);
     Some(e.handle.render())

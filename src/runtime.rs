@@ -140,6 +140,16 @@ pub struct ReloadStats {
     pub last_success: SystemTime,
 }
 
+/// The default `max_sessions` of each UDP listener of `cfg`.
+fn udp_default_max(cfg: &Config) -> usize {
+    let n = cfg
+        .listeners
+        .iter()
+        .filter(|l| l.protocol == Protocol::Udp)
+        .count();
+    udp::default_max_sessions(n)
+}
+
 /// Applies a new `[log] level`; set by the binary, which owns the subscriber.
 type LevelHook = Box<dyn Fn(&str) + Send + Sync>;
 static LOG_LEVEL_HOOK: std::sync::OnceLock<LevelHook> = std::sync::OnceLock::new();
@@ -263,7 +273,7 @@ impl Flowgate {
             }
             for (l, sockets) in bound {
                 let pool = st.pools[&l.pool].clone();
-                fg.serve(&mut st, l, pool, sockets);
+                fg.serve(&mut st, l, pool, sockets, udp_default_max(&config));
             }
             // Only TCP backends can be tried with a connect.
             let tcp_pools: std::collections::HashSet<&str> = config
@@ -325,14 +335,22 @@ impl Flowgate {
     }
 
     /// Serves a freshly bound listener and enters it in `st`.
-    fn serve(&self, st: &mut State, l: &ListenerConfig, pool: Arc<Pool>, sockets: Bound) {
+    /// `udp_max` is the default `max_sessions` (see [`udp_default_max`]).
+    fn serve(
+        &self,
+        st: &mut State,
+        l: &ListenerConfig,
+        pool: Arc<Pool>,
+        sockets: Bound,
+        udp_max: usize,
+    ) {
         match sockets {
             Bound::Tcp(s) => {
                 let running = self.serve_listener(l, pool, s);
                 st.listeners.push(running);
             }
             Bound::Udp(s) => {
-                let running = self.serve_udp(l, pool, s);
+                let running = self.serve_udp(l, pool, s, udp_max);
                 st.udp_listeners.push(running);
             }
         }
@@ -355,11 +373,12 @@ impl Flowgate {
         l: &ListenerConfig,
         pool: Arc<Pool>,
         sockets: Vec<std::net::UdpSocket>,
+        default_max: usize,
     ) -> RunningUdp {
         let local_addr = sockets[0].local_addr().unwrap_or(l.bind);
         let shared = UdpListenerShared::new(
             l,
-            pool,
+            UdpSettings::new(l, pool, default_max),
             self.inner.stop_accept.child_token(),
             self.inner.hard_stop.child_token(),
         );
@@ -537,8 +556,11 @@ impl Flowgate {
         for old in std::mem::take(&mut st.udp_listeners) {
             match new.listeners.iter().find(|l| same_udp(&old, l)) {
                 Some(l) => {
-                    old.shared
-                        .set_settings(UdpSettings::new(l, st.pools[&l.pool].clone()));
+                    old.shared.set_settings(UdpSettings::new(
+                        l,
+                        st.pools[&l.pool].clone(),
+                        udp_default_max(&new),
+                    ));
                     udp_listeners.push(old);
                 }
                 None => {
@@ -550,7 +572,7 @@ impl Flowgate {
         st.udp_listeners = udp_listeners;
         for (l, sockets) in fresh {
             let pool = st.pools[&l.pool].clone();
-            self.serve(&mut st, &l, pool, sockets);
+            self.serve(&mut st, &l, pool, sockets, udp_default_max(&new));
         }
 
         // 4. What only a restart can change.

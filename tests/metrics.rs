@@ -108,6 +108,17 @@ async fn metrics_pass_promtool_and_keep_the_contract() {
         config(&[&b.name], "") + "[pools.health_check]\nkind = \"tcp\"\ninterval = \"100ms\"\n";
     let fg = Proc::spawn(&toml, &[]);
     let admin = fg.admin();
+    // Backends start down until their first probe passes.
+    let mut up = false;
+    for _ in 0..200 {
+        let pools = common::get_pools(admin).await;
+        if common::backends_of(&pools, "p")[0]["state"] == "up" {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(up, "the backend came up");
     // One session and a few probes, so every histogram has samples.
     let mut c = TcpStream::connect(fg.addr("l")).await.unwrap();
     c.write_all(b"ping").await.unwrap();

@@ -618,3 +618,39 @@ async fn a_burst_from_one_client_arrives_datagram_by_datagram() {
     assert_eq!((t.datagrams_to, t.bytes_to), (100, bytes));
     assert_eq!((t.datagrams_from, t.bytes_from), (100, bytes));
 }
+
+/// A reload that points a UDP listener at another pool moves its live sessions:
+/// the client's next datagram goes to the new pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_to_another_pool_moves_live_sessions() {
+    let (a, b) = (
+        UdpBackend::start(false).await,
+        UdpBackend::start(false).await,
+    );
+    let two_pools = |target: &str| {
+        format!(
+            r#"
+[[listeners]]
+name = "u"
+bind = "127.0.0.1:0"
+protocol = "udp"
+pool = "{target}"
+[[pools]]
+name = "p"
+backends = [{{ address = "{}" }}]
+[[pools]]
+name = "q"
+backends = [{{ address = "{}" }}]
+"#,
+            a.name, b.name
+        )
+    };
+    let (fg, addr) = start(&two_pools("p"));
+    let c = client().await;
+    assert_eq!(who(&ask(&c, addr, b"1", 5 * SEC).await.unwrap()), a.name);
+    fg.apply(flowgate::Config::parse(&two_pools("q"), std::path::Path::new("t.toml")).unwrap())
+        .unwrap();
+    assert_eq!(fg.udp_local_addr("u"), Some(addr));
+    assert_eq!(who(&ask(&c, addr, b"2", 5 * SEC).await.unwrap()), b.name);
+    assert_eq!(udp(&fg).sessions.load(Relaxed), 2);
+}

@@ -118,13 +118,17 @@ pub async fn serve(
     // (listener::bind sets it), which saves a syscall per connection.
     let connected = tokio::select! {
         biased;
-        _ = listener.cut.cancelled() => Err(Termination::Shutdown),
+        _ = listener.cut.cancelled() => Err(if listener.retired.load(Ordering::Relaxed) {
+            Termination::Drained
+        } else {
+            Termination::Shutdown
+        }),
         // Boxed: the connect phase is larger than the transfer phase, and a task is
         // sized for its largest phase.
         r = Box::pin(connect(&settings, peer)) => r,
     };
-    let (mut backend, guard, connect_time) = match connected {
-        Ok(c) => c,
+    let (mut backend, guard) = match connected {
+        Ok((b, g, _)) => (b, g),
         Err(t) => {
             debug!(listener = %listener.name, client = %peer, reason = t.as_str(), "no backend connection");
             let rejected = match t {
@@ -139,6 +143,9 @@ pub async fn serve(
             return t;
         }
     };
+    // Accept to connected, failed attempts on other backends included, so the
+    // first-byte time below starts where the connect ended. (One u32 of state.)
+    let connect_time = now_us().saturating_sub(start).min(u32::MAX as u64) as u32;
     let _ = backend.set_nodelay(true);
     let stops = Stops {
         listener: listener.clone(),

@@ -145,11 +145,13 @@ pub struct UdpSettings {
 }
 
 impl UdpSettings {
-    pub fn new(cfg: &ListenerConfig, pool: Arc<Pool>) -> UdpSettings {
+    /// `default_max` is what `max_sessions` is when the config leaves it out (see
+    /// [`default_max_sessions`]).
+    pub fn new(cfg: &ListenerConfig, pool: Arc<Pool>, default_max: usize) -> UdpSettings {
         UdpSettings {
             pool,
             idle_timeout: cfg.idle_timeout,
-            max_sessions: Some(cfg.max_sessions.unwrap_or_else(default_max_sessions)),
+            max_sessions: Some(cfg.max_sessions.unwrap_or(default_max)),
             max_sessions_per_source: cfg.max_sessions_per_source,
             responses: cfg.responses,
             bind: cfg.bind,
@@ -157,13 +159,14 @@ impl UdpSettings {
     }
 }
 
-/// `max_sessions` when the config leaves it out: half the open-files limit (each
-/// session holds a socket), so a flood of source ports is refused and counted
-/// before it takes the descriptors TCP clients and health checks need.
-pub fn default_max_sessions() -> usize {
+/// `max_sessions` when the config leaves it out: half the open-files limit shared
+/// by the `udp_listeners` UDP listeners (each session holds a socket), so a flood of
+/// source ports is refused and counted before it takes the descriptors TCP clients
+/// and health checks need.
+pub fn default_max_sessions(udp_listeners: usize) -> usize {
     let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
         .map_or(1024, |(soft, _)| soft);
-    (soft / 2).clamp(512, 1 << 20) as usize
+    ((soft / 2) as usize / udp_listeners.max(1)).clamp(256, 1 << 20)
 }
 
 /// What every worker of a UDP listener shares.
@@ -189,13 +192,13 @@ pub struct UdpListenerShared {
 impl UdpListenerShared {
     pub fn new(
         cfg: &ListenerConfig,
-        pool: Arc<Pool>,
+        settings: UdpSettings,
         stop: CancellationToken,
         cut: CancellationToken,
     ) -> Arc<UdpListenerShared> {
         Arc::new(UdpListenerShared {
             name: cfg.name.as_str().into(),
-            settings: ArcSwap::from_pointee(UdpSettings::new(cfg, pool)),
+            settings: ArcSwap::from_pointee(settings),
             stop,
             cut,
             active: AtomicUsize::new(0),
@@ -322,7 +325,9 @@ impl Session {
         let b = self.backend();
         if self.state.load(Relaxed) & state::FAILED != 0 {
             Some(End::BackendUnreachable)
-        } else if b.drain_epoch() != self.epoch {
+        } else if b.drain_epoch() != self.epoch || b.pool != pool.name {
+            // Drained past its deadline, or a reload pointed the listener at
+            // another pool.
             Some(End::Drained)
         } else if b.flags() & (flag::UNHEALTHY | flag::EJECTED) != 0 && pool.has_usable() {
             Some(End::BackendDown)
@@ -568,6 +573,8 @@ impl Worker {
         let Some(e) = err else { return };
         let rest = &run[k..];
         let left = rest.len() as u64;
+        // Not sent, so never to be answered: `responses` must not wait for them.
+        self.unrequest(&session, left);
         if e.kind() == io::ErrorKind::ConnectionRefused && avoid.is_none() {
             // The backend's ICMP port unreachable, reported on this send: re-pick
             // once, now, rather than lose the datagrams.
@@ -579,8 +586,9 @@ impl Worker {
                     let (k, err) = send_run(&s.upstream, rest);
                     self.sent(&s, &rest[..k]);
                     if err.is_some() {
-                        self.counters
-                            .dropped(DropReason::SendFailed, (rest.len() - k) as u64);
+                        let lost = (rest.len() - k) as u64;
+                        self.unrequest(&s, lost);
+                        self.counters.dropped(DropReason::SendFailed, lost);
                     }
                 }
                 Err(r) => self.counters.dropped(r, left),
@@ -589,6 +597,14 @@ impl Worker {
             debug!(listener = %self.shared.name, client = %client, error = %e, "UDP send to backend failed");
             self.counters.dropped(DropReason::SendFailed, left);
         }
+    }
+
+    /// Takes back `n` requests counted for `s` that were never sent.
+    fn unrequest(&self, s: &Session, n: u64) {
+        let _t = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = s
+            .requests
+            .fetch_update(Relaxed, Relaxed, |r| Some(r.saturating_sub(n)));
     }
 
     fn sent(&self, s: &Session, run: &[&[u8]]) {
@@ -742,15 +758,14 @@ fn send_run(s: &UdpSocket, run: &[&[u8]]) -> (usize, Option<io::Error>) {
         ) {
             // All or nothing: the kernel takes the whole buffer or none of it.
             Ok(_) => return (run.len(), None),
-            Err(
-                e @ (nix::Error::EIO
-                | nix::Error::EINVAL
-                | nix::Error::EOPNOTSUPP
-                | nix::Error::ENOPROTOOPT),
-            ) => {
+            // No GSO here (kernel or device): never again.
+            Err(e @ (nix::Error::EIO | nix::Error::EOPNOTSUPP | nix::Error::ENOPROTOOPT)) => {
                 warn!(error = %e, "UDP GSO is not available; sending datagrams one by one");
                 GSO.store(false, Relaxed);
             }
+            // This run does not fit (a segment over the path MTU, say): send it
+            // datagram by datagram; the next run may well fit.
+            Err(nix::Error::EINVAL | nix::Error::EMSGSIZE) => {}
             Err(e) => return (0, Some(e.into())),
         }
     }
@@ -760,6 +775,15 @@ fn send_run(s: &UdpSocket, run: &[&[u8]]) -> (usize, Option<io::Error>) {
         }
     }
     (run.len(), None)
+}
+
+/// Whether a socket error says the backend cannot be reached (ICMP port or host
+/// unreachable), as opposed to trouble with one datagram.
+fn unreachable(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(nix::libc::ECONNREFUSED | nix::libc::EHOSTUNREACH | nix::libc::ENETUNREACH)
+    )
 }
 
 /// Sends on a connected socket now, or fails with `WouldBlock`. A direct syscall:
@@ -923,7 +947,10 @@ impl SessionTask {
         // not wake a reader: wait for it on its own.
         let error = s.upstream.ready(tokio::io::Interest::ERROR);
         tokio::pin!(idle, replaced, wake, error);
+        let mut error_seen = false;
         let mut replies = 0u64;
+        // Requests counted when the idle timer last looked (see below).
+        let mut seen_requests = s.requests.load(Relaxed);
         std::future::poll_fn(|cx| {
             if replaced.as_mut().poll(cx).is_ready() || s.state.load(Relaxed) & state::REPLACED != 0
             {
@@ -944,11 +971,22 @@ impl SessionTask {
                     return Poll::Ready(End::Drained);
                 }
             }
-            if s.state.load(Relaxed) & state::FAILED == 0 && error.as_mut().poll(cx).is_ready() {
-                if let Ok(Some(e)) = s.upstream.take_error() {
-                    debug!(backend = %s.backend().name, error = %e, "UDP backend unreachable");
-                    s.state.fetch_or(state::FAILED, Relaxed);
-                    crate::proxy::passive_failure(&self.settings.pool, s.backend());
+            // (An async fn's future must not be polled again once it is done.)
+            if !error_seen
+                && s.state.load(Relaxed) & state::FAILED == 0
+                && error.as_mut().poll(cx).is_ready()
+            {
+                error_seen = true;
+                match s.upstream.take_error() {
+                    Ok(Some(e)) if unreachable(&e) => {
+                        debug!(backend = %s.backend().name, error = %e, "UDP backend unreachable");
+                        s.state.fetch_or(state::FAILED, Relaxed);
+                        crate::proxy::passive_failure(&self.settings.pool, s.backend());
+                    }
+                    // Another error (a client's oversized datagram meeting a
+                    // smaller MTU, say) is no verdict on the backend.
+                    Ok(Some(e)) => debug!(backend = %s.backend().name, error = %e, "UDP upstream socket error"),
+                    _ => {}
                 }
             }
             // A failed session only waits to be replaced or to expire.
@@ -988,24 +1026,44 @@ impl SessionTask {
                         Poll::Ready(Ok((_, Err(e)))) => {
                             debug!(client = %s.client, error = %e, "UDP reply to client failed");
                             self.counters.dropped(DropReason::ReplyFailed, 1);
+                            // Still an answer to a request, for `responses`.
+                            replies += 1;
+                            if self.answered(replies) {
+                                return Poll::Ready(End::Responses);
+                            }
                         }
-                        Poll::Ready(Err(e)) => {
+                        Poll::Ready(Err(e)) if unreachable(&e) => {
                             debug!(backend = %s.backend().name, error = %e, "UDP backend unreachable");
                             s.state.fetch_or(state::FAILED, Relaxed);
                             crate::proxy::passive_failure(&self.settings.pool, s.backend());
                             break;
                         }
+                        Poll::Ready(Err(e)) => {
+                            debug!(backend = %s.backend().name, error = %e, "UDP upstream receive failed");
+                        }
                     }
                 }
             }
             while idle.as_mut().poll(cx).is_ready() {
-                let deadline = s.activity.last() + idle_timeout;
+                let mut deadline = s.activity.last() + idle_timeout;
                 if Instant::now() >= deadline {
-                    return Poll::Ready(if s.state.load(Relaxed) & state::FAILED != 0 {
-                        End::BackendUnreachable
-                    } else {
-                        End::IdleTimeout
-                    });
+                    // Decide under the table lock, which new requests are counted
+                    // under: one the receive loop took since the last look (on
+                    // another thread, in the shared worker model) keeps the session.
+                    let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
+                    let now_requests = s.requests.load(Relaxed);
+                    if now_requests == seen_requests {
+                        if t.get(&s.client).is_some_and(|cur| Arc::ptr_eq(cur, s)) {
+                            t.remove(&s.client);
+                        }
+                        return Poll::Ready(if s.state.load(Relaxed) & state::FAILED != 0 {
+                            End::BackendUnreachable
+                        } else {
+                            End::IdleTimeout
+                        });
+                    }
+                    seen_requests = now_requests;
+                    deadline = Instant::now() + idle_timeout;
                 }
                 idle.as_mut().reset(deadline.into());
             }

@@ -52,6 +52,8 @@ enum Msg {
     /// Look at [`PENDING`] and [`REOPEN`] (sent with `try_send`: a full queue
     /// means the writer is busy and will look anyway).
     Wake,
+    /// Write and flush everything queued before this, then answer.
+    Flush(SyncSender<()>),
 }
 
 struct Log {
@@ -117,6 +119,26 @@ pub fn configure(dest: &AccessLogDest, format: LogFormat) -> io::Result<()> {
     Ok(())
 }
 
+/// Waits (up to `limit`) until everything logged so far is written and flushed:
+/// the last lines of a stopping process are not lost.
+pub fn flush(limit: std::time::Duration) {
+    let Some(log) = LOG.get() else { return };
+    let deadline = std::time::Instant::now() + limit;
+    let (done, wait) = sync_channel(1);
+    let mut msg = Msg::Flush(done);
+    loop {
+        match log.tx.try_send(msg) {
+            Ok(()) => break,
+            Err(TrySendError::Full(m)) if std::time::Instant::now() < deadline => {
+                msg = m;
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            Err(_) => return,
+        }
+    }
+    let _ = wait.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()));
+}
+
 /// Whether `p` can be opened for appending (created if missing).
 pub fn check(p: &std::path::Path) -> io::Result<()> {
     open(p).map(drop)
@@ -178,6 +200,10 @@ impl Writer {
         self.control();
         match msg {
             Msg::Wake => {}
+            Msg::Flush(done) => {
+                self.flush();
+                let _ = done.try_send(());
+            }
             Msg::Entry(e) => {
                 self.line.clear();
                 match self.format {

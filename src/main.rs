@@ -154,6 +154,7 @@ fn run(cfg: Config, level: LevelHandle) -> anyhow::Result<()> {
             _ = term.recv() => { warn!("second signal: stopping now"); false }
             _ = int.recv() => { warn!("second signal: stopping now"); false }
         };
+        flowgate::access_log::flush(std::time::Duration::from_secs(2));
         info!(graceful, "stopped");
         Ok(())
     })

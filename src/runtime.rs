@@ -787,6 +787,17 @@ impl Flowgate {
         inner.stop_accept.cancel();
         inner.accept_loops.close();
         inner.accept_loops.wait().await;
+        // The receive loops have told their UDP sessions to end (UDP has nothing to
+        // drain); give those a moment to account for themselves.
+        let udp: Vec<_> = inner.lock().udp_listeners.clone();
+        let ended = || {
+            udp.iter()
+                .all(|u| u.shared.active.load(Ordering::Acquire) == 0)
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while !ended() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         inner.sessions.close();
         let open = inner.sessions.len();
         if open > 0 {

@@ -657,3 +657,31 @@ backends = [{{ address = "{}" }}]
     assert_eq!(who(&ask(&c, addr, b"2", 5 * SEC).await.unwrap()), b.name);
     assert_eq!(udp(&fg).sessions.load(Relaxed), 2);
 }
+
+/// SIGTERM with UDP sessions open: flowgate stops at once (UDP has nothing to drain)
+/// and logs each session's end as `shutdown`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_udp_sessions_and_exits() {
+    let a = UdpBackend::start(false).await;
+    let mut fg = Proc::spawn(
+        &config(&[(&a.name, 1)], "round-robin", "idle_timeout = \"300s\"").replace(
+            "[[listeners]]",
+            "[log]\naccess_log = \"access.log\"\n[[listeners]]",
+        ),
+        &[],
+    );
+    let addr = fg.addr("u");
+    let mut cs = Vec::new();
+    for _ in 0..3 {
+        let c = client().await;
+        ask(&c, addr, b"hi", 5 * SEC).await.expect("reply");
+        cs.push(c);
+    }
+    fg.signal(nix::sys::signal::Signal::SIGTERM);
+    let st = fg.exited(10 * SEC).await.expect("exited");
+    assert!(st.success(), "{st:?}\n{}", fg.log());
+    let log = std::fs::read_to_string(fg.dir.0.join("access.log")).unwrap_or_default();
+    let ends: Vec<&str> = log.lines().filter(|l| l.contains("proto=udp")).collect();
+    assert_eq!(ends.len(), 3, "{log}");
+    assert!(ends.iter().all(|l| l.ends_with("reason=shutdown")), "{log}");
+}

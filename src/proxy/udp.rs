@@ -890,7 +890,6 @@ impl SessionTask {
                 t.remove(&s.client);
             }
         }
-        s.release();
         let b = s.backend();
         b.stats.udp_active.fetch_sub(1, Relaxed);
         let duration = s.start.elapsed();
@@ -915,6 +914,9 @@ impl SessionTask {
                 reason: end.as_str(),
             });
         }
+        // Last: a stopping process waits for this count to reach 0 before it
+        // flushes the access log.
+        s.release();
     }
 
     /// With `responses = N`: whether every request has its N replies, in which case

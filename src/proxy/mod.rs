@@ -128,7 +128,7 @@ pub async fn serve(
         r = Box::pin(connect(&settings, peer)) => r,
     };
     let (mut backend, guard) = match connected {
-        Ok((b, g, _)) => (b, g),
+        Ok(c) => c,
         Err(t) => {
             debug!(listener = %listener.name, client = %peer, reason = t.as_str(), "no backend connection");
             let rejected = match t {
@@ -303,7 +303,7 @@ impl Stops {
 async fn connect(
     settings: &ListenerSettings,
     peer: SocketAddr,
-) -> Result<(TcpStream, ActiveGuard, u32), Termination> {
+) -> Result<(TcpStream, ActiveGuard), Termination> {
     let pool = &settings.pool;
     let attempts = pool.connect_attempts();
     let mut tried: Vec<Arc<Backend>> = Vec::new();
@@ -318,8 +318,7 @@ async fn connect(
                 let took = t0.elapsed();
                 b.stats.connections.fetch_add(1, Ordering::Relaxed);
                 b.histograms.connect.record(took);
-                let us = took.as_micros().min(u32::MAX as u128) as u32;
-                return Ok((stream, guard, us));
+                return Ok((stream, guard));
             }
             Err(e) => {
                 debug!(pool = %pool.name, backend = %b.name, error = %e, "connect failed");

@@ -20,7 +20,6 @@
 //! Nothing is dropped silently: every datagram that is not forwarded is counted in
 //! `flowgate_udp_dropped_total{reason}`.
 
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
@@ -32,7 +31,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use crossbeam_utils::CachePadded;
-use tokio::io::ReadBuf;
 use tokio::net::UdpSocket;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -353,8 +351,11 @@ struct Worker {
     counters: Arc<CachePadded<UdpCounters>>,
 }
 
+#[cfg(not(target_os = "linux"))]
 thread_local! {
-    static BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0; RECV_BUF].into_boxed_slice());
+    /// Where a datagram is received when there is no recvmmsg.
+    static BUF: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0; RECV_BUF].into_boxed_slice());
 }
 
 /// Receive batches taken per wake-up before the loop yields to other tasks.
@@ -568,7 +569,7 @@ impl Worker {
                 Err(r) => return self.counters.dropped(r, n),
             },
         };
-        let (k, err) = send_run(&session.upstream, run);
+        let (k, err) = send_run(&session.upstream, run, None);
         self.sent(&session, &run[..k]);
         let Some(e) = err else { return };
         let rest = &run[k..];
@@ -583,7 +584,7 @@ impl Worker {
             self.replace(&session, End::BackendUnreachable);
             match self.start_session(client, Some(session.backend()), left) {
                 Ok(s) => {
-                    let (k, err) = send_run(&s.upstream, rest);
+                    let (k, err) = send_run(&s.upstream, rest, None);
                     self.sent(&s, &rest[..k]);
                     if err.is_some() {
                         let lost = (rest.len() - k) as u64;
@@ -735,10 +736,11 @@ fn run_len(batch: &[(&[u8], SocketAddr)]) -> usize {
 #[cfg(target_os = "linux")]
 static GSO: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
-/// Sends a run (see [`run_len`]) on a connected socket now: one sendmsg with
+/// Sends a run (see [`run_len`]) now, on a connected socket (`to` = `None`) or to
+/// `to`: one sendmsg with
 /// UDP_SEGMENT, the kernel cutting it into the datagrams (Linux), or one send each.
 /// Returns how many went, and the error that stopped the rest.
-fn send_run(s: &UdpSocket, run: &[&[u8]]) -> (usize, Option<io::Error>) {
+fn send_run(s: &UdpSocket, run: &[&[u8]], to: Option<SocketAddr>) -> (usize, Option<io::Error>) {
     #[cfg(target_os = "linux")]
     if run.len() > 1 && GSO.load(Relaxed) {
         use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, SockaddrStorage};
@@ -749,12 +751,13 @@ fn send_run(s: &UdpSocket, run: &[&[u8]]) -> (usize, Option<io::Error>) {
             iov[k] = std::io::IoSlice::new(d);
         }
         let cmsg = [ControlMessage::UdpGsoSegments(&seg)];
+        let dest = to.map(SockaddrStorage::from);
         match sendmsg::<SockaddrStorage>(
             s.as_raw_fd(),
             &iov[..run.len()],
             &cmsg,
             MsgFlags::MSG_DONTWAIT,
-            None,
+            dest.as_ref(),
         ) {
             // All or nothing: the kernel takes the whole buffer or none of it.
             Ok(_) => return (run.len(), None),
@@ -770,7 +773,11 @@ fn send_run(s: &UdpSocket, run: &[&[u8]]) -> (usize, Option<io::Error>) {
         }
     }
     for (k, d) in run.iter().enumerate() {
-        if let Err(e) = send(s, d) {
+        let r = match to {
+            None => send(s, d),
+            Some(to) => send_to(s, d, to),
+        };
+        if let Err(e) = r {
             return (k, Some(e));
         }
     }
@@ -919,6 +926,32 @@ impl SessionTask {
         s.release();
     }
 
+    /// Passes a batch of replies to the client from the listener's socket, counting
+    /// what went and what did not.
+    fn relay(&self, batch: &[(&[u8], SocketAddr)]) {
+        let s = &self.session;
+        let mut i = 0;
+        while i < batch.len() {
+            let n = run_len(&batch[i..]);
+            let mut run = [&[][..]; MAX_RUN];
+            for (k, (d, _)) in batch[i..i + n].iter().enumerate() {
+                run[k] = d;
+            }
+            let (k, err) = send_run(&self.socket, &run[..n], Some(s.client));
+            let bytes: u64 = run[..k].iter().map(|d| d.len() as u64).sum();
+            s.from_backend.fetch_add(bytes, Relaxed);
+            s.backend().stats.bytes_from.fetch_add(bytes, Relaxed);
+            self.counters.datagrams_from.fetch_add(k as u64, Relaxed);
+            self.counters.bytes_from.fetch_add(bytes, Relaxed);
+            if let Some(e) = err {
+                debug!(client = %s.client, error = %e, "UDP reply to client failed");
+                self.counters
+                    .dropped(DropReason::ReplyFailed, (n - k) as u64);
+            }
+            i += n;
+        }
+    }
+
     /// With `responses = N`: whether every request has its N replies, in which case
     /// the session leaves the table (under the lock that new requests are counted
     /// under, so none can slip in unanswered).
@@ -994,21 +1027,25 @@ impl SessionTask {
             // A failed session only waits to be replaced or to expire.
             if s.state.load(Relaxed) & state::FAILED == 0 {
                 loop {
-                    let got = BUF.with_borrow_mut(|buf| {
-                        let mut rb = ReadBuf::new(buf);
-                        match s.upstream.poll_recv(cx, &mut rb) {
-                            Poll::Pending => Poll::Pending,
-                            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-                            Poll::Ready(Ok(())) => {
-                                let n = rb.filled().len();
-                                let sent = send_to(&self.socket, &buf[..n], s.client);
-                                Poll::Ready(Ok((n, sent)))
-                            }
-                        }
-                    });
-                    match got {
+                    match s.upstream.poll_recv_ready(cx) {
                         Poll::Pending => break,
-                        Poll::Ready(Ok((n, Ok(_)))) => {
+                        Poll::Ready(Err(e)) => {
+                            debug!(backend = %s.backend().name, error = %e, "UDP upstream readiness failed");
+                            break;
+                        }
+                        Poll::Ready(Ok(())) => {}
+                    }
+                    // A batch of replies at once; runs of same-size datagrams go to
+                    // the client as one GSO send, like the other direction.
+                    let mut got = 0u64;
+                    let r = s.upstream.try_io(tokio::io::Interest::READABLE, || {
+                        recv_batch(&s.upstream, |batch| {
+                            got = batch.len() as u64;
+                            self.relay(batch);
+                        })
+                    });
+                    match r {
+                        Ok(_) => {
                             s.activity.touch();
                             if first_reply.is_none() {
                                 *first_reply = Some(s.start.elapsed());
@@ -1016,31 +1053,22 @@ impl SessionTask {
                                 // "in a row" (passive ejection).
                                 s.backend().passive_success();
                             }
-                            s.from_backend.fetch_add(n as u64, Relaxed);
-                            s.backend().stats.bytes_from.fetch_add(n as u64, Relaxed);
-                            self.counters.datagrams_from.fetch_add(1, Relaxed);
-                            self.counters.bytes_from.fetch_add(n as u64, Relaxed);
-                            replies += 1;
+                            // Every reply answers a request, for `responses`, also
+                            // one that could not be passed on.
+                            replies += got;
                             if self.answered(replies) {
                                 return Poll::Ready(End::Responses);
                             }
                         }
-                        Poll::Ready(Ok((_, Err(e)))) => {
-                            debug!(client = %s.client, error = %e, "UDP reply to client failed");
-                            self.counters.dropped(DropReason::ReplyFailed, 1);
-                            // Still an answer to a request, for `responses`.
-                            replies += 1;
-                            if self.answered(replies) {
-                                return Poll::Ready(End::Responses);
-                            }
-                        }
-                        Poll::Ready(Err(e)) if unreachable(&e) => {
+                        // Readiness was stale and is cleared now: poll again to wait.
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) if unreachable(&e) => {
                             debug!(backend = %s.backend().name, error = %e, "UDP backend unreachable");
                             s.state.fetch_or(state::FAILED, Relaxed);
                             crate::proxy::passive_failure(&self.settings.pool, s.backend());
                             break;
                         }
-                        Poll::Ready(Err(e)) => {
+                        Err(e) => {
                             debug!(backend = %s.backend().name, error = %e, "UDP upstream receive failed");
                         }
                     }

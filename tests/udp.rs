@@ -70,6 +70,14 @@ impl Drop for UdpBackend {
     }
 }
 
+/// Two echo backends that reply `NAME:payload`.
+async fn two_backends() -> (UdpBackend, UdpBackend) {
+    (
+        UdpBackend::start(false).await,
+        UdpBackend::start(false).await,
+    )
+}
+
 fn config(backends: &[(&str, u32)], algorithm: &str, extra: &str) -> String {
     let list: Vec<String> = backends
         .iter()
@@ -131,10 +139,7 @@ fn udp(fg: &Flowgate) -> std::sync::Arc<flowgate::proxy::udp::UdpListenerShared>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weights_one_to_two_give_three_and_six_sessions() {
-    let (a, b) = (
-        UdpBackend::start(false).await,
-        UdpBackend::start(false).await,
-    );
+    let (a, b) = two_backends().await;
     let (fg, addr) = start(&config(
         &[(&a.name, 1), (&b.name, 2)],
         "weighted-round-robin",
@@ -274,10 +279,7 @@ async fn max_sessions_per_source_drops_and_counts_the_excess() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_backends_session_repicks() {
-    let (mut a, mut b) = (
-        UdpBackend::start(false).await,
-        UdpBackend::start(false).await,
-    );
+    let (mut a, mut b) = two_backends().await;
     // One session per source: the re-pick must give back the old session's place
     // before it takes a new one.
     let (fg, addr) = start(&config(
@@ -492,10 +494,7 @@ async fn dnsmasq_behind_flowgate_answers_every_query() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_and_reload_apply_to_udp_sessions() {
-    let (a, b) = (
-        UdpBackend::start(false).await,
-        UdpBackend::start(false).await,
-    );
+    let (a, b) = two_backends().await;
     let extra = "idle_timeout = \"30s\"";
     let pool_extra = "drain_timeout = \"300ms\"\n";
     let toml = config(&[(&a.name, 1), (&b.name, 1)], "round-robin", extra)
@@ -625,10 +624,7 @@ async fn a_burst_from_one_client_arrives_datagram_by_datagram() {
 /// the client's next datagram goes to the new pool.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_to_another_pool_moves_live_sessions() {
-    let (a, b) = (
-        UdpBackend::start(false).await,
-        UdpBackend::start(false).await,
-    );
+    let (a, b) = two_backends().await;
     let two_pools = |target: &str| {
         format!(
             r#"

@@ -4,8 +4,9 @@
 //! [`Entry`] to a bounded channel with `try_send`, and a dedicated thread formats and
 //! writes. When the channel is full the entry is dropped and counted
 //! (`flowgate_access_log_dropped_total`). The writer reopens its file on
-//! [`reopen`] (SIGUSR1, for logrotate) and takes a new destination or format on
-//! [`configure`] (startup and reload).
+//! [`AccessLog::reopen`] (SIGUSR1, for logrotate) and takes a new destination or
+//! format on [`AccessLog::configure`] (startup and reload). Each instance has its
+//! own: nothing here is process-wide.
 //!
 //! Text lines are logfmt (`key=value`), JSON lines one object per line.
 
@@ -49,108 +50,145 @@ pub struct Entry {
 
 enum Msg {
     Entry(Entry),
-    /// Look at [`PENDING`] and [`REOPEN`] (sent with `try_send`: a full queue
-    /// means the writer is busy and will look anyway).
+    /// Look at the pending destination and the reopen flag (sent with `try_send`:
+    /// a full queue means the writer is busy and will look anyway).
     Wake,
     /// Write and flush everything queued before this, then answer.
     Flush(SyncSender<()>),
 }
 
-struct Log {
-    tx: SyncSender<Msg>,
+/// One instance's access log: the data path's side of the channel, and what the
+/// writer thread shares with it. Dropping it ends the writer thread (after it has
+/// written what was queued).
+pub struct AccessLog {
+    /// Set when a destination other than `off` is first configured (the writer
+    /// thread starts then).
+    tx: OnceLock<SyncSender<Msg>>,
+    enabled: AtomicBool,
+    shared: Arc<Shared>,
 }
 
-static LOG: OnceLock<Log> = OnceLock::new();
-static ENABLED: AtomicBool = AtomicBool::new(false);
-static DROPPED: AtomicU64 = AtomicU64::new(0);
-/// A reopen asked for (SIGUSR1) and not yet done.
-static REOPEN: AtomicBool = AtomicBool::new(false);
-/// A destination and format to switch to (startup, reload).
-static PENDING: Mutex<Option<(AccessLogDest, LogFormat)>> = Mutex::new(None);
-
-/// Whether entries are wanted; sessions skip building one when not.
-#[inline]
-pub fn enabled() -> bool {
-    ENABLED.load(Ordering::Relaxed)
+/// What the writer thread and the instance share.
+#[derive(Default)]
+struct Shared {
+    dropped: AtomicU64,
+    /// A reopen asked for (SIGUSR1) and not yet done.
+    reopen: AtomicBool,
+    /// A destination and format to switch to (startup, reload).
+    pending: Mutex<Option<(AccessLogDest, LogFormat)>>,
 }
 
-/// Entries dropped because the writer fell behind.
-pub fn dropped() -> u64 {
-    DROPPED.load(Ordering::Relaxed)
-}
-
-/// Queues an entry without ever blocking; drops and counts it if the queue is full.
-pub fn log(e: Entry) {
-    let Some(log) = LOG.get() else { return };
-    match log.tx.try_send(Msg::Entry(e)) {
-        Ok(()) => {}
-        Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-            DROPPED.fetch_add(1, Ordering::Relaxed);
-        }
+impl std::fmt::Debug for AccessLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccessLog")
+            .field("enabled", &self.enabled())
+            .field("dropped", &self.dropped())
+            .finish_non_exhaustive()
     }
 }
 
-/// Sets the destination and format (startup and reload). Starts the writer thread on
-/// first use; opening a file happens on the writer thread, and a failure to open is
-/// logged there, with entries dropped and counted until a reopen succeeds.
-pub fn configure(dest: &AccessLogDest, format: LogFormat) -> io::Result<()> {
-    if *dest == AccessLogDest::Off && LOG.get().is_none() {
-        return Ok(());
+impl AccessLog {
+    /// An access log that is off until [`AccessLog::configure`]d.
+    pub fn new() -> Arc<AccessLog> {
+        Arc::new(AccessLog {
+            tx: OnceLock::new(),
+            enabled: AtomicBool::new(false),
+            shared: Arc::default(),
+        })
     }
-    // Check a file can be opened now, so a bad path fails startup or reload loudly.
-    if let AccessLogDest::File(p) = dest {
-        check(p)?;
-    }
-    let log = match LOG.get() {
-        Some(l) => l,
-        None => {
-            let (tx, rx) = sync_channel(QUEUE);
-            let writer = Writer::new(rx);
-            std::thread::Builder::new()
-                .name("flowgate-access-log".into())
-                .spawn(move || writer.run())?;
-            LOG.get_or_init(|| Log { tx })
-        }
-    };
-    ENABLED.store(*dest != AccessLogDest::Off, Ordering::Relaxed);
-    *PENDING.lock().unwrap_or_else(|e| e.into_inner()) = Some((dest.clone(), format));
-    // Never blocks: a writer stuck on a full pipe must not hold up a reload.
-    let _ = log.tx.try_send(Msg::Wake);
-    Ok(())
-}
 
-/// Waits (up to `limit`) until everything logged so far is written and flushed:
-/// the last lines of a stopping process are not lost.
-pub fn flush(limit: std::time::Duration) {
-    let Some(log) = LOG.get() else { return };
-    let deadline = std::time::Instant::now() + limit;
-    let (done, wait) = sync_channel(1);
-    let mut msg = Msg::Flush(done);
-    loop {
-        match log.tx.try_send(msg) {
-            Ok(()) => break,
-            Err(TrySendError::Full(m)) if std::time::Instant::now() < deadline => {
-                msg = m;
-                std::thread::sleep(std::time::Duration::from_millis(5));
+    /// Whether entries are wanted; sessions skip building one when not.
+    #[inline]
+    pub fn enabled(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed)
+    }
+
+    /// Entries dropped because the writer fell behind.
+    pub fn dropped(&self) -> u64 {
+        self.shared.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Queues an entry without ever blocking; drops and counts it if the queue is
+    /// full.
+    pub fn log(&self, e: Entry) {
+        let Some(tx) = self.tx.get() else { return };
+        match tx.try_send(Msg::Entry(e)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.shared.dropped.fetch_add(1, Ordering::Relaxed);
             }
-            Err(_) => return,
         }
     }
-    let _ = wait.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()));
+
+    /// Sets the destination and format (startup and reload). Starts the writer
+    /// thread on first use; opening a file happens on the writer thread, and a
+    /// failure to open is logged there, with entries dropped and counted until a
+    /// reopen succeeds.
+    pub fn configure(&self, dest: &AccessLogDest, format: LogFormat) -> io::Result<()> {
+        if *dest == AccessLogDest::Off && self.tx.get().is_none() {
+            return Ok(());
+        }
+        // Check a file can be opened now, so a bad path fails startup or reload loudly.
+        if let AccessLogDest::File(p) = dest {
+            check(p)?;
+        }
+        let tx = match self.tx.get() {
+            Some(tx) => tx,
+            None => {
+                let (tx, rx) = sync_channel(QUEUE);
+                let writer = Writer::new(rx, self.shared.clone());
+                std::thread::Builder::new()
+                    .name("flowgate-access-log".into())
+                    .spawn(move || writer.run())?;
+                self.tx.get_or_init(|| tx)
+            }
+        };
+        self.enabled
+            .store(*dest != AccessLogDest::Off, Ordering::Relaxed);
+        *self
+            .shared
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some((dest.clone(), format));
+        // Never blocks: a writer stuck on a full pipe must not hold up a reload.
+        let _ = tx.try_send(Msg::Wake);
+        Ok(())
+    }
+
+    /// Waits (up to `limit`) until everything logged so far is written and
+    /// flushed: the last lines of a stopping process are not lost.
+    pub fn flush(&self, limit: Duration) {
+        let Some(tx) = self.tx.get() else { return };
+        let deadline = std::time::Instant::now() + limit;
+        let (done, wait) = sync_channel(1);
+        let mut msg = Msg::Flush(done);
+        loop {
+            match tx.try_send(msg) {
+                Ok(()) => break,
+                Err(TrySendError::Full(m)) if std::time::Instant::now() < deadline => {
+                    msg = m;
+                    // Not on the data path: called by the binary as it exits.
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(_) => return,
+            }
+        }
+        let _ = wait.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()));
+    }
+
+    /// Reopens the log file (after logrotate moved it). No-op for stdout or off.
+    pub fn reopen(&self) {
+        if let Some(tx) = self.tx.get() {
+            self.shared.reopen.store(true, Ordering::Relaxed);
+            // Never blocks: the signal loop must stay free for SIGTERM.
+            let _ = tx.try_send(Msg::Wake);
+        }
+    }
 }
 
 /// Whether `p` can be opened for appending (created if missing).
 pub fn check(p: &std::path::Path) -> io::Result<()> {
     open(p).map(drop)
-}
-
-/// Reopens the log file (after logrotate moved it). No-op for stdout or off.
-pub fn reopen() {
-    if let Some(log) = LOG.get() {
-        REOPEN.store(true, Ordering::Relaxed);
-        // Never blocks: the signal loop must stay free for SIGTERM.
-        let _ = log.tx.try_send(Msg::Wake);
-    }
 }
 
 enum Out {
@@ -161,23 +199,21 @@ enum Out {
 
 struct Writer {
     rx: Receiver<Msg>,
+    shared: Arc<Shared>,
     out: Out,
     format: LogFormat,
     line: String,
 }
 
-/// Serializes file opens with the checks in [`configure`].
-static OPEN: Mutex<()> = Mutex::new(());
-
 fn open(p: &std::path::Path) -> io::Result<File> {
-    let _g = OPEN.lock().unwrap_or_else(|e| e.into_inner());
     OpenOptions::new().create(true).append(true).open(p)
 }
 
 impl Writer {
-    fn new(rx: Receiver<Msg>) -> Writer {
+    fn new(rx: Receiver<Msg>, shared: Arc<Shared>) -> Writer {
         Writer {
             rx,
+            shared,
             out: Out::Off,
             format: LogFormat::Text,
             line: String::with_capacity(512),
@@ -216,12 +252,12 @@ impl Writer {
                     Out::Stdout(s) => s.write_all(self.line.as_bytes()),
                     Out::File(_, Some(f)) => f.write_all(self.line.as_bytes()),
                     Out::File(_, None) => {
-                        DROPPED.fetch_add(1, Ordering::Relaxed);
+                        self.shared.dropped.fetch_add(1, Ordering::Relaxed);
                         return;
                     }
                 };
                 if let Err(e) = r {
-                    DROPPED.fetch_add(1, Ordering::Relaxed);
+                    self.shared.dropped.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(error = %e, "access log write failed");
                 }
             }
@@ -230,7 +266,12 @@ impl Writer {
 
     /// Applies a pending destination change or reopen.
     fn control(&mut self) {
-        let pending = PENDING.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let pending = self
+            .shared
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         if let Some((dest, format)) = pending {
             self.flush();
             self.format = format;
@@ -243,7 +284,7 @@ impl Writer {
                 }
             };
         }
-        if REOPEN.swap(false, Ordering::Relaxed) {
+        if self.shared.reopen.swap(false, Ordering::Relaxed) {
             self.flush();
             if let Out::File(p, f) = &mut self.out {
                 *f = open_logged(p);

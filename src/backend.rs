@@ -10,6 +10,10 @@
 //! verdict and passive ejection never overwrite each other. The state shown to
 //! operators is derived: disabled > draining > down > up.
 //!
+//! A backend that leaves goes Normal -> Draining (no new connections) -> Closed
+//! (removed by a reload and drained or cut): the last connection's guard wakes
+//! the drain ([`Backend::drained`]).
+//!
 //! Counters ([`BackendStats`]) are plain atomics bumped on the data path; the API and
 //! `GET /metrics` read them (see `crate::metrics`). Histograms are `metrics` handles
 //! registered once per backend, so recording one is a lock-free push.
@@ -20,6 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::BackendConfig;
@@ -55,8 +60,11 @@ pub mod flag {
     pub const UNHEALTHY: u8 = 4;
     /// Passive outlier detection ejected it for a while.
     pub const EJECTED: u8 = 8;
+    /// A reload removed it and its drain is over: it never takes a connection
+    /// again. The end of the lifecycle Normal -> Draining -> Closed.
+    pub const CLOSED: u8 = 16;
     /// Flags an operator sets; `fail-open` ignores the others.
-    pub const ADMIN: u8 = DRAINING | DISABLED;
+    pub const ADMIN: u8 = DRAINING | DISABLED | CLOSED;
 }
 
 /// The last active health check, for the API.
@@ -92,6 +100,9 @@ pub struct Backend {
     cut: ArcSwap<CancellationToken>,
     /// Bumped when a drain deadline passes: sessions started before it end.
     drain_epoch: AtomicU64,
+    /// Woken when the last connection of a draining backend closes (see
+    /// [`Backend::drained`]), so a drain waits on an event, not a timer.
+    idle: Notify,
     /// Consecutive connect failures or resets, for passive ejection.
     passive_failures: AtomicU32,
     last_check: Mutex<Option<CheckRecord>>,
@@ -196,6 +207,7 @@ impl Backend {
             active: AtomicUsize::new(0),
             cut: ArcSwap::from_pointee(CancellationToken::new()),
             drain_epoch: AtomicU64::new(0),
+            idle: Notify::new(),
             passive_failures: AtomicU32::new(0),
             last_check: Mutex::new(None),
         })
@@ -236,19 +248,27 @@ impl Backend {
 
     /// Sets `f`; returns whether it was clear before (a state change).
     pub fn set_flag(&self, f: u8) -> bool {
-        self.flags.fetch_or(f, Ordering::AcqRel) & f == 0
+        // SeqCst, with the last guard's decrement and flags check (see
+        // `ActiveGuard::drop`): a drain that sets DRAINING and then reads `active`
+        // cannot miss the last connection closing meanwhile.
+        self.flags.fetch_or(f, Ordering::SeqCst) & f == 0
     }
 
     /// Clears `f`; returns whether it was set before (a state change).
     pub fn clear_flag(&self, f: u8) -> bool {
-        self.flags.fetch_and(!f, Ordering::AcqRel) & f != 0
+        let before = self.flags.fetch_and(!f, Ordering::SeqCst);
+        if before & f & flag::DRAINING != 0 {
+            // A drain called off (enable): its waiter stops waiting.
+            self.idle.notify_waiters();
+        }
+        before & f != 0
     }
 
     pub fn state(&self) -> BackendState {
         let f = self.flags();
         if f & flag::DISABLED != 0 {
             BackendState::Disabled
-        } else if f & flag::DRAINING != 0 {
+        } else if f & (flag::DRAINING | flag::CLOSED) != 0 {
             BackendState::Draining
         } else if f != 0 {
             BackendState::Down
@@ -274,6 +294,31 @@ impl Backend {
 
     pub fn active(&self) -> usize {
         self.active.load(Ordering::Relaxed)
+    }
+
+    /// Resolves once the backend has no connection left, or is no longer
+    /// draining (an operator enabled it again): the last connection's guard, or
+    /// the enable, wakes it. Nothing polls.
+    pub async fn drained(&self) {
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.flags() & flag::DRAINING == 0 || self.active.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Ends the lifecycle: a backend a reload removed, drained or cut, never takes
+    /// a connection again.
+    pub fn close(&self) {
+        self.set_flag(flag::CLOSED);
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.flags() & flag::CLOSED != 0
     }
 
     /// Counts a connection against this backend until the guard drops.
@@ -340,6 +385,13 @@ impl ActiveGuard {
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::Relaxed);
+        let b = &self.0;
+        // SeqCst costs nothing more than Relaxed for a read-modify-write on x86; it
+        // pairs with `set_flag` (see there).
+        if b.active.fetch_sub(1, Ordering::SeqCst) == 1
+            && b.flags.load(Ordering::SeqCst) & flag::DRAINING != 0
+        {
+            b.idle.notify_waiters();
+        }
     }
 }

@@ -1,23 +1,26 @@
-//! flowgate: a Layer 4 TCP load balancer.
+//! flowgate: a Layer 4 TCP/UDP load balancer.
 //!
 //! # Layout
-//! Where a byte flows: accept ([`listener`]) -> pick a backend ([`pool`], [`balance`])
-//! -> connect and move bytes ([`proxy`]) -> account in [`backend`] -> close.
+//! The layers point down; no module imports one above it (`scripts/modcycles.py`
+//! fails CI on an import cycle).
 //!
-//! - [`config`]: the TOML schema, parsing, validation, errors with line and column.
-//! - [`runtime`]: worker threads, startup, graceful shutdown.
-//! - [`listener`]: listening sockets (SO_REUSEPORT per worker), accept loops.
-//! - [`fd`]: the process-wide "out of file descriptors" episode.
-//! - [`pool`]: a pool's backends and selector as one lock-free snapshot.
-//! - [`balance`]: the selection algorithms, one file each, behind one trait.
-//! - [`backend`]: per-backend state (up/down/draining/disabled) and counters.
-//! - [`health`]: active probes (tcp, http) and the rise/fall verdict.
-//! - [`admin`]: the JSON admin API (hyper), /healthz, /metrics and the status page.
-//! - [`metrics`]: Prometheus metrics: exact atomics on the data path, exported at
-//!   scrape time.
-//! - [`access_log`]: one line per finished connection, written off the data path.
-//! - [`proxy`]: one session: connect with retries, splice/copy both ways, half-close,
-//!   reset propagation, idle timeout.
+//! 1. **config**: [`config`]: the TOML schema, one validation per table, errors
+//!    with line and column, and the reload plan ([`config::diff`]).
+//! 2. **model**: [`backend`] (state, counters, the drain lifecycle), [`pool`] (a
+//!    pool's backends and selector as one lock-free snapshot), [`balance`] (the
+//!    selection algorithms, one file each, behind one trait). Beside them, leaves
+//!    every layer may use: [`metrics::names`], [`fd`] (the process's "out of file
+//!    descriptors" episode), [`tasks`] (tracked background work), [`access_log`]
+//!    (one line per finished session, written off the data path).
+//! 3. **data path**: [`proxy`]: [`proxy::tcp`] (accept -> pick -> connect ->
+//!    splice -> account -> close) and [`proxy::udp`] (receive batch -> session ->
+//!    GSO send -> replies -> end).
+//! 4. **control**: [`health`] (active probes, rise/fall), [`metrics`] (the
+//!    exporter, reading an inventory it is handed), [`runtime`] (threads, startup,
+//!    reload as plan-then-execute, drains, operator actions, shutdown), [`admin`]
+//!    (the JSON API, /metrics, the status page).
+//! 5. **instance**: [`Flowgate`]: a runtime and its admin API; the binary
+//!    (`main.rs`) parses the CLI, sets up logging and signals, and runs one.
 
 pub mod access_log;
 pub mod admin;
@@ -26,11 +29,13 @@ pub mod balance;
 pub mod config;
 pub mod fd;
 pub mod health;
-pub mod listener;
+mod instance;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;
 pub mod runtime;
+pub mod tasks;
 
 pub use config::Config;
-pub use runtime::{Flowgate, OpError, ReloadError, StartError};
+pub use instance::Flowgate;
+pub use runtime::{OpError, ReloadError, Runtime, StartError};

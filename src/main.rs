@@ -118,15 +118,13 @@ fn run(cfg: Config, level: LevelHandle) -> anyhow::Result<()> {
         let mut int = signal(SignalKind::interrupt())?;
         let mut hup = signal(SignalKind::hangup())?;
         let mut usr1 = signal(SignalKind::user_defined1())?;
+        let fg = Flowgate::start(cfg)?;
         if let Some(h) = level {
-            flowgate::runtime::set_log_level_hook(move |new| {
-                match h.reload(EnvFilter::new(new)) {
-                    Ok(()) => info!(level = new, "log level changed"),
-                    Err(e) => warn!(error = %e, "cannot change the log level"),
-                }
+            fg.set_log_level_hook(move |new| match h.reload(EnvFilter::new(new)) {
+                Ok(()) => info!(level = new, "log level changed"),
+                Err(e) => warn!(error = %e, "cannot change the log level"),
             });
         }
-        let fg = Flowgate::start(cfg)?;
         info!(version = env!("CARGO_PKG_VERSION"), "flowgate started");
         let sig = loop {
             tokio::select! {
@@ -134,7 +132,7 @@ fn run(cfg: Config, level: LevelHandle) -> anyhow::Result<()> {
                 _ = int.recv() => break "SIGINT",
                 _ = usr1.recv() => {
                     info!("SIGUSR1: reopening the access log");
-                    flowgate::access_log::reopen();
+                    fg.reopen_access_log();
                 }
                 _ = hup.recv() => {
                     info!("SIGHUP: reloading configuration");
@@ -149,12 +147,13 @@ fn run(cfg: Config, level: LevelHandle) -> anyhow::Result<()> {
         };
         info!(signal = sig, "graceful stop");
         // A second signal skips the rest of the grace period.
+        let stopping = fg.clone();
         let graceful = tokio::select! {
-            g = fg.shutdown() => g,
+            g = stopping.shutdown() => g,
             _ = term.recv() => { warn!("second signal: stopping now"); false }
             _ = int.recv() => { warn!("second signal: stopping now"); false }
         };
-        flowgate::access_log::flush(std::time::Duration::from_secs(2));
+        fg.flush_access_log(std::time::Duration::from_secs(2));
         info!(graceful, "stopped");
         Ok(())
     })

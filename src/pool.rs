@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
+use tokio::sync::Notify;
 
 use crate::backend::{flag, ActiveGuard, Backend};
 use crate::balance::{self, Pick, Selector};
@@ -26,12 +27,23 @@ pub struct Pool {
     all_down: AtomicBool,
     /// Cursor for `when_all_down = "fail-open"`.
     fail_open_next: AtomicUsize,
+    /// Woken whenever [`Pool::check_all_down`] finds a usable backend (see
+    /// [`Pool::usable`]).
+    usable: Notify,
 }
 
 pub struct Snapshot {
     pub backends: Vec<Arc<Backend>>,
     pub config: Arc<PoolConfig>,
     selector: Box<dyn Selector>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Pool {
@@ -45,6 +57,7 @@ impl Pool {
             retiring: Mutex::new(Vec::new()),
             all_down: AtomicBool::new(false),
             fail_open_next: AtomicUsize::new(0),
+            usable: Notify::new(),
         })
     }
 
@@ -161,7 +174,24 @@ impl Pool {
     /// changed, so the caller logs the edge once.
     pub fn check_all_down(&self) -> Option<bool> {
         let down = !self.snapshot.load().backends.iter().any(|b| b.is_usable());
+        if !down {
+            self.usable.notify_waiters();
+        }
         (self.all_down.swap(down, Ordering::AcqRel) != down).then_some(down)
+    }
+
+    /// Resolves once a current backend takes new connections, as seen by the next
+    /// health verdict or operator action ([`Pool::check_all_down`]).
+    pub async fn usable(&self) {
+        loop {
+            let notified = self.usable.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.has_usable() {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Whether any current backend takes new connections.

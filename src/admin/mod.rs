@@ -28,13 +28,15 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
-use crate::runtime::{Flowgate, OpError, WeakFlowgate};
+use crate::runtime::{OpError, Runtime, WeakRuntime};
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 64 * 1024;
 
-/// Serves the admin API on `sock` until the balancer is gone.
-pub async fn serve(sock: std::net::TcpListener, fg: WeakFlowgate) {
+/// Serves the admin API on `sock` until the balancer is gone. Each connection runs
+/// on the runtime's control tasks, so shutdown stops and waits for it. The owner of
+/// the runtime spawns this ([`crate::Flowgate::start`]).
+pub async fn run(sock: std::net::TcpListener, fg: WeakRuntime) {
     let listener = match TcpListener::from_std(sock) {
         Ok(l) => l,
         Err(e) => {
@@ -51,11 +53,11 @@ pub async fn serve(sock: std::net::TcpListener, fg: WeakFlowgate) {
                 continue;
             }
         };
-        if fg.upgrade().is_none() {
+        let Some(control) = fg.upgrade().map(|rt| rt.control().clone()) else {
             return;
-        }
+        };
         let fg = fg.clone();
-        tokio::spawn(async move {
+        control.spawn_until_stop(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let fg = fg.upgrade();
                 async move {
@@ -103,7 +105,7 @@ fn error(status: StatusCode, msg: impl std::fmt::Display) -> Reply {
     reply(status, json!({ "error": msg.to_string() }))
 }
 
-async fn handle(req: Request<Incoming>, fg: &Flowgate) -> Reply {
+async fn handle(req: Request<Incoming>, fg: &Runtime) -> Reply {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
@@ -134,7 +136,7 @@ async fn handle(req: Request<Incoming>, fg: &Flowgate) -> Reply {
         }
         (Method::GET, ["api", "v1", "pools"]) => reply(StatusCode::OK, pools_json(fg)),
         (Method::GET, [""]) => typed(StatusCode::OK, "text/html; charset=utf-8", STATUS_PAGE),
-        (Method::GET, ["metrics"]) => match crate::metrics::render(fg) {
+        (Method::GET, ["metrics"]) => match fg.render_metrics() {
             Some(text) => typed(
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",
@@ -298,13 +300,13 @@ fn one_backend(b: &crate::backend::Backend, retiring: bool) -> Value {
     })
 }
 
-fn backend_json(fg: &Flowgate, pool: &str, addr: &str) -> Option<Value> {
+fn backend_json(fg: &Runtime, pool: &str, addr: &str) -> Option<Value> {
     let b = fg.pool(pool)?.find(addr)?;
     Some(one_backend(&b, false))
 }
 
 /// The body of GET /api/v1/pools.
-pub fn pools_json(fg: &Flowgate) -> Value {
+pub fn pools_json(fg: &Runtime) -> Value {
     let pools: Vec<Value> = fg
         .pools()
         .iter()

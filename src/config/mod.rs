@@ -8,6 +8,7 @@
 //! the spans `toml::Spanned` keeps. Every error renders as
 //! `FILE:LINE:COLUMN: KEY.PATH: what was expected`.
 
+mod diff;
 mod types;
 
 use std::collections::HashSet;
@@ -19,6 +20,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+pub use diff::{diff, Changes, ReloadPlan, RestartKey};
 pub use types::{
     AccessLogDest, Algorithm, DurationStr, HealthKind, LogFormat, Protocol, StatusRanges, Weight,
     WhenAllDown, WorkerModel,

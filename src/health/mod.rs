@@ -14,13 +14,13 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use rand::Rng;
-use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::backend::{flag, Backend, CheckRecord};
 use crate::config::HealthCheckConfig;
 use crate::pool::Pool;
+use crate::tasks::Tasks;
 
 pub use probe::{probe, ProbeError};
 
@@ -80,9 +80,22 @@ impl Verdict {
 }
 
 /// Starts probing every backend of `pool` with `cfg` until `stop` fires.
-pub fn spawn(pool: &Arc<Pool>, cfg: Arc<HealthCheckConfig>, stop: &CancellationToken, on: &Handle) {
+/// Probes (and the slow-start ramps they start) run on `tasks`, tracked.
+pub fn spawn(
+    pool: &Arc<Pool>,
+    cfg: Arc<HealthCheckConfig>,
+    stop: &CancellationToken,
+    tasks: &Tasks,
+) {
     for backend in pool.backends() {
-        on.spawn(check_loop(pool.clone(), backend, cfg.clone(), stop.clone()));
+        let probe = check_loop(
+            pool.clone(),
+            backend,
+            cfg.clone(),
+            stop.clone(),
+            tasks.clone(),
+        );
+        tasks.spawn(probe);
     }
 }
 
@@ -91,6 +104,7 @@ async fn check_loop(
     b: Arc<Backend>,
     cfg: Arc<HealthCheckConfig>,
     stop: CancellationToken,
+    tasks: Tasks,
 ) {
     let checked_before = b.last_check().is_some();
     let healthy = b.flags() & flag::UNHEALTHY == 0;
@@ -121,7 +135,7 @@ async fn check_loop(
             },
         });
         if let Some(up) = verdict.record(result.is_ok()) {
-            flip(&pool, &b, up, result.err(), &cfg);
+            flip(&pool, &b, up, result.err(), &cfg, &tasks);
         }
         // Also without a flip: a pool whose backends never came up is all down too.
         report_all_down(&pool);
@@ -138,11 +152,12 @@ fn flip(
     up: bool,
     why: Option<ProbeError>,
     cfg: &HealthCheckConfig,
+    tasks: &Tasks,
 ) {
     if up {
         if b.clear_flag(flag::UNHEALTHY) {
             info!(pool = %pool.name, backend = %b.name, rise = cfg.rise, "backend up: health check passed");
-            slow_start(pool, b);
+            slow_start(pool, b, tasks);
         }
     } else if b.set_flag(flag::UNHEALTHY) {
         warn!(
@@ -170,7 +185,7 @@ pub fn report_all_down(pool: &Pool) {
 
 /// Ramps a recovered backend's weight from 10% to 100% over the pool's `slow_start`,
 /// rebuilding the pool's selector at each step.
-fn slow_start(pool: &Arc<Pool>, b: &Arc<Backend>) {
+fn slow_start(pool: &Arc<Pool>, b: &Arc<Backend>, tasks: &Tasks) {
     let ramp = pool.config().slow_start;
     if ramp.is_zero() {
         return;
@@ -179,7 +194,7 @@ fn slow_start(pool: &Arc<Pool>, b: &Arc<Backend>) {
     b.set_ramp(1000 / STEPS);
     pool.reweigh();
     let (pool, b) = (pool.clone(), b.clone());
-    tokio::spawn(async move {
+    tasks.spawn_until_stop(async move {
         for step in 2..=STEPS {
             tokio::time::sleep(ramp / STEPS).await;
             b.set_ramp(step * 1000 / STEPS);
@@ -262,7 +277,8 @@ kind = "tcp"
         let pool = Pool::new(&cfg.pools[0]);
         let b = pool.backends()[0].clone();
         let hc = cfg.pools[0].health_check.clone().unwrap();
-        flip(&pool, &b, true, None, &hc);
+        let tasks = Tasks::new(tokio::runtime::Handle::current());
+        flip(&pool, &b, true, None, &hc, &tasks);
         assert!(b.is_usable());
         assert_eq!(b.weight(), 10);
         tokio::time::sleep(Duration::from_millis(5_500)).await;

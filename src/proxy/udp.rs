@@ -42,6 +42,8 @@ use crate::backend::{flag, ActiveGuard, Backend};
 use crate::config::ListenerConfig;
 use crate::metrics::names;
 use crate::pool::Pool;
+use crate::proxy::Context;
+use tokio_util::task::TaskTracker;
 
 /// Receive buffers hold any datagram (IPv6 payloads can be a little larger).
 const RECV_BUF: usize = 65_536;
@@ -170,6 +172,8 @@ pub fn default_max_sessions(udp_listeners: usize) -> usize {
 /// What every worker of a UDP listener shares.
 pub struct UdpListenerShared {
     pub name: Arc<str>,
+    /// What the runtime gave this listener: access log, control tasks.
+    pub ctx: Context,
     settings: ArcSwap<UdpSettings>,
     /// Stops the receive loops (listener removed by a reload, or shutdown).
     pub stop: CancellationToken,
@@ -187,15 +191,26 @@ pub struct UdpListenerShared {
     session_duration: metrics::Histogram,
 }
 
+impl std::fmt::Debug for UdpListenerShared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UdpListenerShared")
+            .field("name", &self.name)
+            .field("active", &self.active)
+            .finish_non_exhaustive()
+    }
+}
+
 impl UdpListenerShared {
     pub fn new(
         cfg: &ListenerConfig,
         settings: UdpSettings,
+        ctx: Context,
         stop: CancellationToken,
         cut: CancellationToken,
     ) -> Arc<UdpListenerShared> {
         Arc::new(UdpListenerShared {
             name: cfg.name.as_str().into(),
+            ctx,
             settings: ArcSwap::from_pointee(settings),
             stop,
             cut,
@@ -349,6 +364,8 @@ struct Worker {
     socket: Arc<UdpSocket>,
     table: Arc<Table>,
     counters: Arc<CachePadded<UdpCounters>>,
+    /// Where session tasks run: the runtime waits on it at shutdown.
+    sessions: TaskTracker,
 }
 
 #[cfg(not(target_os = "linux"))]
@@ -454,7 +471,11 @@ mod mmsg {
 
 /// Receives until the listener's `stop` fires; spawns session tasks on the current
 /// runtime.
-pub async fn recv_loop(socket: std::net::UdpSocket, shared: Arc<UdpListenerShared>) {
+pub async fn recv_loop(
+    socket: std::net::UdpSocket,
+    shared: Arc<UdpListenerShared>,
+    sessions: TaskTracker,
+) {
     let socket = match UdpSocket::from_std(socket) {
         Ok(s) => Arc::new(s),
         Err(e) => {
@@ -467,6 +488,7 @@ pub async fn recv_loop(socket: std::net::UdpSocket, shared: Arc<UdpListenerShare
         shared,
         socket,
         table: Arc::new(Mutex::new(HashMap::new())),
+        sessions,
     };
     let stop = w.shared.stop.clone();
     loop {
@@ -580,7 +602,11 @@ impl Worker {
             // The backend's ICMP port unreachable, reported on this send: re-pick
             // once, now, rather than lose the datagrams.
             session.state.fetch_or(state::FAILED, Relaxed);
-            crate::proxy::passive_failure(&self.shared.settings().pool, session.backend());
+            crate::proxy::passive_failure(
+                &self.shared.settings().pool,
+                session.backend(),
+                &self.shared.ctx.control,
+            );
             self.replace(&session, End::BackendUnreachable);
             match self.start_session(client, Some(session.backend()), left) {
                 Ok(s) => {
@@ -697,7 +723,7 @@ impl Worker {
             settings,
             shared: shared.clone(),
         };
-        tokio::spawn(task.run());
+        self.sessions.spawn(task.run());
         Ok(session)
     }
 }
@@ -905,8 +931,8 @@ impl SessionTask {
             b.histograms.first_byte.record(fb);
         }
         debug!(listener = %self.shared.name, client = %s.client, backend = %b.name, reason = end.as_str(), "UDP session ended");
-        if access_log::enabled() {
-            access_log::log(access_log::Entry {
+        if self.shared.ctx.access_log.enabled() {
+            self.shared.ctx.access_log.log(access_log::Entry {
                 time: SystemTime::now(),
                 protocol: "udp",
                 listener: self.shared.name.clone(),
@@ -1016,7 +1042,7 @@ impl SessionTask {
                     Ok(Some(e)) if unreachable(&e) => {
                         debug!(backend = %s.backend().name, error = %e, "UDP backend unreachable");
                         s.state.fetch_or(state::FAILED, Relaxed);
-                        crate::proxy::passive_failure(&self.settings.pool, s.backend());
+                        crate::proxy::passive_failure(&self.settings.pool, s.backend(), &self.shared.ctx.control);
                     }
                     // Another error (a client's oversized datagram meeting a
                     // smaller MTU, say) is no verdict on the backend.
@@ -1065,7 +1091,7 @@ impl SessionTask {
                         Err(e) if unreachable(&e) => {
                             debug!(backend = %s.backend().name, error = %e, "UDP backend unreachable");
                             s.state.fetch_or(state::FAILED, Relaxed);
-                            crate::proxy::passive_failure(&self.settings.pool, s.backend());
+                            crate::proxy::passive_failure(&self.settings.pool, s.backend(), &self.shared.ctx.control);
                             break;
                         }
                         Err(e) => {

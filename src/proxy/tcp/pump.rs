@@ -17,13 +17,12 @@
 use std::cell::RefCell;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{ready, Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 
-use super::Activity;
+use crate::proxy::Activity;
 
 /// Size of the per-thread copy buffer; a read that fills it switches to splice.
 const COPY_BUF: usize = 16 * 1024;
@@ -33,14 +32,6 @@ const SPLICE_CHUNK: usize = 64 * 1024;
 /// A splice that moves less than this switches back to copying.
 #[cfg(target_os = "linux")]
 const SPLICE_MIN: usize = 4 * 1024;
-
-/// Whether bulk transfers may switch to splice(2) (`runtime.splice`).
-static SPLICE_ENABLED: AtomicBool = AtomicBool::new(true);
-
-/// Turns the splice path on or off for new switches (startup, from the config).
-pub fn set_splice(on: bool) {
-    SPLICE_ENABLED.store(on, Ordering::Relaxed);
-}
 
 thread_local! {
     static BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0; COPY_BUF].into_boxed_slice());
@@ -84,6 +75,8 @@ impl Pump {
         src: &mut ReadHalf<'_>,
         dst: &mut WriteHalf<'_>,
         activity: &Activity,
+        // Whether bulk transfers may switch to splice(2) (`runtime.splice`).
+        splice: bool,
     ) -> Poll<PumpEnd> {
         loop {
             // Flush what is held before reading more: this is the backpressure.
@@ -145,7 +138,7 @@ impl Pump {
                 Ok(n) => {
                     activity.touch();
                     #[cfg(target_os = "linux")]
-                    if n == COPY_BUF && SPLICE_ENABLED.load(Ordering::Relaxed) {
+                    if n == COPY_BUF && splice {
                         self.use_splice = true;
                     }
                     #[cfg(not(target_os = "linux"))]

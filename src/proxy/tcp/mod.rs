@@ -1,0 +1,25 @@
+//! TCP: listening sockets, accept loops and one session per client.
+//!
+//! Where a byte flows: [`accept_loop`] (a place under `max_connections`) ->
+//! [`serve`]: pick a backend and connect, with retries ([`session`]) -> pump both
+//! directions ([`transfer`], with [`pump`]: splice(2) on Linux for bulk, a
+//! per-thread buffer for small messages) -> account (backend counters as bytes
+//! move; histograms and the access log at the end) -> close.
+//!
+//! [`ListenerShared`] is what a listener's sessions share: its settings (swapped
+//! whole by a reload), its counters, and the tokens that stop it.
+
+mod listener;
+#[cfg(target_os = "linux")]
+mod pipe;
+mod pump;
+mod session;
+mod shared;
+mod transfer;
+
+pub use listener::{accept_loop, bind};
+pub use session::serve;
+pub use shared::{ListenerSettings, ListenerShared};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,253 @@
+//! One TCP session, start to end: pick a backend -> connect (with retries on other
+//! backends) -> move bytes both ways ([`super::transfer`]) -> account -> close.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use super::shared::{ListenerSettings, ListenerShared};
+use super::transfer::{splice_both, Stops};
+use crate::access_log::Entry;
+use crate::backend::{ActiveGuard, Backend, ConnectError};
+use crate::proxy::{now_us, passive_failure, Termination};
+
+/// Serves one accepted client until both directions end, then accounts for it
+/// (session histogram, rejection counters, access log).
+///
+/// `cut` ends the session early: the process's hard stop, or the listener's drain
+/// deadline after a reload removed it.
+pub async fn serve(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    listener: &Arc<ListenerShared>,
+    settings: Arc<ListenerSettings>,
+) -> Termination {
+    // Times are microseconds on the process clock (8 bytes, not an `Instant`'s
+    // 16): they live in every connection's task for its whole life.
+    let start = now_us();
+    // TCP_NODELAY: accepted sockets inherit it from the listening socket
+    // (listener::bind sets it), which saves a syscall per connection.
+    let connected = tokio::select! {
+        biased;
+        _ = listener.cut.cancelled() => Err(if listener.retired.load(Ordering::Relaxed) {
+            Termination::Drained
+        } else {
+            Termination::Shutdown
+        }),
+        // Boxed: the connect phase is larger than the transfer phase, and a task is
+        // sized for its largest phase.
+        r = Box::pin(connect(listener, &settings, peer)) => r,
+    };
+    let (mut backend, guard) = match connected {
+        Ok(c) => c,
+        Err(t) => {
+            debug!(listener = %listener.name, client = %peer, reason = t.as_str(), "no backend connection");
+            let rejected = match t {
+                Termination::NoBackend => Some(&listener.rejected_no_backend),
+                Termination::ConnectFailed => Some(&listener.rejected_connect_failed),
+                _ => None,
+            };
+            if let Some(r) = rejected {
+                r.fetch_add(1, Ordering::Relaxed);
+            }
+            finish(listener, &settings, peer, start, None, t);
+            return t;
+        }
+    };
+    // Accept to connected, failed attempts on other backends included, so the
+    // first-byte time below starts where the connect ended. (One u32 of state.)
+    let connect_time = now_us().saturating_sub(start).min(u32::MAX as u64) as u32;
+    let _ = backend.set_nodelay(true);
+    let stops = Stops {
+        listener: listener.clone(),
+        epoch: guard.backend().drain_epoch(),
+        guard,
+    };
+    let guard = &stops.guard;
+    let moved = splice_both(&mut client, &mut backend, &settings, &stops).await;
+    let end = moved.end;
+    // Passive outlier detection counts resets as failures, and only a session
+    // that ended otherwise as a success (a backend that accepts and resets every
+    // connection must still be ejected).
+    if end == Termination::BackendReset {
+        passive_failure(&settings.pool, guard.backend(), &listener.ctx.control);
+    } else {
+        guard.backend().passive_success();
+    }
+    let first_byte = (moved.first_byte != 0).then(|| {
+        Duration::from_micros(moved.first_byte.saturating_sub(start + connect_time as u64))
+    });
+    if let Some(fb) = first_byte {
+        guard.backend().histograms.first_byte.record(fb);
+    }
+    finish(
+        listener,
+        &settings,
+        peer,
+        start,
+        Some(Connected {
+            backend: guard.backend(),
+            connect: Duration::from_micros(connect_time as u64),
+            first_byte,
+            up: moved.up,
+            down: moved.down,
+        }),
+        end,
+    );
+    end
+}
+
+/// What a session that reached a backend adds to its access-log line.
+struct Connected<'a> {
+    backend: &'a Arc<Backend>,
+    connect: Duration,
+    first_byte: Option<Duration>,
+    up: u64,
+    down: u64,
+}
+
+/// Records the end of a session: the duration histogram and the access-log line.
+fn finish(
+    listener: &ListenerShared,
+    settings: &ListenerSettings,
+    peer: SocketAddr,
+    start: u64,
+    c: Option<Connected<'_>>,
+    end: Termination,
+) {
+    let duration = Duration::from_micros(now_us().saturating_sub(start));
+    listener.session_duration.record(duration);
+    if let Some(c) = &c {
+        debug!(
+            listener = %listener.name,
+            client = %peer,
+            backend = %c.backend.name,
+            to_backend = c.up,
+            from_backend = c.down,
+            reason = end.as_str(),
+            "session closed"
+        );
+    }
+    if !listener.ctx.access_log.enabled() {
+        return;
+    }
+    listener.ctx.access_log.log(entry(
+        listener,
+        settings,
+        peer,
+        c.as_ref(),
+        duration,
+        end.as_str(),
+    ));
+}
+
+/// The access-log line of a client closed at once (`max_connections`).
+pub(super) fn log_rejected(
+    listener: &ListenerShared,
+    settings: &ListenerSettings,
+    peer: SocketAddr,
+) {
+    if listener.ctx.access_log.enabled() {
+        listener.ctx.access_log.log(entry(
+            listener,
+            settings,
+            peer,
+            None,
+            Duration::ZERO,
+            "rejected",
+        ));
+    }
+}
+
+/// A TCP access-log entry; `c` when a backend was connected.
+fn entry(
+    listener: &ListenerShared,
+    settings: &ListenerSettings,
+    peer: SocketAddr,
+    c: Option<&Connected<'_>>,
+    duration: Duration,
+    reason: &'static str,
+) -> Entry {
+    Entry {
+        time: SystemTime::now(),
+        protocol: "tcp",
+        listener: listener.name.clone(),
+        client: peer,
+        pool: settings.pool.name.clone(),
+        backend: c.map(|c| c.backend.name.clone()),
+        to_backend: c.map_or(0, |c| c.up),
+        from_backend: c.map_or(0, |c| c.down),
+        connect: c.map(|c| c.connect),
+        first_byte: c.and_then(|c| c.first_byte),
+        duration,
+        reason,
+    }
+}
+
+/// Connects to a backend, moving on to the next distinct one on failure, up to the
+/// pool's `connect_attempts`.
+pub(super) async fn connect(
+    listener: &ListenerShared,
+    settings: &ListenerSettings,
+    peer: SocketAddr,
+) -> Result<(TcpStream, ActiveGuard), Termination> {
+    let pool = &settings.pool;
+    let attempts = pool.connect_attempts();
+    let mut tried: Vec<Arc<Backend>> = Vec::new();
+    for _ in 0..attempts {
+        let Some(guard) = pool.pick(peer.ip(), &tried) else {
+            break;
+        };
+        let b = guard.backend();
+        let t0 = Instant::now();
+        match connect_one(b.addr, settings.connect_timeout).await {
+            Ok(stream) => {
+                let took = t0.elapsed();
+                b.stats.connections.fetch_add(1, Ordering::Relaxed);
+                b.histograms.connect.record(took);
+                return Ok((stream, guard));
+            }
+            Err(e) => {
+                debug!(pool = %pool.name, backend = %b.name, error = %e, "connect failed");
+                b.stats.connect_error(ConnectError::classify(&e));
+            }
+        }
+        passive_failure(pool, b, &listener.ctx.control);
+        tried.push(b.clone());
+    }
+    Err(if tried.is_empty() {
+        Termination::NoBackend
+    } else {
+        Termination::ConnectFailed
+    })
+}
+
+/// One connect attempt within `timeout`. Running out of descriptors is our problem,
+/// not the backend's: it pauses and tries the same backend again, within the same
+/// timeout.
+async fn connect_one(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    let attempt = async {
+        loop {
+            match TcpStream::connect(addr).await {
+                Ok(s) => {
+                    crate::fd::available();
+                    return Ok(s);
+                }
+                Err(e) if crate::fd::is_exhaustion(&e) => {
+                    crate::fd::exhausted("backend connect", &e);
+                    tokio::time::sleep(crate::fd::PAUSE).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
+    }
+}

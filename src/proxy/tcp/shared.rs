@@ -1,0 +1,170 @@
+//! What a TCP listener's sessions share: its settings (swapped whole by a
+//! reload), its counters, the tokens that stop it, and the places counted under
+//! `max_connections`.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ListenerConfig;
+use crate::pool::Pool;
+use crate::proxy::Context;
+
+/// What every session of a listener shares.
+pub struct ListenerShared {
+    pub name: Arc<str>,
+    /// What the runtime gave this listener: access log, control tasks, splice.
+    pub ctx: Context,
+    /// Replaced whole by a reload; a session keeps the settings it started with.
+    settings: ArcSwap<ListenerSettings>,
+    /// Stops this listener's accept loops (reload removed it, or shutdown).
+    pub stop_accept: CancellationToken,
+    /// Cuts this listener's sessions (a child of the process-wide hard stop).
+    pub cut: CancellationToken,
+    /// Set when a reload removed the listener: its sessions cut at the deadline end
+    /// as `drained`, not `shutdown`.
+    pub retired: AtomicBool,
+    /// Sessions in progress, across all workers.
+    pub active: AtomicUsize,
+    /// Woken when the last session of a stopped listener ends (see
+    /// [`ListenerShared::drained`]).
+    idle: Notify,
+    /// Accepted client connections, rejected ones included.
+    pub accepted: AtomicU64,
+    /// Clients closed at once because `max_connections` was reached.
+    pub rejected_max_connections: AtomicU64,
+    /// Clients closed because no backend was usable.
+    pub rejected_no_backend: AtomicU64,
+    /// Clients closed because every connect attempt failed.
+    pub rejected_connect_failed: AtomicU64,
+    /// `flowgate_session_duration_seconds{listener}`.
+    pub session_duration: metrics::Histogram,
+}
+
+impl std::fmt::Debug for ListenerShared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ListenerShared")
+            .field("name", &self.name)
+            .field("active", &self.active)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A listener's settings as of the last (re)load.
+pub struct ListenerSettings {
+    pub pool: Arc<Pool>,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_connections: Option<usize>,
+    pub bind: SocketAddr,
+}
+
+impl ListenerSettings {
+    pub fn new(cfg: &ListenerConfig, pool: Arc<Pool>) -> ListenerSettings {
+        ListenerSettings {
+            pool,
+            connect_timeout: cfg.connect_timeout,
+            idle_timeout: cfg.idle_timeout,
+            max_connections: cfg.max_connections,
+            bind: cfg.bind,
+        }
+    }
+}
+
+impl ListenerShared {
+    pub fn new(
+        cfg: &ListenerConfig,
+        pool: Arc<Pool>,
+        ctx: Context,
+        stop_accept: CancellationToken,
+        cut: CancellationToken,
+    ) -> Arc<ListenerShared> {
+        Arc::new(ListenerShared {
+            name: cfg.name.as_str().into(),
+            ctx,
+            settings: ArcSwap::from_pointee(ListenerSettings::new(cfg, pool)),
+            stop_accept,
+            cut,
+            active: AtomicUsize::new(0),
+            idle: Notify::new(),
+            accepted: AtomicU64::new(0),
+            retired: AtomicBool::new(false),
+            rejected_max_connections: AtomicU64::new(0),
+            rejected_no_backend: AtomicU64::new(0),
+            rejected_connect_failed: AtomicU64::new(0),
+            session_duration: metrics::histogram!(
+                crate::metrics::names::SESSION_DURATION,
+                "listener" => cfg.name.clone()
+            ),
+        })
+    }
+
+    /// Rejected clients by reason (the `reason` label of
+    /// `flowgate_connections_rejected_total`).
+    pub fn rejected(&self) -> [(&'static str, u64); 3] {
+        [
+            (
+                "max_connections",
+                self.rejected_max_connections.load(Ordering::Relaxed),
+            ),
+            (
+                "no_backend",
+                self.rejected_no_backend.load(Ordering::Relaxed),
+            ),
+            (
+                "connect_failed",
+                self.rejected_connect_failed.load(Ordering::Relaxed),
+            ),
+        ]
+    }
+
+    /// Resolves once the listener no longer accepts and its last session has
+    /// ended: that session's place wakes it. Nothing polls.
+    pub async fn drained(&self) {
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.stop_accept.is_cancelled() && self.active.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    pub fn settings(&self) -> Arc<ListenerSettings> {
+        self.settings.load_full()
+    }
+
+    pub fn set_settings(&self, s: ListenerSettings) {
+        self.settings.store(Arc::new(s));
+    }
+}
+
+/// A counted place under the listener's `max_connections`.
+pub(super) struct Place(pub(super) Arc<ListenerShared>);
+
+impl Place {
+    pub(super) fn take(shared: &Arc<ListenerShared>, max: Option<usize>) -> Option<Place> {
+        let before = shared.active.fetch_add(1, Ordering::AcqRel);
+        if max.is_some_and(|max| before >= max) {
+            shared.active.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Place(shared.clone()))
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        let l = &self.0;
+        if l.active.fetch_sub(1, Ordering::SeqCst) == 1 && l.stop_accept.is_cancelled() {
+            l.idle.notify_waiters();
+        }
+    }
+}

@@ -1,0 +1,81 @@
+//! What an idle connection costs in user space is mostly its session future (the
+//! task stores it inline): these tests keep it small.
+
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+
+use super::session::{connect, serve};
+use super::shared::{ListenerSettings, ListenerShared};
+use super::transfer::{splice_both, Stops};
+use tokio_util::sync::CancellationToken;
+
+/// What an idle connection costs in user space is mostly this future (the task
+/// stores it inline); keep it small. Two sockets, two directions, a timer.
+#[test]
+fn session_future_is_small() {
+    fn size<F: std::future::Future>(_: &F) -> usize {
+        std::mem::size_of::<F>()
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _g = rt.enter();
+    let std_l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let c = std::net::TcpStream::connect(std_l.local_addr().unwrap()).unwrap();
+    c.set_nonblocking(true).unwrap();
+    let mut a = TcpStream::from_std(c).unwrap();
+    let accepted = std_l.accept().unwrap().0;
+    accepted.set_nonblocking(true).unwrap();
+    let mut b = TcpStream::from_std(accepted).unwrap();
+    let token = CancellationToken::new();
+    let backend = crate::backend::Backend::new(
+        &crate::config::BackendConfig {
+            name: "127.0.0.1:1".into(),
+            addr: "127.0.0.1:1".parse().unwrap(),
+            weight: 1,
+        },
+        "p",
+    );
+    let cfg = crate::config::Config::parse(
+        "[[listeners]]\nname='l'\nbind='127.0.0.1:0'\npool='p'\n[[pools]]\nname='p'\nbackends=[{address='127.0.0.1:1'}]",
+        std::path::Path::new("t"),
+    )
+    .unwrap();
+    let pool = crate::pool::Pool::new(&cfg.pools[0]);
+    let settings = Arc::new(ListenerSettings::new(&cfg.listeners[0], pool));
+    let shared = ListenerShared::new(
+        &cfg.listeners[0],
+        settings.pool.clone(),
+        crate::proxy::Context {
+            access_log: crate::access_log::AccessLog::new(),
+            control: crate::tasks::Tasks::new(tokio::runtime::Handle::current()),
+            splice: true,
+        },
+        token.clone(),
+        token.clone(),
+    );
+    let stops = Stops {
+        listener: shared.clone(),
+        guard: backend.claim(),
+        epoch: 0,
+    };
+    let f = splice_both(&mut a, &mut b, &settings, &stops);
+    let n = size(&f);
+    eprintln!("splice_both future: {n} bytes");
+    assert!(n < 640, "splice_both future is {n} bytes");
+    drop(f);
+    let whole = serve(a, "127.0.0.1:2".parse().unwrap(), &shared, settings);
+    let n = size(&whole);
+    {
+        let st = Arc::new(ListenerSettings::new(
+            &cfg.listeners[0],
+            crate::pool::Pool::new(&cfg.pools[0]),
+        ));
+        let c = connect(&shared, &st, "127.0.0.1:2".parse().unwrap());
+        eprintln!("connect future: {} bytes", size(&c));
+    }
+    eprintln!("serve future: {n} bytes");
+    assert!(n < 1000, "serve future is {n} bytes");
+}

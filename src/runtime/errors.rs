@@ -1,0 +1,60 @@
+//! What starting, reloading and operating on a running balancer can fail with.
+
+use std::io;
+use std::net::SocketAddr;
+
+use crate::config::ConfigError;
+
+/// A listening socket that could not be bound (at start or on reload).
+#[derive(Debug, thiserror::Error)]
+#[error("listener {listener:?}: cannot bind {addr}: {source}")]
+pub struct BindError {
+    pub listener: String,
+    pub addr: SocketAddr,
+    #[source]
+    pub source: io::Error,
+}
+
+/// The access log's file could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[error("log.access_log: cannot open {path}: {source}")]
+pub struct AccessLogError {
+    pub path: String,
+    #[source]
+    pub source: io::Error,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    #[error(transparent)]
+    AccessLog(#[from] AccessLogError),
+    #[error("cannot start worker threads: {0}")]
+    Workers(#[source] io::Error),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    #[error(transparent)]
+    AccessLog(#[from] AccessLogError),
+    #[error("no configuration file to reload from (started from an in-memory config)")]
+    NoSource,
+    #[error("shutting down")]
+    ShuttingDown,
+}
+
+/// What an operator action on one backend can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum OpError {
+    #[error("no pool named {0:?}")]
+    NoPool(String),
+    #[error("pool {pool:?} has no backend {backend:?}")]
+    NoBackend { pool: String, backend: String },
+    #[error("weight {0} is out of range: expected 1..=1000")]
+    BadWeight(u32),
+}

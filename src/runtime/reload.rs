@@ -1,0 +1,207 @@
+//! Reload: plan, then execute.
+//!
+//! [`crate::config::diff`] turns the running config and the new one into a
+//! [`ReloadPlan`] (pure, unit-tested on its own). Execution first does everything
+//! that can fail (the access log's new file, binding new listeners): if any of it
+//! fails, nothing has changed. Only then does it swap pools, listeners and settings,
+//! none of which can fail.
+//!
+//! What stays is not touched: kept listeners keep their sockets and accept loops,
+//! kept backends keep their `Arc` (health, counters, operator state). Removed
+//! backends and listeners drain under the pool's `drain_timeout`.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use tracing::{info, warn};
+
+use super::startup::{udp_default_max, Bound};
+use super::{AccessLogError, ReloadError, Runtime, State};
+use crate::config::{self, AccessLogDest, Config, ListenerConfig, ReloadPlan};
+use crate::health;
+use crate::pool::Pool;
+use crate::proxy::tcp::ListenerSettings;
+use crate::proxy::udp::UdpSettings;
+
+impl Runtime {
+    /// Re-reads the file the running config came from and applies it.
+    pub fn reload(&self) -> Result<(), ReloadError> {
+        let r = (|| {
+            let source = self.inner.lock().config.source.clone();
+            let path = source.ok_or(ReloadError::NoSource)?;
+            let cfg = Config::load(&path)?;
+            self.apply(cfg)
+        })();
+        match &r {
+            Ok(()) => {
+                self.inner.reloads_ok.fetch_add(1, Ordering::Relaxed);
+                *self
+                    .inner
+                    .last_load
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = SystemTime::now();
+            }
+            Err(_) => {
+                self.inner.reloads_failed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        r
+    }
+
+    /// Applies `new` atomically with respect to errors: if the access log's file
+    /// cannot be opened or a new listener cannot bind, nothing changes.
+    pub fn apply(&self, mut new: Config) -> Result<(), ReloadError> {
+        if self.inner.shutting_down.load(Ordering::Acquire) {
+            return Err(ReloadError::ShuttingDown);
+        }
+        let mut st = self.inner.lock();
+        if new.source.is_none() {
+            new.source = st.config.source.clone();
+        }
+        let plan = config::diff(&st.config, &new);
+
+        // 1. Everything fallible. Nothing has changed yet.
+        if plan.access_log_changed {
+            if let AccessLogDest::File(p) = &new.log.access_log {
+                crate::access_log::check(p).map_err(|source| AccessLogError {
+                    path: p.display().to_string(),
+                    source,
+                })?;
+            }
+        }
+        let mut fresh = Vec::new();
+        for name in &plan.listeners.added {
+            let l = listener_config(&new, name);
+            fresh.push((l.clone(), self.bind_listener(l)?));
+        }
+
+        // 2. The swap: nothing below fails.
+        self.swap_pools(&mut st, &new, &plan);
+        self.swap_listeners(&mut st, &new, &plan, fresh);
+        self.apply_settings(&st.config, &new, &plan);
+        st.config = new;
+        info!("configuration reloaded");
+        Ok(())
+    }
+
+    /// Pools: update kept ones (draining the backends they lose), create new ones,
+    /// drain removed ones; restart every pool's probes.
+    fn swap_pools(&self, st: &mut State, new: &Config, plan: &ReloadPlan) {
+        let mut pools = HashMap::new();
+        for p in &new.pools {
+            let pool = match st.pools.get(&p.name) {
+                Some(pool) => {
+                    let removed = self.scoped(|| pool.update(p));
+                    for b in removed {
+                        info!(pool = %p.name, backend = %b.name, "backend removed by reload: draining");
+                        pool.add_retiring(b.clone());
+                        self.drain_backend(pool.clone(), b, p.drain_timeout, true);
+                    }
+                    pool.clone()
+                }
+                None => self.scoped(|| Pool::new(p)),
+            };
+            pools.insert(p.name.clone(), pool);
+        }
+        for name in &plan.pools.removed {
+            let Some(old) = st.pools.remove(name) else {
+                continue;
+            };
+            info!(pool = %name, "pool removed by reload: draining its backends");
+            let drain = old.config().drain_timeout;
+            for b in old.backends() {
+                self.drain_backend(old.clone(), b, drain, false);
+            }
+            if let Some(stop) = st.probes.remove(name) {
+                stop.cancel();
+            }
+            st.removed_pools.push(old);
+        }
+        st.pools = pools;
+        let all: Vec<_> = st.pools.values().cloned().collect();
+        for pool in &all {
+            self.start_probes(st, pool);
+            health::report_all_down(pool);
+        }
+    }
+
+    /// Listeners: kept ones keep their sockets and take new settings, removed ones
+    /// stop accepting and drain, new ones (bound in step 1) start.
+    fn swap_listeners(
+        &self,
+        st: &mut State,
+        new: &Config,
+        plan: &ReloadPlan,
+        fresh: Vec<(ListenerConfig, Bound)>,
+    ) {
+        let udp_max = udp_default_max(new);
+        let kept = |name: &str| plan.listeners.kept.iter().any(|k| k == name);
+        for old in std::mem::take(&mut st.listeners) {
+            if kept(&old.shared.name) {
+                let l = listener_config(new, &old.shared.name);
+                let pool = st.pools[&l.pool].clone();
+                old.shared.set_settings(ListenerSettings::new(l, pool));
+                st.listeners.push(old);
+            } else {
+                let grace = old.shared.settings().pool.config().drain_timeout;
+                info!(listener = %old.shared.name, "listener removed by reload: closing it, draining its connections");
+                self.retire_listener(old.shared, grace);
+            }
+        }
+        for old in std::mem::take(&mut st.udp_listeners) {
+            if kept(&old.shared.name) {
+                let l = listener_config(new, &old.shared.name);
+                let pool = st.pools[&l.pool].clone();
+                old.shared.set_settings(UdpSettings::new(l, pool, udp_max));
+                st.udp_listeners.push(old);
+            } else {
+                info!(listener = %old.shared.name, "UDP listener removed by reload: closing it and its sessions");
+                old.shared.stop.cancel();
+            }
+        }
+        for (l, sockets) in fresh {
+            let pool = st.pools[&l.pool].clone();
+            self.start_listener(st, &l, pool, sockets, udp_max);
+        }
+    }
+
+    /// Logging, the admin token, and what only a restart can change.
+    fn apply_settings(&self, old: &Config, new: &Config, plan: &ReloadPlan) {
+        for key in &plan.restart_only {
+            warn!("{} only changes on restart", key.key());
+        }
+        if plan.access_log_changed {
+            // The file was opened in step 1; what can still fail is starting the
+            // writer thread, which leaves the log as it was.
+            if let Err(e) = super::startup::configure_access_log(&self.inner.access_log, &new.log) {
+                warn!(error = %e, "access log unchanged");
+            }
+        }
+        if plan.log_level_changed {
+            if let Some(hook) = self.inner.level_hook.get() {
+                hook(&new.log.level);
+            }
+        }
+        if plan.metrics_need_restart {
+            warn!("metrics start with the admin listener, on restart");
+        }
+        if plan.admin_token_changed || old.admin.is_some() != new.admin.is_some() {
+            self.inner.admin_token.store(
+                new.admin
+                    .as_ref()
+                    .and_then(|a| a.token.clone())
+                    .map(Arc::new),
+            );
+        }
+    }
+}
+
+/// The listener `name` of `cfg`; the plan only names listeners that exist.
+fn listener_config<'a>(cfg: &'a Config, name: &str) -> &'a ListenerConfig {
+    cfg.listeners
+        .iter()
+        .find(|l| l.name == name)
+        .expect("the reload plan names listeners of the new config")
+}

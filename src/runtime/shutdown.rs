@@ -1,0 +1,60 @@
+//! Graceful shutdown: stop accepting, let sessions finish for up to the grace
+//! period (`TaskTracker::wait`), cut the rest, stop the control tasks, end the
+//! threads.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tracing::{info, warn};
+
+use super::drain::wake_all;
+use super::Runtime;
+
+/// How long the control tasks (probes, drains, the admin API) get to stop.
+const CONTROL_STOP: Duration = Duration::from_secs(2);
+
+impl Runtime {
+    /// Stops accepting, waits up to `shutdown_timeout` for sessions to finish, then
+    /// closes the rest. Returns whether every session finished within the grace period.
+    pub async fn shutdown(self) -> bool {
+        let inner = &self.inner;
+        inner.shutting_down.store(true, Ordering::Release);
+        let grace = inner.lock().config.runtime.shutdown_timeout;
+        inner.stop_accept.cancel();
+        inner.accept_loops.close();
+        inner.accept_loops.wait().await;
+        // The receive loops have told their UDP sessions to end (UDP has nothing to
+        // drain); those are on the same tracker as the TCP sessions.
+        inner.sessions.close();
+        let open = inner.sessions.len();
+        if open > 0 {
+            info!(connections = open, grace = ?grace, "stopped accepting; waiting for open connections");
+        }
+        let graceful = tokio::time::timeout(grace, inner.sessions.wait())
+            .await
+            .is_ok();
+        if !graceful {
+            warn!(
+                connections = inner.sessions.len(),
+                "shutdown_timeout expired; closing the remaining connections"
+            );
+            inner.hard_stop.cancel();
+            let pools: Vec<_> = {
+                let st = inner.lock();
+                st.pools
+                    .values()
+                    .chain(&st.removed_pools)
+                    .cloned()
+                    .collect()
+            };
+            wake_all(&pools);
+            let _ = tokio::time::timeout(Duration::from_secs(5), inner.sessions.wait()).await;
+        }
+        let left = inner.control.stop(CONTROL_STOP).await;
+        if left > 0 {
+            warn!(tasks = left, "control tasks still running at exit");
+        }
+        inner.stop_threads.cancel();
+        graceful
+    }
+}

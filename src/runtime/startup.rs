@@ -1,0 +1,294 @@
+//! Startup: bind everything (failing fast), then start the threads' work: accept
+//! and receive loops, probes, metrics upkeep.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwapOption;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use super::threads::spawn_threads;
+use super::StartError;
+use super::{AccessLogError, BindError, Inner, RunningListener, RunningUdp, Runtime, State};
+use crate::access_log::AccessLog;
+use crate::config::{Config, ListenerConfig, LogConfig, Protocol, WorkerModel};
+use crate::health;
+use crate::metrics::Exporter;
+use crate::pool::Pool;
+use crate::proxy::tcp::{self, ListenerShared};
+use crate::proxy::udp::{self, UdpListenerShared, UdpSettings};
+use crate::tasks::Tasks;
+
+/// Sockets bound for one listener, one per worker (or one).
+pub(super) enum Bound {
+    Tcp(Vec<std::net::TcpListener>),
+    Udp(Vec<std::net::UdpSocket>),
+}
+
+impl Runtime {
+    pub fn start(config: Config) -> Result<Runtime, StartError> {
+        // Before any backend or listener exists: they register their histograms.
+        let metrics = match config.admin {
+            Some(_) => Exporter::new(),
+            None => None,
+        };
+        let access_log = AccessLog::new();
+        configure_access_log(&access_log, &config.log)?;
+        let stop_threads = CancellationToken::new();
+        let (handles, control) = spawn_threads(
+            config.runtime.worker_model,
+            config.runtime.workers,
+            &stop_threads,
+        )
+        .map_err(StartError::Workers)?;
+        let inner = Arc::new(Inner {
+            worker_model: config.runtime.worker_model,
+            workers: config.runtime.workers,
+            splice: config.runtime.splice,
+            handles,
+            control: Tasks::new(control),
+            stop_accept: CancellationToken::new(),
+            hard_stop: CancellationToken::new(),
+            stop_threads,
+            accept_loops: TaskTracker::new(),
+            sessions: TaskTracker::new(),
+            shutting_down: AtomicBool::new(false),
+            admin_token: ArcSwapOption::from(
+                config
+                    .admin
+                    .as_ref()
+                    .and_then(|a| a.token.clone())
+                    .map(Arc::new),
+            ),
+            reloads_ok: AtomicU64::new(0),
+            reloads_failed: AtomicU64::new(0),
+            last_load: Mutex::new(SystemTime::now()),
+            access_log,
+            metrics,
+            level_hook: OnceLock::new(),
+            state: Mutex::new(State {
+                config: config.clone(),
+                listeners: Vec::new(),
+                udp_listeners: Vec::new(),
+                pools: HashMap::new(),
+                probes: HashMap::new(),
+                removed_pools: Vec::new(),
+            }),
+        });
+        let rt = Runtime { inner };
+
+        // Bind everything before serving anything, so a bad address fails fast.
+        let mut bound = Vec::new();
+        for l in &config.listeners {
+            let sockets = rt.bind_listener(l)?;
+            bound.push((l, sockets));
+        }
+
+        let mut st = rt.inner.lock();
+        for p in &config.pools {
+            let pool = rt.scoped(|| Pool::new(p));
+            rt.start_probes(&mut st, &pool);
+            st.pools.insert(p.name.clone(), pool);
+        }
+        let udp_max = udp_default_max(&config);
+        for (l, sockets) in bound {
+            let pool = st.pools[&l.pool].clone();
+            rt.start_listener(&mut st, l, pool, sockets, udp_max);
+        }
+        // Only TCP backends can be tried with a connect.
+        let tcp_pools: HashSet<&str> = config
+            .listeners
+            .iter()
+            .filter(|l| l.protocol == Protocol::Tcp)
+            .map(|l| l.pool.as_str())
+            .collect();
+        let unchecked: Vec<_> = st
+            .pools
+            .values()
+            .filter(|p| p.config().health_check.is_none() && tcp_pools.contains(&*p.name))
+            .cloned()
+            .collect();
+        drop(st);
+        rt.inner
+            .control
+            .spawn_until_stop(report_unreachable(unchecked));
+        if let Some(m) = &rt.inner.metrics {
+            let stop = rt.inner.control.stop_token().clone();
+            rt.inner.control.spawn(m.clone().upkeep(stop));
+        }
+        Ok(rt)
+    }
+
+    /// Binds the sockets for one listener: one per worker (SO_REUSEPORT), or one.
+    pub(super) fn bind_listener(&self, l: &ListenerConfig) -> Result<Bound, BindError> {
+        let count = match self.inner.worker_model {
+            WorkerModel::PerCore => self.inner.workers,
+            WorkerModel::Shared => 1,
+        };
+        let err = |addr, source| BindError {
+            listener: l.name.clone(),
+            addr,
+            source,
+        };
+        if l.protocol == Protocol::Udp {
+            let first = udp::bind(l.bind).map_err(|e| err(l.bind, e))?;
+            let local = first.local_addr().map_err(|e| err(l.bind, e))?;
+            let mut sockets = vec![first];
+            for _ in 1..count {
+                sockets.push(udp::bind(local).map_err(|e| err(local, e))?);
+            }
+            return Ok(Bound::Udp(sockets));
+        }
+        let first = tcp::bind(l.bind, l.backlog).map_err(|e| err(l.bind, e))?;
+        let local = first.local_addr().map_err(|e| err(l.bind, e))?;
+        let mut sockets = vec![first];
+        for _ in 1..count {
+            sockets.push(tcp::bind(local, l.backlog).map_err(|e| err(local, e))?);
+        }
+        Ok(Bound::Tcp(sockets))
+    }
+
+    /// Serves a freshly bound listener and enters it in `st`.
+    /// `udp_max` is the default `max_sessions` (see [`udp_default_max`]).
+    pub(super) fn start_listener(
+        &self,
+        st: &mut State,
+        l: &ListenerConfig,
+        pool: Arc<Pool>,
+        sockets: Bound,
+        udp_max: usize,
+    ) {
+        match sockets {
+            Bound::Tcp(s) => {
+                let running = self.start_tcp(l, pool, s);
+                st.listeners.push(running);
+            }
+            Bound::Udp(s) => {
+                let running = self.start_udp(l, pool, s, udp_max);
+                st.udp_listeners.push(running);
+            }
+        }
+    }
+
+    /// Runs `task` for each socket, the sockets spread over the workers in turn.
+    fn spawn_per_worker<S, F>(&self, sockets: Vec<S>, mut task: impl FnMut(S) -> F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        for (i, socket) in sockets.into_iter().enumerate() {
+            let handle = &self.inner.handles[i % self.inner.handles.len()];
+            self.inner.accept_loops.spawn_on(task(socket), handle);
+        }
+    }
+
+    /// Starts a UDP listener's receive loops on bound sockets.
+    fn start_udp(
+        &self,
+        l: &ListenerConfig,
+        pool: Arc<Pool>,
+        sockets: Vec<std::net::UdpSocket>,
+        default_max: usize,
+    ) -> RunningUdp {
+        let local_addr = sockets[0].local_addr().unwrap_or(l.bind);
+        let shared = self.scoped(|| {
+            UdpListenerShared::new(
+                l,
+                UdpSettings::new(l, pool, default_max),
+                self.context(),
+                self.inner.stop_accept.child_token(),
+                self.inner.hard_stop.child_token(),
+            )
+        });
+        self.spawn_per_worker(sockets, |socket| {
+            udp::recv_loop(socket, shared.clone(), self.inner.sessions.clone())
+        });
+        info!(listener = %l.name, addr = %local_addr, pool = %l.pool, protocol = "udp", "listening");
+        RunningUdp { shared, local_addr }
+    }
+
+    /// Starts accept loops on bound sockets.
+    fn start_tcp(
+        &self,
+        l: &ListenerConfig,
+        pool: Arc<Pool>,
+        sockets: Vec<std::net::TcpListener>,
+    ) -> RunningListener {
+        let local_addr = sockets[0].local_addr().unwrap_or(l.bind);
+        let shared = self.scoped(|| {
+            ListenerShared::new(
+                l,
+                pool,
+                self.context(),
+                self.inner.stop_accept.child_token(),
+                self.inner.hard_stop.child_token(),
+            )
+        });
+        self.spawn_per_worker(sockets, |socket| {
+            tcp::accept_loop(socket, shared.clone(), self.inner.sessions.clone())
+        });
+        info!(listener = %l.name, addr = %local_addr, pool = %l.pool, "listening");
+        RunningListener { shared, local_addr }
+    }
+
+    /// (Re)starts the probes of `pool`, on the control tasks.
+    pub(super) fn start_probes(&self, st: &mut State, pool: &Arc<Pool>) {
+        if let Some(old) = st.probes.remove(&*pool.name) {
+            old.cancel();
+        }
+        if let Some(hc) = pool.config().health_check.clone() {
+            let stop = self.inner.control.stop_token().child_token();
+            health::spawn(pool, Arc::new(hc), &stop, &self.inner.control);
+            st.probes.insert(pool.name.to_string(), stop);
+        }
+    }
+}
+
+/// The default `max_sessions` of each UDP listener of `cfg`.
+pub(super) fn udp_default_max(cfg: &Config) -> usize {
+    let n = cfg
+        .listeners
+        .iter()
+        .filter(|l| l.protocol == Protocol::Udp)
+        .count();
+    udp::default_max_sessions(n)
+}
+
+/// Applies the access-log part of `[log]`; a file that cannot be opened is an error.
+pub(super) fn configure_access_log(log: &AccessLog, cfg: &LogConfig) -> Result<(), AccessLogError> {
+    log.configure(&cfg.access_log, cfg.format)
+        .map_err(|source| AccessLogError {
+            path: match &cfg.access_log {
+                crate::config::AccessLogDest::File(p) => p.display().to_string(),
+                d => format!("{d:?}"),
+            },
+            source,
+        })
+}
+
+/// Tries each backend of pools without health checks once at startup and says which
+/// are unreachable, so an operator sees a typo'd port in the log right away. Traffic
+/// does not wait for it. (Pools with health checks log their own verdicts.)
+async fn report_unreachable(pools: Vec<Arc<Pool>>) {
+    for pool in pools {
+        for b in pool.backends() {
+            let r = tokio::time::timeout(
+                Duration::from_secs(2),
+                tokio::net::TcpStream::connect(b.addr),
+            )
+            .await;
+            match r {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    warn!(pool = %pool.name, backend = %b.name, error = %e, "backend unreachable")
+                }
+                Err(_) => {
+                    warn!(pool = %pool.name, backend = %b.name, "backend unreachable: connect timed out")
+                }
+            }
+        }
+    }
+}

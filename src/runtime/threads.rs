@@ -1,0 +1,57 @@
+//! The threads: one per data-path worker (a current-thread tokio runtime each), or
+//! one multi-threaded runtime for all (`worker_model = "shared"`), and the control
+//! thread (probes, drains, the admin API, metrics upkeep).
+
+use std::io;
+use std::time::Duration;
+
+use tokio::runtime::Handle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::WorkerModel;
+
+/// Starts the worker threads and the control thread; returns the workers' runtime
+/// handles and the control runtime's. Every thread returns when `stop` fires.
+pub(super) fn spawn_threads(
+    model: WorkerModel,
+    workers: usize,
+    stop: &CancellationToken,
+) -> io::Result<(Vec<Handle>, Handle)> {
+    let runtimes = match model {
+        WorkerModel::PerCore => workers,
+        WorkerModel::Shared => 1,
+    };
+    let mut handles = Vec::with_capacity(runtimes);
+    for i in 0..runtimes {
+        let rt = match model {
+            WorkerModel::PerCore => tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?,
+            WorkerModel::Shared => tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(workers)
+                .thread_name("flowgate-worker")
+                .enable_all()
+                .build()?,
+        };
+        handles.push(rt.handle().clone());
+        run_on_thread(format!("flowgate-w{i}"), rt, stop.clone())?;
+    }
+    let control = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let control_handle = control.handle().clone();
+    run_on_thread("flowgate-control".into(), control, stop.clone())?;
+    Ok((handles, control_handle))
+}
+
+fn run_on_thread(
+    name: String,
+    rt: tokio::runtime::Runtime,
+    stop: CancellationToken,
+) -> io::Result<()> {
+    std::thread::Builder::new().name(name).spawn(move || {
+        rt.block_on(stop.cancelled());
+        rt.shutdown_timeout(Duration::from_millis(100));
+    })?;
+    Ok(())
+}

@@ -1,0 +1,81 @@
+//! Where control-plane work runs: one runtime handle, one tracker, one stop token.
+//!
+//! Everything that runs beside the sessions (health probes, slow-start ramps,
+//! passive-ejection timers, drains, the admin API's connections, metrics upkeep) is
+//! spawned through [`Tasks`], so shutdown can stop it and wait for it: no task
+//! escapes tracking.
+
+use std::future::Future;
+
+use tokio::runtime::Handle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// A tracked place to run background work (cheap to clone).
+#[derive(Clone, Debug)]
+pub struct Tasks {
+    handle: Handle,
+    tracker: TaskTracker,
+    stop: CancellationToken,
+}
+
+impl Tasks {
+    pub fn new(handle: Handle) -> Tasks {
+        Tasks {
+            handle,
+            tracker: TaskTracker::new(),
+            stop: CancellationToken::new(),
+        }
+    }
+
+    /// Runs `f` to completion, tracked. `f` should watch [`Tasks::stop_token`]
+    /// if it can run for long.
+    pub fn spawn<F>(&self, f: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.tracker.spawn_on(f, &self.handle);
+    }
+
+    /// Runs `f`, tracked, and drops it when [`Tasks::stop`] is called.
+    pub fn spawn_until_stop<F>(&self, f: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let stop = self.stop.clone();
+        self.spawn(async move {
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = f => {}
+            }
+        });
+    }
+
+    /// Fires when the owner stops this work.
+    pub fn stop_token(&self) -> &CancellationToken {
+        &self.stop
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stop.is_cancelled()
+    }
+
+    /// Stops every task started with [`Tasks::spawn_until_stop`] (and those that
+    /// watch the token) and waits up to `limit` for all of them to end. Returns
+    /// how many were still running then.
+    pub async fn stop(&self, limit: std::time::Duration) -> usize {
+        self.stop.cancel();
+        self.tracker.close();
+        let _ = tokio::time::timeout(limit, self.tracker.wait()).await;
+        self.tracker.len()
+    }
+
+    /// Tasks running now.
+    pub fn len(&self) -> usize {
+        self.tracker.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tracker.is_empty()
+    }
+}

@@ -15,7 +15,10 @@
 //! - `validate.rs`: deserializing, and the `[runtime]`, `[log]`, `[admin]` checks;
 //!   `listeners.rs` and `pools.rs`: the checks of those tables.
 //! - `resolve.rs`: address resolution and byte offset to line:column.
+//! - `diff.rs`: `diff(old, new)`, the plan of what a reload changes (tests in
+//!   `diff/tests.rs`).
 
+mod diff;
 mod listeners;
 mod pools;
 mod raw;
@@ -27,6 +30,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use diff::{diff, Changes, PoolBackends, ReloadPlan, RestartKey};
 pub use types::{
     AccessLogDest, Algorithm, DurationStr, HealthKind, LogFormat, Protocol, StatusRanges, Weight,
     WhenAllDown, WorkerModel,

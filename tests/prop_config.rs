@@ -139,9 +139,9 @@ fn edit() -> impl Strategy<Value = Edit> {
     let at = any::<usize>();
     let ch = prop::sample::select(PUNCT);
     prop_oneof![
-        (at.clone(), ch.clone()).prop_map(|(i, c)| Edit::Insert(i, c)),
-        at.clone().prop_map(Edit::Delete),
-        (at.clone(), ch).prop_map(|(i, c)| Edit::Replace(i, c)),
+        (at, ch.clone()).prop_map(|(i, c)| Edit::Insert(i, c)),
+        at.prop_map(Edit::Delete),
+        (at, ch).prop_map(|(i, c)| Edit::Replace(i, c)),
         at.prop_map(Edit::Truncate),
     ]
 }

@@ -5,7 +5,7 @@ use std::collections::HashSet;
 
 use super::raw;
 use super::resolve::resolve;
-use super::validate::Source;
+use super::validate::{unique_name, Source};
 use super::{ConfigError, ListenerConfig, PoolConfig, Protocol};
 
 /// Validates every listener, in file order, against the already validated `pools`.
@@ -20,16 +20,7 @@ pub(super) fn listeners(
     let mut binds = HashSet::new();
     for (i, l) in raw.iter().enumerate() {
         let at = |key: &str| format!("listeners[{i}].{key}");
-        if l.name.get_ref().is_empty() {
-            return Err(src.err(l.name.span(), at("name"), "must not be empty".into()));
-        }
-        if !names.insert(l.name.get_ref().clone()) {
-            return Err(src.err(
-                l.name.span(),
-                at("name"),
-                format!("duplicate listener name {:?}", l.name.get_ref()),
-            ));
-        }
+        unique_name(src, &l.name, at("name"), "listener", &mut names)?;
         if *l.protocol.get_ref() == Protocol::Http {
             return Err(src.err(
                 l.protocol.span(),

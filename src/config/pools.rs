@@ -9,7 +9,7 @@ use toml::Spanned;
 
 use super::raw;
 use super::resolve::resolve;
-use super::validate::Source;
+use super::validate::{unique_name, Source};
 use super::{BackendConfig, ConfigError, HealthCheckConfig, HealthKind, PassiveConfig, PoolConfig};
 
 /// Upper bound on `connect_attempts`; more than this only delays the client's error.
@@ -23,16 +23,7 @@ pub(super) fn pools(src: &Source, raw: &[raw::Pool]) -> Result<Vec<PoolConfig>, 
     let mut names = HashSet::new();
     for (i, p) in raw.iter().enumerate() {
         let at = |key: &str| format!("pools[{i}].{key}");
-        if p.name.get_ref().is_empty() {
-            return Err(src.err(p.name.span(), at("name"), "must not be empty".into()));
-        }
-        if !names.insert(p.name.get_ref().clone()) {
-            return Err(src.err(
-                p.name.span(),
-                at("name"),
-                format!("duplicate pool name {:?}", p.name.get_ref()),
-            ));
-        }
+        unique_name(src, &p.name, at("name"), "pool", &mut names)?;
         let attempts = *p.connect_attempts.get_ref();
         if !(1..=MAX_CONNECT_ATTEMPTS).contains(&attempts) {
             return Err(src.err(

@@ -3,8 +3,11 @@
 //! per-pool checks live in `listeners.rs` and `pools.rs`. Every check fails with a
 //! `ConfigError::Invalid` that points at the offending value.
 
+use std::collections::HashSet;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+
+use toml::Spanned;
 
 use super::raw;
 use super::resolve::{line_col, resolve};
@@ -31,6 +34,28 @@ impl Source<'_> {
             message,
         }
     }
+}
+
+/// A table's `name` (key path `key`): not empty, and not taken by an earlier table of
+/// the same kind, `what` ("pool", "listener"), whose names are in `seen`.
+pub(super) fn unique_name(
+    src: &Source,
+    name: &Spanned<String>,
+    key: String,
+    what: &str,
+    seen: &mut HashSet<String>,
+) -> Result<(), ConfigError> {
+    if name.get_ref().is_empty() {
+        return Err(src.err(name.span(), key, "must not be empty".into()));
+    }
+    if !seen.insert(name.get_ref().clone()) {
+        return Err(src.err(
+            name.span(),
+            key,
+            format!("duplicate {what} name {:?}", name.get_ref()),
+        ));
+    }
+    Ok(())
 }
 
 /// Deserializes the file into the raw schema; type and unknown-key errors carry the

@@ -19,7 +19,7 @@ use tracing::{info, warn};
 
 use super::startup::{udp_default_max, Bound};
 use super::{AccessLogError, ReloadError, Runtime, State};
-use crate::config::{self, AccessLogDest, Config, ListenerConfig, ReloadPlan};
+use crate::config::{self, AccessLogDest, Config, ListenerConfig, ReloadPlan, RestartKey};
 use crate::health;
 use crate::pool::Pool;
 use crate::proxy::tcp::ListenerSettings;
@@ -170,7 +170,12 @@ impl Runtime {
     /// Logging, the admin token, and what only a restart can change.
     fn apply_settings(&self, old: &Config, new: &Config, plan: &ReloadPlan) {
         for key in &plan.restart_only {
-            warn!("{} only changes on restart", key.key());
+            match key {
+                RestartKey::LogFormat => warn!(
+                    "log.format changes the access log now; flowgate's own log changes on restart"
+                ),
+                k => warn!(key = k.key(), "{k} only changes on restart"),
+            }
         }
         if plan.access_log_changed {
             // The file was opened in step 1; what can still fail is starting the

@@ -1,0 +1,124 @@
+//! `[[listeners]]` checks: names, protocol, addresses (resolved here), the pool each
+//! one serves, and which limits apply to which protocol.
+
+use std::collections::HashSet;
+
+use super::raw;
+use super::resolve::resolve;
+use super::validate::{unique_name, Source};
+use super::{ConfigError, ListenerConfig, PoolConfig, Protocol};
+
+/// Validates every listener, in file order, against the already validated `pools`.
+/// At least one listener is required.
+pub(super) fn listeners(
+    src: &Source,
+    raw: &[raw::Listener],
+    pools: &[PoolConfig],
+) -> Result<Vec<ListenerConfig>, ConfigError> {
+    let mut listeners = Vec::with_capacity(raw.len());
+    let mut names = HashSet::new();
+    let mut binds = HashSet::new();
+    for (i, l) in raw.iter().enumerate() {
+        let at = |key: &str| format!("listeners[{i}].{key}");
+        unique_name(src, &l.name, at("name"), "listener", &mut names)?;
+        if *l.protocol.get_ref() == Protocol::Http {
+            return Err(src.err(
+                l.protocol.span(),
+                at("protocol"),
+                format!(
+                    "protocol {:?} is not supported yet; expected \"tcp\" or \"udp\"",
+                    l.protocol.get_ref().as_str()
+                ),
+            ));
+        }
+        let bind = resolve(l.bind.get_ref()).map_err(|m| src.err(l.bind.span(), at("bind"), m))?;
+        if bind.port() != 0 && !binds.insert((*l.protocol.get_ref(), bind)) {
+            return Err(src.err(
+                l.bind.span(),
+                at("bind"),
+                format!(
+                    "{} address {bind} is already bound by another listener",
+                    l.protocol.get_ref().as_str()
+                ),
+            ));
+        }
+        if !pools.iter().any(|p| p.name == *l.pool.get_ref()) {
+            let known: Vec<_> = pools.iter().map(|p| p.name.as_str()).collect();
+            return Err(src.err(
+                l.pool.span(),
+                at("pool"),
+                format!(
+                    "no pool named {:?}; defined pools: {}",
+                    l.pool.get_ref(),
+                    if known.is_empty() {
+                        "(none)".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            ));
+        }
+        let protocol = *l.protocol.get_ref();
+        for (key, v) in [
+            ("max_connections", &l.max_connections),
+            ("max_sessions", &l.max_sessions),
+            ("max_sessions_per_source", &l.max_sessions_per_source),
+        ] {
+            if let Some(m) = v {
+                if *m.get_ref() == 0 {
+                    return Err(src.err(
+                        m.span(),
+                        at(key),
+                        "expected a positive number (leave it out for no limit)".into(),
+                    ));
+                }
+                let udp_only = key != "max_connections";
+                if udp_only != (protocol == Protocol::Udp) {
+                    return Err(src.err(
+                        m.span(),
+                        at(key),
+                        format!(
+                            "{key} applies to {} listeners; this one is {}",
+                            if udp_only { "udp" } else { "tcp" },
+                            protocol.as_str()
+                        ),
+                    ));
+                }
+            }
+        }
+        if let Some(r) = &l.responses {
+            if protocol != Protocol::Udp {
+                return Err(src.err(
+                    r.span(),
+                    at("responses"),
+                    format!(
+                        "responses applies to udp listeners; this one is {}",
+                        protocol.as_str()
+                    ),
+                ));
+            }
+        }
+        listeners.push(ListenerConfig {
+            name: l.name.get_ref().clone(),
+            bind,
+            protocol,
+            pool: l.pool.get_ref().clone(),
+            connect_timeout: l.connect_timeout.0,
+            idle_timeout: l.idle_timeout.0,
+            max_connections: l.max_connections.as_ref().map(|m| *m.get_ref()),
+            backlog: l.backlog,
+            max_sessions: l.max_sessions.as_ref().map(|m| *m.get_ref()),
+            max_sessions_per_source: l.max_sessions_per_source.as_ref().map(|m| *m.get_ref()),
+            responses: l.responses.as_ref().map_or(0, |r| *r.get_ref()),
+        });
+    }
+    if listeners.is_empty() {
+        return Err(src.err(
+            0..0,
+            "listeners".into(),
+            "expected at least one [[listeners]] table; a balancer with none would serve nothing"
+                .into(),
+        ));
+    }
+    Ok(listeners)
+}

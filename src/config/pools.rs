@@ -1,0 +1,204 @@
+//! `[[pools]]` checks: names, attempts, backends (resolved once, here), drain bounds,
+//! and the `health_check` and `passive` sub-tables.
+
+use std::collections::HashSet;
+use std::ops::Range;
+use std::time::Duration;
+
+use toml::Spanned;
+
+use super::raw;
+use super::resolve::resolve;
+use super::validate::{unique_name, Source};
+use super::{BackendConfig, ConfigError, HealthCheckConfig, HealthKind, PassiveConfig, PoolConfig};
+
+/// Upper bound on `connect_attempts`; more than this only delays the client's error.
+const MAX_CONNECT_ATTEMPTS: usize = 32;
+/// Upper bound on `drain_timeout` (NLB's deregistration delay has the same range).
+const MAX_DRAIN: Duration = Duration::from_secs(3600);
+
+/// Validates every pool, in file order; names must be unique.
+pub(super) fn pools(src: &Source, raw: &[raw::Pool]) -> Result<Vec<PoolConfig>, ConfigError> {
+    let mut pools = Vec::with_capacity(raw.len());
+    let mut names = HashSet::new();
+    for (i, p) in raw.iter().enumerate() {
+        let at = |key: &str| format!("pools[{i}].{key}");
+        unique_name(src, &p.name, at("name"), "pool", &mut names)?;
+        let attempts = *p.connect_attempts.get_ref();
+        if !(1..=MAX_CONNECT_ATTEMPTS).contains(&attempts) {
+            return Err(src.err(
+                p.connect_attempts.span(),
+                at("connect_attempts"),
+                format!("expected 1..={MAX_CONNECT_ATTEMPTS}, found {attempts}"),
+            ));
+        }
+        let backends = backends(src, i, p)?;
+        let drain = p.drain_timeout.get_ref().0;
+        if drain > MAX_DRAIN {
+            return Err(src.err(
+                p.drain_timeout.span(),
+                at("drain_timeout"),
+                format!("{drain:?} is out of range: expected 0s..=3600s"),
+            ));
+        }
+        let health_check = match &p.health_check {
+            None => None,
+            Some(h) => Some(health_check(h, &|span, key: &str, m| {
+                src.err(span, at(&format!("health_check.{key}")), m)
+            })?),
+        };
+        let passive = match &p.passive {
+            None => None,
+            Some(pv) => Some(passive(src, pv, &at("passive.consecutive_failures"))?),
+        };
+        pools.push(PoolConfig {
+            name: p.name.get_ref().clone(),
+            algorithm: p.algorithm,
+            connect_attempts: attempts,
+            backends,
+            drain_timeout: drain,
+            slow_start: p.slow_start.0,
+            when_all_down: p.when_all_down,
+            health_check,
+            passive,
+        });
+    }
+    Ok(pools)
+}
+
+/// The backends of pool number `i`: at least one, each resolved to a usable address,
+/// no address twice.
+fn backends(src: &Source, i: usize, p: &raw::Pool) -> Result<Vec<BackendConfig>, ConfigError> {
+    if p.backends.get_ref().is_empty() {
+        return Err(src.err(
+            p.backends.span(),
+            format!("pools[{i}].backends"),
+            "expected at least one backend, found an empty list".into(),
+        ));
+    }
+    let mut backends = Vec::with_capacity(p.backends.get_ref().len());
+    let mut seen = HashSet::new();
+    for (j, b) in p.backends.get_ref().iter().enumerate() {
+        let key = format!("pools[{i}].backends[{j}].address");
+        let name = b.address.get_ref().trim().to_string();
+        let addr = resolve(&name).map_err(|m| src.err(b.address.span(), key.clone(), m))?;
+        if addr.port() == 0 {
+            return Err(src.err(
+                b.address.span(),
+                key,
+                format!("{name:?}: port 0 is not a valid backend port"),
+            ));
+        }
+        if !seen.insert(name.clone()) {
+            return Err(src.err(
+                b.address.span(),
+                key,
+                format!("duplicate backend {name:?} in pool {:?}", p.name.get_ref()),
+            ));
+        }
+        backends.push(BackendConfig {
+            name,
+            addr,
+            weight: b.weight.0,
+        });
+    }
+    Ok(backends)
+}
+
+/// Validates one `[pools.passive]` table; `key` is the path of its
+/// `consecutive_failures`, the one value that can be wrong.
+fn passive(src: &Source, pv: &raw::Passive, key: &str) -> Result<PassiveConfig, ConfigError> {
+    if *pv.consecutive_failures.get_ref() == 0 {
+        return Err(src.err(
+            pv.consecutive_failures.span(),
+            key.to_string(),
+            "expected a positive number".into(),
+        ));
+    }
+    Ok(PassiveConfig {
+        consecutive_failures: *pv.consecutive_failures.get_ref(),
+        eject_for: pv.eject_for.0,
+    })
+}
+
+/// Validates one `[pools.health_check]` table.
+fn health_check(
+    h: &Spanned<raw::HealthCheck>,
+    err: &dyn Fn(Range<usize>, &str, String) -> ConfigError,
+) -> Result<HealthCheckConfig, ConfigError> {
+    let span = h.span();
+    let h = h.get_ref();
+    for (v, key) in [(&h.rise, "rise"), (&h.fall, "fall")] {
+        if *v.get_ref() == 0 || *v.get_ref() > 100 {
+            return Err(err(
+                v.span(),
+                key,
+                format!("expected 1..=100, found {}", v.get_ref()),
+            ));
+        }
+    }
+    if h.interval.0.is_zero() {
+        return Err(err(span.clone(), "interval", "must be more than 0s".into()));
+    }
+    if h.timeout.0.is_zero() {
+        return Err(err(span.clone(), "timeout", "must be more than 0s".into()));
+    }
+    let port = match &h.port {
+        None => None,
+        Some(p) if (1..=65535).contains(p.get_ref()) => Some(*p.get_ref() as u16),
+        Some(p) => {
+            return Err(err(
+                p.span(),
+                "port",
+                format!("port {} is out of range (1..=65535)", p.get_ref()),
+            ))
+        }
+    };
+    let only = |present: Option<Range<usize>>, key: &str, kind: &str| match present {
+        Some(sp) => Err(err(sp, key, format!("only applies to kind = \"{kind}\""))),
+        None => Ok(()),
+    };
+    match h.kind {
+        HealthKind::Tcp => {
+            only(h.path.as_ref().map(|v| v.span()), "path", "http")?;
+            only(
+                h.expect_status.as_ref().map(|v| v.span()),
+                "expect_status",
+                "http",
+            )?;
+            only(h.host.as_ref().map(|v| v.span()), "host", "http")?;
+        }
+        HealthKind::Http => {
+            only(h.send.as_ref().map(|v| v.span()), "send", "tcp")?;
+            only(h.expect.as_ref().map(|v| v.span()), "expect", "tcp")?;
+            if let Some(p) = &h.path {
+                if !p.get_ref().starts_with('/') {
+                    return Err(err(
+                        p.span(),
+                        "path",
+                        format!("{:?} must start with '/'", p.get_ref()),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(HealthCheckConfig {
+        kind: h.kind,
+        interval: h.interval.0,
+        timeout: h.timeout.0,
+        rise: *h.rise.get_ref(),
+        fall: *h.fall.get_ref(),
+        port,
+        path: h
+            .path
+            .as_ref()
+            .map_or_else(|| "/".to_string(), |p| p.get_ref().clone()),
+        expect_status: h
+            .expect_status
+            .as_ref()
+            .map_or_else(|| vec![(200, 399)], |r| r.get_ref().0.clone()),
+        host: h.host.as_ref().map(|v| v.get_ref().clone()),
+        send: h.send.as_ref().map(|v| v.get_ref().clone()),
+        expect: h.expect.as_ref().map(|v| v.get_ref().clone()),
+    })
+}

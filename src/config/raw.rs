@@ -1,0 +1,190 @@
+//! The file's shape, one struct per table, as serde reads it: defaults and
+//! `deny_unknown_fields` live here, cross-checks in `validate`. `Spanned` keeps the
+//! position of each value a later check may need to point at.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::types::{
+    AccessLogDest, Algorithm, DurationStr, HealthKind, LogFormat, Protocol, StatusRanges, Weight,
+    WhenAllDown, WorkerModel,
+};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct File {
+    #[serde(default)]
+    pub runtime: Runtime,
+    pub admin: Option<Admin>,
+    pub log: Option<Log>,
+    #[serde(default)]
+    pub listeners: Vec<Listener>,
+    #[serde(default)]
+    pub pools: Vec<Pool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Runtime {
+    #[serde(default)]
+    pub workers: usize,
+    #[serde(default)]
+    pub worker_model: WorkerModel,
+    #[serde(default = "default_shutdown")]
+    pub shutdown_timeout: DurationStr,
+    #[serde(default = "default_true")]
+    pub splice: bool,
+}
+
+impl Default for Runtime {
+    fn default() -> Self {
+        Runtime {
+            workers: 0,
+            worker_model: WorkerModel::default(),
+            shutdown_timeout: default_shutdown(),
+            splice: true,
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_shutdown() -> DurationStr {
+    DurationStr(Duration::from_secs(30))
+}
+fn default_connect_timeout() -> DurationStr {
+    DurationStr(Duration::from_secs(3))
+}
+fn default_idle_timeout() -> DurationStr {
+    DurationStr(Duration::from_secs(350))
+}
+fn default_attempts() -> Spanned<usize> {
+    Spanned::new(0..0, 3)
+}
+fn default_protocol() -> Spanned<Protocol> {
+    Spanned::new(0..0, Protocol::Tcp)
+}
+fn default_backlog() -> u32 {
+    1024
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    pub name: Spanned<String>,
+    pub bind: Spanned<String>,
+    #[serde(default = "default_protocol")]
+    pub protocol: Spanned<Protocol>,
+    pub pool: Spanned<String>,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: DurationStr,
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout: DurationStr,
+    pub max_connections: Option<Spanned<usize>>,
+    #[serde(default = "default_backlog")]
+    pub backlog: u32,
+    pub max_sessions: Option<Spanned<usize>>,
+    pub max_sessions_per_source: Option<Spanned<usize>>,
+    pub responses: Option<Spanned<u64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Log {
+    pub level: Option<Spanned<String>>,
+    #[serde(default)]
+    pub format: LogFormat,
+    #[serde(default)]
+    pub access_log: AccessLogDest,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    pub bind: Spanned<String>,
+    pub token_file: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pool {
+    pub name: Spanned<String>,
+    #[serde(default)]
+    pub algorithm: Algorithm,
+    #[serde(default = "default_attempts")]
+    pub connect_attempts: Spanned<usize>,
+    pub backends: Spanned<Vec<Backend>>,
+    #[serde(default = "default_drain")]
+    pub drain_timeout: Spanned<DurationStr>,
+    #[serde(default = "default_zero")]
+    pub slow_start: DurationStr,
+    #[serde(default)]
+    pub when_all_down: WhenAllDown,
+    pub health_check: Option<Spanned<HealthCheck>>,
+    pub passive: Option<Passive>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    pub kind: HealthKind,
+    #[serde(default = "default_interval")]
+    pub interval: DurationStr,
+    #[serde(default = "default_check_timeout")]
+    pub timeout: DurationStr,
+    #[serde(default = "default_rise")]
+    pub rise: Spanned<u32>,
+    #[serde(default = "default_fall")]
+    pub fall: Spanned<u32>,
+    pub port: Option<Spanned<u32>>,
+    pub path: Option<Spanned<String>>,
+    pub expect_status: Option<Spanned<StatusRanges>>,
+    pub host: Option<Spanned<String>>,
+    pub send: Option<Spanned<String>>,
+    pub expect: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Passive {
+    #[serde(default = "default_failures")]
+    pub consecutive_failures: Spanned<u32>,
+    #[serde(default = "default_eject")]
+    pub eject_for: DurationStr,
+}
+
+fn default_drain() -> Spanned<DurationStr> {
+    Spanned::new(0..0, DurationStr(Duration::from_secs(300)))
+}
+fn default_zero() -> DurationStr {
+    DurationStr(Duration::ZERO)
+}
+fn default_interval() -> DurationStr {
+    DurationStr(Duration::from_secs(2))
+}
+fn default_check_timeout() -> DurationStr {
+    DurationStr(Duration::from_secs(1))
+}
+fn default_rise() -> Spanned<u32> {
+    Spanned::new(0..0, 2)
+}
+fn default_fall() -> Spanned<u32> {
+    Spanned::new(0..0, 3)
+}
+fn default_failures() -> Spanned<u32> {
+    Spanned::new(0..0, 5)
+}
+fn default_eject() -> DurationStr {
+    DurationStr(Duration::from_secs(30))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backend {
+    pub address: Spanned<String>,
+    #[serde(default)]
+    pub weight: Weight,
+}

@@ -1,0 +1,204 @@
+//! From `raw::File` to `Config`: deserializing with the key path kept, and the
+//! checks of the small tables (`[runtime]`, `[log]`, `[admin]`). The per-listener and
+//! per-pool checks live in `listeners.rs` and `pools.rs`. Every check fails with a
+//! `ConfigError::Invalid` that points at the offending value.
+
+use std::collections::HashSet;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use toml::Spanned;
+
+use super::raw;
+use super::resolve::{line_col, resolve};
+use super::{
+    AccessLogDest, AdminConfig, ConfigError, ListenerConfig, LogConfig, Protocol, RuntimeConfig,
+};
+
+/// The text being parsed and the file it came from: what every error needs to say
+/// where it is.
+pub(super) struct Source<'a> {
+    pub text: &'a str,
+    pub file: &'a Path,
+}
+
+impl Source<'_> {
+    /// An error at byte range `span` (only its start is shown) of key `path`.
+    pub fn err(&self, span: Range<usize>, path: String, message: String) -> ConfigError {
+        let (line, column) = line_col(self.text, span.start);
+        ConfigError::Invalid {
+            file: self.file.to_owned(),
+            line,
+            column,
+            path,
+            message,
+        }
+    }
+}
+
+/// A table's `name` (key path `key`): not empty, and not taken by an earlier table of
+/// the same kind, `what` ("pool", "listener"), whose names are in `seen`.
+pub(super) fn unique_name(
+    src: &Source,
+    name: &Spanned<String>,
+    key: String,
+    what: &str,
+    seen: &mut HashSet<String>,
+) -> Result<(), ConfigError> {
+    if name.get_ref().is_empty() {
+        return Err(src.err(name.span(), key, "must not be empty".into()));
+    }
+    if !seen.insert(name.get_ref().clone()) {
+        return Err(src.err(
+            name.span(),
+            key,
+            format!("duplicate {what} name {:?}", name.get_ref()),
+        ));
+    }
+    Ok(())
+}
+
+/// Deserializes the file into the raw schema; type and unknown-key errors carry the
+/// key path serde was at.
+pub(super) fn deserialize(src: &Source) -> Result<raw::File, ConfigError> {
+    let de = toml::Deserializer::new(src.text);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        // Spanned<T> shows up in the path as a private field; hide it.
+        let path = e
+            .path()
+            .to_string()
+            .replace(".$__serde_spanned_private_value", "");
+        let inner = e.into_inner();
+        let span = inner.span().unwrap_or(0..0);
+        let path = if path == "." {
+            "(top level)".into()
+        } else {
+            path
+        };
+        src.err(span, path, inner.message().trim().to_string())
+    })
+}
+
+/// `[runtime]`: nothing to reject; `workers = 0` becomes the CPU count.
+pub(super) fn runtime(r: &raw::Runtime) -> RuntimeConfig {
+    let workers = match r.workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    RuntimeConfig {
+        workers,
+        worker_model: r.worker_model,
+        shutdown_timeout: r.shutdown_timeout.0,
+        splice: r.splice,
+    }
+}
+
+/// `[admin]`: the address, the token, and that the two together are safe.
+/// `listeners` are the validated listeners, whose TCP addresses the admin API may
+/// not take.
+pub(super) fn admin(
+    src: &Source,
+    a: Option<&raw::Admin>,
+    listeners: &[ListenerConfig],
+) -> Result<Option<AdminConfig>, ConfigError> {
+    let Some(a) = a else {
+        return Ok(None);
+    };
+    let bind =
+        resolve(a.bind.get_ref()).map_err(|m| src.err(a.bind.span(), "admin.bind".into(), m))?;
+    let (token_file, token) = match &a.token_file {
+        None => (None, None),
+        Some(tf) => {
+            let path = PathBuf::from(tf.get_ref());
+            let token = read_token(&path, src.file)
+                .map_err(|m| src.err(tf.span(), "admin.token_file".into(), m))?;
+            (Some(path), Some(token))
+        }
+    };
+    if !bind.ip().is_loopback() && token.is_none() {
+        return Err(src.err(
+            a.bind.span(),
+            "admin.bind".into(),
+            format!(
+                "{bind} is not a loopback address, and without admin.token_file anyone who can reach it could drain backends or reload the config: set token_file or bind to 127.0.0.1"
+            ),
+        ));
+    }
+    // Port 0 asks for any free port, so it cannot clash.
+    let taken = bind.port() != 0
+        && listeners
+            .iter()
+            .any(|l| l.protocol == Protocol::Tcp && l.bind == bind);
+    if taken {
+        return Err(src.err(
+            a.bind.span(),
+            "admin.bind".into(),
+            format!("address {bind} is already bound by a listener"),
+        ));
+    }
+    Ok(Some(AdminConfig {
+        bind,
+        token_file,
+        token,
+    }))
+}
+
+/// Reads the admin token; a relative path is relative to the config file.
+fn read_token(path: &Path, config_file: &Path) -> Result<String, String> {
+    let full = if path.is_relative() {
+        config_file.parent().unwrap_or(Path::new(".")).join(path)
+    } else {
+        path.to_owned()
+    };
+    let text = std::fs::read_to_string(&full)
+        .map_err(|e| format!("cannot read {}: {e}", full.display()))?;
+    let token = text.trim().to_string();
+    if token.is_empty() {
+        return Err(format!("{} is empty", full.display()));
+    }
+    Ok(token)
+}
+
+/// `[log]`: the level must be one tracing understands; a relative access-log path
+/// is relative to the config file.
+pub(super) fn log(src: &Source, lg: Option<&raw::Log>) -> Result<LogConfig, ConfigError> {
+    let Some(lg) = lg else {
+        return Ok(LogConfig::default());
+    };
+    let level = match &lg.level {
+        None => "info".to_string(),
+        Some(l) => {
+            let v = l.get_ref();
+            // A bare word must be a level (a bare "loud" would parse as a target name
+            // and silence everything); directives go through tracing's own parser.
+            let bare = !v.contains(['=', ',']);
+            let ok = if bare {
+                ["off", "error", "warn", "info", "debug", "trace"]
+                    .contains(&v.to_ascii_lowercase().as_str())
+            } else {
+                tracing_subscriber::EnvFilter::try_new(v).is_ok()
+            };
+            if !ok {
+                return Err(src.err(
+                    l.span(),
+                    "log.level".into(),
+                    format!(
+                        "invalid level {v:?}: expected off, error, warn, info, debug or trace, or tracing directives like \"flowgate=debug,info\""
+                    ),
+                ));
+            }
+            v.clone()
+        }
+    };
+    let access_log = match &lg.access_log {
+        AccessLogDest::File(p) if p.is_relative() => {
+            AccessLogDest::File(src.file.parent().unwrap_or(Path::new(".")).join(p))
+        }
+        d => d.clone(),
+    };
+    Ok(LogConfig {
+        level,
+        format: lg.format,
+        access_log,
+    })
+}

@@ -1126,3 +1126,64 @@ pub fn export(
         export(names::UDP_DROPPED, &l, n);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An idle UDP session costs mostly its reply task's future; keep it small.
+    #[test]
+    fn session_future_is_small() {
+        fn size<F: Future>(_: &F) -> usize {
+            std::mem::size_of::<F>()
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _g = rt.enter();
+        let cfg = crate::config::Config::parse(
+            "[[listeners]]\nname='l'\nbind='127.0.0.1:0'\nprotocol='udp'\npool='p'\n[[pools]]\nname='p'\nbackends=[{address='127.0.0.1:1'}]",
+            std::path::Path::new("t"),
+        )
+        .unwrap();
+        let pool = crate::pool::Pool::new(&cfg.pools[0]);
+        let settings = Arc::new(UdpSettings::new(&cfg.listeners[0], pool.clone(), 256));
+        let token = CancellationToken::new();
+        let shared = UdpListenerShared::new(
+            &cfg.listeners[0],
+            UdpSettings::new(&cfg.listeners[0], pool.clone(), 256),
+            token.clone(),
+            token,
+        );
+        let backend = pool.backends()[0].clone();
+        let session = Arc::new(Session {
+            client: "127.0.0.1:2".parse().unwrap(),
+            upstream: connect_upstream(backend.addr).unwrap(),
+            guard: backend.claim(),
+            epoch: 0,
+            start: Instant::now(),
+            activity: Activity::new(),
+            state: AtomicU8::new(0),
+            replaced: Notify::new(),
+            to_backend: AtomicU64::new(0),
+            from_backend: AtomicU64::new(0),
+            requests: AtomicU64::new(1),
+            slot: Mutex::new(None),
+        });
+        let task = SessionTask {
+            session,
+            socket: Arc::new(
+                UdpSocket::from_std(bind("127.0.0.1:0".parse().unwrap()).unwrap()).unwrap(),
+            ),
+            table: Arc::new(Mutex::new(HashMap::new())),
+            counters: shared.new_counters(),
+            settings,
+            shared,
+        };
+        let f = task.run();
+        let n = size(&f);
+        eprintln!("UDP session future: {n} bytes");
+        assert!(n < 700, "UDP session future is {n} bytes");
+    }
+}

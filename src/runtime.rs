@@ -382,7 +382,9 @@ impl Flowgate {
             self.inner.stop_accept.child_token(),
             self.inner.hard_stop.child_token(),
         );
-        self.spawn_per_worker(sockets, |socket| udp::recv_loop(socket, shared.clone()));
+        self.spawn_per_worker(sockets, |socket| {
+            udp::recv_loop(socket, shared.clone(), self.inner.sessions.clone())
+        });
         info!(listener = %l.name, addr = %local_addr, pool = %l.pool, protocol = "udp", "listening");
         RunningUdp { shared, local_addr }
     }
@@ -788,16 +790,7 @@ impl Flowgate {
         inner.accept_loops.close();
         inner.accept_loops.wait().await;
         // The receive loops have told their UDP sessions to end (UDP has nothing to
-        // drain); give those a moment to account for themselves.
-        let udp: Vec<_> = inner.lock().udp_listeners.clone();
-        let ended = || {
-            udp.iter()
-                .all(|u| u.shared.active.load(Ordering::Acquire) == 0)
-        };
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-        while !ended() && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        // drain); `sessions` tracks those too, so the wait below covers them.
         inner.sessions.close();
         let open = inner.sessions.len();
         if open > 0 {

@@ -263,17 +263,10 @@ mod tests {
     use crate::proxy::udp::bind;
     use tokio_util::sync::CancellationToken;
 
-    /// An idle UDP session costs mostly its reply task's future; keep it small.
-    #[test]
-    fn session_future_is_small() {
-        fn size<F: std::future::Future>(_: &F) -> usize {
-            std::mem::size_of::<F>()
-        }
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let _g = rt.enter();
+    /// An idle UDP session costs mostly its reply task's future (the task stores it
+    /// inline); keep it small. 688 bytes before udp.rs was split, 608 after.
+    #[tokio::test]
+    async fn session_future_is_small() {
         let cfg = crate::config::Config::parse(
             "[[listeners]]\nname='l'\nbind='127.0.0.1:0'\nprotocol='udp'\npool='p'\n[[pools]]\nname='p'\nbackends=[{address='127.0.0.1:1'}]",
             std::path::Path::new("t"),
@@ -309,8 +302,8 @@ mod tests {
             shared,
         };
         let f = task.run();
-        let n = size(&f);
+        let n = std::mem::size_of_val(&f);
         eprintln!("UDP session future: {n} bytes");
-        assert!(n < 700, "UDP session future is {n} bytes");
+        assert!(n < 640, "UDP session future is {n} bytes");
     }
 }

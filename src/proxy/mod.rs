@@ -37,6 +37,18 @@ pub struct Context {
     pub splice: bool,
 }
 
+#[cfg(test)]
+impl Context {
+    /// A context of its own, on the current tokio runtime, access log off.
+    pub(crate) fn for_tests() -> Context {
+        Context {
+            access_log: AccessLog::new(),
+            control: Tasks::new(tokio::runtime::Handle::current()),
+            splice: true,
+        }
+    }
+}
+
 /// Why a session ended; the names are the access log's termination reasons.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Termination {

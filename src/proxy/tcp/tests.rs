@@ -48,11 +48,7 @@ fn session_future_is_small() {
     let shared = ListenerShared::new(
         &cfg.listeners[0],
         settings.pool.clone(),
-        crate::proxy::Context {
-            access_log: crate::access_log::AccessLog::new(),
-            control: crate::tasks::Tasks::new(tokio::runtime::Handle::current()),
-            splice: true,
-        },
+        crate::proxy::Context::for_tests(),
         token.clone(),
         token.clone(),
     );

@@ -1,0 +1,379 @@
+//! The client -> backend half of a UDP listener: each worker's receive loop takes a
+//! batch of datagrams at a time (`recvmmsg` on Linux), finds or starts each client's
+//! session (limits, the pool's pick, a connected upstream socket) and forwards the
+//! client's datagrams on it as runs (see `send`).
+//!
+//! [`recv_batch`] is shared with the sessions' reply path, which reads its upstream
+//! socket the same way.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+
+use crossbeam_utils::CachePadded;
+use tokio::net::UdpSocket;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
+
+use super::limits::Slot;
+use super::send::{for_each_run, send_run};
+use super::session::{remove, End, Session, SessionTask, Table};
+#[cfg(not(target_os = "linux"))]
+use super::RECV_BUF;
+use super::{DropReason, UdpCounters, UdpListenerShared};
+use crate::backend::Backend;
+
+#[cfg(not(target_os = "linux"))]
+thread_local! {
+    /// Where a datagram is received when there is no recvmmsg.
+    static BUF: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0; RECV_BUF].into_boxed_slice());
+}
+
+/// Receive batches taken per wake-up before the loop yields to other tasks.
+const BATCHES_PER_TURN: usize = 8;
+
+/// Receives what is queued on `socket` without blocking, up to a batch, and calls
+/// `f` for each datagram. `WouldBlock` when nothing was queued.
+#[cfg(target_os = "linux")]
+pub(super) fn recv_batch(
+    socket: &UdpSocket,
+    f: impl FnOnce(&[(&[u8], SocketAddr)]),
+) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    mmsg::recv(socket.as_raw_fd(), f)
+}
+
+#[cfg(not(target_os = "linux"))]
+pub(super) fn recv_batch(
+    socket: &UdpSocket,
+    f: impl FnOnce(&[(&[u8], SocketAddr)]),
+) -> io::Result<usize> {
+    BUF.with_borrow_mut(|buf| {
+        let (n, from) = socket.try_recv_from(buf)?;
+        f(&[(&buf[..n], from)]);
+        Ok(1)
+    })
+}
+
+/// recvmmsg(2): one syscall for up to [`mmsg::BATCH`] datagrams (Linux).
+#[cfg(target_os = "linux")]
+pub(super) mod mmsg {
+    use std::cell::RefCell;
+    use std::io::{self, IoSliceMut};
+    use std::net::SocketAddr;
+    use std::os::fd::RawFd;
+
+    use nix::sys::socket::{recvmmsg, MsgFlags, MultiHeaders, SockaddrStorage};
+
+    use super::super::RECV_BUF;
+
+    /// Datagrams per recvmmsg call.
+    pub const BATCH: usize = 16;
+
+    struct Batch {
+        headers: MultiHeaders<SockaddrStorage>,
+        /// `BATCH` slots of `RECV_BUF` bytes: any datagram fits whole.
+        buf: Box<[u8]>,
+    }
+
+    thread_local! {
+        /// Per worker thread: the headers hold raw pointers and cannot move between
+        /// threads, and a batch never outlives one call.
+        static STATE: RefCell<Batch> = RefCell::new(Batch {
+            headers: MultiHeaders::preallocate(BATCH, None),
+            buf: vec![0; BATCH * RECV_BUF].into_boxed_slice(),
+        });
+    }
+
+    fn to_std(a: &SockaddrStorage) -> Option<SocketAddr> {
+        if let Some(v4) = a.as_sockaddr_in() {
+            return Some(SocketAddr::V4((*v4).into()));
+        }
+        a.as_sockaddr_in6().map(|v6| SocketAddr::V6((*v6).into()))
+    }
+
+    pub fn recv(fd: RawFd, f: impl FnOnce(&[(&[u8], SocketAddr)])) -> io::Result<usize> {
+        STATE.with_borrow_mut(|st| {
+            let mut got = [(0usize, None::<SocketAddr>); BATCH];
+            let n = {
+                let mut chunks = st.buf.chunks_mut(RECV_BUF);
+                let mut iovs: [[IoSliceMut<'_>; 1]; BATCH] =
+                    std::array::from_fn(|_| [IoSliceMut::new(chunks.next().expect("BATCH slots"))]);
+                let results = recvmmsg(
+                    fd,
+                    &mut st.headers,
+                    iovs.iter_mut(),
+                    MsgFlags::MSG_DONTWAIT,
+                    None,
+                )
+                .map_err(io::Error::from)?;
+                let mut n = 0;
+                for (slot, r) in got.iter_mut().zip(results) {
+                    *slot = (r.bytes, r.address.as_ref().and_then(to_std));
+                    n += 1;
+                }
+                n
+            };
+            let mut batch = [(&[][..], SocketAddr::from(([0, 0, 0, 0], 0))); BATCH];
+            let mut k = 0;
+            for (i, (len, from)) in got[..n].iter().enumerate() {
+                if let Some(from) = from {
+                    let start = i * RECV_BUF;
+                    batch[k] = (&st.buf[start..start + len], *from);
+                    k += 1;
+                }
+            }
+            f(&batch[..k]);
+            Ok(n)
+        })
+    }
+}
+
+/// Receives until the listener's `stop` fires; spawns each session's task on
+/// `sessions`, so a stopping process can wait for them to account for themselves.
+pub async fn recv_loop(
+    socket: std::net::UdpSocket,
+    shared: Arc<UdpListenerShared>,
+    sessions: TaskTracker,
+) {
+    let socket = match UdpSocket::from_std(socket) {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            warn!(listener = %shared.name, error = %e, "cannot register UDP socket");
+            return;
+        }
+    };
+    let w = Worker {
+        counters: shared.new_counters(),
+        shared,
+        socket,
+        table: Arc::new(Mutex::new(HashMap::new())),
+        sessions,
+    };
+    let stop = w.shared.stop.clone();
+    loop {
+        let ready = tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            r = w.socket.readable() => r,
+        };
+        if let Err(e) = ready {
+            warn!(listener = %w.shared.name, error = %e, "UDP socket failed");
+            break;
+        }
+        // Drain what is queued, a bounded number of batches at a time; if there is
+        // more, let the worker's other tasks (the sessions' reply paths) run first.
+        // (Only then: a yield costs an extra poll of the I/O driver.)
+        let mut more = true;
+        for _ in 0..BATCHES_PER_TURN {
+            match w.socket.try_io(tokio::io::Interest::READABLE, || {
+                recv_batch(&w.socket, |batch| {
+                    for_each_run(batch, |run, client| w.forward(run, client))
+                })
+            }) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    more = false;
+                    break;
+                }
+                Err(e) if crate::fd::is_exhaustion(&e) => {
+                    crate::fd::exhausted("UDP receive", &e);
+                    tokio::time::sleep(crate::fd::PAUSE).await;
+                    break;
+                }
+                // ICMP errors for the listening socket and the like concern one peer.
+                Err(e) => debug!(listener = %w.shared.name, error = %e, "UDP receive failed"),
+            }
+        }
+        if more {
+            tokio::task::yield_now().await;
+        }
+    }
+    // End this worker's sessions now: the listener is gone or the process stops.
+    let sessions: Vec<_> = w
+        .table
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .values()
+        .cloned()
+        .collect();
+    for s in sessions {
+        s.stop();
+    }
+    debug!(listener = %w.shared.name, "UDP receive loop stopped");
+}
+
+/// One worker's receive loop and session table for a UDP listener.
+struct Worker {
+    shared: Arc<UdpListenerShared>,
+    socket: Arc<UdpSocket>,
+    table: Arc<Table>,
+    counters: Arc<CachePadded<UdpCounters>>,
+    /// Where session tasks are spawned: shutdown waits on it.
+    sessions: TaskTracker,
+}
+
+impl Worker {
+    /// Sends a run of datagrams from one client (consecutive in a receive batch) on
+    /// its session, in one send (UDP GSO on Linux), starting or replacing the session
+    /// as needed; counts them as forwarded or dropped.
+    fn forward(&self, run: &[&[u8]], client: SocketAddr) {
+        let n = run.len() as u64;
+        let existing = self
+            .table
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&client)
+            .inspect(|s| {
+                s.requests.fetch_add(n, Relaxed);
+            })
+            .cloned();
+        let mut avoid = None;
+        let session = match existing {
+            // A guard, not a clone: no shared reference count to bump per datagram.
+            Some(s) => match s.must_repick(&self.shared.settings.load().pool) {
+                None => s,
+                Some(why) => {
+                    avoid = Some(s.backend().clone());
+                    self.replace(&s, why);
+                    match self.start_session(client, avoid.as_ref(), n) {
+                        Ok(s) => s,
+                        Err(r) => return self.counters.dropped(r, n),
+                    }
+                }
+            },
+            None => match self.start_session(client, None, n) {
+                Ok(s) => s,
+                Err(r) => return self.counters.dropped(r, n),
+            },
+        };
+        let (k, err) = send_run(&session.upstream, run, None, &self.shared.gso);
+        self.sent(&session, &run[..k]);
+        let Some(e) = err else { return };
+        let rest = &run[k..];
+        let left = rest.len() as u64;
+        // Not sent, so never to be answered: `responses` must not wait for them.
+        self.unrequest(&session, left);
+        if e.kind() == io::ErrorKind::ConnectionRefused && avoid.is_none() {
+            // The backend's ICMP port unreachable, reported on this send: re-pick
+            // once, now, rather than lose the datagrams.
+            session.fail(&self.shared.settings().pool, &self.shared.ctx.control, &e);
+            self.replace(&session, End::BackendUnreachable);
+            match self.start_session(client, Some(session.backend()), left) {
+                Ok(s) => {
+                    let (k, err) = send_run(&s.upstream, rest, None, &self.shared.gso);
+                    self.sent(&s, &rest[..k]);
+                    if err.is_some() {
+                        let lost = (rest.len() - k) as u64;
+                        self.unrequest(&s, lost);
+                        self.counters.dropped(DropReason::SendFailed, lost);
+                    }
+                }
+                Err(r) => self.counters.dropped(r, left),
+            }
+        } else {
+            debug!(listener = %self.shared.name, client = %client, error = %e, "UDP send to backend failed");
+            self.counters.dropped(DropReason::SendFailed, left);
+        }
+    }
+
+    /// Takes back `n` requests counted for `s` that were never sent.
+    fn unrequest(&self, s: &Session, n: u64) {
+        let _t = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = s
+            .requests
+            .fetch_update(Relaxed, Relaxed, |r| Some(r.saturating_sub(n)));
+    }
+
+    fn sent(&self, s: &Session, run: &[&[u8]]) {
+        let bytes: u64 = run.iter().map(|d| d.len() as u64).sum();
+        s.activity.touch();
+        s.to_backend.fetch_add(bytes, Relaxed);
+        s.backend().stats.bytes_to.fetch_add(bytes, Relaxed);
+        self.counters
+            .datagrams_to
+            .fetch_add(run.len() as u64, Relaxed);
+        self.counters.bytes_to.fetch_add(bytes, Relaxed);
+    }
+
+    /// Takes `s` out of the table and tells its task to end; `why` is what
+    /// [`Session::must_repick`] said.
+    fn replace(&self, s: &Arc<Session>, why: End) {
+        remove(&mut self.table.lock().unwrap_or_else(|e| e.into_inner()), s);
+        debug!(listener = %self.shared.name, client = %s.client, backend = %s.backend().name, reason = why.as_str(), "UDP session re-picks");
+        s.release();
+        s.stop();
+    }
+
+    /// Admits a new session for `client` (limits, backend pick, upstream socket),
+    /// enters it in the table and spawns its reply task.
+    fn start_session(
+        &self,
+        client: SocketAddr,
+        avoid: Option<&Arc<Backend>>,
+        requests: u64,
+    ) -> Result<Arc<Session>, DropReason> {
+        let shared = &self.shared;
+        let settings = shared.settings();
+        let slot = Slot::take(shared, &settings, client.ip())?;
+        let tried: &[Arc<Backend>] = match avoid {
+            Some(b) => std::slice::from_ref(b),
+            None => &[],
+        };
+        let guard = settings
+            .pool
+            .pick(client.ip(), tried)
+            .or_else(|| avoid.and_then(|_| settings.pool.pick(client.ip(), &[])))
+            .ok_or(DropReason::NoBackend)?;
+        let b = guard.backend().clone();
+        let upstream = match connect_upstream(b.addr) {
+            Ok(u) => {
+                crate::fd::available();
+                u
+            }
+            Err(e) => {
+                if crate::fd::is_exhaustion(&e) {
+                    crate::fd::exhausted("UDP upstream socket", &e);
+                } else {
+                    debug!(backend = %b.name, error = %e, "UDP upstream socket failed");
+                }
+                return Err(DropReason::SocketFailed);
+            }
+        };
+        let session = Arc::new(Session::new(client, upstream, guard, requests, slot));
+        shared.sessions.fetch_add(1, Relaxed);
+        b.stats.udp_sessions.fetch_add(1, Relaxed);
+        b.stats.udp_active.fetch_add(1, Relaxed);
+        self.table
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(client, session.clone());
+        let task = SessionTask {
+            session: session.clone(),
+            socket: self.socket.clone(),
+            table: self.table.clone(),
+            counters: self.counters.clone(),
+            settings,
+            shared: shared.clone(),
+        };
+        self.sessions.spawn(task.run());
+        Ok(session)
+    }
+}
+
+/// A new socket connected to `addr`, so only that backend's datagrams are read and
+/// its ICMP errors are reported.
+pub(super) fn connect_upstream(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let local: SocketAddr = if addr.is_ipv6() {
+        "[::]:0".parse().expect("literal")
+    } else {
+        "0.0.0.0:0".parse().expect("literal")
+    };
+    let s = std::net::UdpSocket::bind(local)?;
+    s.connect(addr)?;
+    s.set_nonblocking(true)?;
+    UdpSocket::from_std(s)
+}

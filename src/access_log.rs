@@ -167,7 +167,9 @@ impl AccessLog {
                 Ok(()) => break,
                 Err(TrySendError::Full(m)) if std::time::Instant::now() < deadline => {
                     msg = m;
-                    // Not on the data path: called by the binary as it exits.
+                    // Called by the binary as it exits, after the runtime stopped
+                    // serving: a short blocking wait for the writer thread.
+                    #[allow(clippy::disallowed_methods)]
                     std::thread::sleep(Duration::from_millis(5));
                 }
                 Err(_) => return,

@@ -22,6 +22,9 @@
 //! 5. **instance**: [`Flowgate`]: a runtime and its admin API; the binary
 //!    (`main.rs`) parses the CLI, sets up logging and signals, and runs one.
 
+// clippy.toml lists them: no blocking sleep, no untracked spawn in the library.
+#![deny(clippy::disallowed_methods)]
+
 pub mod access_log;
 pub mod admin;
 pub mod backend;

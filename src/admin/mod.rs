@@ -375,3 +375,6 @@ pub fn pools_json(fg: &Flowgate) -> Value {
     let listeners: Vec<Value> = listeners.into_iter().chain(udp).collect();
     json!({ "pools": pools, "listeners": listeners })
 }
+
+#[cfg(test)]
+mod tests;

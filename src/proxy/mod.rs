@@ -5,6 +5,8 @@
 //! messages through a plain read/write with a per-thread buffer; elsewhere only the
 //! copy path exists. Neither holds a user-space buffer while a connection is idle.
 
+#[doc(hidden)]
+pub mod bench_api;
 #[cfg(target_os = "linux")]
 mod pipe;
 mod pump;

@@ -13,15 +13,6 @@ use flowgate::config::{Algorithm, BackendConfig};
 
 const SIZES: [usize; 3] = [2, 16, 256];
 
-const ALGORITHMS: [Algorithm; 6] = [
-    Algorithm::RoundRobin,
-    Algorithm::WeightedRoundRobin,
-    Algorithm::LeastConnections,
-    Algorithm::IpHash,
-    Algorithm::Random,
-    Algorithm::PowerOfTwo,
-];
-
 /// Backend `i`'s weight: 1 to 4, so the weighted algorithms have something to weigh.
 fn weight(i: usize) -> u32 {
     (i % 4) as u32 + 1
@@ -45,7 +36,7 @@ fn backends(n: usize) -> Vec<Arc<Backend>> {
 
 fn select(c: &mut Criterion) {
     let mut g = c.benchmark_group("select");
-    for algorithm in ALGORITHMS {
+    for algorithm in Algorithm::ALL {
         for n in SIZES {
             let bs = backends(n);
             let selector = balance::build(algorithm, &bs);

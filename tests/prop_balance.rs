@@ -80,14 +80,7 @@ proptest! {
     /// The same for every algorithm, from arbitrary clients.
     #[test]
     fn no_algorithm_picks_unusable(
-        algorithm in prop::sample::select(&[
-            Algorithm::RoundRobin,
-            Algorithm::WeightedRoundRobin,
-            Algorithm::LeastConnections,
-            Algorithm::IpHash,
-            Algorithm::Random,
-            Algorithm::PowerOfTwo,
-        ][..]),
+        algorithm in prop::sample::select(&Algorithm::ALL[..]),
         backends_usable in prop::collection::vec((1u32..=20, any::<bool>()), 1..=16),
         clients in prop::collection::vec(any::<IpAddr>(), 1..=32),
     ) {

@@ -71,6 +71,16 @@ pub enum Algorithm {
 }
 
 impl Algorithm {
+    /// Every algorithm, in the order of the docs (for benches and tests that cover all).
+    pub const ALL: [Algorithm; 6] = [
+        Algorithm::RoundRobin,
+        Algorithm::WeightedRoundRobin,
+        Algorithm::LeastConnections,
+        Algorithm::IpHash,
+        Algorithm::Random,
+        Algorithm::PowerOfTwo,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Algorithm::RoundRobin => "round-robin",

@@ -38,6 +38,15 @@ pub struct Snapshot {
     selector: Box<dyn Selector>,
 }
 
+impl std::fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Snapshot")
+            .field("backends", &self.backends)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
 impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pool")

@@ -341,7 +341,7 @@ async fn bad_requests_get_json_errors_with_the_right_status() {
     let weight = action(&a.name, "weight", false);
 
     let j = |s: &'static str| Some(s.as_bytes());
-    let cases: Vec<Case> = vec![
+    let cases: Vec<Case<'_>> = vec![
         (
             "PUT",
             weight.clone(),

@@ -377,3 +377,6 @@ pub fn pools_json(fg: &Runtime) -> Value {
     let listeners: Vec<Value> = listeners.into_iter().chain(udp).collect();
     json!({ "pools": pools, "listeners": listeners })
 }
+
+#[cfg(test)]
+mod tests;

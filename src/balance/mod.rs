@@ -31,6 +31,15 @@ pub struct Pick<'a> {
     pub usable: &'a dyn Fn(usize) -> bool,
 }
 
+impl std::fmt::Debug for Pick<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pick")
+            .field("backends", &self.backends.len())
+            .field("client", &self.client)
+            .finish_non_exhaustive()
+    }
+}
+
 pub trait Selector: Send + Sync {
     /// Index into `pick.backends` of the chosen backend, or `None` when no usable
     /// backend is left.

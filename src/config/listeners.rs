@@ -11,7 +11,7 @@ use super::{ConfigError, ListenerConfig, PoolConfig, Protocol};
 /// Validates every listener, in file order, against the already validated `pools`.
 /// At least one listener is required.
 pub(super) fn listeners(
-    src: &Source,
+    src: &Source<'_>,
     raw: &[raw::Listener],
     pools: &[PoolConfig],
 ) -> Result<Vec<ListenerConfig>, ConfigError> {

@@ -18,7 +18,7 @@ const MAX_CONNECT_ATTEMPTS: usize = 32;
 const MAX_DRAIN: Duration = Duration::from_secs(3600);
 
 /// Validates every pool, in file order; names must be unique.
-pub(super) fn pools(src: &Source, raw: &[raw::Pool]) -> Result<Vec<PoolConfig>, ConfigError> {
+pub(super) fn pools(src: &Source<'_>, raw: &[raw::Pool]) -> Result<Vec<PoolConfig>, ConfigError> {
     let mut pools = Vec::with_capacity(raw.len());
     let mut names = HashSet::new();
     for (i, p) in raw.iter().enumerate() {
@@ -68,7 +68,7 @@ pub(super) fn pools(src: &Source, raw: &[raw::Pool]) -> Result<Vec<PoolConfig>, 
 
 /// The backends of pool number `i`: at least one, each resolved to a usable address,
 /// no address twice.
-fn backends(src: &Source, i: usize, p: &raw::Pool) -> Result<Vec<BackendConfig>, ConfigError> {
+fn backends(src: &Source<'_>, i: usize, p: &raw::Pool) -> Result<Vec<BackendConfig>, ConfigError> {
     if p.backends.get_ref().is_empty() {
         return Err(src.err(
             p.backends.span(),
@@ -107,7 +107,7 @@ fn backends(src: &Source, i: usize, p: &raw::Pool) -> Result<Vec<BackendConfig>,
 
 /// Validates one `[pools.passive]` table; `key` is the path of its
 /// `consecutive_failures`, the one value that can be wrong.
-fn passive(src: &Source, pv: &raw::Passive, key: &str) -> Result<PassiveConfig, ConfigError> {
+fn passive(src: &Source<'_>, pv: &raw::Passive, key: &str) -> Result<PassiveConfig, ConfigError> {
     if *pv.consecutive_failures.get_ref() == 0 {
         return Err(src.err(
             pv.consecutive_failures.span(),

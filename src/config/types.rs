@@ -16,7 +16,7 @@ impl<'de> Deserialize<'de> for DurationStr {
         struct V;
         impl Visitor<'_> for V {
             type Value = DurationStr;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("a duration string like \"250ms\", \"3s\" or \"5m\"")
             }
             fn visit_str<E: de::Error>(self, s: &str) -> Result<DurationStr, E> {
@@ -71,6 +71,16 @@ pub enum Algorithm {
 }
 
 impl Algorithm {
+    /// Every algorithm, in the order of the docs (for benches and tests that cover all).
+    pub const ALL: [Algorithm; 6] = [
+        Algorithm::RoundRobin,
+        Algorithm::WeightedRoundRobin,
+        Algorithm::LeastConnections,
+        Algorithm::IpHash,
+        Algorithm::Random,
+        Algorithm::PowerOfTwo,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Algorithm::RoundRobin => "round-robin",

@@ -39,7 +39,7 @@ impl Source<'_> {
 /// A table's `name` (key path `key`): not empty, and not taken by an earlier table of
 /// the same kind, `what` ("pool", "listener"), whose names are in `seen`.
 pub(super) fn unique_name(
-    src: &Source,
+    src: &Source<'_>,
     name: &Spanned<String>,
     key: String,
     what: &str,
@@ -60,7 +60,7 @@ pub(super) fn unique_name(
 
 /// Deserializes the file into the raw schema; type and unknown-key errors carry the
 /// key path serde was at.
-pub(super) fn deserialize(src: &Source) -> Result<raw::File, ConfigError> {
+pub(super) fn deserialize(src: &Source<'_>) -> Result<raw::File, ConfigError> {
     let de = toml::Deserializer::new(src.text);
     serde_path_to_error::deserialize(de).map_err(|e| {
         // Spanned<T> shows up in the path as a private field; hide it.
@@ -97,7 +97,7 @@ pub(super) fn runtime(r: &raw::Runtime) -> RuntimeConfig {
 /// `listeners` are the validated listeners, whose TCP addresses the admin API may
 /// not take.
 pub(super) fn admin(
-    src: &Source,
+    src: &Source<'_>,
     a: Option<&raw::Admin>,
     listeners: &[ListenerConfig],
 ) -> Result<Option<AdminConfig>, ConfigError> {
@@ -161,7 +161,7 @@ fn read_token(path: &Path, config_file: &Path) -> Result<String, String> {
 
 /// `[log]`: the level must be one tracing understands; a relative access-log path
 /// is relative to the config file.
-pub(super) fn log(src: &Source, lg: Option<&raw::Log>) -> Result<LogConfig, ConfigError> {
+pub(super) fn log(src: &Source<'_>, lg: Option<&raw::Log>) -> Result<LogConfig, ConfigError> {
     let Some(lg) = lg else {
         return Ok(LogConfig::default());
     };

@@ -9,6 +9,8 @@
 //! [`ListenerShared`] is what a listener's sessions share: its settings (swapped
 //! whole by a reload), its counters, and the tokens that stop it.
 
+#[doc(hidden)]
+pub mod bench_api;
 mod listener;
 #[cfg(target_os = "linux")]
 mod pipe;

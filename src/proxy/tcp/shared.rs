@@ -56,6 +56,7 @@ impl std::fmt::Debug for ListenerShared {
 }
 
 /// A listener's settings as of the last (re)load.
+#[derive(Debug)]
 pub struct ListenerSettings {
     pub pool: Arc<Pool>,
     pub connect_timeout: Duration,

@@ -114,6 +114,7 @@ impl UdpCounters {
 }
 
 /// A UDP listener's settings as of the last (re)load.
+#[derive(Debug)]
 pub struct UdpSettings {
     pub pool: Arc<Pool>,
     pub idle_timeout: Duration,

@@ -553,3 +553,100 @@ async fn full_backend_swap_with_health_checks_drops_no_connection() {
     load.assert_none_failed();
     assert!(ok > 0);
 }
+
+/// A reload that fails part-way changes nothing: a new listener whose port is taken
+/// (the last of several changes: a backend swapped, the algorithm, a new pool), or
+/// an access-log file that cannot be opened. The old pool objects, backends,
+/// listeners and settings stay, and traffic goes on as before; then a good reload
+/// of the same changes applies them (so the checks can see a change).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_reload_changes_nothing() {
+    let [a, b]: [_; 2] = start_backends(Kind::Identity).await;
+    let dir = tempdir::Dir::new();
+    let (fg, path) = start_file(
+        &dir,
+        "flowgate.toml",
+        &cfg(&["l"], "round-robin", &[(&a.name, 1)], ""),
+    );
+    let lb = fg.local_addr("l").unwrap();
+    let pool = fg.pool("p").unwrap();
+    let before = pool.backends();
+    let (mut held, name) = connect_identity(lb).await;
+    assert_eq!(name, a.name);
+
+    // Someone else's socket (no SO_REUSEPORT): flowgate cannot bind there.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let new_log = dir.0.join("new-access.log");
+    let changes = |listener_bind: &str, log: &str| {
+        cfg(&["l"], "least-connections", &[(&b.name, 1)], "")
+            + &format!(
+                "\n[[listeners]]\nname = \"m\"\nbind = \"{listener_bind}\"\npool = \"q\"\n\n\
+             [[pools]]\nname = \"q\"\nbackends = [ {{ address = \"{}\" }} ]\n\n\
+             [log]\naccess_log = \"{log}\"\n",
+                a.name
+            )
+    };
+    let cases = [
+        (
+            changes(
+                &taken.local_addr().unwrap().to_string(),
+                &new_log.display().to_string(),
+            ),
+            "cannot bind",
+        ),
+        (
+            changes("127.0.0.1:0", "/nonexistent-flowgate-dir/access.log"),
+            "log.access_log: cannot open",
+        ),
+    ];
+    for (text, why) in &cases {
+        let new = flowgate::Config::parse(text, &path).expect("the new config is valid");
+        let e = fg.apply(new).expect_err("the reload fails").to_string();
+        assert!(e.contains(why), "{e}");
+
+        let now = fg.pool("p").expect("pool p stays");
+        assert!(Arc::ptr_eq(&now, &pool), "the same pool object");
+        let after = now.backends();
+        assert_eq!(after.len(), 1);
+        assert!(
+            Arc::ptr_eq(&after[0], &before[0]),
+            "the same backend object"
+        );
+        assert!(now.retiring().is_empty(), "no backend drains");
+        assert_eq!(
+            now.config().algorithm,
+            flowgate::config::Algorithm::RoundRobin
+        );
+        assert!(fg.pool("q").is_none(), "no new pool");
+        assert!(fg.local_addr("m").is_none(), "no new listener");
+        assert_eq!(fg.local_addr("l"), Some(lb), "the old listener stays");
+        assert!(!new_log.exists(), "no access-log file created");
+        let counts = spread(lb, 3).await;
+        assert_eq!(counts.get(&a.name), Some(&3), "{counts:?}");
+        assert_eq!(
+            fg.listener("l")
+                .unwrap()
+                .shared
+                .settings()
+                .pool
+                .name
+                .as_ref(),
+            "p"
+        );
+    }
+    // The held connection never noticed.
+    assert!(!closed_within(&mut held, Duration::from_millis(200)).await);
+
+    // The same changes with a free port and a writable log apply.
+    drop(taken);
+    let good = changes("127.0.0.1:0", &new_log.display().to_string());
+    fg.apply(flowgate::Config::parse(&good, &path).unwrap())
+        .expect("a good reload applies");
+    assert!(fg.local_addr("m").is_some());
+    assert!(fg.pool("q").is_some());
+    assert_eq!(
+        fg.pool("p").unwrap().backends()[0].name,
+        b.name.as_str().into()
+    );
+    assert!(new_log.exists());
+}

@@ -62,7 +62,14 @@ impl Runtime {
         }
         let plan = config::diff(&st.config, &new);
 
-        // 1. Everything fallible. Nothing has changed yet.
+        // 1. Everything fallible. Nothing has changed yet: sockets bound here close
+        // again if a later step fails; the access log's file (which opening may
+        // create) comes last.
+        let mut fresh = Vec::new();
+        for name in &plan.listeners.added {
+            let l = listener_config(&new, name);
+            fresh.push((l.clone(), self.bind_listener(l)?));
+        }
         if plan.access_log_changed {
             if let AccessLogDest::File(p) = &new.log.access_log {
                 crate::access_log::check(p).map_err(|source| AccessLogError {
@@ -70,11 +77,6 @@ impl Runtime {
                     source,
                 })?;
             }
-        }
-        let mut fresh = Vec::new();
-        for name in &plan.listeners.added {
-            let l = listener_config(&new, name);
-            fresh.push((l.clone(), self.bind_listener(l)?));
         }
 
         // 2. The swap: nothing below fails.

@@ -56,6 +56,10 @@ pub use recv::recv_loop;
 /// Receive buffers hold any datagram (IPv6 payloads can be a little larger).
 const RECV_BUF: usize = 65_536;
 
+/// Datagrams per recvmmsg call (Linux), and so the most one GSO run holds.
+#[cfg(target_os = "linux")]
+const BATCH: usize = 16;
+
 /// Why a datagram was not forwarded: the `reason` label of
 /// `flowgate_udp_dropped_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

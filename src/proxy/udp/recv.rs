@@ -68,10 +68,8 @@ pub(super) mod mmsg {
 
     use nix::sys::socket::{recvmmsg, MsgFlags, MultiHeaders, SockaddrStorage};
 
+    pub(super) use super::super::BATCH;
     use super::super::RECV_BUF;
-
-    /// Datagrams per recvmmsg call.
-    pub const BATCH: usize = 16;
 
     struct Batch {
         headers: MultiHeaders<SockaddrStorage>,

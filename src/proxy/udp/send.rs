@@ -16,7 +16,7 @@ use tokio::net::UdpSocket;
 
 /// Datagrams one run may hold: a receive batch.
 #[cfg(target_os = "linux")]
-pub(super) const MAX_RUN: usize = super::recv::mmsg::BATCH;
+pub(super) const MAX_RUN: usize = super::BATCH;
 #[cfg(not(target_os = "linux"))]
 pub(super) const MAX_RUN: usize = 1;
 

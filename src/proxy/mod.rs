@@ -49,7 +49,8 @@ impl Context {
     }
 }
 
-/// Why a session ended; the names are the access log's termination reasons.
+/// Why a TCP session or a UDP session ended; the names are the access log's
+/// termination reasons (docs/operations.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Termination {
     ClientClosed,
@@ -61,7 +62,14 @@ pub enum Termination {
     NoBackend,
     /// A drain deadline passed (backend drained, or listener/backend removed by reload).
     Drained,
+    /// Hard stop or graceful stop (UDP: also the listener was removed).
     Shutdown,
+    /// UDP: `responses` replies came back.
+    Responses,
+    /// UDP: ICMP port unreachable (or another socket error) from the backend.
+    BackendUnreachable,
+    /// UDP: health checks or passive ejection took the backend out; re-picked.
+    BackendDown,
 }
 
 impl Termination {
@@ -76,6 +84,9 @@ impl Termination {
             Termination::NoBackend => "no_backend",
             Termination::Drained => "drained",
             Termination::Shutdown => "shutdown",
+            Termination::Responses => "responses",
+            Termination::BackendUnreachable => "backend_unreachable",
+            Termination::BackendDown => "backend_down",
         }
     }
 }

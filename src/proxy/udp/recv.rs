@@ -19,11 +19,12 @@ use tracing::{debug, warn};
 
 use super::limits::Slot;
 use super::send::{for_each_run, send_run};
-use super::session::{remove, End, Session, SessionTask, Table};
+use super::session::{remove, Session, SessionTask, Table};
 #[cfg(not(target_os = "linux"))]
 use super::RECV_BUF;
 use super::{DropReason, UdpCounters, UdpListenerShared};
 use crate::backend::Backend;
+use crate::proxy::Termination;
 
 #[cfg(not(target_os = "linux"))]
 thread_local! {
@@ -190,7 +191,7 @@ pub async fn recv_loop(
             tokio::task::yield_now().await;
         }
     }
-    // End this worker's sessions now: the listener is gone or the process stops.
+    // Termination this worker's sessions now: the listener is gone or the process stops.
     let sessions: Vec<_> = w
         .table
         .lock()
@@ -259,7 +260,7 @@ impl Worker {
             // The backend's ICMP port unreachable, reported on this send: re-pick
             // once, now, rather than lose the datagrams.
             session.fail(&self.shared.settings().pool, &self.shared.ctx.control, &e);
-            self.replace(&session, End::BackendUnreachable);
+            self.replace(&session, Termination::BackendUnreachable);
             match self.start_session(client, Some(session.backend()), left) {
                 Ok(s) => {
                     let (k, err) = send_run(&s.upstream, rest, None, &self.shared.gso);
@@ -299,7 +300,7 @@ impl Worker {
 
     /// Takes `s` out of the table and tells its task to end; `why` is what
     /// [`Session::must_repick`] said.
-    fn replace(&self, s: &Arc<Session>, why: End) {
+    fn replace(&self, s: &Arc<Session>, why: Termination) {
         remove(&mut self.table.lock().unwrap_or_else(|e| e.into_inner()), s);
         debug!(listener = %self.shared.name, client = %s.client, backend = %s.backend().name, reason = why.as_str(), "UDP session re-picks");
         s.release();

@@ -4,7 +4,7 @@
 //! loop replacing the session (re-pick or stop), the backend's sessions being cut
 //! (hard stop, drain deadline), every request answered (`responses`), or the idle
 //! deadline. That is an [`Event`]; [`SessionTask::end`] is the one place that turns
-//! it into the session's [`End`] (the access log's reason) and accounts for the
+//! it into the session's [`Termination`] (the access log's reason) and accounts for the
 //! session.
 //!
 //! An ICMP error from the backend does not end a session by itself: [`Session::fail`]
@@ -28,39 +28,10 @@ use super::{UdpCounters, UdpListenerShared, UdpSettings};
 use crate::access_log;
 use crate::backend::{flag, ActiveGuard, Backend};
 use crate::pool::Pool;
-use crate::proxy::Activity;
+use crate::proxy::{Activity, Termination};
 use crate::tasks::Tasks;
 
-/// Why a session ended: the access log's termination reason.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum End {
-    IdleTimeout,
-    /// `responses` replies came back.
-    Responses,
-    /// ICMP port unreachable (or another socket error) from the backend.
-    BackendUnreachable,
-    /// Health checks or passive ejection took the backend out; re-picked.
-    BackendDown,
-    /// The backend's drain deadline passed.
-    Drained,
-    /// Hard stop, graceful stop or the listener was removed.
-    Shutdown,
-}
-
-impl End {
-    pub(super) fn as_str(self) -> &'static str {
-        match self {
-            End::IdleTimeout => "idle_timeout",
-            End::Responses => "responses",
-            End::BackendUnreachable => "backend_unreachable",
-            End::BackendDown => "backend_down",
-            End::Drained => "drained",
-            End::Shutdown => "shutdown",
-        }
-    }
-}
-
-/// What ended a session's wait for replies; [`SessionTask::end`] says which [`End`]
+/// What ended a session's wait for replies; [`SessionTask::end`] says which [`Termination`]
 /// that is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Event {
@@ -161,16 +132,16 @@ impl Session {
     /// Whether the client's next datagram should go to a new backend instead. A
     /// backend that is down is left only if the pool has a usable one (with
     /// `fail-open` and everything down, sessions stay where they are).
-    pub(super) fn must_repick(&self, pool: &Pool) -> Option<End> {
+    pub(super) fn must_repick(&self, pool: &Pool) -> Option<Termination> {
         let b = self.backend();
         if self.failed() {
-            Some(End::BackendUnreachable)
+            Some(Termination::BackendUnreachable)
         } else if b.drain_epoch() != self.epoch || b.pool != pool.name {
             // Drained past its deadline, or a reload pointed the listener at
             // another pool.
-            Some(End::Drained)
+            Some(Termination::Drained)
         } else if b.flags() & (flag::UNHEALTHY | flag::EJECTED) != 0 && pool.has_usable() {
-            Some(End::BackendDown)
+            Some(Termination::BackendDown)
         } else {
             None
         }
@@ -208,23 +179,23 @@ impl SessionTask {
     }
 
     /// Where a session's end is decided: turns what ended its wait into the
-    /// session's [`End`], then accounts for the session, once (table, backend and
+    /// session's [`Termination`], then accounts for the session, once (table, backend and
     /// listener counters, access log, its place under the limits).
-    pub(super) fn end(&self, what: Event, first_reply: Option<Duration>) -> End {
+    pub(super) fn end(&self, what: Event, first_reply: Option<Duration>) -> Termination {
         let s = &self.session;
         let shared = &self.shared;
         let end = match what {
             Event::Replaced if shared.cut.is_cancelled() || shared.stop.is_cancelled() => {
-                End::Shutdown
+                Termination::Shutdown
             }
             Event::Replaced => s
                 .must_repick(&self.settings.pool)
-                .unwrap_or(End::BackendDown),
-            Event::Cut if shared.cut.is_cancelled() => End::Shutdown,
-            Event::Cut => End::Drained,
-            Event::Answered => End::Responses,
-            Event::Idle if s.failed() => End::BackendUnreachable,
-            Event::Idle => End::IdleTimeout,
+                .unwrap_or(Termination::BackendDown),
+            Event::Cut if shared.cut.is_cancelled() => Termination::Shutdown,
+            Event::Cut => Termination::Drained,
+            Event::Answered => Termination::Responses,
+            Event::Idle if s.failed() => Termination::BackendUnreachable,
+            Event::Idle => Termination::IdleTimeout,
         };
         remove(&mut self.table.lock().unwrap_or_else(|e| e.into_inner()), s);
         let b = s.backend();

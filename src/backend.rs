@@ -300,15 +300,10 @@ impl Backend {
     /// draining (an operator enabled it again): the last connection's guard, or
     /// the enable, wakes it. Nothing polls.
     pub async fn drained(&self) {
-        loop {
-            let notified = self.idle.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.flags() & flag::DRAINING == 0 || self.active.load(Ordering::SeqCst) == 0 {
-                return;
-            }
-            notified.await;
-        }
+        crate::tasks::wait_for(&self.idle, || {
+            self.flags() & flag::DRAINING == 0 || self.active.load(Ordering::SeqCst) == 0
+        })
+        .await
     }
 
     /// Ends the lifecycle: a backend a reload removed, drained or cut, never takes
@@ -393,5 +388,65 @@ impl Drop for ActiveGuard {
         {
             b.idle.notify_waiters();
         }
+    }
+}
+
+#[cfg(test)]
+mod drain_tests {
+    use super::*;
+
+    fn backend() -> Arc<Backend> {
+        Backend::new(
+            &BackendConfig {
+                name: "127.0.0.1:1".into(),
+                addr: "127.0.0.1:1".parse().unwrap(),
+                weight: 1,
+            },
+            "p",
+        )
+    }
+
+    /// Polls `f` once; true if it finished.
+    async fn ready(f: std::pin::Pin<&mut impl std::future::Future<Output = ()>>) -> bool {
+        tokio::select! {
+            biased;
+            _ = f => true,
+            _ = std::future::ready(()) => false,
+        }
+    }
+
+    /// The last connection's guard ends the drain, with no timer: on a paused clock
+    /// the drain finishes without time moving at all.
+    #[tokio::test(start_paused = true)]
+    async fn the_last_connection_wakes_the_drain() {
+        let b = backend();
+        let (g1, g2) = (b.claim(), b.claim());
+        b.set_flag(flag::DRAINING);
+        let t0 = tokio::time::Instant::now();
+        let drained = b.drained();
+        tokio::pin!(drained);
+        assert!(!ready(drained.as_mut()).await, "two connections open");
+        drop(g1);
+        assert!(!ready(drained.as_mut()).await, "one connection open");
+        drop(g2);
+        drained.await;
+        assert_eq!(tokio::time::Instant::now(), t0, "woken, not polled");
+        b.close();
+        assert!(b.is_closed() && !b.is_usable());
+        assert_eq!(b.state(), BackendState::Draining);
+    }
+
+    /// An operator's enable calls a drain off: the drain stops waiting.
+    #[tokio::test(start_paused = true)]
+    async fn enable_ends_the_wait() {
+        let b = backend();
+        let _g = b.claim();
+        b.set_flag(flag::DRAINING);
+        let drained = b.drained();
+        tokio::pin!(drained);
+        assert!(!ready(drained.as_mut()).await);
+        b.clear_flag(flag::DRAINING);
+        assert!(ready(drained.as_mut()).await, "enable wakes the drain");
+        assert_eq!(b.active(), 1, "the connection stays");
     }
 }

@@ -192,15 +192,7 @@ impl Pool {
     /// Resolves once a current backend takes new connections, as seen by the next
     /// health verdict or operator action ([`Pool::check_all_down`]).
     pub async fn usable(&self) {
-        loop {
-            let notified = self.usable.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.has_usable() {
-                return;
-            }
-            notified.await;
-        }
+        crate::tasks::wait_for(&self.usable, || self.has_usable()).await
     }
 
     /// Whether any current backend takes new connections.

@@ -79,3 +79,18 @@ impl Tasks {
         self.tracker.is_empty()
     }
 }
+
+/// Waits until `done()` holds, re-checking each time `notify` wakes its waiters.
+/// The waiter registers before it checks, so a wake between the check and the wait
+/// is not lost. The side that makes `done()` true calls `notify_waiters()`.
+pub async fn wait_for(notify: &tokio::sync::Notify, done: impl Fn() -> bool) {
+    loop {
+        let notified = notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if done() {
+            return;
+        }
+        notified.await;
+    }
+}

@@ -127,15 +127,10 @@ impl ListenerShared {
     /// Resolves once the listener no longer accepts and its last session has
     /// ended: that session's place wakes it. Nothing polls.
     pub async fn drained(&self) {
-        loop {
-            let notified = self.idle.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.stop_accept.is_cancelled() && self.active.load(Ordering::SeqCst) == 0 {
-                return;
-            }
-            notified.await;
-        }
+        crate::tasks::wait_for(&self.idle, || {
+            self.stop_accept.is_cancelled() && self.active.load(Ordering::SeqCst) == 0
+        })
+        .await
     }
 
     pub fn settings(&self) -> Arc<ListenerSettings> {

@@ -72,7 +72,9 @@ impl Pool {
 
     /// Applies a new config for this pool (reload). Backends whose address stays are
     /// kept as they are (health, counters, operator state; a weight set through the API
-    /// keeps winning over the file). Returns the backends that were removed.
+    /// keeps winning over the file). Returns the backends that were removed; they are
+    /// retiring (a fallback, see [`Pool::pick`]) before the new snapshot is visible,
+    /// so no pick in between finds neither the old backends nor usable new ones.
     pub fn update(&self, cfg: &PoolConfig) -> Vec<Arc<Backend>> {
         let old = self.snapshot.load_full();
         let mut kept = Vec::with_capacity(cfg.backends.len());
@@ -98,6 +100,10 @@ impl Pool {
             .filter(|b| !kept.iter().any(|k| Arc::ptr_eq(k, b)))
             .cloned()
             .collect();
+        self.retiring
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(removed.iter().cloned());
         self.snapshot
             .store(Arc::new(Snapshot::new(Arc::new(cfg.clone()), kept)));
         removed
@@ -204,13 +210,6 @@ impl Pool {
         self.all_down.load(Ordering::Acquire)
     }
 
-    pub fn add_retiring(&self, b: Arc<Backend>) {
-        self.retiring
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(b);
-    }
-
     pub fn remove_retiring(&self, b: &Arc<Backend>) {
         self.retiring
             .lock()
@@ -242,5 +241,45 @@ impl Snapshot {
             config,
             selector,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn config(backend: &str) -> PoolConfig {
+        let text = format!(
+            "[[listeners]]\nname = \"l\"\nbind = \"127.0.0.1:0\"\npool = \"p\"\n\
+             [[pools]]\nname = \"p\"\nbackends = [ {{ address = \"{backend}\" }} ]\n\
+             [pools.health_check]\nkind = \"tcp\"\n"
+        );
+        let cfg = Config::parse(&text, std::path::Path::new("t.toml")).unwrap();
+        cfg.pools[0].clone()
+    }
+
+    /// A reload that replaces every backend of a health-checked pool: the new ones
+    /// are down until probed, and the old one must already be a fallback when the
+    /// new snapshot shows, or a client picking in between finds no backend at all.
+    #[test]
+    fn replaced_backends_are_a_fallback_as_soon_as_the_new_set_shows() {
+        let pool = Pool::new(&config("127.0.0.1:1"));
+        let old = pool.backends()[0].clone();
+        old.clear_flag(flag::UNHEALTHY);
+        let client: IpAddr = "127.0.0.9".parse().unwrap();
+
+        let removed = pool.update(&config("127.0.0.1:2"));
+        assert_eq!(removed.len(), 1);
+        assert!(Arc::ptr_eq(&removed[0], &old));
+        assert!(
+            !pool.has_usable(),
+            "the new backend waits for its first probe"
+        );
+        let picked = pool
+            .pick(client, &[])
+            .expect("the old backend takes the client");
+        assert!(Arc::ptr_eq(picked.backend(), &old));
+        assert_eq!(pool.retiring().len(), 1);
     }
 }

@@ -98,7 +98,6 @@ impl Runtime {
                     let removed = self.scoped(|| pool.update(p));
                     for b in removed {
                         info!(pool = %p.name, backend = %b.name, "backend removed by reload: draining");
-                        pool.add_retiring(b.clone());
                         self.drain_backend(pool.clone(), b, p.drain_timeout, true);
                     }
                     pool.clone()

@@ -125,23 +125,34 @@ impl AccessLog {
     /// failure to open is logged there, with entries dropped and counted until a
     /// reopen succeeds.
     pub fn configure(&self, dest: &AccessLogDest, format: LogFormat) -> io::Result<()> {
-        if *dest == AccessLogDest::Off && self.tx.get().is_none() {
-            return Ok(());
-        }
-        // Check a file can be opened now, so a bad path fails startup or reload loudly.
+        self.prepare(dest)?;
+        self.switch(dest, format);
+        Ok(())
+    }
+
+    /// Everything about switching to `dest` that can fail, done before anything
+    /// changes: a file is opened (and created if missing), so a bad path fails
+    /// startup or reload loudly, and the writer thread starts if none runs yet.
+    pub fn prepare(&self, dest: &AccessLogDest) -> io::Result<()> {
         if let AccessLogDest::File(p) = dest {
             check(p)?;
         }
-        let tx = match self.tx.get() {
-            Some(tx) => tx,
-            None => {
-                let (tx, rx) = sync_channel(QUEUE);
-                let writer = Writer::new(rx, self.shared.clone());
-                std::thread::Builder::new()
-                    .name("flowgate-access-log".into())
-                    .spawn(move || writer.run())?;
-                self.tx.get_or_init(|| tx)
-            }
+        if *dest != AccessLogDest::Off && self.tx.get().is_none() {
+            let (tx, rx) = sync_channel(QUEUE);
+            let writer = Writer::new(rx, self.shared.clone());
+            std::thread::Builder::new()
+                .name("flowgate-access-log".into())
+                .spawn(move || writer.run())?;
+            let _ = self.tx.set(tx);
+        }
+        Ok(())
+    }
+
+    /// Switches to `dest` and `format` after [`AccessLog::prepare`]; never fails
+    /// and never blocks.
+    pub fn switch(&self, dest: &AccessLogDest, format: LogFormat) {
+        let Some(tx) = self.tx.get() else {
+            return; // off, and never on
         };
         self.enabled
             .store(*dest != AccessLogDest::Off, Ordering::Relaxed);
@@ -152,7 +163,6 @@ impl AccessLog {
             .unwrap_or_else(|e| e.into_inner()) = Some((dest.clone(), format));
         // Never blocks: a writer stuck on a full pipe must not hold up a reload.
         let _ = tx.try_send(Msg::Wake);
-        Ok(())
     }
 
     /// Waits (up to `limit`) until everything logged so far is written and

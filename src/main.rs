@@ -147,13 +147,15 @@ fn run(cfg: Config, level: LevelHandle) -> anyhow::Result<()> {
         };
         info!(signal = sig, "graceful stop");
         // A second signal skips the rest of the grace period.
-        let stopping = fg.clone();
+        // Kept apart from the instance, so a second signal can drop the instance
+        // (cutting what is left) and the lines of those sessions still get flushed.
+        let access_log = fg.access_log();
         let graceful = tokio::select! {
-            g = stopping.shutdown() => g,
+            g = fg.shutdown() => g,
             _ = term.recv() => { warn!("second signal: stopping now"); false }
             _ = int.recv() => { warn!("second signal: stopping now"); false }
         };
-        fg.flush_access_log(std::time::Duration::from_secs(2));
+        access_log.flush(std::time::Duration::from_secs(2));
         info!(graceful, "stopped");
         Ok(())
     })

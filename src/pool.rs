@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use tokio::sync::Notify;
+use tracing::{info, warn};
 
 use crate::backend::{flag, ActiveGuard, Backend};
 use crate::balance::{self, Pick, Selector};
@@ -180,7 +181,9 @@ impl Pool {
         let retiring = self.retiring.lock().unwrap_or_else(|e| e.into_inner());
         retiring
             .iter()
-            .filter(|b| b.is_healthy() && b.flags() & flag::DISABLED == 0 && untried(b))
+            .filter(|b| {
+                b.is_healthy() && b.flags() & (flag::DISABLED | flag::CLOSED) == 0 && untried(b)
+            })
             .min_by_key(|b| b.active())
             .map(|b| b.claim())
     }
@@ -201,6 +204,21 @@ impl Pool {
         crate::tasks::wait_for(&self.usable, || self.has_usable()).await
     }
 
+    /// Logs the edge into and out of "no backend usable" (health verdicts, operator
+    /// actions, a backend back from passive ejection, reload), and wakes whoever
+    /// waits for a usable backend ([`Pool::usable`]).
+    pub fn report_all_down(&self) {
+        match self.check_all_down() {
+            Some(true) => warn!(
+                pool = %self.name,
+                policy = self.config().when_all_down.as_str(),
+                "every backend of the pool is down"
+            ),
+            Some(false) => info!(pool = %self.name, "pool has a usable backend again"),
+            None => {}
+        }
+    }
+
     /// Whether any current backend takes new connections.
     pub fn has_usable(&self) -> bool {
         self.snapshot.load().backends.iter().any(|b| b.is_usable())
@@ -208,6 +226,18 @@ impl Pool {
 
     pub fn all_down(&self) -> bool {
         self.all_down.load(Ordering::Acquire)
+    }
+
+    /// Drops `b` from the retiring backends if it has no connection left. Checked
+    /// under the same lock as the fallback pick claims under, so no connection can
+    /// land on `b` after this says yes.
+    pub fn retire_if_idle(&self, b: &Arc<Backend>) -> bool {
+        let mut retiring = self.retiring.lock().unwrap_or_else(|e| e.into_inner());
+        if b.active() != 0 {
+            return false;
+        }
+        retiring.retain(|r| !Arc::ptr_eq(r, b));
+        true
     }
 
     pub fn remove_retiring(&self, b: &Arc<Backend>) {

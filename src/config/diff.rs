@@ -1,7 +1,7 @@
 //! The reload plan: `diff(old, new)` says, without touching a socket or a file, what
 //! a reload from `old` to `new` keeps, adds and removes, and what it cannot change
 //! until a restart (sozu's `ConfigState::diff`: plan, then execute). The rules are the
-//! ones `Flowgate::apply` (src/runtime.rs) and `Pool::update` (src/pool.rs) follow.
+//! ones `Runtime::apply` (src/runtime/reload.rs) and `Pool::update` (src/pool.rs) follow.
 
 use super::{BackendConfig, Config, ListenerConfig};
 
@@ -31,9 +31,6 @@ pub struct ReloadPlan {
     /// The admin token (read from `admin.token_file`) differs; no token (no
     /// `token_file`, or no `[admin]`) counts as a value of its own.
     pub admin_token_changed: bool,
-    /// `new` has `[admin]` and `old` had none: metrics are only recorded when the
-    /// process started with an admin listener, so they wait for a restart.
-    pub metrics_need_restart: bool,
 }
 
 /// Names of what is kept, added and removed. `kept` and `added` are in the new
@@ -103,7 +100,6 @@ impl ReloadPlan {
             && !self.access_log_changed
             && !self.log_level_changed
             && !self.admin_token_changed
-            && !self.metrics_need_restart
     }
 }
 
@@ -156,7 +152,6 @@ pub fn diff(old: &Config, new: &Config) -> ReloadPlan {
             || old.log.format != new.log.format,
         log_level_changed: old.log.level != new.log.level,
         admin_token_changed: token(old) != token(new),
-        metrics_need_restart: old.admin.is_none() && new.admin.is_some(),
     }
 }
 

@@ -138,7 +138,7 @@ async fn check_loop(
             flip(&pool, &b, up, result.err(), &cfg, &tasks);
         }
         // Also without a flip: a pool whose backends never came up is all down too.
-        report_all_down(&pool);
+        pool.report_all_down();
         if sleep_or_stop(jittered(cfg.interval), &stop).await {
             return;
         }
@@ -167,19 +167,6 @@ fn flip(
             fall = cfg.fall,
             "backend down: health check failed"
         );
-    }
-}
-
-/// Logs the edge into and out of "no backend usable" for a pool.
-pub fn report_all_down(pool: &Pool) {
-    match pool.check_all_down() {
-        Some(true) => warn!(
-            pool = %pool.name,
-            policy = pool.config().when_all_down.as_str(),
-            "every backend of the pool is down"
-        ),
-        Some(false) => info!(pool = %pool.name, "pool has a usable backend again"),
-        None => {}
     }
 }
 

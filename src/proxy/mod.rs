@@ -152,6 +152,7 @@ pub(crate) fn passive_failure(pool: &Arc<Pool>, b: &Arc<Backend>, control: &Task
             b.passive_success();
             if b.clear_flag(flag::EJECTED) {
                 info!(pool = %pool.name, backend = %b.name, "backend back from passive ejection");
+                pool.report_all_down();
             }
         });
     }

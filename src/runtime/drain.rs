@@ -29,18 +29,26 @@ impl Runtime {
     ) {
         b.set_flag(flag::DRAINING);
         self.inner.control.spawn_until_stop(async move {
-            let finished = tokio::time::timeout(timeout, settle(&pool, &b, retire))
-                .await
-                .is_ok();
-            if !finished {
+            let drained = async {
+                loop {
+                    settle(&pool, &b, retire).await;
+                    // A removed backend leaves the fallback list only once idle,
+                    // checked under the lock that fallback picks claim under.
+                    if !retire || b.flags() & flag::DRAINING == 0 || pool.retire_if_idle(&b) {
+                        return;
+                    }
+                }
+            };
+            if tokio::time::timeout(timeout, drained).await.is_err() {
                 warn!(pool = %pool.name, backend = %b.name, open = b.active(), "drain_timeout passed: closing remaining connections");
                 b.cut_sessions();
-            } else if b.flags() & flag::DRAINING != 0 {
+            }
+            if b.flags() & flag::DRAINING != 0 {
                 info!(pool = %pool.name, backend = %b.name, "drain complete");
             }
             if retire {
-                b.close();
                 pool.remove_retiring(&b);
+                b.close();
             }
         });
     }

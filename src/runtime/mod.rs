@@ -34,7 +34,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use arc_swap::ArcSwapOption;
 use tokio::runtime::Handle;
@@ -177,9 +177,10 @@ impl Runtime {
         self.inner.access_log.reopen();
     }
 
-    /// Waits up to `limit` until every access-log line so far is written.
-    pub fn flush_access_log(&self, limit: Duration) {
-        self.inner.access_log.flush(limit);
+    /// This instance's access log (the binary flushes it after the instance has
+    /// stopped).
+    pub fn access_log(&self) -> Arc<AccessLog> {
+        self.inner.access_log.clone()
     }
 
     pub fn reload_stats(&self) -> ReloadStats {

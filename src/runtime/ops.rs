@@ -6,7 +6,6 @@ use tracing::info;
 
 use super::{OpError, Runtime};
 use crate::backend::{flag, Backend};
-use crate::health;
 use crate::pool::Pool;
 
 impl Runtime {
@@ -29,7 +28,7 @@ impl Runtime {
             info!(pool, backend, "backend draining (API)");
             let t = p.config().drain_timeout;
             self.drain_backend(p.clone(), b, t, false);
-            health::report_all_down(&p);
+            p.report_all_down();
         }
         Ok(())
     }
@@ -39,7 +38,7 @@ impl Runtime {
         let (p, b) = self.backend(pool, backend)?;
         if b.set_flag(flag::DISABLED) {
             info!(pool, backend, "backend disabled (API)");
-            health::report_all_down(&p);
+            p.report_all_down();
         }
         Ok(())
     }
@@ -49,7 +48,7 @@ impl Runtime {
         let (p, b) = self.backend(pool, backend)?;
         if b.clear_flag(flag::DRAINING | flag::DISABLED) {
             info!(pool, backend, "backend enabled (API)");
-            health::report_all_down(&p);
+            p.report_all_down();
         }
         Ok(())
     }

@@ -20,7 +20,6 @@ use tracing::{info, warn};
 use super::startup::{udp_default_max, Bound};
 use super::{AccessLogError, ReloadError, Runtime, State};
 use crate::config::{self, AccessLogDest, Config, ListenerConfig, ReloadPlan, RestartKey};
-use crate::health;
 use crate::pool::Pool;
 use crate::proxy::tcp::ListenerSettings;
 use crate::proxy::udp::UdpSettings;
@@ -71,12 +70,18 @@ impl Runtime {
             fresh.push((l.clone(), self.bind_listener(l)?));
         }
         if plan.access_log_changed {
-            if let AccessLogDest::File(p) = &new.log.access_log {
-                crate::access_log::check(p).map_err(|source| AccessLogError {
-                    path: p.display().to_string(),
+            // Opens (and may create) the new file and starts the writer thread if
+            // none runs yet: all that can fail about the access log.
+            self.inner
+                .access_log
+                .prepare(&new.log.access_log)
+                .map_err(|source| AccessLogError {
+                    path: match &new.log.access_log {
+                        AccessLogDest::File(p) => p.display().to_string(),
+                        d => format!("{d:?}"),
+                    },
                     source,
                 })?;
-            }
         }
 
         // 2. The swap: nothing below fails.
@@ -124,7 +129,7 @@ impl Runtime {
         let all: Vec<_> = st.pools.values().cloned().collect();
         for pool in &all {
             self.start_probes(st, pool);
-            health::report_all_down(pool);
+            pool.report_all_down();
         }
     }
 
@@ -170,27 +175,31 @@ impl Runtime {
 
     /// Logging, the admin token, and what only a restart can change.
     fn apply_settings(&self, old: &Config, new: &Config, plan: &ReloadPlan) {
-        for key in &plan.restart_only {
-            match key {
-                RestartKey::LogFormat => warn!(
-                    "log.format changes the access log now; flowgate's own log changes on restart"
-                ),
-                k => warn!(key = k.key(), "{k} only changes on restart"),
-            }
+        let restart = |k| plan.restart_only.contains(&k);
+        if restart(RestartKey::Workers) || restart(RestartKey::WorkerModel) {
+            warn!("runtime.workers and runtime.worker_model only change on restart");
+        }
+        if restart(RestartKey::AdminBind) {
+            warn!("admin.bind only changes on restart");
+        }
+        if restart(RestartKey::Splice) {
+            warn!("runtime.splice only changes on restart");
+        }
+        if restart(RestartKey::LogFormat) {
+            warn!("log.format changes the access log now; flowgate's own log changes on restart");
         }
         if plan.access_log_changed {
-            // The file was opened in step 1; what can still fail is starting the
-            // writer thread, which leaves the log as it was.
-            if let Err(e) = super::startup::configure_access_log(&self.inner.access_log, &new.log) {
-                warn!(error = %e, "access log unchanged");
-            }
+            // Prepared in step 1 (file opened, writer running): this only switches.
+            self.inner
+                .access_log
+                .switch(&new.log.access_log, new.log.format);
         }
         if plan.log_level_changed {
             if let Some(hook) = self.inner.level_hook.get() {
                 hook(&new.log.level);
             }
         }
-        if plan.metrics_need_restart {
+        if new.admin.is_some() && self.inner.metrics.is_none() {
             warn!("metrics start with the admin listener, on restart");
         }
         if plan.admin_token_changed || old.admin.is_some() != new.admin.is_some() {

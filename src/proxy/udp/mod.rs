@@ -175,7 +175,9 @@ pub struct UdpListenerShared {
     session_duration: metrics::Histogram,
     /// Whether UDP GSO works for this listener's sockets; turned off for good by
     /// the first send that finds it unsupported (see `send::send_run`).
-    gso: AtomicBool,
+    /// Padded: read on every send run, it must not share a line with the
+    /// counters written at every session start.
+    gso: CachePadded<AtomicBool>,
 }
 
 impl std::fmt::Debug for UdpListenerShared {
@@ -205,7 +207,7 @@ impl UdpListenerShared {
             sessions: AtomicU64::new(0),
             per_source: Mutex::new(HashMap::new()),
             counters: Mutex::new(Vec::new()),
-            gso: AtomicBool::new(true),
+            gso: CachePadded::new(AtomicBool::new(true)),
             session_duration: metrics::histogram!(
                 names::SESSION_DURATION,
                 "listener" => cfg.name.clone()

@@ -157,3 +157,33 @@ pub(crate) fn passive_failure(pool: &Arc<Pool>, b: &Arc<Backend>, control: &Task
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    /// A backend back from passive ejection wakes whoever waits for the pool to
+    /// have a usable backend (a drain keeping a removed backend as a fallback):
+    /// nothing polls for it.
+    #[tokio::test(start_paused = true)]
+    async fn the_end_of_an_ejection_wakes_waiters_for_a_usable_backend() {
+        let cfg = Config::parse(
+            "[[listeners]]\nname = \"l\"\nbind = \"127.0.0.1:0\"\npool = \"p\"\n\
+             [[pools]]\nname = \"p\"\nbackends = [ { address = \"127.0.0.1:1\" } ]\n\
+             [pools.passive]\nconsecutive_failures = 1\neject_for = \"1s\"\n",
+            std::path::Path::new("t.toml"),
+        )
+        .unwrap();
+        let pool = Pool::new(&cfg.pools[0]);
+        let b = pool.backends()[0].clone();
+        let control = Tasks::new(tokio::runtime::Handle::current());
+        passive_failure(&pool, &b, &control);
+        pool.report_all_down();
+        assert!(!pool.has_usable(), "ejected");
+        tokio::time::timeout(Duration::from_secs(30), pool.usable())
+            .await
+            .expect("woken when the ejection ends");
+        assert!(b.is_usable());
+    }
+}

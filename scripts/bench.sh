@@ -32,11 +32,16 @@
 #                  plain flowgate uses the default, "per-core"), and
 #                  flowgate-metrics (flowgate with [admin], so the metrics
 #                  recorder is on, scraped once a second during the run; plain
-#                  flowgate has no [admin] and records no histograms)
+#                  flowgate has no [admin] and records no histograms), and
+#                  flowgate-base (plain flowgate's configuration and flags,
+#                  run with $FLOWGATE_BASE_BIN: an older build to compare
+#                  against in the same interleaved run; its own column, and a
+#                  flowgate / flowgate-base ratio, in the report)
 #   FIGURES        any of: bulk1 bulk4 latency cps rps mem (TCP)          [these six]
 #                  udp-latency udp-pps udp-iperf (UDP; targets direct, flowgate,
-#                  flowgate-shared and nginx); the words tcp, udp and all
-#                  stand for the TCP figures, the UDP figures and all nine.
+#                  flowgate-shared, flowgate-metrics, flowgate-base and
+#                  nginx); the words tcp, udp and all stand for the TCP
+#                  figures, the UDP figures and all nine.
 #                  udp-latency: sockperf ping-pong RTT, 64-byte datagrams
 #                    (p50/p99/p99.9, like latency over TCP, with --full-rtt).
 #                  udp-pps: sockperf throughput, 64-byte datagrams sent as
@@ -69,6 +74,8 @@
 #   OUT_DIR        where raw results, configs and logs go
 #                  [${CARGO_TARGET_DIR:-<repo>/target}/bench/<UTC timestamp>]
 #   FLOWGATE_BIN   use this binary instead of `cargo build --release`
+#   FLOWGATE_BASE_BIN  the binary of the flowgate-base target (never built
+#                  here); required when TARGETS has flowgate-base
 #   CARGO_TARGET_DIR  honoured for the cargo build                       [<repo>/target]
 #   NO_INSTALL=1   never apt-get install missing tools, fail instead
 #   FOREIGN_THRESHOLD  % of one CPU that processes outside the benchmark may
@@ -119,6 +126,7 @@ MEM_CONNS=${MEM_CONNS:-4000}
 PORT_BASE=${PORT_BASE:-29000}
 OUT_DIR=${OUT_DIR:-$TARGET_DIR/bench/$(date -u +%Y%m%dT%H%M%SZ)}
 FLOWGATE_BIN=${FLOWGATE_BIN:-}
+FLOWGATE_BASE_BIN=${FLOWGATE_BASE_BIN:-}
 NO_INSTALL=${NO_INSTALL:-0}
 FOREIGN_THRESHOLD=${FOREIGN_THRESHOLD:-15}
 QUIET_WAIT=${QUIET_WAIT:-0}
@@ -134,10 +142,10 @@ die() { printf 'bench.sh: error: %s\n' "$*" >&2; exit 1; }
 
 # ---------------------------------------------------------------- arguments --
 
-ALL_TARGETS="direct flowgate flowgate-shared flowgate-metrics haproxy haproxy-splice nginx"
+ALL_TARGETS="direct flowgate flowgate-shared flowgate-metrics flowgate-base haproxy haproxy-splice nginx"
 TCP_FIGURES="bulk1 bulk4 latency cps rps mem"
 UDP_FIGURES="udp-latency udp-pps udp-iperf"
-UDP_TARGETS="direct flowgate flowgate-shared flowgate-metrics nginx" # the targets that can measure UDP
+UDP_TARGETS="direct flowgate flowgate-shared flowgate-metrics flowgate-base nginx" # the targets that can measure UDP
 ALL_FIGURES="$TCP_FIGURES $UDP_FIGURES"
 FIGURES=$(for f in $FIGURES; do
     case $f in tcp) echo "$TCP_FIGURES" ;; udp) echo "$UDP_FIGURES" ;; all) echo "$ALL_FIGURES" ;; *) echo "$f" ;; esac
@@ -160,7 +168,7 @@ for b in $UDP_IPERF_RATES; do
     [[ $b =~ ^[0-9]+(\.[0-9]+)?[KMG]?$ ]] || die "UDP_IPERF_RATES: '$b' is not an iperf3 -b rate (like 500M, 1G or 0)"
 done
 [[ -n ${UDP_IPERF_RATES// /} ]] || die "UDP_IPERF_RATES is empty"
-((PORT_BASE + 700 < 32768)) || die "PORT_BASE must leave room below the ephemeral port range (32768)"
+((PORT_BASE + 800 < 32768)) || die "PORT_BASE must leave room below the ephemeral port range (32768)"
 
 # Open files. Every process started from here inherits the raised soft limit.
 # The balancers' limits are sized for 20000 descriptors (less if the machine
@@ -178,6 +186,10 @@ NGINX_WORKER_CONNECTIONS=$((FD_BUDGET * 19 / 20))
     die "MEM_CONNS=$MEM_CONNS is too high for the open-files limit $(ulimit -n) (HAProxy maxconn would be $HAPROXY_MAXCONN)"
 [[ -n ${TARGETS// /} ]] || die "TARGETS is empty"
 [[ -n ${FIGURES// /} ]] || die "FIGURES is empty"
+if [[ " $TARGETS " == *" flowgate-base "* ]]; then
+    [[ -n $FLOWGATE_BASE_BIN ]] || die "the flowgate-base target needs FLOWGATE_BASE_BIN (the flowgate binary to compare against)"
+    [[ -x $FLOWGATE_BASE_BIN ]] || die "FLOWGATE_BASE_BIN=$FLOWGATE_BASE_BIN is not an executable"
+fi
 
 has_target() { [[ " $TARGETS " == *" $1 "* ]]; }
 has_figure() { [[ " $FIGURES " == *" $1 "* ]]; }
@@ -202,7 +214,7 @@ SVC_NAMES=(none iperf sockperf http hold udp-sockperf udp-iperf udp-pps)
 target_index() {
     case $1 in
         flowgate) echo 1 ;; haproxy) echo 2 ;; haproxy-splice) echo 3 ;; nginx) echo 4 ;;
-        flowgate-shared) echo 5 ;; flowgate-metrics) echo 6 ;;
+        flowgate-shared) echo 5 ;; flowgate-metrics) echo 6 ;; flowgate-base) echo 7 ;;
         *) die "no index for target '$1'" ;;
     esac
 }
@@ -633,7 +645,7 @@ EOF
 LB_SOFT=0 # 1: start_lb returns 1 when the balancer fails to start, instead of exiting
 
 start_lb() { # target instance-name spec... ; sets LAST_PID and LAST_LOG, waits for all ports
-    local target=$1 inst=$2 dir logf s name lport bport proto ports=()
+    local target=$1 inst=$2 dir logf s name lport bport proto ports=() bin
     shift 2
     dir=$OUT_DIR/$inst
     mkdir -p "$dir"
@@ -643,15 +655,17 @@ start_lb() { # target instance-name spec... ; sets LAST_PID and LAST_LOG, waits 
         ports+=("${proto:-tcp}:$lport")
     done
     case $target in
-        flowgate | flowgate-shared | flowgate-metrics)
+        flowgate | flowgate-shared | flowgate-metrics | flowgate-base)
+            bin=$FLOWGATE_BIN
+            [[ $target == flowgate-base ]] && bin=$FLOWGATE_BASE_BIN
             write_flowgate_config "$dir/flowgate.toml" "$([[ $target == flowgate-shared ]] && echo shared)" \
                 "$([[ $target == flowgate-metrics ]] && admin_port "$inst")" "$@"
-            if ((LB_SOFT)) && ! "$FLOWGATE_BIN" check --config "$dir/flowgate.toml" >"$logf.check" 2>&1; then
+            if ((LB_SOFT)) && ! "$bin" check --config "$dir/flowgate.toml" >"$logf.check" 2>&1; then
                 printf 'bench.sh: %s rejected %s:\n' "$inst" "$dir/flowgate.toml" >&2
                 tail -n 20 "$logf.check" >&2 || true
                 return 1
             fi
-            start_bg "$inst" "$logf" "$FLOWGATE_BIN" run --config "$dir/flowgate.toml"
+            start_bg "$inst" "$logf" "$bin" run --config "$dir/flowgate.toml"
             ;;
         haproxy | haproxy-splice)
             write_haproxy_config "$dir/haproxy.cfg" "$([[ $target == haproxy-splice ]] && echo 1 || echo 0)" "$@"
@@ -1023,6 +1037,7 @@ done
     command -v sockperf >/dev/null && echo "sockperf: $(sockperf --version 2>&1 | head -n1)"
     command -v wrk >/dev/null && echo "wrk: $(wrk -v 2>&1 | head -n1)"
     [[ -n $FLOWGATE_BIN ]] && echo "flowgate: $FLOWGATE_BIN ($("$FLOWGATE_BIN" --version 2>&1 | head -n1))"
+    has_target flowgate-base && echo "flowgate-base: $FLOWGATE_BASE_BIN ($("$FLOWGATE_BASE_BIN" --version 2>&1 | head -n1))"
 } >"$OUT_DIR/meta.txt"
 
 log "results and logs: $OUT_DIR"

@@ -5,7 +5,8 @@ usage: report.py RAW_TSV "TARGET ..." [ROUNDS]
 
 RAW_TSV has a header line and rows "round<TAB>metric<TAB>target<TAB>value",
 where value is a number or "NA" (the measurement failed). Prints two Markdown
-tables to stdout: the medians with flowgate/HAProxy ratios, and the per-round
+tables to stdout: the medians with flowgate/HAProxy ratios (and flowgate/
+flowgate-base, the same flowgate against an older build), and the per-round
 minimum..maximum so the noise can be judged. When UDP figures are present they
 get two tables of their own after those, with the targets that can balance UDP
 and flowgate/nginx ratios (HAProxy OSS does not balance UDP).
@@ -29,7 +30,8 @@ METRICS = [
 ]
 
 RATIO_PAIRS = [("flowgate", "haproxy"), ("flowgate", "haproxy-splice"),
-               ("flowgate-shared", "haproxy"), ("flowgate-metrics", "flowgate")]
+               ("flowgate-shared", "haproxy"), ("flowgate-metrics", "flowgate"),
+               ("flowgate", "flowgate-base")]
 
 # UDP figures: same layout as METRICS. The udp_iperf ones carry the iperf3 -b
 # rate after an "@" and are added in the order the raw file first shows them.
@@ -44,9 +46,9 @@ UDP_DYNAMIC = {
     "udp_iperf_gbps": ("iperf3 UDP received (1400 B, {})", "Gbit/s", True, "{:.2f}"),
     "udp_iperf_loss": ("iperf3 UDP lost (1400 B, {})", "%", False, "{:.2f}"),
 }
-UDP_TARGETS = ["direct", "flowgate", "flowgate-shared", "flowgate-metrics", "nginx"]
+UDP_TARGETS = ["direct", "flowgate", "flowgate-shared", "flowgate-metrics", "flowgate-base", "nginx"]
 UDP_RATIO_PAIRS = [("flowgate", "nginx"), ("flowgate-shared", "nginx"),
-                   ("flowgate-metrics", "flowgate")]
+                   ("flowgate-metrics", "flowgate"), ("flowgate", "flowgate-base")]
 NO_RATIO = re.compile(r"loss")  # a ratio of loss percentages means little (and 0 is common)
 
 
@@ -128,7 +130,8 @@ def tables(metrics, targets, ratios, versus, rounds, values, failed):
         print("| " + " | ".join(row) + " |")
     print()
     print("↑ higher is better, ↓ lower is better. Cells are medians over %s rounds; "
-          "ratio columns divide the flowgate median by the %s median."
+          "ratio columns divide the flowgate median by the %s median "
+          "(an A / B column: A's median by B's)."
           % (rounds if rounds is not None else "all", versus))
     print()
     print("Spread (min .. max over rounds):")

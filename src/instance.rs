@@ -10,7 +10,6 @@ use tracing::info;
 
 use crate::admin;
 use crate::config::Config;
-use crate::proxy::tcp;
 use crate::runtime::{BindError, Runtime, StartError};
 
 /// A running balancer. Cheap to clone: clones share the same instance. Dropping the
@@ -29,25 +28,27 @@ impl Flowgate {
     /// the OS error), then starts serving.
     pub fn start(config: Config) -> Result<Flowgate, StartError> {
         let admin = match &config.admin {
-            Some(a) => Some(tcp::bind(a.bind, 128).map_err(|source| BindError {
-                listener: "admin".into(),
-                addr: a.bind,
-                source,
-            })?),
+            Some(a) => Some((
+                admin::bind(a.bind).map_err(|error| BindError {
+                    listener: "admin".into(),
+                    addr: a.bind,
+                    error,
+                })?,
+                a.clone(),
+            )),
             None => None,
         };
         let rt = Runtime::start(config)?;
-        let admin_addr = admin.map(|sock| {
+        let admin_addr = admin.and_then(|(sock, cfg)| {
             let addr = sock.local_addr().ok();
             rt.control()
-                .spawn_until_stop(admin::run(sock, rt.downgrade()));
-            info!(addr = ?addr, "admin API listening");
+                .spawn_until_stop(admin::run(sock, rt.downgrade(), cfg));
+            if let Some(addr) = addr {
+                info!(%addr, "admin API listening");
+            }
             addr
         });
-        Ok(Flowgate {
-            rt,
-            admin_addr: admin_addr.flatten(),
-        })
+        Ok(Flowgate { rt, admin_addr })
     }
 
     /// The address the admin API is bound to (its port when the config said 0).

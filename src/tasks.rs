@@ -56,10 +56,6 @@ impl Tasks {
         &self.stop
     }
 
-    pub fn is_stopping(&self) -> bool {
-        self.stop.is_cancelled()
-    }
-
     /// Stops every task started with [`Tasks::spawn_until_stop`] (and those that
     /// watch the token) and waits up to `limit` for all of them to end. Returns
     /// how many were still running then.
@@ -68,15 +64,6 @@ impl Tasks {
         self.tracker.close();
         let _ = tokio::time::timeout(limit, self.tracker.wait()).await;
         self.tracker.len()
-    }
-
-    /// Tasks running now.
-    pub fn len(&self) -> usize {
-        self.tracker.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.tracker.is_empty()
     }
 }
 

@@ -11,72 +11,34 @@
 //! | POST | /api/v1/reload | re-read the config file |
 //!
 //! `{address}` is the backend's address as written in the config, raw or
-//! percent-encoded. Errors are `{"error": "..."}` with 400, 401, 404, 405 or 413.
+//! percent-encoded. Errors are `{"error": "..."}` with 400, 401 (with
+//! `WWW-Authenticate`), 403, 404, 405 (with `Allow`), 408, 413, 415 or 421.
 //! With `admin.token_file`, every POST and PUT needs `Authorization: Bearer TOKEN`
-//! (compared in constant time); GET needs none.
+//! (compared in constant time), and with `admin.protect_reads` every GET but
+//! `/healthz` too. Before that, [`guard`] refuses a foreign `Host` (DNS rebinding)
+//! or `Origin` (cross-site requests), a body that is not JSON or that the method
+//! does not take; [`server`] bounds connections and time.
 
-use std::convert::Infallible;
+mod guard;
+mod server;
+
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::Incoming;
+use hyper::header::{HeaderValue, ALLOW, WWW_AUTHENTICATE};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use percent_encoding::percent_decode_str;
 use serde_json::{json, Value};
-use tokio::net::TcpListener;
-use tracing::{debug, warn};
+use tracing::warn;
 
-use crate::runtime::{OpError, Runtime, WeakRuntime};
+use crate::runtime::{OpError, Runtime};
+
+pub use server::{bind, run};
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 64 * 1024;
-
-/// Serves the admin API on `sock` until the balancer is gone. Each connection runs
-/// on the runtime's control tasks, so shutdown stops and waits for it. The owner of
-/// the runtime spawns this ([`crate::Flowgate::start`]).
-pub async fn run(sock: std::net::TcpListener, fg: WeakRuntime) {
-    let listener = match TcpListener::from_std(sock) {
-        Ok(l) => l,
-        Err(e) => {
-            warn!(error = %e, "admin API: cannot register socket");
-            return;
-        }
-    };
-    loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                debug!(error = %e, "admin API: accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let Some(control) = fg.upgrade().map(|rt| rt.control().clone()) else {
-            return;
-        };
-        let fg = fg.clone();
-        control.spawn_until_stop(async move {
-            let svc = hyper::service::service_fn(move |req| {
-                let fg = fg.upgrade();
-                async move {
-                    Ok::<_, Infallible>(match fg {
-                        Some(fg) => handle(req, &fg).await,
-                        None => error(StatusCode::SERVICE_UNAVAILABLE, "shutting down"),
-                    })
-                }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), svc);
-            if let Err(e) = conn.await {
-                debug!(error = %e, "admin API connection");
-            }
-        });
-    }
-}
 
 type Reply = Response<Full<Bytes>>;
 
@@ -105,22 +67,48 @@ fn error(status: StatusCode, msg: impl std::fmt::Display) -> Reply {
     reply(status, json!({ "error": msg.to_string() }))
 }
 
-async fn handle(req: Request<Incoming>, fg: &Runtime) -> Reply {
+/// 405, with the method the path takes in `Allow`.
+fn not_allowed(method: &Method, allow: &'static str) -> Reply {
+    let mut r = error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{method} is not allowed here"),
+    );
+    r.headers_mut()
+        .insert(ALLOW, HeaderValue::from_static(allow));
+    r
+}
+
+async fn handle(req: Request<Incoming>, fg: &Runtime, timeout: Duration) -> Reply {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let mutating = method == Method::POST || method == Method::PUT;
 
-    if mutating {
-        if let Some(token) = fg.admin_token() {
-            if !authorized(&req, &token) {
-                return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+    if let Some(cfg) = fg.admin_config() {
+        if let Some(r) = guard::refuse_site(req.headers(), &cfg) {
+            return r;
+        }
+        if guard::needs_token(&method, &path, &cfg) {
+            if let Some(token) = fg.admin_token() {
+                if !guard::authorized(req.headers(), &token) {
+                    let mut r = error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+                    r.headers_mut().insert(
+                        WWW_AUTHENTICATE,
+                        HeaderValue::from_static("Bearer realm=\"flowgate admin\""),
+                    );
+                    return r;
+                }
             }
         }
     }
-    let body = match read_body(req).await {
-        Ok(b) => b,
-        Err(r) => return r,
+    let body = match tokio::time::timeout(timeout, guard::read_body(req)).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(r)) => return r,
+        Err(_) => {
+            return error(
+                StatusCode::REQUEST_TIMEOUT,
+                "the request body took too long",
+            )
+        }
     };
 
     match (method.clone(), segs.as_slice()) {
@@ -171,12 +159,8 @@ async fn handle(req: Request<Incoming>, fg: &Runtime) -> Reply {
                     Ok(w) => fg.set_weight(&pool, &addr, w),
                     Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
                 },
-                (_, "drain" | "enable" | "disable" | "weight") => {
-                    return error(
-                        StatusCode::METHOD_NOT_ALLOWED,
-                        format!("{method} is not allowed here"),
-                    )
-                }
+                (_, "weight") => return not_allowed(&method, "PUT"),
+                (_, "drain" | "enable" | "disable") => return not_allowed(&method, "POST"),
                 _ => return error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}")),
             };
             match result {
@@ -190,57 +174,11 @@ async fn handle(req: Request<Incoming>, fg: &Runtime) -> Reply {
                 Err(e @ OpError::BadWeight(_)) => error(StatusCode::BAD_REQUEST, e),
             }
         }
-        (
-            _,
-            ["healthz"] | ["api", "v1", "pools"] | ["api", "v1", "reload"] | ["metrics"] | [""],
-        ) => error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            format!("{method} is not allowed here"),
-        ),
+        (_, ["api", "v1", "reload"]) => not_allowed(&method, "POST"),
+        (_, ["healthz"] | ["api", "v1", "pools"] | ["metrics"] | [""]) => {
+            not_allowed(&method, "GET")
+        }
         _ => error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}")),
-    }
-}
-
-fn authorized(req: &Request<Incoming>, token: &str) -> bool {
-    let Some(v) = req.headers().get(hyper::header::AUTHORIZATION) else {
-        return false;
-    };
-    let v = v.as_bytes();
-    let Some(given) = v.strip_prefix(b"Bearer ") else {
-        return false;
-    };
-    constant_time_eq::constant_time_eq(given, token.as_bytes())
-}
-
-async fn read_body(req: Request<Incoming>) -> Result<Bytes, Reply> {
-    let too_big = || {
-        error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("body over {MAX_BODY} bytes"),
-        )
-    };
-    if let Some(len) = req.headers().get(hyper::header::CONTENT_LENGTH) {
-        if len
-            .to_str()
-            .ok()
-            .and_then(|s| s.parse::<usize>().ok())
-            .is_some_and(|n| n > MAX_BODY)
-        {
-            return Err(too_big());
-        }
-    }
-    match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e)
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
-            Err(too_big())
-        }
-        Err(e) => Err(error(
-            StatusCode::BAD_REQUEST,
-            format!("cannot read body: {e}"),
-        )),
     }
 }
 

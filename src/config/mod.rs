@@ -164,6 +164,17 @@ pub struct AdminConfig {
     pub token_file: Option<PathBuf>,
     /// The token read from `token_file` at load time.
     pub token: Option<String>,
+    /// Admin connections open at once; more are closed at accept, so the admin
+    /// plane never takes the data path's descriptors.
+    pub max_connections: usize,
+    /// Limit on reading a whole request (head and body) and on writing a response
+    /// the client does not read.
+    pub request_timeout: Duration,
+    /// The token is needed for reads too (every path but `/healthz`).
+    pub protect_reads: bool,
+    /// Host names accepted in `Host` besides IP addresses and `localhost` (lower
+    /// case): a defence against DNS rebinding.
+    pub allowed_hosts: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

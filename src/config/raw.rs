@@ -106,6 +106,21 @@ pub struct Log {
 pub struct Admin {
     pub bind: Spanned<String>,
     pub token_file: Option<Spanned<String>>,
+    #[serde(default = "default_admin_connections")]
+    pub max_connections: Spanned<usize>,
+    #[serde(default = "default_admin_timeout")]
+    pub request_timeout: Spanned<DurationStr>,
+    #[serde(default)]
+    pub protect_reads: bool,
+    #[serde(default)]
+    pub allowed_hosts: Vec<Spanned<String>>,
+}
+
+fn default_admin_connections() -> Spanned<usize> {
+    Spanned::new(0..0, 64)
+}
+fn default_admin_timeout() -> Spanned<DurationStr> {
+    Spanned::new(0..0, DurationStr(Duration::from_secs(10)))
 }
 
 #[derive(Deserialize)]

@@ -96,6 +96,12 @@ pub(super) fn runtime(r: &raw::Runtime) -> RuntimeConfig {
 /// `[admin]`: the address, the token, and that the two together are safe.
 /// `listeners` are the validated listeners, whose TCP addresses the admin API may
 /// not take.
+/// Upper bound on `admin.max_connections`.
+const MAX_ADMIN_CONNECTIONS: usize = 1024;
+/// Range of `admin.request_timeout`.
+const ADMIN_TIMEOUT_MIN: std::time::Duration = std::time::Duration::from_millis(100);
+const ADMIN_TIMEOUT_MAX: std::time::Duration = std::time::Duration::from_secs(300);
+
 pub(super) fn admin(
     src: &Source<'_>,
     a: Option<&raw::Admin>,
@@ -136,10 +142,45 @@ pub(super) fn admin(
             format!("address {bind} is already bound by a listener"),
         ));
     }
+    let max_connections = *a.max_connections.get_ref();
+    if !(1..=MAX_ADMIN_CONNECTIONS).contains(&max_connections) {
+        return Err(src.err(
+            a.max_connections.span(),
+            "admin.max_connections".into(),
+            format!("{max_connections} is out of range: expected 1..={MAX_ADMIN_CONNECTIONS}"),
+        ));
+    }
+    let request_timeout = a.request_timeout.get_ref().0;
+    if !(ADMIN_TIMEOUT_MIN..=ADMIN_TIMEOUT_MAX).contains(&request_timeout) {
+        return Err(src.err(
+            a.request_timeout.span(),
+            "admin.request_timeout".into(),
+            format!(
+                "{} is out of range: expected 100ms to 5m",
+                humantime::format_duration(request_timeout)
+            ),
+        ));
+    }
+    let mut allowed_hosts = Vec::new();
+    for (i, h) in a.allowed_hosts.iter().enumerate() {
+        let name = h.get_ref().trim().to_ascii_lowercase();
+        if name.is_empty() || name.contains(['/', ':', ' ', '@']) {
+            return Err(src.err(
+                h.span(),
+                format!("admin.allowed_hosts[{i}]"),
+                format!("{:?} is not a host name (no port, no scheme)", h.get_ref()),
+            ));
+        }
+        allowed_hosts.push(name);
+    }
     Ok(Some(AdminConfig {
         bind,
         token_file,
         token,
+        max_connections,
+        request_timeout,
+        protect_reads: a.protect_reads,
+        allowed_hosts,
     }))
 }
 

@@ -1,4 +1,7 @@
 //! What starting, reloading and operating on a running balancer can fail with.
+//!
+//! Each error says its cause in its own text and does not also hand it out as a
+//! `source()`, so a printed chain does not repeat it.
 
 use std::io;
 use std::net::SocketAddr;
@@ -7,21 +10,19 @@ use crate::config::ConfigError;
 
 /// A listening socket that could not be bound (at start or on reload).
 #[derive(Debug, thiserror::Error)]
-#[error("listener {listener:?}: cannot bind {addr}: {source}")]
+#[error("listener {listener:?}: cannot bind {addr}: {error}")]
 pub struct BindError {
     pub listener: String,
     pub addr: SocketAddr,
-    #[source]
-    pub source: io::Error,
+    pub error: io::Error,
 }
 
 /// The access log's file could not be opened.
 #[derive(Debug, thiserror::Error)]
-#[error("log.access_log: cannot open {path}: {source}")]
+#[error("log.access_log: cannot open {path}: {error}")]
 pub struct AccessLogError {
     pub path: String,
-    #[source]
-    pub source: io::Error,
+    pub error: io::Error,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -31,7 +32,7 @@ pub enum StartError {
     #[error(transparent)]
     AccessLog(#[from] AccessLogError),
     #[error("cannot start worker threads: {0}")]
-    Workers(#[source] io::Error),
+    Workers(io::Error),
 }
 
 #[derive(Debug, thiserror::Error)]

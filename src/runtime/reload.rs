@@ -75,12 +75,12 @@ impl Runtime {
             self.inner
                 .access_log
                 .prepare(&new.log.access_log)
-                .map_err(|source| AccessLogError {
+                .map_err(|error| AccessLogError {
                     path: match &new.log.access_log {
                         AccessLogDest::File(p) => p.display().to_string(),
                         d => format!("{d:?}"),
                     },
-                    source,
+                    error,
                 })?;
         }
 

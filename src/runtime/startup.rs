@@ -82,8 +82,11 @@ impl Runtime {
         let rt = Runtime { inner };
 
         // Bind everything before serving anything, so a bad address fails fast.
+        // Each address must be free first: SO_REUSEPORT would otherwise let a
+        // second flowgate with the same config start and silently share it.
         let mut bound = Vec::new();
         for l in &config.listeners {
+            ensure_free(l)?;
             let sockets = rt.bind_listener(l)?;
             bound.push((l, sockets));
         }
@@ -129,10 +132,10 @@ impl Runtime {
             WorkerModel::PerCore => self.inner.workers,
             WorkerModel::Shared => 1,
         };
-        let err = |addr, source| BindError {
+        let err = |addr, error| BindError {
             listener: l.name.clone(),
             addr,
-            source,
+            error,
         };
         if l.protocol == Protocol::Udp {
             let first = udp::bind(l.bind).map_err(|e| err(l.bind, e))?;
@@ -247,6 +250,43 @@ impl Runtime {
     }
 }
 
+/// Fails if another socket holds `l`'s address: binds it once without
+/// SO_REUSEPORT (nor, for UDP, SO_REUSEADDR), which any holder's socket refuses,
+/// and lets go at once. Port 0 always gets a free port.
+fn ensure_free(l: &ListenerConfig) -> Result<(), BindError> {
+    use socket2::{Domain, Socket, Type};
+    if l.bind.port() == 0 {
+        return Ok(());
+    }
+    let probe = || -> std::io::Result<()> {
+        let (ty, proto) = match l.protocol {
+            Protocol::Udp => (Type::DGRAM, socket2::Protocol::UDP),
+            _ => (Type::STREAM, socket2::Protocol::TCP),
+        };
+        let s = Socket::new(Domain::for_address(l.bind), ty, Some(proto))?;
+        if l.protocol != Protocol::Udp {
+            // A port whose last connections linger in TIME_WAIT is free.
+            s.set_reuse_address(true)?;
+        }
+        if l.bind.is_ipv6() {
+            s.set_only_v6(true)?;
+        }
+        s.bind(&l.bind.into())
+    };
+    probe().map_err(|error| BindError {
+        listener: l.name.clone(),
+        addr: l.bind,
+        error: if error.kind() == std::io::ErrorKind::AddrInUse {
+            std::io::Error::new(
+                error.kind(),
+                format!("{error}: another process (another flowgate?) holds it"),
+            )
+        } else {
+            error
+        },
+    })
+}
+
 /// The default `max_sessions` of each UDP listener of `cfg`.
 pub(super) fn udp_default_max(cfg: &Config) -> usize {
     let n = cfg
@@ -260,12 +300,12 @@ pub(super) fn udp_default_max(cfg: &Config) -> usize {
 /// Applies the access-log part of `[log]`; a file that cannot be opened is an error.
 pub(super) fn configure_access_log(log: &AccessLog, cfg: &LogConfig) -> Result<(), AccessLogError> {
     log.configure(&cfg.access_log, cfg.format)
-        .map_err(|source| AccessLogError {
+        .map_err(|error| AccessLogError {
             path: match &cfg.access_log {
                 crate::config::AccessLogDest::File(p) => p.display().to_string(),
                 d => format!("{d:?}"),
             },
-            source,
+            error,
         })
 }
 

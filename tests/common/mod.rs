@@ -324,13 +324,13 @@ impl Proc {
             return a.parse().unwrap();
         }
         let log = self.log.lock().unwrap();
-        let needle = "admin API listening addr=Some(";
+        let needle = "admin API listening addr=";
         let line = log
             .lines()
             .find(|l| l.contains(needle))
             .unwrap_or_else(|| panic!("no admin listening line in log:\n{log}"));
         let rest = &line[line.find(needle).unwrap() + needle.len()..];
-        rest[..rest.find(')').unwrap()].parse().unwrap()
+        rest.split_whitespace().next().unwrap().parse().unwrap()
     }
 
     pub fn signal(&self, sig: nix::sys::signal::Signal) {

@@ -1,0 +1,331 @@
+//! The admin API against an attacker (issue 10): slow bodies that used to pin
+//! memory, connection floods, cross-site and DNS-rebinding requests from a browser,
+//! and the small protocol courtesies (`WWW-Authenticate`, `Allow`). Also: a second
+//! flowgate with the same config refuses to start instead of sharing the ports.
+//!
+//! Real sockets and the real binary; curl as the client where one is enough.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const LIVENESS: Duration = Duration::from_secs(20);
+
+fn cfg(backend: SocketAddr, admin_extra: &str) -> String {
+    format!(
+        "[admin]\nbind = \"127.0.0.1:0\"\n{admin_extra}\n\n\
+         [[listeners]]\nname = \"l\"\nbind = \"127.0.0.1:0\"\npool = \"p\"\n\n\
+         [[pools]]\nname = \"p\"\nbackends = [ {{ address = \"{backend}\" }} ]\n"
+    )
+}
+
+/// The resident memory of process `pid`, in KiB.
+fn rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// 50 clients announce a 64 KiB body and send it one byte per packet. Before, every
+/// received byte pinned a read buffer (about 4 KiB each: 50 clients took 1 GB).
+/// Now a GET with a body is refused at once, and a PUT's body is copied into one
+/// buffer of at most 64 KiB: the process grows by a few MiB at most.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_bodies_do_not_grow_memory() {
+    let be = TestBackend::start(Kind::Identity).await;
+    let fg = Proc::spawn(&cfg(be.addr, "request_timeout = \"30s\""), &[]);
+    let admin = fg.admin();
+    let before = rss_kib(fg.pid());
+    const CLIENTS: usize = 50;
+    const BYTES: usize = 1500;
+    let mut tasks = Vec::new();
+    for i in 0..CLIENTS {
+        tasks.push(tokio::spawn(async move {
+            let mut s = TcpStream::connect(admin).await.unwrap();
+            s.set_nodelay(true).unwrap();
+            let head = if i % 2 == 0 {
+                "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 65536\r\n\r\n"
+                    .to_string()
+            } else {
+                "PUT /api/v1/pools/p/backends/x/weight HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+                 Content-Type: application/json\r\nContent-Length: 65536\r\n\r\n"
+                    .to_string()
+            };
+            s.write_all(head.as_bytes()).await.unwrap();
+            for _ in 0..BYTES {
+                if s.write_all(b" ").await.is_err() {
+                    break; // refused and closed: that is the point for GETs
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            s
+        }));
+    }
+    let mut held = Vec::new();
+    for t in tasks {
+        held.push(t.await.unwrap());
+    }
+    // Every byte has been sent; the PUTs' connections are still open.
+    let peak = rss_kib(fg.pid());
+    let growth = peak.saturating_sub(before);
+    eprintln!("RSS {before} KiB -> {peak} KiB with {CLIENTS} slow bodies of {BYTES} bytes");
+    assert!(
+        growth < 16 * 1024,
+        "RSS grew {growth} KiB (from {before} KiB) for {CLIENTS} clients dribbling {BYTES} bytes"
+    );
+    drop(held);
+    // And the API still answers.
+    assert_eq!(curl(admin, "GET", "/healthz", None, None).await.status, 200);
+}
+
+/// `admin.max_connections`: idle connections beyond it are closed at accept, the
+/// ones within it are closed at `request_timeout` when they send no request, and the
+/// API then answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_connections_are_capped_and_idle_ones_time_out() {
+    let be = TestBackend::start(Kind::Identity).await;
+    let fg = start(&cfg(
+        be.addr,
+        "max_connections = 4\nrequest_timeout = \"500ms\"",
+    ));
+    let admin = fg.admin_addr().unwrap();
+    let mut conns = Vec::new();
+    for _ in 0..10 {
+        conns.push(TcpStream::connect(admin).await.unwrap());
+    }
+    // Each connection ends (EOF or reset) without having sent anything: six at
+    // accept, four at the request deadline.
+    for (i, c) in conns.iter_mut().enumerate() {
+        let mut buf = [0u8; 1];
+        let r = tokio::time::timeout(LIVENESS, c.read(&mut buf)).await;
+        assert!(
+            matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+            "connection {i} was not closed: {r:?}"
+        );
+    }
+    assert_eq!(curl(admin, "GET", "/healthz", None, None).await.status, 200);
+}
+
+/// A browser page on another site, or a DNS name rebound to 127.0.0.1, cannot use
+/// the admin API: foreign `Host` and `Origin` are refused, and so is a body that is
+/// not JSON. The backend stays up through all of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_site_and_rebinding_requests_are_refused() {
+    let be = TestBackend::start(Kind::Identity).await;
+    let fg = start(&cfg(be.addr, "allowed_hosts = [\"lb.internal\"]"));
+    let admin = fg.admin_addr().unwrap();
+    let drain = action(&be.addr.to_string(), "drain", false);
+
+    let r = curl_with(
+        admin,
+        "GET",
+        "/api/v1/pools",
+        None,
+        None,
+        &["-H", "Host: attacker.example"],
+    )
+    .await;
+    assert_eq!(r.status, 421, "{r:?}");
+    assert!(r.error().contains("allowed_hosts"), "{r:?}");
+    let r = curl_with(
+        admin,
+        "GET",
+        "/healthz",
+        None,
+        None,
+        &["-H", &format!("Host: lb.internal:{}", admin.port())],
+    )
+    .await;
+    assert_eq!(r.status, 200, "a configured name: {r:?}");
+    let r = curl_with(
+        admin,
+        "GET",
+        "/healthz",
+        None,
+        None,
+        &["-H", &format!("Host: localhost:{}", admin.port())],
+    )
+    .await;
+    assert_eq!(r.status, 200, "localhost: {r:?}");
+
+    let r = curl_with(
+        admin,
+        "POST",
+        &drain,
+        None,
+        None,
+        &[
+            "-H",
+            "Origin: http://evil.example",
+            "-H",
+            "Content-Type: text/plain",
+            "--data-binary",
+            "x",
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 403, "{r:?}");
+    let r = curl_with(
+        admin,
+        "POST",
+        "/api/v1/reload",
+        None,
+        None,
+        &[
+            "-H",
+            "Content-Type: application/x-www-form-urlencoded",
+            "--data-binary",
+            "a=b",
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 415, "{r:?}");
+    let r = curl_with(
+        admin,
+        "GET",
+        "/healthz",
+        None,
+        None,
+        &[
+            "-H",
+            "Content-Length: 5",
+            "--data-binary",
+            "hello",
+            "-X",
+            "GET",
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 400, "a GET with a body: {r:?}");
+
+    let pools = get_pools(admin).await;
+    assert_eq!(backends_of(&pools, "p")[0]["state"], "up", "{pools}");
+
+    // The same origin (the status page's own requests) is fine.
+    let r = curl_with(
+        admin,
+        "POST",
+        &drain,
+        None,
+        None,
+        &["-H", &format!("Origin: http://{admin}")],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+}
+
+/// 401 says how to authenticate, 405 says what is allowed, the scheme is read in
+/// any case, and `protect_reads` puts reads (but `/healthz`) behind the token too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_courtesies_and_protected_reads() {
+    let be = TestBackend::start(Kind::Identity).await;
+    let dir = tempdir::Dir::new();
+    let token = dir.file("token", "s3cret\n");
+    let fg = start(&cfg(
+        be.addr,
+        &format!("token_file = \"{}\"\nprotect_reads = true", token.display()),
+    ));
+    let admin = fg.admin_addr().unwrap();
+
+    let r = curl_with(admin, "GET", "/api/v1/pools", None, None, &["-i"]).await;
+    assert_eq!(r.status, 401, "{r:?}");
+    assert!(
+        r.text
+            .to_ascii_lowercase()
+            .contains("www-authenticate: bearer"),
+        "{}",
+        r.text
+    );
+    assert_eq!(curl(admin, "GET", "/healthz", None, None).await.status, 200);
+    assert_eq!(
+        curl(admin, "GET", "/api/v1/pools", None, Some("s3cret"))
+            .await
+            .status,
+        200
+    );
+    let r = curl_with(
+        admin,
+        "GET",
+        "/api/v1/pools",
+        None,
+        None,
+        &["-H", "Authorization: bearer s3cret"],
+    )
+    .await;
+    assert_eq!(r.status, 200, "lower-case scheme: {r:?}");
+
+    let r = curl_with(
+        admin,
+        "DELETE",
+        "/api/v1/reload",
+        None,
+        Some("s3cret"),
+        &["-i"],
+    )
+    .await;
+    assert_eq!(r.status, 405, "{r:?}");
+    assert!(
+        r.text.to_ascii_lowercase().contains("allow: post"),
+        "{}",
+        r.text
+    );
+}
+
+/// A second flowgate with the same config (fixed ports) refuses to start, naming
+/// the address, instead of sharing the listener and the admin API with the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_instance_on_the_same_ports_refuses_to_start() {
+    let be = TestBackend::start(Kind::Identity).await;
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    };
+    let (lb, admin) = (free(), free());
+    let text = |with_admin: bool| {
+        let admin = if with_admin {
+            format!("[admin]\nbind = \"{admin}\"\n\n")
+        } else {
+            String::new()
+        };
+        format!(
+            "{admin}[[listeners]]\nname = \"l\"\nbind = \"{lb}\"\npool = \"p\"\n\n\
+             [[pools]]\nname = \"p\"\nbackends = [ {{ address = \"{}\" }} ]\n",
+            be.addr
+        )
+    };
+    let first = Proc::spawn(&text(true), &[]);
+    assert_eq!(first.admin(), admin);
+    for with_admin in [true, false] {
+        let mut second = Proc::spawn(&text(with_admin), &[]);
+        let status = second
+            .exited(LIVENESS)
+            .await
+            .expect("the second instance exits");
+        assert_eq!(status.code(), Some(1), "{}", second.log());
+        let log = second.log();
+        assert!(
+            log.contains(&lb.to_string()) || log.contains(&admin.to_string()),
+            "{log}"
+        );
+        assert!(log.contains("Address already in use"), "{log}");
+        let line = log
+            .lines()
+            .find(|l| l.contains("cannot bind"))
+            .expect("the error line");
+        assert_eq!(
+            line.matches("Address already in use").count(),
+            1,
+            "the cause is said once: {line}"
+        );
+    }
+    // The first one still has its listener to itself.
+    let (_, name) = connect_identity(first.addr("l")).await;
+    assert_eq!(name, be.name);
+}

@@ -19,7 +19,7 @@
 //! registered once per backend, so recording one is a lock-free push.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -105,6 +105,11 @@ pub struct Backend {
     idle: Notify,
     /// Consecutive connect failures or resets, for passive ejection.
     passive_failures: AtomicU32,
+    /// Health checks have seen it up at least once (or it needs none): a first
+    /// success is enough to bring it up, and slow start is for coming *back*.
+    been_up: AtomicBool,
+    /// Probe loops running for it: a reload starts one only where none runs.
+    probes: AtomicUsize,
     last_check: Mutex<Option<CheckRecord>>,
     pub stats: BackendStats,
     pub histograms: BackendHistograms,
@@ -209,6 +214,8 @@ impl Backend {
             drain_epoch: AtomicU64::new(0),
             idle: Notify::new(),
             passive_failures: AtomicU32::new(0),
+            been_up: AtomicBool::new(false),
+            probes: AtomicUsize::new(0),
             last_check: Mutex::new(None),
         })
     }
@@ -356,6 +363,26 @@ impl Backend {
         }
     }
 
+    /// Whether health checks have seen it up (or it needs none).
+    pub fn been_up(&self) -> bool {
+        self.been_up.load(Ordering::Relaxed)
+    }
+
+    pub fn set_been_up(&self) {
+        self.been_up.store(true, Ordering::Relaxed);
+    }
+
+    /// Counts a probe loop for this backend until the guard drops.
+    pub fn probe_guard(self: &Arc<Self>) -> ProbeGuard {
+        self.probes.fetch_add(1, Ordering::AcqRel);
+        ProbeGuard(self.clone())
+    }
+
+    /// Whether a probe loop runs for it.
+    pub fn is_probed(&self) -> bool {
+        self.probes.load(Ordering::Acquire) > 0
+    }
+
     pub fn record_check(&self, r: CheckRecord) {
         *self.last_check.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
     }
@@ -365,6 +392,16 @@ impl Backend {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+}
+
+/// One running probe loop of a backend.
+#[derive(Debug)]
+pub struct ProbeGuard(Arc<Backend>);
+
+impl Drop for ProbeGuard {
+    fn drop(&mut self) {
+        self.0.probes.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

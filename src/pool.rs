@@ -138,6 +138,15 @@ impl Pool {
         self.snapshot.load().backends.clone()
     }
 
+    /// Whether `b` (this very object) is one of the current backends.
+    pub fn contains(&self, b: &Arc<Backend>) -> bool {
+        self.snapshot
+            .load()
+            .backends
+            .iter()
+            .any(|x| Arc::ptr_eq(x, b))
+    }
+
     pub fn find(&self, name: &str) -> Option<Arc<Backend>> {
         self.snapshot
             .load()
@@ -259,6 +268,8 @@ fn new_backend(pool: &PoolConfig, cfg: &crate::config::BackendConfig) -> Arc<Bac
     let b = Backend::new(cfg, &pool.name);
     if pool.health_check.is_some() {
         b.set_flag(flag::UNHEALTHY);
+    } else {
+        b.set_been_up();
     }
     b
 }

@@ -2,8 +2,12 @@
 //! the data path.
 //!
 //! A backend goes down after `fall` failed probes in a row and comes back after
-//! `rise` successes. A backend that has never been checked starts down, is probed at
-//! once and is used after its first success. Each flip is logged once with the
+//! `rise` successes. A backend that has never been up starts down, is probed at
+//! once and is used after its first success, however many probes failed before it
+//! (a backend that starts late is not held back); slow start is only for a backend
+//! that comes *back*, as in HAProxy. A reload leaves the probes of a pool whose
+//! health check is unchanged running, with their rise/fall counts; new backends get
+//! their own, and a removed backend's probe ends. Each flip is logged once with the
 //! reason, and flips only ever happen through [`Verdict::record`], which says
 //! whether the state changed. Probe intervals are jittered (±10%) so a large pool
 //! is not probed in lock-step.
@@ -53,16 +57,7 @@ impl Verdict {
             return None;
         }
         self.streak += 1;
-        let needed = if ok {
-            if self.fresh {
-                1
-            } else {
-                self.rise
-            }
-        } else {
-            self.fall
-        };
-        if self.streak >= needed {
+        if self.streak >= self.needed(ok) {
             self.up = ok;
             self.streak = 0;
             if ok {
@@ -77,17 +72,33 @@ impl Verdict {
     pub fn is_up(&self) -> bool {
         self.up
     }
+
+    /// Probes in a row with result `ok` that flip the state now (for the log).
+    pub fn needed(&self, ok: bool) -> u32 {
+        match (ok, self.fresh) {
+            (true, true) => 1,
+            (true, false) => self.rise,
+            (false, _) => self.fall,
+        }
+    }
 }
 
-/// Starts probing every backend of `pool` with `cfg` until `stop` fires.
-/// Probes (and the slow-start ramps they start) run on `tasks`, tracked.
+/// Starts probing the backends of `pool` with `cfg` until `stop` fires or the
+/// backend leaves the pool: every backend with `all` (new probes replace ones
+/// being stopped), otherwise those with no probe running (a reload that kept the
+/// health check). Probes (and the slow-start ramps they start) run on `tasks`,
+/// tracked.
 pub fn spawn(
     pool: &Arc<Pool>,
     cfg: Arc<HealthCheckConfig>,
     stop: &CancellationToken,
     tasks: &Tasks,
+    all: bool,
 ) {
     for backend in pool.backends() {
+        if !all && backend.is_probed() {
+            continue;
+        }
         let probe = check_loop(
             pool.clone(),
             backend,
@@ -106,14 +117,19 @@ async fn check_loop(
     stop: CancellationToken,
     tasks: Tasks,
 ) {
+    let _running = b.probe_guard();
     let checked_before = b.last_check().is_some();
     let healthy = b.flags() & flag::UNHEALTHY == 0;
-    let mut verdict = Verdict::new(cfg.rise, cfg.fall, healthy, !checked_before && !healthy);
-    // A backend carried over by a reload keeps its state: no immediate re-probe.
+    let mut verdict = Verdict::new(cfg.rise, cfg.fall, healthy, !b.been_up());
+    // A backend whose probes restart (its health check changed) keeps its state:
+    // no immediate re-probe.
     if checked_before && sleep_or_stop(jittered(cfg.interval), &stop).await {
         return;
     }
     loop {
+        if !pool.contains(&b) {
+            return; // a reload removed it
+        }
         let t0 = std::time::Instant::now();
         let result = tokio::select! {
             _ = stop.cancelled() => return,
@@ -134,8 +150,9 @@ async fn check_loop(
                 Err(e) => e.to_string(),
             },
         });
+        let needed = verdict.needed(result.is_ok());
         if let Some(up) = verdict.record(result.is_ok()) {
-            flip(&pool, &b, up, result.err(), &cfg, &tasks);
+            flip(&pool, &b, up, needed, result.err(), &tasks);
         }
         // Also without a flip: a pool whose backends never came up is all down too.
         pool.report_all_down();
@@ -150,21 +167,26 @@ fn flip(
     pool: &Arc<Pool>,
     b: &Arc<Backend>,
     up: bool,
+    // Probes in a row that did it: 1 for a backend's first time up.
+    streak: u32,
     why: Option<ProbeError>,
-    cfg: &HealthCheckConfig,
     tasks: &Tasks,
 ) {
     if up {
         if b.clear_flag(flag::UNHEALTHY) {
-            info!(pool = %pool.name, backend = %b.name, rise = cfg.rise, "backend up: health check passed");
-            slow_start(pool, b, tasks);
+            info!(pool = %pool.name, backend = %b.name, rise = streak, "backend up: health check passed");
+            // Slow start is for a backend coming back, not for its first time up.
+            if b.been_up() {
+                slow_start(pool, b, tasks);
+            }
+            b.set_been_up();
         }
     } else if b.set_flag(flag::UNHEALTHY) {
         warn!(
             pool = %pool.name,
             backend = %b.name,
             reason = %why.map_or_else(|| "unknown".to_string(), |e| e.to_string()),
-            fall = cfg.fall,
+            fall = streak,
             "backend down: health check failed"
         );
     }
@@ -241,10 +263,7 @@ mod slow_start_tests {
     use super::*;
     use crate::config::Config;
 
-    /// With paused time: a recovered backend starts at 10% of its weight and reaches
-    /// 100% after `slow_start`, in steps.
-    #[tokio::test(start_paused = true)]
-    async fn recovered_backend_ramps_up_over_slow_start() {
+    fn pool() -> Arc<Pool> {
         let cfg = Config::parse(
             r#"
 [[listeners]]
@@ -261,11 +280,19 @@ kind = "tcp"
             std::path::Path::new("t.toml"),
         )
         .unwrap();
-        let pool = Pool::new(&cfg.pools[0]);
+        Pool::new(&cfg.pools[0])
+    }
+
+    /// With paused time: a backend that comes back starts at 10% of its weight and
+    /// reaches 100% after `slow_start`, in steps.
+    #[tokio::test(start_paused = true)]
+    async fn recovered_backend_ramps_up_over_slow_start() {
+        let pool = pool();
         let b = pool.backends()[0].clone();
-        let hc = cfg.pools[0].health_check.clone().unwrap();
         let tasks = Tasks::new(tokio::runtime::Handle::current());
-        flip(&pool, &b, true, None, &hc, &tasks);
+        flip(&pool, &b, true, 1, None, &tasks);
+        flip(&pool, &b, false, 3, None, &tasks);
+        flip(&pool, &b, true, 2, None, &tasks);
         assert!(b.is_usable());
         assert_eq!(b.weight(), 10);
         tokio::time::sleep(Duration::from_millis(5_500)).await;
@@ -274,5 +301,36 @@ kind = "tcp"
         tokio::time::sleep(Duration::from_secs(6)).await;
         assert_eq!(b.weight(), 100);
         assert_eq!(b.base_weight(), 100);
+    }
+
+    /// A backend's first time up (startup, or added by a reload) takes its full
+    /// weight at once: slow start is for coming back (HAProxy does the same).
+    #[tokio::test(start_paused = true)]
+    async fn first_time_up_takes_full_weight() {
+        let pool = pool();
+        let b = pool.backends()[0].clone();
+        let tasks = Tasks::new(tokio::runtime::Handle::current());
+        flip(&pool, &b, true, 1, None, &tasks);
+        assert!(b.is_usable());
+        assert_eq!(b.weight(), 100);
+    }
+
+    /// A backend that has never been up comes up on its first success, however
+    /// many probes failed before (not after `rise`).
+    #[test]
+    fn never_up_comes_up_on_the_first_success_after_failures() {
+        let mut v = Verdict::new(3, 2, false, true);
+        for _ in 0..5 {
+            assert_eq!(v.record(false), None);
+        }
+        assert_eq!(v.needed(true), 1);
+        assert_eq!(v.record(true), Some(true));
+        // Once it has been up, coming back takes `rise`.
+        assert_eq!(v.record(false), None);
+        assert_eq!(v.record(false), Some(false));
+        assert_eq!(v.needed(true), 3);
+        assert_eq!(v.record(true), None);
+        assert_eq!(v.record(true), None);
+        assert_eq!(v.record(true), Some(true));
     }
 }

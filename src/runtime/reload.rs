@@ -97,9 +97,14 @@ impl Runtime {
     /// drain removed ones; restart every pool's probes.
     fn swap_pools(&self, st: &mut State, new: &Config, plan: &ReloadPlan) {
         let mut pools = HashMap::new();
+        // Pools whose probes start anew: new ones, and those whose check changed.
+        let mut restart = Vec::new();
         for p in &new.pools {
             let pool = match st.pools.get(&p.name) {
                 Some(pool) => {
+                    if pool.config().health_check != p.health_check {
+                        restart.push(p.name.clone());
+                    }
                     let removed = self.scoped(|| pool.update(p));
                     for b in removed {
                         info!(pool = %p.name, backend = %b.name, "backend removed by reload: draining");
@@ -107,7 +112,10 @@ impl Runtime {
                     }
                     pool.clone()
                 }
-                None => self.scoped(|| Pool::new(p)),
+                None => {
+                    restart.push(p.name.clone());
+                    self.scoped(|| Pool::new(p))
+                }
             };
             pools.insert(p.name.clone(), pool);
         }
@@ -128,7 +136,7 @@ impl Runtime {
         st.pools = pools;
         let all: Vec<_> = st.pools.values().cloned().collect();
         for pool in &all {
-            self.start_probes(st, pool);
+            self.start_probes(st, pool, restart.contains(&pool.name.to_string()));
             pool.report_all_down();
         }
     }

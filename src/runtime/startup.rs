@@ -94,7 +94,7 @@ impl Runtime {
         let mut st = rt.inner.lock();
         for p in &config.pools {
             let pool = rt.scoped(|| Pool::new(p));
-            rt.start_probes(&mut st, &pool);
+            rt.start_probes(&mut st, &pool, true);
             st.pools.insert(p.name.clone(), pool);
         }
         let udp_max = udp_default_max(&config);
@@ -237,16 +237,30 @@ impl Runtime {
         RunningListener { shared, local_addr }
     }
 
-    /// (Re)starts the probes of `pool`, on the control tasks.
-    pub(super) fn start_probes(&self, st: &mut State, pool: &Arc<Pool>) {
-        if let Some(old) = st.probes.remove(&*pool.name) {
-            old.cancel();
+    /// Starts the probes of `pool` on the control tasks. With `restart` (a new
+    /// pool, or its health check changed) every backend's probe starts anew;
+    /// otherwise running probes go on, with their rise/fall counts, and only
+    /// backends without one (added by a reload) get theirs.
+    pub(super) fn start_probes(&self, st: &mut State, pool: &Arc<Pool>, restart: bool) {
+        let name = pool.name.to_string();
+        if restart {
+            if let Some(old) = st.probes.remove(&name) {
+                old.cancel();
+            }
         }
-        if let Some(hc) = pool.config().health_check.clone() {
-            let stop = self.inner.control.stop_token().child_token();
-            health::spawn(pool, Arc::new(hc), &stop, &self.inner.control);
-            st.probes.insert(pool.name.to_string(), stop);
-        }
+        let Some(hc) = pool.config().health_check.clone() else {
+            if let Some(old) = st.probes.remove(&name) {
+                old.cancel();
+            }
+            return;
+        };
+        let control = &self.inner.control;
+        let (stop, all) = match st.probes.get(&name) {
+            Some(stop) => (stop.clone(), false),
+            None => (control.stop_token().child_token(), true),
+        };
+        health::spawn(pool, Arc::new(hc), &stop, control, all);
+        st.probes.insert(name, stop);
     }
 }
 

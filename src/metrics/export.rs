@@ -85,11 +85,24 @@ impl Default for ReloadStats {
 pub struct Exporter {
     recorder: PrometheusRecorder,
     process: metrics_process::Collector,
-    /// What was last exported per counter series, and from which object. Held for
-    /// a whole scrape, so scrapes run one at a time: two at once (an HA pair of
-    /// Prometheus servers) would each read an atomic and race to add its gain.
-    last: Mutex<HashMap<String, u64>>,
+    /// What the previous scrapes exported. Held for a whole scrape, so scrapes run
+    /// one at a time: two at once (an HA pair of Prometheus servers) would each read
+    /// an atomic and race to add its gain.
+    last: Mutex<Seen>,
 }
+
+/// What was exported, kept between scrapes, and only for objects that still exist.
+#[derive(Default)]
+struct Seen {
+    /// Per counter series and object: the value exported and the scrape it was in.
+    counters: HashMap<String, (u64, u64)>,
+    /// The labels of each backend exported, by object.
+    backends: HashMap<usize, Labels>,
+    /// Scrapes so far.
+    scrape: u64,
+}
+
+type Labels = Vec<(&'static str, String)>;
 
 impl std::fmt::Debug for Exporter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -119,7 +132,7 @@ impl Exporter {
                 let e = Exporter {
                     recorder: b.build_recorder(),
                     process: metrics_process::Collector::default(),
-                    last: Mutex::new(HashMap::new()),
+                    last: Mutex::new(Seen::default()),
                 };
                 e.scope(|| {
                     describe();
@@ -154,11 +167,16 @@ impl Exporter {
 
     /// The Prometheus text exposition of everything in `inv`.
     pub fn render(&self, inv: &Inventory) -> String {
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let mut seen = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        seen.scrape += 1;
         self.scope(|| {
             self.process.collect();
-            Scrape { last: &mut last }.sync(inv);
+            Scrape { seen: &mut seen }.sync(inv);
         });
+        // Objects gone since (a reload removed them): forget what they exported,
+        // so churn does not grow this map.
+        let now = seen.scrape;
+        seen.counters.retain(|_, (_, at)| *at == now);
         self.recorder.handle().render()
     }
 }
@@ -245,7 +263,7 @@ fn describe() {
 
 /// One scrape: adds each atomic's gain since the last one to the registry.
 struct Scrape<'a> {
-    last: &'a mut HashMap<String, u64>,
+    seen: &'a mut Seen,
 }
 
 impl Scrape<'_> {
@@ -271,10 +289,10 @@ impl Scrape<'_> {
         // Per object: two objects with the same labels (a backend re-added by a
         // reload while its old copy still drains) both add what they gained.
         key.push_str(&format!("@{owner:x}"));
-        let prev = self.last.insert(key, now);
+        let prev = self.seen.counters.insert(key, (now, self.seen.scrape));
         // Less than last time: a new object at a freed address; it counts from 0.
         let delta = match prev {
-            Some(v) if now >= v => now - v,
+            Some((v, _)) if now >= v => now - v,
             _ => now,
         };
         counter!(name, labels).increment(delta);
@@ -301,12 +319,29 @@ impl Scrape<'_> {
         for u in &inv.udp_listeners {
             self.udp_listener(u);
         }
-        for p in &inv.pools {
+        let backends: Vec<_> = inv
+            .pools
+            .iter()
             // Retiring copies first, so a current backend with the same address sets
             // the gauges last.
-            for b in p.retiring().iter().chain(p.backends().iter()) {
-                self.backend(b);
+            .flat_map(|p| p.retiring().into_iter().chain(p.backends()))
+            .collect();
+        // A backend gone since the last scrape (a reload removed it and its drain
+        // is over) takes no connections: say so at once rather than leave its last
+        // `up` for the gauges' idle timeout. Before the live ones, which may share
+        // its labels.
+        let live: std::collections::HashSet<usize> =
+            backends.iter().map(|b| Arc::as_ptr(b) as usize).collect();
+        self.seen.backends.retain(|owner, labels| {
+            let keep = live.contains(owner);
+            if !keep {
+                gauge!(BACKEND_UP, &*labels).set(0.0);
+                gauge!(BACKEND_ACTIVE, &*labels).set(0.0);
             }
+            keep
+        });
+        for b in &backends {
+            self.backend(b);
         }
     }
 
@@ -337,6 +372,7 @@ impl Scrape<'_> {
             ("pool", b.pool.to_string()),
             ("backend", b.name.to_string()),
         ];
+        self.seen.backends.insert(owner, labels.to_vec());
         let st = &b.stats;
         let state = b.state();
         gauge!(BACKEND_UP, &labels).set(if b.is_usable() { 1.0 } else { 0.0 });

@@ -96,6 +96,14 @@ impl Runtime {
     /// Pools: update kept ones (draining the backends they lose), create new ones,
     /// drain removed ones; restart every pool's probes.
     fn swap_pools(&self, st: &mut State, new: &Config, plan: &ReloadPlan) {
+        // Pools removed earlier are kept only while a connection may still need
+        // cutting at a hard stop (pool churn must not grow this list).
+        st.removed_pools.retain(|p| {
+            p.backends()
+                .iter()
+                .chain(&p.retiring())
+                .any(|b| b.active() > 0)
+        });
         let mut pools = HashMap::new();
         // Pools whose probes start anew: new ones, and those whose check changed.
         let mut restart = Vec::new();

@@ -284,3 +284,67 @@ proptest! {
         }
     }
 }
+
+/// The longest duration any key takes (documented in docs/configuration.md).
+const MAX_DURATION: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
+/// A number or duration far past any sensible bound, for key `line` of `LINES`.
+fn huge_value() -> impl Strategy<Value = String> {
+    prop_oneof![
+        (1u64 << 20..u64::MAX).prop_map(|n| n.to_string()),
+        (1u64..1 << 40).prop_map(|n| format!("\"{n}y\"")),
+        (1u64 << 20..1 << 50).prop_map(|n| format!("\"{n}s\"")),
+        (1u64 << 20..1 << 50).prop_map(|n| format!("\"{n}ms\"")),
+    ]
+}
+
+/// Whether every number and duration of `c` is within its documented bound: what
+/// `check` accepts, `run` can start with (issue 10: `workers = 100000000000`
+/// passed `check` and panicked `run`).
+fn within_bounds(c: &Config) -> bool {
+    let d_ok = |d: std::time::Duration| d <= MAX_DURATION;
+    c.runtime.workers <= 1024
+        && d_ok(c.runtime.shutdown_timeout)
+        && c.listeners.iter().all(|l| {
+            d_ok(l.connect_timeout)
+                && d_ok(l.idle_timeout)
+                && l.max_connections.is_none_or(|m| m <= 16 << 20)
+                && l.max_sessions.is_none_or(|m| m <= 16 << 20)
+                && l.max_sessions_per_source.is_none_or(|m| m <= 16 << 20)
+                && l.responses <= 1 << 20
+                && l.backlog <= 1 << 20
+        })
+        && c.pools.iter().all(|p| {
+            d_ok(p.drain_timeout)
+                && d_ok(p.slow_start)
+                && p.connect_attempts <= 32
+                && p.health_check.as_ref().is_none_or(|h| {
+                    d_ok(h.interval) && d_ok(h.timeout) && h.rise <= 100 && h.fall <= 100
+                })
+                && p.passive.as_ref().is_none_or(|v| d_ok(v.eject_for))
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// Any number or duration key set to a huge value: a positioned error, or a
+    /// config within every documented bound.
+    #[test]
+    fn huge_numbers_and_durations_are_refused_or_within_bounds(
+        line in 0..LINES.len(),
+        value in huge_value(),
+    ) {
+        let Some((key, _)) = LINES[line].split_once(" = ") else {
+            return Ok(());
+        };
+        let mut lines: Vec<String> = LINES.iter().map(|l| l.to_string()).collect();
+        lines[line] = format!("{key} = {value}");
+        let text = lines.join("\n");
+        let result = parse(&text);
+        check(&text, &result)?;
+        if let Ok(c) = &result {
+            prop_assert!(within_bounds(c), "{key} = {value} passed: {c:?}");
+        }
+    }
+}

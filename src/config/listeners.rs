@@ -8,6 +8,13 @@ use super::resolve::resolve;
 use super::validate::{unique_name, Source};
 use super::{ConfigError, ListenerConfig, PoolConfig, Protocol};
 
+/// Upper bound on `max_connections`, `max_sessions` and `max_sessions_per_source`.
+const MAX_LIMIT: usize = 16 << 20;
+/// Upper bound on `responses`.
+const MAX_RESPONSES: u64 = 1 << 20;
+/// Upper bound on `backlog` (the kernel caps it at `net.core.somaxconn` anyway).
+const MAX_BACKLOG: u32 = 1 << 20;
+
 /// Validates every listener, in file order, against the already validated `pools`.
 /// At least one listener is required.
 pub(super) fn listeners(
@@ -65,11 +72,14 @@ pub(super) fn listeners(
             ("max_sessions_per_source", &l.max_sessions_per_source),
         ] {
             if let Some(m) = v {
-                if *m.get_ref() == 0 {
+                if *m.get_ref() == 0 || *m.get_ref() > MAX_LIMIT {
                     return Err(src.err(
                         m.span(),
                         at(key),
-                        "expected a positive number (leave it out for no limit)".into(),
+                        format!(
+                            "{} is out of range: expected a positive number up to {MAX_LIMIT} (leave it out for no limit)",
+                            m.get_ref()
+                        ),
                     ));
                 }
                 let udp_only = key != "max_connections";
@@ -87,6 +97,16 @@ pub(super) fn listeners(
             }
         }
         if let Some(r) = &l.responses {
+            if *r.get_ref() > MAX_RESPONSES {
+                return Err(src.err(
+                    r.span(),
+                    at("responses"),
+                    format!(
+                        "{} is out of range: expected 0 (any number) to {MAX_RESPONSES}",
+                        r.get_ref()
+                    ),
+                ));
+            }
             if protocol != Protocol::Udp {
                 return Err(src.err(
                     r.span(),
@@ -94,6 +114,27 @@ pub(super) fn listeners(
                     format!(
                         "responses applies to udp listeners; this one is {}",
                         protocol.as_str()
+                    ),
+                ));
+            }
+        }
+        if l.backlog == 0 || l.backlog > MAX_BACKLOG {
+            return Err(src.err(
+                l.name.span(),
+                at("backlog"),
+                format!("{} is out of range: expected 1 to {MAX_BACKLOG}", l.backlog),
+            ));
+        }
+        // A backend that is this very listener: every connection would connect to
+        // itself until the descriptors run out.
+        if let Some(p) = pools.iter().find(|p| p.name == *l.pool.get_ref()) {
+            if let Some(b) = p.backends.iter().find(|b| b.addr == bind) {
+                return Err(src.err(
+                    l.bind.span(),
+                    at("bind"),
+                    format!(
+                        "pool {:?} has backend {} at this listener's own address: it would connect to itself",
+                        p.name, b.name
                     ),
                 ));
             }

@@ -207,7 +207,7 @@ impl Config {
     pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
         let src = validate::Source { text, file };
         let raw = validate::deserialize(&src)?;
-        let runtime = validate::runtime(&raw.runtime);
+        let runtime = validate::runtime(&src, &raw.runtime)?;
         let pools = pools::pools(&src, &raw.pools)?;
         let listeners = listeners::listeners(&src, &raw.listeners, &pools)?;
         let admin = validate::admin(&src, raw.admin.as_ref(), &listeners)?;

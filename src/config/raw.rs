@@ -28,8 +28,8 @@ pub struct File {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Runtime {
-    #[serde(default)]
-    pub workers: usize,
+    #[serde(default = "default_workers")]
+    pub workers: Spanned<usize>,
     #[serde(default)]
     pub worker_model: WorkerModel,
     #[serde(default = "default_shutdown")]
@@ -41,7 +41,7 @@ pub struct Runtime {
 impl Default for Runtime {
     fn default() -> Self {
         Runtime {
-            workers: 0,
+            workers: default_workers(),
             worker_model: WorkerModel::default(),
             shutdown_timeout: default_shutdown(),
             splice: true,
@@ -60,6 +60,9 @@ fn default_connect_timeout() -> DurationStr {
 }
 fn default_idle_timeout() -> DurationStr {
     DurationStr(Duration::from_secs(350))
+}
+fn default_workers() -> Spanned<usize> {
+    Spanned::new(0..0, 0)
 }
 fn default_attempts() -> Spanned<usize> {
     Spanned::new(0..0, 3)

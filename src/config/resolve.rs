@@ -23,6 +23,14 @@ pub(super) fn resolve(s: &str) -> Result<SocketAddr, String> {
         return Err(format!("port {port} in {s:?} is out of range (0..=65535)"));
     }
     let host = host.trim_start_matches('[').trim_end_matches(']');
+    // Digits and dots are an IPv4 address, and only the four-part form is one: the
+    // resolver would take "127.0.0" or "10.1" as the C library's shorthands.
+    let dotted = !host.is_empty() && host.chars().all(|c| c.is_ascii_digit() || c == '.');
+    if dotted && host.parse::<std::net::Ipv4Addr>().is_err() {
+        return Err(format!(
+            "{s:?} is not a valid IPv4 address (four numbers: a.b.c.d); {expected}"
+        ));
+    }
     let malformed = host.is_empty() || host.contains(|c: char| c.is_whitespace() || c == '/');
     if malformed || (host.contains(':') && host.parse::<std::net::Ipv6Addr>().is_err()) {
         return Err(format!("{s:?} is not a valid address; {expected}"));

@@ -80,3 +80,61 @@ fn mangled_input_never_panics() {
         }
     }
 }
+
+/// What `check` accepts, `run` can start with (issue 10, items 14, 15 and 20).
+#[test]
+fn values_that_would_crash_run_are_refused_with_their_place() {
+    let cases = [
+        (
+            GOOD.replace("workers = 2", "workers = 100000000000"),
+            "runtime.workers",
+            "out of range",
+        ),
+        (
+            GOOD.replace(
+                "idle_timeout = \"350s\"",
+                "idle_timeout = \"580000000000y\"",
+            ),
+            "listeners[0].idle_timeout",
+            "at most 7d",
+        ),
+        (
+            GOOD.replace("max_connections = 10000", "max_connections = 99999999999"),
+            "listeners[0].max_connections",
+            "out of range",
+        ),
+        (
+            GOOD.replace("bind = \"127.0.0.1:7000\"", "bind = \"127.0.0.1:9001\""),
+            "listeners[0].bind",
+            "connect to itself",
+        ),
+        (
+            GOOD.replace("127.0.0.1:9002", "127.0.0:9002"),
+            "pools[0].backends[1].address",
+            "four numbers",
+        ),
+        (
+            GOOD.replace("bind = \"127.0.0.1:7000\"", "bind = \"10.1:7000\""),
+            "listeners[0].bind",
+            "four numbers",
+        ),
+    ];
+    for (text, path, says) in cases {
+        let e = parse(&text).expect_err(path).to_string();
+        assert!(e.starts_with("t.toml:"), "{e}");
+        assert!(e.contains(path), "{path}: {e}");
+        assert!(e.contains(says), "{says}: {e}");
+    }
+    // The bounds themselves are accepted.
+    let c = parse(
+        &GOOD
+            .replace("workers = 2", "workers = 1024")
+            .replace("idle_timeout = \"350s\"", "idle_timeout = \"7d\""),
+    )
+    .unwrap();
+    assert_eq!(c.runtime.workers, 1024);
+    assert_eq!(
+        c.listeners[0].idle_timeout,
+        Duration::from_secs(7 * 24 * 3600)
+    );
+}

@@ -11,6 +11,10 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DurationStr(pub Duration);
 
+/// The longest duration any key takes: timers past it would overflow the clock,
+/// and nothing a balancer waits for needs longer.
+pub const MAX_DURATION: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
 impl<'de> Deserialize<'de> for DurationStr {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
@@ -23,6 +27,9 @@ impl<'de> Deserialize<'de> for DurationStr {
                 let ok = s.starts_with(|c: char| c.is_ascii_digit())
                     && s.ends_with(|c: char| c.is_ascii_alphabetic());
                 match humantime::parse_duration(s) {
+                    Ok(d) if ok && d > MAX_DURATION => Err(E::custom(format!(
+                        "duration {s:?} is too long: at most 7d"
+                    ))),
                     Ok(d) if ok => Ok(DurationStr(d)),
                     _ => Err(E::custom(format!(
                         "invalid duration {s:?}: expected a number with a unit, like \"250ms\", \"3s\" or \"5m\""

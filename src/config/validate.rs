@@ -79,18 +79,30 @@ pub(super) fn deserialize(src: &Source<'_>) -> Result<raw::File, ConfigError> {
     })
 }
 
-/// `[runtime]`: nothing to reject; `workers = 0` becomes the CPU count.
-pub(super) fn runtime(r: &raw::Runtime) -> RuntimeConfig {
-    let workers = match r.workers {
+/// Upper bound on `runtime.workers` (each worker is a thread and a socket per
+/// listener).
+pub(super) const MAX_WORKERS: usize = 1024;
+
+/// `[runtime]`: `workers` at most [`MAX_WORKERS`]; `workers = 0` becomes the CPU
+/// count.
+pub(super) fn runtime(src: &Source<'_>, r: &raw::Runtime) -> Result<RuntimeConfig, ConfigError> {
+    let workers = match *r.workers.get_ref() {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n if n > MAX_WORKERS => {
+            return Err(src.err(
+                r.workers.span(),
+                "runtime.workers".into(),
+                format!("{n} is out of range: expected 0 (one per CPU) to {MAX_WORKERS}"),
+            ))
+        }
         n => n,
     };
-    RuntimeConfig {
+    Ok(RuntimeConfig {
         workers,
         worker_model: r.worker_model,
         shutdown_timeout: r.shutdown_timeout.0,
         splice: r.splice,
-    }
+    })
 }
 
 /// `[admin]`: the address, the token, and that the two together are safe.

@@ -217,8 +217,18 @@ struct Writer {
     line: String,
 }
 
+/// Opens the log for appending: created `0640` (the log names clients and
+/// backends), and never through a symlink (`O_NOFOLLOW`), so whoever can write the
+/// directory cannot point flowgate's writes at another file.
 fn open(p: &std::path::Path) -> io::Result<File> {
-    OpenOptions::new().create(true).append(true).open(p)
+    let mut o = OpenOptions::new();
+    o.create(true).append(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        o.mode(0o640).custom_flags(nix::libc::O_NOFOLLOW);
+    }
+    o.open(p)
 }
 
 impl Writer {

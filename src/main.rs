@@ -118,6 +118,10 @@ fn run(cfg: Config, level: LevelHandle) -> anyhow::Result<()> {
         let mut int = signal(SignalKind::interrupt())?;
         let mut hup = signal(SignalKind::hangup())?;
         let mut usr1 = signal(SignalKind::user_defined1())?;
+        let (before, now) = flowgate::fd::raise_limit();
+        if now > before {
+            info!(from = before, to = now, "raised the open-files limit to its hard limit");
+        }
         let fg = Flowgate::start(cfg)?;
         if let Some(h) = level {
             fg.set_log_level_hook(move |new| match h.reload(EnvFilter::new(new)) {

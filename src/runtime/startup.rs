@@ -98,6 +98,7 @@ impl Runtime {
             st.pools.insert(p.name.clone(), pool);
         }
         let udp_max = udp_default_max(&config);
+        report_budget(&config, udp_max);
         for (l, sockets) in bound {
             let pool = st.pools[&l.pool].clone();
             rt.start_listener(&mut st, l, pool, sockets, udp_max);
@@ -299,6 +300,26 @@ fn ensure_free(l: &ListenerConfig) -> Result<(), BindError> {
             error
         },
     })
+}
+
+/// Logs the descriptor budget of `cfg` (see [`crate::fd::report_budget`]).
+fn report_budget(cfg: &Config, udp_default: usize) {
+    let tcp: Vec<_> = cfg
+        .listeners
+        .iter()
+        .filter(|l| l.protocol == Protocol::Tcp)
+        .collect();
+    let tcp_max = tcp
+        .iter()
+        .map(|l| l.max_connections.map(|m| m as u64))
+        .sum::<Option<u64>>();
+    let udp: u64 = cfg
+        .listeners
+        .iter()
+        .filter(|l| l.protocol == Protocol::Udp)
+        .map(|l| l.max_sessions.unwrap_or(udp_default) as u64)
+        .sum();
+    crate::fd::report_budget(tcp_max, udp);
 }
 
 /// The default `max_sessions` of each UDP listener of `cfg`.

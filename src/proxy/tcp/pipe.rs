@@ -10,7 +10,9 @@ use crossbeam_queue::ArrayQueue;
 use nix::fcntl::{splice, OFlag, SpliceFFlags};
 use std::sync::OnceLock;
 
-/// Pipes kept for reuse; beyond this they are closed when released.
+/// Pipes kept for reuse at most; beyond this they are closed when released. Each
+/// idle pipe holds two descriptors, so the pool is also held to a sixteenth of the
+/// open-files limit.
 const POOL_CAPACITY: usize = 1024;
 
 pub struct Pipe {
@@ -22,7 +24,10 @@ pub struct Pipe {
 
 fn pool() -> &'static ArrayQueue<Pipe> {
     static POOL: OnceLock<ArrayQueue<Pipe>> = OnceLock::new();
-    POOL.get_or_init(|| ArrayQueue::new(POOL_CAPACITY))
+    POOL.get_or_init(|| {
+        let by_limit = (crate::fd::limit() / 16).max(16) as usize;
+        ArrayQueue::new(POOL_CAPACITY.min(by_limit))
+    })
 }
 
 impl Pipe {

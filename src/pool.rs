@@ -78,22 +78,33 @@ impl Pool {
     /// so no pick in between finds neither the old backends nor usable new ones.
     pub fn update(&self, cfg: &PoolConfig) -> Vec<Arc<Backend>> {
         let old = self.snapshot.load_full();
+        // Held until the new snapshot is stored: a drain finishing meanwhile
+        // (`finish_retiring`) sees either the backend retiring or current again.
+        let mut retiring = self.retiring.lock().unwrap_or_else(|e| e.into_inner());
         let mut kept = Vec::with_capacity(cfg.backends.len());
         for bc in &cfg.backends {
-            match old
-                .backends
-                .iter()
-                .find(|b| *b.name == *bc.name && b.addr == bc.addr)
-            {
-                Some(b) => {
-                    b.set_config_weight(bc.weight);
-                    if cfg.health_check.is_none() {
-                        b.clear_flag(flag::UNHEALTHY);
+            let same = |b: &&Arc<Backend>| *b.name == *bc.name && b.addr == bc.addr;
+            let b = match old.backends.iter().find(same) {
+                Some(b) => b.clone(),
+                // Removed by an earlier reload and still draining: it comes back as
+                // it is, connections included, and its drain is called off.
+                None => match retiring.iter().position(|b| same(&b) && !b.is_closed()) {
+                    Some(i) => {
+                        let b = retiring.remove(i);
+                        b.clear_flag(flag::DRAINING);
+                        b
                     }
-                    kept.push(b.clone());
-                }
-                None => kept.push(new_backend(cfg, bc)),
+                    None => {
+                        kept.push(new_backend(cfg, bc));
+                        continue;
+                    }
+                },
+            };
+            b.set_config_weight(bc.weight);
+            if cfg.health_check.is_none() {
+                b.clear_flag(flag::UNHEALTHY);
             }
+            kept.push(b);
         }
         let removed: Vec<_> = old
             .backends
@@ -101,13 +112,22 @@ impl Pool {
             .filter(|b| !kept.iter().any(|k| Arc::ptr_eq(k, b)))
             .cloned()
             .collect();
-        self.retiring
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend(removed.iter().cloned());
+        retiring.extend(removed.iter().cloned());
         self.snapshot
             .store(Arc::new(Snapshot::new(Arc::new(cfg.clone()), kept)));
         removed
+    }
+
+    /// Ends a removed backend's time as a fallback once its drain is over: drops it
+    /// from the retiring list and returns true, unless a reload took it back
+    /// meanwhile (it is current again; false).
+    pub fn finish_retiring(&self, b: &Arc<Backend>) -> bool {
+        let mut retiring = self.retiring.lock().unwrap_or_else(|e| e.into_inner());
+        if self.contains(b) {
+            return false;
+        }
+        retiring.retain(|r| !Arc::ptr_eq(r, b));
+        true
     }
 
     /// Rebuilds the selector with the backends' current weights.
@@ -247,13 +267,6 @@ impl Pool {
         }
         retiring.retain(|r| !Arc::ptr_eq(r, b));
         true
-    }
-
-    pub fn remove_retiring(&self, b: &Arc<Backend>) {
-        self.retiring
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|r| !Arc::ptr_eq(r, b));
     }
 
     pub fn retiring(&self) -> Vec<Arc<Backend>> {

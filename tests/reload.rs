@@ -650,3 +650,57 @@ async fn a_failed_reload_changes_nothing() {
     );
     assert!(new_log.exists());
 }
+
+/// A backend a reload removed and the next reload adds back while it still drains
+/// takes back its draining entry, connections included (issue 10, item 6): its
+/// streams are not cut at the old deadline, and the API lists it once, up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_added_back_while_draining_keeps_its_connections() {
+    let [a, b]: [_; 2] = start_backends(Kind::Identity).await;
+    let dir = tempdir::Dir::new();
+    let both = cfg(
+        &["l"],
+        "round-robin",
+        &[(&a.name, 1), (&b.name, 1)],
+        "drain_timeout = \"1s\"",
+    );
+    let (fg, path) = start_file(&dir, "flowgate.toml", &both);
+    let (lb, admin) = (fg.local_addr("l").unwrap(), fg.admin_addr().unwrap());
+    let mut on_b = hold_on(lb, &b.name, 3).await;
+
+    std::fs::write(
+        &path,
+        cfg(
+            &["l"],
+            "round-robin",
+            &[(&a.name, 1)],
+            "drain_timeout = \"1s\"",
+        ),
+    )
+    .unwrap();
+    api_reload(admin).await;
+    let pools = get_pools(admin).await;
+    assert_eq!(
+        backend_entries(&pools, "p", &b.name)[0]["state"],
+        "draining",
+        "{pools}"
+    );
+    std::fs::write(&path, &both).unwrap();
+    api_reload(admin).await;
+
+    // Past the old deadline: the streams on b are still there and b is up, once.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for (i, c) in on_b.iter_mut().enumerate() {
+        echo(c, format!("still here {i}").as_bytes())
+            .await
+            .expect("a stream on the re-added backend survives its old drain deadline");
+    }
+    let pools = get_pools(admin).await;
+    let entries = backend_entries(&pools, "p", &b.name);
+    assert_eq!(entries.len(), 1, "{pools}");
+    assert_eq!(entries[0]["state"], "up", "{pools}");
+    assert_eq!(entries[0]["removed"], false, "{pools}");
+    assert_eq!(entries[0]["active_connections"], 3, "{pools}");
+    let counts = spread(lb, 4).await;
+    assert_eq!(counts.get(&b.name), Some(&2), "{counts:?}");
+}

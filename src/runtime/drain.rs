@@ -35,6 +35,8 @@ impl Runtime {
                     // A removed backend leaves the fallback list only once idle,
                     // checked under the lock that fallback picks claim under.
                     if !retire || b.flags() & flag::DRAINING == 0 || pool.retire_if_idle(&b) {
+                        // (DRAINING cleared: an operator enabled it, or a reload
+                        // took a removed backend back.)
                         return;
                     }
                 }
@@ -46,8 +48,7 @@ impl Runtime {
             if b.flags() & flag::DRAINING != 0 {
                 info!(pool = %pool.name, backend = %b.name, "drain complete");
             }
-            if retire {
-                pool.remove_retiring(&b);
+            if retire && pool.finish_retiring(&b) {
                 b.close();
             }
         });

@@ -12,6 +12,8 @@ use super::{ConfigError, ListenerConfig, PoolConfig, Protocol};
 const MAX_LIMIT: usize = 16 << 20;
 /// Upper bound on `responses`.
 const MAX_RESPONSES: u64 = 1 << 20;
+/// `max_replies_per_request` when the file leaves it out.
+const DEFAULT_MAX_REPLIES: u64 = 16;
 /// Upper bound on `backlog` (the kernel caps it at `net.core.somaxconn` anyway).
 const MAX_BACKLOG: u32 = 1 << 20;
 
@@ -118,6 +120,25 @@ pub(super) fn listeners(
                 ));
             }
         }
+        if let Some(m) = &l.max_replies_per_request {
+            if *m.get_ref() > MAX_RESPONSES || protocol != Protocol::Udp {
+                return Err(src.err(
+                    m.span(),
+                    at("max_replies_per_request"),
+                    if protocol != Protocol::Udp {
+                        format!(
+                            "max_replies_per_request applies to udp listeners; this one is {}",
+                            protocol.as_str()
+                        )
+                    } else {
+                        format!(
+                            "{} is out of range: expected 0 (no limit) to {MAX_RESPONSES}",
+                            m.get_ref()
+                        )
+                    },
+                ));
+            }
+        }
         if l.backlog == 0 || l.backlog > MAX_BACKLOG {
             return Err(src.err(
                 l.name.span(),
@@ -151,6 +172,10 @@ pub(super) fn listeners(
             max_sessions: l.max_sessions.as_ref().map(|m| *m.get_ref()),
             max_sessions_per_source: l.max_sessions_per_source.as_ref().map(|m| *m.get_ref()),
             responses: l.responses.as_ref().map_or(0, |r| *r.get_ref()),
+            max_replies_per_request: l
+                .max_replies_per_request
+                .as_ref()
+                .map_or(DEFAULT_MAX_REPLIES, |m| *m.get_ref()),
         });
     }
     if listeners.is_empty() {

@@ -114,6 +114,9 @@ pub struct ListenerConfig {
     pub max_sessions_per_source: Option<usize>,
     /// UDP: a session ends after this many reply datagrams (0: never).
     pub responses: u64,
+    /// UDP, with `responses = 0`: replies passed on per client datagram at most
+    /// (an amplification guard); 0 for no limit.
+    pub max_replies_per_request: u64,
 }
 
 #[derive(Debug, Clone)]

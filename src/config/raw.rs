@@ -92,6 +92,7 @@ pub struct Listener {
     pub max_sessions: Option<Spanned<usize>>,
     pub max_sessions_per_source: Option<Spanned<usize>>,
     pub responses: Option<Spanned<u64>>,
+    pub max_replies_per_request: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]

@@ -76,16 +76,24 @@ pub enum DropReason {
     SendFailed,
     /// A reply could not be sent to the client (buffer full, error).
     ReplyFailed,
+    /// A datagram from one of flowgate's own addresses (the listener's, or a
+    /// backend's): forwarding it would feed a loop.
+    Loop,
+    /// A reply beyond `responses` (or `max_replies_per_request`) per client datagram.
+    ReplyLimit,
 }
 
 impl DropReason {
-    const ALL: [DropReason; 6] = [
+    const COUNT: usize = 8;
+    const ALL: [DropReason; DropReason::COUNT] = [
         DropReason::NoBackend,
         DropReason::MaxSessions,
         DropReason::MaxSessionsPerSource,
         DropReason::SocketFailed,
         DropReason::SendFailed,
         DropReason::ReplyFailed,
+        DropReason::Loop,
+        DropReason::ReplyLimit,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -96,6 +104,8 @@ impl DropReason {
             DropReason::SocketFailed => "socket_failed",
             DropReason::SendFailed => "send_failed",
             DropReason::ReplyFailed => "reply_failed",
+            DropReason::Loop => "loop",
+            DropReason::ReplyLimit => "reply_limit",
         }
     }
 }
@@ -108,7 +118,7 @@ pub struct UdpCounters {
     pub datagrams_from: AtomicU64,
     pub bytes_to: AtomicU64,
     pub bytes_from: AtomicU64,
-    dropped: [AtomicU64; 6],
+    dropped: [AtomicU64; DropReason::COUNT],
 }
 
 impl UdpCounters {
@@ -125,6 +135,9 @@ pub struct UdpSettings {
     pub max_sessions: Option<usize>,
     pub max_sessions_per_source: Option<usize>,
     pub responses: u64,
+    /// Replies passed on per client datagram at most (0: no limit): `responses`
+    /// when set, else `max_replies_per_request`.
+    pub reply_limit: u64,
     pub bind: SocketAddr,
 }
 
@@ -138,6 +151,11 @@ impl UdpSettings {
             max_sessions: Some(cfg.max_sessions.unwrap_or(default_max)),
             max_sessions_per_source: cfg.max_sessions_per_source,
             responses: cfg.responses,
+            reply_limit: if cfg.responses > 0 {
+                cfg.responses
+            } else {
+                cfg.max_replies_per_request
+            },
             bind: cfg.bind,
         }
     }
@@ -264,7 +282,7 @@ pub struct UdpTotals {
     pub bytes_to: u64,
     pub bytes_from: u64,
     /// (reason, count).
-    pub dropped: [(&'static str, u64); 6],
+    pub dropped: [(&'static str, u64); DropReason::COUNT],
 }
 
 /// Creates a non-blocking UDP socket bound to `addr` with SO_REUSEADDR and

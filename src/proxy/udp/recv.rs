@@ -145,7 +145,9 @@ pub async fn recv_loop(
             return;
         }
     };
+    let local = socket.local_addr().ok();
     let w = Worker {
+        local,
         counters: shared.new_counters(),
         shared,
         socket,
@@ -207,6 +209,8 @@ pub async fn recv_loop(
 
 /// One worker's receive loop and session table for a UDP listener.
 struct Worker {
+    /// The listener's own address: a datagram from it would start a loop.
+    local: Option<SocketAddr>,
     shared: Arc<UdpListenerShared>,
     socket: Arc<UdpSocket>,
     table: Arc<Table>,
@@ -279,6 +283,17 @@ impl Worker {
         }
     }
 
+    /// Whether `client` is flowgate itself: this listener's address (as seen on
+    /// loopback when it listens on every address) or one of its pool's backends.
+    /// Checked when a session would start, not per datagram.
+    fn is_loop(&self, client: SocketAddr, pool: &crate::pool::Pool) -> bool {
+        let own = self.local.is_some_and(|l| {
+            l.port() == client.port()
+                && (l.ip() == client.ip() || (l.ip().is_unspecified() && client.ip().is_loopback()))
+        });
+        own || pool.snapshot().backends.iter().any(|b| b.addr == client)
+    }
+
     /// Takes back `n` requests counted for `s` that were never sent.
     fn unrequest(&self, s: &Session, n: u64) {
         let _t = self.table.lock().unwrap_or_else(|e| e.into_inner());
@@ -317,6 +332,9 @@ impl Worker {
     ) -> Result<Arc<Session>, DropReason> {
         let shared = &self.shared;
         let settings = shared.settings();
+        if self.is_loop(client, &settings.pool) {
+            return Err(DropReason::Loop);
+        }
         let slot = Slot::take(shared, &settings, client.ip())?;
         let tried: &[Arc<Backend>] = match avoid {
             Some(b) => std::slice::from_ref(b),

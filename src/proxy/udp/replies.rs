@@ -194,10 +194,26 @@ impl<E: Future<Output = io::Result<tokio::io::Ready>>> Wait<'_, '_, E> {
     fn relay_batch(&self) -> io::Result<u64> {
         let (task, s) = (self.task, &self.task.session);
         let mut got = 0u64;
+        let limit = task.settings.reply_limit;
+        let replies = self.replies;
         s.upstream.try_io(tokio::io::Interest::READABLE, || {
             recv_batch(&s.upstream, |batch| {
                 got = batch.len() as u64;
-                task.relay(batch);
+                // Each client datagram gets its replies, and no more: checked per
+                // reply, not per batch (one batch can hold many).
+                let pass = if limit == 0 {
+                    batch.len()
+                } else {
+                    let allowed = limit
+                        .saturating_mul(s.requests.load(Relaxed))
+                        .saturating_sub(replies);
+                    batch.len().min(allowed.min(usize::MAX as u64) as usize)
+                };
+                task.relay(&batch[..pass]);
+                let over = (batch.len() - pass) as u64;
+                if over > 0 {
+                    task.counters.dropped(DropReason::ReplyLimit, over);
+                }
             })
         })?;
         Ok(got)

@@ -1,0 +1,162 @@
+//! UDP guards (issue 10, items 10 and 13): datagrams from flowgate's own addresses
+//! are dropped (`reason="loop"`) instead of feeding a loop, and a client datagram
+//! gets at most its `responses` (or `max_replies_per_request`) replies, counted per
+//! reply rather than per receive batch.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use common::*;
+use flowgate::Flowgate;
+use tokio::net::UdpSocket;
+
+fn config(backend: SocketAddr, extra: &str) -> String {
+    format!(
+        "[[listeners]]\nname = \"u\"\nbind = \"127.0.0.1:0\"\nprotocol = \"udp\"\npool = \"p\"\nidle_timeout = \"2s\"\n{extra}\n\n\
+         [[pools]]\nname = \"p\"\nbackends = [ {{ address = \"{backend}\" }} ]\n"
+    )
+}
+
+fn dropped(fg: &Flowgate) -> HashMap<&'static str, u64> {
+    fg.udp_listeners()[0]
+        .shared
+        .totals()
+        .dropped
+        .into_iter()
+        .collect()
+}
+
+/// A backend that answers every datagram with `n` replies.
+async fn chatty_backend(n: usize) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = s.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut buf = [0u8; 2048];
+        while let Ok((len, from)) = s.recv_from(&mut buf).await {
+            for i in 0..n {
+                let reply = format!("{}#{i}", String::from_utf8_lossy(&buf[..len]));
+                let _ = s.send_to(reply.as_bytes(), from).await;
+            }
+        }
+    });
+    (addr, task)
+}
+
+/// Replies `c` gets within a short quiet period after the last one.
+async fn replies(c: &UdpSocket) -> usize {
+    let mut n = 0;
+    let mut buf = [0u8; 2048];
+    let mut wait = Duration::from_secs(5);
+    while let Ok(Ok(_)) = tokio::time::timeout(wait, c.recv_from(&mut buf)).await {
+        n += 1;
+        wait = Duration::from_millis(300);
+    }
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_caps_replies_per_datagram() {
+    let (backend, _task) = chatty_backend(16).await;
+    for (extra, per_request) in [
+        ("responses = 1", 1),
+        ("max_replies_per_request = 4", 4),
+        ("max_replies_per_request = 0", 16),
+    ] {
+        let fg = start(&config(backend, extra));
+        let addr = fg.udp_local_addr("u").unwrap();
+        let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        c.send_to(b"q", addr).await.unwrap();
+        assert_eq!(replies(&c).await, per_request, "{extra}");
+        let d = dropped(&fg);
+        assert_eq!(d["reply_limit"], 16 - per_request as u64, "{extra}: {d:?}");
+        fg.shutdown().await;
+    }
+}
+
+/// Two balancers pointed at each other, or a backend that sends to the listener: a
+/// datagram whose source is a backend of the pool starts no session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_datagram_from_a_backend_address_is_dropped_as_a_loop() {
+    let backend = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let fg = start(&config(backend.local_addr().unwrap(), ""));
+    let addr = fg.udp_local_addr("u").unwrap();
+    for _ in 0..3 {
+        backend.send_to(b"ping", addr).await.unwrap();
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || dropped(&fg)["loop"] == 3).await,
+        "{:?}",
+        dropped(&fg)
+    );
+    let shared = fg.udp_listeners()[0].shared.clone();
+    assert_eq!(shared.sessions.load(Relaxed), 0);
+    // Nothing came back to the "backend" either.
+    let mut buf = [0u8; 64];
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), backend.recv_from(&mut buf))
+            .await
+            .is_err()
+    );
+}
+
+/// One spoofed datagram whose source is the listener's own address used to make
+/// flowgate forward to the backend, whose reply went to the listener, which
+/// forwarded it again: 70k sessions in 5 s. Now it is dropped at once. (Needs a raw
+/// socket, so root, as CI runs.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_datagram_from_the_listeners_own_address_is_dropped() {
+    let (backend, _task) = chatty_backend(1).await;
+    let fg = start(&config(backend, ""));
+    let addr = fg.udp_local_addr("u").unwrap();
+    let SocketAddr::V4(v4) = addr else {
+        unreachable!()
+    };
+    let raw = match socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::RAW,
+        Some(socket2::Protocol::from(255)), // IPPROTO_RAW: we write the IP header
+    ) {
+        Ok(s) => s,
+        Err(e) => panic!("this test needs a raw socket (root): {e}"),
+    };
+    // IPv4 header + UDP header + payload, source = destination = the listener.
+    let payload = b"loop";
+    let udp_len = 8 + payload.len();
+    let total = 20 + udp_len;
+    let mut p = Vec::with_capacity(total);
+    p.extend_from_slice(&[
+        0x45,
+        0,
+        (total >> 8) as u8,
+        total as u8,
+        0,
+        0,
+        0x40,
+        0,
+        64,
+        17,
+        0,
+        0,
+    ]);
+    p.extend_from_slice(&v4.ip().octets());
+    p.extend_from_slice(&v4.ip().octets());
+    p.extend_from_slice(&v4.port().to_be_bytes());
+    p.extend_from_slice(&v4.port().to_be_bytes());
+    p.extend_from_slice(&(udp_len as u16).to_be_bytes());
+    p.extend_from_slice(&[0, 0]); // no UDP checksum (allowed over IPv4)
+    p.extend_from_slice(payload);
+    raw.send_to(&p, &SocketAddr::V4(v4).into()).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || dropped(&fg)["loop"] == 1).await,
+        "{:?}",
+        dropped(&fg)
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let shared = fg.udp_listeners()[0].shared.clone();
+    assert_eq!(shared.sessions.load(Relaxed), 0, "no session, no loop");
+    assert_eq!(dropped(&fg)["loop"], 1);
+}

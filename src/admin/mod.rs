@@ -156,7 +156,17 @@ async fn handle(req: Request<Incoming>, fg: &Runtime, timeout: Duration) -> Repl
                 (Method::POST, "enable") => fg.enable(&pool, &addr),
                 (Method::POST, "disable") => fg.disable(&pool, &addr),
                 (Method::PUT, "weight") => match parse_weight(&body) {
-                    Ok(w) => fg.set_weight(&pool, &addr, w),
+                    // Rebuilding a large weighted pool's selector takes a while:
+                    // off the control thread, so /healthz and probes never wait.
+                    Ok(w) => {
+                        let (fg, pool, addr) = (fg.clone(), pool.clone(), addr.clone());
+                        match tokio::task::spawn_blocking(move || fg.set_weight(&pool, &addr, w))
+                            .await
+                        {
+                            Ok(r) => r,
+                            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
+                        }
+                    }
                     Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
                 },
                 (_, "weight") => return not_allowed(&method, "PUT"),

@@ -13,9 +13,30 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{reload, EnvFilter, Registry};
 
-/// A Layer 4 TCP load balancer.
+/// What --help adds after the commands: signals, exit codes, the environment.
+const AFTER_HELP: &str = "\
+Signals (to `flowgate run`):
+  SIGTERM, SIGINT  stop accepting, let connections finish for runtime.shutdown_timeout,
+                   then close the rest; a second signal stops at once
+  SIGHUP           reload the config file (like POST /api/v1/reload); an invalid
+                   file is logged and the running config stays
+  SIGUSR1          reopen the access-log file (after logrotate moved it)
+
+Exit codes:
+  0  stopped cleanly, or `check` found the config valid
+  1  runtime failure: an address cannot be bound (or another process holds it),
+     worker threads cannot start
+  2  invalid configuration (the message names file:line:column and the key)
+
+Environment:
+  RUST_LOG  overrides [log] level (tracing EnvFilter syntax, e.g. `info,flowgate=debug`);
+            a reload does not change it then
+
+Docs: docs/configuration.md, docs/operations.md (README.md has the map).";
+
+/// A Layer 4 TCP/UDP load balancer.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(version, about, after_help = AFTER_HELP)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -34,6 +55,14 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Print a shell completion script (e.g. `flowgate completions bash >
+    /// /etc/bash_completion.d/flowgate`).
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), e.g. `flowgate man > /usr/local/share/man/man1/flowgate.1`.
+    Man,
 }
 
 /// Exit codes: 0 clean stop or valid config; 1 runtime failure (bind, workers);
@@ -44,6 +73,25 @@ const EXIT_CONFIG: u8 = 2;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            // Into a buffer first: clap_complete panics on a write error (a closed
+            // pipe), and a CLI must not.
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "flowgate", &mut out);
+            print_out(&out)
+        }
+        Command::Man => {
+            use clap::CommandFactory;
+            let mut out = Vec::new();
+            match clap_mangen::Man::new(Cli::command()).render(&mut out) {
+                Ok(()) => print_out(&out),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(EXIT_RUNTIME)
+                }
+            }
+        }
         Command::Check { config } => match Config::load(&config) {
             Ok(c) => {
                 println!(
@@ -77,6 +125,18 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+/// Writes generated text to stdout; a closed pipe (`| head`) is not an error.
+fn print_out(bytes: &[u8]) -> ExitCode {
+    use std::io::Write;
+    match std::io::stdout().write_all(bytes) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+        _ => ExitCode::SUCCESS,
     }
 }
 

@@ -7,15 +7,29 @@ mod common;
 use std::process::Command;
 
 fn run(args: &[&str]) -> (bool, String) {
-    let out = Command::new(common::bin()).args(args).output().expect("run flowgate");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
+    let out = Command::new(common::bin())
+        .args(args)
+        .output()
+        .expect("run flowgate");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
 }
 
 #[test]
 fn help_covers_signals_exit_codes_and_rust_log() {
     let (ok, help) = run(&["--help"]);
     assert!(ok, "{help}");
-    for needle in ["SIGHUP", "SIGUSR1", "SIGTERM", "Exit codes", "RUST_LOG", "completions", "man"] {
+    for needle in [
+        "SIGHUP",
+        "SIGUSR1",
+        "SIGTERM",
+        "Exit codes",
+        "RUST_LOG",
+        "completions",
+        "man",
+    ] {
         assert!(help.contains(needle), "{needle} in:\n{help}");
     }
 }
@@ -26,12 +40,18 @@ fn completions_and_man_page_are_generated() {
     assert!(ok && bash.contains("complete -F _flowgate"), "{bash}");
     for shell in ["zsh", "fish"] {
         let (ok, text) = run(&["completions", shell]);
-        assert!(ok && text.contains("check") && text.contains("run"), "{shell}: {text}");
+        assert!(
+            ok && text.contains("check") && text.contains("run"),
+            "{shell}: {text}"
+        );
     }
     let (ok, man) = run(&["man"]);
     assert!(ok, "{man}");
     assert!(man.contains(".TH flowgate 1"), "{man}");
-    assert!(man.contains("SIGHUP"), "the man page has the signals too:\n{man}");
+    assert!(
+        man.contains("SIGHUP"),
+        "the man page has the signals too:\n{man}"
+    );
     let (ok, _) = run(&["completions", "nosuchshell"]);
     assert!(!ok, "an unknown shell is an error");
 }

@@ -143,6 +143,9 @@ impl Runtime {
         }
         st.pools = pools;
         let all: Vec<_> = st.pools.values().cloned().collect();
+        self.inner
+            .control
+            .spawn_until_stop(super::startup::report_states(all.clone()));
         for pool in &all {
             self.start_probes(st, pool, restart.contains(&pool.name.to_string()));
             pool.report_all_down();

@@ -116,10 +116,12 @@ impl Runtime {
             .filter(|p| p.config().health_check.is_none() && tcp_pools.contains(&*p.name))
             .cloned()
             .collect();
+        let all: Vec<_> = st.pools.values().cloned().collect();
         drop(st);
         rt.inner
             .control
             .spawn_until_stop(report_unreachable(unchecked));
+        rt.inner.control.spawn_until_stop(report_states(all));
         if let Some(m) = &rt.inner.metrics {
             let stop = rt.inner.control.stop_token().clone();
             rt.inner.control.spawn(m.clone().upkeep(stop));
@@ -342,6 +344,38 @@ pub(super) fn configure_access_log(log: &AccessLog, cfg: &LogConfig) -> Result<(
             },
             error,
         })
+}
+
+/// Once the first probes are in (each new backend is probed at once), logs each
+/// pool's state and every backend that takes no connections, with why (its last
+/// check, or that it never answered one): at startup and after a reload, so an
+/// operator sees what is down without waiting for a flip that may never come.
+pub(super) async fn report_states(pools: Vec<Arc<Pool>>) {
+    let first_verdict = pools
+        .iter()
+        .filter_map(|p| p.config().health_check.as_ref().map(|h| h.timeout))
+        .max()
+        .unwrap_or_default();
+    tokio::time::sleep(first_verdict + Duration::from_millis(200)).await;
+    for pool in pools {
+        let backends = pool.backends();
+        let up = backends.iter().filter(|b| b.is_usable()).count();
+        info!(pool = %pool.name, up, backends = backends.len(), "pool state");
+        for b in backends.iter().filter(|b| !b.is_usable()) {
+            use crate::backend::{flag, BackendState};
+            let why = match b.state() {
+                BackendState::Disabled => "disabled through the API".to_string(),
+                BackendState::Draining => "draining".to_string(),
+                _ if b.flags() & flag::EJECTED != 0 => "passive ejection".to_string(),
+                _ => match b.last_check() {
+                    Some(c) if !c.ok => c.detail,
+                    Some(_) => "health check passed, not yet `rise` times".to_string(),
+                    None => "no health check answered yet".to_string(),
+                },
+            };
+            warn!(pool = %pool.name, backend = %b.name, state = %b.state().as_str(), reason = %why, "backend not taking connections");
+        }
+    }
 }
 
 /// Tries each backend of pools without health checks once at startup and says which

@@ -329,3 +329,49 @@ async fn a_second_instance_on_the_same_ports_refuses_to_start() {
     let (_, name) = connect_identity(first.addr("l")).await;
     assert_eq!(name, be.name);
 }
+
+/// One pool, and one backend, by name (issue 10, item 4): the same JSON as their
+/// entries in GET /api/v1/pools; 404 for an unknown one, 405 for another method.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_pool_and_backend_gets() {
+    let be = TestBackend::start(Kind::Identity).await;
+    let fg = start(&cfg(be.addr, ""));
+    let admin = fg.admin_addr().unwrap();
+    let all = get_pools(admin).await;
+    let r = curl(admin, "GET", "/api/v1/pools/p", None, None).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json["name"], "p");
+    assert_eq!(r.json["backends"], all["pools"][0]["backends"]);
+    let path = format!(
+        "/api/v1/pools/p/backends/{}",
+        be.addr.to_string().replace(':', "%3A")
+    );
+    let r = curl(admin, "GET", &path, None, None).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json["address"], be.addr.to_string());
+    assert_eq!(
+        curl(admin, "GET", "/api/v1/pools/nope", None, None)
+            .await
+            .status,
+        404
+    );
+    assert_eq!(
+        curl(
+            admin,
+            "GET",
+            "/api/v1/pools/p/backends/127.0.0.1:1",
+            None,
+            None
+        )
+        .await
+        .status,
+        404
+    );
+    let r = curl_with(admin, "POST", "/api/v1/pools/p", None, None, &["-i"]).await;
+    assert_eq!(r.status, 405, "{r:?}");
+    assert!(
+        r.text.to_ascii_lowercase().contains("allow: get"),
+        "{}",
+        r.text
+    );
+}

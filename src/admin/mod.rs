@@ -6,6 +6,7 @@
 //! | GET | /metrics | Prometheus text format (see `crate::metrics`, docs/metrics.md) |
 //! | GET | /healthz | 200 while serving, 503 once shutting down |
 //! | GET | /api/v1/pools | pools, algorithms, backends with state and last check |
+//! | GET | /api/v1/pools/{pool}, /api/v1/pools/{pool}/backends/{address} | one of them |
 //! | POST | /api/v1/pools/{pool}/backends/{address}/drain, /enable, /disable | |
 //! | PUT | /api/v1/pools/{pool}/backends/{address}/weight | body `{"weight": N}` |
 //! | POST | /api/v1/reload | re-read the config file |
@@ -123,6 +124,41 @@ async fn handle(req: Request<Incoming>, fg: &Runtime, timeout: Duration) -> Repl
             }
         }
         (Method::GET, ["api", "v1", "pools"]) => reply(StatusCode::OK, pools_json(fg)),
+        (Method::GET, ["api", "v1", "pools", pool]) => match decode(pool) {
+            Some(name) => match fg.pool(&name) {
+                Some(p) => reply(StatusCode::OK, one_pool(&p)),
+                None => error(StatusCode::NOT_FOUND, OpError::NoPool(name)),
+            },
+            None => error(
+                StatusCode::BAD_REQUEST,
+                "path is not valid percent-encoded UTF-8",
+            ),
+        },
+        (Method::GET, ["api", "v1", "pools", pool, "backends", addr]) => {
+            let (Some(pool), Some(addr)) = (decode(pool), decode(addr)) else {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "path is not valid percent-encoded UTF-8",
+                );
+            };
+            match fg.pool(&pool) {
+                None => error(StatusCode::NOT_FOUND, OpError::NoPool(pool)),
+                Some(p) => match p.find(&addr) {
+                    Some(b) => reply(StatusCode::OK, one_backend(&b, false)),
+                    // A removed backend still draining is listed too.
+                    None => match p.retiring().iter().find(|b| *b.name == *addr) {
+                        Some(b) => reply(StatusCode::OK, one_backend(b, true)),
+                        None => error(
+                            StatusCode::NOT_FOUND,
+                            OpError::NoBackend {
+                                pool,
+                                backend: addr,
+                            },
+                        ),
+                    },
+                },
+            }
+        }
         (Method::GET, [""]) => typed(StatusCode::OK, "text/html; charset=utf-8", STATUS_PAGE),
         (Method::GET, ["metrics"]) => match fg.render_metrics() {
             Some(text) => typed(
@@ -185,6 +221,9 @@ async fn handle(req: Request<Incoming>, fg: &Runtime, timeout: Duration) -> Repl
             }
         }
         (_, ["api", "v1", "reload"]) => not_allowed(&method, "POST"),
+        (_, ["api", "v1", "pools", _] | ["api", "v1", "pools", _, "backends", _]) => {
+            not_allowed(&method, "GET")
+        }
         (_, ["healthz"] | ["api", "v1", "pools"] | ["metrics"] | [""]) => {
             not_allowed(&method, "GET")
         }
@@ -253,30 +292,29 @@ fn backend_json(fg: &Runtime, pool: &str, addr: &str) -> Option<Value> {
     Some(one_backend(&b, false))
 }
 
+/// One pool as GET /api/v1/pools lists it (and GET /api/v1/pools/{pool} returns it).
+fn one_pool(p: &crate::pool::Pool) -> Value {
+    let cfg = p.config();
+    let mut backends: Vec<Value> = p.backends().iter().map(|b| one_backend(b, false)).collect();
+    backends.extend(p.retiring().iter().map(|b| one_backend(b, true)));
+    json!({
+        "name": &*p.name,
+        "algorithm": cfg.algorithm.as_str(),
+        "when_all_down": cfg.when_all_down.as_str(),
+        "all_down": p.all_down(),
+        "health_check": cfg.health_check.as_ref().map(|h| json!({
+            "kind": match h.kind { crate::config::HealthKind::Tcp => "tcp", crate::config::HealthKind::Http => "http" },
+            "interval_ms": h.interval.as_millis() as u64,
+            "rise": h.rise,
+            "fall": h.fall,
+        })),
+        "backends": backends,
+    })
+}
+
 /// The body of GET /api/v1/pools.
 pub fn pools_json(fg: &Runtime) -> Value {
-    let pools: Vec<Value> = fg
-        .pools()
-        .iter()
-        .map(|p| {
-            let cfg = p.config();
-            let mut backends: Vec<Value> = p.backends().iter().map(|b| one_backend(b, false)).collect();
-            backends.extend(p.retiring().iter().map(|b| one_backend(b, true)));
-            json!({
-                "name": &*p.name,
-                "algorithm": cfg.algorithm.as_str(),
-                "when_all_down": cfg.when_all_down.as_str(),
-                "all_down": p.all_down(),
-                "health_check": cfg.health_check.as_ref().map(|h| json!({
-                    "kind": match h.kind { crate::config::HealthKind::Tcp => "tcp", crate::config::HealthKind::Http => "http" },
-                    "interval_ms": h.interval.as_millis() as u64,
-                    "rise": h.rise,
-                    "fall": h.fall,
-                })),
-                "backends": backends,
-            })
-        })
-        .collect();
+    let pools: Vec<Value> = fg.pools().iter().map(|p| one_pool(p)).collect();
     let listeners: Vec<Value> = fg
         .listeners()
         .iter()

@@ -19,6 +19,7 @@
 //!   `diff/tests.rs`).
 
 mod diff;
+mod env;
 mod listeners;
 mod pools;
 mod raw;
@@ -208,6 +209,14 @@ impl Config {
     /// The tables are checked in a fixed order (pools, listeners, admin, log), so the
     /// first error reported for a file with several is always the same one.
     pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
+        let expanded = env::expand(text, |name| std::env::var(name).ok()).map_err(|e| {
+            validate::Source { text, file }.err(
+                e.offset..e.offset,
+                format!("${{{}}}", e.name),
+                e.message,
+            )
+        })?;
+        let text = &*expanded;
         let src = validate::Source { text, file };
         let raw = validate::deserialize(&src)?;
         let runtime = validate::runtime(&src, &raw.runtime)?;

@@ -138,3 +138,18 @@ fn values_that_would_crash_run_are_refused_with_their_place() {
         Duration::from_secs(7 * 24 * 3600)
     );
 }
+
+/// `${NAME}` from the environment (issue 10: operator basics), with an unset one
+/// named at its place.
+#[test]
+fn environment_variables_in_strings() {
+    std::env::set_var("FLOWGATE_TEST_BACKEND_PORT", "9011");
+    let c =
+        parse(&GOOD.replace("127.0.0.1:9002", "127.0.0.1:${FLOWGATE_TEST_BACKEND_PORT}")).unwrap();
+    assert_eq!(c.pools[0].backends[1].addr.port(), 9011);
+    let e = parse(&GOOD.replace("127.0.0.1:9002", "${FLOWGATE_TEST_UNSET_VARIABLE}"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("t.toml:21:16: "), "{e}");
+    assert!(e.contains("FLOWGATE_TEST_UNSET_VARIABLE is not set"), "{e}");
+}

@@ -375,3 +375,45 @@ async fn single_pool_and_backend_gets() {
         r.text
     );
 }
+
+/// GET /api/v1/openapi.json is a valid OpenAPI 3 document (checked by
+/// openapi-spec-validator from PyPI, which .ci/run installs), and every path it
+/// describes answers (not 404) on a running instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_is_valid_and_matches_the_routes() {
+    let be = TestBackend::start(Kind::Identity).await;
+    let fg = start(&cfg(be.addr, ""));
+    let admin = fg.admin_addr().unwrap();
+    let r = curl(admin, "GET", "/api/v1/openapi.json", None, None).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let dir = tempdir::Dir::new();
+    let file = dir.file("openapi.json", &r.text);
+    let out = std::process::Command::new("openapi-spec-validator")
+        .arg(&file)
+        .output()
+        .expect("run openapi-spec-validator (pip install openapi-spec-validator)");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let paths = r.json["paths"].as_object().expect("paths");
+    assert!(paths.len() >= 10, "{paths:?}");
+    for (path, ops) in paths {
+        let concrete = path
+            .replace("{pool}", "p")
+            .replace("{address}", &be.addr.to_string());
+        for method in ops
+            .as_object()
+            .unwrap()
+            .keys()
+            .filter(|k| *k != "parameters")
+        {
+            let m = method.to_uppercase();
+            let body = (m == "PUT").then_some(&br#"{"weight": 2}"#[..]);
+            let r = curl(admin, &m, &concrete, body, None).await;
+            assert!(r.status != 404 && r.status != 405, "{m} {concrete}: {r:?}");
+        }
+    }
+}

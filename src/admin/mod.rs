@@ -10,6 +10,7 @@
 //! | POST | /api/v1/pools/{pool}/backends/{address}/drain, /enable, /disable | |
 //! | PUT | /api/v1/pools/{pool}/backends/{address}/weight | body `{"weight": N}` |
 //! | POST | /api/v1/reload | re-read the config file |
+//! | GET | /api/v1/openapi.json | this API as an OpenAPI 3 document (`openapi.json`) |
 //!
 //! `{address}` is the backend's address as written in the config, raw or
 //! percent-encoded. Errors are `{"error": "..."}` with 400, 401 (with
@@ -42,6 +43,9 @@ pub use server::{bind, run};
 pub const MAX_BODY: usize = 64 * 1024;
 
 type Reply = Response<Full<Bytes>>;
+
+/// The OpenAPI 3 description of this API (validated in tests/admin_guard.rs).
+const OPENAPI: &str = include_str!("openapi.json");
 
 /// The status page; it polls `GET /api/v1/pools` and draws everything itself.
 const STATUS_PAGE: &str = include_str!("status.html");
@@ -124,6 +128,9 @@ async fn handle(req: Request<Incoming>, fg: &Runtime, timeout: Duration) -> Repl
             }
         }
         (Method::GET, ["api", "v1", "pools"]) => reply(StatusCode::OK, pools_json(fg)),
+        (Method::GET, ["api", "v1", "openapi.json"]) => {
+            typed(StatusCode::OK, "application/json", OPENAPI)
+        }
         (Method::GET, ["api", "v1", "pools", pool]) => match decode(pool) {
             Some(name) => match fg.pool(&name) {
                 Some(p) => reply(StatusCode::OK, one_pool(&p)),
@@ -224,9 +231,14 @@ async fn handle(req: Request<Incoming>, fg: &Runtime, timeout: Duration) -> Repl
         (_, ["api", "v1", "pools", _] | ["api", "v1", "pools", _, "backends", _]) => {
             not_allowed(&method, "GET")
         }
-        (_, ["healthz"] | ["api", "v1", "pools"] | ["metrics"] | [""]) => {
-            not_allowed(&method, "GET")
-        }
+        (
+            _,
+            ["healthz"]
+            | ["api", "v1", "pools"]
+            | ["api", "v1", "openapi.json"]
+            | ["metrics"]
+            | [""],
+        ) => not_allowed(&method, "GET"),
         _ => error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}")),
     }
 }

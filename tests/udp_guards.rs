@@ -160,3 +160,41 @@ async fn a_datagram_from_the_listeners_own_address_is_dropped() {
     assert_eq!(shared.sessions.load(Relaxed), 0, "no session, no loop");
     assert_eq!(dropped(&fg)["loop"], 1);
 }
+
+/// ICMP port unreachable ends the session at once (issue 10, item 11): its socket
+/// and place are given back and it is logged as `backend_unreachable` right away,
+/// not at `idle_timeout`; the client's next datagram goes to another backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_backend_ends_the_session_at_once() {
+    let dead = {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.local_addr().unwrap()
+    };
+    let (live, _task) = chatty_backend(1).await;
+    let text = format!(
+        "[[listeners]]\nname = \"u\"\nbind = \"127.0.0.1:0\"\nprotocol = \"udp\"\npool = \"p\"\nidle_timeout = \"120s\"\n\n\
+         [[pools]]\nname = \"p\"\nalgorithm = \"round-robin\"\nbackends = [ {{ address = \"{dead}\" }}, {{ address = \"{live}\" }} ]\n"
+    );
+    let fg = start(&text);
+    let addr = fg.udp_local_addr("u").unwrap();
+    let shared = fg.udp_listeners()[0].shared.clone();
+    // Round-robin: the first client's session goes to `dead`.
+    let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    c.send_to(b"one", addr).await.unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || shared.sessions.load(Relaxed)
+            == 1
+            && shared.active.load(Relaxed) == 0)
+        .await,
+        "the failed session ended long before its 120 s idle timeout: active {}",
+        shared.active.load(Relaxed)
+    );
+    // The same client's next datagram avoids the dead backend.
+    c.send_to(b"two", addr).await.unwrap();
+    let mut buf = [0u8; 64];
+    let (n, _) = tokio::time::timeout(Duration::from_secs(5), c.recv_from(&mut buf))
+        .await
+        .expect("an answer from the live backend")
+        .unwrap();
+    assert_eq!(&buf[..n], b"two#0");
+}

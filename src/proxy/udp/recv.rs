@@ -19,7 +19,7 @@ use tracing::{debug, warn};
 
 use super::limits::Slot;
 use super::send::{for_each_run, send_run};
-use super::session::{remove, Session, SessionTask, Table};
+use super::session::{remove, Failed, Session, SessionTask, Table};
 #[cfg(not(target_os = "linux"))]
 use super::RECV_BUF;
 use super::{DropReason, UdpCounters, UdpListenerShared};
@@ -152,6 +152,7 @@ pub async fn recv_loop(
         shared,
         socket,
         table: Arc::new(Mutex::new(HashMap::new())),
+        failed: Arc::new(Mutex::new(HashMap::new())),
         sessions,
     };
     let stop = w.shared.stop.clone();
@@ -214,6 +215,8 @@ struct Worker {
     shared: Arc<UdpListenerShared>,
     socket: Arc<UdpSocket>,
     table: Arc<Table>,
+    /// Clients whose last session ended on an unreachable backend.
+    failed: Arc<Failed>,
     counters: Arc<CachePadded<UdpCounters>>,
     /// Where session tasks are spawned: shutdown waits on it.
     sessions: TaskTracker,
@@ -248,7 +251,7 @@ impl Worker {
                     }
                 }
             },
-            None => match self.start_session(client, None, n) {
+            None => match self.start_session(client, self.avoid(client).as_ref(), n) {
                 Ok(s) => s,
                 Err(r) => return self.counters.dropped(r, n),
             },
@@ -292,6 +295,16 @@ impl Worker {
                 && (l.ip() == client.ip() || (l.ip().is_unspecified() && client.ip().is_loopback()))
         });
         own || pool.snapshot().backends.iter().any(|b| b.addr == client)
+    }
+
+    /// The backend `client`'s last session failed on, if it just did (taken: only
+    /// the next session avoids it).
+    fn avoid(&self, client: SocketAddr) -> Option<Arc<Backend>> {
+        let mut f = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        if f.is_empty() {
+            return None;
+        }
+        f.remove(&client)
     }
 
     /// Takes back `n` requests counted for `s` that were never sent.
@@ -372,6 +385,7 @@ impl Worker {
             session: session.clone(),
             socket: self.socket.clone(),
             table: self.table.clone(),
+            failed: self.failed.clone(),
             counters: self.counters.clone(),
             settings,
             shared: shared.clone(),

@@ -112,6 +112,9 @@ impl<E: Future<Output = io::Result<tokio::io::Ready>>> Wait<'_, '_, E> {
                 self.error(cx);
                 self.receive(cx)
             })
+            // ICMP unreachable ends the session at once (its socket and place are
+            // given back); the client's next datagram goes elsewhere.
+            .or_else(|| self.task.session.failed().then_some(Event::Failed))
             .or_else(|| self.idle(cx));
         what.map_or(Poll::Pending, Poll::Ready)
     }

@@ -45,7 +45,17 @@ pub(super) enum Event {
     Answered,
     /// Nothing moved either way for `idle_timeout`.
     Idle,
+    /// The backend answered with an ICMP error: the session ends at once, and the
+    /// client's next datagram starts one on another backend.
+    Failed,
 }
+
+/// Per worker: clients whose session just ended on an unreachable backend, and that
+/// backend, so their next datagram avoids it. Bounded: cleared when full.
+pub(super) type Failed = Mutex<HashMap<SocketAddr, Arc<Backend>>>;
+
+/// Most clients remembered in [`Failed`].
+const FAILED_MAX: usize = 4096;
 
 /// Session state bits.
 pub(super) mod state {
@@ -166,6 +176,8 @@ pub(super) struct SessionTask {
     /// The listener's socket: replies go to the client from it.
     pub(super) socket: Arc<UdpSocket>,
     pub(super) table: Arc<Table>,
+    /// The worker's [`Failed`] clients.
+    pub(super) failed: Arc<Failed>,
     pub(super) counters: Arc<CachePadded<UdpCounters>>,
     pub(super) settings: Arc<UdpSettings>,
     pub(super) shared: Arc<UdpListenerShared>,
@@ -194,9 +206,16 @@ impl SessionTask {
             Event::Cut if shared.cut.is_cancelled() => Termination::Shutdown,
             Event::Cut => Termination::Drained,
             Event::Answered => Termination::Responses,
-            Event::Idle if s.failed() => Termination::BackendUnreachable,
-            Event::Idle => Termination::IdleTimeout,
+            Event::Idle | Event::Failed if s.failed() => Termination::BackendUnreachable,
+            Event::Idle | Event::Failed => Termination::IdleTimeout,
         };
+        if end == Termination::BackendUnreachable {
+            let mut f = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+            if f.len() >= FAILED_MAX {
+                f.clear();
+            }
+            f.insert(s.client, s.backend().clone());
+        }
         remove(&mut self.table.lock().unwrap_or_else(|e| e.into_inner()), s);
         let b = s.backend();
         b.stats.udp_active.fetch_sub(1, Relaxed);

@@ -289,6 +289,7 @@ mod tests {
                 UdpSocket::from_std(bind("127.0.0.1:0".parse().unwrap()).unwrap()).unwrap(),
             ),
             table: Arc::new(Mutex::new(HashMap::new())),
+            failed: Arc::new(Mutex::new(HashMap::new())),
             counters: shared.new_counters(),
             settings,
             shared,

@@ -198,3 +198,41 @@ async fn an_unreachable_backend_ends_the_session_at_once() {
         .unwrap();
     assert_eq!(&buf[..n], b"two#0");
 }
+
+/// A burst of 16 replies of 65507 bytes to one request (issue 10, item 12): the
+/// session's socket holds them (`session_recv_buffer`, 1 MiB by default) until its
+/// task relays them; with the default socket buffer (~208 KiB) most were lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_large_replies_fits_the_session_buffer() {
+    const BIG: usize = 65_507;
+    let backend = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let baddr = backend.local_addr().unwrap();
+    let fg = start(&config(baddr, "max_replies_per_request = 16"));
+    let addr = fg.udp_local_addr("u").unwrap();
+    let client = {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
+        s.set_recv_buffer_size(4 << 20).unwrap();
+        s.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into()).unwrap();
+        s.set_nonblocking(true).unwrap();
+        UdpSocket::from_std(s.into()).unwrap()
+    };
+    client.send_to(b"burst please", addr).await.unwrap();
+    let mut buf = vec![0u8; BIG];
+    let (_, session) = backend.recv_from(&mut buf).await.unwrap();
+    // All 16 at once, before flowgate's session task gets to read any.
+    let reply = vec![b'x'; BIG];
+    for _ in 0..16 {
+        backend.send_to(&reply, session).await.unwrap();
+    }
+    let mut got = 0;
+    while let Ok(Ok((n, _))) =
+        tokio::time::timeout(Duration::from_secs(3), client.recv_from(&mut buf)).await
+    {
+        assert_eq!(n, BIG);
+        got += 1;
+        if got == 16 {
+            break;
+        }
+    }
+    assert_eq!(got, 16, "replies lost: dropped {:?}", dropped(&fg));
+}

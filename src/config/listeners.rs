@@ -14,6 +14,10 @@ const MAX_LIMIT: usize = 16 << 20;
 const MAX_RESPONSES: u64 = 1 << 20;
 /// `max_replies_per_request` when the file leaves it out.
 const DEFAULT_MAX_REPLIES: u64 = 16;
+/// `session_recv_buffer`: default and range (bytes).
+const DEFAULT_SESSION_BUFFER: usize = 1 << 20;
+const MIN_SESSION_BUFFER: usize = 4 << 10;
+const MAX_SESSION_BUFFER: usize = 64 << 20;
 /// Upper bound on `backlog` (the kernel caps it at `net.core.somaxconn` anyway).
 const MAX_BACKLOG: u32 = 1 << 20;
 
@@ -139,6 +143,25 @@ pub(super) fn listeners(
                 ));
             }
         }
+        if let Some(b) = &l.session_recv_buffer {
+            let v = *b.get_ref();
+            if protocol != Protocol::Udp || !(MIN_SESSION_BUFFER..=MAX_SESSION_BUFFER).contains(&v) {
+                return Err(src.err(
+                    b.span(),
+                    at("session_recv_buffer"),
+                    if protocol != Protocol::Udp {
+                        format!(
+                            "session_recv_buffer applies to udp listeners; this one is {}",
+                            protocol.as_str()
+                        )
+                    } else {
+                        format!(
+                            "{v} is out of range: expected {MIN_SESSION_BUFFER} to {MAX_SESSION_BUFFER} bytes"
+                        )
+                    },
+                ));
+            }
+        }
         if l.backlog == 0 || l.backlog > MAX_BACKLOG {
             return Err(src.err(
                 l.name.span(),
@@ -172,6 +195,10 @@ pub(super) fn listeners(
             max_sessions: l.max_sessions.as_ref().map(|m| *m.get_ref()),
             max_sessions_per_source: l.max_sessions_per_source.as_ref().map(|m| *m.get_ref()),
             responses: l.responses.as_ref().map_or(0, |r| *r.get_ref()),
+            session_recv_buffer: l
+                .session_recv_buffer
+                .as_ref()
+                .map_or(DEFAULT_SESSION_BUFFER, |b| *b.get_ref()),
             max_replies_per_request: l
                 .max_replies_per_request
                 .as_ref()

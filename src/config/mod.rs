@@ -118,6 +118,9 @@ pub struct ListenerConfig {
     /// UDP, with `responses = 0`: replies passed on per client datagram at most
     /// (an amplification guard); 0 for no limit.
     pub max_replies_per_request: u64,
+    /// UDP: receive buffer of each session's upstream socket, in bytes (replies
+    /// wait there until the session's task relays them).
+    pub session_recv_buffer: usize,
 }
 
 #[derive(Debug, Clone)]

@@ -93,6 +93,7 @@ pub struct Listener {
     pub max_sessions_per_source: Option<Spanned<usize>>,
     pub responses: Option<Spanned<u64>>,
     pub max_replies_per_request: Option<Spanned<u64>>,
+    pub session_recv_buffer: Option<Spanned<usize>>,
 }
 
 #[derive(Deserialize)]

@@ -138,6 +138,8 @@ pub struct UdpSettings {
     /// Replies passed on per client datagram at most (0: no limit): `responses`
     /// when set, else `max_replies_per_request`.
     pub reply_limit: u64,
+    /// Receive buffer of each session's upstream socket (`session_recv_buffer`).
+    pub session_recv_buffer: usize,
     pub bind: SocketAddr,
 }
 
@@ -151,6 +153,7 @@ impl UdpSettings {
             max_sessions: Some(cfg.max_sessions.unwrap_or(default_max)),
             max_sessions_per_source: cfg.max_sessions_per_source,
             responses: cfg.responses,
+            session_recv_buffer: cfg.session_recv_buffer,
             reply_limit: if cfg.responses > 0 {
                 cfg.responses
             } else {

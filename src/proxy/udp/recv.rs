@@ -359,7 +359,7 @@ impl Worker {
             .or_else(|| avoid.and_then(|_| settings.pool.pick(client.ip(), &[])))
             .ok_or(DropReason::NoBackend)?;
         let b = guard.backend().clone();
-        let upstream = match connect_upstream(b.addr) {
+        let upstream = match connect_upstream(b.addr, settings.session_recv_buffer) {
             Ok(u) => {
                 crate::fd::available();
                 u
@@ -397,14 +397,29 @@ impl Worker {
 
 /// A new socket connected to `addr`, so only that backend's datagrams are read and
 /// its ICMP errors are reported.
-pub(super) fn connect_upstream(addr: SocketAddr) -> io::Result<UdpSocket> {
+pub(super) fn connect_upstream(addr: SocketAddr, recv_buffer: usize) -> io::Result<UdpSocket> {
     let local: SocketAddr = if addr.is_ipv6() {
         "[::]:0".parse().expect("literal")
     } else {
         "0.0.0.0:0".parse().expect("literal")
     };
-    let s = std::net::UdpSocket::bind(local)?;
-    s.connect(addr)?;
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    // A burst of large replies must not overflow the default (~208 KiB) buffer
+    // before the session's task relays it. Past net.core.rmem_max only with
+    // CAP_NET_ADMIN (SO_RCVBUFFORCE); otherwise the kernel caps it. Best effort.
+    #[cfg(target_os = "linux")]
+    let forced = nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::RcvBufForce, &recv_buffer).is_ok();
+    #[cfg(not(target_os = "linux"))]
+    let forced = false;
+    if !forced {
+        let _ = s.set_recv_buffer_size(recv_buffer);
+    }
     s.set_nonblocking(true)?;
-    UdpSocket::from_std(s)
+    s.bind(&local.into())?;
+    s.connect(&addr.into())?;
+    UdpSocket::from_std(s.into())
 }

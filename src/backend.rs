@@ -313,6 +313,12 @@ impl Backend {
         .await
     }
 
+    /// Resolves once the backend is no longer draining (an operator enabled it, or
+    /// a reload took a removed backend back).
+    pub async fn undrained(&self) {
+        crate::tasks::wait_for(&self.idle, || self.flags() & flag::DRAINING == 0).await
+    }
+
     /// Ends the lifecycle: a backend a reload removed, drained or cut, never takes
     /// a connection again.
     pub fn close(&self) {

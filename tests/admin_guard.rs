@@ -417,3 +417,62 @@ async fn the_openapi_document_is_valid_and_matches_the_routes() {
         }
     }
 }
+
+/// Review mends: a reload cannot strip the token from an admin API that still
+/// listens on a non-loopback address (admin.bind changes on restart); an HTTP/1.0
+/// health check without `Host` is answered; and overlapping listeners of one config
+/// (127.0.0.1:P beside 0.0.0.0:P) do not trip the one-instance check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_keeps_a_non_loopback_admin_protected() {
+    let be = TestBackend::start(Kind::Identity).await;
+    let dir = tempdir::Dir::new();
+    let token = dir.file("token", "s3cret");
+    let text = |bind: &str, token: Option<&std::path::Path>| {
+        let t = token.map_or(String::new(), |t| {
+            format!("token_file = \"{}\"\n", t.display())
+        });
+        format!(
+            "[admin]\nbind = \"{bind}\"\n{t}\n\
+             [[listeners]]\nname = \"l\"\nbind = \"127.0.0.1:0\"\npool = \"p\"\n\n\
+             [[pools]]\nname = \"p\"\nbackends = [ {{ address = \"{}\" }} ]\n",
+            be.addr
+        )
+    };
+    let (fg, path) = start_file(&dir, "flowgate.toml", &text("0.0.0.0:0", Some(&token)));
+    let admin: SocketAddr = format!("127.0.0.1:{}", fg.admin_addr().unwrap().port())
+        .parse()
+        .unwrap();
+    std::fs::write(&path, text("127.0.0.1:0", None)).unwrap();
+    let fg2 = fg.clone();
+    let e = tokio::task::spawn_blocking(move || fg2.reload())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(e.to_string().contains("not loopback"), "{e}");
+    let drain = action(&be.addr.to_string(), "drain", false);
+    assert_eq!(curl(admin, "POST", &drain, None, None).await.status, 401);
+
+    // HTTP/1.0, no Host: HAProxy's `option httpchk` default.
+    let mut s = TcpStream::connect(admin).await.unwrap();
+    s.write_all(b"GET /healthz HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).await.unwrap();
+    assert!(reply.starts_with("HTTP/1.0 200"), "{reply}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_listeners_of_one_config_start() {
+    let be = TestBackend::start(Kind::Identity).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let fg = start(&format!(
+        "[[listeners]]\nname = \"local\"\nbind = \"127.0.0.1:{port}\"\npool = \"p\"\n\n\
+         [[listeners]]\nname = \"any\"\nbind = \"0.0.0.0:{port}\"\npool = \"p\"\n\n\
+         [[pools]]\nname = \"p\"\nbackends = [ {{ address = \"{}\" }} ]\n",
+        be.addr
+    ));
+    assert!(fg.local_addr("local").is_some() && fg.local_addr("any").is_some());
+}

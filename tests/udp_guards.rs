@@ -212,7 +212,8 @@ async fn a_burst_of_large_replies_fits_the_session_buffer() {
     let client = {
         let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
         s.set_recv_buffer_size(4 << 20).unwrap();
-        s.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into()).unwrap();
+        s.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+            .unwrap();
         s.set_nonblocking(true).unwrap();
         UdpSocket::from_std(s.into()).unwrap()
     };

@@ -17,10 +17,12 @@ use crate::config::AdminConfig;
 /// of `admin.allowed_hosts`, or whose `Origin` is another site than the one it was
 /// sent to; `None` when it may go on.
 pub(super) fn refuse_site(headers: &HeaderMap, cfg: &AdminConfig) -> Option<Reply> {
-    let host = headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or("");
+    // No Host at all (HTTP/1.0, as HAProxy's `option httpchk` sends by default) is
+    // no browser: a rebinding attack always carries one.
+    let host = match headers.get(header::HOST) {
+        None => return None,
+        Some(h) => h.to_str().unwrap_or(""),
+    };
     if !host_allowed(host, cfg) {
         return Some(error(
             StatusCode::MISDIRECTED_REQUEST,
@@ -59,7 +61,7 @@ fn host_allowed(host: &str, cfg: &AdminConfig) -> bool {
     if name.parse::<std::net::Ipv4Addr>().is_ok() {
         return true;
     }
-    let name = name.to_ascii_lowercase();
+    let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
     name == "localhost" || cfg.allowed_hosts.contains(&name)
 }
 

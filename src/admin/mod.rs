@@ -24,7 +24,7 @@
 mod guard;
 mod server;
 
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -83,16 +83,19 @@ fn not_allowed(method: &Method, allow: &'static str) -> Reply {
     r
 }
 
-async fn handle(req: Request<Incoming>, fg: &Runtime, timeout: Duration) -> Reply {
+/// `cfg` is the `[admin]` the server started with: its checks hold until restart,
+/// whatever a reload does (the token alone is re-read).
+async fn handle(req: Request<Incoming>, fg: &Runtime, cfg: &crate::config::AdminConfig) -> Reply {
+    let timeout = cfg.request_timeout;
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
 
-    if let Some(cfg) = fg.admin_config() {
-        if let Some(r) = guard::refuse_site(req.headers(), &cfg) {
+    {
+        if let Some(r) = guard::refuse_site(req.headers(), cfg) {
             return r;
         }
-        if guard::needs_token(&method, &path, &cfg) {
+        if guard::needs_token(&method, &path, cfg) {
             if let Some(token) = fg.admin_token() {
                 if !guard::authorized(req.headers(), &token) {
                     let mut r = error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");

@@ -69,6 +69,7 @@ pub async fn run(sock: std::net::TcpListener, fg: WeakRuntime, cfg: AdminConfig)
         };
         let fg = fg.clone();
         let timeout = cfg.request_timeout;
+        let cfg = Arc::new(cfg.clone());
         control.spawn_until_stop(async move {
             let _place = place;
             let mut io = TimeoutStream::new(stream);
@@ -78,9 +79,10 @@ pub async fn run(sock: std::net::TcpListener, fg: WeakRuntime, cfg: AdminConfig)
             io.set_read_timeout(Some(IDLE.max(timeout)));
             let svc = hyper::service::service_fn(move |req| {
                 let fg = fg.upgrade();
+                let cfg = cfg.clone();
                 async move {
                     Ok::<_, Infallible>(match fg {
-                        Some(fg) => handle(req, &fg, timeout).await,
+                        Some(fg) => handle(req, &fg, &cfg).await,
                         None => error(hyper::StatusCode::SERVICE_UNAVAILABLE, "shutting down"),
                     })
                 }

@@ -12,8 +12,9 @@ use super::{ConfigError, ListenerConfig, PoolConfig, Protocol};
 const MAX_LIMIT: usize = 16 << 20;
 /// Upper bound on `responses`.
 const MAX_RESPONSES: u64 = 1 << 20;
-/// `max_replies_per_request` when the file leaves it out.
-const DEFAULT_MAX_REPLIES: u64 = 16;
+/// `max_replies_per_request` when the file leaves it out: no limit, as nginx's
+/// stream module (media and VPN traffic sends many datagrams per client datagram).
+const DEFAULT_MAX_REPLIES: u64 = 0;
 /// `session_recv_buffer`: default and range (bytes).
 const DEFAULT_SESSION_BUFFER: usize = 1 << 20;
 const MIN_SESSION_BUFFER: usize = 4 << 10;
@@ -145,7 +146,8 @@ pub(super) fn listeners(
         }
         if let Some(b) = &l.session_recv_buffer {
             let v = *b.get_ref();
-            if protocol != Protocol::Udp || !(MIN_SESSION_BUFFER..=MAX_SESSION_BUFFER).contains(&v) {
+            if protocol != Protocol::Udp || !(MIN_SESSION_BUFFER..=MAX_SESSION_BUFFER).contains(&v)
+            {
                 return Err(src.err(
                     b.span(),
                     at("session_recv_buffer"),
@@ -162,11 +164,11 @@ pub(super) fn listeners(
                 ));
             }
         }
-        if l.backlog == 0 || l.backlog > MAX_BACKLOG {
+        if l.backlog > MAX_BACKLOG {
             return Err(src.err(
                 l.name.span(),
                 at("backlog"),
-                format!("{} is out of range: expected 1 to {MAX_BACKLOG}", l.backlog),
+                format!("{} is out of range: expected 0 to {MAX_BACKLOG}", l.backlog),
             ));
         }
         // A backend that is this very listener: every connection would connect to

@@ -116,7 +116,7 @@ pub struct ListenerConfig {
     /// UDP: a session ends after this many reply datagrams (0: never).
     pub responses: u64,
     /// UDP, with `responses = 0`: replies passed on per client datagram at most
-    /// (an amplification guard); 0 for no limit.
+    /// (an amplification guard); 0 (the default) for no limit.
     pub max_replies_per_request: u64,
     /// UDP: receive buffer of each session's upstream socket, in bytes (replies
     /// wait there until the session's task relays them).

@@ -13,7 +13,7 @@ pub struct DurationStr(pub Duration);
 
 /// The longest duration any key takes: timers past it would overflow the clock,
 /// and nothing a balancer waits for needs longer.
-pub const MAX_DURATION: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+pub const MAX_DURATION: std::time::Duration = std::time::Duration::from_secs(365 * 24 * 3600);
 
 impl<'de> Deserialize<'de> for DurationStr {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -28,7 +28,7 @@ impl<'de> Deserialize<'de> for DurationStr {
                     && s.ends_with(|c: char| c.is_ascii_alphabetic());
                 match humantime::parse_duration(s) {
                     Ok(d) if ok && d > MAX_DURATION => Err(E::custom(format!(
-                        "duration {s:?} is too long: at most 7d"
+                        "duration {s:?} is too long: at most 365d"
                     ))),
                     Ok(d) if ok => Ok(DurationStr(d)),
                     _ => Err(E::custom(format!(

@@ -99,7 +99,11 @@ pub fn spawn(
         if !all && backend.is_probed() {
             continue;
         }
+        // Counted now, not when the task first runs: a reload right behind this one
+        // must see it probed.
+        let running = backend.probe_guard();
         let probe = check_loop(
+            running,
             pool.clone(),
             backend,
             cfg.clone(),
@@ -111,13 +115,13 @@ pub fn spawn(
 }
 
 async fn check_loop(
+    _running: crate::backend::ProbeGuard,
     pool: Arc<Pool>,
     b: Arc<Backend>,
     cfg: Arc<HealthCheckConfig>,
     stop: CancellationToken,
     tasks: Tasks,
 ) {
-    let _running = b.probe_guard();
     let checked_before = b.last_check().is_some();
     let healthy = b.flags() & flag::UNHEALTHY == 0;
     let mut verdict = Verdict::new(cfg.rise, cfg.fall, healthy, !b.been_up());

@@ -41,7 +41,9 @@ impl Runtime {
                     }
                 }
             };
-            if tokio::time::timeout(timeout, drained).await.is_err() {
+            // Only a backend still draining at the deadline is cut: not one an
+            // operator enabled, or a reload took back, meanwhile.
+            if tokio::time::timeout(timeout, drained).await.is_err() && b.flags() & flag::DRAINING != 0 {
                 warn!(pool = %pool.name, backend = %b.name, open = b.active(), "drain_timeout passed: closing remaining connections");
                 b.cut_sessions();
             }
@@ -85,7 +87,11 @@ async fn settle(pool: &Pool, b: &Backend, retire: bool) {
             }
             continue;
         }
-        pool.usable().await;
+        // Until a backend of the pool is usable, or this one is taken back.
+        tokio::select! {
+            _ = pool.usable() => {}
+            _ = b.undrained() => {}
+        }
     }
 }
 

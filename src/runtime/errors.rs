@@ -47,6 +47,8 @@ pub enum ReloadError {
     NoSource,
     #[error("shutting down")]
     ShuttingDown,
+    #[error("admin.token_file removed while the admin API listens on {0}, which is not loopback (admin.bind changes on restart): keep the token until then")]
+    AdminUnprotected(std::net::SocketAddr),
 }
 
 /// What an operator action on one backend can fail with.

@@ -254,11 +254,6 @@ impl Runtime {
         sorted(self.inner.lock().pools.values())
     }
 
-    /// The running `[admin]` (as of the last reload).
-    pub fn admin_config(&self) -> Option<crate::config::AdminConfig> {
-        self.inner.lock().config.admin.clone()
-    }
-
     pub fn admin_token(&self) -> Option<Arc<String>> {
         self.inner.admin_token.load_full()
     }

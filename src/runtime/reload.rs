@@ -61,6 +61,15 @@ impl Runtime {
         }
         let plan = config::diff(&st.config, &new);
 
+        // The admin API listens where it started until restart: a token may not go
+        // away while that address is not loopback.
+        if let Some(running) = &st.config.admin {
+            let cleared = new.admin.as_ref().is_some_and(|a| a.token.is_none());
+            if cleared && running.token.is_some() && !running.bind.ip().is_loopback() {
+                return Err(ReloadError::AdminUnprotected(running.bind));
+            }
+        }
+
         // 1. Everything fallible. Nothing has changed yet: sockets bound here close
         // again if a later step fails; the access log's file (which opening may
         // create) comes last.
@@ -221,13 +230,16 @@ impl Runtime {
         if new.admin.is_some() && self.inner.metrics.is_none() {
             warn!("metrics start with the admin listener, on restart");
         }
-        if plan.admin_token_changed || old.admin.is_some() != new.admin.is_some() {
-            self.inner.admin_token.store(
-                new.admin
-                    .as_ref()
-                    .and_then(|a| a.token.clone())
-                    .map(Arc::new),
-            );
+        match &new.admin {
+            // The admin API keeps running until restart: so does its token.
+            None if old.admin.is_some() => {
+                warn!("[admin] removed: the admin API stops on restart; its token stays until then")
+            }
+            None => {}
+            Some(a) if plan.admin_token_changed => {
+                self.inner.admin_token.store(a.token.clone().map(Arc::new))
+            }
+            Some(_) => {}
         }
     }
 }

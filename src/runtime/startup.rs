@@ -84,9 +84,13 @@ impl Runtime {
         // Bind everything before serving anything, so a bad address fails fast.
         // Each address must be free first: SO_REUSEPORT would otherwise let a
         // second flowgate with the same config start and silently share it.
-        let mut bound = Vec::new();
+        // (All probes first: once this config's own sockets exist, an overlapping
+        // listener of it, 0.0.0.0:P beside 127.0.0.1:P, would look taken.)
         for l in &config.listeners {
             ensure_free(l)?;
+        }
+        let mut bound = Vec::new();
+        for l in &config.listeners {
             let sockets = rt.bind_listener(l)?;
             bound.push((l, sockets));
         }

@@ -412,7 +412,9 @@ pub(super) fn connect_upstream(addr: SocketAddr, recv_buffer: usize) -> io::Resu
     // before the session's task relays it. Past net.core.rmem_max only with
     // CAP_NET_ADMIN (SO_RCVBUFFORCE); otherwise the kernel caps it. Best effort.
     #[cfg(target_os = "linux")]
-    let forced = nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::RcvBufForce, &recv_buffer).is_ok();
+    let forced =
+        nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::RcvBufForce, &recv_buffer)
+            .is_ok();
     #[cfg(not(target_os = "linux"))]
     let forced = false;
     if !forced {

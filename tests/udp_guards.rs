@@ -72,7 +72,13 @@ async fn responses_caps_replies_per_datagram() {
         c.send_to(b"q", addr).await.unwrap();
         assert_eq!(replies(&c).await, per_request, "{extra}");
         let d = dropped(&fg);
-        assert_eq!(d["reply_limit"], 16 - per_request as u64, "{extra}: {d:?}");
+        if extra.starts_with("responses") {
+            // The session ends at its first reply: replies read in the same batch
+            // are dropped and counted, later ones never reach it.
+            assert!(d["reply_limit"] <= 15, "{extra}: {d:?}");
+        } else {
+            assert_eq!(d["reply_limit"], 16 - per_request as u64, "{extra}: {d:?}");
+        }
         fg.shutdown().await;
     }
 }

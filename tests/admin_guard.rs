@@ -24,13 +24,6 @@ fn cfg(backend: SocketAddr, admin_extra: &str) -> String {
     )
 }
 
-/// The resident memory of process `pid`, in KiB.
-fn rss_kib(pid: i32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
 /// 50 clients announce a 64 KiB body and send it one byte per packet. Before, every
 /// received byte pinned a read buffer (about 4 KiB each: 50 clients took 1 GB).
 /// Now a GET with a body is refused at once, and a PUT's body is copied into one
@@ -132,26 +125,11 @@ async fn cross_site_and_rebinding_requests_are_refused() {
     .await;
     assert_eq!(r.status, 421, "{r:?}");
     assert!(r.error().contains("allowed_hosts"), "{r:?}");
-    let r = curl_with(
-        admin,
-        "GET",
-        "/healthz",
-        None,
-        None,
-        &["-H", &format!("Host: lb.internal:{}", admin.port())],
-    )
-    .await;
-    assert_eq!(r.status, 200, "a configured name: {r:?}");
-    let r = curl_with(
-        admin,
-        "GET",
-        "/healthz",
-        None,
-        None,
-        &["-H", &format!("Host: localhost:{}", admin.port())],
-    )
-    .await;
-    assert_eq!(r.status, 200, "localhost: {r:?}");
+    for host in ["lb.internal", "LB.Internal.", "localhost"] {
+        let header = format!("Host: {host}:{}", admin.port());
+        let r = curl_with(admin, "GET", "/healthz", None, None, &["-H", &header]).await;
+        assert_eq!(r.status, 200, "{host}: {r:?}");
+    }
 
     let r = curl_with(
         admin,

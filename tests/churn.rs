@@ -26,12 +26,6 @@ fn config(backend: std::net::SocketAddr, with_q: bool) -> String {
     )
 }
 
-fn rss_kib(pid: i32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn adding_and_removing_a_pool_many_times_keeps_memory_flat() {
     let be = TestBackend::start(Kind::Identity).await;

@@ -619,3 +619,10 @@ pub async fn hold_on(addr: SocketAddr, backend: &str, want: usize) -> Vec<BufRea
     }
     panic!("{want} connections never reached {backend}");
 }
+
+/// The resident memory of process `pid`, in KiB.
+pub fn rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}

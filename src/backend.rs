@@ -78,6 +78,8 @@ pub struct CheckRecord {
 
 #[derive(Debug)]
 pub struct Backend {
+    /// Never reused (see [`crate::ids`]): the exporter's key for this object.
+    pub id: u64,
     /// The address as written in the config: identity for logs, hashing, the API and
     /// the `backend` metric label.
     pub name: Arc<str>,
@@ -200,6 +202,7 @@ impl BackendHistograms {
 impl Backend {
     pub fn new(cfg: &BackendConfig, pool: &str) -> Arc<Backend> {
         Arc::new(Backend {
+            id: crate::ids::next(),
             name: cfg.name.as_str().into(),
             pool: pool.into(),
             stats: BackendStats::default(),

@@ -10,7 +10,7 @@
 //!    pool's backends and selector as one lock-free snapshot), [`balance`] (the
 //!    selection algorithms, one file each, behind one trait). Beside them, leaves
 //!    every layer may use: [`metrics::names`], [`fd`] (the process's "out of file
-//!    descriptors" episode), [`tasks`] (tracked background work), [`access_log`]
+//!    descriptors" episode), [`tasks`] (tracked background work), [`ids`] (ids for exported objects), [`access_log`]
 //!    (one line per finished session, written off the data path).
 //! 3. **data path**: [`proxy`]: [`proxy::tcp`] (accept -> pick -> connect ->
 //!    splice -> account -> close) and [`proxy::udp`] (receive batch -> session ->
@@ -32,6 +32,7 @@ pub mod balance;
 pub mod config;
 pub mod fd;
 pub mod health;
+pub mod ids;
 mod instance;
 pub mod metrics;
 pub mod pool;

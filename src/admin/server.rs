@@ -36,6 +36,9 @@ pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<std::net::TcpListener
     Ok(socket.into())
 }
 
+/// How long one admin connection may live, kept alive or not.
+const MAX_AGE: Duration = Duration::from_secs(120);
+
 /// How long a kept-alive connection may sit between requests.
 const IDLE: Duration = Duration::from_secs(60);
 
@@ -91,7 +94,21 @@ pub async fn run(sock: std::net::TcpListener, fg: WeakRuntime, cfg: AdminConfig)
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(timeout)
                 .serve_connection(TokioIo::new(Box::pin(io)), svc);
-            if let Err(e) = conn.await {
+            tokio::pin!(conn);
+            // A connection gives its place back after MAX_AGE, however it is used:
+            // kept-alive clients cannot hold every place (a scraper reconnects).
+            // It finishes the request in flight, within `timeout`.
+            let r = match tokio::time::timeout(MAX_AGE, conn.as_mut()).await {
+                Ok(r) => r,
+                Err(_) => {
+                    conn.as_mut().graceful_shutdown();
+                    match tokio::time::timeout(timeout, conn.as_mut()).await {
+                        Ok(r) => r,
+                        Err(_) => Ok(()),
+                    }
+                }
+            };
+            if let Err(e) = r {
                 debug!(error = %e, "admin API connection");
             }
         });

@@ -97,7 +97,7 @@ struct Seen {
     /// Per counter series and object: the value exported and the scrape it was in.
     counters: HashMap<String, (u64, u64)>,
     /// The labels of each backend exported, by object.
-    backends: HashMap<usize, Labels>,
+    backends: HashMap<u64, Labels>,
     /// Scrapes so far.
     scrape: u64,
 }
@@ -276,7 +276,7 @@ impl Scrape<'_> {
         &mut self,
         name: &'static str,
         labels: &[(&'static str, String)],
-        owner: usize,
+        owner: u64,
         now: u64,
     ) {
         let mut key = String::from(name);
@@ -290,7 +290,8 @@ impl Scrape<'_> {
         // reload while its old copy still drains) both add what they gained.
         key.push_str(&format!("@{owner:x}"));
         let prev = self.seen.counters.insert(key, (now, self.seen.scrape));
-        // Less than last time: a new object at a freed address; it counts from 0.
+        // Less than last time cannot happen for one object (ids are never reused),
+        // but a counter that went back is taken as counting from 0.
         let delta = match prev {
             Some((v, _)) if now >= v => now - v,
             _ => now,
@@ -307,7 +308,7 @@ impl Scrape<'_> {
         self.export(ACCESS_LOG_DROPPED, &[], 0, inv.access_log_dropped);
 
         for s in &inv.listeners {
-            let owner = Arc::as_ptr(s) as usize;
+            let owner = s.id;
             let labels = [("listener", s.name.to_string())];
             self.export(CONNECTIONS, &labels, owner, s.accepted.load(Relaxed));
             gauge!(CONNECTIONS_ACTIVE, &labels).set(s.active.load(Relaxed) as f64);
@@ -330,8 +331,7 @@ impl Scrape<'_> {
         // is over) takes no connections: say so at once rather than leave its last
         // `up` for the gauges' idle timeout. Before the live ones, which may share
         // its labels.
-        let live: std::collections::HashSet<usize> =
-            backends.iter().map(|b| Arc::as_ptr(b) as usize).collect();
+        let live: std::collections::HashSet<u64> = backends.iter().map(|b| b.id).collect();
         self.seen.backends.retain(|owner, labels| {
             let keep = live.contains(owner);
             if !keep {
@@ -346,7 +346,7 @@ impl Scrape<'_> {
     }
 
     fn udp_listener(&mut self, l: &Arc<UdpListenerShared>) {
-        let owner = Arc::as_ptr(l) as usize;
+        let owner = l.id;
         let name = l.name.to_string();
         let t = l.totals();
         let labels = [("listener", name.clone())];
@@ -367,7 +367,7 @@ impl Scrape<'_> {
     }
 
     fn backend(&mut self, b: &Arc<Backend>) {
-        let owner = Arc::as_ptr(b) as usize;
+        let owner = b.id;
         let labels = [
             ("pool", b.pool.to_string()),
             ("backend", b.name.to_string()),

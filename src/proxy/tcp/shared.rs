@@ -17,6 +17,8 @@ use crate::proxy::Context;
 
 /// What every session of a listener shares.
 pub struct ListenerShared {
+    /// Never reused (see [`crate::ids`]).
+    pub id: u64,
     pub name: Arc<str>,
     /// What the runtime gave this listener: access log, control tasks, splice.
     pub ctx: Context,
@@ -86,6 +88,7 @@ impl ListenerShared {
         cut: CancellationToken,
     ) -> Arc<ListenerShared> {
         Arc::new(ListenerShared {
+            id: crate::ids::next(),
             name: cfg.name.as_str().into(),
             ctx,
             settings: ArcSwap::from_pointee(ListenerSettings::new(cfg, pool)),

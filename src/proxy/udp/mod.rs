@@ -176,6 +176,8 @@ pub fn default_max_sessions(udp_listeners: usize) -> usize {
 
 /// What every worker of a UDP listener shares.
 pub struct UdpListenerShared {
+    /// Never reused (see [`crate::ids`]).
+    pub id: u64,
     pub name: Arc<str>,
     /// What the runtime gave this listener: access log, control tasks.
     pub ctx: Context,
@@ -219,6 +221,7 @@ impl UdpListenerShared {
         cut: CancellationToken,
     ) -> Arc<UdpListenerShared> {
         Arc::new(UdpListenerShared {
+            id: crate::ids::next(),
             name: cfg.name.as_str().into(),
             ctx,
             settings: ArcSwap::from_pointee(settings),

@@ -32,7 +32,12 @@ impl Flowgate {
                 admin::bind(a.bind).map_err(|error| BindError {
                     listener: "admin".into(),
                     addr: a.bind,
-                    error,
+                    error: match crate::runtime::holder(a.bind, false) {
+                        Some(who) if error.kind() == std::io::ErrorKind::AddrInUse => {
+                            std::io::Error::new(error.kind(), format!("{error}: {who} holds it"))
+                        }
+                        _ => error,
+                    },
                 })?,
                 a.clone(),
             )),

@@ -293,6 +293,10 @@ async fn a_second_instance_on_the_same_ports_refuses_to_start() {
             "{log}"
         );
         assert!(log.contains("Address already in use"), "{log}");
+        assert!(
+            log.contains(&format!("pid {} (flowgate) holds it", first.pid())),
+            "names the process: {log}"
+        );
         let line = log
             .lines()
             .find(|l| l.contains("cannot bind"))

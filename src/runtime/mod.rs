@@ -24,6 +24,7 @@
 
 mod drain;
 mod errors;
+mod holder;
 mod ops;
 mod reload;
 mod shutdown;
@@ -52,6 +53,7 @@ use crate::tasks::Tasks;
 
 pub use crate::metrics::ReloadStats;
 pub use errors::{AccessLogError, BindError, OpError, ReloadError, StartError};
+pub use holder::holder;
 
 /// A running balancer's engine. Cheap to clone: clones share the same instance.
 /// Dropping the last clone stops it at once (use [`Runtime::shutdown`] for a

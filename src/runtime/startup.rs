@@ -298,10 +298,9 @@ fn ensure_free(l: &ListenerConfig) -> Result<(), BindError> {
         listener: l.name.clone(),
         addr: l.bind,
         error: if error.kind() == std::io::ErrorKind::AddrInUse {
-            std::io::Error::new(
-                error.kind(),
-                format!("{error}: another process (another flowgate?) holds it"),
-            )
+            let who = super::holder::holder(l.bind, l.protocol == Protocol::Udp)
+                .unwrap_or_else(|| "another process (another flowgate?)".to_string());
+            std::io::Error::new(error.kind(), format!("{error}: {who} holds it"))
         } else {
             error
         },

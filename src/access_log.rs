@@ -35,6 +35,16 @@ pub struct Entry {
     pub pool: Arc<str>,
     /// The backend's configured address; `None` if none was connected.
     pub backend: Option<Arc<str>>,
+    /// The address the backend's name resolved to (HAProxy's `%bi:%bp`).
+    pub backend_addr: Option<SocketAddr>,
+    /// Connect attempts that failed before the one that worked (or all of them).
+    pub retries: u32,
+    /// Sessions open on the listener when this one started, itself included
+    /// (HAProxy's `%fc`).
+    pub listener_conns: u32,
+    /// Connections open on the backend when this one was made, itself included
+    /// (HAProxy's `%bc`); 0 without a backend.
+    pub backend_conns: u32,
     pub to_backend: u64,
     pub from_backend: u64,
     /// Time of the successful connect (TCP).
@@ -48,6 +58,8 @@ pub struct Entry {
     pub reason: &'static str,
 }
 
+// Entries are nearly every message; boxing them would allocate once per line.
+#[allow(clippy::large_enum_variant)]
 enum Msg {
     Entry(Entry),
     /// Look at the pending destination and the reopen flag (sent with `try_send`:
@@ -346,6 +358,11 @@ fn ms(d: Option<Duration>) -> Option<f64> {
 /// `time=… listener=… client=… …`, logfmt. Names come from the configuration and
 /// may hold anything TOML can: a value with whitespace, control characters, quotes
 /// or `=` is quoted and escaped, so a line stays one line.
+/// When the session started: its end less its duration.
+fn start(e: &Entry) -> SystemTime {
+    e.time.checked_sub(e.duration).unwrap_or(e.time)
+}
+
 fn text(e: &Entry, out: &mut String) {
     use std::fmt::Write;
     let q = |s: &str| {
@@ -361,7 +378,7 @@ fn text(e: &Entry, out: &mut String) {
     let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| v.to_string());
     let _ = write!(
         out,
-        "time={} proto={} listener={} client={} pool={} backend={} to_backend={} from_backend={} connect_ms={} first_byte_ms={} duration_ms={} reason={}",
+        "time={} proto={} listener={} client={} pool={} backend={} to_backend={} from_backend={} connect_ms={} first_byte_ms={} duration_ms={} start={} backend_addr={} retries={} listener_conns={} backend_conns={} reason={}",
         humantime::format_rfc3339_micros(e.time),
         e.protocol,
         q(&e.listener),
@@ -373,6 +390,12 @@ fn text(e: &Entry, out: &mut String) {
         opt(ms(e.connect)),
         opt(ms(e.first_byte)),
         ms(Some(e.duration)).unwrap_or(0.0),
+        humantime::format_rfc3339_micros(start(e)),
+        e.backend_addr.map_or("-".to_string(), |a| a.to_string()),
+        e.retries,
+        e.listener_conns,
+        e.backend_conns,
+        // Last, as before these fields came: `reason` ends the line.
         e.reason,
     );
 }
@@ -391,6 +414,11 @@ fn json(e: &Entry, out: &mut String) {
         "first_byte_ms": ms(e.first_byte),
         "duration_ms": ms(Some(e.duration)),
         "reason": e.reason,
+        "start": humantime::format_rfc3339_micros(start(e)).to_string(),
+        "backend_addr": e.backend_addr.map(|a| a.to_string()),
+        "retries": e.retries,
+        "listener_conns": e.listener_conns,
+        "backend_conns": e.backend_conns,
     });
     out.push_str(&v.to_string());
 }
@@ -407,6 +435,10 @@ mod tests {
             client: "127.0.0.1:5000".parse().unwrap(),
             pool: "p".into(),
             backend: Some("10.0.0.1:80".into()),
+            backend_addr: Some("10.0.0.1:80".parse().unwrap()),
+            retries: 1,
+            listener_conns: 7,
+            backend_conns: 3,
             to_backend: 10,
             from_backend: 20,
             connect: Some(Duration::from_micros(250)),
@@ -422,7 +454,7 @@ mod tests {
         text(&entry(), &mut s);
         assert_eq!(
             s,
-            "time=2027-01-15T08:00:00.000000Z proto=tcp listener=\"web front\\n\" client=127.0.0.1:5000 pool=p backend=10.0.0.1:80 to_backend=10 from_backend=20 connect_ms=0.25 first_byte_ms=- duration_ms=1500 reason=client_closed"
+            "time=2027-01-15T08:00:00.000000Z proto=tcp listener=\"web front\\n\" client=127.0.0.1:5000 pool=p backend=10.0.0.1:80 to_backend=10 from_backend=20 connect_ms=0.25 first_byte_ms=- duration_ms=1500 start=2027-01-15T07:59:58.500000Z backend_addr=10.0.0.1:80 retries=1 listener_conns=7 backend_conns=3 reason=client_closed"
         );
     }
 
@@ -435,6 +467,11 @@ mod tests {
         assert_eq!(v["to_backend"], 10);
         assert_eq!(v["connect_ms"], 0.25);
         assert!(v["first_byte_ms"].is_null());
+        assert_eq!(v["start"], "2027-01-15T07:59:58.500000Z");
+        assert_eq!(v["backend_addr"], "10.0.0.1:80");
+        assert_eq!(v["retries"], 1);
+        assert_eq!(v["listener_conns"], 7);
+        assert_eq!(v["backend_conns"], 3);
         assert!(!s.contains('\n'));
     }
 }

@@ -30,22 +30,24 @@ pub async fn serve(
     // Times are microseconds on the process clock (8 bytes, not an `Instant`'s
     // 16): they live in every connection's task for its whole life.
     let start = now_us();
+    // The listener's sessions now, this one included (for the access log).
+    let at = At::new(listener.active.load(Ordering::Relaxed) as u32, 0);
     // TCP_NODELAY: accepted sockets inherit it from the listening socket
     // (listener::bind sets it), which saves a syscall per connection.
     let connected = tokio::select! {
         biased;
-        _ = listener.cut.cancelled() => Err(if listener.retired.load(Ordering::Relaxed) {
+        _ = listener.cut.cancelled() => Err((if listener.retired.load(Ordering::Relaxed) {
             Termination::Drained
         } else {
             Termination::Shutdown
-        }),
+        }, 0)),
         // Boxed: the connect phase is larger than the transfer phase, and a task is
         // sized for its largest phase.
         r = Box::pin(connect(listener, &settings, peer)) => r,
     };
-    let (mut backend, guard) = match connected {
+    let (mut backend, guard, retries) = match connected {
         Ok(c) => c,
-        Err(t) => {
+        Err((t, retries)) => {
             debug!(listener = %listener.name, client = %peer, reason = t.as_str(), "no backend connection");
             let rejected = match t {
                 Termination::NoBackend => Some(&listener.rejected_no_backend),
@@ -55,7 +57,8 @@ pub async fn serve(
             if let Some(r) = rejected {
                 r.fetch_add(1, Ordering::Relaxed);
             }
-            finish(listener, &settings, peer, start, None, t);
+            let at = at.with_retries(retries);
+            finish(listener, &settings, peer, start, at, None, t);
             return t;
         }
     };
@@ -63,6 +66,9 @@ pub async fn serve(
     // first-byte time below starts where the connect ended. (One u32 of state.)
     let connect_time = now_us().saturating_sub(start).min(u32::MAX as u64) as u32;
     let _ = backend.set_nodelay(true);
+    let at = at
+        .with_retries(retries)
+        .with_backend(guard.backend().active());
     let stops = Stops {
         listener: listener.clone(),
         epoch: guard.backend().drain_epoch(),
@@ -90,6 +96,7 @@ pub async fn serve(
         &settings,
         peer,
         start,
+        at,
         Some(Connected {
             backend: guard.backend(),
             connect: Duration::from_micros(connect_time as u64),
@@ -111,12 +118,48 @@ struct Connected<'a> {
     down: u64,
 }
 
+/// What every TCP access-log line says about the session's start, packed in one
+/// word (it lives in every connection's task): the listener's sessions (24 bits),
+/// the backend's connections (24 bits, once connected) and failed connect
+/// attempts (8 bits). Counts past 2^24 - 1 read as that.
+#[derive(Clone, Copy)]
+struct At(u64);
+
+impl At {
+    const MAX: u64 = (1 << 24) - 1;
+
+    fn new(listener_conns: u32, retries: u8) -> At {
+        At((u64::from(listener_conns).min(At::MAX) << 32) | u64::from(retries))
+    }
+
+    fn with_retries(self, retries: u8) -> At {
+        At(self.0 | u64::from(retries))
+    }
+
+    fn with_backend(self, backend_conns: usize) -> At {
+        At(self.0 | ((backend_conns as u64).min(At::MAX) << 8))
+    }
+
+    fn listener_conns(self) -> u32 {
+        (self.0 >> 32) as u32
+    }
+
+    fn backend_conns(self) -> u32 {
+        ((self.0 >> 8) & At::MAX) as u32
+    }
+
+    fn retries(self) -> u32 {
+        (self.0 & 0xff) as u32
+    }
+}
+
 /// Records the end of a session: the duration histogram and the access-log line.
 fn finish(
     listener: &ListenerShared,
     settings: &ListenerSettings,
     peer: SocketAddr,
     start: u64,
+    at: At,
     c: Option<Connected<'_>>,
     end: Termination,
 ) {
@@ -140,6 +183,7 @@ fn finish(
         listener,
         settings,
         peer,
+        at,
         c.as_ref(),
         duration,
         end.as_str(),
@@ -153,10 +197,12 @@ pub(super) fn log_rejected(
     peer: SocketAddr,
 ) {
     if listener.ctx.access_log.enabled() {
+        let listener_conns = listener.active.load(Ordering::Relaxed) as u32;
         listener.ctx.access_log.log(entry(
             listener,
             settings,
             peer,
+            At::new(listener_conns, 0),
             None,
             Duration::ZERO,
             "rejected",
@@ -169,6 +215,7 @@ fn entry(
     listener: &ListenerShared,
     settings: &ListenerSettings,
     peer: SocketAddr,
+    at: At,
     c: Option<&Connected<'_>>,
     duration: Duration,
     reason: &'static str,
@@ -180,6 +227,10 @@ fn entry(
         client: peer,
         pool: settings.pool.name.clone(),
         backend: c.map(|c| c.backend.name.clone()),
+        backend_addr: c.map(|c| c.backend.addr),
+        retries: at.retries(),
+        listener_conns: at.listener_conns(),
+        backend_conns: if c.is_some() { at.backend_conns() } else { 0 },
         to_backend: c.map_or(0, |c| c.up),
         from_backend: c.map_or(0, |c| c.down),
         connect: c.map(|c| c.connect),
@@ -190,12 +241,12 @@ fn entry(
 }
 
 /// Connects to a backend, moving on to the next distinct one on failure, up to the
-/// pool's `connect_attempts`.
+/// pool's `connect_attempts`; says how many attempts failed.
 pub(super) async fn connect(
     listener: &ListenerShared,
     settings: &ListenerSettings,
     peer: SocketAddr,
-) -> Result<(TcpStream, ActiveGuard), Termination> {
+) -> Result<(TcpStream, ActiveGuard, u8), (Termination, u8)> {
     let pool = &settings.pool;
     let attempts = pool.connect_attempts();
     let mut tried: Vec<Arc<Backend>> = Vec::new();
@@ -210,7 +261,7 @@ pub(super) async fn connect(
                 let took = t0.elapsed();
                 b.stats.connections.fetch_add(1, Ordering::Relaxed);
                 b.histograms.connect.record(took);
-                return Ok((stream, guard));
+                return Ok((stream, guard, tried.len() as u8));
             }
             Err(e) => {
                 debug!(pool = %pool.name, backend = %b.name, error = %e, "connect failed");
@@ -220,11 +271,15 @@ pub(super) async fn connect(
         passive_failure(pool, b, &listener.ctx.control);
         tried.push(b.clone());
     }
-    Err(if tried.is_empty() {
-        Termination::NoBackend
-    } else {
-        Termination::ConnectFailed
-    })
+    let retries = tried.len() as u8;
+    Err((
+        if tried.is_empty() {
+            Termination::NoBackend
+        } else {
+            Termination::ConnectFailed
+        },
+        retries,
+    ))
 }
 
 /// One connect attempt within `timeout`. Running out of descriptors is our problem,

@@ -373,10 +373,14 @@ impl Worker {
                 return Err(DropReason::SocketFailed);
             }
         };
-        let session = Arc::new(Session::new(client, upstream, guard, requests, slot));
         shared.sessions.fetch_add(1, Relaxed);
         b.stats.udp_sessions.fetch_add(1, Relaxed);
-        b.stats.udp_active.fetch_add(1, Relaxed);
+        let on_backend = b.stats.udp_active.fetch_add(1, Relaxed) + 1;
+        let conns = (
+            shared.active.load(Relaxed).min(u32::MAX as usize) as u32,
+            on_backend.min(u64::from(u32::MAX)) as u32,
+        );
+        let session = Arc::new(Session::new(client, upstream, guard, requests, slot, conns));
         self.table
             .lock()
             .unwrap_or_else(|e| e.into_inner())

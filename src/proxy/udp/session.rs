@@ -94,6 +94,9 @@ pub(super) struct Session {
     pub(super) requests: AtomicU64,
     /// Its place under `max_sessions` and `max_sessions_per_source`.
     slot: Mutex<Option<Slot>>,
+    /// Sessions on the listener and on the backend when it started, itself
+    /// included (for the access log).
+    pub(super) conns: (u32, u32),
 }
 
 impl Session {
@@ -104,8 +107,10 @@ impl Session {
         guard: ActiveGuard,
         requests: u64,
         slot: Slot,
+        conns: (u32, u32),
     ) -> Session {
         Session {
+            conns,
             client,
             upstream,
             epoch: guard.backend().drain_epoch(),
@@ -233,6 +238,10 @@ impl SessionTask {
                 client: s.client,
                 pool: b.pool.clone(),
                 backend: Some(b.name.clone()),
+                backend_addr: Some(b.addr),
+                retries: 0,
+                listener_conns: s.conns.0,
+                backend_conns: s.conns.1,
                 to_backend: s.to_backend.load(Relaxed),
                 from_backend: s.from_backend.load(Relaxed),
                 connect: None,
@@ -282,6 +291,7 @@ mod tests {
             backend.claim(),
             1,
             slot,
+            (1, 1),
         ));
         let task = SessionTask {
             session,

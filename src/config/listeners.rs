@@ -3,6 +3,8 @@
 
 use std::collections::HashSet;
 
+use toml::Spanned;
+
 use super::raw;
 use super::resolve::resolve;
 use super::validate::{unique_name, Source};
@@ -125,45 +127,22 @@ pub(super) fn listeners(
                 ));
             }
         }
-        if let Some(m) = &l.max_replies_per_request {
-            if *m.get_ref() > MAX_RESPONSES || protocol != Protocol::Udp {
-                return Err(src.err(
-                    m.span(),
-                    at("max_replies_per_request"),
-                    if protocol != Protocol::Udp {
-                        format!(
-                            "max_replies_per_request applies to udp listeners; this one is {}",
-                            protocol.as_str()
-                        )
-                    } else {
-                        format!(
-                            "{} is out of range: expected 0 (no limit) to {MAX_RESPONSES}",
-                            m.get_ref()
-                        )
-                    },
-                ));
-            }
-        }
-        if let Some(b) = &l.session_recv_buffer {
-            let v = *b.get_ref();
-            if protocol != Protocol::Udp || !(MIN_SESSION_BUFFER..=MAX_SESSION_BUFFER).contains(&v)
-            {
-                return Err(src.err(
-                    b.span(),
-                    at("session_recv_buffer"),
-                    if protocol != Protocol::Udp {
-                        format!(
-                            "session_recv_buffer applies to udp listeners; this one is {}",
-                            protocol.as_str()
-                        )
-                    } else {
-                        format!(
-                            "{v} is out of range: expected {MIN_SESSION_BUFFER} to {MAX_SESSION_BUFFER} bytes"
-                        )
-                    },
-                ));
-            }
-        }
+        udp_only_in_range(
+            src,
+            &at("max_replies_per_request"),
+            &l.max_replies_per_request,
+            protocol,
+            0..=MAX_RESPONSES,
+            " (0: no limit)",
+        )?;
+        udp_only_in_range(
+            src,
+            &at("session_recv_buffer"),
+            &l.session_recv_buffer,
+            protocol,
+            MIN_SESSION_BUFFER..=MAX_SESSION_BUFFER,
+            " bytes",
+        )?;
         if l.backlog > MAX_BACKLOG {
             return Err(src.err(
                 l.name.span(),
@@ -216,4 +195,38 @@ pub(super) fn listeners(
         ));
     }
     Ok(listeners)
+}
+
+/// A key that applies to UDP listeners only, within `range` when set.
+fn udp_only_in_range<T>(
+    src: &Source<'_>,
+    path: &str,
+    value: &Option<Spanned<T>>,
+    protocol: Protocol,
+    range: std::ops::RangeInclusive<T>,
+    unit: &str,
+) -> Result<(), ConfigError>
+where
+    T: PartialOrd + std::fmt::Display,
+{
+    let Some(v) = value else {
+        return Ok(());
+    };
+    let key = path.rsplit('.').next().unwrap_or(path);
+    let message = if protocol != Protocol::Udp {
+        format!(
+            "{key} applies to udp listeners; this one is {}",
+            protocol.as_str()
+        )
+    } else if !range.contains(v.get_ref()) {
+        format!(
+            "{} is out of range: expected {} to {}{unit}",
+            v.get_ref(),
+            range.start(),
+            range.end()
+        )
+    } else {
+        return Ok(());
+    };
+    Err(src.err(v.span(), path.to_string(), message))
 }

@@ -16,6 +16,13 @@ use tokio::net::TcpStream;
 
 const LIVENESS: Duration = Duration::from_secs(20);
 
+/// A 405 that says, in `Allow`, which method the path takes (`curl -i` output).
+fn assert_not_allowed(r: &ApiReply, allow: &str) {
+    assert_eq!(r.status, 405, "{r:?}");
+    let header = format!("allow: {allow}");
+    assert!(r.text.to_ascii_lowercase().contains(&header), "{}", r.text);
+}
+
 fn cfg(backend: SocketAddr, admin_extra: &str) -> String {
     format!(
         "[admin]\nbind = \"127.0.0.1:0\"\n{admin_extra}\n\n\
@@ -246,12 +253,7 @@ async fn token_courtesies_and_protected_reads() {
         &["-i"],
     )
     .await;
-    assert_eq!(r.status, 405, "{r:?}");
-    assert!(
-        r.text.to_ascii_lowercase().contains("allow: post"),
-        "{}",
-        r.text
-    );
+    assert_not_allowed(&r, "post");
 }
 
 /// A second flowgate with the same config (fixed ports) refuses to start, naming
@@ -350,12 +352,7 @@ async fn single_pool_and_backend_gets() {
         404
     );
     let r = curl_with(admin, "POST", "/api/v1/pools/p", None, None, &["-i"]).await;
-    assert_eq!(r.status, 405, "{r:?}");
-    assert!(
-        r.text.to_ascii_lowercase().contains("allow: get"),
-        "{}",
-        r.text
-    );
+    assert_not_allowed(&r, "get");
 }
 
 /// GET /api/v1/openapi.json is a valid OpenAPI 3 document (checked by

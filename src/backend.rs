@@ -243,6 +243,14 @@ impl Backend {
         self.config_weight.store(w, Ordering::Relaxed);
     }
 
+    /// The weight the API set, if it did.
+    pub fn override_weight(&self) -> Option<u32> {
+        match self.override_weight.load(Ordering::Relaxed) {
+            0 => None,
+            w => Some(w),
+        }
+    }
+
     /// Sets the runtime weight (API); it outlives reloads.
     pub fn set_override_weight(&self, w: u32) {
         self.override_weight.store(w, Ordering::Relaxed);

@@ -9,18 +9,22 @@
 //! | GET | /api/v1/pools/{pool}, /api/v1/pools/{pool}/backends/{address} | one of them |
 //! | POST | /api/v1/pools/{pool}/backends/{address}/drain, /enable, /disable | |
 //! | PUT | /api/v1/pools/{pool}/backends/{address}/weight | body `{"weight": N}` |
+//! | POST | /api/v1/pools/{pool}/backends | add one: body `{"address": "IP:PORT", "weight": N}` |
+//! | DELETE | /api/v1/pools/{pool}/backends/{address} | remove one: it drains |
+//! | GET | /api/v1/config | the running config as TOML, runtime changes marked |
 //! | POST | /api/v1/reload | re-read the config file |
 //! | GET | /api/v1/openapi.json | this API as an OpenAPI 3 document (`openapi.json`) |
 //!
 //! `{address}` is the backend's address as written in the config, raw or
 //! percent-encoded. Errors are `{"error": "..."}` with 400, 401 (with
-//! `WWW-Authenticate`), 403, 404, 405 (with `Allow`), 408, 413, 415 or 421.
-//! With `admin.token_file`, every POST and PUT needs `Authorization: Bearer TOKEN`
+//! `WWW-Authenticate`), 403, 404, 405 (with `Allow`), 408, 409, 413, 415 or 421.
+//! With `admin.token_file`, every POST, PUT and DELETE needs `Authorization: Bearer TOKEN`
 //! (compared in constant time), and with `admin.protect_reads` every GET but
 //! `/healthz` too. Before that, [`guard`] refuses a foreign `Host` (DNS rebinding)
 //! or `Origin` (cross-site requests), a body that is not JSON or that the method
 //! does not take; [`server`] bounds connections and time.
 
+mod config_view;
 mod guard;
 mod server;
 
@@ -29,7 +33,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, ALLOW, WWW_AUTHENTICATE};
+use hyper::header::{HeaderValue, ALLOW, LOCATION, WWW_AUTHENTICATE};
 use hyper::{Method, Request, Response, StatusCode};
 use percent_encoding::percent_decode_str;
 use serde_json::{json, Value};
@@ -146,10 +150,7 @@ async fn handle(req: Request<Incoming>, fg: &Runtime, cfg: &crate::config::Admin
         },
         (Method::GET, ["api", "v1", "pools", pool, "backends", addr]) => {
             let (Some(pool), Some(addr)) = (decode(pool), decode(addr)) else {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "path is not valid percent-encoded UTF-8",
-                );
+                return bad_path();
             };
             match fg.pool(&pool) {
                 None => error(StatusCode::NOT_FOUND, OpError::NoPool(pool)),
@@ -178,6 +179,69 @@ async fn handle(req: Request<Incoming>, fg: &Runtime, cfg: &crate::config::Admin
             ),
             None => error(StatusCode::SERVICE_UNAVAILABLE, "metrics are not enabled"),
         },
+        (Method::GET, ["api", "v1", "config"]) => {
+            let (cfg, overrides) = fg.running_config();
+            let weight = |pool: &str, b: &str| fg.pool(pool)?.find(b)?.override_weight();
+            match config_view::render(&cfg, &overrides, weight) {
+                Ok(text) => typed(StatusCode::OK, "application/toml; charset=utf-8", text),
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+            }
+        }
+        (Method::POST, ["api", "v1", "pools", pool, "backends"]) => {
+            let Some(pool) = decode(pool) else {
+                return bad_path();
+            };
+            let (address, weight) = match parse_new_backend(&body) {
+                Ok(b) => b,
+                Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
+            };
+            let r = {
+                let (fg, pool, address) = (fg.clone(), pool.clone(), address.clone());
+                // A hostname is resolved, and a large weighted pool rebuilt: off the
+                // control thread.
+                tokio::task::spawn_blocking(move || fg.add_backend(&pool, &address, weight)).await
+            };
+            match r {
+                Ok(Ok(())) => {
+                    let body =
+                        backend_json(fg, &pool, &address).unwrap_or(json!({ "status": "added" }));
+                    let mut r = reply(StatusCode::CREATED, body);
+                    let at = format!(
+                        "/api/v1/pools/{}/backends/{}",
+                        encode(&pool),
+                        encode(&address)
+                    );
+                    if let Ok(v) = HeaderValue::from_str(&at) {
+                        r.headers_mut().insert(LOCATION, v);
+                    }
+                    r
+                }
+                Ok(Err(e)) => op_error(e),
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+            }
+        }
+        (Method::DELETE, ["api", "v1", "pools", pool, "backends", addr]) => {
+            let (Some(pool), Some(addr)) = (decode(pool), decode(addr)) else {
+                return bad_path();
+            };
+            let r = {
+                let (fg, pool, addr) = (fg.clone(), pool.clone(), addr.clone());
+                tokio::task::spawn_blocking(move || fg.remove_backend(&pool, &addr)).await
+            };
+            match r {
+                Ok(Ok(())) => {
+                    let retiring = fg
+                        .pool(&pool)
+                        .and_then(|p| p.retiring().into_iter().find(|b| *b.name == *addr));
+                    match retiring {
+                        Some(b) => reply(StatusCode::OK, one_backend(&b, true)),
+                        None => reply(StatusCode::OK, json!({ "status": "removed" })),
+                    }
+                }
+                Ok(Err(e)) => op_error(e),
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+            }
+        }
         (Method::POST, ["api", "v1", "reload"]) => {
             let fg2 = fg.clone();
             // Reload binds sockets and reads files: keep it off the async thread.
@@ -192,10 +256,7 @@ async fn handle(req: Request<Incoming>, fg: &Runtime, cfg: &crate::config::Admin
         }
         (m, ["api", "v1", "pools", pool, "backends", addr, action]) => {
             let (Some(pool), Some(addr)) = (decode(pool), decode(addr)) else {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "path is not valid percent-encoded UTF-8",
-                );
+                return bad_path();
             };
             let result = match (m, *action) {
                 (Method::POST, "drain") => fg.drain(&pool, &addr),
@@ -224,21 +285,19 @@ async fn handle(req: Request<Incoming>, fg: &Runtime, cfg: &crate::config::Admin
                     Some(b) => reply(StatusCode::OK, b),
                     None => reply(StatusCode::OK, json!({ "status": "ok" })),
                 },
-                Err(e @ (OpError::NoPool(_) | OpError::NoBackend { .. })) => {
-                    error(StatusCode::NOT_FOUND, e)
-                }
-                Err(e @ OpError::BadWeight(_)) => error(StatusCode::BAD_REQUEST, e),
+                Err(e) => op_error(e),
             }
         }
         (_, ["api", "v1", "reload"]) => not_allowed(&method, "POST"),
-        (_, ["api", "v1", "pools", _] | ["api", "v1", "pools", _, "backends", _]) => {
-            not_allowed(&method, "GET")
-        }
+        (_, ["api", "v1", "pools", _, "backends"]) => not_allowed(&method, "POST"),
+        (_, ["api", "v1", "pools", _, "backends", _]) => not_allowed(&method, "GET, DELETE"),
+        (_, ["api", "v1", "pools", _]) => not_allowed(&method, "GET"),
         (
             _,
             ["healthz"]
             | ["api", "v1", "pools"]
             | ["api", "v1", "openapi.json"]
+            | ["api", "v1", "config"]
             | ["metrics"]
             | [""],
         ) => not_allowed(&method, "GET"),
@@ -246,11 +305,65 @@ async fn handle(req: Request<Incoming>, fg: &Runtime, cfg: &crate::config::Admin
     }
 }
 
+fn bad_path() -> Reply {
+    error(
+        StatusCode::BAD_REQUEST,
+        "path is not valid percent-encoded UTF-8",
+    )
+}
+
+/// The status an operator action's error is answered with.
+fn op_error(e: OpError) -> Reply {
+    let status = match e {
+        OpError::NoPool(_) | OpError::NoBackend { .. } => StatusCode::NOT_FOUND,
+        OpError::BadWeight(_) | OpError::BadBackend(_) => StatusCode::BAD_REQUEST,
+        OpError::Conflict(_) => StatusCode::CONFLICT,
+        OpError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    error(status, e)
+}
+
+/// A path segment with what would end it or be decoded escaped (`:` and `.` of
+/// an address stay readable).
+fn encode(seg: &str) -> String {
+    const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
+        .add(b' ')
+        .add(b'"')
+        .add(b'#')
+        .add(b'%')
+        .add(b'/')
+        .add(b'?')
+        .add(b'[')
+        .add(b']');
+    percent_encoding::utf8_percent_encode(seg, SEGMENT).to_string()
+}
+
 fn decode(seg: &str) -> Option<String> {
     percent_decode_str(seg)
         .decode_utf8()
         .ok()
         .map(|s| s.into_owned())
+}
+
+/// The body of `POST /api/v1/pools/{pool}/backends`: an address and an optional
+/// weight (default 1, as in the file).
+fn parse_new_backend(body: &[u8]) -> Result<(String, u32), String> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct B {
+        address: String,
+        weight: Option<i64>,
+    }
+    let b: B = serde_json::from_slice(body).map_err(|e| {
+        format!("malformed JSON: {e}; expected {{\"address\": \"IP:PORT\", \"weight\": N}}")
+    })?;
+    let weight = b.weight.unwrap_or(1);
+    if !(1..=1000).contains(&weight) {
+        return Err(format!(
+            "weight {weight} is out of range: expected 1..=1000"
+        ));
+    }
+    Ok((b.address.trim().to_string(), weight as u32))
 }
 
 fn parse_weight(body: &[u8]) -> Result<u32, String> {

@@ -21,6 +21,7 @@
 mod diff;
 mod env;
 mod listeners;
+mod overrides;
 mod pools;
 mod raw;
 mod resolve;
@@ -32,6 +33,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use diff::{diff, Changes, PoolBackends, ReloadPlan, RestartKey};
+pub use overrides::{Overrides, PoolOverrides};
 pub use types::{
     AccessLogDest, Algorithm, DurationStr, HealthKind, LogFormat, Protocol, StatusRanges, Weight,
     WhenAllDown, WorkerModel,
@@ -62,6 +64,8 @@ pub enum ConfigError {
 pub struct Config {
     /// The file this was loaded from (reload re-reads it).
     pub source: Option<PathBuf>,
+    /// The text it was parsed from, `${VAR}`s expanded (`GET /api/v1/config`).
+    pub text: std::sync::Arc<str>,
     pub runtime: RuntimeConfig,
     pub admin: Option<AdminConfig>,
     pub log: LogConfig,
@@ -229,6 +233,7 @@ impl Config {
         let log = validate::log(&src, raw.log.as_ref())?;
         Ok(Config {
             source: None,
+            text: text.into(),
             runtime,
             admin,
             log,
@@ -240,6 +245,12 @@ impl Config {
     pub fn pool(&self, name: &str) -> Option<&PoolConfig> {
         self.pools.iter().find(|p| p.name == name)
     }
+}
+
+/// Resolves a backend address written as in the file (`HOST:PORT`, `IPv4:PORT`,
+/// `[IPv6]:PORT`), as `check` does; hostnames go through the system resolver.
+pub fn resolve_address(s: &str) -> Result<SocketAddr, String> {
+    resolve::resolve(s)
 }
 
 #[cfg(test)]

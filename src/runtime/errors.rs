@@ -60,4 +60,13 @@ pub enum OpError {
     NoBackend { pool: String, backend: String },
     #[error("weight {0} is out of range: expected 1..=1000")]
     BadWeight(u32),
+    /// A backend to add is not usable (bad address, the listener itself).
+    #[error("{0}")]
+    BadBackend(String),
+    /// The change conflicts with what runs (already there, the pool's last one).
+    #[error("{0}")]
+    Conflict(String),
+    /// Shutting down: nothing changes any more.
+    #[error("shutting down")]
+    ShuttingDown,
 }

@@ -125,6 +125,8 @@ struct State {
     /// Pools a reload removed; their backends may still have sessions to cut on a
     /// hard stop.
     removed_pools: Vec<Arc<Pool>>,
+    /// Backends the admin API added or removed; `config` has them applied.
+    overrides: crate::config::Overrides,
 }
 
 /// A TCP listener being served.

@@ -51,6 +51,9 @@ impl Runtime {
 
     /// Applies `new` atomically with respect to errors: if the access log's file
     /// cannot be opened or a new listener cannot bind, nothing changes.
+    ///
+    /// `new` is a file's config: the admin API's runtime overrides that it does not
+    /// make moot are applied on top (see [`crate::config::Overrides`]).
     pub fn apply(&self, mut new: Config) -> Result<(), ReloadError> {
         if self.inner.shutting_down.load(Ordering::Acquire) {
             return Err(ReloadError::ShuttingDown);
@@ -59,6 +62,26 @@ impl Runtime {
         if new.source.is_none() {
             new.source = st.config.source.clone();
         }
+        let mut overrides = st.overrides.clone();
+        let dropped = overrides.prune(&new);
+        let new = overrides.applied(new);
+        self.execute(&mut st, new, Cause::Reload)?;
+        for line in dropped {
+            info!("runtime override dropped by reload: {line}");
+        }
+        st.overrides = overrides;
+        info!("configuration reloaded");
+        Ok(())
+    }
+
+    /// Makes `new` (a complete running config) the running one: see the module
+    /// comment. `cause` words the log lines.
+    pub(super) fn execute(
+        &self,
+        st: &mut State,
+        new: Config,
+        cause: Cause,
+    ) -> Result<(), ReloadError> {
         let plan = config::diff(&st.config, &new);
 
         // The admin API listens where it started until restart: a token may not go
@@ -94,17 +117,16 @@ impl Runtime {
         }
 
         // 2. The swap: nothing below fails.
-        self.swap_pools(&mut st, &new, &plan);
-        self.swap_listeners(&mut st, &new, &plan, fresh);
+        self.swap_pools(st, &new, &plan, cause);
+        self.swap_listeners(st, &new, &plan, fresh);
         self.apply_settings(&st.config, &new, &plan);
         st.config = new;
-        info!("configuration reloaded");
         Ok(())
     }
 
     /// Pools: update kept ones (draining the backends they lose), create new ones,
     /// drain removed ones; restart every pool's probes.
-    fn swap_pools(&self, st: &mut State, new: &Config, plan: &ReloadPlan) {
+    fn swap_pools(&self, st: &mut State, new: &Config, plan: &ReloadPlan, cause: Cause) {
         // Pools removed earlier are kept only while a connection may still need
         // cutting at a hard stop (pool churn must not grow this list).
         st.removed_pools.retain(|p| {
@@ -124,7 +146,7 @@ impl Runtime {
                     }
                     let removed = self.scoped(|| pool.update(p));
                     for b in removed {
-                        info!(pool = %p.name, backend = %b.name, "backend removed by reload: draining");
+                        info!(pool = %p.name, backend = %b.name, "backend removed by {}: draining", cause.by());
                         self.drain_backend(pool.clone(), b, p.drain_timeout, true);
                     }
                     pool.clone()
@@ -240,6 +262,22 @@ impl Runtime {
                 self.inner.admin_token.store(a.token.clone().map(Arc::new))
             }
             Some(_) => {}
+        }
+    }
+}
+
+/// What changes the running config.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Cause {
+    Reload,
+    Api,
+}
+
+impl Cause {
+    fn by(self) -> &'static str {
+        match self {
+            Cause::Reload => "reload",
+            Cause::Api => "the admin API",
         }
     }
 }

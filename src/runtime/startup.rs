@@ -77,6 +77,7 @@ impl Runtime {
                 pools: HashMap::new(),
                 probes: HashMap::new(),
                 removed_pools: Vec::new(),
+                overrides: Default::default(),
             }),
         });
         let rt = Runtime { inner };

@@ -11,7 +11,8 @@
 //!    selection algorithms, one file each, behind one trait). Beside them, leaves
 //!    every layer may use: [`metrics::names`], [`fd`] (the process's "out of file
 //!    descriptors" episode), [`tasks`] (tracked background work), [`ids`] (ids for exported objects), [`access_log`]
-//!    (one line per finished session, written off the data path).
+//!    (one line per finished session, written off the data path to a file, stdout
+//!    or syslog).
 //! 3. **data path**: [`proxy`]: [`proxy::tcp`] (accept -> pick -> connect ->
 //!    splice -> account -> close) and [`proxy::udp`] (receive batch -> session ->
 //!    GSO send -> replies -> end).

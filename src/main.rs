@@ -20,7 +20,8 @@ Signals (to `flowgate run`):
                    then close the rest; a second signal stops at once
   SIGHUP           reload the config file (like POST /api/v1/reload); an invalid
                    file is logged and the running config stays
-  SIGUSR1          reopen the access-log file (after logrotate moved it)
+  SIGUSR1          reopen the access-log file (after logrotate moved it), or
+                   reconnect to syslog
 
 Exit codes:
   0  stopped cleanly, or `check` found the config valid

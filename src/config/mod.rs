@@ -36,7 +36,7 @@ pub use diff::{diff, Changes, PoolBackends, ReloadPlan, RestartKey};
 pub use overrides::{Overrides, PoolOverrides};
 pub use types::{
     AccessLogDest, Algorithm, DurationStr, HealthKind, LogFormat, Protocol, StatusRanges, Weight,
-    WhenAllDown, WorkerModel,
+    WhenAllDown, WorkerModel, DEV_LOG,
 };
 
 /// A configuration error, written for the human who has to fix the file.
@@ -79,7 +79,8 @@ pub struct LogConfig {
     /// A tracing filter ("info", "debug", "flowgate=debug,info"); `RUST_LOG` wins.
     pub level: String,
     pub format: LogFormat,
-    /// Relative paths are resolved against the config file's directory.
+    /// Relative paths are resolved against the config file's directory, a remote
+    /// syslog host at load time; `syslog_facility` is folded into the syslog variants.
     pub access_log: AccessLogDest,
 }
 

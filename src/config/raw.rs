@@ -8,8 +8,8 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::types::{
-    AccessLogDest, Algorithm, DurationStr, HealthKind, LogFormat, Protocol, StatusRanges, Weight,
-    WhenAllDown, WorkerModel,
+    Algorithm, DurationStr, HealthKind, LogFormat, Protocol, StatusRanges, Weight, WhenAllDown,
+    WorkerModel,
 };
 
 #[derive(Deserialize)]
@@ -102,8 +102,8 @@ pub struct Log {
     pub level: Option<Spanned<String>>,
     #[serde(default)]
     pub format: LogFormat,
-    #[serde(default)]
-    pub access_log: AccessLogDest,
+    pub access_log: Option<Spanned<String>>,
+    pub syslog_facility: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

@@ -153,3 +153,100 @@ fn environment_variables_in_strings() {
     assert!(e.starts_with("t.toml:21:16: "), "{e}");
     assert!(e.contains("FLOWGATE_TEST_UNSET_VARIABLE is not set"), "{e}");
 }
+
+/// `access_log` to syslog (issue 10, operator basics): the local daemon, or a
+/// remote one over UDP whose host is resolved here, port 514 when none is given.
+#[test]
+fn access_log_to_syslog() {
+    let dest = |log: &str| parse(&format!("{GOOD}\n[log]\n{log}\n")).map(|c| c.log.access_log);
+    let udp = |addr: &str, facility| AccessLogDest::SyslogUdp {
+        addr: addr.parse().unwrap(),
+        facility,
+    };
+    for (log, want) in [
+        (
+            "access_log = \"syslog\"",
+            AccessLogDest::Syslog { facility: 16 },
+        ),
+        (
+            "access_log = \"syslog\"\nsyslog_facility = \"daemon\"",
+            AccessLogDest::Syslog { facility: 3 },
+        ),
+        (
+            "access_log = \"udp://127.0.0.1:5514\"",
+            udp("127.0.0.1:5514", 16),
+        ),
+        ("access_log = \"udp://127.0.0.1\"", udp("127.0.0.1:514", 16)),
+        ("access_log = \"udp://[::1]\"", udp("[::1]:514", 16)),
+        (
+            "access_log = \"udp://[::1]:601\"\nsyslog_facility = \"local3\"",
+            udp("[::1]:601", 19),
+        ),
+    ] {
+        assert_eq!(dest(log).unwrap(), want, "{log}");
+    }
+    assert!(matches!(
+        dest("access_log = \"udp://localhost\"").unwrap(),
+        AccessLogDest::SyslogUdp { addr, .. } if addr.ip().is_loopback() && addr.port() == 514
+    ));
+
+    // Each error points at its value, on the lines after `[log]`.
+    let line = GOOD.lines().count() + 3;
+    for (log, key, says) in [
+        (
+            "access_log = \"tcp://127.0.0.1:514\"",
+            "log.access_log",
+            "only udp:// is supported",
+        ),
+        (
+            "access_log = \"udp://\"",
+            "log.access_log",
+            "invalid syslog URL \"udp://\"",
+        ),
+        (
+            "access_log = \"udp://127.0.0.1:99999\"",
+            "log.access_log",
+            "out of range",
+        ),
+        (
+            "access_log = \"udp://127.0.0.1:x\"",
+            "log.access_log",
+            "invalid port",
+        ),
+        (
+            "access_log = \"udp://10.1\"",
+            "log.access_log",
+            "four numbers",
+        ),
+        (
+            "access_log = \"udp://127.0.0.1:0\"",
+            "log.access_log",
+            "port 0",
+        ),
+        (
+            "access_log = \"udp://host/path\"",
+            "log.access_log",
+            "not a valid address",
+        ),
+        (
+            "access_log = \"syslog\"\nsyslog_facility = \"local9\"",
+            "log.syslog_facility",
+            "unknown facility \"local9\": expected one of kern, user,",
+        ),
+        (
+            "access_log = \"stdout\"\nsyslog_facility = \"local1\"",
+            "log.syslog_facility",
+            "applies only to access_log = \"syslog\"",
+        ),
+    ] {
+        let e = dest(log).expect_err(log).to_string();
+        let at = if key == "log.access_log" {
+            line
+        } else {
+            line + 1
+        };
+        assert!(e.starts_with(&format!("t.toml:{at}:")), "{log}: {e}");
+        assert!(e.contains(&format!(": {key}: ")), "{log}: {e}");
+        assert!(e.contains(says), "{log}: {says}: {e}");
+    }
+}

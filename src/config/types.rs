@@ -2,6 +2,7 @@
 //! their errors carry the key path and position.
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde::de::{self, Deserializer, Visitor};
@@ -198,25 +199,70 @@ pub enum LogFormat {
     Json,
 }
 
-/// Where access-log lines go: `"off"`, `"stdout"` or a file path.
+/// Where access-log lines go: `"off"`, `"stdout"`, a file path, `"syslog"` (the local
+/// daemon) or `"udp://HOST[:PORT]"` (a remote one). Read from its text by
+/// `validate::log`, which resolves a remote host once, at load time.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum AccessLogDest {
     #[default]
     Off,
     Stdout,
     File(std::path::PathBuf),
+    /// RFC 5424 datagrams to the local syslog daemon's socket ([`DEV_LOG`]).
+    Syslog {
+        /// The facility code (RFC 5424 table 1), from `[log] syslog_facility`.
+        facility: u8,
+    },
+    /// RFC 5424 datagrams over UDP (RFC 5426) to a remote receiver.
+    SyslogUdp {
+        addr: SocketAddr,
+        facility: u8,
+    },
 }
 
-impl<'de> Deserialize<'de> for AccessLogDest {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        match s.as_str() {
-            "off" => Ok(AccessLogDest::Off),
-            "stdout" => Ok(AccessLogDest::Stdout),
-            "" => Err(de::Error::custom(
-                "expected \"off\", \"stdout\" or a file path, found an empty string",
-            )),
-            p => Ok(AccessLogDest::File(p.into())),
+/// The local syslog daemon's datagram socket.
+pub const DEV_LOG: &str = "/dev/log";
+
+/// Port of `udp://HOST` without one (RFC 5426).
+pub const SYSLOG_PORT: u16 = 514;
+
+/// `[log] syslog_facility` when not set: local0.
+pub const DEFAULT_SYSLOG_FACILITY: u8 = 16;
+
+/// The facilities `[log] syslog_facility` takes, by name, with their codes (RFC 5424
+/// table 1, less 12 to 15, which have no name syslog daemons agree on).
+pub const SYSLOG_FACILITIES: [(&str, u8); 20] = [
+    ("kern", 0),
+    ("user", 1),
+    ("mail", 2),
+    ("daemon", 3),
+    ("auth", 4),
+    ("syslog", 5),
+    ("lpr", 6),
+    ("news", 7),
+    ("uucp", 8),
+    ("cron", 9),
+    ("authpriv", 10),
+    ("ftp", 11),
+    ("local0", 16),
+    ("local1", 17),
+    ("local2", 18),
+    ("local3", 19),
+    ("local4", 20),
+    ("local5", 21),
+    ("local6", 22),
+    ("local7", 23),
+];
+
+/// What an error about the destination calls it: a path, or the socket or URL.
+impl fmt::Display for AccessLogDest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AccessLogDest::Off => f.write_str("off"),
+            AccessLogDest::Stdout => f.write_str("stdout"),
+            AccessLogDest::File(p) => write!(f, "{}", p.display()),
+            AccessLogDest::Syslog { .. } => write!(f, "syslog socket {DEV_LOG}"),
+            AccessLogDest::SyslogUdp { addr, .. } => write!(f, "udp://{addr}"),
         }
     }
 }

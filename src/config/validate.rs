@@ -4,6 +4,7 @@
 //! `ConfigError::Invalid` that points at the offending value.
 
 use std::collections::HashSet;
+use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
@@ -11,6 +12,7 @@ use toml::Spanned;
 
 use super::raw;
 use super::resolve::{line_col, resolve};
+use super::types::{DEFAULT_SYSLOG_FACILITY, SYSLOG_FACILITIES, SYSLOG_PORT};
 use super::{
     AccessLogDest, AdminConfig, ConfigError, ListenerConfig, LogConfig, Protocol, RuntimeConfig,
 };
@@ -213,7 +215,7 @@ fn read_token(path: &Path, config_file: &Path) -> Result<String, String> {
 }
 
 /// `[log]`: the level must be one tracing understands; a relative access-log path
-/// is relative to the config file.
+/// is relative to the config file; a remote syslog host is resolved here, once.
 pub(super) fn log(src: &Source<'_>, lg: Option<&raw::Log>) -> Result<LogConfig, ConfigError> {
     let Some(lg) = lg else {
         return Ok(LogConfig::default());
@@ -243,15 +245,94 @@ pub(super) fn log(src: &Source<'_>, lg: Option<&raw::Log>) -> Result<LogConfig, 
             v.clone()
         }
     };
-    let access_log = match &lg.access_log {
-        AccessLogDest::File(p) if p.is_relative() => {
-            AccessLogDest::File(src.file.parent().unwrap_or(Path::new(".")).join(p))
-        }
-        d => d.clone(),
+    let facility = match &lg.syslog_facility {
+        None => DEFAULT_SYSLOG_FACILITY,
+        Some(f) => syslog_facility(f.get_ref())
+            .map_err(|m| src.err(f.span(), "log.syslog_facility".into(), m))?,
     };
+    let access_log = match &lg.access_log {
+        None => AccessLogDest::Off,
+        Some(v) => access_log_dest(v.get_ref(), src.file, facility)
+            .map_err(|m| src.err(v.span(), "log.access_log".into(), m))?,
+    };
+    if let Some(f) = &lg.syslog_facility {
+        if !matches!(
+            access_log,
+            AccessLogDest::Syslog { .. } | AccessLogDest::SyslogUdp { .. }
+        ) {
+            return Err(src.err(
+                f.span(),
+                "log.syslog_facility".into(),
+                "applies only to access_log = \"syslog\" or \"udp://HOST[:PORT]\"".into(),
+            ));
+        }
+    }
     Ok(LogConfig {
         level,
         format: lg.format,
         access_log,
     })
+}
+
+/// `[log] syslog_facility`: a name from [`SYSLOG_FACILITIES`] to its code.
+fn syslog_facility(name: &str) -> Result<u8, String> {
+    SYSLOG_FACILITIES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|&(_, code)| code)
+        .ok_or_else(|| {
+            let names: Vec<&str> = SYSLOG_FACILITIES.iter().map(|(n, _)| *n).collect();
+            format!(
+                "unknown facility {name:?}: expected one of {}",
+                names.join(", ")
+            )
+        })
+}
+
+/// `[log] access_log`: `"off"`, `"stdout"`, `"syslog"`, `"udp://HOST[:PORT]"` or a
+/// file path (relative to the config file `file`).
+fn access_log_dest(s: &str, file: &Path, facility: u8) -> Result<AccessLogDest, String> {
+    match s {
+        "off" => return Ok(AccessLogDest::Off),
+        "stdout" => return Ok(AccessLogDest::Stdout),
+        "syslog" => return Ok(AccessLogDest::Syslog { facility }),
+        "" => {
+            return Err(
+                "expected \"off\", \"stdout\", \"syslog\", \"udp://HOST[:PORT]\" or a file path, found an empty string"
+                    .into(),
+            )
+        }
+        _ => {}
+    }
+    let Some((scheme, rest)) = s.split_once("://") else {
+        let p = Path::new(s);
+        return Ok(AccessLogDest::File(if p.is_relative() {
+            file.parent().unwrap_or(Path::new(".")).join(p)
+        } else {
+            p.to_owned()
+        }));
+    };
+    if scheme != "udp" {
+        return Err(format!(
+            "unsupported scheme in {s:?}: only udp:// is supported for remote syslog (\"udp://HOST[:PORT]\"); \"syslog\" is the local daemon"
+        ));
+    }
+    let bad = |m: String| format!("invalid syslog URL {s:?}: {m}");
+    if rest.is_empty() {
+        return Err(bad("no host; expected \"udp://HOST[:PORT]\"".into()));
+    }
+    // A bare IP (IPv6 too, with or without brackets) or a name without a port
+    // takes the syslog port.
+    let bare = rest.trim_start_matches('[').trim_end_matches(']');
+    let addr = if let Ok(ip) = bare.parse::<std::net::IpAddr>() {
+        SocketAddr::new(ip, SYSLOG_PORT)
+    } else if rest.contains(':') {
+        resolve(rest).map_err(bad)?
+    } else {
+        resolve(&format!("{rest}:{SYSLOG_PORT}")).map_err(bad)?
+    };
+    if addr.port() == 0 {
+        return Err(bad("port 0 is not a destination".into()));
+    }
+    Ok(AccessLogDest::SyslogUdp { addr, facility })
 }

@@ -17,10 +17,11 @@ pub struct BindError {
     pub error: io::Error,
 }
 
-/// The access log's file could not be opened.
+/// The access log's file could not be opened, or its syslog socket connected.
 #[derive(Debug, thiserror::Error)]
 #[error("log.access_log: cannot open {path}: {error}")]
 pub struct AccessLogError {
+    /// The file's path, or the syslog socket or URL.
     pub path: String,
     pub error: io::Error,
 }

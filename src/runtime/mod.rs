@@ -176,7 +176,8 @@ impl Runtime {
         let _ = self.inner.level_hook.set(Box::new(f));
     }
 
-    /// Reopens the access log's file (SIGUSR1, after logrotate moved it).
+    /// Reopens the access log's file (SIGUSR1, after logrotate moved it), or
+    /// reconnects to syslog.
     pub fn reopen_access_log(&self) {
         self.inner.access_log.reopen();
     }

@@ -19,7 +19,7 @@ use tracing::{info, warn};
 
 use super::startup::{udp_default_max, Bound};
 use super::{AccessLogError, ReloadError, Runtime, State};
-use crate::config::{self, AccessLogDest, Config, ListenerConfig, ReloadPlan, RestartKey};
+use crate::config::{self, Config, ListenerConfig, ReloadPlan, RestartKey};
 use crate::pool::Pool;
 use crate::proxy::tcp::ListenerSettings;
 use crate::proxy::udp::UdpSettings;
@@ -108,10 +108,7 @@ impl Runtime {
                 .access_log
                 .prepare(&new.log.access_log)
                 .map_err(|error| AccessLogError {
-                    path: match &new.log.access_log {
-                        AccessLogDest::File(p) => p.display().to_string(),
-                        d => format!("{d:?}"),
-                    },
+                    path: new.log.access_log.to_string(),
                     error,
                 })?;
         }

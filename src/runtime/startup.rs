@@ -342,10 +342,7 @@ pub(super) fn udp_default_max(cfg: &Config) -> usize {
 pub(super) fn configure_access_log(log: &AccessLog, cfg: &LogConfig) -> Result<(), AccessLogError> {
     log.configure(&cfg.access_log, cfg.format)
         .map_err(|error| AccessLogError {
-            path: match &cfg.access_log {
-                crate::config::AccessLogDest::File(p) => p.display().to_string(),
-                d => format!("{d:?}"),
-            },
+            path: cfg.access_log.to_string(),
             error,
         })
 }

@@ -3,12 +3,15 @@
 //! The data path never blocks on it and never formats: a session hands a small
 //! [`Entry`] to a bounded channel with `try_send`, and a dedicated thread formats and
 //! writes. When the channel is full the entry is dropped and counted
-//! (`flowgate_access_log_dropped_total`). The writer reopens its file on
-//! [`AccessLog::reopen`] (SIGUSR1, for logrotate) and takes a new destination or
-//! format on [`AccessLog::configure`] (startup and reload). Each instance has its
-//! own: nothing here is process-wide.
+//! (`flowgate_access_log_dropped_total`). The writer reopens its file (or
+//! reconnects to syslog) on [`AccessLog::reopen`] (SIGUSR1, for logrotate) and takes
+//! a new destination or format on [`AccessLog::configure`] (startup and reload).
+//! Each instance has its own: nothing here is process-wide.
 //!
-//! Text lines are logfmt (`key=value`), JSON lines one object per line.
+//! Text lines are logfmt (`key=value`), JSON lines one object per line. The syslog
+//! destinations (`syslog.rs`) send each line as one RFC 5424 datagram.
+
+mod syslog;
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
@@ -20,6 +23,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use crate::config::{AccessLogDest, LogFormat};
+use syslog::{Syslog, Target};
 
 /// Entries that may wait for the writer; beyond this they are dropped.
 const QUEUE: usize = 16 * 1024;
@@ -143,11 +147,15 @@ impl AccessLog {
     }
 
     /// Everything about switching to `dest` that can fail, done before anything
-    /// changes: a file is opened (and created if missing), so a bad path fails
+    /// changes: a file is opened (and created if missing), a syslog socket
+    /// connected (a missing `/dev/log` is an error), so a bad destination fails
     /// startup or reload loudly, and the writer thread starts if none runs yet.
     pub fn prepare(&self, dest: &AccessLogDest) -> io::Result<()> {
         if let AccessLogDest::File(p) = dest {
             check(p)?;
+        }
+        if let Some((target, _)) = Target::of(dest) {
+            target.connect()?;
         }
         if *dest != AccessLogDest::Off && self.tx.get().is_none() {
             let (tx, rx) = sync_channel(QUEUE);
@@ -200,7 +208,8 @@ impl AccessLog {
         let _ = wait.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()));
     }
 
-    /// Reopens the log file (after logrotate moved it). No-op for stdout or off.
+    /// Reopens the log file (after logrotate moved it) or reconnects to syslog
+    /// (after the daemon restarted). No-op for stdout or off.
     pub fn reopen(&self) {
         if let Some(tx) = self.tx.get() {
             self.shared.reopen.store(true, Ordering::Relaxed);
@@ -219,6 +228,7 @@ enum Out {
     Off,
     Stdout(io::Stdout),
     File(PathBuf, Option<BufWriter<File>>),
+    Syslog(Syslog),
 }
 
 struct Writer {
@@ -280,9 +290,16 @@ impl Writer {
                     LogFormat::Text => text(&e, &mut self.line),
                     LogFormat::Json => json(&e, &mut self.line),
                 }
+                if let Out::Syslog(s) = &mut self.out {
+                    // One datagram, no newline; a failure was logged there.
+                    if !s.send(e.time, e.protocol, &self.line) {
+                        self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                    return;
+                }
                 self.line.push('\n');
                 let r = match &mut self.out {
-                    Out::Off => return,
+                    Out::Off | Out::Syslog(_) => return,
                     Out::Stdout(s) => s.write_all(self.line.as_bytes()),
                     Out::File(_, Some(f)) => f.write_all(self.line.as_bytes()),
                     Out::File(_, None) => {
@@ -309,22 +326,31 @@ impl Writer {
         if let Some((dest, format)) = pending {
             self.flush();
             self.format = format;
-            self.out = match dest {
-                AccessLogDest::Off => Out::Off,
-                AccessLogDest::Stdout => Out::Stdout(io::stdout()),
-                AccessLogDest::File(p) => {
+            self.out = match (Target::of(&dest), dest) {
+                (Some((target, facility)), _) => Out::Syslog(Syslog::new(target, facility)),
+                (None, AccessLogDest::Stdout) => Out::Stdout(io::stdout()),
+                (None, AccessLogDest::File(p)) => {
                     let f = open_logged(&p);
                     Out::File(p, f)
                 }
+                (None, _) => Out::Off,
             };
         }
         if self.shared.reopen.swap(false, Ordering::Relaxed) {
             self.flush();
-            if let Out::File(p, f) = &mut self.out {
-                *f = open_logged(p);
-                if f.is_some() {
-                    tracing::info!(path = %p.display(), "access log reopened");
+            match &mut self.out {
+                Out::File(p, f) => {
+                    *f = open_logged(p);
+                    if f.is_some() {
+                        tracing::info!(path = %p.display(), "access log reopened");
+                    }
                 }
+                Out::Syslog(s) => {
+                    if s.reconnect() {
+                        tracing::info!("access log reconnected to syslog");
+                    }
+                }
+                Out::Off | Out::Stdout(_) => {}
             }
         }
     }

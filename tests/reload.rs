@@ -630,16 +630,7 @@ async fn a_failed_reload_changes_nothing() {
         assert!(!new_log.exists(), "no access-log file created");
         let counts = spread(lb, 3).await;
         assert_eq!(counts.get(&a.name), Some(&3), "{counts:?}");
-        assert_eq!(
-            fg.listener("l")
-                .unwrap()
-                .shared
-                .settings()
-                .pool
-                .name
-                .as_ref(),
-            "p"
-        );
+        assert_eq!(fg.listener("l").unwrap().shared.settings().pool_name(), "p");
     }
     // The held connection never noticed.
     assert!(!closed_within(&mut held, Duration::from_millis(200)).await);

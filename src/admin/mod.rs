@@ -453,11 +453,27 @@ pub fn pools_json(fg: &Runtime) -> Value {
                 .iter()
                 .map(|(k, v)| (k.to_string(), json!(v)))
                 .collect();
+            let settings = s.settings();
+            let routes: Vec<Value> = settings
+                .http
+                .iter()
+                .flat_map(|h| {
+                    h.routes.iter().map(|(r, to)| {
+                        json!({
+                            "host": r.host,
+                            "path_prefix": r.path_prefix,
+                            "pool": &*to.pool.name,
+                            "strip_prefix": r.strip_prefix,
+                        })
+                    })
+                })
+                .collect();
             json!({
                 "name": &*s.name,
-                "protocol": "tcp",
+                "protocol": if settings.http.is_some() { "http" } else { "tcp" },
                 "address": l.local_addr.to_string(),
-                "pool": &*s.settings().pool.name,
+                "pool": settings.pool_name(),
+                "routes": routes,
                 "active_connections": s.active.load(std::sync::atomic::Ordering::Relaxed),
                 "connections_total": s.accepted.load(std::sync::atomic::Ordering::Relaxed),
                 "rejected": rejected,

@@ -7,7 +7,7 @@ use toml::Spanned;
 
 use super::raw;
 use super::resolve::resolve;
-use super::validate::{unique_name, Source};
+use super::validate::{known_pool, unique_name, Source};
 use super::{ConfigError, ListenerConfig, PoolConfig, Protocol};
 
 /// Upper bound on `max_connections`, `max_sessions` and `max_sessions_per_source`.
@@ -21,6 +21,11 @@ const DEFAULT_MAX_REPLIES: u64 = 0;
 const DEFAULT_SESSION_BUFFER: usize = 1 << 20;
 const MIN_SESSION_BUFFER: usize = 4 << 10;
 const MAX_SESSION_BUFFER: usize = 64 << 20;
+/// `idle_timeout` when the file leaves it out: tcp and udp sessions, and kept-alive
+/// http clients between requests (nginx's keepalive_timeout is 75s, HAProxy's
+/// `timeout http-keep-alive` is usually set to a minute).
+const DEFAULT_IDLE: std::time::Duration = std::time::Duration::from_secs(350);
+const DEFAULT_HTTP_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
 /// Upper bound on `backlog` (the kernel caps it at `net.core.somaxconn` anyway).
 const MAX_BACKLOG: u32 = 1 << 20;
 
@@ -37,16 +42,6 @@ pub(super) fn listeners(
     for (i, l) in raw.iter().enumerate() {
         let at = |key: &str| format!("listeners[{i}].{key}");
         unique_name(src, &l.name, at("name"), "listener", &mut names)?;
-        if *l.protocol.get_ref() == Protocol::Http {
-            return Err(src.err(
-                l.protocol.span(),
-                at("protocol"),
-                format!(
-                    "protocol {:?} is not supported yet; expected \"tcp\" or \"udp\"",
-                    l.protocol.get_ref().as_str()
-                ),
-            ));
-        }
         let bind = resolve(l.bind.get_ref()).map_err(|m| src.err(l.bind.span(), at("bind"), m))?;
         if bind.port() != 0 && !binds.insert((*l.protocol.get_ref(), bind)) {
             return Err(src.err(
@@ -58,23 +53,22 @@ pub(super) fn listeners(
                 ),
             ));
         }
-        if !pools.iter().any(|p| p.name == *l.pool.get_ref()) {
-            let known: Vec<_> = pools.iter().map(|p| p.name.as_str()).collect();
-            return Err(src.err(
-                l.pool.span(),
-                at("pool"),
-                format!(
-                    "no pool named {:?}; defined pools: {}",
-                    l.pool.get_ref(),
-                    if known.is_empty() {
-                        "(none)".to_string()
-                    } else {
-                        known.join(", ")
-                    }
-                ),
-            ));
-        }
         let protocol = *l.protocol.get_ref();
+        match &l.pool {
+            Some(pool) => known_pool(src, pool, &at("pool"), pools)?,
+            None if protocol == Protocol::Http => {}
+            None => {
+                return Err(src.err(
+                    l.name.span(),
+                    at("pool"),
+                    format!(
+                        "missing: a {} listener needs the pool it sends clients to",
+                        protocol.as_str()
+                    ),
+                ))
+            }
+        }
+        let http = super::http::listener(src, l, &at, pools)?;
         for (key, v) in [
             ("max_connections", &l.max_connections),
             ("max_sessions", &l.max_sessions),
@@ -98,7 +92,7 @@ pub(super) fn listeners(
                         at(key),
                         format!(
                             "{key} applies to {} listeners; this one is {}",
-                            if udp_only { "udp" } else { "tcp" },
+                            if udp_only { "udp" } else { "tcp and http" },
                             protocol.as_str()
                         ),
                     ));
@@ -152,7 +146,14 @@ pub(super) fn listeners(
         }
         // A backend that is this very listener: every connection would connect to
         // itself until the descriptors run out.
-        if let Some(p) = pools.iter().find(|p| p.name == *l.pool.get_ref()) {
+        let served = l.pool.iter().map(|p| p.get_ref().as_str());
+        let routed = http
+            .iter()
+            .flat_map(|h| h.routes.iter().map(|r| r.pool.as_str()));
+        for p in served
+            .chain(routed)
+            .filter_map(|name| pools.iter().find(|p| p.name == name))
+        {
             if let Some(b) = p.backends.iter().find(|b| b.addr == bind) {
                 return Err(src.err(
                     l.bind.span(),
@@ -168,9 +169,16 @@ pub(super) fn listeners(
             name: l.name.get_ref().clone(),
             bind,
             protocol,
-            pool: l.pool.get_ref().clone(),
+            pool: l.pool.as_ref().map(|p| p.get_ref().clone()),
             connect_timeout: l.connect_timeout.0,
-            idle_timeout: l.idle_timeout.0,
+            idle_timeout: l.idle_timeout.map_or(
+                if protocol == Protocol::Http {
+                    DEFAULT_HTTP_IDLE
+                } else {
+                    DEFAULT_IDLE
+                },
+                |d| d.0,
+            ),
             max_connections: l.max_connections.as_ref().map(|m| *m.get_ref()),
             backlog: l.backlog,
             max_sessions: l.max_sessions.as_ref().map(|m| *m.get_ref()),
@@ -184,6 +192,7 @@ pub(super) fn listeners(
                 .max_replies_per_request
                 .as_ref()
                 .map_or(DEFAULT_MAX_REPLIES, |m| *m.get_ref()),
+            http,
         });
     }
     if listeners.is_empty() {

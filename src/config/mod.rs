@@ -20,6 +20,7 @@
 
 mod diff;
 mod env;
+mod http;
 mod listeners;
 mod overrides;
 mod pools;
@@ -35,8 +36,8 @@ use std::time::Duration;
 pub use diff::{diff, Changes, PoolBackends, ReloadPlan, RestartKey};
 pub use overrides::{Overrides, PoolOverrides};
 pub use types::{
-    AccessLogDest, Algorithm, DurationStr, HealthKind, LogFormat, Protocol, StatusRanges, Weight,
-    WhenAllDown, WorkerModel, DEV_LOG,
+    AccessLogDest, Algorithm, DurationStr, HealthKind, LogFormat, Protocol, StatusRanges,
+    UpstreamProtocol, Weight, WhenAllDown, WorkerModel, Xff, DEV_LOG,
 };
 
 /// A configuration error, written for the human who has to fix the file.
@@ -109,7 +110,9 @@ pub struct ListenerConfig {
     pub name: String,
     pub bind: SocketAddr,
     pub protocol: Protocol,
-    pub pool: String,
+    /// The pool (tcp, udp), or the pool of requests no route matches (http; none:
+    /// those get 404).
+    pub pool: Option<String>,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_connections: Option<usize>,
@@ -126,6 +129,46 @@ pub struct ListenerConfig {
     /// UDP: receive buffer of each session's upstream socket, in bytes (replies
     /// wait there until the session's task relays them).
     pub session_recv_buffer: usize,
+    /// `protocol = "http"`: the L7 settings.
+    pub http: Option<HttpConfig>,
+}
+
+/// An http listener's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpConfig {
+    /// Time to receive a complete request head (from accept for the first request,
+    /// from its first byte for later ones); then 408.
+    pub header_timeout: Duration,
+    /// Request line and header lines (HTTP/1.1), or the decoded header list
+    /// (HTTP/2), at most; more is 431.
+    pub max_header_bytes: usize,
+    /// A request body larger than this gets 413 (none: no limit).
+    pub max_body_bytes: Option<u64>,
+    pub xff: Xff,
+    /// HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS.
+    pub max_streams_per_connection: u32,
+    /// In file order.
+    pub routes: Vec<RouteConfig>,
+}
+
+/// One `[[listeners.routes]]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteConfig {
+    /// Lower case, no port, no trailing dot; `*.example.com` is a wildcard.
+    pub host: Option<String>,
+    /// Starts with `/`.
+    pub path_prefix: String,
+    pub pool: String,
+    pub strip_prefix: bool,
+    pub first_byte_timeout: Duration,
+    pub stream_idle_timeout: Duration,
+}
+
+impl RouteConfig {
+    /// The `route` label of metrics and the access log: host and prefix.
+    pub fn label(&self) -> String {
+        format!("{}{}", self.host.as_deref().unwrap_or(""), self.path_prefix)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -141,6 +184,10 @@ pub struct PoolConfig {
     pub when_all_down: WhenAllDown,
     pub health_check: Option<HealthCheckConfig>,
     pub passive: Option<PassiveConfig>,
+    /// HTTP requests sent to this pool: the upstream HTTP version.
+    pub upstream_protocol: UpstreamProtocol,
+    /// HTTP: idle upstream connections kept per backend.
+    pub max_idle_per_backend: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

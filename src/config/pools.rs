@@ -14,6 +14,9 @@ use super::{BackendConfig, ConfigError, HealthCheckConfig, HealthKind, PassiveCo
 
 /// Upper bound on `connect_attempts`; more than this only delays the client's error.
 const MAX_CONNECT_ATTEMPTS: usize = 32;
+/// Idle upstream HTTP connections kept per backend, by default and at most.
+const DEFAULT_IDLE_PER_BACKEND: usize = 64;
+const MAX_IDLE_PER_BACKEND: usize = 10_000;
 /// Upper bound on `drain_timeout` (NLB's deregistration delay has the same range).
 const MAX_DRAIN: Duration = Duration::from_secs(3600);
 
@@ -61,6 +64,21 @@ pub(super) fn pools(src: &Source<'_>, raw: &[raw::Pool]) -> Result<Vec<PoolConfi
             when_all_down: p.when_all_down,
             health_check,
             passive,
+            upstream_protocol: p.upstream_protocol,
+            max_idle_per_backend: match &p.max_idle_per_backend {
+                None => DEFAULT_IDLE_PER_BACKEND,
+                Some(m) if *m.get_ref() <= MAX_IDLE_PER_BACKEND => *m.get_ref(),
+                Some(m) => {
+                    return Err(src.err(
+                        m.span(),
+                        at("max_idle_per_backend"),
+                        format!(
+                            "{} is out of range: expected 0 to {MAX_IDLE_PER_BACKEND}",
+                            m.get_ref()
+                        ),
+                    ))
+                }
+            },
         });
     }
     Ok(pools)

@@ -8,8 +8,8 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::types::{
-    Algorithm, DurationStr, HealthKind, LogFormat, Protocol, StatusRanges, Weight, WhenAllDown,
-    WorkerModel,
+    Algorithm, DurationStr, HealthKind, LogFormat, Protocol, StatusRanges, UpstreamProtocol,
+    Weight, WhenAllDown, WorkerModel, Xff,
 };
 
 #[derive(Deserialize)]
@@ -58,9 +58,6 @@ fn default_shutdown() -> DurationStr {
 fn default_connect_timeout() -> DurationStr {
     DurationStr(Duration::from_secs(3))
 }
-fn default_idle_timeout() -> DurationStr {
-    DurationStr(Duration::from_secs(350))
-}
 fn default_workers() -> Spanned<usize> {
     Spanned::new(0..0, 0)
 }
@@ -81,11 +78,13 @@ pub struct Listener {
     pub bind: Spanned<String>,
     #[serde(default = "default_protocol")]
     pub protocol: Spanned<Protocol>,
-    pub pool: Spanned<String>,
+    /// Required but for `http` listeners, where unrouted requests get 404 without.
+    pub pool: Option<Spanned<String>>,
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout: DurationStr,
-    #[serde(default = "default_idle_timeout")]
-    pub idle_timeout: DurationStr,
+    /// Default 350s for tcp and udp, 60s for http (a kept-alive client between
+    /// requests).
+    pub idle_timeout: Option<DurationStr>,
     pub max_connections: Option<Spanned<usize>>,
     #[serde(default = "default_backlog")]
     pub backlog: u32,
@@ -94,6 +93,40 @@ pub struct Listener {
     pub responses: Option<Spanned<u64>>,
     pub max_replies_per_request: Option<Spanned<u64>>,
     pub session_recv_buffer: Option<Spanned<usize>>,
+    // http listeners
+    pub header_timeout: Option<Spanned<DurationStr>>,
+    pub max_header_bytes: Option<Spanned<usize>>,
+    pub max_body_bytes: Option<Spanned<u64>>,
+    pub xff: Option<Spanned<Xff>>,
+    pub max_streams_per_connection: Option<Spanned<u32>>,
+    #[serde(default = "no_routes")]
+    pub routes: Spanned<Vec<Route>>,
+}
+
+/// `[[listeners.routes]]`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    pub host: Option<Spanned<String>>,
+    #[serde(default = "default_prefix")]
+    pub path_prefix: Spanned<String>,
+    pub pool: Spanned<String>,
+    #[serde(default)]
+    pub strip_prefix: bool,
+    #[serde(default = "default_stream_timeout")]
+    pub first_byte_timeout: DurationStr,
+    #[serde(default = "default_stream_timeout")]
+    pub stream_idle_timeout: DurationStr,
+}
+
+fn no_routes() -> Spanned<Vec<Route>> {
+    Spanned::new(0..0, Vec::new())
+}
+fn default_prefix() -> Spanned<String> {
+    Spanned::new(0..0, "/".into())
+}
+fn default_stream_timeout() -> DurationStr {
+    DurationStr(Duration::from_secs(300))
 }
 
 #[derive(Deserialize)]
@@ -145,6 +178,10 @@ pub struct Pool {
     pub when_all_down: WhenAllDown,
     pub health_check: Option<Spanned<HealthCheck>>,
     pub passive: Option<Passive>,
+    /// HTTP pools (used by an http listener's routes or default).
+    #[serde(default)]
+    pub upstream_protocol: UpstreamProtocol,
+    pub max_idle_per_backend: Option<Spanned<usize>>,
 }
 
 #[derive(Deserialize)]

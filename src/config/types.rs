@@ -101,8 +101,42 @@ impl Algorithm {
     }
 }
 
-/// Listener protocol. Only `tcp` is served so far; the others parse so the error
-/// can say "not supported yet" rather than "unknown variant".
+/// `xff` of an http listener: what happens to X-Forwarded-For, -Proto and -Host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Xff {
+    /// Append the client to X-Forwarded-For; set -Proto and -Host when absent.
+    #[default]
+    Append,
+    /// Overwrite all three.
+    Replace,
+    /// Touch none.
+    Off,
+}
+
+/// `upstream_protocol` of a pool that serves http listeners.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamProtocol {
+    /// The version the client used: HTTP/1.1 upstream for HTTP/1.x clients, h2c
+    /// for HTTP/2 clients.
+    #[default]
+    Auto,
+    Http1,
+    H2c,
+}
+
+impl UpstreamProtocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamProtocol::Auto => "auto",
+            UpstreamProtocol::Http1 => "http1",
+            UpstreamProtocol::H2c => "h2c",
+        }
+    }
+}
+
+/// Listener protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {

@@ -336,3 +336,29 @@ fn access_log_dest(s: &str, file: &Path, facility: u8) -> Result<AccessLogDest, 
     }
     Ok(AccessLogDest::SyslogUdp { addr, facility })
 }
+
+/// `pool` (at `path`) names one of `pools`.
+pub(super) fn known_pool(
+    src: &Source<'_>,
+    pool: &Spanned<String>,
+    path: &str,
+    pools: &[super::PoolConfig],
+) -> Result<(), ConfigError> {
+    if pools.iter().any(|p| p.name == *pool.get_ref()) {
+        return Ok(());
+    }
+    let known: Vec<_> = pools.iter().map(|p| p.name.as_str()).collect();
+    Err(src.err(
+        pool.span(),
+        path.to_string(),
+        format!(
+            "no pool named {:?}; defined pools: {}",
+            pool.get_ref(),
+            if known.is_empty() {
+                "(none)".to_string()
+            } else {
+                known.join(", ")
+            }
+        ),
+    ))
+}

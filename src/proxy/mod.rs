@@ -3,6 +3,7 @@
 //! - [`tcp`]: listening sockets and accept loops, one session per client (connect
 //!   with retries, splice/copy both ways, half-close, reset propagation, idle
 //!   timeout), and what a listener's sessions share (settings, counters).
+//! - [`http`]: the L7 mode, served from TCP listeners whose settings say so.
 //! - [`udp`]: per-worker receive loops, sessions keyed by client address, batched
 //!   sends both ways.
 //!
@@ -12,6 +13,7 @@
 //! the control plane: what it counts, the control plane reads from the objects it
 //! was handed.
 
+pub mod http;
 pub mod tcp;
 pub mod udp;
 
@@ -35,6 +37,8 @@ pub struct Context {
     pub control: Tasks,
     /// Whether TCP bulk transfers may switch to splice(2) (`runtime.splice`).
     pub splice: bool,
+    /// Pooled upstream HTTP connections (http listeners).
+    pub upstreams: Arc<http::Upstreams>,
 }
 
 #[cfg(test)]
@@ -45,6 +49,7 @@ impl Context {
             access_log: AccessLog::new(),
             control: Tasks::new(tokio::runtime::Handle::current()),
             splice: true,
+            upstreams: http::Upstreams::new(),
         }
     }
 }

@@ -64,8 +64,7 @@ impl Runtime {
                 warn!(listener = %shared.name, "drain_timeout passed: closing the removed listener's connections");
                 shared.retired.store(true, std::sync::atomic::Ordering::Relaxed);
                 shared.cut.cancel();
-                let pool = shared.settings().pool.clone();
-                wake_all(&[pool]);
+                wake_all(&shared.settings().pools());
             }
         });
     }

@@ -109,6 +109,8 @@ struct Inner {
     reloads_failed: AtomicU64,
     last_load: Mutex<SystemTime>,
     access_log: Arc<AccessLog>,
+    /// Pooled upstream HTTP connections of every http listener.
+    upstreams: Arc<crate::proxy::http::Upstreams>,
     /// This instance's metrics recorder (with `[admin]`).
     metrics: Option<Arc<Exporter>>,
     level_hook: OnceLock<LevelHook>,
@@ -168,6 +170,7 @@ impl Runtime {
             access_log: self.inner.access_log.clone(),
             control: self.inner.control.clone(),
             splice: self.inner.splice,
+            upstreams: self.inner.upstreams.clone(),
         }
     }
 

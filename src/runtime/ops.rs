@@ -134,20 +134,20 @@ impl Runtime {
         let tcp = self.listeners().into_iter().map(|l| {
             (
                 l.shared.name.clone(),
-                l.shared.settings().pool.clone(),
+                l.shared.settings().pools(),
                 l.local_addr,
             )
         });
         let udp = self.udp_listeners().into_iter().map(|l| {
             (
                 l.shared.name.clone(),
-                l.shared.settings().pool.clone(),
+                vec![l.shared.settings().pool.clone()],
                 l.local_addr,
             )
         });
         tcp.chain(udp)
-            .find(|(_, p, bound)| {
-                *p.name == *pool
+            .find(|(_, pools, bound)| {
+                pools.iter().any(|p| *p.name == *pool)
                     && bound.port() == addr.port()
                     && (bound.ip() == addr.ip() || bound.ip().is_unspecified())
             })

@@ -194,11 +194,18 @@ impl Runtime {
         for old in std::mem::take(&mut st.listeners) {
             if kept(&old.shared.name) {
                 let l = listener_config(new, &old.shared.name);
-                let pool = st.pools[&l.pool].clone();
-                old.shared.set_settings(ListenerSettings::new(l, pool));
+                let settings = self.scoped(|| ListenerSettings::new(l, &st.pools));
+                old.shared.set_settings(settings);
                 st.listeners.push(old);
             } else {
-                let grace = old.shared.settings().pool.config().drain_timeout;
+                let grace = old
+                    .shared
+                    .settings()
+                    .pools()
+                    .iter()
+                    .map(|p| p.config().drain_timeout)
+                    .max()
+                    .unwrap_or_default();
                 info!(listener = %old.shared.name, "listener removed by reload: closing it, draining its connections");
                 self.retire_listener(old.shared, grace);
             }
@@ -206,8 +213,13 @@ impl Runtime {
         for old in std::mem::take(&mut st.udp_listeners) {
             if kept(&old.shared.name) {
                 let l = listener_config(new, &old.shared.name);
-                let pool = st.pools[&l.pool].clone();
-                old.shared.set_settings(UdpSettings::new(l, pool, udp_max));
+                match l.pool.as_ref().and_then(|p| st.pools.get(p)) {
+                    Some(pool) => {
+                        old.shared
+                            .set_settings(UdpSettings::new(l, pool.clone(), udp_max))
+                    }
+                    None => warn!(listener = %l.name, "udp listener without a pool: settings kept"),
+                }
                 st.udp_listeners.push(old);
             } else {
                 info!(listener = %old.shared.name, "UDP listener removed by reload: closing it and its sessions");
@@ -215,9 +227,11 @@ impl Runtime {
             }
         }
         for (l, sockets) in fresh {
-            let pool = st.pools[&l.pool].clone();
-            self.start_listener(st, &l, pool, sockets, udp_max);
+            self.start_listener(st, &l, sockets, udp_max);
         }
+        // Idle upstream HTTP connections of backends gone or draining close.
+        let live: Vec<_> = st.pools.values().flat_map(|p| p.backends()).collect();
+        self.inner.upstreams.retain(&live);
     }
 
     /// Logging, the admin token, and what only a restart can change.

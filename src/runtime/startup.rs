@@ -68,6 +68,7 @@ impl Runtime {
             reloads_failed: AtomicU64::new(0),
             last_load: Mutex::new(SystemTime::now()),
             access_log,
+            upstreams: crate::proxy::http::Upstreams::new(),
             metrics,
             level_hook: OnceLock::new(),
             state: Mutex::new(State {
@@ -105,15 +106,20 @@ impl Runtime {
         let udp_max = udp_default_max(&config);
         report_budget(&config, udp_max);
         for (l, sockets) in bound {
-            let pool = st.pools[&l.pool].clone();
-            rt.start_listener(&mut st, l, pool, sockets, udp_max);
+            rt.start_listener(&mut st, l, sockets, udp_max);
         }
         // Only TCP backends can be tried with a connect.
         let tcp_pools: HashSet<&str> = config
             .listeners
             .iter()
-            .filter(|l| l.protocol == Protocol::Tcp)
-            .map(|l| l.pool.as_str())
+            .filter(|l| l.protocol != Protocol::Udp)
+            .flat_map(|l| {
+                let routed = l
+                    .http
+                    .iter()
+                    .flat_map(|h| h.routes.iter().map(|r| r.pool.as_str()));
+                l.pool.as_deref().into_iter().chain(routed)
+            })
             .collect();
         let unchecked: Vec<_> = st
             .pools
@@ -169,16 +175,20 @@ impl Runtime {
         &self,
         st: &mut State,
         l: &ListenerConfig,
-        pool: Arc<Pool>,
         sockets: Bound,
         udp_max: usize,
     ) {
         match sockets {
             Bound::Tcp(s) => {
-                let running = self.start_tcp(l, pool, s);
+                let running = self.start_tcp(l, &st.pools, s);
                 st.listeners.push(running);
             }
             Bound::Udp(s) => {
+                // Config checked that a udp listener names a pool.
+                let Some(pool) = l.pool.as_ref().and_then(|p| st.pools.get(p)).cloned() else {
+                    warn!(listener = %l.name, "udp listener without a pool: not started");
+                    return;
+                };
                 let running = self.start_udp(l, pool, s, udp_max);
                 st.udp_listeners.push(running);
             }
@@ -217,7 +227,7 @@ impl Runtime {
         self.spawn_per_worker(sockets, |socket| {
             udp::recv_loop(socket, shared.clone(), self.inner.sessions.clone())
         });
-        info!(listener = %l.name, addr = %local_addr, pool = %l.pool, protocol = "udp", "listening");
+        info!(listener = %l.name, addr = %local_addr, pool = l.pool.as_deref().unwrap_or("-"), protocol = "udp", "listening");
         RunningUdp { shared, local_addr }
     }
 
@@ -225,14 +235,14 @@ impl Runtime {
     fn start_tcp(
         &self,
         l: &ListenerConfig,
-        pool: Arc<Pool>,
+        pools: &crate::proxy::tcp::Pools,
         sockets: Vec<std::net::TcpListener>,
     ) -> RunningListener {
         let local_addr = sockets[0].local_addr().unwrap_or(l.bind);
         let shared = self.scoped(|| {
             ListenerShared::new(
                 l,
-                pool,
+                pools,
                 self.context(),
                 self.inner.stop_accept.child_token(),
                 self.inner.hard_stop.child_token(),
@@ -241,7 +251,8 @@ impl Runtime {
         self.spawn_per_worker(sockets, |socket| {
             tcp::accept_loop(socket, shared.clone(), self.inner.sessions.clone())
         });
-        info!(listener = %l.name, addr = %local_addr, pool = %l.pool, "listening");
+        let routes = l.http.as_ref().map_or(0, |h| h.routes.len());
+        info!(listener = %l.name, addr = %local_addr, pool = l.pool.as_deref().unwrap_or("-"), protocol = l.protocol.as_str(), routes, "listening");
         RunningListener { shared, local_addr }
     }
 

@@ -69,9 +69,15 @@ pub async fn accept_loop(
                 shared.accepted.fetch_add(1, Ordering::Relaxed);
                 let settings = shared.settings();
                 if let Some(slot) = Place::take(&shared, settings.max_connections) {
-                    tracker.spawn(
-                        async move { session::serve(stream, peer, &slot.0, settings).await },
-                    );
+                    if settings.http.is_some() {
+                        tracker.spawn(async move {
+                            crate::proxy::http::serve(stream, peer, &slot.0, settings).await
+                        });
+                    } else {
+                        tracker.spawn(async move {
+                            session::serve(stream, peer, &slot.0, settings).await
+                        });
+                    }
                 } else {
                     shared
                         .rejected_max_connections

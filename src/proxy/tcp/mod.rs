@@ -21,7 +21,7 @@ mod transfer;
 
 pub use listener::{accept_loop, bind};
 pub use session::serve;
-pub use shared::{ListenerSettings, ListenerShared};
+pub use shared::{ListenerSettings, ListenerShared, Pools};
 
 #[cfg(test)]
 mod tests;

@@ -81,7 +81,9 @@ pub async fn serve(
     // that ended otherwise as a success (a backend that accepts and resets every
     // connection must still be ejected).
     if end == Termination::BackendReset {
-        passive_failure(&settings.pool, guard.backend(), &listener.ctx.control);
+        if let Some(pool) = &settings.pool {
+            passive_failure(pool, guard.backend(), &listener.ctx.control);
+        }
     } else {
         guard.backend().passive_success();
     }
@@ -225,7 +227,7 @@ fn entry(
         protocol: "tcp",
         listener: listener.name.clone(),
         client: peer,
-        pool: settings.pool.name.clone(),
+        pool: settings.pool_name().into(),
         backend: c.map(|c| c.backend.name.clone()),
         backend_addr: c.map(|c| c.backend.addr),
         retries: at.retries(),
@@ -247,7 +249,9 @@ pub(super) async fn connect(
     settings: &ListenerSettings,
     peer: SocketAddr,
 ) -> Result<(TcpStream, ActiveGuard, u8), (Termination, u8)> {
-    let pool = &settings.pool;
+    let Some(pool) = &settings.pool else {
+        return Err((Termination::NoBackend, 0));
+    };
     let attempts = pool.connect_attempts();
     let mut tried: Vec<Arc<Backend>> = Vec::new();
     for _ in 0..attempts {

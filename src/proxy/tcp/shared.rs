@@ -13,7 +13,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::ListenerConfig;
 use crate::pool::Pool;
+use crate::proxy::http::HttpSettings;
 use crate::proxy::Context;
+
+/// The running pools by name.
+pub type Pools = std::collections::HashMap<String, Arc<Pool>>;
 
 /// What every session of a listener shares.
 pub struct ListenerShared {
@@ -60,7 +64,10 @@ impl std::fmt::Debug for ListenerShared {
 /// A listener's settings as of the last (re)load.
 #[derive(Debug)]
 pub struct ListenerSettings {
-    pub pool: Arc<Pool>,
+    /// Where clients go (tcp); the pool of unrouted requests (http), if any.
+    pub pool: Option<Arc<Pool>>,
+    /// `protocol = "http"`: routes and limits; the accept loop serves HTTP then.
+    pub http: Option<Arc<HttpSettings>>,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_connections: Option<usize>,
@@ -68,21 +75,45 @@ pub struct ListenerSettings {
 }
 
 impl ListenerSettings {
-    pub fn new(cfg: &ListenerConfig, pool: Arc<Pool>) -> ListenerSettings {
+    /// Settings for `cfg` over the running `pools` (run in the instance's metrics
+    /// scope: http listeners create their metric handles here).
+    pub fn new(cfg: &ListenerConfig, pools: &Pools) -> ListenerSettings {
         ListenerSettings {
-            pool,
+            pool: cfg.pool.as_ref().and_then(|p| pools.get(p)).cloned(),
+            http: cfg
+                .http
+                .as_ref()
+                .map(|h| Arc::new(HttpSettings::new(cfg, h, pools))),
             connect_timeout: cfg.connect_timeout,
             idle_timeout: cfg.idle_timeout,
             max_connections: cfg.max_connections,
             bind: cfg.bind,
         }
     }
+
+    /// Every pool this listener sends clients or requests to.
+    pub fn pools(&self) -> Vec<Arc<Pool>> {
+        let mut v: Vec<Arc<Pool>> = self.pool.iter().cloned().collect();
+        if let Some(h) = &self.http {
+            for p in h.pools() {
+                if !v.iter().any(|x| Arc::ptr_eq(x, p)) {
+                    v.push(p.clone());
+                }
+            }
+        }
+        v
+    }
+
+    /// The pool shown as the listener's (`-` for an http listener without one).
+    pub fn pool_name(&self) -> &str {
+        self.pool.as_ref().map_or("-", |p| &p.name)
+    }
 }
 
 impl ListenerShared {
     pub fn new(
         cfg: &ListenerConfig,
-        pool: Arc<Pool>,
+        pools: &Pools,
         ctx: Context,
         stop_accept: CancellationToken,
         cut: CancellationToken,
@@ -91,7 +122,7 @@ impl ListenerShared {
             id: crate::ids::next(),
             name: cfg.name.as_str().into(),
             ctx,
-            settings: ArcSwap::from_pointee(ListenerSettings::new(cfg, pool)),
+            settings: ArcSwap::from_pointee(ListenerSettings::new(cfg, pools)),
             stop_accept,
             cut,
             active: AtomicUsize::new(0),
@@ -146,10 +177,10 @@ impl ListenerShared {
 }
 
 /// A counted place under the listener's `max_connections`.
-pub(super) struct Place(pub(super) Arc<ListenerShared>);
+pub(crate) struct Place(pub(crate) Arc<ListenerShared>);
 
 impl Place {
-    pub(super) fn take(shared: &Arc<ListenerShared>, max: Option<usize>) -> Option<Place> {
+    pub(crate) fn take(shared: &Arc<ListenerShared>, max: Option<usize>) -> Option<Place> {
         let before = shared.active.fetch_add(1, Ordering::AcqRel);
         if max.is_some_and(|max| before >= max) {
             shared.active.fetch_sub(1, Ordering::AcqRel);

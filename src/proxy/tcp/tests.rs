@@ -43,11 +43,11 @@ fn session_future_is_small() {
         std::path::Path::new("t"),
     )
     .unwrap();
-    let pool = crate::pool::Pool::new(&cfg.pools[0]);
-    let settings = Arc::new(ListenerSettings::new(&cfg.listeners[0], pool));
+    let pools: super::Pools = [("p".to_string(), crate::pool::Pool::new(&cfg.pools[0]))].into();
+    let settings = Arc::new(ListenerSettings::new(&cfg.listeners[0], &pools));
     let shared = ListenerShared::new(
         &cfg.listeners[0],
-        settings.pool.clone(),
+        &pools,
         crate::proxy::Context::for_tests(),
         token.clone(),
         token.clone(),
@@ -65,10 +65,7 @@ fn session_future_is_small() {
     let whole = serve(a, "127.0.0.1:2".parse().unwrap(), &shared, settings);
     let n = size(&whole);
     {
-        let st = Arc::new(ListenerSettings::new(
-            &cfg.listeners[0],
-            crate::pool::Pool::new(&cfg.pools[0]),
-        ));
+        let st = Arc::new(ListenerSettings::new(&cfg.listeners[0], &pools));
         let c = connect(&shared, &st, "127.0.0.1:2".parse().unwrap());
         eprintln!("connect future: {} bytes", size(&c));
     }

@@ -1,0 +1,139 @@
+//! Response bodies, forwarded frame by frame and never collected.
+//!
+//! [`UpBody`] carries a client's request body upstream: it counts bytes, enforces
+//! `max_body_bytes` and the route's `stream_idle_timeout`. [`RespBody`] carries the
+//! backend's response to the client: it counts bytes, notes the first body byte
+//! (time to first token), enforces `stream_idle_timeout`, hands an HTTP/1.1
+//! connection back to the pool once the response ended cleanly, and accounts for
+//! the exchange when it is dropped ([`super::forward::Exchange`]). [`OutBody`] is
+//! what the client gets: that, or a short generated reply.
+
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+
+use super::exchange::Exchange;
+use super::request_body::{BodyError, BoxError, IdleTimer};
+
+/// A backend's response body on its way to the client.
+pub struct RespBody {
+    inner: Incoming,
+    idle: IdleTimer,
+    /// Accounts for the exchange on drop; told when the body ended cleanly.
+    exchange: Exchange,
+}
+
+impl RespBody {
+    pub fn new(inner: Incoming, idle: Duration, mut exchange: Exchange) -> RespBody {
+        if inner.is_end_stream() {
+            // No body at all (204, 304, Content-Length: 0): done already.
+            exchange.complete();
+        }
+        RespBody {
+            inner,
+            idle: IdleTimer::new(idle),
+            exchange,
+        }
+    }
+}
+
+impl Body for RespBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if this.exchange.ended() {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.idle.touch();
+                if let Some(d) = frame.data_ref() {
+                    this.exchange.body_bytes(d.len());
+                }
+                // hyper stops polling a body whose length it knows once it has
+                // it all: the end is seen here, not as `None`.
+                if this.inner.is_end_stream() {
+                    this.exchange.complete();
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.exchange.failed("backend_error");
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(None) => {
+                this.exchange.complete();
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                if this.idle.expired(cx) {
+                    this.exchange.failed("stream_idle_timeout");
+                    return Poll::Ready(Some(Err(BodyError::Idle(this.idle.after).into())));
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.exchange.ended() || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// What the client gets.
+pub enum OutBody {
+    /// A generated reply (an error, mostly), or nothing.
+    Full(Option<Bytes>),
+    Stream(RespBody),
+}
+
+impl OutBody {
+    pub fn text(s: &'static str) -> OutBody {
+        OutBody::Full(Some(Bytes::from_static(s.as_bytes())))
+    }
+}
+
+impl Body for OutBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            OutBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            OutBody::Stream(s) => {
+                let r = ready!(Pin::new(s).poll_frame(cx));
+                Poll::Ready(r)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            OutBody::Full(b) => b.is_none(),
+            OutBody::Stream(s) => s.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            OutBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            OutBody::Full(None) => SizeHint::with_exact(0),
+            OutBody::Stream(s) => s.size_hint(),
+        }
+    }
+}

@@ -1,0 +1,238 @@
+//! One request from start to end, accounted for when it is dropped: metrics, the
+//! access log, the connection's in-flight count, and the upstream connection
+//! handed back to the pool after a clean end.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode, Version};
+use tokio::time::Instant;
+use tracing::debug;
+
+use super::headers;
+use super::request_body::UpBody;
+use super::state::ConnCtx;
+use super::upstream::Upstreams;
+use super::{BackendMetrics, HttpSettings, Route};
+use crate::backend::ActiveGuard;
+
+/// The route's names and metrics, as an exchange keeps them.
+pub(super) struct RouteRef {
+    label: Arc<str>,
+    pool: Arc<str>,
+    duration: metrics::Histogram,
+    no_backend: super::Codes,
+}
+
+impl RouteRef {
+    pub(super) fn of(r: &Route) -> RouteRef {
+        RouteRef {
+            label: r.label.clone(),
+            pool: r.pool.name.clone(),
+            duration: r.duration.clone(),
+            no_backend: r.no_backend.clone(),
+        }
+    }
+}
+
+/// One request from start to end; accounts for it when dropped (the client got
+/// the whole response, went away, or an error was answered).
+pub struct Exchange(Box<Inner>);
+
+pub struct Inner {
+    pub(super) ctx: Arc<ConnCtx>,
+    pub(super) http: Option<Arc<HttpSettings>>,
+    pub(super) route: Option<RouteRef>,
+    pub(super) guard: Option<ActiveGuard>,
+    pub(super) backend_metrics: Option<Arc<BackendMetrics>>,
+    /// An HTTP/1.1 connection to hand back once the response ended cleanly.
+    pub(super) upstream: Option<(Arc<Upstreams>, http1::SendRequest<UpBody>, usize)>,
+    pub(super) method: Method,
+    pub(super) version: Version,
+    pub(super) host: Option<String>,
+    pub(super) path: String,
+    pub(super) request_id: Option<HeaderValue>,
+    pub(super) status: u16,
+    pub(super) start: Instant,
+    pub(super) sent: Option<Instant>,
+    pub(super) head: Option<Duration>,
+    pub(super) first_body: Option<Duration>,
+    /// Request body bytes sent upstream (counted by [`UpBody`]).
+    pub(super) up: Arc<AtomicU64>,
+    pub(super) down: u64,
+    pub(super) reason: &'static str,
+    pub(super) ended: bool,
+}
+
+impl std::ops::Deref for Exchange {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Exchange {
+    fn deref_mut(&mut self) -> &mut Inner {
+        &mut self.0
+    }
+}
+
+impl Exchange {
+    pub(super) fn start(ctx: Arc<ConnCtx>, req: &Request<Incoming>) -> Exchange {
+        Exchange(Box::new(Inner {
+            ctx,
+            http: None,
+            route: None,
+            guard: None,
+            backend_metrics: None,
+            upstream: None,
+            method: req.method().clone(),
+            version: req.version(),
+            host: None,
+            path: req.uri().path().to_string(),
+            request_id: None,
+            status: 0,
+            start: Instant::now(),
+            sent: None,
+            head: None,
+            first_body: None,
+            up: Arc::default(),
+            down: 0,
+            reason: "client_aborted",
+            ended: false,
+        }))
+    }
+
+    /// The request is on `guard`'s backend (counted in flight from now on).
+    pub(super) fn claim(&mut self, guard: ActiveGuard, route: &Route) {
+        let m = route.backends.get(&guard.backend().id).cloned();
+        if let Some(m) = &m {
+            m.in_flight.increment(1.0);
+        }
+        self.backend_metrics = m;
+        self.guard = Some(guard);
+    }
+
+    pub(super) fn backend_ok(&self) {
+        if let Some(g) = &self.guard {
+            g.backend().passive_success();
+        }
+    }
+
+    /// A generated reply (the text becomes the body); `close` asks HTTP/1.1
+    /// clients to close the connection.
+    pub(super) fn answer(
+        mut self,
+        status: StatusCode,
+        reason: &'static str,
+        text: &'static str,
+        close: bool,
+    ) -> Response<&'static str> {
+        self.status = status.as_u16();
+        self.reason = reason;
+        self.ended = true;
+        let mut r = Response::new(text);
+        *r.status_mut() = status;
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        if close && !self.ctx.state.h2.load(Ordering::Relaxed) {
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        if let Some(id) = &self.request_id {
+            r.headers_mut().insert(&headers::X_REQUEST_ID, id.clone());
+        }
+        drop(self);
+        r
+    }
+
+    pub(super) fn complete_now(&mut self, reason: &'static str) {
+        self.reason = reason;
+        self.ended = true;
+    }
+
+    pub fn ended(&self) -> bool {
+        self.ended
+    }
+
+    /// Response body bytes passed to the client.
+    pub fn body_bytes(&mut self, n: usize) {
+        if self.first_body.is_none() {
+            let fb = self.sent.map(|s| s.elapsed());
+            if let (Some(m), Some(fb)) = (&self.backend_metrics, fb) {
+                m.first_byte.record(fb);
+            }
+            self.first_body = fb;
+        }
+        self.down += n as u64;
+        if let Some(g) = &self.guard {
+            g.backend()
+                .stats
+                .bytes_from
+                .fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// The response ended cleanly: its HTTP/1.1 connection can serve another.
+    pub fn complete(&mut self) {
+        self.complete_now("complete");
+        if let (Some((ups, s, max)), Some(g)) = (self.0.upstream.take(), &self.0.guard) {
+            ups.put_back(g.backend(), s, max);
+        }
+    }
+
+    pub fn failed(&mut self, reason: &'static str) {
+        self.reason = reason;
+        self.ended = true;
+        self.0.upstream = None;
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        let i = &mut *self.0;
+        let up = i.up.load(Ordering::Relaxed);
+        let duration = i.start.elapsed();
+        if let Some(g) = &i.guard {
+            g.backend().stats.bytes_to.fetch_add(up, Ordering::Relaxed);
+        }
+        // A client gone before the end: what it got is what it got.
+        let status = if i.status == 0 { 499 } else { i.status };
+        match (&i.route, &i.backend_metrics) {
+            (Some(r), Some(m)) => {
+                m.codes.count(status);
+                m.in_flight.decrement(1.0);
+                r.duration.record(duration);
+            }
+            (Some(r), None) => {
+                r.no_backend.count(status);
+                r.duration.record(duration);
+            }
+            (None, _) => {
+                if let Some(h) = &i.http {
+                    h.unrouted.count(status);
+                }
+            }
+        }
+        debug!(
+            listener = %i.ctx.listener.name,
+            client = %i.ctx.peer,
+            method = %i.method,
+            version = ?i.version,
+            path = %i.path,
+            status,
+            route = i.route.as_ref().map_or("", |r| &*r.label),
+            pool = i.route.as_ref().map_or("", |r| &*r.pool),
+            backend = i.guard.as_ref().map_or("", |g| &*g.backend().name),
+            reason = i.reason,
+            "http request"
+        );
+        i.ctx.state.end();
+    }
+}

@@ -1,0 +1,560 @@
+//! One request: route it, pick a backend with the pool's algorithm, send it on a
+//! pooled or new upstream connection (moving to another backend while nothing was
+//! sent), stream the response back, and account for it when it ends.
+//!
+//! Retries: a connect that fails or times out moves the request to the next
+//! backend, up to the pool's `connect_attempts`. A pooled connection that turns
+//! out dead before taking the request is replaced once by a fresh one (not counted
+//! as an attempt). Once the request may have reached a backend, nothing is retried.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper::header::{self, HeaderValue};
+use hyper::{Request, Response, StatusCode, Uri, Version};
+use tokio::time::Instant;
+use tracing::debug;
+
+use super::body::{OutBody, RespBody};
+use super::exchange::{Exchange, RouteRef};
+use super::headers;
+use super::path;
+use super::request_body::{BodyError, UpBody};
+use super::state::ConnCtx;
+use super::upstream::{self, Sender};
+use crate::backend::{ActiveGuard, Backend, ConnectError};
+use crate::config::UpstreamProtocol;
+use crate::proxy::passive_failure;
+
+/// Answers one request (never fails: errors are replies).
+pub async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<OutBody> {
+    ctx.state.begin();
+    let settings = ctx.listener.settings();
+    let mut ex = Exchange::start(ctx.clone(), &req);
+    let Some(http) = settings.http.clone() else {
+        // A reload made this listener plain TCP: finish this connection.
+        return ex.reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "listener_changed",
+            "the listener no longer serves HTTP\n",
+            true,
+        );
+    };
+    ex.http = Some(http.clone());
+    // Request smuggling defences hyper leaves to us (RFC 9112 §6.1).
+    if ctx.state.both_lengths.swap(false, Ordering::AcqRel) {
+        return ex.reply(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "both Content-Length and Transfer-Encoding\n",
+            true,
+        );
+    }
+    let codings = req
+        .headers()
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .count();
+    let only_chunked = req
+        .headers()
+        .get(header::TRANSFER_ENCODING)
+        .is_none_or(|v| v.as_bytes().eq_ignore_ascii_case(b"chunked"));
+    if codings > 1 || !only_chunked {
+        return ex.reply(
+            StatusCode::NOT_IMPLEMENTED,
+            "bad_request",
+            "transfer codings other than chunked are not supported\n",
+            true,
+        );
+    }
+
+    // Route: host, then the normalized path.
+    let host = headers::host(req.uri().authority().map(|a| a.as_str()), req.headers());
+    let raw_path = req.uri().path();
+    let normal = match path::normalize(raw_path) {
+        Ok(n) => n,
+        Err(_) => {
+            return ex.reply(
+                StatusCode::BAD_REQUEST,
+                "bad_path",
+                "bad request path\n",
+                true,
+            )
+        }
+    };
+    let path_now = normal.as_deref().unwrap_or(raw_path).to_string();
+    ex.host = host.clone();
+    ex.path = path_now.clone();
+    let Some((rc, route)) = http
+        .routes
+        .find(host.as_deref(), &path_now)
+        .or(http.default.as_ref())
+    else {
+        return ex.reply(
+            StatusCode::NOT_FOUND,
+            "no_route",
+            "no route for this host and path\n",
+            false,
+        );
+    };
+    ex.route = Some(RouteRef::of(route));
+    if let (Some(max), Some(len)) = (http.max_body_bytes, content_length(&req)) {
+        if len > max {
+            return ex.reply(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                "request body over max_body_bytes\n",
+                true,
+            );
+        }
+    }
+
+    // The request as it goes upstream.
+    let websocket = is_websocket(&req);
+    let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
+    let version = match (route.pool.config().upstream_protocol, req.version()) {
+        _ if websocket => upstream::Version::Http1,
+        (UpstreamProtocol::Http1, _) => upstream::Version::Http1,
+        (UpstreamProtocol::H2c, _) => upstream::Version::H2c,
+        (UpstreamProtocol::Auto, Version::HTTP_2) => upstream::Version::H2c,
+        (UpstreamProtocol::Auto, _) => upstream::Version::Http1,
+    };
+    let (mut parts, body) = req.into_parts();
+    let upstream_path = if rc.strip_prefix {
+        path::strip(&path_now, &rc.path_prefix)
+    } else {
+        &path_now
+    };
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(String::from)
+        });
+    let uri = match build_uri(
+        version,
+        authority.as_deref(),
+        upstream_path,
+        parts.uri.query(),
+    ) {
+        Some(u) => u,
+        None => {
+            return ex.reply(
+                StatusCode::BAD_REQUEST,
+                "bad_path",
+                "bad request target\n",
+                true,
+            )
+        }
+    };
+    headers::strip_hop_by_hop(&mut parts.headers, websocket);
+    headers::forwarded(
+        &mut parts.headers,
+        http.xff,
+        ctx.peer.ip(),
+        authority.as_deref(),
+    );
+    ex.request_id = Some(headers::request_id(&mut parts.headers));
+    match version {
+        upstream::Version::Http1 => {
+            // An HTTP/2 client's :authority becomes Host.
+            if !parts.headers.contains_key(header::HOST) {
+                if let Some(v) = authority
+                    .as_deref()
+                    .and_then(|a| HeaderValue::from_str(a).ok())
+                {
+                    parts.headers.insert(header::HOST, v);
+                }
+            }
+            parts.version = Version::HTTP_11;
+        }
+        upstream::Version::H2c => {
+            parts.headers.remove(header::HOST);
+            parts.version = Version::HTTP_2;
+        }
+    }
+    parts.uri = uri;
+    let sent = ex.up.clone();
+    let body = UpBody::new(body, rc.stream_idle_timeout, http.max_body_bytes, sent);
+    let head = Head {
+        parts,
+        bodiless: hyper::body::Body::is_end_stream(&body),
+    };
+    let mut request = Some(Request::from_parts(head.parts.clone(), body));
+
+    // Pick, connect, send.
+    let pool = &route.pool;
+    let timeout = ctx.listener.settings().connect_timeout;
+    let upstreams = ctx.listener.ctx.upstreams.clone();
+    let mut tried: Vec<Arc<Backend>> = Vec::new();
+    let mut sent_to: Option<Attempt> = None;
+    for _ in 0..pool.connect_attempts() {
+        let Some(guard) = pool.pick(ctx.peer.ip(), &tried) else {
+            break;
+        };
+        let b = guard.backend().clone();
+        let mut fresh_tries = 0;
+        let mut sender = upstreams.pooled(&b, version).await;
+        let mut pooled = sender.is_some();
+        loop {
+            let s = match sender.take() {
+                Some(s) => s,
+                None => match upstreams.connect(&b, version, timeout).await {
+                    Ok(s) => {
+                        b.stats.connections.fetch_add(1, Ordering::Relaxed);
+                        s
+                    }
+                    Err(e) => {
+                        debug!(pool = %pool.name, backend = %b.name, error = %e, "connect failed");
+                        b.stats.connect_error(ConnectError::classify(&e));
+                        passive_failure(pool, &b, &ctx.listener.ctx.control);
+                        break;
+                    }
+                },
+            };
+            let Some(r) = request.take() else { break };
+            ex.sent = Some(Instant::now());
+            let (result, h1) = send(s, r, rc.first_byte_timeout).await;
+            match result {
+                Sent::Response(resp) => {
+                    sent_to = Some((guard, Ok(resp), h1));
+                    break;
+                }
+                Sent::TimedOut => {
+                    return ex.reply(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "first_byte_timeout",
+                        "the backend did not answer in time\n",
+                        false,
+                    );
+                }
+                Sent::Refused(back) if pooled && fresh_tries == 0 => {
+                    // A dead kept-alive connection: once more on a fresh one.
+                    fresh_tries += 1;
+                    pooled = false;
+                    request = Some(back);
+                }
+                Sent::Refused(back) => {
+                    request = Some(back);
+                    passive_failure(pool, &b, &ctx.listener.ctx.control);
+                    break;
+                }
+                Sent::Failed(e) => {
+                    sent_to = Some((guard, Err(e), None));
+                    break;
+                }
+            }
+        }
+        if sent_to.is_some() {
+            break;
+        }
+        tried.push(b);
+        if request.is_none() {
+            // The body went with a failed attempt: it cannot be sent again.
+            if !head.bodiless {
+                break;
+            }
+            request = Some(Request::from_parts(head.parts.clone(), UpBody::empty()));
+        }
+    }
+    let Some((guard, result, h1)) = sent_to else {
+        return if tried.is_empty() {
+            ex.reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no_backend",
+                "no backend available\n",
+                false,
+            )
+        } else {
+            ex.reply(
+                StatusCode::BAD_GATEWAY,
+                "connect_failed",
+                "could not connect to a backend\n",
+                false,
+            )
+        };
+    };
+    ex.claim(guard, route);
+    let mut resp = match result {
+        Ok(r) => r,
+        Err(e) => {
+            let (status, reason, text) = classify(&e);
+            debug!(error = %e, reason, "upstream exchange failed");
+            return ex.reply(status, reason, text, true);
+        }
+    };
+    ex.head = ex.sent.map(|s| s.elapsed());
+    if let (Some(m), Some(h)) = (&ex.backend_metrics, ex.head) {
+        m.head.record(h);
+    }
+    ex.status = resp.status().as_u16();
+    ex.backend_ok();
+
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(client) = client_upgrade {
+            let upstream = hyper::upgrade::on(&mut resp);
+            tunnel(ctx.clone(), client, upstream, rc.stream_idle_timeout);
+        }
+        let (parts, _) = resp.into_parts();
+        ex.complete_now("upgraded");
+        return Response::from_parts(parts, OutBody::Full(None));
+    }
+    if let Some(s) = h1 {
+        ex.upstream = Some((upstreams, s, pool.config().max_idle_per_backend));
+    }
+    let (mut parts, body) = resp.into_parts();
+    headers::strip_hop_by_hop(&mut parts.headers, false);
+    if ctx.listener.stop_accept.is_cancelled() && !ctx.state.h2.load(Ordering::Relaxed) {
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    let idle = rc.stream_idle_timeout;
+    Response::from_parts(parts, OutBody::Stream(RespBody::new(body, idle, ex)))
+}
+
+/// Generated replies, as the client gets them.
+trait Reply {
+    fn reply(
+        self,
+        status: StatusCode,
+        reason: &'static str,
+        text: &'static str,
+        close: bool,
+    ) -> Response<OutBody>;
+}
+
+impl Reply for Exchange {
+    fn reply(
+        self,
+        status: StatusCode,
+        reason: &'static str,
+        text: &'static str,
+        close: bool,
+    ) -> Response<OutBody> {
+        self.answer(status, reason, text, close).map(OutBody::text)
+    }
+}
+
+/// The backend a request went to, how that went, and (HTTP/1.1) the connection.
+type Attempt = (
+    ActiveGuard,
+    Result<Response<Incoming>, hyper::Error>,
+    Option<http1::SendRequest<UpBody>>,
+);
+
+/// What a failed exchange is answered with.
+fn classify(e: &hyper::Error) -> (StatusCode, &'static str, &'static str) {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = src {
+        if let Some(b) = s.downcast_ref::<BodyError>() {
+            return match b {
+                BodyError::TooLarge(_) => (
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body_too_large",
+                    "request body over max_body_bytes\n",
+                ),
+                BodyError::Idle(_) => (
+                    StatusCode::REQUEST_TIMEOUT,
+                    "stream_idle_timeout",
+                    "request body stalled\n",
+                ),
+                BodyError::Client(_) => (
+                    StatusCode::BAD_REQUEST,
+                    "bad_request_body",
+                    "malformed request body\n",
+                ),
+            };
+        }
+        src = s.source();
+    }
+    (
+        StatusCode::BAD_GATEWAY,
+        "backend_error",
+        "invalid or no response from the backend\n",
+    )
+}
+
+/// How sending a request went.
+enum Sent {
+    Response(Response<Incoming>),
+    /// The connection refused it before any of it was written: it can go elsewhere.
+    Refused(Request<UpBody>),
+    /// It may have reached the backend.
+    Failed(hyper::Error),
+    /// No response head within `first_byte_timeout`.
+    TimedOut,
+}
+
+/// Sends `req` on `s`; for HTTP/1.1 hands the connection back with the response.
+async fn send(
+    s: Sender,
+    req: Request<UpBody>,
+    first_byte: Duration,
+) -> (Sent, Option<http1::SendRequest<UpBody>>) {
+    match s {
+        Sender::Http1(mut s) => {
+            let f = s.try_send_request(req);
+            match tokio::time::timeout(first_byte, f).await {
+                Err(_) => (Sent::TimedOut, None),
+                Ok(Ok(r)) => (Sent::Response(r), Some(s)),
+                Ok(Err(mut e)) => match e.take_message() {
+                    Some(back) => (Sent::Refused(back), None),
+                    None => (Sent::Failed(e.into_error()), None),
+                },
+            }
+        }
+        Sender::H2(mut s) => {
+            if s.ready().await.is_err() {
+                return (Sent::Refused(req), None);
+            }
+            let f = s.try_send_request(req);
+            match tokio::time::timeout(first_byte, f).await {
+                Err(_) => (Sent::TimedOut, None),
+                Ok(Ok(r)) => (Sent::Response(r), None),
+                Ok(Err(mut e)) => match e.take_message() {
+                    Some(back) => (Sent::Refused(back), None),
+                    None => (Sent::Failed(e.into_error()), None),
+                },
+            }
+        }
+    }
+}
+
+/// The head of the request as sent upstream, kept to rebuild a bodiless request
+/// for another backend.
+struct Head {
+    parts: hyper::http::request::Parts,
+    bodiless: bool,
+}
+
+/// The upstream URI: origin-form for HTTP/1.1, absolute for HTTP/2 (`:authority`).
+fn build_uri(
+    v: upstream::Version,
+    authority: Option<&str>,
+    path: &str,
+    query: Option<&str>,
+) -> Option<Uri> {
+    let pq = match query {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_string(),
+    };
+    match v {
+        upstream::Version::Http1 => pq.parse().ok(),
+        upstream::Version::H2c => Uri::builder()
+            .scheme("http")
+            .authority(authority.unwrap_or("localhost"))
+            .path_and_query(pq)
+            .build()
+            .ok(),
+    }
+}
+
+fn content_length(req: &Request<Incoming>) -> Option<u64> {
+    req.headers()
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// An HTTP/1.1 WebSocket handshake.
+fn is_websocket(req: &Request<Incoming>) -> bool {
+    let has = |name, token: &str| {
+        req.headers().get_all(name).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        })
+    };
+    req.version() == Version::HTTP_11
+        && has(header::UPGRADE, "websocket")
+        && has(header::CONNECTION, "upgrade")
+}
+
+/// After a 101: the two upgraded connections become one byte stream, until either
+/// side closes, `idle` passes without a byte, or the listener is cut.
+fn tunnel(
+    ctx: Arc<ConnCtx>,
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    idle: Duration,
+) {
+    let cut = ctx.listener.cut.clone();
+    let tracker = ctx.listener.ctx.upstreams.tracker();
+    tracker.spawn(async move {
+        let (Ok(c), Ok(u)) = tokio::join!(client, upstream) else {
+            return;
+        };
+        let mut c = hyper_util::rt::TokioIo::new(c);
+        let mut u = hyper_util::rt::TokioIo::new(u);
+        tokio::select! {
+            r = copy_idle(&mut c, &mut u, idle) => {
+                if let Err(e) = r {
+                    debug!(error = %e, "websocket tunnel ended");
+                }
+            }
+            _ = cut.cancelled() => {}
+        }
+    });
+}
+
+/// Copies both ways between `a` and `b` until both directions end, or neither
+/// moves a byte for `idle`.
+async fn copy_idle<A, B>(a: &mut A, b: &mut B, idle: Duration) -> std::io::Result<()>
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut ar, mut aw) = tokio::io::split(a);
+    let (mut br, mut bw) = tokio::io::split(b);
+    let last = AtomicU64::new(crate::proxy::now_us());
+    async fn one<R, W>(
+        r: &mut R,
+        w: &mut W,
+        last: &AtomicU64,
+        idle: Duration,
+    ) -> std::io::Result<()>
+    where
+        R: tokio::io::AsyncRead + Unpin,
+        W: tokio::io::AsyncWrite + Unpin,
+    {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match tokio::time::timeout(idle, r.read(&mut buf)).await {
+                Ok(r) => r?,
+                Err(_) => {
+                    let quiet = crate::proxy::now_us().saturating_sub(last.load(Ordering::Relaxed));
+                    if Duration::from_micros(quiet) >= idle {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "stream_idle_timeout",
+                        ));
+                    }
+                    continue;
+                }
+            };
+            if n == 0 {
+                w.shutdown().await?;
+                return Ok(());
+            }
+            last.store(crate::proxy::now_us(), Ordering::Relaxed);
+            w.write_all(&buf[..n]).await?;
+        }
+    }
+    let (x, y) = tokio::join!(
+        one(&mut ar, &mut bw, &last, idle),
+        one(&mut br, &mut aw, &last, idle)
+    );
+    x.and(y)
+}

@@ -1,0 +1,210 @@
+//! Header work on the way through: hop-by-hop headers out (RFC 9110 §7.6.1),
+//! X-Forwarded-For/-Proto/-Host per `xff`, an X-Request-Id on every request, and
+//! the request's host for routing.
+
+use std::net::IpAddr;
+
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+use crate::config::Xff;
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Removes hop-by-hop headers: `Connection` and those it names, `Keep-Alive`,
+/// `Transfer-Encoding` (each leg frames its own body), `TE` (but `trailers`, which
+/// gRPC needs), `Upgrade` unless `keep_upgrade`, `HTTP2-Settings` and `Proxy-*`.
+pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|n| !(keep_upgrade && n == header::UPGRADE))
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    let te_trailers = h.get_all(header::TE).iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        })
+    });
+    h.remove(header::TE);
+    if te_trailers {
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    if keep_upgrade {
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        h.remove(header::CONNECTION);
+        h.remove(header::UPGRADE);
+    }
+    h.remove("keep-alive");
+    h.remove(header::TRANSFER_ENCODING);
+    h.remove("http2-settings");
+    let proxy: Vec<HeaderName> = h
+        .keys()
+        .filter(|k| k.as_str().starts_with("proxy-"))
+        .cloned()
+        .collect();
+    for k in proxy {
+        h.remove(k);
+    }
+}
+
+/// Sets X-Forwarded-For/-Proto/-Host for a request from `client` that named
+/// `host`.
+pub fn forwarded(h: &mut HeaderMap, xff: Xff, client: IpAddr, host: Option<&str>) {
+    let ip = HeaderValue::from_str(&client.to_string()).ok();
+    match xff {
+        Xff::Off => {}
+        Xff::Append => {
+            let joined = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+                Some(prev) if !prev.trim().is_empty() => {
+                    HeaderValue::from_str(&format!("{prev}, {client}")).ok()
+                }
+                _ => ip,
+            };
+            if let Some(v) = joined {
+                h.insert(&X_FORWARDED_FOR, v);
+            }
+            if !h.contains_key(&X_FORWARDED_PROTO) {
+                h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+            }
+            if let Some(v) = host.and_then(|s| HeaderValue::from_str(s).ok()) {
+                h.entry(&X_FORWARDED_HOST).or_insert(v);
+            }
+        }
+        Xff::Replace => {
+            h.remove(&X_FORWARDED_FOR);
+            if let Some(v) = ip {
+                h.insert(&X_FORWARDED_FOR, v);
+            }
+            h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+            h.remove(&X_FORWARDED_HOST);
+            if let Some(v) = host.and_then(|s| HeaderValue::from_str(s).ok()) {
+                h.insert(&X_FORWARDED_HOST, v);
+            }
+        }
+    }
+}
+
+/// The request's X-Request-Id, set to a new random one when absent.
+pub fn request_id(h: &mut HeaderMap) -> HeaderValue {
+    if let Some(v) = h.get(&X_REQUEST_ID) {
+        return v.clone();
+    }
+    let id: u128 = rand::random();
+    let v = HeaderValue::from_str(&format!("{id:032x}")).unwrap_or(HeaderValue::from_static("-"));
+    h.insert(&X_REQUEST_ID, v.clone());
+    v
+}
+
+/// The host a request is for, lower case and without the port (an IPv6 literal
+/// keeps its brackets): from `authority` (HTTP/2, absolute-form) or `Host`.
+pub fn host(authority: Option<&str>, h: &HeaderMap) -> Option<String> {
+    let raw = match authority {
+        Some(a) => a,
+        None => h.get(header::HOST)?.to_str().ok()?,
+    };
+    let raw = raw.trim();
+    let name = if raw.starts_with('[') {
+        match raw.find(']') {
+            Some(end) => &raw[..=end],
+            None => raw,
+        }
+    } else {
+        match raw.rsplit_once(':') {
+            Some((n, port)) if port.bytes().all(|b| b.is_ascii_digit()) => n,
+            _ => raw,
+        }
+    };
+    let name = name.strip_suffix('.').unwrap_or(name);
+    (!name.is_empty()).then(|| name.to_ascii_lowercase())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go() {
+        let mut h = map(&[
+            ("connection", "keep-alive, x-secret"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("te", "gzip, trailers"),
+            ("transfer-encoding", "chunked"),
+            ("proxy-authorization", "x"),
+            ("upgrade", "h2c"),
+            ("x-kept", "1"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        let left: Vec<_> = h.keys().map(|k| k.as_str().to_string()).collect();
+        assert_eq!(left, ["te", "x-kept"], "{h:?}");
+        assert_eq!(h["te"], "trailers");
+    }
+
+    #[test]
+    fn websocket_keeps_its_upgrade() {
+        let mut h = map(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h["upgrade"], "websocket");
+        assert_eq!(h["connection"], "upgrade");
+    }
+
+    #[test]
+    fn forwarded_headers() {
+        let ip: IpAddr = "10.0.0.9".parse().unwrap();
+        let mut h = map(&[
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-forwarded-proto", "https"),
+        ]);
+        forwarded(&mut h, Xff::Append, ip, Some("a.example"));
+        assert_eq!(h["x-forwarded-for"], "1.2.3.4, 10.0.0.9");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "a.example");
+        forwarded(&mut h, Xff::Replace, ip, Some("b.example"));
+        assert_eq!(h["x-forwarded-for"], "10.0.0.9");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "b.example");
+        let mut h = map(&[]);
+        forwarded(&mut h, Xff::Off, ip, Some("x"));
+        assert!(h.is_empty());
+    }
+
+    #[test]
+    fn hosts_without_ports() {
+        let h = map(&[("host", "API.example.com:8080")]);
+        assert_eq!(host(None, &h).as_deref(), Some("api.example.com"));
+        assert_eq!(host(Some("[::1]:80"), &h).as_deref(), Some("[::1]"));
+        assert_eq!(host(None, &map(&[("host", "x.")])).as_deref(), Some("x"));
+        assert_eq!(host(None, &map(&[])), None);
+    }
+
+    #[test]
+    fn request_ids() {
+        let mut h = map(&[("x-request-id", "abc")]);
+        assert_eq!(request_id(&mut h), "abc");
+        let mut h = map(&[]);
+        let id = request_id(&mut h);
+        assert_eq!(id.len(), 32);
+        assert_eq!(h["x-request-id"], id);
+    }
+}

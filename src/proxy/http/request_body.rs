@@ -1,0 +1,156 @@
+//! A client's request body on its way upstream: bytes counted, `max_body_bytes`
+//! and the route's `stream_idle_timeout` enforced, errors told apart.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use tokio::time::{Instant, Sleep};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why a body stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("no body byte for {0:?} (stream_idle_timeout)")]
+    Idle(Duration),
+    #[error("request body over max_body_bytes ({0})")]
+    TooLarge(u64),
+    /// The client's body was malformed (a bad chunk) or cut short.
+    #[error("client body: {0}")]
+    Client(hyper::Error),
+}
+
+/// An idle deadline pushed back by every frame.
+#[derive(Debug)]
+pub(super) struct IdleTimer {
+    pub(super) after: Duration,
+    sleep: Pin<Box<Sleep>>,
+}
+
+impl IdleTimer {
+    pub(super) fn new(after: Duration) -> IdleTimer {
+        IdleTimer {
+            after,
+            sleep: Box::pin(tokio::time::sleep(after)),
+        }
+    }
+
+    pub(super) fn touch(&mut self) {
+        self.sleep.as_mut().reset(Instant::now() + self.after);
+    }
+
+    pub(super) fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        self.sleep.as_mut().poll(cx).is_ready()
+    }
+}
+
+/// A client's request body on its way upstream.
+#[derive(Debug)]
+pub struct UpBody {
+    inner: Option<Incoming>,
+    idle: Option<IdleTimer>,
+    limit: Option<u64>,
+    /// Bytes so far, shared with the exchange (for the access log and metrics).
+    sent: Arc<AtomicU64>,
+}
+
+impl UpBody {
+    pub fn new(
+        inner: Incoming,
+        idle: Duration,
+        limit: Option<u64>,
+        sent: Arc<AtomicU64>,
+    ) -> UpBody {
+        let empty = inner.is_end_stream();
+        UpBody {
+            inner: (!empty).then_some(inner),
+            // A timer only for a body that will move.
+            idle: (!empty).then(|| IdleTimer::new(idle)),
+            limit,
+            sent,
+        }
+    }
+
+    /// No body (a request rebuilt for a retry never has one).
+    pub fn empty() -> UpBody {
+        UpBody {
+            inner: None,
+            idle: None,
+            limit: None,
+            sent: Arc::default(),
+        }
+    }
+}
+
+impl Body for UpBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(t) = this.idle.as_mut() {
+                    t.touch();
+                }
+                if let Some(d) = frame.data_ref() {
+                    let total =
+                        this.sent.fetch_add(d.len() as u64, Ordering::Relaxed) + d.len() as u64;
+                    if this.limit.is_some_and(|l| total > l) {
+                        this.inner = None;
+                        return Poll::Ready(Some(Err(BodyError::TooLarge(
+                            this.limit.unwrap_or(0),
+                        )
+                        .into())));
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.inner = None;
+                Poll::Ready(Some(Err(BodyError::Client(e).into())))
+            }
+            Poll::Ready(None) => {
+                this.inner = None;
+                this.idle = None;
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                let expired = match this.idle.as_mut() {
+                    Some(t) => t.expired(cx).then_some(t.after),
+                    None => None,
+                };
+                match expired {
+                    Some(after) => {
+                        this.inner = None;
+                        Poll::Ready(Some(Err(BodyError::Idle(after).into())))
+                    }
+                    None => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Some(b) => b.size_hint(),
+            None => SizeHint::with_exact(0),
+        }
+    }
+}

@@ -1,0 +1,46 @@
+//! What one client connection's requests share with its socket wrapper.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::proxy::tcp::ListenerShared;
+
+/// What a connection's requests and its socket wrapper share.
+#[derive(Debug, Default)]
+pub struct ConnState {
+    /// Requests whose response has not ended.
+    pub in_flight: AtomicU32,
+    /// Request heads received so far.
+    pub requests: AtomicU64,
+    /// When the last response ended (microseconds, [`crate::proxy::now_us`]).
+    pub idle_since: AtomicU64,
+    /// The client speaks HTTP/2.
+    pub h2: AtomicBool,
+    /// The head being read carried both Content-Length and Transfer-Encoding
+    /// (hyper drops the length and goes on; flowgate refuses the request).
+    pub both_lengths: AtomicBool,
+}
+
+impl ConnState {
+    /// A request head arrived.
+    pub fn begin(&self) {
+        self.requests.fetch_add(1, Ordering::AcqRel);
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// A response ended (or was dropped).
+    pub fn end(&self) {
+        self.idle_since
+            .store(crate::proxy::now_us(), Ordering::Relaxed);
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Per-connection facts every request of it needs.
+#[derive(Debug)]
+pub struct ConnCtx {
+    pub listener: Arc<ListenerShared>,
+    pub peer: SocketAddr,
+    pub state: Arc<ConnState>,
+}

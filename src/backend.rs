@@ -172,6 +172,9 @@ pub struct BackendStats {
     /// UDP sessions started on this backend, and those still open.
     pub udp_sessions: AtomicU64,
     pub udp_active: AtomicU64,
+    /// HTTP requests sent to this backend, and those whose response has not ended.
+    pub http_requests: AtomicU64,
+    pub http_in_flight: AtomicU64,
 }
 
 impl BackendStats {

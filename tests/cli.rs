@@ -364,14 +364,14 @@ fn unknown_algorithm() {
 }
 
 #[test]
-fn unsupported_protocol_http() {
+fn http_only_key_on_a_tcp_listener() {
     rejects(
         &edit(
             "pool = \"gpu\"",
-            "pool = \"gpu\"\nprotocol = \"http\" # HERE",
+            "pool = \"gpu\"\nheader_timeout = \"5s\" # HERE",
         ),
-        Some("listeners[0].protocol"),
-        "\"http\" is not supported yet",
+        Some("listeners[0].header_timeout"),
+        "header_timeout applies to http listeners; this one is tcp",
     );
 }
 

@@ -60,6 +60,27 @@ pub struct Entry {
     pub duration: Duration,
     /// The termination reason (see docs/operations.md).
     pub reason: &'static str,
+    /// One HTTP request (http listeners): what the line adds for it.
+    pub http: Option<Box<HttpFields>>,
+}
+
+/// An http listener's request: `to_backend`/`from_backend` are its body bytes,
+/// `first_byte` the time from sending it to the first response body byte.
+#[derive(Debug)]
+pub struct HttpFields {
+    pub method: String,
+    /// Lower case, without the port; `-` when the request had none.
+    pub host: String,
+    /// Without the query.
+    pub path: String,
+    pub version: &'static str,
+    /// The status sent to the client (499: it went away before the head).
+    pub status: u16,
+    /// The route's label (host and prefix), `default`, or `-`.
+    pub route: String,
+    pub request_id: String,
+    /// Request sent -> response head.
+    pub head: Option<Duration>,
 }
 
 // Entries are nearly every message; boxing them would allocate once per line.
@@ -404,7 +425,7 @@ fn text(e: &Entry, out: &mut String) {
     let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| v.to_string());
     let _ = write!(
         out,
-        "time={} proto={} listener={} client={} pool={} backend={} to_backend={} from_backend={} connect_ms={} first_byte_ms={} duration_ms={} start={} backend_addr={} retries={} listener_conns={} backend_conns={} reason={}",
+        "time={} proto={} listener={} client={} pool={} backend={} to_backend={} from_backend={} connect_ms={} first_byte_ms={} duration_ms={} start={} backend_addr={} retries={} listener_conns={} backend_conns={} {}{}",
         humantime::format_rfc3339_micros(e.time),
         e.protocol,
         q(&e.listener),
@@ -421,9 +442,26 @@ fn text(e: &Entry, out: &mut String) {
         e.retries,
         e.listener_conns,
         e.backend_conns,
-        // Last, as before these fields came: `reason` ends the line.
-        e.reason,
+        // Last, as before these fields came: `reason` ends the line (after the
+        // HTTP fields on an http line).
+        if e.http.is_some() { "" } else { "reason=" },
+        if e.http.is_some() { "" } else { e.reason },
     );
+    if let Some(h) = &e.http {
+        let _ = write!(
+            out,
+            "method={} host={} path={} version={} status={} route={} request_id={} head_ms={} reason={}",
+            q(&h.method),
+            q(&h.host),
+            q(&h.path),
+            h.version,
+            h.status,
+            q(&h.route),
+            q(&h.request_id),
+            opt(ms(h.head)),
+            e.reason,
+        );
+    }
 }
 
 fn json(e: &Entry, out: &mut String) {
@@ -446,6 +484,17 @@ fn json(e: &Entry, out: &mut String) {
         "listener_conns": e.listener_conns,
         "backend_conns": e.backend_conns,
     });
+    let mut v = v;
+    if let (Some(h), Some(o)) = (&e.http, v.as_object_mut()) {
+        o.insert("method".into(), h.method.clone().into());
+        o.insert("host".into(), h.host.clone().into());
+        o.insert("path".into(), h.path.clone().into());
+        o.insert("version".into(), h.version.into());
+        o.insert("status".into(), h.status.into());
+        o.insert("route".into(), h.route.clone().into());
+        o.insert("request_id".into(), h.request_id.clone().into());
+        o.insert("head_ms".into(), serde_json::json!(ms(h.head)));
+    }
     out.push_str(&v.to_string());
 }
 
@@ -471,6 +520,7 @@ mod tests {
             first_byte: None,
             duration: Duration::from_millis(1500),
             reason: "client_closed",
+            http: None,
         }
     }
 
@@ -482,6 +532,35 @@ mod tests {
             s,
             "time=2027-01-15T08:00:00.000000Z proto=tcp listener=\"web front\\n\" client=127.0.0.1:5000 pool=p backend=10.0.0.1:80 to_backend=10 from_backend=20 connect_ms=0.25 first_byte_ms=- duration_ms=1500 start=2027-01-15T07:59:58.500000Z backend_addr=10.0.0.1:80 retries=1 listener_conns=7 backend_conns=3 reason=client_closed"
         );
+    }
+
+    #[test]
+    fn an_http_line_adds_the_request() {
+        let mut e = entry();
+        e.protocol = "http";
+        e.reason = "complete";
+        e.http = Some(Box::new(HttpFields {
+            method: "POST".into(),
+            host: "api.example.com".into(),
+            path: "/v1/chat completions".into(),
+            version: "HTTP/1.1",
+            status: 200,
+            route: "/v1".into(),
+            request_id: "abc".into(),
+            head: Some(Duration::from_millis(2)),
+        }));
+        let mut s = String::new();
+        text(&e, &mut s);
+        assert!(
+            s.ends_with(" backend_conns=3 method=POST host=api.example.com path=\"/v1/chat completions\" version=HTTP/1.1 status=200 route=/v1 request_id=abc head_ms=2 reason=complete"),
+            "{s}"
+        );
+        let mut s = String::new();
+        json(&e, &mut s);
+        let v: serde_json::Value = serde_json::from_str(&s).unwrap();
+        assert_eq!(v["status"], 200);
+        assert_eq!(v["head_ms"], 2.0);
+        assert_eq!(v["reason"], "complete");
     }
 
     #[test]

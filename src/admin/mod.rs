@@ -412,6 +412,8 @@ fn one_backend(b: &crate::backend::Backend, retiring: bool) -> Value {
         "checks_failed": st.checks_failed.load(Relaxed),
         "udp_sessions_active": st.udp_active.load(Relaxed),
         "udp_sessions_total": st.udp_sessions.load(Relaxed),
+        "http_requests_total": st.http_requests.load(Relaxed),
+        "http_requests_in_flight": st.http_in_flight.load(Relaxed),
     })
 }
 

@@ -250,3 +250,111 @@ fn access_log_to_syslog() {
         assert!(e.contains(says), "{log}: {says}: {e}");
     }
 }
+
+const HTTP: &str = r#"
+[[listeners]]
+name = "api"
+bind = "127.0.0.1:8080"
+protocol = "http"
+
+  [[listeners.routes]]
+  host = "API.Example.com"
+  path_prefix = "/v1/chat"
+  pool = "chat"
+  strip_prefix = true
+
+  [[listeners.routes]]
+  host = "*.example.com"
+  pool = "chat"
+
+[[pools]]
+name = "chat"
+upstream_protocol = "h2c"
+backends = [{ address = "127.0.0.1:9001" }]
+"#;
+
+#[test]
+fn http_listener_with_routes() {
+    let c = parse(HTTP).unwrap();
+    let l = &c.listeners[0];
+    assert_eq!(l.pool, None, "an http listener may leave pool out");
+    assert_eq!(
+        l.idle_timeout,
+        Duration::from_secs(60),
+        "http's own default"
+    );
+    let h = l.http.as_ref().unwrap();
+    assert_eq!(h.header_timeout, Duration::from_secs(10));
+    assert_eq!(h.max_header_bytes, 65536);
+    assert_eq!(h.routes[0].host.as_deref(), Some("api.example.com"));
+    assert!(h.routes[0].strip_prefix);
+    assert_eq!(h.routes[1].path_prefix, "/");
+    assert_eq!(c.pools[0].upstream_protocol, UpstreamProtocol::H2c);
+    assert_eq!(c.pools[0].max_idle_per_backend, 64);
+}
+
+#[test]
+fn http_mistakes_are_named() {
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            r#"path_prefix = "/v1/chat""#,
+            r#"path_prefix = "v1""#,
+            "listeners[0].routes[0].path_prefix: \"v1\" is not a path prefix",
+        ),
+        (
+            r#"host = "API.Example.com""#,
+            r#"host = "a:80""#,
+            "listeners[0].routes[0].host: \"a:80\" is not a host",
+        ),
+        (
+            r#"  pool = "chat"
+  strip_prefix"#,
+            r#"  pool = "nope"
+  strip_prefix"#,
+            "listeners[0].routes[0].pool: no pool named \"nope\"",
+        ),
+        (
+            r#"protocol = "http""#,
+            "protocol = \"tcp\"\npool = \"chat\"",
+            "listeners[0].routes: routes applies to http listeners; this one is tcp",
+        ),
+        (
+            r#"protocol = "http""#,
+            "protocol = \"http\"\nmax_header_bytes = 100",
+            "listeners[0].max_header_bytes: 100 is out of range",
+        ),
+        (
+            r#"protocol = "http""#,
+            "protocol = \"http\"\nheader_timeout = \"0s\"",
+            "listeners[0].header_timeout: 0s would refuse",
+        ),
+        (
+            r#"upstream_protocol = "h2c""#,
+            r#"upstream_protocol = "h3""#,
+            "pools[0].upstream_protocol",
+        ),
+    ];
+    for (from, to, want) in cases {
+        assert!(HTTP.contains(from), "{from}");
+        let text = HTTP.replacen(from, to, 1);
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.contains(want), "{to}: {e}");
+    }
+    // The duplicate: same host and prefix twice.
+    let dup = HTTP.replacen(
+        r#"host = "*.example.com""#,
+        r#"host = "api.example.com"
+  path_prefix = "/v1/chat""#,
+        1,
+    );
+    let e = parse(&dup).unwrap_err().to_string();
+    assert!(
+        e.contains("routes[0] already routes host \"api.example.com\""),
+        "{e}"
+    );
+    // A tcp listener still needs its pool.
+    let e = parse(&GOOD.replace("pool = \"gpu\"\nconnect", "connect"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("listeners[0].pool: missing"), "{e}");
+}

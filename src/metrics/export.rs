@@ -246,6 +246,29 @@ fn describe() {
         "Access-log lines dropped because the writer fell behind"
     );
     describe_gauge!(UDP_SESSIONS_ACTIVE, "UDP sessions open now");
+    describe_gauge!(
+        HTTP_IN_FLIGHT,
+        "HTTP requests sent to the backend whose response has not ended"
+    );
+    describe_counter!(
+        HTTP_REQUESTS,
+        "HTTP requests by listener, route, pool, backend and status class"
+    );
+    describe_histogram!(
+        HTTP_DURATION,
+        Unit::Seconds,
+        "HTTP requests, from the head's arrival to the response's end"
+    );
+    describe_histogram!(
+        HTTP_FIRST_BYTE,
+        Unit::Seconds,
+        "From sending the request upstream to the first response body byte (time to first token)"
+    );
+    describe_histogram!(
+        HTTP_HEAD,
+        Unit::Seconds,
+        "From sending the request upstream to the response head"
+    );
     describe_counter!(UDP_SESSIONS, "UDP sessions started");
     describe_counter!(UDP_DATAGRAMS, "UDP datagrams forwarded, by direction");
     describe_counter!(
@@ -409,6 +432,10 @@ impl Scrape<'_> {
             self.export(HEALTH_CHECKS, &l, owner, n.load(Relaxed));
         }
         gauge!(BACKEND_UDP_SESSIONS_ACTIVE, &labels).set(st.udp_active.load(Relaxed) as f64);
+        // Only backends that took HTTP requests: an L4-only pool shows no series.
+        if st.http_requests.load(Relaxed) > 0 {
+            gauge!(HTTP_IN_FLIGHT, &labels).set(st.http_in_flight.load(Relaxed) as f64);
+        }
         self.export(
             BACKEND_UDP_SESSIONS,
             &labels,

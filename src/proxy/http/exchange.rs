@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
@@ -18,6 +18,7 @@ use super::request_body::UpBody;
 use super::state::ConnCtx;
 use super::upstream::Upstreams;
 use super::{BackendMetrics, HttpSettings, Route};
+use crate::access_log::{Entry, HttpFields};
 use crate::backend::ActiveGuard;
 
 /// The route's names and metrics, as an exchange keeps them.
@@ -66,6 +67,8 @@ pub struct Inner {
     pub(super) down: u64,
     pub(super) reason: &'static str,
     pub(super) ended: bool,
+    /// Backends that failed before the one that took the request.
+    pub(super) retries: u32,
 }
 
 impl std::ops::Deref for Exchange {
@@ -104,16 +107,16 @@ impl Exchange {
             down: 0,
             reason: "client_aborted",
             ended: false,
+            retries: 0,
         }))
     }
 
     /// The request is on `guard`'s backend (counted in flight from now on).
     pub(super) fn claim(&mut self, guard: ActiveGuard, route: &Route) {
-        let m = route.backends.get(&guard.backend().id).cloned();
-        if let Some(m) = &m {
-            m.in_flight.increment(1.0);
-        }
-        self.backend_metrics = m;
+        let st = &guard.backend().stats;
+        st.http_requests.fetch_add(1, Ordering::Relaxed);
+        st.http_in_flight.fetch_add(1, Ordering::Relaxed);
+        self.backend_metrics = route.backends.get(&guard.backend().id).cloned();
         self.guard = Some(guard);
     }
 
@@ -200,14 +203,15 @@ impl Drop for Exchange {
         let up = i.up.load(Ordering::Relaxed);
         let duration = i.start.elapsed();
         if let Some(g) = &i.guard {
-            g.backend().stats.bytes_to.fetch_add(up, Ordering::Relaxed);
+            let st = &g.backend().stats;
+            st.bytes_to.fetch_add(up, Ordering::Relaxed);
+            st.http_in_flight.fetch_sub(1, Ordering::Relaxed);
         }
         // A client gone before the end: what it got is what it got.
         let status = if i.status == 0 { 499 } else { i.status };
         match (&i.route, &i.backend_metrics) {
             (Some(r), Some(m)) => {
                 m.codes.count(status);
-                m.in_flight.decrement(1.0);
                 r.duration.record(duration);
             }
             (Some(r), None) => {
@@ -233,6 +237,60 @@ impl Drop for Exchange {
             reason = i.reason,
             "http request"
         );
+        let log = &i.ctx.listener.ctx.access_log;
+        if log.enabled() {
+            log.log(entry(i, status, up, duration));
+        }
         i.ctx.state.end();
+    }
+}
+
+/// The access-log line of a finished request.
+fn entry(i: &Inner, status: u16, up: u64, duration: Duration) -> Entry {
+    let backend = i.guard.as_ref().map(|g| g.backend());
+    Entry {
+        time: SystemTime::now(),
+        protocol: "http",
+        listener: i.ctx.listener.name.clone(),
+        client: i.ctx.peer,
+        pool: i
+            .route
+            .as_ref()
+            .map_or_else(|| "-".into(), |r| r.pool.clone()),
+        backend: backend.map(|b| b.name.clone()),
+        backend_addr: backend.map(|b| b.addr),
+        retries: i.retries,
+        listener_conns: i.ctx.listener.active.load(Ordering::Relaxed) as u32,
+        backend_conns: backend.map_or(0, |b| b.active() as u32),
+        to_backend: up,
+        from_backend: i.down,
+        connect: None,
+        first_byte: i.first_body,
+        duration,
+        reason: i.reason,
+        http: Some(Box::new(HttpFields {
+            method: i.method.to_string(),
+            host: i.host.clone().unwrap_or_else(|| "-".into()),
+            path: i.path.clone(),
+            version: match i.version {
+                Version::HTTP_09 => "HTTP/0.9",
+                Version::HTTP_10 => "HTTP/1.0",
+                Version::HTTP_2 => "HTTP/2",
+                Version::HTTP_3 => "HTTP/3",
+                _ => "HTTP/1.1",
+            },
+            status,
+            route: i
+                .route
+                .as_ref()
+                .map_or_else(|| "-".into(), |r| r.label.to_string()),
+            request_id: i
+                .request_id
+                .as_ref()
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-")
+                .to_string(),
+            head: i.head,
+        })),
     }
 }

@@ -282,6 +282,7 @@ pub async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<O
             )
         };
     };
+    ex.retries = tried.len() as u32;
     ex.claim(guard, route);
     let mut resp = match result {
         Ok(r) => r,

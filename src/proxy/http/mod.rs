@@ -31,7 +31,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use metrics::{Counter, Gauge, Histogram};
+use metrics::{Counter, Histogram};
 
 use crate::config::{HttpConfig, ListenerConfig, RouteConfig, Xff};
 use crate::metrics::names;
@@ -101,11 +101,10 @@ pub struct BackendMetrics {
     pub first_byte: Histogram,
     /// Request sent -> response head.
     pub head: Histogram,
-    pub in_flight: Gauge,
 }
 
 impl Route {
-    fn new(listener: &str, cfg: &RouteConfig, label: &str, pool: Arc<Pool>) -> Route {
+    fn new(listener: &str, label: &str, pool: Arc<Pool>) -> Route {
         let backends = pool
             .backends()
             .iter()
@@ -118,12 +117,10 @@ impl Route {
                     codes: Codes::new(listener, label, &pool.name, &b.name),
                     first_byte: metrics::histogram!(names::HTTP_FIRST_BYTE, &labels),
                     head: metrics::histogram!(names::HTTP_HEAD, &labels),
-                    in_flight: metrics::gauge!(names::HTTP_IN_FLIGHT, &labels),
                 };
                 (b.id, Arc::new(m))
             })
             .collect();
-        let _ = cfg;
         Route {
             label: label.into(),
             duration: metrics::histogram!(names::HTTP_DURATION,
@@ -149,7 +146,7 @@ impl HttpSettings {
             .filter_map(|r| {
                 let pool = pools.get(&r.pool)?.clone();
                 let label = r.label();
-                Some((r.clone(), Route::new(&l.name, r, &label, pool)))
+                Some((r.clone(), Route::new(&l.name, &label, pool)))
             })
             .collect();
         let default = l.pool.as_ref().and_then(|p| pools.get(p)).map(|pool| {
@@ -161,7 +158,7 @@ impl HttpSettings {
                 first_byte_timeout: DEFAULT_STREAM_TIMEOUT,
                 stream_idle_timeout: DEFAULT_STREAM_TIMEOUT,
             };
-            let route = Route::new(&l.name, &cfg, "default", pool.clone());
+            let route = Route::new(&l.name, "default", pool.clone());
             (cfg, route)
         });
         HttpSettings {

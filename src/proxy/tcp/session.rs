@@ -239,6 +239,7 @@ fn entry(
         first_byte: c.and_then(|c| c.first_byte),
         duration,
         reason,
+        http: None,
     }
 }
 

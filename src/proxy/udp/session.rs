@@ -248,6 +248,7 @@ impl SessionTask {
                 first_byte: first_reply,
                 duration,
                 reason: end.as_str(),
+                http: None,
             });
         }
         // Last: a stopping process waits for this count to reach 0 before it

@@ -50,6 +50,8 @@ impl Runtime {
             wake_all(&pools);
             let _ = tokio::time::timeout(Duration::from_secs(5), inner.sessions.wait()).await;
         }
+        // Idle upstream HTTP connections and WebSocket tunnels go with the sessions.
+        inner.upstreams.close();
         let left = inner.control.stop(CONTROL_STOP).await;
         if left > 0 {
             warn!(tasks = left, "control tasks still running at exit");

@@ -31,15 +31,16 @@ use tracing::debug;
 use super::body::OutBody;
 use super::forward;
 use super::state::{ConnCtx, ConnState};
-use crate::proxy::tcp::{ListenerSettings, ListenerShared};
+use crate::proxy::tcp::{ListenerSettings, Place};
 
 /// Serves one accepted client of an http listener until it closes.
-pub async fn serve(
+pub(crate) async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
-    listener: &Arc<ListenerShared>,
+    place: Place,
     settings: Arc<ListenerSettings>,
 ) {
+    let listener = &place.0.clone();
     let Some(http) = settings.http.clone() else {
         return;
     };
@@ -57,6 +58,7 @@ pub async fn serve(
         listener: listener.clone(),
         peer,
         state,
+        _place: place,
     });
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         let ctx = ctx.clone();

@@ -37,7 +37,7 @@ use crate::config::{HttpConfig, ListenerConfig, RouteConfig, Xff};
 use crate::metrics::names;
 use crate::pool::Pool;
 
-pub use conn::serve;
+pub(crate) use conn::serve;
 pub use routes::RouteTable;
 pub use upstream::Upstreams;
 

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crate::proxy::tcp::ListenerShared;
+use crate::proxy::tcp::{ListenerShared, Place};
 
 /// What a connection's requests and its socket wrapper share.
 #[derive(Debug, Default)]
@@ -43,4 +43,7 @@ pub struct ConnCtx {
     pub listener: Arc<ListenerShared>,
     pub peer: SocketAddr,
     pub state: Arc<ConnState>,
+    /// The connection's place under `max_connections`: held until the last
+    /// request (or a WebSocket tunnel after it) lets go.
+    pub _place: Place,
 }

@@ -70,9 +70,7 @@ pub async fn accept_loop(
                 let settings = shared.settings();
                 if let Some(slot) = Place::take(&shared, settings.max_connections) {
                     if settings.http.is_some() {
-                        tracker.spawn(async move {
-                            crate::proxy::http::serve(stream, peer, &slot.0, settings).await
-                        });
+                        tracker.spawn(crate::proxy::http::serve(stream, peer, slot, settings));
                     } else {
                         tracker.spawn(async move {
                             session::serve(stream, peer, &slot.0, settings).await

@@ -21,6 +21,7 @@ mod transfer;
 
 pub use listener::{accept_loop, bind};
 pub use session::serve;
+pub(crate) use shared::Place;
 pub use shared::{ListenerSettings, ListenerShared, Pools};
 
 #[cfg(test)]

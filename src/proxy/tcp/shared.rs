@@ -177,6 +177,7 @@ impl ListenerShared {
 }
 
 /// A counted place under the listener's `max_connections`.
+#[derive(Debug)]
 pub(crate) struct Place(pub(crate) Arc<ListenerShared>);
 
 impl Place {

@@ -28,6 +28,8 @@ impl Runtime {
         retire: bool,
     ) {
         b.set_flag(flag::DRAINING);
+        // Its idle upstream HTTP connections close now; requests in flight finish.
+        self.inner.upstreams.forget(&b);
         self.inner.control.spawn_until_stop(async move {
             let drained = async {
                 loop {

@@ -41,6 +41,7 @@ impl Runtime {
         let (p, b) = self.backend(pool, backend)?;
         if b.set_flag(flag::DISABLED) {
             info!(pool, backend, "backend disabled (API)");
+            self.inner.upstreams.forget(&b);
             p.report_all_down();
         }
         Ok(())

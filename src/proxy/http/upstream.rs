@@ -169,6 +169,14 @@ impl Upstreams {
         self.drivers.clone()
     }
 
+    /// Closes `b`'s idle connections (it drains, or was disabled).
+    pub fn forget(&self, b: &Backend) {
+        self.backends
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&b.id);
+    }
+
     /// Closes every upstream connection (the instance stops).
     pub fn close(&self) {
         self.stop.cancel();

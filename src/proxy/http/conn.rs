@@ -266,11 +266,16 @@ impl ClientIo {
                 self.state.h2.store(true, Ordering::Relaxed);
             }
         }
+        let requests = self.state.requests.load(Ordering::Acquire);
+        if self.head.is_some_and(|(_, at)| at != requests) {
+            // That head became a request; these bytes may start the next one.
+            self.head = None;
+        }
         if self.head.is_none()
             && !self.state.h2.load(Ordering::Relaxed)
             && self.state.in_flight.load(Ordering::Acquire) == 0
         {
-            self.head = Some((Instant::now(), self.state.requests.load(Ordering::Acquire)));
+            self.head = Some((Instant::now(), requests));
             self.scan.start();
         }
     }

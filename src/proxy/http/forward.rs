@@ -192,7 +192,7 @@ pub async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<O
 
     // Pick, connect, send.
     let pool = &route.pool;
-    let timeout = ctx.listener.settings().connect_timeout;
+    let timeout = settings.connect_timeout;
     let upstreams = ctx.listener.ctx.upstreams.clone();
     let mut tried: Vec<Arc<Backend>> = Vec::new();
     let mut sent_to: Option<Attempt> = None;

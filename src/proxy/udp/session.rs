@@ -23,6 +23,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::Notify;
 use tracing::debug;
 
+use super::batch::RxqDrops;
 use super::limits::Slot;
 use super::{UdpCounters, UdpListenerShared, UdpSettings};
 use crate::access_log;
@@ -97,6 +98,8 @@ pub(super) struct Session {
     /// Sessions on the listener and on the backend when it started, itself
     /// included (for the access log).
     pub(super) conns: (u32, u32),
+    /// What the kernel dropped on `upstream` (`session_recv_buffer` full).
+    pub(super) rxq: RxqDrops,
 }
 
 impl Session {
@@ -123,6 +126,7 @@ impl Session {
             from_backend: AtomicU64::new(0),
             requests: AtomicU64::new(requests),
             slot: Mutex::new(Some(slot)),
+            rxq: RxqDrops::default(),
         }
     }
 

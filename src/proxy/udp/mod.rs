@@ -30,7 +30,7 @@
 //! Nothing is dropped silently: every datagram that is not forwarded is counted in
 //! `flowgate_udp_dropped_total{reason}`, including those the kernel drops for a
 //! full receive buffer on the listener's or a session's socket (SO_RXQ_OVFL, Linux;
-//! see `batch::RxqDrops`).
+//! see `batch::RecvState`).
 
 mod batch;
 mod limits;

@@ -18,7 +18,7 @@ use tokio::net::UdpSocket;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
-use super::batch::{recv_batch, report_drops, RxqDrops};
+use super::batch::{recv_batch, report_drops, RecvState};
 use super::limits::Slot;
 use super::send::{for_each_run, send_run};
 use super::session::{remove, Failed, Session, SessionTask, Table};
@@ -44,6 +44,7 @@ pub async fn recv_loop(
         }
     };
     let local = socket.local_addr().ok();
+    let rx = RecvState::new(local.unwrap_or(shared.settings().bind));
     let w = Worker {
         local,
         counters: shared.new_counters(),
@@ -52,7 +53,7 @@ pub async fn recv_loop(
         table: Arc::new(Mutex::new(HashMap::new())),
         failed: Arc::new(Mutex::new(HashMap::new())),
         sessions,
-        rxq: RxqDrops::default(),
+        rx,
     };
     let stop = w.shared.stop.clone();
     loop {
@@ -71,7 +72,7 @@ pub async fn recv_loop(
         let mut more = true;
         for _ in 0..BATCHES_PER_TURN {
             match w.socket.try_io(tokio::io::Interest::READABLE, || {
-                recv_batch(&w.socket, &w.rxq, |batch, lost| {
+                recv_batch(&w.socket, &w.rx, |batch, lost| {
                     if lost > 0 {
                         w.counters.dropped(DropReason::ListenerRecvBuffer, lost);
                     }
@@ -122,8 +123,8 @@ struct Worker {
     counters: Arc<CachePadded<UdpCounters>>,
     /// Where session tasks are spawned: shutdown waits on it.
     sessions: TaskTracker,
-    /// What the kernel dropped on `socket`.
-    rxq: RxqDrops,
+    /// What reading `socket` keeps: its family, what the kernel dropped on it.
+    rx: RecvState,
 }
 
 impl Worker {

@@ -200,7 +200,7 @@ impl<E: Future<Output = io::Result<tokio::io::Ready>>> Wait<'_, '_, E> {
         let limit = task.settings.reply_limit;
         let replies = self.replies;
         s.upstream.try_io(tokio::io::Interest::READABLE, || {
-            recv_batch(&s.upstream, &s.rxq, |batch, lost| {
+            recv_batch(&s.upstream, &s.rx, |batch, lost| {
                 if lost > 0 {
                     task.counters.dropped(DropReason::SessionRecvBuffer, lost);
                 }

@@ -205,6 +205,17 @@ async fn an_unreachable_backend_ends_the_session_at_once() {
     assert_eq!(&buf[..n], b"two#0");
 }
 
+/// A client socket that is not where replies are lost: a 4 MiB receive buffer (as
+/// far as the kernel allows).
+fn roomy_client() -> UdpSocket {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
+    s.set_recv_buffer_size(4 << 20).unwrap();
+    s.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    s.set_nonblocking(true).unwrap();
+    UdpSocket::from_std(s.into()).unwrap()
+}
+
 /// A burst of 16 replies of 65507 bytes to one request (issue 10, item 12): the
 /// session's socket holds them (`session_recv_buffer`, 1 MiB by default) until its
 /// task relays them; with the default socket buffer (~208 KiB) most were lost.
@@ -215,14 +226,7 @@ async fn a_burst_of_large_replies_fits_the_session_buffer() {
     let baddr = backend.local_addr().unwrap();
     let fg = start(&config(baddr, "max_replies_per_request = 16"));
     let addr = fg.udp_local_addr("u").unwrap();
-    let client = {
-        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
-        s.set_recv_buffer_size(4 << 20).unwrap();
-        s.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
-            .unwrap();
-        s.set_nonblocking(true).unwrap();
-        UdpSocket::from_std(s.into()).unwrap()
-    };
+    let client = roomy_client();
     client.send_to(b"burst please", addr).await.unwrap();
     let mut buf = vec![0u8; BIG];
     let (_, session) = backend.recv_from(&mut buf).await.unwrap();
@@ -242,4 +246,117 @@ async fn a_burst_of_large_replies_fits_the_session_buffer() {
         }
     }
     assert_eq!(got, 16, "replies lost: dropped {:?}", dropped(&fg));
+}
+
+/// A socket's drops as the kernel counts them (the `drops` column of
+/// /proc/net/udp), found by its local and remote ports.
+#[cfg(target_os = "linux")]
+fn kernel_drops(local: u16, remote: u16) -> u64 {
+    let table = std::fs::read_to_string("/proc/net/udp").unwrap();
+    let port = |a: &str| u16::from_str_radix(a.rsplit(':').next().unwrap(), 16).unwrap();
+    table
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| port(f[1]) == local && (remote == 0 || port(f[2]) == remote))
+        .map(|f| f[12].parse().unwrap())
+        .unwrap_or_else(|| panic!("no socket on port {local} in /proc/net/udp"))
+}
+
+/// `flowgate_udp_dropped_total{listener="u",reason}` as GET /metrics says it.
+#[cfg(target_os = "linux")]
+async fn exported_drops(admin: SocketAddr, reason: &str) -> u64 {
+    let r = curl(admin, "GET", "/metrics", None, None).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let want = format!("reason=\"{reason}\"");
+    r.text
+        .lines()
+        .find(|l| {
+            l.starts_with("flowgate_udp_dropped_total{")
+                && l.contains("listener=\"u\"")
+                && l.contains(&want)
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {reason} drops in /metrics:\n{}", r.text))
+}
+
+/// What the kernel drops on a session's socket is counted (issue 10, item 12): a
+/// backend answers one request with 64 replies of 8000 bytes into a session socket
+/// that holds one or two (`session_recv_buffer` at its minimum), in eight sends of
+/// eight (UDP GSO: the kernel queues each send's eight at once, so they overflow
+/// however fast flowgate reads). The kernel tells a socket's drops with its later
+/// datagrams, so the backend then sends small ones until the count in /metrics
+/// stops short of the kernel's own count (in /proc/net/udp); it must never pass it.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_the_session_socket_drops_are_counted() {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, SockaddrIn};
+    use std::os::fd::AsRawFd;
+    const BIG: usize = 8000;
+    const PER_SEND: usize = 8;
+    const BURST: u64 = 64;
+    let backend = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let baddr = backend.local_addr().unwrap();
+    let fg = start(&format!(
+        "[admin]\nbind = \"127.0.0.1:0\"\n\n{}",
+        config(baddr, "session_recv_buffer = 4096")
+    ));
+    let (addr, admin) = (fg.udp_local_addr("u").unwrap(), fg.admin_addr().unwrap());
+    let client = roomy_client();
+    client.send_to(b"burst please", addr).await.unwrap();
+    let mut buf = vec![0u8; 65_536];
+    let (_, session) = backend.recv_from(&mut buf).await.unwrap();
+    let SocketAddr::V4(to) = session else {
+        unreachable!("an IPv4 session")
+    };
+    let replies = vec![b'x'; BIG * PER_SEND];
+    let seg = BIG as u16;
+    for _ in 0..BURST as usize / PER_SEND {
+        let sent = sendmsg(
+            backend.as_raw_fd(),
+            &[std::io::IoSlice::new(&replies)],
+            &[ControlMessage::UdpGsoSegments(&seg)],
+            MsgFlags::empty(),
+            Some(&SockaddrIn::from(to)),
+        )
+        .expect("a GSO send");
+        assert_eq!(sent, replies.len());
+    }
+    let (mut bigs, mut ends_sent, mut ends) = (0u64, 0u64, 0u64);
+    let (mut counted, mut kernel) = (0, 0);
+    while ends_sent < 50 {
+        backend.send_to(b"end", session).await.unwrap();
+        ends_sent += 1;
+        // What the client gets, until an end or 300 ms of nothing.
+        while let Ok(Ok((n, _))) =
+            tokio::time::timeout(Duration::from_millis(300), client.recv_from(&mut buf)).await
+        {
+            if n != BIG {
+                ends += 1;
+                break;
+            }
+            bigs += 1;
+        }
+        counted = exported_drops(admin, "session_recv_buffer").await;
+        kernel = kernel_drops(session.port(), baddr.port());
+        assert!(
+            counted <= kernel,
+            "counted {counted}, the kernel dropped {kernel}"
+        );
+        if ends > 0 && counted == kernel {
+            break;
+        }
+    }
+    eprintln!("{bigs} of {BURST} relayed, {counted} dropped and counted ({kernel} by the kernel's count), after {ends_sent} small replies");
+    assert!(kernel > 0, "the burst overflowed the session's socket");
+    assert_eq!(counted, kernel, "after {ends_sent} small replies");
+    // And every large reply is accounted for: relayed, or dropped and counted (on
+    // the session's socket, on the way to the client, or at the client's socket).
+    let lost_later = exported_drops(admin, "reply_failed").await
+        + kernel_drops(client.local_addr().unwrap().port(), 0);
+    assert!(
+        bigs + counted + lost_later >= BURST,
+        "{bigs} relayed, {counted} + {lost_later} dropped, of {BURST}"
+    );
+    assert!(bigs + ends + counted <= BURST + ends_sent);
 }

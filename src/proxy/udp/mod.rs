@@ -10,7 +10,8 @@
 //! # Where a datagram goes
 //!
 //! 1. **receive a batch** (`recv.rs`, [`recv_loop`]): the worker's receive loop takes
-//!    up to 16 datagrams with one `recvmmsg` (Linux).
+//!    up to 16 datagrams with one `recvmmsg` (Linux; `batch.rs`), and with them the
+//!    socket's drops for a full buffer.
 //! 2. **find or start the session** (`recv.rs`, `Worker::forward`): the client's
 //!    session from the worker's table, or a new one: limits (`limits.rs`), the pool's
 //!    pick, an upstream socket *connected* to the backend, and a task for its replies.
@@ -27,8 +28,11 @@
 //!    method turns that into the termination reason and accounts for the session.
 //!
 //! Nothing is dropped silently: every datagram that is not forwarded is counted in
-//! `flowgate_udp_dropped_total{reason}`.
+//! `flowgate_udp_dropped_total{reason}`, including those the kernel drops for a
+//! full receive buffer on the listener's or a session's socket (SO_RXQ_OVFL, Linux;
+//! see `batch::RecvState`).
 
+mod batch;
 mod limits;
 mod recv;
 mod replies;
@@ -81,10 +85,16 @@ pub enum DropReason {
     Loop,
     /// A reply beyond `responses` (or `max_replies_per_request`) per client datagram.
     ReplyLimit,
+    /// The kernel dropped a client datagram: the listener socket's receive buffer
+    /// was full (SO_RXQ_OVFL, Linux).
+    ListenerRecvBuffer,
+    /// The kernel dropped a backend's reply: the session's upstream socket's
+    /// receive buffer (`session_recv_buffer`) was full (SO_RXQ_OVFL, Linux).
+    SessionRecvBuffer,
 }
 
 impl DropReason {
-    const COUNT: usize = 8;
+    const COUNT: usize = 10;
     const ALL: [DropReason; DropReason::COUNT] = [
         DropReason::NoBackend,
         DropReason::MaxSessions,
@@ -94,6 +104,8 @@ impl DropReason {
         DropReason::ReplyFailed,
         DropReason::Loop,
         DropReason::ReplyLimit,
+        DropReason::ListenerRecvBuffer,
+        DropReason::SessionRecvBuffer,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -106,6 +118,8 @@ impl DropReason {
             DropReason::ReplyFailed => "reply_failed",
             DropReason::Loop => "loop",
             DropReason::ReplyLimit => "reply_limit",
+            DropReason::ListenerRecvBuffer => "listener_recv_buffer",
+            DropReason::SessionRecvBuffer => "session_recv_buffer",
         }
     }
 }
@@ -306,6 +320,8 @@ pub fn bind(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
     // is busy (the kernel caps it at net.core.rmem_max).
     let _ = socket.set_recv_buffer_size(4 << 20);
     let _ = socket.set_send_buffer_size(4 << 20);
+    // What still overflows it is counted (`listener_recv_buffer`).
+    batch::report_drops(&socket);
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     Ok(socket.into())

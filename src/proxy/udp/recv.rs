@@ -3,8 +3,9 @@
 //! session (limits, the pool's pick, a connected upstream socket) and forwards the
 //! client's datagrams on it as runs (see `send`).
 //!
-//! [`recv_batch`] is shared with the sessions' reply path, which reads its upstream
-//! socket the same way.
+//! It reads its socket through `batch::recv_batch`, as the sessions' reply path
+//! reads theirs, so what the kernel drops on it for a full receive buffer is counted
+//! too (`listener_recv_buffer`).
 
 use std::collections::HashMap;
 use std::io;
@@ -17,119 +18,16 @@ use tokio::net::UdpSocket;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
+use super::batch::{recv_batch, report_drops, RecvState};
 use super::limits::Slot;
 use super::send::{for_each_run, send_run};
 use super::session::{remove, Failed, Session, SessionTask, Table};
-#[cfg(not(target_os = "linux"))]
-use super::RECV_BUF;
 use super::{DropReason, UdpCounters, UdpListenerShared};
 use crate::backend::Backend;
 use crate::proxy::Termination;
 
-#[cfg(not(target_os = "linux"))]
-thread_local! {
-    /// Where a datagram is received when there is no recvmmsg.
-    static BUF: std::cell::RefCell<Box<[u8]>> =
-        std::cell::RefCell::new(vec![0; RECV_BUF].into_boxed_slice());
-}
-
 /// Receive batches taken per wake-up before the loop yields to other tasks.
 const BATCHES_PER_TURN: usize = 8;
-
-/// Receives what is queued on `socket` without blocking, up to a batch, and calls
-/// `f` for each datagram. `WouldBlock` when nothing was queued.
-#[cfg(target_os = "linux")]
-pub(super) fn recv_batch(
-    socket: &UdpSocket,
-    f: impl FnOnce(&[(&[u8], SocketAddr)]),
-) -> io::Result<usize> {
-    use std::os::fd::AsRawFd;
-    mmsg::recv(socket.as_raw_fd(), f)
-}
-
-#[cfg(not(target_os = "linux"))]
-pub(super) fn recv_batch(
-    socket: &UdpSocket,
-    f: impl FnOnce(&[(&[u8], SocketAddr)]),
-) -> io::Result<usize> {
-    BUF.with_borrow_mut(|buf| {
-        let (n, from) = socket.try_recv_from(buf)?;
-        f(&[(&buf[..n], from)]);
-        Ok(1)
-    })
-}
-
-/// recvmmsg(2): one syscall for up to [`mmsg::BATCH`] datagrams (Linux).
-#[cfg(target_os = "linux")]
-pub(super) mod mmsg {
-    use std::cell::RefCell;
-    use std::io::{self, IoSliceMut};
-    use std::net::SocketAddr;
-    use std::os::fd::RawFd;
-
-    use nix::sys::socket::{recvmmsg, MsgFlags, MultiHeaders, SockaddrStorage};
-
-    pub(super) use super::super::BATCH;
-    use super::super::RECV_BUF;
-
-    struct Batch {
-        headers: MultiHeaders<SockaddrStorage>,
-        /// `BATCH` slots of `RECV_BUF` bytes: any datagram fits whole.
-        buf: Box<[u8]>,
-    }
-
-    thread_local! {
-        /// Per worker thread: the headers hold raw pointers and cannot move between
-        /// threads, and a batch never outlives one call.
-        static STATE: RefCell<Batch> = RefCell::new(Batch {
-            headers: MultiHeaders::preallocate(BATCH, None),
-            buf: vec![0; BATCH * RECV_BUF].into_boxed_slice(),
-        });
-    }
-
-    fn to_std(a: &SockaddrStorage) -> Option<SocketAddr> {
-        if let Some(v4) = a.as_sockaddr_in() {
-            return Some(SocketAddr::V4((*v4).into()));
-        }
-        a.as_sockaddr_in6().map(|v6| SocketAddr::V6((*v6).into()))
-    }
-
-    pub fn recv(fd: RawFd, f: impl FnOnce(&[(&[u8], SocketAddr)])) -> io::Result<usize> {
-        STATE.with_borrow_mut(|st| {
-            let mut got = [(0usize, None::<SocketAddr>); BATCH];
-            let n = {
-                let mut chunks = st.buf.chunks_mut(RECV_BUF);
-                let mut iovs: [[IoSliceMut<'_>; 1]; BATCH] =
-                    std::array::from_fn(|_| [IoSliceMut::new(chunks.next().expect("BATCH slots"))]);
-                let results = recvmmsg(
-                    fd,
-                    &mut st.headers,
-                    iovs.iter_mut(),
-                    MsgFlags::MSG_DONTWAIT,
-                    None,
-                )
-                .map_err(io::Error::from)?;
-                let mut n = 0;
-                for (slot, r) in got.iter_mut().zip(results) {
-                    *slot = (r.bytes, r.address.as_ref().and_then(to_std));
-                    n += 1;
-                }
-                n
-            };
-            let mut batch = [(&[][..], SocketAddr::from(([0, 0, 0, 0], 0))); BATCH];
-            let mut k = 0;
-            for (i, (len, from)) in got[..n].iter().enumerate() {
-                if let Some(from) = from {
-                    let start = i * RECV_BUF;
-                    batch[k] = (&st.buf[start..start + len], *from);
-                    k += 1;
-                }
-            }
-            f(&batch[..k]);
-            Ok(n)
-        })
-    }
-}
 
 /// Receives until the listener's `stop` fires; spawns each session's task on
 /// `sessions`, so a stopping process can wait for them to account for themselves.
@@ -146,6 +44,7 @@ pub async fn recv_loop(
         }
     };
     let local = socket.local_addr().ok();
+    let rx = RecvState::new(local.unwrap_or(shared.settings().bind));
     let w = Worker {
         local,
         counters: shared.new_counters(),
@@ -154,6 +53,7 @@ pub async fn recv_loop(
         table: Arc::new(Mutex::new(HashMap::new())),
         failed: Arc::new(Mutex::new(HashMap::new())),
         sessions,
+        rx,
     };
     let stop = w.shared.stop.clone();
     loop {
@@ -172,7 +72,10 @@ pub async fn recv_loop(
         let mut more = true;
         for _ in 0..BATCHES_PER_TURN {
             match w.socket.try_io(tokio::io::Interest::READABLE, || {
-                recv_batch(&w.socket, |batch| {
+                recv_batch(&w.socket, &w.rx, |batch, lost| {
+                    if lost > 0 {
+                        w.counters.dropped(DropReason::ListenerRecvBuffer, lost);
+                    }
                     for_each_run(batch, |run, client| w.forward(run, client))
                 })
             }) {
@@ -220,6 +123,8 @@ struct Worker {
     counters: Arc<CachePadded<UdpCounters>>,
     /// Where session tasks are spawned: shutdown waits on it.
     sessions: TaskTracker,
+    /// What reading `socket` keeps: its family, what the kernel dropped on it.
+    rx: RecvState,
 }
 
 impl Worker {
@@ -412,6 +317,7 @@ pub(super) fn connect_upstream(addr: SocketAddr, recv_buffer: usize) -> io::Resu
         socket2::Type::DGRAM,
         Some(socket2::Protocol::UDP),
     )?;
+    report_drops(&s);
     // A burst of large replies must not overflow the default (~208 KiB) buffer
     // before the session's task relays it. Past net.core.rmem_max only with
     // CAP_NET_ADMIN (SO_RCVBUFFORCE); otherwise the kernel caps it. Best effort.

@@ -17,7 +17,7 @@ use tokio::time::Sleep;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 use tracing::debug;
 
-use super::recv::recv_batch;
+use super::batch::recv_batch;
 use super::send::{for_each_run, send_run, unreachable};
 use super::session::{remove, state, Event, SessionTask};
 use super::DropReason;
@@ -200,7 +200,10 @@ impl<E: Future<Output = io::Result<tokio::io::Ready>>> Wait<'_, '_, E> {
         let limit = task.settings.reply_limit;
         let replies = self.replies;
         s.upstream.try_io(tokio::io::Interest::READABLE, || {
-            recv_batch(&s.upstream, |batch| {
+            recv_batch(&s.upstream, &s.rx, |batch, lost| {
+                if lost > 0 {
+                    task.counters.dropped(DropReason::SessionRecvBuffer, lost);
+                }
                 got = batch.len() as u64;
                 // Each client datagram gets its replies, and no more: checked per
                 // reply, not per batch (one batch can hold many).

@@ -23,6 +23,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::Notify;
 use tracing::debug;
 
+use super::batch::RecvState;
 use super::limits::Slot;
 use super::{UdpCounters, UdpListenerShared, UdpSettings};
 use crate::access_log;
@@ -97,6 +98,9 @@ pub(super) struct Session {
     /// Sessions on the listener and on the backend when it started, itself
     /// included (for the access log).
     pub(super) conns: (u32, u32),
+    /// What reading `upstream` keeps: its family, what the kernel dropped on it
+    /// (`session_recv_buffer` full).
+    pub(super) rx: RecvState,
 }
 
 impl Session {
@@ -109,7 +113,9 @@ impl Session {
         slot: Slot,
         conns: (u32, u32),
     ) -> Session {
+        let rx = RecvState::new(guard.backend().addr);
         Session {
+            rx,
             conns,
             client,
             upstream,

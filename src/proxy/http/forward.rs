@@ -184,11 +184,9 @@ pub async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<O
     parts.uri = uri;
     let sent = ex.up.clone();
     let body = UpBody::new(body, rc.stream_idle_timeout, http.max_body_bytes, sent);
-    let head = Head {
-        parts,
-        bodiless: hyper::body::Body::is_end_stream(&body),
-    };
-    let mut request = Some(Request::from_parts(head.parts.clone(), body));
+    // Every failure before sending leaves the request here (a refusing pooled
+    // connection hands it back), so it can go to the next backend as it is.
+    let mut request = Some(Request::from_parts(parts, body));
 
     // Pick, connect, send.
     let pool = &route.pool;
@@ -257,13 +255,6 @@ pub async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<O
             break;
         }
         tried.push(b);
-        if request.is_none() {
-            // The body went with a failed attempt: it cannot be sent again.
-            if !head.bodiless {
-                break;
-            }
-            request = Some(Request::from_parts(head.parts.clone(), UpBody::empty()));
-        }
     }
     let Some((guard, result, h1)) = sent_to else {
         return if tried.is_empty() {
@@ -428,13 +419,6 @@ async fn send(
             }
         }
     }
-}
-
-/// The head of the request as sent upstream, kept to rebuild a bodiless request
-/// for another backend.
-struct Head {
-    parts: hyper::http::request::Parts,
-    bodiless: bool,
 }
 
 /// The upstream URI: origin-form for HTTP/1.1, absolute for HTTP/2 (`:authority`).

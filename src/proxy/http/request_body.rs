@@ -76,16 +76,6 @@ impl UpBody {
             sent,
         }
     }
-
-    /// No body (a request rebuilt for a retry never has one).
-    pub fn empty() -> UpBody {
-        UpBody {
-            inner: None,
-            idle: None,
-            limit: None,
-            sent: Arc::default(),
-        }
-    }
 }
 
 impl Body for UpBody {

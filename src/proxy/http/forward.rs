@@ -405,17 +405,23 @@ async fn send(
             }
         }
         Sender::H2(mut s) => {
-            if s.ready().await.is_err() {
-                return (Sent::Refused(req), None);
-            }
-            let f = s.try_send_request(req);
-            match tokio::time::timeout(first_byte, f).await {
+            // Waiting for a stream slot (the backend's concurrency limit) counts
+            // against first_byte_timeout too.
+            let exchange = async move {
+                if s.ready().await.is_err() {
+                    return Sent::Refused(req);
+                }
+                match s.try_send_request(req).await {
+                    Ok(r) => Sent::Response(r),
+                    Err(mut e) => match e.take_message() {
+                        Some(back) => Sent::Refused(back),
+                        None => Sent::Failed(e.into_error()),
+                    },
+                }
+            };
+            match tokio::time::timeout(first_byte, exchange).await {
                 Err(_) => (Sent::TimedOut, None),
-                Ok(Ok(r)) => (Sent::Response(r), None),
-                Ok(Err(mut e)) => match e.take_message() {
-                    Some(back) => (Sent::Refused(back), None),
-                    None => (Sent::Failed(e.into_error()), None),
-                },
+                Ok(sent) => (sent, None),
             }
         }
     }

@@ -13,17 +13,21 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::process::Stdio;
-use std::time::Duration;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use common::*;
 use flowgate::Flowgate;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty};
+use hyper::body::{Frame, SizeHint};
 use hyper::client::conn::http1;
 use hyper::Request;
 use hyper_util::rt::TokioIo;
+use sha2::{Digest, Sha256};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
@@ -673,4 +677,330 @@ async fn bare_lf_line_endings_are_accepted() {
     assert_eq!(status_of(&resp), 200, "{resp}");
     assert!(resp.contains("\"body_len\": 5"), "{resp}");
     assert_eq!(py.seen(0).await, ["GET /lf", "POST /lf2"]);
+}
+
+// ---- 4. header_timeout ----
+
+/// Reads from `s` until it is closed (or `limit` passes); returns what was read
+/// and whether it was closed.
+async fn read_to_close(s: &mut TcpStream, limit: Duration) -> (String, bool) {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let closed = tokio::time::timeout(limit, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .is_ok();
+    (String::from_utf8_lossy(&got).into_owned(), closed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incomplete_head_gets_a_written_408_then_close() {
+    let py = Py::start(1).await;
+    let fg = start(&one_pool(&py, "header_timeout = \"1s\"", "", false));
+    let l = fg.local_addr("l").unwrap();
+
+    // The first request's head, half sent.
+    let t = Instant::now();
+    let mut s = TcpStream::connect(l).await.unwrap();
+    s.write_all(b"GET /half HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let (resp, closed) = read_to_close(&mut s, LIVENESS).await;
+    assert_eq!(status_of(&resp), 408, "{resp:?}");
+    assert!(closed, "closed after the 408");
+    assert!(
+        t.elapsed() >= Duration::from_millis(900),
+        "not before header_timeout: {:?}",
+        t.elapsed()
+    );
+
+    // A later request on a kept-alive connection: half a head after a full one.
+    let mut s = TcpStream::connect(l).await.unwrap();
+    s.write_all(b"GET /full HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(LIVENESS, s.read(&mut buf))
+        .await
+        .expect("first response in time")
+        .unwrap();
+    assert_eq!(status_of(&String::from_utf8_lossy(&buf[..n])), 200);
+    s.write_all(b"GET /half2 HTTP/1.1\r\nHo").await.unwrap();
+    let (resp, closed) = read_to_close(&mut s, LIVENESS).await;
+    assert!(resp.starts_with("HTTP/1.1 408 "), "{resp:?}");
+    assert!(closed, "closed after the 408");
+
+    // A client that sends nothing is closed too.
+    let mut s = TcpStream::connect(l).await.unwrap();
+    let (_, closed) = read_to_close(&mut s, LIVENESS).await;
+    assert!(closed, "a silent connection is closed after header_timeout");
+    assert_eq!(py.seen(0).await, ["GET /full"]);
+}
+
+/// A slowloris client: sends a head that never ends, one byte every 200 ms, until
+/// the server answers or closes; returns what it got.
+async fn slowloris(addr: SocketAddr) -> String {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let head = format!(
+        "GET /slow HTTP/1.1\r\nHost: x\r\nX-Pad: {}",
+        "a".repeat(4000)
+    );
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    let mut i = 0;
+    let deadline = tokio::time::Instant::now() + LIVENESS * 3;
+    loop {
+        tokio::select! {
+            r = s.read(&mut buf) => match r {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            },
+            _ = tick.tick(), if got.is_empty() => {
+                if s.write_all(&head.as_bytes()[i..=i]).await.is_err() {
+                    // Closed: read what was sent before.
+                    let (rest, _) = read_to_close(&mut s, LIVENESS).await;
+                    got.extend_from_slice(rest.as_bytes());
+                    break;
+                }
+                i += 1;
+            }
+            _ = tokio::time::sleep_until(deadline) => break,
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_clients_get_408_while_normal_clients_are_served() {
+    let py = Py::start(1).await;
+    let fg = start(&one_pool(&py, "header_timeout = \"2s\"", "", false));
+    let l = fg.local_addr("l").unwrap();
+    let slow: Vec<_> = (0..200).map(|_| tokio::spawn(slowloris(l))).collect();
+    let t = Instant::now();
+    let mut served = 0;
+    while t.elapsed() < Duration::from_secs(2) || served < 10 {
+        let r = get(l, "/normal", &[]).await;
+        assert_eq!(r.status, 200, "a normal client during the slowloris: {r:?}");
+        served += 1;
+    }
+    let mut statuses = std::collections::BTreeMap::new();
+    for h in slow {
+        let resp = h.await.unwrap();
+        *statuses.entry(status_of(&resp)).or_insert(0) += 1;
+    }
+    assert_eq!(
+        statuses,
+        [(408, 200)].into(),
+        "every slowloris connection gets a 408 (0 = no response)"
+    );
+    assert!(
+        !py.seen(0).await.iter().any(|s| s.contains("/slow")),
+        "no slow head reached the backend"
+    );
+}
+
+// ---- 5. Streaming: bodies are never collected ----
+
+/// http_backend.py's download bytes: 64 KiB blocks, block K starting with K as a
+/// big-endian u64, then the base pattern.
+fn block(k: u64, len: usize) -> Bytes {
+    let mut v: Vec<u8> = (0..65536usize)
+        .map(|i| ((i * 7 + i / 251) % 256) as u8)
+        .collect();
+    v[..8].copy_from_slice(&k.to_be_bytes());
+    v.truncate(len);
+    Bytes::from(v)
+}
+
+/// A request body of `left` bytes of `block`s, made as it is sent.
+struct Generated {
+    k: u64,
+    left: u64,
+}
+
+impl hyper::body::Body for Generated {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        let this = self.get_mut();
+        if this.left == 0 {
+            return Poll::Ready(None);
+        }
+        let b = block(this.k, this.left.min(65536) as usize);
+        this.k += 1;
+        this.left -= b.len() as u64;
+        Poll::Ready(Some(Ok(Frame::data(b))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.left == 0
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.left)
+    }
+}
+
+/// The sha256 of `total` bytes of `block`s.
+fn generated_sha256(total: u64) -> String {
+    let mut h = Sha256::new();
+    let (mut k, mut left) = (0, total);
+    while left > 0 {
+        let b = block(k, left.min(65536) as usize);
+        h.update(&b);
+        left -= b.len() as u64;
+        k += 1;
+    }
+    hex(&h.finalize())
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+const BIG: u64 = 200 << 20;
+
+/// How much more than `baseline` KiB of resident memory process `pid` reached
+/// while `work` ran (sampled every 20 ms).
+async fn rss_growth<T>(pid: i32, work: impl std::future::Future<Output = T>) -> (T, u64) {
+    let baseline = rss_kib(pid);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s2 = stop.clone();
+    let sampler = tokio::spawn(async move {
+        let mut peak = 0;
+        while !s2.load(std::sync::atomic::Ordering::SeqCst) {
+            peak = peak.max(rss_kib(pid));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        peak.max(rss_kib(pid))
+    });
+    let out = work.await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let peak = sampler.await.unwrap();
+    (out, peak.saturating_sub(baseline))
+}
+
+/// The binary (its RSS is its own) over one backend, warmed up with a request.
+async fn streaming_proc() -> (Py, Proc, SocketAddr) {
+    let py = Py::start(1).await;
+    let p = Proc::spawn(&one_pool(&py, "", "", false), &[]);
+    let l = p.addr("l");
+    let r = get(l, "/warm", &[]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    (py, p, l)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_of_200_mib_streams_through_with_equal_sha256() {
+    let (_py, p, l) = streaming_proc().await;
+    let (r, growth) = rss_growth(p.pid(), async {
+        let mut s = client(l).await;
+        let body = Generated { k: 0, left: BIG }.boxed();
+        exchange(&mut s, request("POST", "/up", &[], body)).await
+    })
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let v = r.json();
+    assert_eq!(v["body_len"], BIG, "{v}");
+    assert_eq!(v["sha256"], generated_sha256(BIG), "{v}");
+    eprintln!("flowgate RSS growth: {growth} KiB");
+    assert!(
+        growth < 32 << 10,
+        "flowgate's RSS grew by {growth} KiB while 200 MiB went through"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn download_of_200_mib_streams_through_with_equal_sha256() {
+    let (_py, p, l) = streaming_proc().await;
+    let ((len, sha), growth) = rss_growth(p.pid(), async {
+        let mut s = client(l).await;
+        let req = request(
+            "GET",
+            &format!("/down?do=download&bytes={BIG}"),
+            &[],
+            empty(),
+        );
+        let resp = s.send_request(req).await.expect("response");
+        assert_eq!(resp.status(), 200);
+        let mut body = resp.into_body();
+        let (mut len, mut h) = (0u64, Sha256::new());
+        while let Some(f) = tokio::time::timeout(LIVENESS, body.frame())
+            .await
+            .expect("body moves")
+        {
+            if let Ok(d) = f.expect("body frame").into_data() {
+                len += d.len() as u64;
+                h.update(&d);
+            }
+        }
+        (len, hex(&h.finalize()))
+    })
+    .await;
+    assert_eq!(len, BIG);
+    assert_eq!(sha, generated_sha256(BIG));
+    eprintln!("flowgate RSS growth: {growth} KiB");
+    assert!(
+        growth < 32 << 10,
+        "flowgate's RSS grew by {growth} KiB while 200 MiB went through"
+    );
+}
+
+// ---- 6. SSE: each event as it is written ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_events_arrive_as_they_are_written() {
+    let py = Py::start(1).await;
+    let fg = start(&one_pool(&py, "", "", false));
+    let l = fg.local_addr("l").unwrap();
+    let mut s = client(l).await;
+    let req = request("GET", "/events?do=sse&n=20&ms=50", &[], empty());
+    let resp = tokio::time::timeout(LIVENESS, s.send_request(req))
+        .await
+        .expect("head in time")
+        .expect("response");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    assert_eq!(resp.headers()["transfer-encoding"], "chunked");
+    let mut body = resp.into_body();
+    let mut buf = String::new();
+    let mut delays = Vec::new();
+    while let Some(f) = tokio::time::timeout(LIVENESS, body.frame())
+        .await
+        .expect("events keep coming")
+    {
+        let Ok(d) = f.expect("body frame").into_data() else {
+            continue;
+        };
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+        buf.push_str(std::str::from_utf8(&d).unwrap());
+        while let Some(end) = buf.find("\n\n") {
+            let ev: String = buf.drain(..end + 2).collect();
+            let (id, sent) = ev
+                .trim()
+                .split_once("\ndata: ")
+                .unwrap_or_else(|| panic!("{ev:?}"));
+            assert_eq!(id, format!("id: {}", delays.len()), "events in order");
+            let sent = Duration::from_secs_f64(sent.parse().unwrap());
+            delays.push(now.saturating_sub(sent));
+        }
+    }
+    assert_eq!(delays.len(), 20, "every event arrived: {delays:?}");
+    let worst = delays.iter().max().unwrap();
+    eprintln!("SSE delays through flowgate: {delays:?}");
+    assert!(
+        *worst < Duration::from_millis(500),
+        "an event waited {worst:?} in flowgate (delays: {delays:?})"
+    );
 }

@@ -22,7 +22,7 @@ use bytes::Bytes;
 use common::*;
 use flowgate::Flowgate;
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Frame, SizeHint};
 use hyper::client::conn::http1;
 use hyper::Request;
@@ -160,6 +160,10 @@ fn pool(name: &str, addrs: &[String], extra: &str) -> String {
 
 type Body = BoxBody<Bytes, std::io::Error>;
 
+fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).map_err(|never| match never {}).boxed()
+}
+
 fn empty() -> Body {
     Empty::new().map_err(|never| match never {}).boxed()
 }
@@ -215,6 +219,17 @@ impl Reply {
     /// The request target the backend received.
     fn target(&self) -> String {
         self.json()["target"].as_str().unwrap().to_string()
+    }
+
+    /// The values of request header `name` as the backend received it.
+    fn sent(&self, name: &str) -> Vec<String> {
+        self.json()["headers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|kv| kv[0].as_str().unwrap().eq_ignore_ascii_case(name))
+            .map(|kv| kv[1].as_str().unwrap().to_string())
+            .collect()
     }
 }
 
@@ -1003,4 +1018,302 @@ async fn sse_events_arrive_as_they_are_written() {
         *worst < Duration::from_millis(500),
         "an event waited {worst:?} in flowgate (delays: {delays:?})"
     );
+}
+
+// ---- 7. Errors and retries ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_backend_is_skipped() {
+    let py = Py::start(1).await;
+    let dead = dead_addr().to_string();
+    let cfg = head(false)
+        + &listener("l", "pool = \"p\"")
+        + &pool("p", &[dead, py.name(0)], "connect_attempts = 2");
+    let fg = start(&cfg);
+    let l = fg.local_addr("l").unwrap();
+    let mut kept = client(l).await;
+    for i in 0..10 {
+        let r = get(l, "/fresh", &[]).await;
+        assert_eq!(r.status, 200, "request {i} on a new connection: {r:?}");
+        let r = exchange(&mut kept, request("GET", "/kept", &[], empty())).await;
+        assert_eq!(
+            r.status, 200,
+            "request {i} on a kept-alive connection: {r:?}"
+        );
+    }
+    assert_eq!(seen_counts(&py, "GET /fresh").await, [10]);
+    assert_eq!(seen_counts(&py, "GET /kept").await, [10]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_backend_refusing_is_502() {
+    let dead = [dead_addr().to_string(), dead_addr().to_string()];
+    let cfg = head(false) + &listener("l", "pool = \"p\"") + &pool("p", &dead, "");
+    let fg = start(&cfg);
+    let l = fg.local_addr("l").unwrap();
+    let mut kept = client(l).await;
+    for _ in 0..3 {
+        let r = exchange(&mut kept, request("GET", "/", &[], empty())).await;
+        assert_eq!(r.status, 502, "{r:?}");
+        assert!(r.header("content-type").starts_with("text/plain"), "{r:?}");
+        assert!(!r.body.is_empty(), "a short plain-text body: {r:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_usable_backend_is_503() {
+    // Disabled through the admin API.
+    let py = Py::start(1).await;
+    let fg = start(&one_pool(&py, "", "", true));
+    let (l, admin) = (fg.local_addr("l").unwrap(), fg.admin_addr().unwrap());
+    assert_eq!(get(l, "/", &[]).await.status, 200);
+    let r = post_action(admin, &py.name(0), "disable", false).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let r = get(l, "/while-disabled", &[]).await;
+    assert_eq!(r.status, 503, "{r:?}");
+    let r = post_action(admin, &py.name(0), "enable", false).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(get(l, "/", &[]).await.status, 200);
+
+    // Down by its health check (it answers 200; the check wants 500).
+    let check = "[pools.health_check]\nkind = \"http\"\npath = \"/health\"\ninterval = \"100ms\"\ntimeout = \"1s\"\nrise = 1\nfall = 1\nexpect_status = \"500\"";
+    let fg = start(&one_pool(&py, "", check, true));
+    let (l, admin) = (fg.local_addr("l").unwrap(), fg.admin_addr().unwrap());
+    let mut state = serde_json::Value::Null;
+    for _ in 0..500 {
+        state = backends_of(&get_pools(admin).await, "p")[0]["state"].clone();
+        if state == "down" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(state, "down");
+    let r = get(l, "/while-down", &[]).await;
+    assert_eq!(r.status, 503, "{r:?}");
+    let seen = py.seen(0).await;
+    assert!(
+        !seen.iter().any(|s| s.contains("/while-")),
+        "no request reached an unusable backend: {seen:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_byte_timeout_is_504() {
+    let py = Py::start(1).await;
+    let cfg = head(false)
+        + &listener("l", "")
+        + &route(None, "/", "p", "first_byte_timeout = \"1s\"")
+        + &pool("p", &[py.name(0)], "");
+    let fg = start(&cfg);
+    let l = fg.local_addr("l").unwrap();
+    assert_eq!(get(l, "/quick?do=sleep&ms=10", &[]).await.status, 200);
+    let t = Instant::now();
+    let r = get(l, "/slow?do=sleep&ms=5000", &[]).await;
+    assert_eq!(r.status, 504, "{r:?}");
+    assert!(
+        t.elapsed() >= Duration::from_millis(900),
+        "not before first_byte_timeout: {:?}",
+        t.elapsed()
+    );
+    assert_eq!(seen_counts(&py, "GET /slow?do=sleep&ms=5000").await, [1]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_whose_backend_dies_mid_response_is_not_retried() {
+    let py = Py::start(2).await;
+    let fg = start(&one_pool(&py, "", "", false));
+    let l = fg.local_addr("l").unwrap();
+    let mut s = client(l).await;
+    let req = request("POST", "/die?do=die", &[], full("hello"));
+    let resp = tokio::time::timeout(LIVENESS, s.send_request(req))
+        .await
+        .expect("an answer in time, never a hang");
+    let outcome = match resp {
+        Err(e) => format!("error before the body: {e}"),
+        Ok(resp) => {
+            let status = resp.status();
+            match tokio::time::timeout(LIVENESS, resp.into_body().collect())
+                .await
+                .expect("the body ends in time, never a hang")
+            {
+                Ok(b) => panic!(
+                    "a complete response ({status}, {} bytes) from a backend that died",
+                    b.to_bytes().len()
+                ),
+                Err(e) => format!("{status}, then a body error: {e}"),
+            }
+        }
+    };
+    eprintln!("client saw: {outcome}");
+    let total: usize = seen_counts(&py, "POST /die?do=die").await.iter().sum();
+    assert_eq!(total, 1, "the POST went to exactly one backend, once");
+    // Both backends still serve.
+    for _ in 0..2 {
+        assert_eq!(get(l, "/after", &[]).await.status, 200);
+    }
+}
+
+// ---- 8. WebSocket ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_echo_through_the_l7_listener() {
+    let (_ws, words) = spawn_ready(
+        Command::new("python3").args([&support("ws_echo.py"), "server"]),
+        "the WebSocket echo server (python3 -m pip install websockets)",
+    )
+    .await;
+    let cfg = head(false)
+        + &listener("l", "")
+        + &route(None, "/ws", "w", "")
+        + &pool("w", &[format!("127.0.0.1:{}", words[0])], "");
+    let fg = start(&cfg);
+    let l = fg.local_addr("l").unwrap();
+    let out = tokio::time::timeout(
+        LIVENESS * 3,
+        Command::new("python3")
+            .args([
+                &support("ws_echo.py"),
+                "client",
+                &format!("ws://{l}/ws/echo"),
+            ])
+            .output(),
+    )
+    .await
+    .expect("the WebSocket client finishes")
+    .expect("python3 (and python3 -m pip install websockets)");
+    assert!(
+        out.status.success() && out.stdout == b"ok\n",
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+// ---- 9. Forwarded headers, X-Request-Id, hop-by-hop headers ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x_forwarded_headers_append_replace_or_off() {
+    let py = Py::start(1).await;
+    let cfg = head(false)
+        + &listener("append", "pool = \"p\"\nxff = \"append\"")
+        + &listener("replace", "pool = \"p\"\nxff = \"replace\"")
+        + &listener("off", "pool = \"p\"\nxff = \"off\"")
+        + &listener("default", "pool = \"p\"")
+        + &pool("p", &[py.name(0)], "");
+    let fg = start(&cfg);
+    let at = |n: &str| fg.local_addr(n).unwrap();
+    let given = [
+        ("host", "h.example:8080"),
+        ("x-forwarded-for", "1.2.3.4"),
+        ("x-forwarded-proto", "https"),
+        ("x-forwarded-host", "orig.example"),
+    ];
+    let fields = |r: &Reply| {
+        [
+            "x-forwarded-for",
+            "x-forwarded-proto",
+            "x-forwarded-host",
+            "host",
+        ]
+        .map(|h| r.sent(h).join(" | "))
+    };
+    for (l, want) in [
+        (
+            "append",
+            [
+                "1.2.3.4, 127.0.0.1",
+                "https",
+                "orig.example",
+                "h.example:8080",
+            ],
+        ),
+        (
+            "default",
+            [
+                "1.2.3.4, 127.0.0.1",
+                "https",
+                "orig.example",
+                "h.example:8080",
+            ],
+        ),
+        (
+            "replace",
+            ["127.0.0.1", "http", "h.example:8080", "h.example:8080"],
+        ),
+        (
+            "off",
+            ["1.2.3.4", "https", "orig.example", "h.example:8080"],
+        ),
+    ] {
+        let r = get(at(l), "/", &given).await;
+        assert_eq!(fields(&r), want, "xff = {l}, headers given");
+    }
+    for (l, want) in [
+        ("append", ["127.0.0.1", "http", "h.example", "h.example"]),
+        ("replace", ["127.0.0.1", "http", "h.example", "h.example"]),
+        ("off", ["", "", "", "h.example"]),
+    ] {
+        let r = get(at(l), "/", &[("host", "h.example")]).await;
+        assert_eq!(fields(&r), want, "xff = {l}, none given");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x_request_id_is_generated_when_absent_and_kept_when_present() {
+    let py = Py::start(1).await;
+    let fg = start(&one_pool(&py, "", "", false));
+    let l = fg.local_addr("l").unwrap();
+    let a = get(l, "/", &[]).await.sent("x-request-id");
+    let b = get(l, "/", &[]).await.sent("x-request-id");
+    for id in [&a, &b] {
+        assert_eq!(id.len(), 1, "one generated X-Request-Id: {id:?}");
+        assert!(
+            id[0].len() >= 16 && id[0].bytes().all(|c| c.is_ascii_hexdigit()),
+            "{id:?}"
+        );
+    }
+    assert_ne!(a, b, "a new id per request");
+    let kept = get(l, "/", &[("x-request-id", "client-chose-this")]).await;
+    assert_eq!(kept.sent("x-request-id"), ["client-chose-this"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hop_by_hop_headers_are_not_forwarded() {
+    let py = Py::start(1).await;
+    let fg = start(&one_pool(&py, "", "", false));
+    let l = fg.local_addr("l").unwrap();
+    let r = get(
+        l,
+        "/",
+        &[
+            ("connection", "x-foo, keep-alive"),
+            ("x-foo", "secret"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-authorization", "Basic eDp5"),
+            ("te", "trailers, deflate"),
+            ("x-keep", "1"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    for gone in ["x-foo", "keep-alive", "proxy-authorization"] {
+        assert_eq!(
+            r.sent(gone),
+            Vec::<String>::new(),
+            "{gone} forwarded: {r:?}"
+        );
+    }
+    assert!(
+        !r.sent("connection").iter().any(|v| v.contains("x-foo")),
+        "{r:?}"
+    );
+    assert_eq!(r.sent("te"), ["trailers"]);
+    assert_eq!(r.sent("x-keep"), ["1"]);
+
+    // And on the way back.
+    let r = get(l, "/?do=hop", &[]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("x-bar"), "", "{r:?}");
+    assert_eq!(r.header("keep-alive"), "", "{r:?}");
+    assert_eq!(r.header("x-kept"), "1", "{r:?}");
 }

@@ -1317,3 +1317,242 @@ async fn hop_by_hop_headers_are_not_forwarded() {
     assert_eq!(r.header("keep-alive"), "", "{r:?}");
     assert_eq!(r.header("x-kept"), "1", "{r:?}");
 }
+
+// ---- 10. Reload that changes routes under load ----
+
+/// Routes /x and /y to pools "a" (server 0) and "b" (server 1), swapped when
+/// `swap` is set; no listener pool.
+fn swapping_routes(py: &Py, swap: bool) -> String {
+    let (x, y) = if swap { ("b", "a") } else { ("a", "b") };
+    head(true)
+        + &listener("l", "")
+        + &route(None, "/x", x, "")
+        + &route(None, "/y", y, "")
+        + &pool("a", &[py.name(0)], "")
+        + &pool("b", &[py.name(1)], "")
+}
+
+/// Like `exchange`, but a failure is an `Err` to count, not a panic.
+async fn try_exchange(s: &mut http1::SendRequest<Body>, target: &str) -> Result<Reply, String> {
+    let go = async {
+        s.ready().await.map_err(|e| e.to_string())?;
+        let resp = s
+            .send_request(request("GET", target, &[], empty()))
+            .await
+            .map_err(|e| e.to_string())?;
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+        Ok::<Reply, String>(Reply {
+            status: parts.status.as_u16(),
+            headers: parts.headers,
+            body,
+        })
+    };
+    match tokio::time::timeout(LIVENESS, go).await {
+        Ok(Ok(r)) if r.status == 200 => Ok(r),
+        Ok(Ok(r)) => Err(format!("{target}: status {}", r.status)),
+        Ok(Err(e)) => Err(format!("{target}: {e}")),
+        Err(_) => Err(format!("{target}: no response in {LIVENESS:?}")),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_changing_routes_under_load_fails_no_request() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    let py = Py::start(2).await;
+    let p = Proc::spawn(&swapping_routes(&py, false), &[]);
+    let (l, admin) = (p.addr("l"), p.admin());
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicUsize::new(0));
+    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
+    let mut load = Vec::new();
+    for kept_alive in [true, true, false, false] {
+        let (stop, done, failures) = (stop.clone(), done.clone(), failures.clone());
+        load.push(tokio::spawn(async move {
+            let mut s = client(l).await;
+            while !stop.load(Ordering::SeqCst) {
+                if !kept_alive {
+                    s = client(l).await;
+                }
+                for target in ["/x", "/y"] {
+                    match try_exchange(&mut s, target).await {
+                        Ok(_) => done.fetch_add(1, Ordering::SeqCst),
+                        Err(e) => {
+                            failures.lock().unwrap().push(e);
+                            s = client(l).await;
+                            0
+                        }
+                    };
+                }
+            }
+        }));
+    }
+    // A kept-alive connection opened before any reload.
+    let mut old = client(l).await;
+    let reloads = || p.log().matches("configuration reloaded").count();
+    for i in 1..=6 {
+        let swap = i % 2 == 1;
+        p.dir.file("flowgate.toml", &swapping_routes(&py, swap));
+        if i % 2 == 1 {
+            p.signal(nix::sys::signal::Signal::SIGHUP);
+            assert!(
+                wait_until(LIVENESS, || reloads() == i).await,
+                "reload {i} by SIGHUP: {}",
+                p.log()
+            );
+        } else {
+            let r = curl(admin, "POST", "/api/v1/reload", None, None).await;
+            assert_eq!(r.status, 200, "reload {i} by the API: {r:?}");
+        }
+        let (x, y) = if swap { (1, 0) } else { (0, 1) };
+        let r = get(l, "/x", &[]).await;
+        assert_eq!(
+            r.backend(),
+            py.name(x),
+            "reload {i}: /x on a new connection"
+        );
+        let r = exchange(&mut old, request("GET", "/y", &[], empty())).await;
+        assert_eq!(
+            r.backend(),
+            py.name(y),
+            "reload {i}: /y on an old connection"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    for h in load {
+        h.await.unwrap();
+    }
+    let failures = failures.lock().unwrap().clone();
+    assert_eq!(
+        failures,
+        Vec::<String>::new(),
+        "failed requests across reloads"
+    );
+    let done = done.load(Ordering::SeqCst);
+    eprintln!("{done} requests across 6 reloads");
+    assert!(done >= 100, "the load kept going: {done} requests");
+    assert_eq!(reloads(), 6, "{}", p.log());
+}
+
+// ---- 11. Graceful shutdown ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_client_gets_goaway_on_shutdown_and_its_stream_completes() {
+    let py = Py::start(1).await;
+    let fg = start(&one_pool(&py, "", "upstream_protocol = \"http1\"", false));
+    let l = fg.local_addr("l").unwrap();
+    let nghttp = Command::new("nghttp")
+        .args(["-v", "-n"])
+        .arg(format!("http://{l}/inflight?do=sleep&ms=1500"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("nghttp (apt-get install -y nghttp2-client)");
+    // The stream is in flight once the backend has it.
+    let mut reached = false;
+    for _ in 0..500 {
+        if py.seen(0).await.iter().any(|s| s.contains("/inflight")) {
+            reached = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(reached, "the request reached the backend");
+    let shutdown = tokio::spawn(fg.clone().shutdown());
+    let out = tokio::time::timeout(LIVENESS, nghttp.wait_with_output())
+        .await
+        .expect("nghttp finishes")
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("recv GOAWAY frame"), "a GOAWAY: {text}");
+    assert!(
+        text.contains(":status: 200"),
+        "the stream completed: {text}"
+    );
+    let goaway = text.find("recv GOAWAY frame").unwrap();
+    let status = text.find(":status: 200").unwrap();
+    assert!(
+        goaway < status,
+        "GOAWAY came while the stream was in flight: {text}"
+    );
+    let all_finished = tokio::time::timeout(LIVENESS, shutdown)
+        .await
+        .expect("shutdown ends")
+        .unwrap();
+    assert!(
+        all_finished,
+        "every session finished within shutdown_timeout"
+    );
+    assert!(
+        TcpStream::connect(l).await.is_err(),
+        "the listener is closed"
+    );
+}
+
+// ---- 12. gRPC ----
+
+/// Runs tests/support/grpc_peer.py's client against `target`.
+async fn grpc_client(target: SocketAddr, unary: usize, stream: usize) -> serde_json::Value {
+    let out = tokio::time::timeout(
+        LIVENESS * 6,
+        Command::new("python3")
+            .args([&support("grpc_peer.py"), "client", &target.to_string()])
+            .args([unary.to_string(), stream.to_string()])
+            .output(),
+    )
+    .await
+    .expect("the gRPC client finishes")
+    .expect("python3 (and python3 -m pip install grpcio)");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Two gRPC servers; listener "g" (http) over both, listener "t" (tcp) over the
+/// first.
+async fn grpc_setup() -> (Child, Vec<String>, Flowgate) {
+    let (child, ports) = spawn_ready(
+        Command::new("python3").args([&support("grpc_peer.py"), "server", "2"]),
+        "the gRPC server (python3 -m pip install grpcio)",
+    )
+    .await;
+    let names: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let cfg = head(false)
+        + &listener("g", "pool = \"grpc\"")
+        + "\n[[listeners]]\nname = \"t\"\nbind = \"127.0.0.1:0\"\npool = \"grpc-l4\"\n"
+        + &pool("grpc", &names, "upstream_protocol = \"auto\"")
+        + &pool("grpc-l4", &names[..1], "");
+    (child, names, start(&cfg))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_unary_calls_balance_per_call_and_a_server_stream_completes() {
+    let (_peers, names, fg) = grpc_setup().await;
+    let v = grpc_client(fg.local_addr("g").unwrap(), 100, 1000).await;
+    for n in &names {
+        assert_eq!(v["counts"][n], 50, "100 calls on one channel: {v}");
+    }
+    assert_eq!(v["stream_len"], 1000, "{v}");
+    assert_eq!(v["stream_ok"], true, "{v}");
+    assert_eq!(v["code"], "OK", "the status from the trailers: {v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_through_an_l4_listener() {
+    let (_peers, names, fg) = grpc_setup().await;
+    let v = grpc_client(fg.local_addr("t").unwrap(), 3, 10).await;
+    assert_eq!(v["counts"][&names[0]], 3, "{v}");
+    assert_eq!(v["code"], "OK", "{v}");
+}

@@ -714,6 +714,32 @@ async fn read_to_close(s: &mut TcpStream, limit: Duration) -> (String, bool) {
     (String::from_utf8_lossy(&got).into_owned(), closed)
 }
 
+/// Reads one response with a Content-Length body from `s`.
+async fn read_response(s: &mut TcpStream) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let len: usize = text[..end]
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().unwrap())
+                })
+                .expect("a Content-Length");
+            if got.len() >= end + 4 + len {
+                return text;
+            }
+        }
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => panic!("closed mid-response: {text:?}"),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn incomplete_head_gets_a_written_408_then_close() {
     let py = Py::start(1).await;
@@ -740,12 +766,10 @@ async fn incomplete_head_gets_a_written_408_then_close() {
     s.write_all(b"GET /full HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .unwrap();
-    let mut buf = vec![0u8; 4096];
-    let n = tokio::time::timeout(LIVENESS, s.read(&mut buf))
+    let first = tokio::time::timeout(LIVENESS, read_response(&mut s))
         .await
-        .expect("first response in time")
-        .unwrap();
-    assert_eq!(status_of(&String::from_utf8_lossy(&buf[..n])), 200);
+        .expect("first response in time");
+    assert_eq!(status_of(&first), 200, "{first}");
     s.write_all(b"GET /half2 HTTP/1.1\r\nHo").await.unwrap();
     let (resp, closed) = read_to_close(&mut s, LIVENESS).await;
     assert!(resp.starts_with("HTTP/1.1 408 "), "{resp:?}");

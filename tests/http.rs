@@ -51,10 +51,16 @@ struct Py {
 
 impl Py {
     async fn start(n: usize) -> Py {
+        Py::start_with(n, &[]).await
+    }
+
+    /// `start` with more of http_backend.py's arguments.
+    async fn start_with(n: usize, args: &[&str]) -> Py {
         let (child, words) = spawn_ready(
             Command::new("python3")
                 .arg(support("http_backend.py"))
-                .args(["--servers", &n.to_string()]),
+                .args(["--servers", &n.to_string()])
+                .args(args),
             "python3 (apt-get install -y python3)",
         )
         .await;
@@ -1579,4 +1585,393 @@ async fn grpc_through_an_l4_listener() {
     let v = grpc_client(fg.local_addr("t").unwrap(), 3, 10).await;
     assert_eq!(v["counts"][&names[0]], 3, "{v}");
     assert_eq!(v["code"], "OK", "{v}");
+}
+
+// ---- More of issue 11's contract: stream timeouts, drain, limits, pooling ----
+
+/// GETs `target` and reads the body frame by frame until it ends or fails;
+/// returns the status, the data received and the body error, if any.
+async fn get_streamed(
+    addr: SocketAddr,
+    target: &str,
+    headers: &[(&str, &str)],
+) -> (u16, Vec<u8>, Option<String>, Option<hyper::HeaderMap>) {
+    let mut s = client(addr).await;
+    let resp = tokio::time::timeout(
+        LIVENESS,
+        s.send_request(request("GET", target, headers, empty())),
+    )
+    .await
+    .expect("head in time")
+    .expect("response head");
+    let status = resp.status().as_u16();
+    let mut body = resp.into_body();
+    let (mut data, mut trailers) = (Vec::new(), None);
+    loop {
+        match tokio::time::timeout(LIVENESS, body.frame())
+            .await
+            .expect("the body moves or ends in time")
+        {
+            None => return (status, data, None, trailers),
+            Some(Err(e)) => return (status, data, Some(e.to_string()), trailers),
+            Some(Ok(f)) => match f.into_data() {
+                Ok(d) => data.extend_from_slice(&d),
+                Err(f) => trailers = f.into_trailers().ok(),
+            },
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_idle_timeout_ends_a_stalled_response_but_not_a_slow_one() {
+    let py = Py::start(1).await;
+    let cfg = head(false)
+        + &listener("l", "")
+        + &route(None, "/", "p", "stream_idle_timeout = \"1s\"")
+        + &pool("p", &[py.name(0)], "");
+    let fg = start(&cfg);
+    let l = fg.local_addr("l").unwrap();
+    // Events 300 ms apart for 2.4 s: never idle for 1 s.
+    let (status, data, err, _) = get_streamed(l, "/ok?do=sse&n=9&ms=300", &[]).await;
+    assert_eq!((status, err), (200, None));
+    assert_eq!(String::from_utf8_lossy(&data).matches("data: ").count(), 9);
+    // A 4 s gap after the first event: cut, without the final chunk.
+    let t = Instant::now();
+    let (status, data, err, _) = get_streamed(l, "/stall?do=sse&n=2&ms=4000", &[]).await;
+    assert_eq!(status, 200);
+    let text = String::from_utf8_lossy(&data);
+    assert!(text.starts_with("id: 0\n"), "{text:?}");
+    assert!(!text.contains("id: 1"), "{text:?}");
+    assert!(
+        err.is_some(),
+        "the response must end in an error, not look complete"
+    );
+    assert!(
+        t.elapsed() >= Duration::from_millis(900) && t.elapsed() < Duration::from_millis(3900),
+        "cut by stream_idle_timeout, not by the backend: {:?}",
+        t.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_idle_timeout_ends_a_stalled_request_body() {
+    let py = Py::start(1).await;
+    let cfg = head(false)
+        + &listener("l", "")
+        + &route(None, "/", "p", "stream_idle_timeout = \"1s\"")
+        + &pool("p", &[py.name(0)], "");
+    let fg = start(&cfg);
+    let l = fg.local_addr("l").unwrap();
+    let mut s = TcpStream::connect(l).await.unwrap();
+    s.write_all(b"POST /stalled HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhello")
+        .await
+        .unwrap();
+    let (resp, closed) = read_to_close(&mut s, LIVENESS).await;
+    assert!(closed, "a stalled upload is ended: {resp:?}");
+    assert_eq!(status_of(&resp), 408, "{resp:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_backend_finishes_its_request_in_flight_and_gets_no_new_ones() {
+    let py = Py::start(2).await;
+    let fg = start(&one_pool(&py, "", "", true));
+    let (l, admin) = (fg.local_addr("l").unwrap(), fg.admin_addr().unwrap());
+    let slow = tokio::spawn(get(l, "/inflight?do=sleep&ms=1500", &[]));
+    let mut on = None;
+    for _ in 0..500 {
+        for i in 0..2 {
+            if py.seen(i).await.iter().any(|s| s.contains("/inflight")) {
+                on = Some(i);
+            }
+        }
+        if on.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let on = on.expect("the slow request reached a backend");
+    let r = post_action(admin, &py.name(on), "drain", false).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let mut kept = client(l).await;
+    for i in 0..6 {
+        let r = exchange(&mut kept, request("GET", "/new", &[], empty())).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(
+            r.backend(),
+            py.name(1 - on),
+            "new request {i} avoids the drained backend"
+        );
+    }
+    let r = tokio::time::timeout(LIVENESS, slow).await.unwrap().unwrap();
+    assert_eq!(r.status, 200, "the request in flight finished: {r:?}");
+    assert_eq!(r.backend(), py.name(on));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_client_gets_connection_close_on_shutdown() {
+    let py = Py::start(1).await;
+    let fg = start(&one_pool(&py, "", "", false));
+    let l = fg.local_addr("l").unwrap();
+    let mut s = TcpStream::connect(l).await.unwrap();
+    s.write_all(b"GET /inflight?do=sleep&ms=1000 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut reached = false;
+    for _ in 0..500 {
+        if py.seen(0).await.iter().any(|s| s.contains("/inflight")) {
+            reached = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(reached);
+    let shutdown = tokio::spawn(fg.clone().shutdown());
+    let (resp, closed) = read_to_close(&mut s, LIVENESS).await;
+    assert_eq!(status_of(&resp), 200, "{resp:?}");
+    assert!(
+        resp.to_ascii_lowercase()
+            .contains("\r\nconnection: close\r\n"),
+        "{resp:?}"
+    );
+    assert!(closed, "closed after the response");
+    assert!(tokio::time::timeout(LIVENESS, shutdown)
+        .await
+        .unwrap()
+        .unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_the_backend_closed_is_replaced_without_an_error() {
+    // The backend closes kept-alive connections idle for 300 ms, without a word.
+    let py = Py::start_with(1, &["--idle-close-ms", "300"]).await;
+    let fg = start(&one_pool(&py, "", "", false));
+    let l = fg.local_addr("l").unwrap();
+    let mut kept = client(l).await;
+    for i in 0..3 {
+        let r = exchange(&mut kept, request("GET", "/get", &[], empty())).await;
+        assert_eq!(r.status, 200, "GET {i}: {r:?}");
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let r = exchange(&mut kept, request("POST", "/post", &[], full("body"))).await;
+        assert_eq!(r.status, 200, "POST {i}: {r:?}");
+        assert_eq!(r.json()["body_len"], 4);
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    assert_eq!(seen_counts(&py, "POST /post").await, [3], "each POST once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_connections_counts_requests_in_flight() {
+    let py = Py::start(2).await;
+    let cfg = head(false)
+        + &listener("l", "pool = \"p\"")
+        + &pool("p", &[py.name(0), py.name(1)], "").replace("round-robin", "least-connections");
+    let fg = start(&cfg);
+    let l = fg.local_addr("l").unwrap();
+    // Warm both backends' pooled connections.
+    for _ in 0..4 {
+        assert_eq!(get(l, "/warm", &[]).await.status, 200);
+    }
+    let slow = tokio::spawn(get(l, "/inflight?do=sleep&ms=2000", &[]));
+    let mut on = None;
+    for _ in 0..500 {
+        for i in 0..2 {
+            if py.seen(i).await.iter().any(|s| s.contains("/inflight")) {
+                on = Some(i);
+            }
+        }
+        if on.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let on = on.expect("the slow request reached a backend");
+    let mut kept = client(l).await;
+    for i in 0..6 {
+        let r = exchange(&mut kept, request("GET", "/quick", &[], empty())).await;
+        assert_eq!(
+            r.backend(),
+            py.name(1 - on),
+            "quick request {i} goes to the backend with no request in flight"
+        );
+    }
+    assert_eq!(slow.await.unwrap().status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_trailers_are_forwarded() {
+    let py = Py::start(1).await;
+    let fg = start(&one_pool(&py, "", "", false));
+    let l = fg.local_addr("l").unwrap();
+    let (status, data, err, trailers) =
+        get_streamed(l, "/t?do=trailers", &[("te", "trailers")]).await;
+    assert_eq!((status, err), (200, None));
+    assert_eq!(data, b"hello");
+    let trailers = trailers.expect("a trailers frame");
+    assert_eq!(trailers["x-checksum"], "42", "{trailers:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_requests_keep_kept_alive_connections_in_step() {
+    let py = Py::start(1).await;
+    let fg = start(&one_pool(&py, "", "", false));
+    let l = fg.local_addr("l").unwrap();
+    let mut kept = client(l).await;
+    for i in 0..3 {
+        let r = exchange(
+            &mut kept,
+            request("HEAD", "/h?do=download&bytes=1000", &[], empty()),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.header("content-length"), "1000", "{r:?}");
+        assert!(r.body.is_empty(), "{r:?}");
+        let target = format!("/after-head-{i}");
+        let r = exchange(&mut kept, request("GET", &target, &[], empty())).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.target(), target);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_head_is_431_and_oversized_body_413() {
+    let py = Py::start(1).await;
+    let fg = start(&one_pool(
+        &py,
+        "max_header_bytes = 8192\nmax_body_bytes = 1000",
+        "",
+        false,
+    ));
+    let l = fg.local_addr("l").unwrap();
+    let big = format!(
+        "GET /big HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(10_000)
+    );
+    let (resp, closed) = raw(l, big.as_bytes()).await;
+    assert_eq!(status_of(&resp), 431, "{resp:?}");
+    assert!(closed);
+    let ok = format!(
+        "GET /fits HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+        "a".repeat(6_000)
+    );
+    let (resp, _) = raw(l, ok.as_bytes()).await;
+    assert_eq!(status_of(&resp), 200, "a head under the limit: {resp:?}");
+
+    let body = "b".repeat(2000);
+    let cl = format!("POST /cl HTTP/1.1\r\nHost: x\r\nContent-Length: 2000\r\n\r\n{body}");
+    let (resp, closed) = raw(l, cl.as_bytes()).await;
+    assert_eq!(status_of(&resp), 413, "{resp:?}");
+    assert!(closed);
+    let chunked = format!(
+        "POST /chunked HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n7d0\r\n{body}\r\n0\r\n\r\n"
+    );
+    let (resp, closed) = raw(l, chunked.as_bytes()).await;
+    assert_eq!(status_of(&resp), 413, "{resp:?}");
+    assert!(closed);
+    let seen = py.seen(0).await;
+    assert!(
+        !seen.iter().any(|s| s.contains("/big") || s.contains("/cl")),
+        "{seen:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_timeout_closes_a_quiet_connection_but_not_one_waiting_for_a_response() {
+    let py = Py::start(1).await;
+    let fg = start(&one_pool(
+        &py,
+        "idle_timeout = \"1s\"\nheader_timeout = \"5s\"",
+        "",
+        false,
+    ));
+    let l = fg.local_addr("l").unwrap();
+    let mut kept = client(l).await;
+    let r = exchange(
+        &mut kept,
+        request("GET", "/slow?do=sleep&ms=2500", &[], empty()),
+    )
+    .await;
+    assert_eq!(r.status, 200, "a response slower than idle_timeout: {r:?}");
+    let (status, data, err, _) = get_streamed(l, "/sse?do=sse&n=6&ms=500", &[]).await;
+    assert_eq!((status, err), (200, None), "a 2.5 s stream");
+    assert_eq!(String::from_utf8_lossy(&data).matches("data: ").count(), 6);
+
+    let mut s = TcpStream::connect(l).await.unwrap();
+    s.write_all(b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let first = tokio::time::timeout(LIVENESS, read_response(&mut s))
+        .await
+        .unwrap();
+    assert_eq!(status_of(&first), 200);
+    let t = Instant::now();
+    let (rest, closed) = read_to_close(&mut s, LIVENESS).await;
+    assert!(
+        closed && rest.is_empty(),
+        "closed quietly when idle: {rest:?}"
+    );
+    assert!(
+        t.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        t.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_timeout_spares_slow_bodies_and_the_wait_between_requests() {
+    let py = Py::start(1).await;
+    let fg = start(&one_pool(
+        &py,
+        "header_timeout = \"1s\"\nidle_timeout = \"30s\"",
+        "",
+        false,
+    ));
+    let l = fg.local_addr("l").unwrap();
+    let mut s = TcpStream::connect(l).await.unwrap();
+    // A body that takes 2.5 s to arrive, after a head that took none.
+    s.write_all(b"POST /slow-body HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n")
+        .await
+        .unwrap();
+    for b in b"hello" {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        s.write_all(&[*b]).await.unwrap();
+    }
+    let r = tokio::time::timeout(LIVENESS, read_response(&mut s))
+        .await
+        .unwrap();
+    assert_eq!(status_of(&r), 200, "{r:?}");
+    assert!(r.contains("\"body_len\": 5"), "{r:?}");
+    // 2 s between requests on the kept-alive connection.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    s.write_all(b"GET /later HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let r = tokio::time::timeout(LIVENESS, read_response(&mut s))
+        .await
+        .unwrap();
+    assert_eq!(status_of(&r), 200, "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_streams_per_connection_is_advertised_to_h2c_clients() {
+    let py = Py::start(1).await;
+    let fg = start(&one_pool(
+        &py,
+        "max_streams_per_connection = 7",
+        "upstream_protocol = \"http1\"",
+        false,
+    ));
+    let l = fg.local_addr("l").unwrap();
+    let out = Command::new("nghttp")
+        .args(["-v", "-n"])
+        .arg(format!("http://{l}/"))
+        .output()
+        .await
+        .expect("nghttp (apt-get install -y nghttp2-client)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("[SETTINGS_MAX_CONCURRENT_STREAMS(0x03):7]"),
+        "{text}"
+    );
+    assert!(text.contains(":status: 200"), "{text}");
 }

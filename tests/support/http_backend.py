@@ -27,6 +27,11 @@ strip_prefix do not matter):
 * do=status&code=C: answers C with a short body.
 * do=hop: 200 with hop-by-hop headers (Connection: x-bar, X-Bar, Keep-Alive) and an
   end-to-end X-Kept.
+* do=trailers: 200, chunked: "hello" and the trailer X-Checksum: 42.
+
+HEAD gets the head GET would get, without the body. With --idle-close-ms MS, a
+kept-alive connection with no request for MS is closed (as nginx's
+keepalive_timeout does), without a word.
 
 Every response carries X-Backend: NAME.
 """
@@ -80,7 +85,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         self.serve()
 
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_GET
+    do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_GET
 
     def read_body(self):
         h = hashlib.sha256()
@@ -124,7 +129,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         for k, v in extra:
             self.send_header(k, v)
         self.end_headers()
-        self.wfile.write(body)
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
     def serve(self):
         url = urllib.parse.urlsplit(self.path)
@@ -145,8 +151,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Type", "application/octet-stream")
             self.send_header("Content-Length", str(total))
             self.end_headers()
-            for b in blocks(total):
-                self.wfile.write(b)
+            if self.command != "HEAD":
+                for b in blocks(total):
+                    self.wfile.write(b)
+            return
+        if do == "trailers":
+            self.send_response(200)
+            self.send_header("X-Backend", self.server.name)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.send_header("Trailer", "X-Checksum")
+            self.end_headers()
+            self.wfile.write(b"5\r\nhello\r\n0\r\nX-Checksum: 42\r\n\r\n")
             return
         n, digest = self.read_body()
         if do == "die":
@@ -201,6 +216,11 @@ class Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 1024
 
+    def handle_error(self, request, client_address):
+        # A client (flowgate) that resets or stalls is part of the tests: no
+        # traceback on the test's stderr.
+        pass
+
     def __init__(self):
         super().__init__(("127.0.0.1", 0), Handler)
         self.name = "127.0.0.1:%d" % self.server_address[1]
@@ -211,8 +231,14 @@ class Server(http.server.ThreadingHTTPServer):
 def main():
     count = 1
     args = sys.argv[1:]
-    if args[:1] == ["--servers"]:
-        count = int(args[1])
+    while args:
+        if args[0] == "--servers":
+            count = int(args[1])
+        elif args[0] == "--idle-close-ms":
+            Handler.timeout = int(args[1]) / 1000.0
+        else:
+            sys.exit("unknown argument " + args[0])
+        args = args[2:]
     servers = [Server() for _ in range(count)]
     for s in servers:
         threading.Thread(target=s.serve_forever, daemon=True).start()

@@ -2115,3 +2115,219 @@ async fn h2c_authority_routes_and_becomes_host_upstream() {
         .collect();
     assert_eq!(host, ["api.example.com:8443"], "{v}");
 }
+
+// ---- h2c clients: streaming both ways, SSE; curl's Expect: 100-continue ----
+
+/// Writes `total` bytes of `block`s to a file in `dir`.
+fn generated_file(dir: &tempdir::Dir, total: u64) -> std::path::PathBuf {
+    use std::io::Write;
+    let path = dir.0.join("body.bin");
+    let mut f = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+    let (mut k, mut left) = (0, total);
+    while left > 0 {
+        let b = block(k, left.min(65536) as usize);
+        f.write_all(&b).unwrap();
+        left -= b.len() as u64;
+        k += 1;
+    }
+    f.flush().unwrap();
+    path
+}
+
+/// curl with `args`; returns its stdout, asserting it succeeded.
+async fn curl_out(args: &[&str]) -> Vec<u8> {
+    let out = tokio::time::timeout(
+        LIVENESS * 6,
+        Command::new("curl")
+            .args(["-sS", "--noproxy", "*", "--max-time", "60"])
+            .args(args)
+            .output(),
+    )
+    .await
+    .expect("curl finishes")
+    .expect("curl (apt-get install -y curl)");
+    assert!(
+        out.status.success(),
+        "curl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_client_uploads_and_downloads_64_mib_with_equal_sha256() {
+    const SIZE: u64 = 64 << 20;
+    let py = Py::start(1).await;
+    let p = Proc::spawn(
+        &one_pool(&py, "", "upstream_protocol = \"http1\"", false),
+        &[],
+    );
+    let l = p.addr("l");
+    let file = generated_file(&p.dir, SIZE);
+    let upload = format!("@{}", file.display());
+    let url = format!("http://{l}/up");
+    let ((up, down), growth) = rss_growth(p.pid(), async {
+        let up = curl_out(&["--http2-prior-knowledge", "--data-binary", &upload, &url]).await;
+        let url = format!("http://{l}/down?do=download&bytes={SIZE}");
+        let down = curl_out(&["--http2-prior-knowledge", &url]).await;
+        (up, down)
+    })
+    .await;
+    let v: serde_json::Value = serde_json::from_slice(&up).expect("the backend's JSON");
+    let want = generated_sha256(SIZE);
+    assert_eq!(v["body_len"], SIZE, "{v}");
+    assert_eq!(v["sha256"], want, "{v}");
+    assert_eq!(down.len() as u64, SIZE);
+    assert_eq!(hex(&Sha256::digest(&down)), want);
+    eprintln!("flowgate RSS growth: {growth} KiB");
+    assert!(growth < 32 << 10, "flowgate's RSS grew by {growth} KiB");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_upload_with_expect_100_continue() {
+    const SIZE: u64 = 8 << 20;
+    let py = Py::start(1).await;
+    let fg = start(&one_pool(&py, "", "", false));
+    let l = fg.local_addr("l").unwrap();
+    let dir = tempdir::Dir::new();
+    let upload = format!("@{}", generated_file(&dir, SIZE).display());
+    let t = Instant::now();
+    let up = curl_out(&[
+        "-H",
+        "Expect: 100-continue",
+        "--expect100-timeout",
+        "30",
+        "--data-binary",
+        &upload,
+        &format!("http://{l}/up"),
+    ])
+    .await;
+    let v: serde_json::Value = serde_json::from_slice(&up).expect("the backend's JSON");
+    assert_eq!(v["body_len"], SIZE, "{v}");
+    assert_eq!(v["sha256"], generated_sha256(SIZE), "{v}");
+    assert!(
+        t.elapsed() < Duration::from_secs(25),
+        "curl waited out its Expect timeout: no 100 Continue came ({:?})",
+        t.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_to_an_h2c_client_arrives_as_written() {
+    let py = Py::start(1).await;
+    let fg = start(&one_pool(&py, "", "upstream_protocol = \"http1\"", false));
+    let l = fg.local_addr("l").unwrap();
+    let mut child = Command::new("curl")
+        .args(["-sS", "-N", "--noproxy", "*", "--http2-prior-knowledge"])
+        .arg(format!("http://{l}/events?do=sse&n=20&ms=50"))
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("curl (apt-get install -y curl)");
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut delays = Vec::new();
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = tokio::time::timeout(LIVENESS, out.read_line(&mut line))
+            .await
+            .expect("events keep coming")
+            .unwrap();
+        if n == 0 {
+            break;
+        }
+        if let Some(sent) = line.trim().strip_prefix("data: ") {
+            let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+            let sent = Duration::from_secs_f64(sent.parse().unwrap());
+            delays.push(now.saturating_sub(sent));
+        }
+    }
+    assert!(child.wait().await.unwrap().success());
+    assert_eq!(delays.len(), 20, "every event arrived: {delays:?}");
+    let worst = delays.iter().max().unwrap();
+    assert!(
+        *worst < Duration::from_millis(500),
+        "an event waited {worst:?} (delays: {delays:?})"
+    );
+}
+
+// ---- Accounting: requests in flight after clients give up ----
+
+/// The sum of metric `name`'s samples whose labels contain all of `labels`.
+async fn metric(admin: SocketAddr, name: &str, labels: &[&str]) -> f64 {
+    let r = curl(admin, "GET", "/metrics", None, None).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    r.text
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_in_flight_return_to_zero_when_clients_give_up() {
+    let py = Py::start(2).await;
+    let fg = start(&one_pool(&py, "", "", true));
+    let (l, admin) = (fg.local_addr("l").unwrap(), fg.admin_addr().unwrap());
+    let mut tasks = Vec::new();
+    // HTTP/1.1 clients that leave mid-stream and before the response head.
+    for target in ["/sse?do=sse&n=100&ms=100", "/slow?do=sleep&ms=1500"] {
+        for _ in 0..4 {
+            tasks.push(tokio::spawn(async move {
+                let mut s = client(l).await;
+                let req = request("GET", target, &[], empty());
+                let _ = tokio::time::timeout(Duration::from_millis(300), async {
+                    let resp = s.send_request(req).await.unwrap();
+                    let mut b = resp.into_body();
+                    while let Some(Ok(_)) = b.frame().await {}
+                })
+                .await;
+            }));
+        }
+    }
+    // h2c clients that leave mid-stream.
+    for _ in 0..2 {
+        tasks.push(tokio::spawn(async move {
+            let _ = Command::new("curl")
+                .args(["-sS", "-N", "--noproxy", "*", "--http2-prior-knowledge"])
+                .args(["--max-time", "0.5", "-o", "/dev/null"])
+                .arg(format!("http://{l}/sse2?do=sse&n=100&ms=100"))
+                .status()
+                .await;
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let in_flight_now = |pools: &serde_json::Value| -> Vec<u64> {
+        backends_of(pools, "p")
+            .iter()
+            .map(|b| b["active_connections"].as_u64().unwrap())
+            .collect()
+    };
+    let mut active = Vec::new();
+    for _ in 0..300 {
+        active = in_flight_now(&get_pools(admin).await);
+        if active == [0, 0] {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        active,
+        [0, 0],
+        "requests in flight per backend, once every client left"
+    );
+    let gauge = metric(admin, "flowgate_http_requests_in_flight", &[]).await;
+    assert_eq!(gauge, 0.0, "flowgate_http_requests_in_flight");
+    // Counted requests: one normal request now shows up as a 2xx.
+    assert_eq!(get(l, "/counted", &[]).await.status, 200);
+    let ok = metric(
+        admin,
+        "flowgate_http_requests_total",
+        &["code=\"2xx\"", "listener=\"l\""],
+    )
+    .await;
+    assert!(ok >= 1.0, "flowgate_http_requests_total 2xx: {ok}");
+}

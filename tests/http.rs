@@ -1005,6 +1005,22 @@ async fn download_of_200_mib_streams_through_with_equal_sha256() {
 
 // ---- 6. SSE: each event as it is written ----
 
+/// Asserts that SSE events were not held back: each arrived within 500 ms of being
+/// written, but for at most 2 of 20. On a busy 2-core machine a process descheduled
+/// between taking its timestamp and writing delays one event (seen: 1.5 s once in a
+/// full parallel run); buffering or coalescing would delay them nearly all.
+fn assert_events_not_held(delays: &[Duration]) {
+    let late = delays
+        .iter()
+        .filter(|d| **d >= Duration::from_millis(500))
+        .count();
+    assert!(
+        late <= 2,
+        "{late} of {} events arrived 500 ms or more after being written: {delays:?}",
+        delays.len()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sse_events_arrive_as_they_are_written() {
     let py = Py::start(1).await;
@@ -1043,12 +1059,7 @@ async fn sse_events_arrive_as_they_are_written() {
         }
     }
     assert_eq!(delays.len(), 20, "every event arrived: {delays:?}");
-    let worst = delays.iter().max().unwrap();
-    eprintln!("SSE delays through flowgate: {delays:?}");
-    assert!(
-        *worst < Duration::from_millis(500),
-        "an event waited {worst:?} in flowgate (delays: {delays:?})"
-    );
+    assert_events_not_held(&delays);
 }
 
 // ---- 7. Errors and retries ----
@@ -1636,9 +1647,9 @@ async fn stream_idle_timeout_ends_a_stalled_response_but_not_a_slow_one() {
     let (status, data, err, _) = get_streamed(l, "/ok?do=sse&n=9&ms=300", &[]).await;
     assert_eq!((status, err), (200, None));
     assert_eq!(String::from_utf8_lossy(&data).matches("data: ").count(), 9);
-    // A 4 s gap after the first event: cut, without the final chunk.
+    // An 8 s gap after the first event: cut, without the final chunk.
     let t = Instant::now();
-    let (status, data, err, _) = get_streamed(l, "/stall?do=sse&n=2&ms=4000", &[]).await;
+    let (status, data, err, _) = get_streamed(l, "/stall?do=sse&n=2&ms=8000", &[]).await;
     assert_eq!(status, 200);
     let text = String::from_utf8_lossy(&data);
     assert!(text.starts_with("id: 0\n"), "{text:?}");
@@ -1648,7 +1659,7 @@ async fn stream_idle_timeout_ends_a_stalled_response_but_not_a_slow_one() {
         "the response must end in an error, not look complete"
     );
     assert!(
-        t.elapsed() >= Duration::from_millis(900) && t.elapsed() < Duration::from_millis(3900),
+        t.elapsed() >= Duration::from_millis(900) && t.elapsed() < Duration::from_secs(7),
         "cut by stream_idle_timeout, not by the backend: {:?}",
         t.elapsed()
     );
@@ -2244,11 +2255,7 @@ async fn sse_to_an_h2c_client_arrives_as_written() {
     }
     assert!(child.wait().await.unwrap().success());
     assert_eq!(delays.len(), 20, "every event arrived: {delays:?}");
-    let worst = delays.iter().max().unwrap();
-    assert!(
-        *worst < Duration::from_millis(500),
-        "an event waited {worst:?} (delays: {delays:?})"
-    );
+    assert_events_not_held(&delays);
 }
 
 // ---- Accounting: requests in flight after clients give up ----
@@ -2330,4 +2337,163 @@ async fn requests_in_flight_return_to_zero_when_clients_give_up() {
     )
     .await;
     assert!(ok >= 1.0, "flowgate_http_requests_total 2xx: {ok}");
+}
+
+// ---- Upstream connection pool ----
+
+impl Py {
+    /// How many connections server `i` has open, not counting the one asking.
+    async fn open_conns(&self, i: usize) -> u64 {
+        let r = get(self.addr(i), "/__conns", &[]).await;
+        serde_json::from_slice::<u64>(&r.body).unwrap() - 1
+    }
+
+    /// Waits until server `i` has `cond` open connections; returns the last count.
+    async fn conns_until(&self, i: usize, cond: impl Fn(u64) -> bool) -> u64 {
+        let mut n = 0;
+        for _ in 0..300 {
+            n = self.open_conns(i).await;
+            if cond(n) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        n
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_upstream_connections_are_kept_up_to_max_idle_per_backend() {
+    let py = Py::start(1).await;
+    let fg = start(&one_pool(&py, "", "max_idle_per_backend = 2", false));
+    let l = fg.local_addr("l").unwrap();
+    let slow: Vec<_> = (0..10)
+        .map(|_| tokio::spawn(get(l, "/slow?do=sleep&ms=500", &[])))
+        .collect();
+    let busy = py.conns_until(0, |n| n == 10).await;
+    assert_eq!(busy, 10, "ten requests in flight, ten upstream connections");
+    for s in slow {
+        assert_eq!(s.await.unwrap().status, 200);
+    }
+    let idle = py.conns_until(0, |n| n <= 2).await;
+    assert!(
+        idle <= 2,
+        "{idle} idle upstream connections kept, max_idle_per_backend = 2"
+    );
+    // The ones kept are reused: sequential requests open no new connection.
+    for _ in 0..5 {
+        assert_eq!(get(l, "/again", &[]).await.status, 200);
+    }
+    assert!(py.open_conns(0).await <= 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "flowgate bug: drain through the admin API leaves the backend's idle pooled upstream connections open"]
+async fn draining_a_backend_closes_its_idle_upstream_connections() {
+    let py = Py::start(2).await;
+    let fg = start(&one_pool(&py, "", "", true));
+    let (l, admin) = (fg.local_addr("l").unwrap(), fg.admin_addr().unwrap());
+    let warm: Vec<_> = (0..6)
+        .map(|_| tokio::spawn(get(l, "/warm?do=sleep&ms=200", &[])))
+        .collect();
+    for w in warm {
+        assert_eq!(w.await.unwrap().status, 200);
+    }
+    assert!(
+        py.open_conns(0).await >= 1,
+        "pooled idle connections to backend 0"
+    );
+    let r = post_action(admin, &py.name(0), "drain", false).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let left = py.conns_until(0, |n| n == 0).await;
+    assert_eq!(
+        left, 0,
+        "idle upstream connections to a drained backend close"
+    );
+    assert!(py.open_conns(1).await >= 1, "the other backend's stay");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_removed_by_reload_has_its_idle_upstream_connections_closed() {
+    let py = Py::start(2).await;
+    let dir = tempdir::Dir::new();
+    let (fg, path) = start_file(&dir, "flowgate.toml", &one_pool(&py, "", "", true));
+    let (l, admin) = (fg.local_addr("l").unwrap(), fg.admin_addr().unwrap());
+    let warm: Vec<_> = (0..6)
+        .map(|_| tokio::spawn(get(l, "/warm?do=sleep&ms=200", &[])))
+        .collect();
+    for w in warm {
+        assert_eq!(w.await.unwrap().status, 200);
+    }
+    assert!(
+        py.open_conns(0).await >= 1,
+        "pooled idle connections to backend 0"
+    );
+    let v2 = head(true) + &listener("l", "pool = \"p\"") + &pool("p", &[py.name(1)], "");
+    std::fs::write(&path, v2).unwrap();
+    let r = curl(admin, "POST", "/api/v1/reload", None, None).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let left = py.conns_until(0, |n| n == 0).await;
+    assert_eq!(
+        left, 0,
+        "idle upstream connections to a removed backend close"
+    );
+    for _ in 0..4 {
+        assert_eq!(get(l, "/after", &[]).await.backend(), py.name(1));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_client_gets_goaway_when_a_reload_removes_its_listener() {
+    let py = Py::start(1).await;
+    let dir = tempdir::Dir::new();
+    let both = head(true)
+        + &listener("keep", "pool = \"p\"")
+        + &listener("gone", "pool = \"p\"")
+        + &pool("p", &[py.name(0)], "upstream_protocol = \"http1\"");
+    let (fg, path) = start_file(&dir, "flowgate.toml", &both);
+    let (gone, admin) = (fg.local_addr("gone").unwrap(), fg.admin_addr().unwrap());
+    let nghttp = Command::new("nghttp")
+        .args(["-v", "-n"])
+        .arg(format!("http://{gone}/inflight?do=sleep&ms=1500"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("nghttp (apt-get install -y nghttp2-client)");
+    let mut reached = false;
+    for _ in 0..500 {
+        if py.seen(0).await.iter().any(|s| s.contains("/inflight")) {
+            reached = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(reached, "the request reached the backend");
+    let one = head(true)
+        + &listener("keep", "pool = \"p\"")
+        + &pool("p", &[py.name(0)], "upstream_protocol = \"http1\"");
+    std::fs::write(&path, one).unwrap();
+    let r = curl(admin, "POST", "/api/v1/reload", None, None).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let out = tokio::time::timeout(LIVENESS, nghttp.wait_with_output())
+        .await
+        .expect("nghttp finishes")
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let goaway = text.find("recv GOAWAY frame").expect("a GOAWAY");
+    let status = text.find(":status: 200").expect("the stream completed");
+    assert!(
+        goaway < status,
+        "GOAWAY came while the stream was in flight: {text}"
+    );
+    assert!(
+        TcpStream::connect(gone).await.is_err(),
+        "the removed listener is closed"
+    );
 }

@@ -7,9 +7,10 @@ protocol_version HTTP/1.1, so connections are kept alive) and prints
 backend's name in flowgate. It exits when its stdin closes, so a test that dies
 leaves no backend behind.
 
-Every request but GET /__seen is recorded as "METHOD TARGET" (TARGET as received,
-query included) before it is answered; GET /__seen answers the list as JSON, so a
-test asks a backend directly what reached it.
+Every request but GET /__seen and GET /__conns is recorded as "METHOD TARGET"
+(TARGET as received, query included) before it is answered; GET /__seen answers
+the list as JSON, so a test asks a backend directly what reached it. GET /__conns
+answers how many connections are open, the one asking included.
 
 What a request gets depends on its query's `do` (any path, so routes and
 strip_prefix do not matter):
@@ -78,6 +79,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def setup(self):
         super().setup()
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with self.server.lock:
+            self.server.open += 1
+
+    def finish(self):
+        with self.server.lock:
+            self.server.open -= 1
+        super().finish()
 
     def log_message(self, *a):
         pass
@@ -138,6 +146,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             with self.server.lock:
                 seen = list(self.server.seen)
             return self.reply(200, json.dumps(seen).encode())
+        if self.command == "GET" and url.path == "/__conns":
+            with self.server.lock:
+                n = self.server.open
+            return self.reply(200, json.dumps(n).encode())
         with self.server.lock:
             self.server.seen.append("%s %s" % (self.command, self.path))
         q = dict(urllib.parse.parse_qsl(url.query))
@@ -225,6 +237,7 @@ class Server(http.server.ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), Handler)
         self.name = "127.0.0.1:%d" % self.server_address[1]
         self.seen = []
+        self.open = 0
         self.lock = threading.Lock()
 
 

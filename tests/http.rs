@@ -1,0 +1,2499 @@
+//! The L7 mode (issue 11) end to end: `protocol = "http"` listeners in front of real
+//! HTTP/1.1, h2c, WebSocket and gRPC servers on loopback, driven by real clients
+//! (hyper's client, raw sockets, Python's http.client, h2load, nghttp, grpcio,
+//! websockets).
+//!
+//! Backends are Python processes: tests/support/http_backend.py (several
+//! ThreadingHTTPServers in one process, each recording the requests that reach it),
+//! tests/support/ws_echo.py and tests/support/grpc_peer.py. Outcomes are asserted on
+//! both sides: what the client got and what each backend saw. Timeouts are liveness
+//! bounds, never assertions about speed; the one tolerance (SSE events arriving
+//! within 500 ms of being written) is far above what a busy machine adds.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::process::Stdio;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use common::*;
+use flowgate::Flowgate;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::{Frame, SizeHint};
+use hyper::client::conn::http1;
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+
+/// How long something that should happen "at once" may take before the test fails.
+const LIVENESS: Duration = Duration::from_secs(10);
+
+/// A file under tests/support.
+fn support(file: &str) -> String {
+    format!("{}/tests/support/{file}", env!("CARGO_MANIFEST_DIR"))
+}
+
+// ---- Backends ----
+
+/// `n` HTTP/1.1 servers in one Python process (tests/support/http_backend.py).
+/// Dropping it ends the process.
+struct Py {
+    _child: Child,
+    addrs: Vec<SocketAddr>,
+}
+
+impl Py {
+    async fn start(n: usize) -> Py {
+        Py::start_with(n, &[]).await
+    }
+
+    /// `start` with more of http_backend.py's arguments.
+    async fn start_with(n: usize, args: &[&str]) -> Py {
+        let (child, words) = spawn_ready(
+            Command::new("python3")
+                .arg(support("http_backend.py"))
+                .args(["--servers", &n.to_string()])
+                .args(args),
+            "python3 (apt-get install -y python3)",
+        )
+        .await;
+        let addrs = words
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}").parse().unwrap())
+            .collect::<Vec<SocketAddr>>();
+        assert_eq!(addrs.len(), n);
+        Py {
+            _child: child,
+            addrs,
+        }
+    }
+
+    fn addr(&self, i: usize) -> SocketAddr {
+        self.addrs[i]
+    }
+
+    /// Server `i`'s name in flowgate (and in its X-Backend header).
+    fn name(&self, i: usize) -> String {
+        self.addrs[i].to_string()
+    }
+
+    /// The requests ("METHOD TARGET") that reached server `i`, asked directly.
+    async fn seen(&self, i: usize) -> Vec<String> {
+        let r = get(self.addr(i), "/__seen", &[]).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        serde_json::from_slice(&r.body).expect("a JSON list")
+    }
+}
+
+/// Spawns `cmd` (stdin kept open: the child exits when it closes) and waits for its
+/// "ready ..." line; returns the child and the words after "ready". `what` names the
+/// tool to install when it cannot run.
+async fn spawn_ready(cmd: &mut Command, what: &str) -> (Child, Vec<String>) {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    tokio::time::timeout(LIVENESS * 3, out.read_line(&mut line))
+        .await
+        .unwrap_or_else(|_| panic!("{what}: no \"ready\" line in time"))
+        .unwrap();
+    let words = line
+        .trim()
+        .strip_prefix("ready ")
+        .unwrap_or_else(|| panic!("{what} did not start (see its stderr above): {line:?}"))
+        .split(' ')
+        .map(String::from)
+        .collect();
+    // Keep reading its stdout so that it never blocks on a full pipe.
+    tokio::spawn(async move {
+        let mut sink = Vec::new();
+        let _ = out.read_to_end(&mut sink).await;
+    });
+    (child, words)
+}
+
+// ---- Config ----
+
+/// The top of every config; `[admin]` on port 0 when `admin` is set.
+fn head(admin: bool) -> String {
+    let mut s = String::from("[runtime]\nworkers = 2\nshutdown_timeout = \"5s\"\n");
+    if admin {
+        s += "\n[admin]\nbind = \"127.0.0.1:0\"\n";
+    }
+    s
+}
+
+/// An http listener `name` on port 0 with `extra` keys (its pool, timeouts...).
+fn listener(name: &str, extra: &str) -> String {
+    format!(
+        "\n[[listeners]]\nname = \"{name}\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\nconnect_timeout = \"2s\"\n{extra}\n"
+    )
+}
+
+/// A `[[listeners.routes]]` of the listener above it.
+fn route(host: Option<&str>, prefix: &str, pool: &str, extra: &str) -> String {
+    let host = host.map_or(String::new(), |h| format!("host = \"{h}\"\n"));
+    format!(
+        "\n  [[listeners.routes]]\n{host}path_prefix = \"{prefix}\"\npool = \"{pool}\"\n{extra}\n"
+    )
+}
+
+/// Pool `name`, round-robin over `addrs`, with `extra` keys.
+fn pool(name: &str, addrs: &[String], extra: &str) -> String {
+    let list: Vec<String> = addrs
+        .iter()
+        .map(|a| format!("{{ address = \"{a}\" }}"))
+        .collect();
+    format!(
+        "\n[[pools]]\nname = \"{name}\"\nalgorithm = \"round-robin\"\nbackends = [ {} ]\n{extra}\n",
+        list.join(", ")
+    )
+}
+
+// ---- Clients ----
+
+type Body = BoxBody<Bytes, std::io::Error>;
+
+fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).map_err(|never| match never {}).boxed()
+}
+
+fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed()
+}
+
+/// An HTTP/1.1 client connection (hyper) to `addr`.
+async fn client(addr: SocketAddr) -> http1::SendRequest<Body> {
+    let s = TcpStream::connect(addr).await.expect("connect");
+    s.set_nodelay(true).unwrap();
+    let (send, conn) = http1::handshake(TokioIo::new(s)).await.expect("handshake");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    send
+}
+
+/// A request; `Host: test` unless `headers` has a Host.
+fn request(method: &str, target: &str, headers: &[(&str, &str)], body: Body) -> Request<Body> {
+    let mut b = Request::builder().method(method).uri(target);
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        b = b.header("host", "test");
+    }
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    b.body(body).unwrap()
+}
+
+/// A complete response.
+#[derive(Debug)]
+struct Reply {
+    status: u16,
+    headers: hyper::HeaderMap,
+    body: Bytes,
+}
+
+impl Reply {
+    /// The body as http_backend.py's JSON.
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|_| panic!("not JSON: {self:?}"))
+    }
+
+    /// The X-Backend header ("" without one).
+    fn backend(&self) -> String {
+        self.header("x-backend")
+    }
+
+    fn header(&self, name: &str) -> String {
+        self.headers
+            .get(name)
+            .map_or(String::new(), |v| v.to_str().unwrap().to_string())
+    }
+
+    /// The request target the backend received.
+    fn target(&self) -> String {
+        self.json()["target"].as_str().unwrap().to_string()
+    }
+
+    /// The values of request header `name` as the backend received it.
+    fn sent(&self, name: &str) -> Vec<String> {
+        self.json()["headers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|kv| kv[0].as_str().unwrap().eq_ignore_ascii_case(name))
+            .map(|kv| kv[1].as_str().unwrap().to_string())
+            .collect()
+    }
+}
+
+/// Sends `req` on `s` and reads the whole response.
+async fn exchange(s: &mut http1::SendRequest<Body>, req: Request<Body>) -> Reply {
+    tokio::time::timeout(LIVENESS, s.ready())
+        .await
+        .expect("connection ready in time")
+        .expect("connection usable");
+    let resp = tokio::time::timeout(LIVENESS * 3, s.send_request(req))
+        .await
+        .expect("response in time")
+        .expect("response");
+    let (parts, body) = resp.into_parts();
+    let body = tokio::time::timeout(LIVENESS * 3, body.collect())
+        .await
+        .expect("body in time")
+        .expect("complete body")
+        .to_bytes();
+    Reply {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body,
+    }
+}
+
+/// GET `target` on a new connection.
+async fn get(addr: SocketAddr, target: &str, headers: &[(&str, &str)]) -> Reply {
+    let mut s = client(addr).await;
+    exchange(&mut s, request("GET", target, headers, empty())).await
+}
+
+/// Writes `bytes` on a new connection and reads until the server closes it (or
+/// LIVENESS passes); returns what was read and whether it was closed.
+async fn raw(addr: SocketAddr, bytes: &[u8]) -> (String, bool) {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    // The server may answer and close before reading all of it.
+    let _ = s.write_all(bytes).await;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let closed = tokio::time::timeout(LIVENESS, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .is_ok();
+    (String::from_utf8_lossy(&got).into_owned(), closed)
+}
+
+/// The status code of a raw HTTP/1.1 response (0 when there is none).
+fn status_of(resp: &str) -> u16 {
+    resp.strip_prefix("HTTP/1.1 ")
+        .and_then(|r| r.get(..3))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+// ---- 1. Routing ----
+
+/// Backends and pools of the routing tests, by index.
+const EXACT: usize = 0;
+const WILD: usize = 1;
+const V1: usize = 2;
+const V1CHAT: usize = 3;
+const STRIP: usize = 4;
+const FALLBACK: usize = 5;
+const ROUTING_POOLS: [&str; 6] = ["exact", "wild", "v1", "v1chat", "strip", "fallback"];
+
+/// Six single-backend pools; listener "l" routes to them with "fallback" as its
+/// pool, listener "n" has the same routes and no pool.
+async fn routing() -> (Py, Flowgate) {
+    let py = Py::start(6).await;
+    let routes = [
+        route(Some("api.example.com"), "/", "exact", ""),
+        route(Some("*.example.com"), "/", "wild", ""),
+        route(None, "/v1", "v1", ""),
+        route(None, "/v1/chat", "v1chat", ""),
+        route(None, "/p", "strip", "strip_prefix = true"),
+    ]
+    .concat();
+    let mut cfg = head(false);
+    cfg += &listener("l", "pool = \"fallback\"");
+    cfg += &routes;
+    cfg += &listener("n", "");
+    cfg += &routes;
+    for (i, name) in ROUTING_POOLS.iter().enumerate() {
+        // The Python backends speak HTTP/1.1 only, also to h2c clients.
+        cfg += &pool(name, &[py.name(i)], "upstream_protocol = \"http1\"");
+    }
+    (py, start(&cfg))
+}
+
+/// Sends GET `target` with `Host: host` and checks that backend `want` answered
+/// 200 and received `want_target`.
+async fn routed(
+    py: &Py,
+    addr: SocketAddr,
+    host: &str,
+    target: &str,
+    want: usize,
+    want_target: &str,
+) {
+    let r = get(addr, target, &[("host", host)]).await;
+    assert_eq!(r.status, 200, "Host {host} {target}: {r:?}");
+    assert_eq!(
+        r.backend(),
+        py.name(want),
+        "Host {host} {target} should reach pool {}",
+        ROUTING_POOLS[want]
+    );
+    assert_eq!(
+        r.target(),
+        want_target,
+        "Host {host} {target}: target upstream"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_by_exact_and_wildcard_host_then_longest_segment_prefix() {
+    let (py, fg) = routing().await;
+    let l = fg.local_addr("l").unwrap();
+    for (host, target, want) in [
+        ("api.example.com", "/x", EXACT),
+        ("API.Example.COM:8080", "/v1", EXACT),
+        ("a.example.com", "/v1/chat", WILD),
+        ("a.b.example.com", "/", WILD),
+        // A wildcard never matches the bare domain: the routes without a host.
+        ("example.com", "/v1", V1),
+        ("other", "/v1", V1),
+        ("other", "/v1/models", V1),
+        ("other", "/v1?x=1", V1),
+        ("other", "/v1/chatty", V1),
+        ("other", "/v1/chat", V1CHAT),
+        ("other", "/v1/chat/completions", V1CHAT),
+        // Segment-aware: /v1 does not match /v10.
+        ("other", "/v10", FALLBACK),
+        ("example.com", "/", FALLBACK),
+    ] {
+        routed(&py, l, host, target, want, target).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strip_prefix_rewrites_the_upstream_path_and_keeps_the_query() {
+    let (py, fg) = routing().await;
+    let l = fg.local_addr("l").unwrap();
+    for (target, upstream) in [
+        ("/p/x", "/x"),
+        ("/p", "/"),
+        ("/p?q=1", "/?q=1"),
+        ("/p/a/b?q", "/a/b?q"),
+        ("/p/", "/"),
+    ] {
+        routed(&py, l, "other", target, STRIP, upstream).await;
+    }
+    routed(&py, l, "other", "/px", FALLBACK, "/px").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unrouted_requests_go_to_the_listener_pool_or_get_404() {
+    let (py, fg) = routing().await;
+    let (l, n) = (fg.local_addr("l").unwrap(), fg.local_addr("n").unwrap());
+    routed(&py, l, "other", "/nothing", FALLBACK, "/nothing").await;
+    routed(&py, n, "a.example.com", "/x", WILD, "/x").await;
+    for (host, target) in [
+        ("other", "/nowhere"),
+        ("other", "/v10/nowhere"),
+        ("example.com", "/"),
+    ] {
+        let r = get(n, target, &[("host", host)]).await;
+        assert_eq!(
+            r.status, 404,
+            "Host {host} {target} on a listener without pool: {r:?}"
+        );
+        assert_eq!(r.backend(), "", "a generated reply: {r:?}");
+    }
+    for (i, name) in ROUTING_POOLS.iter().enumerate() {
+        let seen = py.seen(i).await;
+        assert!(
+            !seen
+                .iter()
+                .any(|s| s.contains("/nowhere") || s.as_str() == "GET /"),
+            "a 404 request reached {name}: {seen:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_are_normalized_before_routing_and_climbing_above_root_is_400() {
+    let (py, fg) = routing().await;
+    let l = fg.local_addr("l").unwrap();
+    for (target, want, upstream) in [
+        ("/a/../v1/chat", V1CHAT, "/v1/chat"),
+        ("/v1/%63hat/x", V1CHAT, "/v1/chat/x"),
+        ("//v1//chat", V1CHAT, "/v1/chat"),
+        ("/v1/./chat?a=%2E", V1CHAT, "/v1/chat?a=%2E"),
+        ("/x/%7Eu", FALLBACK, "/x/~u"),
+        ("/a%2Fb", FALLBACK, "/a%2Fb"),
+        ("/p/./x", STRIP, "/x"),
+    ] {
+        routed(&py, l, "other", target, want, upstream).await;
+    }
+    for target in ["/../x", "/%2e%2e/x", "/a/../../x"] {
+        let req = format!("GET {target} HTTP/1.1\r\nHost: other\r\n\r\n");
+        let (resp, closed) = raw(l, req.as_bytes()).await;
+        assert_eq!(status_of(&resp), 400, "{target}: {resp}");
+        assert!(closed, "{target}: the connection closes after a 400");
+    }
+}
+
+// ---- 2. Per-request round-robin ----
+
+/// One listener "l" over pool "p" (round-robin over `py`'s servers, `pool_extra`
+/// keys), with `listener_extra` keys and an admin API when `admin` is set.
+fn one_pool(py: &Py, listener_extra: &str, pool_extra: &str, admin: bool) -> String {
+    let names: Vec<String> = (0..py.addrs.len()).map(|i| py.name(i)).collect();
+    head(admin)
+        + &listener("l", &format!("pool = \"p\"\n{listener_extra}"))
+        + &pool("p", &names, pool_extra)
+}
+
+/// How many requests for exactly `target` each of `py`'s servers saw.
+async fn seen_counts(py: &Py, method_target: &str) -> Vec<usize> {
+    let mut v = Vec::new();
+    for i in 0..py.addrs.len() {
+        v.push(
+            py.seen(i)
+                .await
+                .iter()
+                .filter(|s| *s == method_target)
+                .count(),
+        );
+    }
+    v
+}
+
+/// Python's http.client: N GETs of /rr on one kept-alive connection; prints the
+/// count per X-Backend, the local ports used and whether any response said close.
+const KEEPALIVE_CLIENT: &str = r#"
+import http.client, json, sys
+c = http.client.HTTPConnection(sys.argv[1], int(sys.argv[2]), timeout=30)
+counts, ports, closes = {}, set(), 0
+for i in range(int(sys.argv[3])):
+    c.request("GET", "/rr")
+    r = c.getresponse()
+    r.read()
+    if r.status != 200:
+        sys.exit("request %d: status %d" % (i, r.status))
+    if r.will_close:
+        closes += 1
+    else:
+        ports.add(c.sock.getsockname()[1])
+    b = r.getheader("X-Backend")
+    counts[b] = counts.get(b, 0) + 1
+print(json.dumps({"counts": counts, "ports": len(ports), "closes": closes}))
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_keepalive_connection_balances_each_request() {
+    let py = Py::start(2).await;
+    let fg = start(&one_pool(&py, "", "", false));
+    let l = fg.local_addr("l").unwrap();
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            KEEPALIVE_CLIENT,
+            "127.0.0.1",
+            &l.port().to_string(),
+            "100",
+        ])
+        .output()
+        .await
+        .expect("python3 (apt-get install -y python3)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["closes"], 0, "the connection stays open: {v}");
+    assert_eq!(v["ports"], 1, "one client connection: {v}");
+    for i in 0..2 {
+        assert_eq!(v["counts"][py.name(i)], 50, "{v}");
+    }
+    assert_eq!(seen_counts(&py, "GET /rr").await, [50, 50]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_connection_balances_each_stream() {
+    let py = Py::start(2).await;
+    // The Python backends speak HTTP/1.1 only.
+    let fg = start(&one_pool(&py, "", "upstream_protocol = \"http1\"", false));
+    let l = fg.local_addr("l").unwrap();
+    let out = Command::new("h2load")
+        .args(["-n", "100", "-c", "1", "-m", "4"])
+        .arg(format!("http://{l}/h2rr"))
+        .output()
+        .await
+        .expect("h2load (apt-get install -y nghttp2-client)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("100 succeeded") && text.contains("status codes: 100 2xx"),
+        "{text}"
+    );
+    assert!(text.contains("Application protocol: h2c"), "{text}");
+    assert_eq!(seen_counts(&py, "GET /h2rr").await, [50, 50], "{text}");
+}
+
+// ---- 3. Request smuggling (desync) defences ----
+
+/// Sends each of `heads` (a request and maybe its body), followed by a smuggled
+/// `GET /smuggled`, on a new connection: each gets one response with a status in
+/// `want` and the close; no backend ever sees /smuggled, and the listener still
+/// serves.
+async fn refused(want: &[u16], heads: &[&str]) {
+    let py = Py::start(1).await;
+    let fg = start(&one_pool(&py, "", "", false));
+    let l = fg.local_addr("l").unwrap();
+    for h in heads {
+        let req = format!("{h}GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n");
+        let (resp, closed) = raw(l, req.as_bytes()).await;
+        assert!(
+            want.contains(&status_of(&resp)),
+            "{h:?}: expected {want:?}, got: {resp:?}"
+        );
+        assert_eq!(
+            resp.matches("HTTP/1.1 ").count(),
+            1,
+            "{h:?}: one response: {resp:?}"
+        );
+        assert!(closed, "{h:?}: the connection is closed after the {want:?}");
+    }
+    let r = get(l, "/after", &[]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    // A smuggled request would reach the backend right behind the first one; give
+    // it time to show up (this only guards against missing it).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let seen = py.seen(0).await;
+    assert!(
+        !seen.iter().any(|s| s.contains("/smuggled")),
+        "the backend saw a smuggled request: {seen:?}"
+    );
+    assert!(seen.iter().any(|s| s == "GET /after"), "{seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn desync_content_length_and_transfer_encoding_is_400() {
+    refused(
+        &[400],
+        &[
+            "POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            "POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 48\r\n\r\n0\r\n\r\n",
+        ],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn desync_differing_duplicate_content_length_is_400() {
+    refused(
+        &[400],
+        &[
+            "POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nContent-Length: 41\r\n\r\n",
+            "POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 0, 41\r\n\r\n",
+        ],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn desync_obs_fold_is_400() {
+    refused(
+        &[400],
+        &[
+            "GET /a HTTP/1.1\r\nHost: x\r\nX-A: a\r\n b\r\n\r\n",
+            "POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nTransfer-Encoding:\r\n chunked\r\n\r\n0\r\n\r\n",
+        ],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn desync_bare_cr_is_400() {
+    refused(
+        &[400],
+        &[
+            "GET /a HTTP/1.1\r\nHost: x\r\nX-A: a\rb\r\n\r\n",
+            "GET /a HTTP/1.1\rHost: x\r\n\r\n",
+            "POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 0\rTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        ],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn desync_space_before_colon_is_400() {
+    refused(
+        &[400],
+        &[
+            "POST /a HTTP/1.1\r\nHost: x\r\nContent-Length : 0\r\n\r\n",
+            "POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n",
+        ],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn desync_bad_chunk_size_is_400() {
+    refused(
+        &[400],
+        &[
+            "POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+            "POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffffff1\r\nhello\r\n0\r\n\r\n",
+            "POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n-5\r\nhello\r\n0\r\n\r\n",
+        ],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn desync_transfer_coding_before_chunked_is_501() {
+    refused(
+        &[501],
+        &["POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n"],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn desync_transfer_encoding_not_ending_in_chunked_is_refused() {
+    // 400 or 501 (issue 11), then close.
+    refused(
+        &[400, 501],
+        &[
+            "POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n",
+            "POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n\r\n0\r\n\r\n",
+            "POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: identity\r\n\r\n0\r\n\r\n",
+        ],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bare_lf_line_endings_are_accepted() {
+    let py = Py::start(1).await;
+    let fg = start(&one_pool(&py, "", "", false));
+    let l = fg.local_addr("l").unwrap();
+    let (resp, closed) = raw(l, b"GET /lf HTTP/1.1\nHost: x\nConnection: close\n\n").await;
+    assert_eq!(status_of(&resp), 200, "{resp}");
+    assert!(closed);
+    let (resp, _) = raw(
+        l,
+        b"POST /lf2 HTTP/1.1\nHost: x\nContent-Length: 5\nConnection: close\n\nhello",
+    )
+    .await;
+    assert_eq!(status_of(&resp), 200, "{resp}");
+    assert!(resp.contains("\"body_len\": 5"), "{resp}");
+    assert_eq!(py.seen(0).await, ["GET /lf", "POST /lf2"]);
+}
+
+// ---- 4. header_timeout ----
+
+/// Reads from `s` until it is closed (or `limit` passes); returns what was read
+/// and whether it was closed.
+async fn read_to_close(s: &mut TcpStream, limit: Duration) -> (String, bool) {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let closed = tokio::time::timeout(limit, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .is_ok();
+    (String::from_utf8_lossy(&got).into_owned(), closed)
+}
+
+/// Reads one response with a Content-Length body from `s`.
+async fn read_response(s: &mut TcpStream) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let len: usize = text[..end]
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().unwrap())
+                })
+                .expect("a Content-Length");
+            if got.len() >= end + 4 + len {
+                return text;
+            }
+        }
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => panic!("closed mid-response: {text:?}"),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incomplete_head_gets_a_written_408_then_close() {
+    let py = Py::start(1).await;
+    let fg = start(&one_pool(&py, "header_timeout = \"1s\"", "", false));
+    let l = fg.local_addr("l").unwrap();
+
+    // The first request's head, half sent.
+    let t = Instant::now();
+    let mut s = TcpStream::connect(l).await.unwrap();
+    s.write_all(b"GET /half HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let (resp, closed) = read_to_close(&mut s, LIVENESS).await;
+    assert_eq!(status_of(&resp), 408, "{resp:?}");
+    assert!(closed, "closed after the 408");
+    assert!(
+        t.elapsed() >= Duration::from_millis(900),
+        "not before header_timeout: {:?}",
+        t.elapsed()
+    );
+
+    // A later request on a kept-alive connection: half a head after a full one.
+    let mut s = TcpStream::connect(l).await.unwrap();
+    s.write_all(b"GET /full HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let first = tokio::time::timeout(LIVENESS, read_response(&mut s))
+        .await
+        .expect("first response in time");
+    assert_eq!(status_of(&first), 200, "{first}");
+    s.write_all(b"GET /half2 HTTP/1.1\r\nHo").await.unwrap();
+    let (resp, closed) = read_to_close(&mut s, LIVENESS).await;
+    assert!(resp.starts_with("HTTP/1.1 408 "), "{resp:?}");
+    assert!(closed, "closed after the 408");
+
+    // A client that sends nothing is closed too.
+    let mut s = TcpStream::connect(l).await.unwrap();
+    let (_, closed) = read_to_close(&mut s, LIVENESS).await;
+    assert!(closed, "a silent connection is closed after header_timeout");
+    assert_eq!(py.seen(0).await, ["GET /full"]);
+}
+
+/// A slowloris client: sends a head that never ends, one byte every 200 ms, until
+/// the server answers or closes; returns what it got.
+async fn slowloris(addr: SocketAddr) -> String {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let head = format!(
+        "GET /slow HTTP/1.1\r\nHost: x\r\nX-Pad: {}",
+        "a".repeat(4000)
+    );
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    let mut i = 0;
+    let deadline = tokio::time::Instant::now() + LIVENESS * 3;
+    loop {
+        tokio::select! {
+            r = s.read(&mut buf) => match r {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            },
+            _ = tick.tick(), if got.is_empty() => {
+                if s.write_all(&head.as_bytes()[i..=i]).await.is_err() {
+                    // Closed: read what was sent before.
+                    let (rest, _) = read_to_close(&mut s, LIVENESS).await;
+                    got.extend_from_slice(rest.as_bytes());
+                    break;
+                }
+                i += 1;
+            }
+            _ = tokio::time::sleep_until(deadline) => break,
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_clients_get_408_while_normal_clients_are_served() {
+    let py = Py::start(1).await;
+    let fg = start(&one_pool(&py, "header_timeout = \"2s\"", "", false));
+    let l = fg.local_addr("l").unwrap();
+    let slow: Vec<_> = (0..200).map(|_| tokio::spawn(slowloris(l))).collect();
+    let t = Instant::now();
+    let mut served = 0;
+    while t.elapsed() < Duration::from_secs(2) || served < 10 {
+        let r = get(l, "/normal", &[]).await;
+        assert_eq!(r.status, 200, "a normal client during the slowloris: {r:?}");
+        served += 1;
+    }
+    let mut statuses = std::collections::BTreeMap::new();
+    for h in slow {
+        let resp = h.await.unwrap();
+        *statuses.entry(status_of(&resp)).or_insert(0) += 1;
+    }
+    assert_eq!(
+        statuses,
+        [(408, 200)].into(),
+        "every slowloris connection gets a 408 (0 = no response)"
+    );
+    assert!(
+        !py.seen(0).await.iter().any(|s| s.contains("/slow")),
+        "no slow head reached the backend"
+    );
+}
+
+// ---- 5. Streaming: bodies are never collected ----
+
+/// http_backend.py's download bytes: 64 KiB blocks, block K starting with K as a
+/// big-endian u64, then the base pattern.
+fn block(k: u64, len: usize) -> Bytes {
+    let mut v: Vec<u8> = (0..65536usize)
+        .map(|i| ((i * 7 + i / 251) % 256) as u8)
+        .collect();
+    v[..8].copy_from_slice(&k.to_be_bytes());
+    v.truncate(len);
+    Bytes::from(v)
+}
+
+/// A request body of `left` bytes of `block`s, made as it is sent.
+struct Generated {
+    k: u64,
+    left: u64,
+}
+
+impl hyper::body::Body for Generated {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        let this = self.get_mut();
+        if this.left == 0 {
+            return Poll::Ready(None);
+        }
+        let b = block(this.k, this.left.min(65536) as usize);
+        this.k += 1;
+        this.left -= b.len() as u64;
+        Poll::Ready(Some(Ok(Frame::data(b))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.left == 0
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.left)
+    }
+}
+
+/// The sha256 of `total` bytes of `block`s.
+fn generated_sha256(total: u64) -> String {
+    let mut h = Sha256::new();
+    let (mut k, mut left) = (0, total);
+    while left > 0 {
+        let b = block(k, left.min(65536) as usize);
+        h.update(&b);
+        left -= b.len() as u64;
+        k += 1;
+    }
+    hex(&h.finalize())
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+const BIG: u64 = 200 << 20;
+
+/// How much more than `baseline` KiB of resident memory process `pid` reached
+/// while `work` ran (sampled every 20 ms).
+async fn rss_growth<T>(pid: i32, work: impl std::future::Future<Output = T>) -> (T, u64) {
+    let baseline = rss_kib(pid);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s2 = stop.clone();
+    let sampler = tokio::spawn(async move {
+        let mut peak = 0;
+        while !s2.load(std::sync::atomic::Ordering::SeqCst) {
+            peak = peak.max(rss_kib(pid));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        peak.max(rss_kib(pid))
+    });
+    let out = work.await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let peak = sampler.await.unwrap();
+    (out, peak.saturating_sub(baseline))
+}
+
+/// The binary (its RSS is its own) over one backend, warmed up with a request.
+async fn streaming_proc() -> (Py, Proc, SocketAddr) {
+    let py = Py::start(1).await;
+    let p = Proc::spawn(&one_pool(&py, "", "", false), &[]);
+    let l = p.addr("l");
+    let r = get(l, "/warm", &[]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    (py, p, l)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_of_200_mib_streams_through_with_equal_sha256() {
+    let (_py, p, l) = streaming_proc().await;
+    let (r, growth) = rss_growth(p.pid(), async {
+        let mut s = client(l).await;
+        let body = Generated { k: 0, left: BIG }.boxed();
+        exchange(&mut s, request("POST", "/up", &[], body)).await
+    })
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let v = r.json();
+    assert_eq!(v["body_len"], BIG, "{v}");
+    assert_eq!(v["sha256"], generated_sha256(BIG), "{v}");
+    eprintln!("flowgate RSS growth: {growth} KiB");
+    assert!(
+        growth < 32 << 10,
+        "flowgate's RSS grew by {growth} KiB while 200 MiB went through"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn download_of_200_mib_streams_through_with_equal_sha256() {
+    let (_py, p, l) = streaming_proc().await;
+    let ((len, sha), growth) = rss_growth(p.pid(), async {
+        let mut s = client(l).await;
+        let req = request(
+            "GET",
+            &format!("/down?do=download&bytes={BIG}"),
+            &[],
+            empty(),
+        );
+        let resp = s.send_request(req).await.expect("response");
+        assert_eq!(resp.status(), 200);
+        let mut body = resp.into_body();
+        let (mut len, mut h) = (0u64, Sha256::new());
+        while let Some(f) = tokio::time::timeout(LIVENESS, body.frame())
+            .await
+            .expect("body moves")
+        {
+            if let Ok(d) = f.expect("body frame").into_data() {
+                len += d.len() as u64;
+                h.update(&d);
+            }
+        }
+        (len, hex(&h.finalize()))
+    })
+    .await;
+    assert_eq!(len, BIG);
+    assert_eq!(sha, generated_sha256(BIG));
+    eprintln!("flowgate RSS growth: {growth} KiB");
+    assert!(
+        growth < 32 << 10,
+        "flowgate's RSS grew by {growth} KiB while 200 MiB went through"
+    );
+}
+
+// ---- 6. SSE: each event as it is written ----
+
+/// Asserts that SSE events were not held back: each arrived within 500 ms of being
+/// written, but for at most 2 of 20. On a busy 2-core machine a process descheduled
+/// between taking its timestamp and writing delays one event (seen: 1.5 s once in a
+/// full parallel run); buffering or coalescing would delay them nearly all.
+fn assert_events_not_held(delays: &[Duration]) {
+    let late = delays
+        .iter()
+        .filter(|d| **d >= Duration::from_millis(500))
+        .count();
+    assert!(
+        late <= 2,
+        "{late} of {} events arrived 500 ms or more after being written: {delays:?}",
+        delays.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_events_arrive_as_they_are_written() {
+    let py = Py::start(1).await;
+    let fg = start(&one_pool(&py, "", "", false));
+    let l = fg.local_addr("l").unwrap();
+    let mut s = client(l).await;
+    let req = request("GET", "/events?do=sse&n=20&ms=50", &[], empty());
+    let resp = tokio::time::timeout(LIVENESS, s.send_request(req))
+        .await
+        .expect("head in time")
+        .expect("response");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    assert_eq!(resp.headers()["transfer-encoding"], "chunked");
+    let mut body = resp.into_body();
+    let mut buf = String::new();
+    let mut delays = Vec::new();
+    while let Some(f) = tokio::time::timeout(LIVENESS, body.frame())
+        .await
+        .expect("events keep coming")
+    {
+        let Ok(d) = f.expect("body frame").into_data() else {
+            continue;
+        };
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+        buf.push_str(std::str::from_utf8(&d).unwrap());
+        while let Some(end) = buf.find("\n\n") {
+            let ev: String = buf.drain(..end + 2).collect();
+            let (id, sent) = ev
+                .trim()
+                .split_once("\ndata: ")
+                .unwrap_or_else(|| panic!("{ev:?}"));
+            assert_eq!(id, format!("id: {}", delays.len()), "events in order");
+            let sent = Duration::from_secs_f64(sent.parse().unwrap());
+            delays.push(now.saturating_sub(sent));
+        }
+    }
+    assert_eq!(delays.len(), 20, "every event arrived: {delays:?}");
+    assert_events_not_held(&delays);
+}
+
+// ---- 7. Errors and retries ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_backend_is_skipped() {
+    let py = Py::start(1).await;
+    let dead = dead_addr().to_string();
+    let cfg = head(false)
+        + &listener("l", "pool = \"p\"")
+        + &pool("p", &[dead, py.name(0)], "connect_attempts = 2");
+    let fg = start(&cfg);
+    let l = fg.local_addr("l").unwrap();
+    let mut kept = client(l).await;
+    for i in 0..10 {
+        let r = get(l, "/fresh", &[]).await;
+        assert_eq!(r.status, 200, "request {i} on a new connection: {r:?}");
+        let r = exchange(&mut kept, request("GET", "/kept", &[], empty())).await;
+        assert_eq!(
+            r.status, 200,
+            "request {i} on a kept-alive connection: {r:?}"
+        );
+    }
+    assert_eq!(seen_counts(&py, "GET /fresh").await, [10]);
+    assert_eq!(seen_counts(&py, "GET /kept").await, [10]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_backend_refusing_is_502() {
+    let dead = [dead_addr().to_string(), dead_addr().to_string()];
+    let cfg = head(false) + &listener("l", "pool = \"p\"") + &pool("p", &dead, "");
+    let fg = start(&cfg);
+    let l = fg.local_addr("l").unwrap();
+    let mut kept = client(l).await;
+    for _ in 0..3 {
+        let r = exchange(&mut kept, request("GET", "/", &[], empty())).await;
+        assert_eq!(r.status, 502, "{r:?}");
+        assert!(r.header("content-type").starts_with("text/plain"), "{r:?}");
+        assert!(!r.body.is_empty(), "a short plain-text body: {r:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_usable_backend_is_503() {
+    // Disabled through the admin API.
+    let py = Py::start(1).await;
+    let fg = start(&one_pool(&py, "", "", true));
+    let (l, admin) = (fg.local_addr("l").unwrap(), fg.admin_addr().unwrap());
+    assert_eq!(get(l, "/", &[]).await.status, 200);
+    let r = post_action(admin, &py.name(0), "disable", false).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let r = get(l, "/while-disabled", &[]).await;
+    assert_eq!(r.status, 503, "{r:?}");
+    let r = post_action(admin, &py.name(0), "enable", false).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(get(l, "/", &[]).await.status, 200);
+
+    // Down by its health check (it answers 200; the check wants 500).
+    let check = "[pools.health_check]\nkind = \"http\"\npath = \"/health\"\ninterval = \"100ms\"\ntimeout = \"1s\"\nrise = 1\nfall = 1\nexpect_status = \"500\"";
+    let fg = start(&one_pool(&py, "", check, true));
+    let (l, admin) = (fg.local_addr("l").unwrap(), fg.admin_addr().unwrap());
+    let mut state = serde_json::Value::Null;
+    for _ in 0..500 {
+        state = backends_of(&get_pools(admin).await, "p")[0]["state"].clone();
+        if state == "down" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(state, "down");
+    let r = get(l, "/while-down", &[]).await;
+    assert_eq!(r.status, 503, "{r:?}");
+    let seen = py.seen(0).await;
+    assert!(
+        !seen.iter().any(|s| s.contains("/while-")),
+        "no request reached an unusable backend: {seen:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_byte_timeout_is_504() {
+    let py = Py::start(1).await;
+    let cfg = head(false)
+        + &listener("l", "")
+        + &route(None, "/", "p", "first_byte_timeout = \"1s\"")
+        + &pool("p", &[py.name(0)], "");
+    let fg = start(&cfg);
+    let l = fg.local_addr("l").unwrap();
+    assert_eq!(get(l, "/quick?do=sleep&ms=10", &[]).await.status, 200);
+    let t = Instant::now();
+    let r = get(l, "/slow?do=sleep&ms=5000", &[]).await;
+    assert_eq!(r.status, 504, "{r:?}");
+    assert!(
+        t.elapsed() >= Duration::from_millis(900),
+        "not before first_byte_timeout: {:?}",
+        t.elapsed()
+    );
+    assert_eq!(seen_counts(&py, "GET /slow?do=sleep&ms=5000").await, [1]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_whose_backend_dies_mid_response_is_not_retried() {
+    let py = Py::start(2).await;
+    let fg = start(&one_pool(&py, "", "", false));
+    let l = fg.local_addr("l").unwrap();
+    let mut s = client(l).await;
+    let req = request("POST", "/die?do=die", &[], full("hello"));
+    let resp = tokio::time::timeout(LIVENESS, s.send_request(req))
+        .await
+        .expect("an answer in time, never a hang");
+    let outcome = match resp {
+        Err(e) => format!("error before the body: {e}"),
+        Ok(resp) => {
+            let status = resp.status();
+            match tokio::time::timeout(LIVENESS, resp.into_body().collect())
+                .await
+                .expect("the body ends in time, never a hang")
+            {
+                Ok(b) => panic!(
+                    "a complete response ({status}, {} bytes) from a backend that died",
+                    b.to_bytes().len()
+                ),
+                Err(e) => format!("{status}, then a body error: {e}"),
+            }
+        }
+    };
+    eprintln!("client saw: {outcome}");
+    let total: usize = seen_counts(&py, "POST /die?do=die").await.iter().sum();
+    assert_eq!(total, 1, "the POST went to exactly one backend, once");
+    // Both backends still serve.
+    for _ in 0..2 {
+        assert_eq!(get(l, "/after", &[]).await.status, 200);
+    }
+}
+
+// ---- 8. WebSocket ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_echo_through_the_l7_listener() {
+    let (_ws, words) = spawn_ready(
+        Command::new("python3").args([&support("ws_echo.py"), "server"]),
+        "the WebSocket echo server (python3 -m pip install websockets)",
+    )
+    .await;
+    let cfg = head(false)
+        + &listener("l", "")
+        + &route(None, "/ws", "w", "")
+        + &pool("w", &[format!("127.0.0.1:{}", words[0])], "");
+    let fg = start(&cfg);
+    let l = fg.local_addr("l").unwrap();
+    let out = tokio::time::timeout(
+        LIVENESS * 3,
+        Command::new("python3")
+            .args([
+                &support("ws_echo.py"),
+                "client",
+                &format!("ws://{l}/ws/echo"),
+            ])
+            .output(),
+    )
+    .await
+    .expect("the WebSocket client finishes")
+    .expect("python3 (and python3 -m pip install websockets)");
+    assert!(
+        out.status.success() && out.stdout == b"ok\n",
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+// ---- 9. Forwarded headers, X-Request-Id, hop-by-hop headers ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x_forwarded_headers_append_replace_or_off() {
+    let py = Py::start(1).await;
+    let cfg = head(false)
+        + &listener("append", "pool = \"p\"\nxff = \"append\"")
+        + &listener("replace", "pool = \"p\"\nxff = \"replace\"")
+        + &listener("off", "pool = \"p\"\nxff = \"off\"")
+        + &listener("default", "pool = \"p\"")
+        + &pool("p", &[py.name(0)], "");
+    let fg = start(&cfg);
+    let at = |n: &str| fg.local_addr(n).unwrap();
+    let given = [
+        ("host", "h.example:8080"),
+        ("x-forwarded-for", "1.2.3.4"),
+        ("x-forwarded-proto", "https"),
+        ("x-forwarded-host", "orig.example"),
+    ];
+    let fields = |r: &Reply| {
+        [
+            "x-forwarded-for",
+            "x-forwarded-proto",
+            "x-forwarded-host",
+            "host",
+        ]
+        .map(|h| r.sent(h).join(" | "))
+    };
+    for (l, want) in [
+        (
+            "append",
+            [
+                "1.2.3.4, 127.0.0.1",
+                "https",
+                "orig.example",
+                "h.example:8080",
+            ],
+        ),
+        (
+            "default",
+            [
+                "1.2.3.4, 127.0.0.1",
+                "https",
+                "orig.example",
+                "h.example:8080",
+            ],
+        ),
+        (
+            "replace",
+            ["127.0.0.1", "http", "h.example:8080", "h.example:8080"],
+        ),
+        (
+            "off",
+            ["1.2.3.4", "https", "orig.example", "h.example:8080"],
+        ),
+    ] {
+        let r = get(at(l), "/", &given).await;
+        assert_eq!(fields(&r), want, "xff = {l}, headers given");
+    }
+    for (l, want) in [
+        ("append", ["127.0.0.1", "http", "h.example", "h.example"]),
+        ("replace", ["127.0.0.1", "http", "h.example", "h.example"]),
+        ("off", ["", "", "", "h.example"]),
+    ] {
+        let r = get(at(l), "/", &[("host", "h.example")]).await;
+        assert_eq!(fields(&r), want, "xff = {l}, none given");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x_request_id_is_generated_when_absent_and_kept_when_present() {
+    let py = Py::start(1).await;
+    let fg = start(&one_pool(&py, "", "", false));
+    let l = fg.local_addr("l").unwrap();
+    let a = get(l, "/", &[]).await.sent("x-request-id");
+    let b = get(l, "/", &[]).await.sent("x-request-id");
+    for id in [&a, &b] {
+        assert_eq!(id.len(), 1, "one generated X-Request-Id: {id:?}");
+        assert!(
+            id[0].len() >= 16 && id[0].bytes().all(|c| c.is_ascii_hexdigit()),
+            "{id:?}"
+        );
+    }
+    assert_ne!(a, b, "a new id per request");
+    let kept = get(l, "/", &[("x-request-id", "client-chose-this")]).await;
+    assert_eq!(kept.sent("x-request-id"), ["client-chose-this"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hop_by_hop_headers_are_not_forwarded() {
+    let py = Py::start(1).await;
+    let fg = start(&one_pool(&py, "", "", false));
+    let l = fg.local_addr("l").unwrap();
+    let r = get(
+        l,
+        "/",
+        &[
+            ("connection", "x-foo, keep-alive"),
+            ("x-foo", "secret"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-authorization", "Basic eDp5"),
+            ("te", "trailers, deflate"),
+            ("x-keep", "1"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    for gone in ["x-foo", "keep-alive", "proxy-authorization"] {
+        assert_eq!(
+            r.sent(gone),
+            Vec::<String>::new(),
+            "{gone} forwarded: {r:?}"
+        );
+    }
+    assert!(
+        !r.sent("connection").iter().any(|v| v.contains("x-foo")),
+        "{r:?}"
+    );
+    assert_eq!(r.sent("te"), ["trailers"]);
+    assert_eq!(r.sent("x-keep"), ["1"]);
+
+    // And on the way back.
+    let r = get(l, "/?do=hop", &[]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("x-bar"), "", "{r:?}");
+    assert_eq!(r.header("keep-alive"), "", "{r:?}");
+    assert_eq!(r.header("x-kept"), "1", "{r:?}");
+}
+
+// ---- 10. Reload that changes routes under load ----
+
+/// Routes /x and /y to pools "a" (server 0) and "b" (server 1), swapped when
+/// `swap` is set; no listener pool.
+fn swapping_routes(py: &Py, swap: bool) -> String {
+    let (x, y) = if swap { ("b", "a") } else { ("a", "b") };
+    head(true)
+        + &listener("l", "")
+        + &route(None, "/x", x, "")
+        + &route(None, "/y", y, "")
+        + &pool("a", &[py.name(0)], "")
+        + &pool("b", &[py.name(1)], "")
+}
+
+/// Like `exchange`, but a failure is an `Err` to count, not a panic.
+async fn try_exchange(s: &mut http1::SendRequest<Body>, target: &str) -> Result<Reply, String> {
+    let go = async {
+        s.ready().await.map_err(|e| e.to_string())?;
+        let resp = s
+            .send_request(request("GET", target, &[], empty()))
+            .await
+            .map_err(|e| e.to_string())?;
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+        Ok::<Reply, String>(Reply {
+            status: parts.status.as_u16(),
+            headers: parts.headers,
+            body,
+        })
+    };
+    match tokio::time::timeout(LIVENESS, go).await {
+        Ok(Ok(r)) if r.status == 200 => Ok(r),
+        Ok(Ok(r)) => Err(format!("{target}: status {}", r.status)),
+        Ok(Err(e)) => Err(format!("{target}: {e}")),
+        Err(_) => Err(format!("{target}: no response in {LIVENESS:?}")),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_changing_routes_under_load_fails_no_request() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    let py = Py::start(2).await;
+    let p = Proc::spawn(&swapping_routes(&py, false), &[]);
+    let (l, admin) = (p.addr("l"), p.admin());
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicUsize::new(0));
+    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
+    let mut load = Vec::new();
+    for kept_alive in [true, true, false, false] {
+        let (stop, done, failures) = (stop.clone(), done.clone(), failures.clone());
+        load.push(tokio::spawn(async move {
+            let mut s = client(l).await;
+            while !stop.load(Ordering::SeqCst) {
+                if !kept_alive {
+                    s = client(l).await;
+                }
+                for target in ["/x", "/y"] {
+                    match try_exchange(&mut s, target).await {
+                        Ok(_) => done.fetch_add(1, Ordering::SeqCst),
+                        Err(e) => {
+                            failures.lock().unwrap().push(e);
+                            s = client(l).await;
+                            0
+                        }
+                    };
+                }
+            }
+        }));
+    }
+    // A kept-alive connection opened before any reload.
+    let mut old = client(l).await;
+    let reloads = || p.log().matches("configuration reloaded").count();
+    for i in 1..=6 {
+        let swap = i % 2 == 1;
+        p.dir.file("flowgate.toml", &swapping_routes(&py, swap));
+        if i % 2 == 1 {
+            p.signal(nix::sys::signal::Signal::SIGHUP);
+            assert!(
+                wait_until(LIVENESS, || reloads() == i).await,
+                "reload {i} by SIGHUP: {}",
+                p.log()
+            );
+        } else {
+            let r = curl(admin, "POST", "/api/v1/reload", None, None).await;
+            assert_eq!(r.status, 200, "reload {i} by the API: {r:?}");
+        }
+        let (x, y) = if swap { (1, 0) } else { (0, 1) };
+        let r = get(l, "/x", &[]).await;
+        assert_eq!(
+            r.backend(),
+            py.name(x),
+            "reload {i}: /x on a new connection"
+        );
+        let r = exchange(&mut old, request("GET", "/y", &[], empty())).await;
+        assert_eq!(
+            r.backend(),
+            py.name(y),
+            "reload {i}: /y on an old connection"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    for h in load {
+        h.await.unwrap();
+    }
+    let failures = failures.lock().unwrap().clone();
+    assert_eq!(
+        failures,
+        Vec::<String>::new(),
+        "failed requests across reloads"
+    );
+    let done = done.load(Ordering::SeqCst);
+    eprintln!("{done} requests across 6 reloads");
+    assert!(done >= 100, "the load kept going: {done} requests");
+    assert_eq!(reloads(), 6, "{}", p.log());
+}
+
+// ---- 11. Graceful shutdown ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_client_gets_goaway_on_shutdown_and_its_stream_completes() {
+    let py = Py::start(1).await;
+    let fg = start(&one_pool(&py, "", "upstream_protocol = \"http1\"", false));
+    let l = fg.local_addr("l").unwrap();
+    let nghttp = Command::new("nghttp")
+        .args(["-v", "-n"])
+        .arg(format!("http://{l}/inflight?do=sleep&ms=1500"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("nghttp (apt-get install -y nghttp2-client)");
+    // The stream is in flight once the backend has it.
+    let mut reached = false;
+    for _ in 0..500 {
+        if py.seen(0).await.iter().any(|s| s.contains("/inflight")) {
+            reached = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(reached, "the request reached the backend");
+    let shutdown = tokio::spawn(fg.clone().shutdown());
+    let out = tokio::time::timeout(LIVENESS, nghttp.wait_with_output())
+        .await
+        .expect("nghttp finishes")
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("recv GOAWAY frame"), "a GOAWAY: {text}");
+    assert!(
+        text.contains(":status: 200"),
+        "the stream completed: {text}"
+    );
+    let goaway = text.find("recv GOAWAY frame").unwrap();
+    let status = text.find(":status: 200").unwrap();
+    assert!(
+        goaway < status,
+        "GOAWAY came while the stream was in flight: {text}"
+    );
+    let all_finished = tokio::time::timeout(LIVENESS, shutdown)
+        .await
+        .expect("shutdown ends")
+        .unwrap();
+    assert!(
+        all_finished,
+        "every session finished within shutdown_timeout"
+    );
+    assert!(
+        TcpStream::connect(l).await.is_err(),
+        "the listener is closed"
+    );
+}
+
+// ---- 12. gRPC ----
+
+/// Runs tests/support/grpc_peer.py's client against `target`.
+async fn grpc_client(target: SocketAddr, unary: usize, stream: usize) -> serde_json::Value {
+    let out = tokio::time::timeout(
+        LIVENESS * 6,
+        Command::new("python3")
+            .args([&support("grpc_peer.py"), "client", &target.to_string()])
+            .args([unary.to_string(), stream.to_string()])
+            .output(),
+    )
+    .await
+    .expect("the gRPC client finishes")
+    .expect("python3 (and python3 -m pip install grpcio)");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Two gRPC servers; listener "g" (http) over both, listener "t" (tcp) over the
+/// first.
+async fn grpc_setup() -> (Child, Vec<String>, Flowgate) {
+    let (child, ports) = spawn_ready(
+        Command::new("python3").args([&support("grpc_peer.py"), "server", "2"]),
+        "the gRPC server (python3 -m pip install grpcio)",
+    )
+    .await;
+    let names: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let cfg = head(false)
+        + &listener("g", "pool = \"grpc\"")
+        + "\n[[listeners]]\nname = \"t\"\nbind = \"127.0.0.1:0\"\npool = \"grpc-l4\"\n"
+        + &pool("grpc", &names, "upstream_protocol = \"auto\"")
+        + &pool("grpc-l4", &names[..1], "");
+    (child, names, start(&cfg))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_unary_calls_balance_per_call_and_a_server_stream_completes() {
+    let (_peers, names, fg) = grpc_setup().await;
+    let v = grpc_client(fg.local_addr("g").unwrap(), 100, 1000).await;
+    for n in &names {
+        assert_eq!(v["counts"][n], 50, "100 calls on one channel: {v}");
+    }
+    assert_eq!(v["stream_len"], 1000, "{v}");
+    assert_eq!(v["stream_ok"], true, "{v}");
+    assert_eq!(v["code"], "OK", "the status from the trailers: {v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_through_an_l4_listener() {
+    let (_peers, names, fg) = grpc_setup().await;
+    let v = grpc_client(fg.local_addr("t").unwrap(), 3, 10).await;
+    assert_eq!(v["counts"][&names[0]], 3, "{v}");
+    assert_eq!(v["code"], "OK", "{v}");
+}
+
+// ---- More of issue 11's contract: stream timeouts, drain, limits, pooling ----
+
+/// GETs `target` and reads the body frame by frame until it ends or fails;
+/// returns the status, the data received and the body error, if any.
+async fn get_streamed(
+    addr: SocketAddr,
+    target: &str,
+    headers: &[(&str, &str)],
+) -> (u16, Vec<u8>, Option<String>, Option<hyper::HeaderMap>) {
+    let mut s = client(addr).await;
+    let resp = tokio::time::timeout(
+        LIVENESS,
+        s.send_request(request("GET", target, headers, empty())),
+    )
+    .await
+    .expect("head in time")
+    .expect("response head");
+    let status = resp.status().as_u16();
+    let mut body = resp.into_body();
+    let (mut data, mut trailers) = (Vec::new(), None);
+    loop {
+        match tokio::time::timeout(LIVENESS, body.frame())
+            .await
+            .expect("the body moves or ends in time")
+        {
+            None => return (status, data, None, trailers),
+            Some(Err(e)) => return (status, data, Some(e.to_string()), trailers),
+            Some(Ok(f)) => match f.into_data() {
+                Ok(d) => data.extend_from_slice(&d),
+                Err(f) => trailers = f.into_trailers().ok(),
+            },
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_idle_timeout_ends_a_stalled_response_but_not_a_slow_one() {
+    let py = Py::start(1).await;
+    let cfg = head(false)
+        + &listener("l", "")
+        + &route(None, "/", "p", "stream_idle_timeout = \"1s\"")
+        + &pool("p", &[py.name(0)], "");
+    let fg = start(&cfg);
+    let l = fg.local_addr("l").unwrap();
+    // Events 300 ms apart for 2.4 s: never idle for 1 s.
+    let (status, data, err, _) = get_streamed(l, "/ok?do=sse&n=9&ms=300", &[]).await;
+    assert_eq!((status, err), (200, None));
+    assert_eq!(String::from_utf8_lossy(&data).matches("data: ").count(), 9);
+    // An 8 s gap after the first event: cut, without the final chunk.
+    let t = Instant::now();
+    let (status, data, err, _) = get_streamed(l, "/stall?do=sse&n=2&ms=8000", &[]).await;
+    assert_eq!(status, 200);
+    let text = String::from_utf8_lossy(&data);
+    assert!(text.starts_with("id: 0\n"), "{text:?}");
+    assert!(!text.contains("id: 1"), "{text:?}");
+    assert!(
+        err.is_some(),
+        "the response must end in an error, not look complete"
+    );
+    assert!(
+        t.elapsed() >= Duration::from_millis(900) && t.elapsed() < Duration::from_secs(7),
+        "cut by stream_idle_timeout, not by the backend: {:?}",
+        t.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_idle_timeout_ends_a_stalled_request_body() {
+    let py = Py::start(1).await;
+    let cfg = head(false)
+        + &listener("l", "")
+        + &route(None, "/", "p", "stream_idle_timeout = \"1s\"")
+        + &pool("p", &[py.name(0)], "");
+    let fg = start(&cfg);
+    let l = fg.local_addr("l").unwrap();
+    let mut s = TcpStream::connect(l).await.unwrap();
+    s.write_all(b"POST /stalled HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhello")
+        .await
+        .unwrap();
+    let (resp, closed) = read_to_close(&mut s, LIVENESS).await;
+    assert!(closed, "a stalled upload is ended: {resp:?}");
+    assert_eq!(status_of(&resp), 408, "{resp:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_backend_finishes_its_request_in_flight_and_gets_no_new_ones() {
+    let py = Py::start(2).await;
+    let fg = start(&one_pool(&py, "", "", true));
+    let (l, admin) = (fg.local_addr("l").unwrap(), fg.admin_addr().unwrap());
+    let slow = tokio::spawn(get(l, "/inflight?do=sleep&ms=1500", &[]));
+    let mut on = None;
+    for _ in 0..500 {
+        for i in 0..2 {
+            if py.seen(i).await.iter().any(|s| s.contains("/inflight")) {
+                on = Some(i);
+            }
+        }
+        if on.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let on = on.expect("the slow request reached a backend");
+    let r = post_action(admin, &py.name(on), "drain", false).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let mut kept = client(l).await;
+    for i in 0..6 {
+        let r = exchange(&mut kept, request("GET", "/new", &[], empty())).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(
+            r.backend(),
+            py.name(1 - on),
+            "new request {i} avoids the drained backend"
+        );
+    }
+    let r = tokio::time::timeout(LIVENESS, slow).await.unwrap().unwrap();
+    assert_eq!(r.status, 200, "the request in flight finished: {r:?}");
+    assert_eq!(r.backend(), py.name(on));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_client_gets_connection_close_on_shutdown() {
+    let py = Py::start(1).await;
+    let fg = start(&one_pool(&py, "", "", false));
+    let l = fg.local_addr("l").unwrap();
+    let mut s = TcpStream::connect(l).await.unwrap();
+    s.write_all(b"GET /inflight?do=sleep&ms=1000 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut reached = false;
+    for _ in 0..500 {
+        if py.seen(0).await.iter().any(|s| s.contains("/inflight")) {
+            reached = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(reached);
+    let shutdown = tokio::spawn(fg.clone().shutdown());
+    let (resp, closed) = read_to_close(&mut s, LIVENESS).await;
+    assert_eq!(status_of(&resp), 200, "{resp:?}");
+    assert!(
+        resp.to_ascii_lowercase()
+            .contains("\r\nconnection: close\r\n"),
+        "{resp:?}"
+    );
+    assert!(closed, "closed after the response");
+    assert!(tokio::time::timeout(LIVENESS, shutdown)
+        .await
+        .unwrap()
+        .unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_the_backend_closed_is_replaced_without_an_error() {
+    // The backend closes kept-alive connections idle for 300 ms, without a word.
+    let py = Py::start_with(1, &["--idle-close-ms", "300"]).await;
+    let fg = start(&one_pool(&py, "", "", false));
+    let l = fg.local_addr("l").unwrap();
+    let mut kept = client(l).await;
+    for i in 0..3 {
+        let r = exchange(&mut kept, request("GET", "/get", &[], empty())).await;
+        assert_eq!(r.status, 200, "GET {i}: {r:?}");
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let r = exchange(&mut kept, request("POST", "/post", &[], full("body"))).await;
+        assert_eq!(r.status, 200, "POST {i}: {r:?}");
+        assert_eq!(r.json()["body_len"], 4);
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    assert_eq!(seen_counts(&py, "POST /post").await, [3], "each POST once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_connections_counts_requests_in_flight() {
+    let py = Py::start(2).await;
+    let cfg = head(false)
+        + &listener("l", "pool = \"p\"")
+        + &pool("p", &[py.name(0), py.name(1)], "").replace("round-robin", "least-connections");
+    let fg = start(&cfg);
+    let l = fg.local_addr("l").unwrap();
+    // Warm both backends' pooled connections.
+    for _ in 0..4 {
+        assert_eq!(get(l, "/warm", &[]).await.status, 200);
+    }
+    let slow = tokio::spawn(get(l, "/inflight?do=sleep&ms=2000", &[]));
+    let mut on = None;
+    for _ in 0..500 {
+        for i in 0..2 {
+            if py.seen(i).await.iter().any(|s| s.contains("/inflight")) {
+                on = Some(i);
+            }
+        }
+        if on.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let on = on.expect("the slow request reached a backend");
+    let mut kept = client(l).await;
+    for i in 0..6 {
+        let r = exchange(&mut kept, request("GET", "/quick", &[], empty())).await;
+        assert_eq!(
+            r.backend(),
+            py.name(1 - on),
+            "quick request {i} goes to the backend with no request in flight"
+        );
+    }
+    assert_eq!(slow.await.unwrap().status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_trailers_are_forwarded() {
+    let py = Py::start(1).await;
+    let fg = start(&one_pool(&py, "", "", false));
+    let l = fg.local_addr("l").unwrap();
+    let (status, data, err, trailers) =
+        get_streamed(l, "/t?do=trailers", &[("te", "trailers")]).await;
+    assert_eq!((status, err), (200, None));
+    assert_eq!(data, b"hello");
+    let trailers = trailers.expect("a trailers frame");
+    assert_eq!(trailers["x-checksum"], "42", "{trailers:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_requests_keep_kept_alive_connections_in_step() {
+    let py = Py::start(1).await;
+    let fg = start(&one_pool(&py, "", "", false));
+    let l = fg.local_addr("l").unwrap();
+    let mut kept = client(l).await;
+    for i in 0..3 {
+        let r = exchange(
+            &mut kept,
+            request("HEAD", "/h?do=download&bytes=1000", &[], empty()),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.header("content-length"), "1000", "{r:?}");
+        assert!(r.body.is_empty(), "{r:?}");
+        let target = format!("/after-head-{i}");
+        let r = exchange(&mut kept, request("GET", &target, &[], empty())).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.target(), target);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_head_is_431_and_oversized_body_413() {
+    let py = Py::start(1).await;
+    let fg = start(&one_pool(
+        &py,
+        "max_header_bytes = 8192\nmax_body_bytes = 1000",
+        "",
+        false,
+    ));
+    let l = fg.local_addr("l").unwrap();
+    let big = format!(
+        "GET /big HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(10_000)
+    );
+    let (resp, closed) = raw(l, big.as_bytes()).await;
+    assert_eq!(status_of(&resp), 431, "{resp:?}");
+    assert!(closed);
+    let ok = format!(
+        "GET /fits HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+        "a".repeat(6_000)
+    );
+    let (resp, _) = raw(l, ok.as_bytes()).await;
+    assert_eq!(status_of(&resp), 200, "a head under the limit: {resp:?}");
+
+    let body = "b".repeat(2000);
+    let cl = format!("POST /cl HTTP/1.1\r\nHost: x\r\nContent-Length: 2000\r\n\r\n{body}");
+    let (resp, closed) = raw(l, cl.as_bytes()).await;
+    assert_eq!(status_of(&resp), 413, "{resp:?}");
+    assert!(closed);
+    let chunked = format!(
+        "POST /chunked HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n7d0\r\n{body}\r\n0\r\n\r\n"
+    );
+    let (resp, closed) = raw(l, chunked.as_bytes()).await;
+    assert_eq!(status_of(&resp), 413, "{resp:?}");
+    assert!(closed);
+    let seen = py.seen(0).await;
+    assert!(
+        !seen.iter().any(|s| s.contains("/big") || s.contains("/cl")),
+        "{seen:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_timeout_closes_a_quiet_connection_but_not_one_waiting_for_a_response() {
+    let py = Py::start(1).await;
+    let fg = start(&one_pool(
+        &py,
+        "idle_timeout = \"1s\"\nheader_timeout = \"5s\"",
+        "",
+        false,
+    ));
+    let l = fg.local_addr("l").unwrap();
+    let mut kept = client(l).await;
+    let r = exchange(
+        &mut kept,
+        request("GET", "/slow?do=sleep&ms=2500", &[], empty()),
+    )
+    .await;
+    assert_eq!(r.status, 200, "a response slower than idle_timeout: {r:?}");
+    let (status, data, err, _) = get_streamed(l, "/sse?do=sse&n=6&ms=500", &[]).await;
+    assert_eq!((status, err), (200, None), "a 2.5 s stream");
+    assert_eq!(String::from_utf8_lossy(&data).matches("data: ").count(), 6);
+
+    let mut s = TcpStream::connect(l).await.unwrap();
+    s.write_all(b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let first = tokio::time::timeout(LIVENESS, read_response(&mut s))
+        .await
+        .unwrap();
+    assert_eq!(status_of(&first), 200);
+    let t = Instant::now();
+    let (rest, closed) = read_to_close(&mut s, LIVENESS).await;
+    assert!(
+        closed && rest.is_empty(),
+        "closed quietly when idle: {rest:?}"
+    );
+    assert!(
+        t.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        t.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_timeout_spares_slow_bodies_and_the_wait_between_requests() {
+    let py = Py::start(1).await;
+    let fg = start(&one_pool(
+        &py,
+        "header_timeout = \"1s\"\nidle_timeout = \"30s\"",
+        "",
+        false,
+    ));
+    let l = fg.local_addr("l").unwrap();
+    let mut s = TcpStream::connect(l).await.unwrap();
+    // A body that takes 2.5 s to arrive, after a head that took none.
+    s.write_all(b"POST /slow-body HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n")
+        .await
+        .unwrap();
+    for b in b"hello" {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        s.write_all(&[*b]).await.unwrap();
+    }
+    let r = tokio::time::timeout(LIVENESS, read_response(&mut s))
+        .await
+        .unwrap();
+    assert_eq!(status_of(&r), 200, "{r:?}");
+    assert!(r.contains("\"body_len\": 5"), "{r:?}");
+    // 2 s between requests on the kept-alive connection.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    s.write_all(b"GET /later HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let r = tokio::time::timeout(LIVENESS, read_response(&mut s))
+        .await
+        .unwrap();
+    assert_eq!(status_of(&r), 200, "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_streams_per_connection_is_advertised_to_h2c_clients() {
+    let py = Py::start(1).await;
+    let fg = start(&one_pool(
+        &py,
+        "max_streams_per_connection = 7",
+        "upstream_protocol = \"http1\"",
+        false,
+    ));
+    let l = fg.local_addr("l").unwrap();
+    let out = Command::new("nghttp")
+        .args(["-v", "-n"])
+        .arg(format!("http://{l}/"))
+        .output()
+        .await
+        .expect("nghttp (apt-get install -y nghttp2-client)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("[SETTINGS_MAX_CONCURRENT_STREAMS(0x03):7]"),
+        "{text}"
+    );
+    assert!(text.contains(":status: 200"), "{text}");
+}
+
+// ---- Edge cases of the request line and pipelining ----
+
+/// Splits raw HTTP/1.1 responses with Content-Length bodies; returns their statuses.
+fn statuses(mut raw: &str) -> Vec<u16> {
+    let mut v = Vec::new();
+    while let Some(end) = raw.find("\r\n\r\n") {
+        v.push(status_of(raw));
+        let len: usize = raw[..end]
+            .lines()
+            .find_map(|l| {
+                let (k, val) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| val.trim().parse().unwrap())
+            })
+            .unwrap_or(0);
+        raw = raw.get(end + 4 + len..).unwrap_or("");
+    }
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "flowgate bug: CL+TE in a pipelined request (or one sent while another is in flight) is forwarded, not 400"]
+async fn desync_content_length_and_transfer_encoding_in_a_pipelined_request_is_400() {
+    let py = Py::start(1).await;
+    let fg = start(&one_pool(&py, "", "", false));
+    let l = fg.local_addr("l").unwrap();
+    let smuggler = "POST /second HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n";
+    // In one write behind a first request.
+    let req = format!("GET /first HTTP/1.1\r\nHost: x\r\n\r\n{smuggler}");
+    let (resp, closed) = raw(l, req.as_bytes()).await;
+    let one_write = (statuses(&resp), closed);
+    // Written while a first request is in flight.
+    let mut s = TcpStream::connect(l).await.unwrap();
+    s.write_all(b"GET /inflight?do=sleep&ms=1000 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut reached = false;
+    for _ in 0..500 {
+        if py.seen(0).await.iter().any(|s| s.contains("/inflight")) {
+            reached = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(reached);
+    let _ = s.write_all(smuggler.as_bytes()).await;
+    let (resp, closed) = read_to_close(&mut s, LIVENESS).await;
+    let in_flight = (statuses(&resp), closed);
+    assert_eq!(
+        [one_write, in_flight],
+        [(vec![200, 400], true), (vec![200, 400], true)],
+        "[in one write, while in flight]: (statuses, closed)"
+    );
+    let seen = py.seen(0).await;
+    assert!(
+        !seen
+            .iter()
+            .any(|s| s.contains("/second") || s.contains("/smuggled")),
+        "{seen:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "flowgate bug: first_byte_timeout runs from the start of the upload, so a slow request body gets 504"]
+async fn first_byte_timeout_runs_from_the_end_of_the_request_body() {
+    let py = Py::start(1).await;
+    let cfg = head(false)
+        + &listener("l", "")
+        + &route(None, "/", "p", "first_byte_timeout = \"1s\"")
+        + &pool("p", &[py.name(0)], "");
+    let fg = start(&cfg);
+    let l = fg.local_addr("l").unwrap();
+    let mut s = TcpStream::connect(l).await.unwrap();
+    // A 2.5 s upload; the backend answers as soon as it has all of it.
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n")
+        .await
+        .unwrap();
+    for b in b"hello" {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if s.write_all(&[*b]).await.is_err() {
+            break;
+        }
+    }
+    let (resp, _) = read_to_close(&mut s, Duration::from_secs(2)).await;
+    assert_eq!(status_of(&resp), 200, "{resp:?}");
+    assert!(resp.contains("\"body_len\": 5"), "{resp:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "flowgate bug: absolute-form target is routed by its authority but the client's Host goes upstream"]
+async fn absolute_form_target_routes_by_its_authority_and_sets_host_from_it() {
+    let (py, fg) = routing().await;
+    let l = fg.local_addr("l").unwrap();
+    let (resp, _) = raw(
+        l,
+        b"GET http://api.example.com/x HTTP/1.1\r\nHost: other\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status_of(&resp), 200, "{resp:?}");
+    let body = &resp[resp.find("\r\n\r\n").unwrap() + 4..];
+    let v: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(v["backend"], py.name(EXACT), "routed by the authority: {v}");
+    assert_eq!(v["target"], "/x", "origin-form upstream: {v}");
+    let hosts: Vec<&str> = v["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|kv| kv[0].as_str().unwrap().eq_ignore_ascii_case("host"))
+        .map(|kv| kv[1].as_str().unwrap())
+        .collect();
+    // RFC 9112 §3.2.2: a proxy replaces Host with the target's authority.
+    assert_eq!(hosts, ["api.example.com"], "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_authority_routes_and_becomes_host_upstream() {
+    let (py, fg) = routing().await;
+    let l = fg.local_addr("l").unwrap();
+    let out = Command::new("nghttp")
+        .args(["-H", ":authority: api.example.com:8443"])
+        .arg(format!("http://{l}/h2/x?q=1"))
+        .output()
+        .await
+        .expect("nghttp (apt-get install -y nghttp2-client)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let v: serde_json::Value = serde_json::from_str(text.trim()).expect("the backend's JSON");
+    assert_eq!(v["backend"], py.name(EXACT), "{v}");
+    assert_eq!(v["target"], "/h2/x?q=1", "{v}");
+    let host: Vec<&str> = v["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|kv| kv[0].as_str().unwrap().eq_ignore_ascii_case("host"))
+        .map(|kv| kv[1].as_str().unwrap())
+        .collect();
+    assert_eq!(host, ["api.example.com:8443"], "{v}");
+}
+
+// ---- h2c clients: streaming both ways, SSE; curl's Expect: 100-continue ----
+
+/// Writes `total` bytes of `block`s to a file in `dir`.
+fn generated_file(dir: &tempdir::Dir, total: u64) -> std::path::PathBuf {
+    use std::io::Write;
+    let path = dir.0.join("body.bin");
+    let mut f = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+    let (mut k, mut left) = (0, total);
+    while left > 0 {
+        let b = block(k, left.min(65536) as usize);
+        f.write_all(&b).unwrap();
+        left -= b.len() as u64;
+        k += 1;
+    }
+    f.flush().unwrap();
+    path
+}
+
+/// curl with `args`; returns its stdout, asserting it succeeded.
+async fn curl_out(args: &[&str]) -> Vec<u8> {
+    let out = tokio::time::timeout(
+        LIVENESS * 6,
+        Command::new("curl")
+            .args(["-sS", "--noproxy", "*", "--max-time", "60"])
+            .args(args)
+            .output(),
+    )
+    .await
+    .expect("curl finishes")
+    .expect("curl (apt-get install -y curl)");
+    assert!(
+        out.status.success(),
+        "curl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_client_uploads_and_downloads_64_mib_with_equal_sha256() {
+    const SIZE: u64 = 64 << 20;
+    let py = Py::start(1).await;
+    let p = Proc::spawn(
+        &one_pool(&py, "", "upstream_protocol = \"http1\"", false),
+        &[],
+    );
+    let l = p.addr("l");
+    let file = generated_file(&p.dir, SIZE);
+    let upload = format!("@{}", file.display());
+    let url = format!("http://{l}/up");
+    let ((up, down), growth) = rss_growth(p.pid(), async {
+        let up = curl_out(&["--http2-prior-knowledge", "--data-binary", &upload, &url]).await;
+        let url = format!("http://{l}/down?do=download&bytes={SIZE}");
+        let down = curl_out(&["--http2-prior-knowledge", &url]).await;
+        (up, down)
+    })
+    .await;
+    let v: serde_json::Value = serde_json::from_slice(&up).expect("the backend's JSON");
+    let want = generated_sha256(SIZE);
+    assert_eq!(v["body_len"], SIZE, "{v}");
+    assert_eq!(v["sha256"], want, "{v}");
+    assert_eq!(down.len() as u64, SIZE);
+    assert_eq!(hex(&Sha256::digest(&down)), want);
+    eprintln!("flowgate RSS growth: {growth} KiB");
+    assert!(growth < 32 << 10, "flowgate's RSS grew by {growth} KiB");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_upload_with_expect_100_continue() {
+    const SIZE: u64 = 8 << 20;
+    let py = Py::start(1).await;
+    let fg = start(&one_pool(&py, "", "", false));
+    let l = fg.local_addr("l").unwrap();
+    let dir = tempdir::Dir::new();
+    let upload = format!("@{}", generated_file(&dir, SIZE).display());
+    let t = Instant::now();
+    let up = curl_out(&[
+        "-H",
+        "Expect: 100-continue",
+        "--expect100-timeout",
+        "30",
+        "--data-binary",
+        &upload,
+        &format!("http://{l}/up"),
+    ])
+    .await;
+    let v: serde_json::Value = serde_json::from_slice(&up).expect("the backend's JSON");
+    assert_eq!(v["body_len"], SIZE, "{v}");
+    assert_eq!(v["sha256"], generated_sha256(SIZE), "{v}");
+    assert!(
+        t.elapsed() < Duration::from_secs(25),
+        "curl waited out its Expect timeout: no 100 Continue came ({:?})",
+        t.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_to_an_h2c_client_arrives_as_written() {
+    let py = Py::start(1).await;
+    let fg = start(&one_pool(&py, "", "upstream_protocol = \"http1\"", false));
+    let l = fg.local_addr("l").unwrap();
+    let mut child = Command::new("curl")
+        .args(["-sS", "-N", "--noproxy", "*", "--http2-prior-knowledge"])
+        .arg(format!("http://{l}/events?do=sse&n=20&ms=50"))
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("curl (apt-get install -y curl)");
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut delays = Vec::new();
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = tokio::time::timeout(LIVENESS, out.read_line(&mut line))
+            .await
+            .expect("events keep coming")
+            .unwrap();
+        if n == 0 {
+            break;
+        }
+        if let Some(sent) = line.trim().strip_prefix("data: ") {
+            let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+            let sent = Duration::from_secs_f64(sent.parse().unwrap());
+            delays.push(now.saturating_sub(sent));
+        }
+    }
+    assert!(child.wait().await.unwrap().success());
+    assert_eq!(delays.len(), 20, "every event arrived: {delays:?}");
+    assert_events_not_held(&delays);
+}
+
+// ---- Accounting: requests in flight after clients give up ----
+
+/// The sum of metric `name`'s samples whose labels contain all of `labels`.
+async fn metric(admin: SocketAddr, name: &str, labels: &[&str]) -> f64 {
+    let r = curl(admin, "GET", "/metrics", None, None).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    r.text
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_in_flight_return_to_zero_when_clients_give_up() {
+    let py = Py::start(2).await;
+    let fg = start(&one_pool(&py, "", "", true));
+    let (l, admin) = (fg.local_addr("l").unwrap(), fg.admin_addr().unwrap());
+    let mut tasks = Vec::new();
+    // HTTP/1.1 clients that leave mid-stream and before the response head.
+    for target in ["/sse?do=sse&n=100&ms=100", "/slow?do=sleep&ms=1500"] {
+        for _ in 0..4 {
+            tasks.push(tokio::spawn(async move {
+                let mut s = client(l).await;
+                let req = request("GET", target, &[], empty());
+                let _ = tokio::time::timeout(Duration::from_millis(300), async {
+                    let resp = s.send_request(req).await.unwrap();
+                    let mut b = resp.into_body();
+                    while let Some(Ok(_)) = b.frame().await {}
+                })
+                .await;
+            }));
+        }
+    }
+    // h2c clients that leave mid-stream.
+    for _ in 0..2 {
+        tasks.push(tokio::spawn(async move {
+            let _ = Command::new("curl")
+                .args(["-sS", "-N", "--noproxy", "*", "--http2-prior-knowledge"])
+                .args(["--max-time", "0.5", "-o", "/dev/null"])
+                .arg(format!("http://{l}/sse2?do=sse&n=100&ms=100"))
+                .status()
+                .await;
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let in_flight_now = |pools: &serde_json::Value| -> Vec<u64> {
+        backends_of(pools, "p")
+            .iter()
+            .map(|b| b["active_connections"].as_u64().unwrap())
+            .collect()
+    };
+    let mut active = Vec::new();
+    for _ in 0..300 {
+        active = in_flight_now(&get_pools(admin).await);
+        if active == [0, 0] {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        active,
+        [0, 0],
+        "requests in flight per backend, once every client left"
+    );
+    let gauge = metric(admin, "flowgate_http_requests_in_flight", &[]).await;
+    assert_eq!(gauge, 0.0, "flowgate_http_requests_in_flight");
+    // Counted requests: one normal request now shows up as a 2xx.
+    assert_eq!(get(l, "/counted", &[]).await.status, 200);
+    let ok = metric(
+        admin,
+        "flowgate_http_requests_total",
+        &["code=\"2xx\"", "listener=\"l\""],
+    )
+    .await;
+    assert!(ok >= 1.0, "flowgate_http_requests_total 2xx: {ok}");
+}
+
+// ---- Upstream connection pool ----
+
+impl Py {
+    /// How many connections server `i` has open, not counting the one asking.
+    async fn open_conns(&self, i: usize) -> u64 {
+        let r = get(self.addr(i), "/__conns", &[]).await;
+        serde_json::from_slice::<u64>(&r.body).unwrap() - 1
+    }
+
+    /// Waits until server `i` has `cond` open connections; returns the last count.
+    async fn conns_until(&self, i: usize, cond: impl Fn(u64) -> bool) -> u64 {
+        let mut n = 0;
+        for _ in 0..300 {
+            n = self.open_conns(i).await;
+            if cond(n) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        n
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_upstream_connections_are_kept_up_to_max_idle_per_backend() {
+    let py = Py::start(1).await;
+    let fg = start(&one_pool(&py, "", "max_idle_per_backend = 2", false));
+    let l = fg.local_addr("l").unwrap();
+    let slow: Vec<_> = (0..10)
+        .map(|_| tokio::spawn(get(l, "/slow?do=sleep&ms=500", &[])))
+        .collect();
+    let busy = py.conns_until(0, |n| n == 10).await;
+    assert_eq!(busy, 10, "ten requests in flight, ten upstream connections");
+    for s in slow {
+        assert_eq!(s.await.unwrap().status, 200);
+    }
+    let idle = py.conns_until(0, |n| n <= 2).await;
+    assert!(
+        idle <= 2,
+        "{idle} idle upstream connections kept, max_idle_per_backend = 2"
+    );
+    // The ones kept are reused: sequential requests open no new connection.
+    for _ in 0..5 {
+        assert_eq!(get(l, "/again", &[]).await.status, 200);
+    }
+    assert!(py.open_conns(0).await <= 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "flowgate bug: drain through the admin API leaves the backend's idle pooled upstream connections open"]
+async fn draining_a_backend_closes_its_idle_upstream_connections() {
+    let py = Py::start(2).await;
+    let fg = start(&one_pool(&py, "", "", true));
+    let (l, admin) = (fg.local_addr("l").unwrap(), fg.admin_addr().unwrap());
+    let warm: Vec<_> = (0..6)
+        .map(|_| tokio::spawn(get(l, "/warm?do=sleep&ms=200", &[])))
+        .collect();
+    for w in warm {
+        assert_eq!(w.await.unwrap().status, 200);
+    }
+    assert!(
+        py.open_conns(0).await >= 1,
+        "pooled idle connections to backend 0"
+    );
+    let r = post_action(admin, &py.name(0), "drain", false).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let left = py.conns_until(0, |n| n == 0).await;
+    assert_eq!(
+        left, 0,
+        "idle upstream connections to a drained backend close"
+    );
+    assert!(py.open_conns(1).await >= 1, "the other backend's stay");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_removed_by_reload_has_its_idle_upstream_connections_closed() {
+    let py = Py::start(2).await;
+    let dir = tempdir::Dir::new();
+    let (fg, path) = start_file(&dir, "flowgate.toml", &one_pool(&py, "", "", true));
+    let (l, admin) = (fg.local_addr("l").unwrap(), fg.admin_addr().unwrap());
+    let warm: Vec<_> = (0..6)
+        .map(|_| tokio::spawn(get(l, "/warm?do=sleep&ms=200", &[])))
+        .collect();
+    for w in warm {
+        assert_eq!(w.await.unwrap().status, 200);
+    }
+    assert!(
+        py.open_conns(0).await >= 1,
+        "pooled idle connections to backend 0"
+    );
+    let v2 = head(true) + &listener("l", "pool = \"p\"") + &pool("p", &[py.name(1)], "");
+    std::fs::write(&path, v2).unwrap();
+    let r = curl(admin, "POST", "/api/v1/reload", None, None).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let left = py.conns_until(0, |n| n == 0).await;
+    assert_eq!(
+        left, 0,
+        "idle upstream connections to a removed backend close"
+    );
+    for _ in 0..4 {
+        assert_eq!(get(l, "/after", &[]).await.backend(), py.name(1));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_client_gets_goaway_when_a_reload_removes_its_listener() {
+    let py = Py::start(1).await;
+    let dir = tempdir::Dir::new();
+    let both = head(true)
+        + &listener("keep", "pool = \"p\"")
+        + &listener("gone", "pool = \"p\"")
+        + &pool("p", &[py.name(0)], "upstream_protocol = \"http1\"");
+    let (fg, path) = start_file(&dir, "flowgate.toml", &both);
+    let (gone, admin) = (fg.local_addr("gone").unwrap(), fg.admin_addr().unwrap());
+    let nghttp = Command::new("nghttp")
+        .args(["-v", "-n"])
+        .arg(format!("http://{gone}/inflight?do=sleep&ms=1500"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("nghttp (apt-get install -y nghttp2-client)");
+    let mut reached = false;
+    for _ in 0..500 {
+        if py.seen(0).await.iter().any(|s| s.contains("/inflight")) {
+            reached = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(reached, "the request reached the backend");
+    let one = head(true)
+        + &listener("keep", "pool = \"p\"")
+        + &pool("p", &[py.name(0)], "upstream_protocol = \"http1\"");
+    std::fs::write(&path, one).unwrap();
+    let r = curl(admin, "POST", "/api/v1/reload", None, None).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let out = tokio::time::timeout(LIVENESS, nghttp.wait_with_output())
+        .await
+        .expect("nghttp finishes")
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let goaway = text.find("recv GOAWAY frame").expect("a GOAWAY");
+    let status = text.find(":status: 200").expect("the stream completed");
+    assert!(
+        goaway < status,
+        "GOAWAY came while the stream was in flight: {text}"
+    );
+    assert!(
+        TcpStream::connect(gone).await.is_err(),
+        "the removed listener is closed"
+    );
+}

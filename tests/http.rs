@@ -2009,7 +2009,6 @@ fn statuses(mut raw: &str) -> Vec<u16> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "flowgate bug: CL+TE in a pipelined request (or one sent while another is in flight) is forwarded, not 400"]
 async fn desync_content_length_and_transfer_encoding_in_a_pipelined_request_is_400() {
     let py = Py::start(1).await;
     let fg = start(&one_pool(&py, "", "", false));
@@ -2051,7 +2050,6 @@ async fn desync_content_length_and_transfer_encoding_in_a_pipelined_request_is_4
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "flowgate bug: first_byte_timeout runs from the start of the upload, so a slow request body gets 504"]
 async fn first_byte_timeout_runs_from_the_end_of_the_request_body() {
     let py = Py::start(1).await;
     let cfg = head(false)
@@ -2077,7 +2075,6 @@ async fn first_byte_timeout_runs_from_the_end_of_the_request_body() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "flowgate bug: absolute-form target is routed by its authority but the client's Host goes upstream"]
 async fn absolute_form_target_routes_by_its_authority_and_sets_host_from_it() {
     let (py, fg) = routing().await;
     let l = fg.local_addr("l").unwrap();
@@ -2388,7 +2385,6 @@ async fn idle_upstream_connections_are_kept_up_to_max_idle_per_backend() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "flowgate bug: drain through the admin API leaves the backend's idle pooled upstream connections open"]
 async fn draining_a_backend_closes_its_idle_upstream_connections() {
     let py = Py::start(2).await;
     let fg = start(&one_pool(&py, "", "", true));

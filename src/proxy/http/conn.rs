@@ -30,6 +30,7 @@ use tracing::debug;
 
 use super::body::OutBody;
 use super::forward;
+use super::scan::HeadScan;
 use super::state::{ConnCtx, ConnState};
 use crate::proxy::tcp::{ListenerSettings, Place};
 
@@ -122,89 +123,6 @@ pub struct ClientIo {
     scan: HeadScan,
 }
 
-/// Watches an HTTP/1.1 head go by for `Content-Length` and `Transfer-Encoding`
-/// lines, byte by byte, across reads; stops at the blank line that ends it.
-#[derive(Debug, Default)]
-struct HeadScan {
-    active: bool,
-    /// The start of the current line, lower case.
-    line: [u8; 18],
-    len: usize,
-    /// The current line is empty so far (a blank line ends the head).
-    blank: bool,
-    cl: bool,
-    te: bool,
-}
-
-impl HeadScan {
-    fn start(&mut self) {
-        *self = HeadScan {
-            active: true,
-            blank: true,
-            ..HeadScan::default()
-        };
-    }
-
-    /// Scans `bytes`; true when the head just ended with both headers in it.
-    fn feed(&mut self, bytes: &[u8]) -> bool {
-        for &b in bytes {
-            if !self.active {
-                return false;
-            }
-            match b {
-                b'\n' => {
-                    if self.blank && self.len == 0 {
-                        self.active = false;
-                        return self.cl && self.te;
-                    }
-                    let line = &self.line[..self.len];
-                    self.cl |= line.starts_with(b"content-length:");
-                    self.te |= line.starts_with(b"transfer-encoding:");
-                    self.len = 0;
-                    self.blank = true;
-                }
-                b'\r' if self.len == 0 => {}
-                _ => {
-                    self.blank = false;
-                    if self.len < self.line.len() {
-                        self.line[self.len] = b.to_ascii_lowercase();
-                        self.len += 1;
-                    }
-                }
-            }
-        }
-        false
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::HeadScan;
-
-    fn scan(parts: &[&[u8]]) -> bool {
-        let mut s = HeadScan::default();
-        s.start();
-        parts.iter().any(|p| s.feed(p))
-    }
-
-    #[test]
-    fn both_lengths_are_seen_across_reads() {
-        assert!(scan(&[
-            b"POST / HTTP/1.1\r\nContent-Len",
-            b"gth: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
-        ]));
-        assert!(scan(&[
-            b"POST / HTTP/1.1\nTRANSFER-ENCODING: chunked\ncontent-length: 1\n\n"
-        ]));
-        assert!(!scan(&[
-            b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\ntransfer-encoding: x\r\n\r\n"
-        ]));
-        assert!(!scan(&[
-            b"GET / HTTP/1.1\r\nX-Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
-        ]));
-    }
-}
-
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Deadline {
     Head,
@@ -232,11 +150,7 @@ impl ClientIo {
             sleep: Box::pin(tokio::time::sleep_until(now + header_timeout)),
             armed: Some(now + header_timeout),
             first_read: true,
-            scan: HeadScan {
-                active: true,
-                blank: true,
-                ..HeadScan::default()
-            },
+            scan: HeadScan::new(),
         }
     }
 
@@ -276,7 +190,7 @@ impl ClientIo {
             && self.state.in_flight.load(Ordering::Acquire) == 0
         {
             self.head = Some((Instant::now(), requests));
-            self.scan.start();
+            self.scan.resync(requests + 1);
         }
     }
 }
@@ -297,11 +211,16 @@ impl AsyncRead for ClientIo {
                     let n = filled.len().min(4);
                     first[..n].copy_from_slice(&filled[..n]);
                     this.arrived(&first[..n]);
-                    if this.scan.active
-                        && !this.state.h2.load(Ordering::Relaxed)
-                        && this.scan.feed(&buf.filled()[before..])
-                    {
-                        this.state.both_lengths.store(true, Ordering::Release);
+                    if !this.state.h2.load(Ordering::Relaxed) {
+                        if let Some(n) = this.scan.feed(&buf.filled()[before..]) {
+                            // The first such head: the connection closes there.
+                            let _ = this.state.bad_head.compare_exchange(
+                                0,
+                                n,
+                                Ordering::AcqRel,
+                                Ordering::Relaxed,
+                            );
+                        }
                     }
                 }
                 return Poll::Ready(Ok(()));

@@ -2,7 +2,7 @@
 //! access log, the connection's in-flight count, and the upstream connection
 //! handed back to the pool after a clean end.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::headers;
-use super::request_body::UpBody;
+use super::request_body::{UpBody, Upload};
 use super::state::ConnCtx;
 use super::upstream::Upstreams;
 use super::{BackendMetrics, HttpSettings, Route};
@@ -62,8 +62,8 @@ pub struct Inner {
     pub(super) sent: Option<Instant>,
     pub(super) head: Option<Duration>,
     pub(super) first_body: Option<Duration>,
-    /// Request body bytes sent upstream (counted by [`UpBody`]).
-    pub(super) up: Arc<AtomicU64>,
+    /// The request body's progress upstream (counted by [`UpBody`]).
+    pub(super) up: Arc<Upload>,
     pub(super) down: u64,
     pub(super) reason: &'static str,
     pub(super) ended: bool,
@@ -160,6 +160,17 @@ impl Exchange {
         self.ended = true;
     }
 
+    /// Time since the request was fully handed upstream (or, if the response came
+    /// before the body was all sent, since sending started).
+    pub(super) fn since_sent(&self) -> Option<Duration> {
+        match self.up.done_at() {
+            Some(t) => Some(Duration::from_micros(
+                crate::proxy::now_us().saturating_sub(t),
+            )),
+            None => self.sent.map(|s| s.elapsed()),
+        }
+    }
+
     pub fn ended(&self) -> bool {
         self.ended
     }
@@ -167,7 +178,7 @@ impl Exchange {
     /// Response body bytes passed to the client.
     pub fn body_bytes(&mut self, n: usize) {
         if self.first_body.is_none() {
-            let fb = self.sent.map(|s| s.elapsed());
+            let fb = self.since_sent();
             if let (Some(m), Some(fb)) = (&self.backend_metrics, fb) {
                 m.first_byte.record(fb);
             }
@@ -200,7 +211,7 @@ impl Exchange {
 impl Drop for Exchange {
     fn drop(&mut self) {
         let i = &mut *self.0;
-        let up = i.up.load(Ordering::Relaxed);
+        let up = i.up.bytes.load(Ordering::Relaxed);
         let duration = i.start.elapsed();
         if let Some(g) = &i.guard {
             let st = &g.backend().stats;

@@ -22,7 +22,7 @@ use super::body::{OutBody, RespBody};
 use super::exchange::{Exchange, RouteRef};
 use super::headers;
 use super::path;
-use super::request_body::{BodyError, UpBody};
+use super::request_body::{BodyError, UpBody, Upload};
 use super::state::ConnCtx;
 use super::upstream::{self, Sender};
 use crate::backend::{ActiveGuard, Backend, ConnectError};
@@ -45,7 +45,9 @@ pub async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<O
     };
     ex.http = Some(http.clone());
     // Request smuggling defences hyper leaves to us (RFC 9112 §6.1).
-    if ctx.state.both_lengths.swap(false, Ordering::AcqRel) {
+    let number = ctx.state.requests.load(Ordering::Acquire);
+    if !ctx.state.h2.load(Ordering::Relaxed) && ctx.state.bad_head.load(Ordering::Acquire) == number
+    {
         return ex.reply(
             StatusCode::BAD_REQUEST,
             "bad_request",
@@ -165,8 +167,11 @@ pub async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<O
     ex.request_id = Some(headers::request_id(&mut parts.headers));
     match version {
         upstream::Version::Http1 => {
-            // An HTTP/2 client's :authority becomes Host.
-            if !parts.headers.contains_key(header::HOST) {
+            // An HTTP/2 client's :authority, or an absolute-form target's
+            // authority, becomes Host (RFC 9112 §3.2.2: it wins over the Host
+            // the client sent, and it is what the request was routed by).
+            let from_target = parts.uri.authority().is_some();
+            if from_target || !parts.headers.contains_key(header::HOST) {
                 if let Some(v) = authority
                     .as_deref()
                     .and_then(|a| HeaderValue::from_str(a).ok())
@@ -182,8 +187,13 @@ pub async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<O
         }
     }
     parts.uri = uri;
-    let sent = ex.up.clone();
-    let body = UpBody::new(body, rc.stream_idle_timeout, http.max_body_bytes, sent);
+    let upload = ex.up.clone();
+    let body = UpBody::new(
+        body,
+        rc.stream_idle_timeout,
+        http.max_body_bytes,
+        upload.clone(),
+    );
     // Every failure before sending leaves the request here (a refusing pooled
     // connection hands it back), so it can go to the next backend as it is.
     let mut request = Some(Request::from_parts(parts, body));
@@ -220,7 +230,7 @@ pub async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<O
             };
             let Some(r) = request.take() else { break };
             ex.sent = Some(Instant::now());
-            let (result, h1) = send(s, r, rc.first_byte_timeout).await;
+            let (result, h1) = send(s, r, rc.first_byte_timeout, &upload).await;
             match result {
                 Sent::Response(resp) => {
                     sent_to = Some((guard, Ok(resp), h1));
@@ -283,7 +293,7 @@ pub async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<O
             return ex.reply(status, reason, text, true);
         }
     };
-    ex.head = ex.sent.map(|s| s.elapsed());
+    ex.head = ex.since_sent();
     if let (Some(m), Some(h)) = (&ex.backend_metrics, ex.head) {
         m.head.record(h);
     }
@@ -391,26 +401,38 @@ async fn send(
     s: Sender,
     req: Request<UpBody>,
     first_byte: Duration,
+    upload: &Upload,
 ) -> (Sent, Option<http1::SendRequest<UpBody>>) {
+    // first_byte_timeout runs from the request being fully sent: a slow upload is
+    // stream_idle_timeout's business.
+    let deadline = async {
+        upload.finished().await;
+        tokio::time::sleep(first_byte).await;
+    };
     match s {
         Sender::Http1(mut s) => {
             let f = s.try_send_request(req);
-            match tokio::time::timeout(first_byte, f).await {
-                Err(_) => (Sent::TimedOut, None),
-                Ok(Ok(r)) => (Sent::Response(r), Some(s)),
-                Ok(Err(mut e)) => match e.take_message() {
+            let r = tokio::select! {
+                r = f => r,
+                _ = deadline => return (Sent::TimedOut, None),
+            };
+            match r {
+                Ok(r) => (Sent::Response(r), Some(s)),
+                Err(mut e) => match e.take_message() {
                     Some(back) => (Sent::Refused(back), None),
                     None => (Sent::Failed(e.into_error()), None),
                 },
             }
         }
         Sender::H2(mut s) => {
-            // Waiting for a stream slot (the backend's concurrency limit) counts
-            // against first_byte_timeout too.
+            // Waiting for a stream slot (the backend's concurrency limit) is
+            // bounded by first_byte_timeout too.
+            match tokio::time::timeout(first_byte, s.ready()).await {
+                Err(_) => return (Sent::TimedOut, None),
+                Ok(Err(_)) => return (Sent::Refused(req), None),
+                Ok(Ok(())) => {}
+            }
             let exchange = async move {
-                if s.ready().await.is_err() {
-                    return Sent::Refused(req);
-                }
                 match s.try_send_request(req).await {
                     Ok(r) => Sent::Response(r),
                     Err(mut e) => match e.take_message() {
@@ -419,9 +441,9 @@ async fn send(
                     },
                 }
             };
-            match tokio::time::timeout(first_byte, exchange).await {
-                Err(_) => (Sent::TimedOut, None),
-                Ok(sent) => (sent, None),
+            tokio::select! {
+                sent = exchange => (sent, None),
+                _ = deadline => (Sent::TimedOut, None),
             }
         }
     }

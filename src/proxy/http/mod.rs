@@ -10,7 +10,8 @@
 //! - `headers`: hop-by-hop headers, X-Forwarded-*, X-Request-Id.
 //! - `exchange`: one request's accounting, done when it is dropped.
 //! - `body`, `request_body`: the streaming bodies, their idle and size limits.
-//! - `state`: what a connection's requests share with its socket wrapper.
+//! - `state`: what a connection's requests share with its socket wrapper;
+//!   `scan`: the Content-Length + Transfer-Encoding check hyper leaves out.
 //! - `upstream`: pooled upstream connections per backend.
 //!
 //! It runs in the TCP listener's accept loops and workers: an http listener is a
@@ -24,6 +25,7 @@ mod headers;
 pub mod path;
 mod request_body;
 pub mod routes;
+mod scan;
 mod state;
 mod upstream;
 

@@ -14,6 +14,41 @@ use tokio::time::{Instant, Sleep};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// How far a request's body has gone upstream, shared by its [`UpBody`] and the
+/// exchange.
+#[derive(Debug, Default)]
+pub struct Upload {
+    /// Body bytes passed upstream so far.
+    pub bytes: AtomicU64,
+    /// When the whole request was handed upstream ([`crate::proxy::now_us`]);
+    /// 0 until then.
+    done_us: AtomicU64,
+    done: tokio::sync::Notify,
+}
+
+impl Upload {
+    fn finish(&self) {
+        if self.done_us.load(Ordering::Relaxed) == 0 {
+            self.done_us
+                .store(crate::proxy::now_us().max(1), Ordering::Release);
+            self.done.notify_waiters();
+        }
+    }
+
+    /// When the request was fully sent (microseconds on the process clock).
+    pub fn done_at(&self) -> Option<u64> {
+        match self.done_us.load(Ordering::Acquire) {
+            0 => None,
+            t => Some(t),
+        }
+    }
+
+    /// Resolves once the whole request was handed upstream.
+    pub async fn finished(&self) {
+        crate::tasks::wait_for(&self.done, || self.done_at().is_some()).await
+    }
+}
+
 /// Why a body stopped early.
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
@@ -56,24 +91,22 @@ pub struct UpBody {
     inner: Option<Incoming>,
     idle: Option<IdleTimer>,
     limit: Option<u64>,
-    /// Bytes so far, shared with the exchange (for the access log and metrics).
-    sent: Arc<AtomicU64>,
+    /// Progress, shared with the exchange (first_byte_timeout starts at its end).
+    upload: Arc<Upload>,
 }
 
 impl UpBody {
-    pub fn new(
-        inner: Incoming,
-        idle: Duration,
-        limit: Option<u64>,
-        sent: Arc<AtomicU64>,
-    ) -> UpBody {
+    pub fn new(inner: Incoming, idle: Duration, limit: Option<u64>, upload: Arc<Upload>) -> UpBody {
         let empty = inner.is_end_stream();
+        if empty {
+            upload.finish();
+        }
         UpBody {
             inner: (!empty).then_some(inner),
             // A timer only for a body that will move.
             idle: (!empty).then(|| IdleTimer::new(idle)),
             limit,
-            sent,
+            upload,
         }
     }
 }
@@ -96,8 +129,11 @@ impl Body for UpBody {
                     t.touch();
                 }
                 if let Some(d) = frame.data_ref() {
-                    let total =
-                        this.sent.fetch_add(d.len() as u64, Ordering::Relaxed) + d.len() as u64;
+                    let total = this
+                        .upload
+                        .bytes
+                        .fetch_add(d.len() as u64, Ordering::Relaxed)
+                        + d.len() as u64;
                     if this.limit.is_some_and(|l| total > l) {
                         this.inner = None;
                         return Poll::Ready(Some(Err(BodyError::TooLarge(
@@ -105,6 +141,11 @@ impl Body for UpBody {
                         )
                         .into())));
                     }
+                }
+                // hyper stops polling a body whose length it knows once it has it
+                // all: the end is seen here, not as `None`.
+                if this.inner.as_ref().is_some_and(|b| b.is_end_stream()) {
+                    this.upload.finish();
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -115,6 +156,7 @@ impl Body for UpBody {
             Poll::Ready(None) => {
                 this.inner = None;
                 this.idle = None;
+                this.upload.finish();
                 Poll::Ready(None)
             }
             Poll::Pending => {

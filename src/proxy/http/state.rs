@@ -17,9 +17,10 @@ pub struct ConnState {
     pub idle_since: AtomicU64,
     /// The client speaks HTTP/2.
     pub h2: AtomicBool,
-    /// The head being read carried both Content-Length and Transfer-Encoding
-    /// (hyper drops the length and goes on; flowgate refuses the request).
-    pub both_lengths: AtomicBool,
+    /// The number (from 1) of the first head that carried both Content-Length
+    /// and Transfer-Encoding, 0 if none (hyper drops the length and goes on;
+    /// flowgate refuses that request). See [`super::scan`].
+    pub bad_head: AtomicU64,
 }
 
 impl ConnState {

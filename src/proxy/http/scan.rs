@@ -1,0 +1,207 @@
+//! Follows the HTTP/1.1 request heads in a client's byte stream for the one
+//! request-smuggling case hyper lets through: a head with both `Content-Length`
+//! and `Transfer-Encoding` (hyper drops the length, treats the body as chunked
+//! and closes after the response; RFC 9112 §6.1 lets a server refuse it, and
+//! flowgate does, as HAProxy does).
+//!
+//! It only looks at line starts, byte by byte across reads, and skips a
+//! `Content-Length` body to find the next pipelined head. After a chunked body it
+//! is lost until the connection is quiet again ([`HeadScan::resync`]). Pure.
+
+/// The scanner's place in the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum At {
+    Head,
+    /// Inside a body of this many bytes still to come.
+    Body(u64),
+    /// Inside a chunked body (or after a head it could not read): waits for
+    /// `resync`.
+    Lost,
+}
+
+#[derive(Debug)]
+pub struct HeadScan {
+    at: At,
+    /// The number (from 1) of the head being read.
+    head: u64,
+    /// The start of the current line, lower case.
+    line: [u8; 40],
+    len: usize,
+    cl: Option<u64>,
+    cl_bad: bool,
+    te: bool,
+}
+
+impl Default for HeadScan {
+    fn default() -> Self {
+        HeadScan::new()
+    }
+}
+
+impl HeadScan {
+    /// At the start of a connection: the next bytes are head 1.
+    pub fn new() -> HeadScan {
+        HeadScan {
+            at: At::Head,
+            head: 1,
+            line: [0; 40],
+            len: 0,
+            cl: None,
+            cl_bad: false,
+            te: false,
+        }
+    }
+
+    /// Nothing is in flight and `next` heads will have come once these bytes are
+    /// a request: if lost, start over there.
+    pub fn resync(&mut self, next: u64) {
+        if self.at == At::Lost {
+            *self = HeadScan {
+                head: next,
+                ..HeadScan::new()
+            };
+        }
+    }
+
+    /// Feeds the next bytes of the stream; returns the number of the first head
+    /// in them that had both headers.
+    pub fn feed(&mut self, mut bytes: &[u8]) -> Option<u64> {
+        let mut found = None;
+        while !bytes.is_empty() {
+            match self.at {
+                At::Lost => return found,
+                At::Body(n) => {
+                    let skip = (n as usize).min(bytes.len());
+                    bytes = &bytes[skip..];
+                    let left = n - skip as u64;
+                    self.at = if left == 0 { At::Head } else { At::Body(left) };
+                }
+                At::Head => {
+                    let b = bytes[0];
+                    bytes = &bytes[1..];
+                    if let Some(n) = self.byte(b) {
+                        found = found.or(Some(n));
+                    }
+                }
+            }
+        }
+        found
+    }
+
+    /// One byte of a head; at its end, its verdict.
+    fn byte(&mut self, b: u8) -> Option<u64> {
+        match b {
+            b'\n' if self.len == 0 => self.end_of_head(),
+            b'\n' => {
+                self.end_of_line();
+                None
+            }
+            b'\r' if self.len == 0 => None,
+            _ => {
+                if self.len < self.line.len() {
+                    self.line[self.len] = b.to_ascii_lowercase();
+                }
+                self.len += 1;
+                None
+            }
+        }
+    }
+
+    fn end_of_line(&mut self) {
+        let line = &self.line[..self.len.min(self.line.len())];
+        if let Some(v) = line.strip_prefix(b"content-length:") {
+            let v = std::str::from_utf8(v).unwrap_or("").trim();
+            match v.parse::<u64>() {
+                Ok(n) if self.len <= self.line.len() => self.cl = Some(n),
+                _ => self.cl_bad = true,
+            }
+        }
+        self.te |= line.starts_with(b"transfer-encoding:");
+        self.len = 0;
+    }
+
+    fn end_of_head(&mut self) -> Option<u64> {
+        let verdict = (self.cl.is_some() || self.cl_bad) && self.te;
+        let n = self.head;
+        self.at = if self.te || self.cl_bad {
+            At::Lost
+        } else {
+            match self.cl {
+                Some(len) if len > 0 => At::Body(len),
+                _ => At::Head,
+            }
+        };
+        self.head += 1;
+        self.cl = None;
+        self.cl_bad = false;
+        self.te = false;
+        verdict.then_some(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::HeadScan;
+
+    fn scan(parts: &[&[u8]]) -> Option<u64> {
+        let mut s = HeadScan::new();
+        parts.iter().find_map(|p| s.feed(p))
+    }
+
+    #[test]
+    fn both_lengths_are_seen_across_reads() {
+        assert_eq!(
+            scan(&[
+                b"POST / HTTP/1.1\r\nContent-Len",
+                b"gth: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+            ]),
+            Some(1)
+        );
+        assert_eq!(
+            scan(&[b"POST / HTTP/1.1\nTRANSFER-ENCODING: chunked\ncontent-length: 1\n\n"]),
+            Some(1)
+        );
+        assert_eq!(
+            scan(&[b"GET / HTTP/1.1\r\nX-Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"]),
+            None
+        );
+    }
+
+    #[test]
+    fn a_body_is_not_a_head() {
+        assert_eq!(
+            scan(&[b"POST / HTTP/1.1\r\nContent-Length: 44\r\n\r\ntransfer-encoding: x\r\ncontent-length: 1\r\n\r\n"]),
+            None
+        );
+    }
+
+    #[test]
+    fn pipelined_heads_are_followed() {
+        // A bodiless head, a Content-Length body, then the smuggling head (3rd).
+        let stream: &[u8] = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nPOST /b HTTP/1.1\r\nContent-Length: 3\r\n\r\nabcPOST /c HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+        assert_eq!(scan(&[stream]), Some(3));
+        // Byte by byte, the same.
+        let mut s = HeadScan::new();
+        let found: Vec<u64> = stream.iter().filter_map(|b| s.feed(&[*b])).collect();
+        assert_eq!(found, [3]);
+    }
+
+    #[test]
+    fn lost_after_a_chunked_body_until_resync() {
+        let mut s = HeadScan::new();
+        assert_eq!(
+            s.feed(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"),
+            None
+        );
+        // Still lost: this is not read as a head.
+        assert_eq!(
+            s.feed(b"GET / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            None
+        );
+        s.resync(3);
+        assert_eq!(
+            s.feed(b"GET / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            Some(3)
+        );
+    }
+}

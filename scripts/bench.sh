@@ -17,8 +17,8 @@
 #   scripts/bench.sh                       # full TCP run, about 10 minutes
 #   ROUNDS=1 TARGETS="direct flowgate haproxy" FIGURES="bulk1 latency" scripts/bench.sh
 #   FIGURES=udp TARGETS="direct flowgate nginx" scripts/bench.sh   # UDP, about 3 minutes
-#   FIGURES=http scripts/bench.sh          # HTTP (L7), about 7 minutes
-#   ROUNDS=1 WRK_TIME=2 MEM_CONNS=500 FIGURES=http scripts/bench.sh  # HTTP smoke run, about 1 minute
+#   FIGURES=http scripts/bench.sh          # HTTP (L7), about 5 minutes
+#   ROUNDS=1 WRK_TIME=2 MEM_CONNS=500 SSE_REQUESTS=100 FIGURES=http scripts/bench.sh  # HTTP smoke, 1 minute
 #
 # The default FIGURES are the six TCP figures, as before the UDP figures were
 # added: the UDP section would add about 3 minutes (a third) to a default

@@ -2,28 +2,36 @@
 # Side-by-side benchmark of flowgate against HAProxy (mode tcp, with and
 # without `option splice-auto`), nginx `stream` and a direct connection; for
 # UDP against nginx `stream` (`listen ... udp`) and a direct connection only,
-# as HAProxy OSS does not balance UDP.
+# as HAProxy OSS does not balance UDP; for HTTP (flowgate's L7 mode,
+# `protocol = "http"`) against HAProxy `mode http`, nginx `http` (proxy_pass)
+# and a direct connection.
 #
 # Everything runs on loopback (127.0.0.1) on this machine. All balancers get
 # 2 workers/threads and are left unpinned. The run is interleaved: in every
 # round each figure is measured for every target before moving on to the next
 # figure, and the final table reports the median over the rounds together with
-# flowgate/HAProxy ratios (flowgate/nginx in the UDP table). Benchmarks are not
-# tests; CI does not run this.
+# flowgate/HAProxy ratios (flowgate/nginx in the UDP table, both in the HTTP
+# table). Benchmarks are not tests; CI does not run this.
 #
 # Usage:
 #   scripts/bench.sh                       # full TCP run, about 10 minutes
 #   ROUNDS=1 TARGETS="direct flowgate haproxy" FIGURES="bulk1 latency" scripts/bench.sh
 #   FIGURES=udp TARGETS="direct flowgate nginx" scripts/bench.sh   # UDP, about 3 minutes
+#   FIGURES=http scripts/bench.sh          # HTTP (L7), about 5 minutes
+#   ROUNDS=1 WRK_TIME=2 MEM_CONNS=500 SSE_REQUESTS=100 FIGURES=http scripts/bench.sh  # HTTP smoke, 1 minute
 #
 # The default FIGURES are the six TCP figures, as before the UDP figures were
 # added: the UDP section would add about 3 minutes (a third) to a default
 # run, so it is asked for explicitly, with FIGURES=udp or FIGURES=all (or by
-# naming UDP figures). The haproxy targets are skipped for the UDP figures, with
-# a note; flowgate (and flowgate-shared) are skipped, with a note and without
-# failing the run, when `flowgate check` rejects the UDP configuration (written
-# to $OUT_DIR/<target>-udp/flowgate.toml). One that accepts it but then does not
-# start, or dies, is skipped or fails its UDP figures, and the run exits 1.
+# naming UDP figures); the same goes for the HTTP figures (FIGURES=http). The
+# HTTP figures run on direct, haproxy, nginx and the flowgate targets;
+# haproxy-splice is skipped for them, with a note (splice-auto changes nothing
+# for their small responses). The haproxy targets are skipped for the UDP
+# figures, with a note; flowgate (and flowgate-shared) are skipped, with a note
+# and without failing the run, when `flowgate check` rejects the UDP
+# configuration (written to $OUT_DIR/<target>-udp/flowgate.toml). One that
+# accepts it but then does not start, or dies, is skipped or fails its UDP
+# figures, and the run exits 1.
 #
 # Environment (defaults in brackets):
 #   ROUNDS         rounds to run                                          [3]
@@ -40,8 +48,10 @@
 #   FIGURES        any of: bulk1 bulk4 latency cps rps mem (TCP)          [these six]
 #                  udp-latency udp-pps udp-iperf (UDP; targets direct, flowgate,
 #                  flowgate-shared, flowgate-metrics, flowgate-base and
-#                  nginx); the words tcp, udp and all stand for the TCP
-#                  figures, the UDP figures and all nine.
+#                  nginx); http-rps http-h2-rps http-latency http-sse
+#                  http-mem (HTTP, L7; every target but haproxy-splice); the
+#                  words tcp, udp, http and all stand for the TCP figures, the
+#                  UDP figures, the HTTP figures and all fourteen.
 #                  udp-latency: sockperf ping-pong RTT, 64-byte datagrams
 #                    (p50/p99/p99.9, like latency over TCP, with --full-rtt).
 #                  udp-pps: sockperf throughput, 64-byte datagrams sent as
@@ -66,10 +76,56 @@
 #                  the loss showing how far the client outran it. On 2 CPUs
 #                  the client, the balancer and the server share the CPUs, so
 #                  a sweep of higher rates would mostly measure that contention.
+#                  The HTTP figures go through a separate instance of each
+#                  balancer with L7 listeners (flowgate `protocol = "http"`,
+#                  HAProxy `mode http`, nginx `http` + proxy_pass; the
+#                  configuration is described at write_haproxy_config below),
+#                  all in front of HTTP/1.1 backends, upstream connections
+#                  kept alive and reused:
+#                  http-rps: wrk -t WRK_THREADS -c WRK_CONNS -d WRK_TIME, HTTP/1.1
+#                    on kept-alive connections to the nginx backend's tiny
+#                    static response; requests/s.
+#                  http-h2-rps: h2load -c H2_CLIENTS -m H2_STREAMS -t WRK_THREADS
+#                    -D WRK_TIME over h2c (prior knowledge); requests/s. direct
+#                    is h2c to nginx's own `listen ... http2` port; the
+#                    balancers translate to HTTP/1.1 (flowgate's pool has
+#                    upstream_protocol = "http1": "auto" would send h2c to the
+#                    backend for h2c clients).
+#                    For both, also the balancer's CPU time (user + system, all
+#                    its processes, from /proc) per request during the run:
+#                    less disturbed by other work on the machine than the rate.
+#                  http-latency: p50/p99 of HTTP/1.1 requests at a fixed rate:
+#                    h2load --h1 -c HTTP_LAT_CLIENTS --rps (HTTP_LAT_RPS /
+#                    HTTP_LAT_CLIENTS) -D WRK_TIME, every request's time from
+#                    its --log-file (not wrk2, which is not packaged, and not
+#                    wrk's latency distribution, which is measured at
+#                    saturation). A client sends its next request only after
+#                    the previous response (one per connection), so a slow
+#                    response delays the next: no coordinated-omission
+#                    correction.
+#                  http-sse: time to the first event of an SSE response
+#                    (scripts/bench/sse.py: an asyncio backend that sends the
+#                    head and the first event at once and the last one
+#                    SSE_GAP_MS later; a client that sends SSE_REQUESTS
+#                    requests, plus 20 uncounted, one after another on one
+#                    kept-alive connection and times each with perf_counter
+#                    in-process); p50/p99 in µs, and in the report what each
+#                    balancer adds over direct.
+#                  http-mem: like mem, but MEM_CONNS HTTP/1.1 client connections
+#                    that each made one kept-alive request (to the nginx
+#                    backend) and are then idle; KiB of balancer RSS per
+#                    connection.
 #   WRK_TIME       seconds per wrk run                                    [5]
 #   WRK_THREADS    wrk threads                                            [2]
 #   WRK_CONNS      wrk connections                                        [64]
-#   MEM_CONNS      idle connections held for the memory figure            [4000]
+#   MEM_CONNS      idle connections held for the memory figures           [4000]
+#   H2_CLIENTS     h2load connections for http-h2-rps                     [16]
+#   H2_STREAMS     concurrent streams per connection for http-h2-rps      [10]
+#   HTTP_LAT_RPS   total request rate for http-latency (req/s)            [2000]
+#   HTTP_LAT_CLIENTS  h2load connections for http-latency, each at
+#                  HTTP_LAT_RPS / HTTP_LAT_CLIENTS req/s                  [4]
+#   SSE_REQUESTS   counted requests per http-sse measurement              [500]
+#   SSE_GAP_MS     ms between the SSE backend's first and last event      [5]
 #   PORT_BASE      first port of the block of ports used                  [29000]
 #   OUT_DIR        where raw results, configs and logs go
 #                  [${CARGO_TARGET_DIR:-<repo>/target}/bench/<UTC timestamp>]
@@ -96,7 +152,8 @@
 # here (the same as `worker_processes auto` on a 2-CPU machine).
 #
 # Tools (installed with `apt-get install -y` when missing): haproxy, nginx
-# (+ libnginx-mod-stream), iperf3, sockperf, wrk; python3 must be present.
+# (+ libnginx-mod-stream), iperf3, sockperf, wrk, h2load (nghttp2-client);
+# python3 must be present.
 #
 # Output: progress on stderr; the Markdown result tables on stdout, also saved
 # as $OUT_DIR/results.md. Raw per-round numbers are in $OUT_DIR/raw.tsv; the CPU
@@ -123,6 +180,12 @@ WRK_TIME=${WRK_TIME:-5}
 WRK_THREADS=${WRK_THREADS:-2}
 WRK_CONNS=${WRK_CONNS:-64}
 MEM_CONNS=${MEM_CONNS:-4000}
+H2_CLIENTS=${H2_CLIENTS:-16}
+H2_STREAMS=${H2_STREAMS:-10}
+HTTP_LAT_RPS=${HTTP_LAT_RPS:-2000}
+HTTP_LAT_CLIENTS=${HTTP_LAT_CLIENTS:-4}
+SSE_REQUESTS=${SSE_REQUESTS:-500}
+SSE_GAP_MS=${SSE_GAP_MS:-5}
 PORT_BASE=${PORT_BASE:-29000}
 OUT_DIR=${OUT_DIR:-$TARGET_DIR/bench/$(date -u +%Y%m%dT%H%M%SZ)}
 FLOWGATE_BIN=${FLOWGATE_BIN:-}
@@ -146,18 +209,26 @@ ALL_TARGETS="direct flowgate flowgate-shared flowgate-metrics flowgate-base hapr
 TCP_FIGURES="bulk1 bulk4 latency cps rps mem"
 UDP_FIGURES="udp-latency udp-pps udp-iperf"
 UDP_TARGETS="direct flowgate flowgate-shared flowgate-metrics flowgate-base nginx" # the targets that can measure UDP
-ALL_FIGURES="$TCP_FIGURES $UDP_FIGURES"
+HTTP_FIGURES="http-rps http-h2-rps http-latency http-sse http-mem"
+# The targets that run the HTTP (L7) figures: not haproxy-splice, whose only
+# difference, splice-auto, does nothing for the few bytes of these responses.
+HTTP_TARGETS="direct flowgate flowgate-shared flowgate-metrics flowgate-base haproxy nginx"
+ALL_FIGURES="$TCP_FIGURES $UDP_FIGURES $HTTP_FIGURES"
 FIGURES=$(for f in $FIGURES; do
-    case $f in tcp) echo "$TCP_FIGURES" ;; udp) echo "$UDP_FIGURES" ;; all) echo "$ALL_FIGURES" ;; *) echo "$f" ;; esac
+    case $f in
+        tcp) echo "$TCP_FIGURES" ;; udp) echo "$UDP_FIGURES" ;; http) echo "$HTTP_FIGURES" ;;
+        all) echo "$ALL_FIGURES" ;; *) echo "$f" ;;
+    esac
 done | tr ' ' '\n' | awk 'NF && !seen[$0]++' | paste -sd ' ')
 for t in $TARGETS; do
     [[ " $ALL_TARGETS " == *" $t "* ]] || die "unknown target '$t' (known: $ALL_TARGETS)"
 done
 for f in $FIGURES; do
-    [[ " $ALL_FIGURES " == *" $f "* ]] || die "unknown figure '$f' (known: $ALL_FIGURES, or tcp udp all)"
+    [[ " $ALL_FIGURES " == *" $f "* ]] || die "unknown figure '$f' (known: $ALL_FIGURES, or tcp udp http all)"
 done
 [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive integer, got '$ROUNDS'"
-for v in IPERF_TIME SOCKPERF_TIME UDP_PPS_TIME UDP_IPERF_TIME WRK_TIME WRK_THREADS WRK_CONNS MEM_CONNS PORT_BASE; do
+for v in IPERF_TIME SOCKPERF_TIME UDP_PPS_TIME UDP_IPERF_TIME WRK_TIME WRK_THREADS WRK_CONNS MEM_CONNS PORT_BASE \
+    H2_CLIENTS H2_STREAMS HTTP_LAT_RPS HTTP_LAT_CLIENTS SSE_REQUESTS SSE_GAP_MS; do
     [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer, got '${!v}'"
 done
 for v in FOREIGN_THRESHOLD QUIET_WAIT RETRY_DISTURBED; do
@@ -168,6 +239,7 @@ for b in $UDP_IPERF_RATES; do
     [[ $b =~ ^[0-9]+(\.[0-9]+)?[KMG]?$ ]] || die "UDP_IPERF_RATES: '$b' is not an iperf3 -b rate (like 500M, 1G or 0)"
 done
 [[ -n ${UDP_IPERF_RATES// /} ]] || die "UDP_IPERF_RATES is empty"
+((HTTP_LAT_RPS >= HTTP_LAT_CLIENTS)) || die "HTTP_LAT_RPS ($HTTP_LAT_RPS) must be at least HTTP_LAT_CLIENTS ($HTTP_LAT_CLIENTS)"
 ((PORT_BASE + 800 < 32768)) || die "PORT_BASE must leave room below the ephemeral port range (32768)"
 
 # Open files. Every process started from here inherits the raised soft limit.
@@ -195,7 +267,9 @@ has_target() { [[ " $TARGETS " == *" $1 "* ]]; }
 has_figure() { [[ " $FIGURES " == *" $1 "* ]]; }
 has_any_figure() { local f; for f in "$@"; do has_figure "$f" && return 0; done; return 1; }
 is_udp_figure() { [[ $1 == udp-* ]]; }
+is_http_figure() { [[ $1 == http-* ]]; }
 can_udp() { [[ " $UDP_TARGETS " == *" $1 "* ]]; }
+can_http() { [[ " $HTTP_TARGETS " == *" $1 "* ]]; }
 
 # -------------------------------------------------------------------- ports --
 # Backend services: 1 = iperf3, 2 = sockperf, 3 = HTTP (nginx), 4 = idle-hold,
@@ -209,8 +283,17 @@ can_udp() { [[ " $UDP_TARGETS " == *" $1 "* ]]; }
 # UDP configuration still runs the TCP figures; its listeners are named after the
 # services, and udp-iperf's TCP listener (for iperf3's control connection)
 # udp-iperf-tcp.
+#
+# HTTP (L7) figures: 8 = an HTTP listener (HTTP/1.1 clients; http-rps,
+# http-latency) in front of the nginx backend (3), 9 = an HTTP listener for h2c
+# clients (prior knowledge; http-h2-rps) in front of the same nginx backend,
+# whose own h2c port for direct is backend port 9, 10 = an HTTP listener in
+# front of the SSE backend (scripts/bench/sse.py on backend port 10). They go
+# through a third instance of each balancer (<target>-l7); http-mem starts a
+# fresh one per measurement on PORT_BASE + 100*i + 51, in front of the nginx
+# backend. direct uses the backend ports: 3 for 8, 9 for 9, 10 for 10.
 
-SVC_NAMES=(none iperf sockperf http hold udp-sockperf udp-iperf udp-pps)
+SVC_NAMES=(none iperf sockperf http hold udp-sockperf udp-iperf udp-pps l7-http l7-h2c l7-sse)
 target_index() {
     case $1 in
         flowgate) echo 1 ;; haproxy) echo 2 ;; haproxy-splice) echo 3 ;; nginx) echo 4 ;;
@@ -224,9 +307,20 @@ target_port() { # target service-number
 }
 admin_port() { # instance-name: the admin API of a flowgate-metrics instance
     local base=$((PORT_BASE + 100 * $(target_index flowgate-metrics) + 90))
-    case $1 in *-udp) echo $((base + 1)) ;; *-mem) echo $((base + 2)) ;; *) echo "$base" ;; esac
+    case $1 in
+        *-udp) echo $((base + 1)) ;; *-mem) echo $((base + 2)) ;; *-l7) echo $((base + 3)) ;;
+        *-l7mem) echo $((base + 4)) ;; *) echo "$base" ;;
+    esac
 }
 mem_port() { echo $((PORT_BASE + 100 * $(target_index "$1") + 50)); }
+http_mem_port() { echo $((PORT_BASE + 100 * $(target_index "$1") + 51)); }
+http_port() { # target service(8|9|10): where an HTTP figure's client connects
+    if [[ $1 == direct ]]; then
+        case $2 in 8) backend_port 3 ;; *) backend_port "$2" ;; esac
+    else
+        target_port "$1" "$2"
+    fi
+}
 
 # ------------------------------------------------------ process management --
 
@@ -371,6 +465,14 @@ rss_kib() { # pid -> summed VmRSS (KiB) of the process and all its descendants
     echo "$total"
 }
 
+proc_ticks() { # pid -> user + system CPU ticks of the process and all its descendants
+    local p total=0
+    for p in "$1" $(descendants "$1"); do
+        total=$((total + $(sed 's/^.*) //' "/proc/$p/stat" 2>/dev/null | awk '{ print $12 + $13 }' || echo 0)))
+    done
+    echo "$total"
+}
+
 cpu_snapshot() { # -> "<uptime s> <busy jiffies, all CPUs> <jiffies used by this benchmark>"
     # Busy = user + nice + system + irq + softirq from /proc/stat. "Ours" is this
     # shell and all its descendants (reaped ones via cutime/cstime), plus
@@ -401,10 +503,14 @@ ensure_tools() {
     has_any_figure bulk1 bulk4 udp-iperf && need+=(iperf3)
     has_any_figure latency udp-latency udp-pps && need+=(sockperf)
     has_any_figure cps rps && need+=(wrk nginx)
+    has_any_figure http-rps http-h2-rps http-latency http-sse http-mem && need+=(nginx)
+    has_figure http-rps && need+=(wrk)
+    has_any_figure http-h2-rps http-latency && need+=(h2load)
     { has_target haproxy || has_target haproxy-splice; } && need+=(haproxy)
     has_target nginx && need+=(nginx)
     for cmd in "${need[@]}"; do
-        command -v "$cmd" >/dev/null 2>&1 || pkgs+=("$cmd")
+        # h2load comes in Debian's nghttp2-client package.
+        command -v "$cmd" >/dev/null 2>&1 || pkgs+=("$([[ $cmd == h2load ]] && echo nghttp2-client || echo "$cmd")")
     done
     if has_target nginx; then
         # Debian builds the stream module as a dynamic module in its own package.
@@ -476,12 +582,19 @@ start_backends() {
         BACKEND_PID[sockperf]=$LAST_PID BACKEND_LOG[sockperf]=$logf
         wait_listen "$LAST_PID" "sockperf server" "$logf" "$port"
     fi
-    if has_any_figure cps rps; then
+    if has_any_figure cps rps http-rps http-h2-rps http-latency http-mem; then
         port=$(backend_port 3)
         dir=$OUT_DIR/nginx-http
         mkdir -p "$dir/tmp"
+        local h2c_listen='' h2c_port=''
+        if has_figure http-h2-rps; then
+            # h2c with prior knowledge (nginx's `listen ... http2` without ssl),
+            # for direct's http-h2-rps; the balancers talk HTTP/1.1 to port 3.
+            h2c_port=$(backend_port 9)
+            h2c_listen="listen $HOST:$h2c_port http2 backlog=4096;"
+        fi
         cat >"$dir/nginx.conf" <<EOF
-# HTTP backend for the cps/rps figures: a tiny static response.
+# HTTP backend for the cps/rps and HTTP (L7) figures: a tiny static response.
 $(nginx_main "$dir")
 http {
     access_log off;
@@ -494,6 +607,7 @@ http {
     scgi_temp_path $dir/tmp/scgi;
     server {
         listen $HOST:$port backlog=4096;
+        $h2c_listen
         location / {
             default_type text/plain;
             return 200 "ok\n";
@@ -504,7 +618,15 @@ EOF
         logf=$OUT_DIR/logs/nginx-http-backend.log
         start_bg "nginx HTTP backend" "$logf" nginx -e "$dir/error.log" -p "$dir" -c "$dir/nginx.conf"
         BACKEND_PID[http]=$LAST_PID BACKEND_LOG[http]=$logf
-        wait_listen "$LAST_PID" "nginx HTTP backend" "$logf" "$port"
+        wait_listen "$LAST_PID" "nginx HTTP backend" "$logf" "$port" ${h2c_port:+"$h2c_port"}
+    fi
+    if has_figure http-sse; then
+        port=$(backend_port 10)
+        logf=$OUT_DIR/logs/sse-server.log
+        start_bg "SSE backend" "$logf" python3 "$HELPERS/sse.py" server --bind "$HOST" --port "$port" \
+            --gap-ms "$SSE_GAP_MS"
+        BACKEND_PID[sse]=$LAST_PID BACKEND_LOG[sse]=$logf
+        wait_listen "$LAST_PID" "SSE backend" "$logf" "$port"
     fi
     if has_figure mem; then
         port=$(backend_port 4)
@@ -536,10 +658,31 @@ check_backend() { check_alive "${BACKEND_PID[$1]}" "$1 backend" "${BACKEND_LOG[$
 
 # ---------------------------------------------------------------- balancers --
 # A listener spec is "service:listen_port:backend_port[:protocol]", protocol tcp
-# (the default) or udp. The listener is named after the service, but with an
-# explicit tcp the name gets "-tcp" appended, so that udp-iperf can have a UDP
-# and a TCP listener on one port. Every service gets one pool (one upstream),
-# which all of its listeners feed. HAProxy only ever gets TCP specs.
+# (the default), udp, http (an L7 listener for HTTP/1.1 clients), h2c (an L7
+# listener for h2c clients, prior knowledge) or sse (an L7 listener for
+# HTTP/1.1 clients of event streams). The listener is named after the
+# service, but with an explicit tcp the name gets "-tcp" appended, so that
+# udp-iperf can have a UDP and a TCP listener on one port. Every service gets
+# one pool (one upstream), which all of its listeners feed. HAProxy never gets
+# UDP specs.
+#
+# L7, the same for every balancer: HTTP/1.1 kept alive to the backend (the
+# backends speak HTTP/1.1 only; h2c clients are translated), up to 64 idle
+# upstream connections kept per backend, kept-alive clients idle up to 350 s,
+# no limit on requests per connection, no access log, X-Forwarded-For added.
+#   flowgate: protocol = "http" (one listener serves HTTP/1.1 and h2c), pool
+#     upstream_protocol = "http1" (the default "auto" would speak h2c to the
+#     nginx backend for h2c clients), max_idle_per_backend = 64 (the default),
+#     xff = "append" (the default: X-Forwarded-For, -Proto and -Host).
+#   HAProxy: mode http, http-reuse always, keep-alive on both sides (the
+#     default; no http-server-close), option forwardfor, `proto h2` on the h2c
+#     bind, and `option http-no-delay` on the SSE listener: without it HAProxy
+#     2.6 holds a small chunk back while it expects more of the body (it sends
+#     with MSG_MORE), so the first event waited for the second one.
+#   nginx: http { upstream { keepalive 64; } proxy_pass; proxy_http_version 1.1;
+#     proxy_set_header Connection ""; proxy_buffering off; }, `listen ... http2`
+#     (nginx 1.22: prior-knowledge h2c only) for h2c.
+is_l7() { [[ $1 == http || $1 == h2c || $1 == sse ]]; }
 
 write_flowgate_config() { # file worker_model(""=default) admin-port(""=none) spec...
     local file=$1 model=$2 admin=$3 s name lport bport proto
@@ -552,8 +695,12 @@ write_flowgate_config() { # file worker_model(""=default) admin-port(""=none) sp
         for s in "$@"; do
             IFS=: read -r name lport bport proto <<<"$s"
             printf '\n[[listeners]]\nname = "%s"\nbind = "%s:%s"\nprotocol = "%s"\npool = "%s"\n' \
-                "$name$([[ $proto == tcp ]] && echo -tcp)" "$HOST" "$lport" "${proto:-tcp}" "$name"
-            if [[ $proto == udp ]]; then
+                "$name$([[ $proto == tcp ]] && echo -tcp)" "$HOST" "$lport" \
+                "$(is_l7 "$proto" && echo http || echo "${proto:-tcp}")" "$name"
+            if is_l7 "$proto"; then
+                # idle_timeout: a kept-alive client connection between requests.
+                printf 'connect_timeout = "3s"\nidle_timeout = "350s"\n'
+            elif [[ $proto == udp ]]; then
                 # Sessions end after this long without a datagram either way; no
                 # `responses` limit (a flow of many datagrams each way).
                 printf 'idle_timeout = "%s"\n' "$UDP_IDLE_TIMEOUT"
@@ -567,12 +714,14 @@ write_flowgate_config() { # file worker_model(""=default) admin-port(""=none) sp
             pooled[$name]=1
             printf '\n[[pools]]\nname = "%s"\nalgorithm = "round-robin"\nbackends = [ { address = "%s:%s" } ]\n' \
                 "$name" "$HOST" "$bport"
+            # The backends speak HTTP/1.1 only, h2c clients included.
+            if is_l7 "$proto"; then printf 'upstream_protocol = "http1"\nmax_idle_per_backend = 64\n'; fi
         done
     } >"$file"
 }
 
 write_haproxy_config() { # file splice(0|1) spec...
-    local file=$1 splice=$2 s name lport bport
+    local file=$1 splice=$2 s name lport bport proto
     shift 2
     {
         cat <<EOF
@@ -589,8 +738,17 @@ defaults
 EOF
         ((splice)) && echo "    option splice-auto"
         for s in "$@"; do
-            IFS=: read -r name lport bport <<<"$s"
-            printf '\nlisten %s\n    bind %s:%s\n    server %s %s:%s\n' "$name" "$HOST" "$lport" "$name" "$HOST" "$bport"
+            IFS=: read -r name lport bport proto <<<"$s"
+            if is_l7 "$proto"; then
+                # Keep-alive on both sides is HAProxy's default (no http-server-close).
+                printf '\nlisten %s\n    mode http\n    bind %s:%s%s\n' "$name" "$HOST" "$lport" \
+                    "$([[ $proto == h2c ]] && echo ' proto h2')"
+                printf '    http-reuse always\n    option forwardfor\n    timeout http-request 10s\n'
+                if [[ $proto == sse ]]; then printf '    option http-no-delay\n'; fi
+                printf '    timeout http-keep-alive 350s\n    server %s %s:%s\n' "$name" "$HOST" "$bport"
+            else
+                printf '\nlisten %s\n    bind %s:%s\n    server %s %s:%s\n' "$name" "$HOST" "$lport" "$name" "$HOST" "$bport"
+            fi
         done
     } >"$file"
 }
@@ -608,20 +766,26 @@ EOF
 }
 
 write_nginx_config() { # dir spec...
-    local dir=$1 s name lport bport proto
+    local dir=$1 s name lport bport proto l4=() l7=()
     local -A pooled=()
     shift
+    for s in "$@"; do
+        IFS=: read -r name lport bport proto <<<"$s"
+        if is_l7 "$proto"; then l7+=("$s"); else l4+=("$s"); fi
+    done
     {
-        if nginx -V 2>&1 | grep -q -- '--with-stream=dynamic'; then
+        if ((${#l4[@]})) && nginx -V 2>&1 | grep -q -- '--with-stream=dynamic'; then
             echo "load_module /usr/lib/nginx/modules/ngx_stream_module.so;"
         fi
+        nginx_main "$dir"
+        if ((${#l7[@]})); then write_nginx_http_block "$dir" "${l7[@]}"; fi
+        if ((${#l4[@]} == 0)); then return 0; fi
         cat <<EOF
-$(nginx_main "$dir")
 stream {
     proxy_connect_timeout 3s;
     proxy_timeout 350s;
 EOF
-        for s in "$@"; do
+        for s in "${l4[@]}"; do
             IFS=: read -r name lport bport proto <<<"$s"
             if [[ -z ${pooled[$name]:-} ]]; then
                 pooled[$name]=1
@@ -642,6 +806,42 @@ EOF
     } >"$dir/nginx.conf"
 }
 
+write_nginx_http_block() { # dir spec... (L7 specs only): nginx's `http` block
+    local dir=$1 s name lport bport proto
+    local -A pooled=()
+    shift
+    cat <<EOF
+http {
+    access_log off;
+    keepalive_timeout 350s;
+    keepalive_requests 100000000;
+    proxy_connect_timeout 3s;
+    proxy_read_timeout 350s;
+    proxy_send_timeout 350s;
+    proxy_http_version 1.1;
+    proxy_set_header Connection "";
+    proxy_set_header Host \$host;
+    proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+    proxy_buffering off;
+    client_body_temp_path $dir/tmp/body;
+    proxy_temp_path $dir/tmp/proxy;
+    fastcgi_temp_path $dir/tmp/fastcgi;
+    uwsgi_temp_path $dir/tmp/uwsgi;
+    scgi_temp_path $dir/tmp/scgi;
+EOF
+    for s in "$@"; do
+        IFS=: read -r name lport bport proto <<<"$s"
+        if [[ -z ${pooled[$name]:-} ]]; then
+            pooled[$name]=1
+            printf '    upstream %s { server %s:%s; keepalive 64; keepalive_requests 100000000; keepalive_timeout 350s; }\n' \
+                "$name" "$HOST" "$bport"
+        fi
+        printf '    server { listen %s:%s%s backlog=4096; location / { proxy_pass http://%s; } }\n' \
+            "$HOST" "$lport" "$([[ $proto == h2c ]] && echo ' http2')" "$name"
+    done
+    echo "}"
+}
+
 LB_SOFT=0 # 1: start_lb returns 1 when the balancer fails to start, instead of exiting
 
 start_lb() { # target instance-name spec... ; sets LAST_PID and LAST_LOG, waits for all ports
@@ -652,7 +852,7 @@ start_lb() { # target instance-name spec... ; sets LAST_PID and LAST_LOG, waits 
     logf=$OUT_DIR/logs/$inst.log
     for s in "$@"; do
         IFS=: read -r name lport bport proto <<<"$s"
-        ports+=("${proto:-tcp}:$lport")
+        ports+=("$([[ $proto == udp ]] && echo udp || echo tcp):$lport")
     done
     case $target in
         flowgate | flowgate-shared | flowgate-metrics | flowgate-base)
@@ -674,6 +874,7 @@ start_lb() { # target instance-name spec... ; sets LAST_PID and LAST_LOG, waits 
             start_bg "$inst" "$logf" haproxy -db -f "$dir/haproxy.cfg"
             ;;
         nginx)
+            mkdir -p "$dir/tmp"
             write_nginx_config "$dir" "$@"
             start_bg "$inst" "$logf" nginx -e "$dir/error.log" -p "$dir" -c "$dir/nginx.conf"
             ;;
@@ -767,6 +968,42 @@ start_udp_balancers() {
     done
 }
 
+declare -A HTTP_SKIP=() # target -> why it is not measured for the HTTP figures
+
+# The HTTP (L7) instances (<target>-l7): one listener per HTTP service the
+# figures need. A balancer that fails to start stops the run, as for TCP.
+start_http_balancers() {
+    local t specs
+    # shellcheck disable=SC2086 # word splitting intended
+    has_any_figure $HTTP_FIGURES || return 0
+    for t in $TARGETS; do
+        if ! can_http "$t"; then
+            HTTP_SKIP[$t]="splice-auto changes nothing for these small HTTP responses (the haproxy target stands for HAProxy)"
+            log "note: $t is skipped for the HTTP figures: ${HTTP_SKIP[$t]}"
+            continue
+        fi
+        [[ $t == direct ]] && continue
+        specs=()
+        has_any_figure http-rps http-latency && specs+=("${SVC_NAMES[8]}:$(target_port "$t" 8):$(backend_port 3):http")
+        has_figure http-h2-rps && specs+=("${SVC_NAMES[9]}:$(target_port "$t" 9):$(backend_port 3):h2c")
+        has_figure http-sse && specs+=("${SVC_NAMES[10]}:$(target_port "$t" 10):$(backend_port 10):sse")
+        ((${#specs[@]})) || continue # http-mem only: it starts its own instances
+        log "starting $t-l7"
+        start_lb "$t" "$t-l7" "${specs[@]}"
+        LB_PID[$t-l7]=$LAST_PID LB_LOG[$t-l7]=$LAST_LOG
+        if [[ $t == flowgate-metrics ]]; then
+            start_bg "$t-l7 scraper" "$OUT_DIR/logs/$t-l7.scrape.log" bash -c \
+                "while sleep 1; do curl -s -o /dev/null --max-time 2 http://$HOST:$(admin_port "$t-l7")/metrics; done"
+        fi
+    done
+}
+
+check_http_target() { # target: exits when its HTTP instance has died
+    [[ $1 == direct ]] && return 0
+    [[ -n ${LB_PID[$1-l7]:-} ]] || return 0
+    check_alive "${LB_PID[$1-l7]}" "$1-l7" "${LB_LOG[$1-l7]}"
+}
+
 check_udp_target() { # target: is its UDP instance running? exits if not, but for flowgate returns 1
     local pid
     [[ $1 == direct ]] && return 0
@@ -791,6 +1028,7 @@ check_udp_target() { # target: is its UDP instance running? exits if not, but fo
 # after printing why.
 
 RESULT=
+REQUESTS=0 # requests done in the last wrk or h2load run
 
 measure_bulk() { # target streams logfile
     local port out rc
@@ -907,9 +1145,9 @@ EOF
     ) || { log "error: could not read the iperf3 -u result via $1; see $out"; return 1; }
 }
 
-measure_wrk() { # target close(0|1) logfile
+measure_wrk() { # target close(0|1) logfile [port]
     local port out rc hdr=()
-    port=$(target_port "$1" 3)
+    port=${4:-$(target_port "$1" 3)}
     out=$3
     (($2)) && hdr=(-H 'Connection: close')
     rc=0
@@ -923,6 +1161,7 @@ measure_wrk() { # target close(0|1) logfile
     [[ -n $RESULT ]] || { log "error: no Requests/sec in the wrk output via $1; see $out"; return 1; }
     local total errs non2xx
     total=$(awk '/requests in/ { print $1 }' "$out")
+    REQUESTS=${total:-0}
     errs=$(awk '/Socket errors:/ { gsub(",", ""); s = 0; for (i = 1; i <= NF; i++) if ($i ~ /^[0-9]+$/) s += $i; print s }' "$out")
     non2xx=$(awk '/Non-2xx or 3xx responses:/ { print $NF }' "$out")
     if [[ -n $non2xx ]] && ((non2xx > 0)); then
@@ -940,16 +1179,24 @@ measure_wrk() { # target close(0|1) logfile
     fi
 }
 
-measure_mem() { # target logfile-prefix ; KiB of balancer RSS per idle established connection
-    local t=$1 pre=$2 port pid before after ready cpid rc i
-    port=$(mem_port "$t")
-    start_lb "$t" "$t-mem" "hold:$port:$(backend_port 4)"
+measure_mem() { # target logfile-prefix [http] ; KiB of balancer RSS per idle established connection
+    # With http: an L7 instance in front of the nginx backend, and every client
+    # connection does one keep-alive HTTP/1.1 request before it is held idle.
+    local t=$1 pre=$2 port pid before after ready cpid rc i http=()
+    if [[ ${3:-} == http ]]; then
+        port=$(http_mem_port "$t")
+        start_lb "$t" "$t-l7mem" "l7-http:$port:$(backend_port 3):http"
+        http=(--http)
+    else
+        port=$(mem_port "$t")
+        start_lb "$t" "$t-mem" "hold:$port:$(backend_port 4)"
+    fi
     pid=$LAST_PID
     # Warm up: a handful of connections so one-off lazy initialisation is not counted.
     ready=$pre.warm.ready
     rm -f "$ready"
     rc=0
-    timeout 30 python3 "$HELPERS/holdconn.py" client --host "$HOST" --port "$port" --count 50 \
+    timeout 30 python3 "$HELPERS/holdconn.py" client "${http[@]}" --host "$HOST" --port "$port" --count 50 \
         --ready-file "$ready" --hold 0 >"$pre.warm.log" 2>&1 || rc=$?
     if ((rc != 0)) || [[ ! -s $ready ]]; then
         log "error: warm-up connections via $t failed (status $rc); see $pre.warm.log"
@@ -961,7 +1208,7 @@ measure_mem() { # target logfile-prefix ; KiB of balancer RSS per idle establish
     before=$(rss_kib "$pid")
     ready=$pre.ready
     rm -f "$ready"
-    start_bg "idle-hold client" "$pre.client.log" python3 "$HELPERS/holdconn.py" client --host "$HOST" \
+    start_bg "idle-hold client" "$pre.client.log" python3 "$HELPERS/holdconn.py" client "${http[@]}" --host "$HOST" \
         --port "$port" --count "$MEM_CONNS" --ready-file "$ready" --hold 120 --timeout 60
     cpid=$LAST_PID
     for ((i = 0; i < 1800; i++)); do # up to 90 s
@@ -982,6 +1229,81 @@ measure_mem() { # target logfile-prefix ; KiB of balancer RSS per idle establish
     stop_pid "$pid"
     echo "$t before=${before}KiB after=${after}KiB conns=$MEM_CONNS" >>"$pre.rss"
     RESULT=$(awk -v a="$after" -v b="$before" -v n="$MEM_CONNS" 'BEGIN { printf "%.3f", (a - b) / n }')
+}
+
+h2load_check() { # target logfile: fails on errored, failed or non-2xx requests
+    local out=$2 failed errored codes
+    read -r failed errored < <(awk '/^requests:/ { for (i = 2; i <= NF; i++) { if ($i ~ /^failed/) f = $(i - 1); if ($i ~ /^errored/) e = $(i - 1) } }
+        END { print f + 0, e + 0 }' "$out")
+    codes=$(awk '/^status codes:/ { gsub(",", ""); print $5 + $7 + $9; exit }' "$out")
+    if [[ -z $codes ]]; then
+        log "error: no status codes in the h2load output via $1; see $out"
+        return 1
+    fi
+    if ((failed + errored + codes > 0)); then
+        log "error: h2load via $1: $failed failed, $errored errored, $codes non-2xx requests; see $out"
+        return 1
+    fi
+}
+
+measure_h2_rps() { # target logfile ; requests/s over h2c (prior knowledge)
+    local port out=$2 rc
+    port=$(http_port "$1" 9)
+    rc=0
+    timeout $((WRK_TIME + 30)) h2load -c "$H2_CLIENTS" -m "$H2_STREAMS" -t "$WRK_THREADS" -D "$WRK_TIME" \
+        "http://$HOST:$port/" >"$out" 2>&1 || rc=$?
+    if ((rc != 0)); then
+        log "error: h2load via $1 exited with status $rc; see $out"
+        return 1
+    fi
+    grep -q '^Application protocol: h2c' "$out" ||
+        { log "error: h2load did not speak h2c via $1; see $out"; return 1; }
+    h2load_check "$1" "$out" || return 1
+    RESULT=$(awk '/^finished in/ { for (i = 1; i <= NF; i++) if ($i ~ /^req\/s/) print $(i - 1) }' "$out")
+    [[ -n $RESULT ]] || { log "error: no req/s in the h2load output via $1; see $out"; return 1; }
+    REQUESTS=$(awk '/^requests:/ { for (i = 2; i <= NF; i++) if ($i ~ /^succeeded/) print $(i - 1) }' "$out")
+}
+
+# http-latency: h2load --h1 with --rps, so the request rate is fixed (a timer per
+# client issues requests; over HTTP/1.1 one at a time per connection, so a late
+# response delays the next request: closed loop per connection, not wrk2's
+# open loop with coordinated-omission correction). The latency of every request
+# comes from h2load's --log-file (microseconds from the request's start to the
+# end of its response).
+measure_http_latency() { # target prefix ; RESULT = "p50-us p99-us achieved-req/s"
+    local port pre=$2 rc per
+    port=$(http_port "$1" 8)
+    per=$((HTTP_LAT_RPS / HTTP_LAT_CLIENTS))
+    rc=0
+    timeout $((WRK_TIME + 30)) h2load --h1 -c "$HTTP_LAT_CLIENTS" -t 1 --rps "$per" -D "$WRK_TIME" \
+        --log-file "$pre.tsv" "http://$HOST:$port/" >"$pre.log" 2>&1 || rc=$?
+    if ((rc != 0)); then
+        log "error: h2load --h1 --rps via $1 exited with status $rc; see $pre.log"
+        return 1
+    fi
+    h2load_check "$1" "$pre.log" || return 1
+    RESULT=$(sort -t $'\t' -k3,3n "$pre.tsv" | awk -F'\t' -v d="$WRK_TIME" '
+        $2 == 200 { v[++n] = $3 }
+        END {
+            if (n == 0) exit 1
+            i50 = int(n * 0.50); if (i50 < n * 0.50) i50++
+            i99 = int(n * 0.99); if (i99 < n * 0.99) i99++
+            printf "%d %d %.0f", v[i50], v[i99], n / d }') ||
+        { log "error: no requests in the h2load log via $1; see $pre.tsv"; return 1; }
+}
+
+measure_sse() { # target logfile ; RESULT = "p50-us p99-us" of the time to the first event
+    local port out=$2 rc
+    port=$(http_port "$1" 10)
+    rc=0
+    RESULT=$(timeout $((SSE_REQUESTS * (SSE_GAP_MS + 10) / 1000 + 60)) python3 "$HELPERS/sse.py" client --host "$HOST" --port "$port" \
+        --requests "$SSE_REQUESTS" 2>"$out") || rc=$?
+    echo "$RESULT" >>"$out"
+    if ((rc != 0)) || [[ -z $RESULT ]]; then
+        log "error: the SSE client via $1 failed (status $rc); see $out"
+        return 1
+    fi
+    RESULT=$(awk '{ print $1, $2 }' <<<"$RESULT")
 }
 
 # ------------------------------------------------------------------- main ----
@@ -1010,6 +1332,14 @@ for svc in 1 2 3 4; do
         is_listening "$p" && die "port $p is already in use (set PORT_BASE to move the block)"
     done
 done
+for svc in 8 9 10; do # HTTP (L7); direct's ports 3, 9 and 10 are backend ports
+    for p in $(backend_port $svc) $(for t in $TARGETS; do
+        [[ $t != direct ]] && target_port "$t" $svc
+        [[ $t != direct && $svc == 8 ]] && http_mem_port "$t"
+    done); do
+        is_listening "$p" && die "port $p is already in use (set PORT_BASE to move the block)"
+    done
+done
 for svc in 5 6 7; do # UDP services; udp-iperf (6) also listens on TCP
     for p in $(backend_port $svc) $(for t in $UDP_TARGETS; do
         [[ $t != direct ]] && has_target "$t" && target_port "$t" $svc
@@ -1031,11 +1361,14 @@ done
     echo "ROUNDS=$ROUNDS TARGETS=\"$TARGETS\" FIGURES=\"$FIGURES\" NICE=$NICE (actual: $(ps -o ni= -p $$ | tr -d ' '))"
     echo "IPERF_TIME=$IPERF_TIME SOCKPERF_TIME=$SOCKPERF_TIME WRK_TIME=$WRK_TIME WRK_THREADS=$WRK_THREADS WRK_CONNS=$WRK_CONNS MEM_CONNS=$MEM_CONNS"
     echo "UDP_PPS_TIME=$UDP_PPS_TIME UDP_IPERF_TIME=$UDP_IPERF_TIME UDP_IPERF_RATES=\"$UDP_IPERF_RATES\""
+    echo "H2_CLIENTS=$H2_CLIENTS H2_STREAMS=$H2_STREAMS HTTP_LAT_RPS=$HTTP_LAT_RPS HTTP_LAT_CLIENTS=$HTTP_LAT_CLIENTS SSE_REQUESTS=$SSE_REQUESTS SSE_GAP_MS=$SSE_GAP_MS"
     command -v haproxy >/dev/null && echo "haproxy: $(haproxy -v 2>&1 | head -n1)"
     command -v nginx >/dev/null && echo "nginx: $(nginx -v 2>&1)"
     command -v iperf3 >/dev/null && echo "iperf3: $(iperf3 --version 2>&1 | head -n1)"
     command -v sockperf >/dev/null && echo "sockperf: $(sockperf --version 2>&1 | head -n1)"
     command -v wrk >/dev/null && echo "wrk: $(wrk -v 2>&1 | head -n1)"
+    command -v h2load >/dev/null && echo "h2load: $(h2load --version 2>&1 | head -n1)"
+    echo "python3: $(python3 --version 2>&1)"
     [[ -n $FLOWGATE_BIN ]] && echo "flowgate: $FLOWGATE_BIN ($("$FLOWGATE_BIN" --version 2>&1 | head -n1))"
     has_target flowgate-base && echo "flowgate-base: $FLOWGATE_BASE_BIN ($("$FLOWGATE_BASE_BIN" --version 2>&1 | head -n1))"
 } >"$OUT_DIR/meta.txt"
@@ -1052,6 +1385,7 @@ DISTURBED=0
 start_backends
 start_balancers
 start_udp_balancers
+start_http_balancers
 
 # measure_one figure target prefix: sets LINES to "metric value" pairs (value NA
 # on failure), MSG to a human summary; returns non-zero when the tool failed.
@@ -1094,6 +1428,61 @@ measure_one() {
                 LINES="mem_kb $RESULT" MSG="$RESULT KiB/conn"
             else
                 LINES="mem_kb NA"
+                return 1
+            fi
+            ;;
+        http-rps | http-h2-rps)
+            # Also the balancer's CPU time per request (user + system, all
+            # its processes), which other work on the machine disturbs less
+            # than the rate. Not for direct (no balancer).
+            local key=${f//-/_} ticks0='' cpu
+            check_backend http
+            [[ $t == direct ]] || ticks0=$(proc_ticks "${LB_PID[$t-l7]}")
+            if [[ $f == http-rps ]]; then
+                measure_wrk "$t" 0 "$pre.log" "$(http_port "$t" 8)" || { LINES="$key NA"; return 1; }
+            else
+                measure_h2_rps "$t" "$pre.log" || { LINES="$key NA"; return 1; }
+            fi
+            LINES="$key $RESULT" MSG="$RESULT req/s"
+            if [[ -n $ticks0 ]]; then
+                cpu=$(awk -v a="$ticks0" -v b="$(proc_ticks "${LB_PID[$t-l7]}")" -v hz="$(getconf CLK_TCK)" \
+                    -v r="$REQUESTS" 'BEGIN { if (r > 0) printf "%.2f", (b - a) * 1e6 / hz / r }')
+                if [[ -n $cpu ]]; then
+                    LINES+=$'\n'"${key}_cpu_us $cpu" MSG+=", $cpu µs of balancer CPU per request"
+                fi
+            fi
+            ;;
+        http-latency)
+            check_backend http
+            if measure_http_latency "$t" "$pre"; then
+                read -r p50 p99 rx <<<"$RESULT"
+                LINES="http_lat_p50 $p50"$'\n'"http_lat_p99 $p99"
+                MSG="p50 $p50 p99 $p99 us at $rx req/s"
+                if ((rx * 100 < HTTP_LAT_RPS * 95)); then
+                    log "note: only $rx of the $HTTP_LAT_RPS req/s asked for were done via $t"
+                fi
+            else
+                LINES="http_lat_p50 NA"$'\n'"http_lat_p99 NA"
+                return 1
+            fi
+            ;;
+        http-sse)
+            check_backend sse
+            if measure_sse "$t" "$pre.log"; then
+                read -r p50 p99 <<<"$RESULT"
+                LINES="http_sse_p50 $p50"$'\n'"http_sse_p99 $p99"
+                MSG="first event p50 $p50 p99 $p99 us"
+            else
+                LINES="http_sse_p50 NA"$'\n'"http_sse_p99 NA"
+                return 1
+            fi
+            ;;
+        http-mem)
+            check_backend http
+            if measure_mem "$t" "$pre" http; then
+                LINES="http_mem_kb $RESULT" MSG="$RESULT KiB/conn"
+            else
+                LINES="http_mem_kb NA"
                 return 1
             fi
             ;;
@@ -1154,10 +1543,15 @@ START=$SECONDS
 for ((r = 1; r <= ROUNDS; r++)); do
     for f in $FIGURES; do
         for t in $TARGETS; do
-            [[ $f == mem && $t == direct ]] && continue # no balancer, nothing to measure
+            [[ $f == *mem && $t == direct ]] && continue # no balancer, nothing to measure
             is_udp_figure "$f" && [[ -n ${UDP_SKIP[$t]:-} ]] && continue # noted at the start
+            is_http_figure "$f" && [[ -n ${HTTP_SKIP[$t]:-} ]] && continue # noted at the start
             for ((attempt = 0; ; attempt++)); do
-                is_udp_figure "$f" || check_target "$t" # measure_one checks the UDP instances
+                if is_http_figure "$f"; then
+                    check_http_target "$t"
+                elif ! is_udp_figure "$f"; then
+                    check_target "$t" # measure_one checks the UDP instances
+                fi
                 wait_quiet
                 pre=$OUT_DIR/runs/r$r-$f-$t
                 ((attempt == 0)) || pre=$pre-retry$attempt
@@ -1195,6 +1589,14 @@ if ((${#UDP_SKIP[@]})); then
         echo
         for t in $TARGETS; do
             if [[ -n ${UDP_SKIP[$t]:-} ]]; then echo "UDP figures: $t not measured: ${UDP_SKIP[$t]}."; fi
+        done
+    } >>"$OUT_DIR/results.md"
+fi
+if ((${#HTTP_SKIP[@]})); then
+    {
+        echo
+        for t in $TARGETS; do
+            if [[ -n ${HTTP_SKIP[$t]:-} ]]; then echo "HTTP figures: $t not measured: ${HTTP_SKIP[$t]}."; fi
         done
     } >>"$OUT_DIR/results.md"
 fi

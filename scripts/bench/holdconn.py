@@ -15,6 +15,14 @@
       Exits non-zero (and writes nothing to FILE) if the connections cannot
       all be established within the timeout.
 
+  holdconn.py client --http --host 127.0.0.1 --port 7051 --count 4000 ...
+      The same, but each connection is an HTTP/1.1 client: it sends one
+      keep-alive "GET / HTTP/1.1" and reads the whole response (which must be
+      a 200 with a Content-Length), and is then held idle, kept alive, like a
+      browser's or an SDK's pooled connection between requests
+      (the http-mem figure; the backend is an HTTP server, not the hold
+      server).
+
 Both sides raise RLIMIT_NOFILE to the hard limit; the client and the server
 are separate processes, so each gets its own budget of file descriptors.
 """
@@ -89,6 +97,38 @@ def server(args):
                     conn.close()
 
 
+HTTP_REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\nUser-Agent: holdconn\r\n\r\n"
+
+
+def http_exchange(s):
+    """One keep-alive request on socket s; raises OSError unless a full 200 came back."""
+    s.sendall(HTTP_REQUEST)
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        data = s.recv(4096)
+        if not data:
+            raise OSError("connection closed before the response head")
+        buf += data
+    head, _, body = buf.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    if lines[0].split(b" ")[1:2] != [b"200"]:
+        raise OSError("response %r" % lines[0])
+    length = None
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value.strip())
+        if name.strip().lower() == b"connection" and b"close" in value.lower():
+            raise OSError("the server asked to close the connection")
+    if length is None:
+        raise OSError("response without Content-Length")
+    while len(body) < length:
+        data = s.recv(4096)
+        if not data:
+            raise OSError("connection closed mid-body")
+        body += data
+
+
 def client(args):
     limit = raise_nofile()
     if args.count + 16 > limit:
@@ -102,9 +142,12 @@ def client(args):
         s.settimeout(max(0.1, deadline - time.monotonic()))
         try:
             s.connect((args.host, args.port))
-            s.sendall(b"x")
-            if s.recv(1) != b"x":
-                raise OSError("connection closed before the echo came back")
+            if args.http:
+                http_exchange(s)
+            else:
+                s.sendall(b"x")
+                if s.recv(1) != b"x":
+                    raise OSError("connection closed before the echo came back")
         except OSError as e:
             print(f"holdconn client: connection {i + 1}/{args.count} failed: {e}",
                   file=sys.stderr)
@@ -137,6 +180,8 @@ def main():
     pc.add_argument("--count", type=int, default=4000)
     pc.add_argument("--ready-file", required=True)
     pc.add_argument("--hold", type=float, default=300.0)
+    pc.add_argument("--http", action="store_true",
+                    help="one HTTP/1.1 keep-alive request per connection instead of the echo")
     pc.add_argument("--timeout", type=float, default=60.0,
                     help="seconds allowed for establishing all connections")
     args = p.parse_args()

@@ -9,7 +9,10 @@ tables to stdout: the medians with flowgate/HAProxy ratios (and flowgate/
 flowgate-base, the same flowgate against an older build), and the per-round
 minimum..maximum so the noise can be judged. When UDP figures are present they
 get two tables of their own after those, with the targets that can balance UDP
-and flowgate/nginx ratios (HAProxy OSS does not balance UDP).
+and flowgate/nginx ratios (HAProxy OSS does not balance UDP). The HTTP (L7)
+figures get two more, with flowgate/HAProxy and flowgate/nginx ratios and, for
+the SSE first-event time, rows with what each balancer adds over direct (its
+per-round values minus direct's median).
 """
 
 import re
@@ -50,6 +53,44 @@ UDP_TARGETS = ["direct", "flowgate", "flowgate-shared", "flowgate-metrics", "flo
 UDP_RATIO_PAIRS = [("flowgate", "nginx"), ("flowgate-shared", "nginx"),
                    ("flowgate-metrics", "flowgate"), ("flowgate", "flowgate-base")]
 NO_RATIO = re.compile(r"loss")  # a ratio of loss percentages means little (and 0 is common)
+
+
+# HTTP (L7) figures: same layout as METRICS.
+HTTP_METRICS = [
+    ("http_rps", "HTTP/1.1 requests, kept-alive connections (wrk)", "req/s", True, "{:,.0f}"),
+    ("http_rps_cpu_us", "Balancer CPU per HTTP/1.1 request (wrk run)", "µs", False, "{:.1f}"),
+    ("http_h2_rps", "h2c requests, multiplexed streams (h2load)", "req/s", True, "{:,.0f}"),
+    ("http_h2_rps_cpu_us", "Balancer CPU per h2c request (h2load run)", "µs", False, "{:.1f}"),
+    ("http_lat_p50", "HTTP/1.1 latency p50 at a fixed rate (h2load --rps)", "µs", False, "{:,.0f}"),
+    ("http_lat_p99", "HTTP/1.1 latency p99 at a fixed rate (h2load --rps)", "µs", False, "{:,.0f}"),
+    ("http_sse_p50", "SSE time to first event p50", "µs", False, "{:,.0f}"),
+    ("http_sse_p99", "SSE time to first event p99", "µs", False, "{:,.0f}"),
+    ("http_sse_p50+", "SSE first event p50, added over direct", "µs", False, "{:,.0f}"),
+    ("http_sse_p99+", "SSE first event p99, added over direct", "µs", False, "{:,.0f}"),
+    ("http_mem_kb", "Memory per idle kept-alive HTTP/1.1 client connection", "KiB/conn", False,
+     "{:.2f}"),
+]
+HTTP_TARGETS = ["direct", "flowgate", "flowgate-shared", "flowgate-metrics", "flowgate-base",
+                "haproxy", "nginx"]
+HTTP_RATIO_PAIRS = [("flowgate", "haproxy"), ("flowgate", "nginx"),
+                    ("flowgate-shared", "haproxy"), ("flowgate-metrics", "flowgate"),
+                    ("flowgate", "flowgate-base")]
+ADDED = "+"  # a metric key ending in this: the base metric minus direct's median
+
+
+def add_over_direct(values, targets):
+    """Adds the "...+" series: each target's per-round values minus direct's median."""
+    for key, *_ in HTTP_METRICS:
+        if not key.endswith(ADDED):
+            continue
+        base = key[:-len(ADDED)]
+        direct = values.get((base, "direct"))
+        if not direct:
+            continue
+        med = statistics.median(direct)
+        for t in targets:
+            if t != "direct" and values.get((base, t)):
+                values[(key, t)] = [v - med for v in values[(base, t)]]
 
 
 def udp_metrics(order):
@@ -93,20 +134,36 @@ def main():
     udp_rows = udp_metrics(list(seen_metrics))
     udp_targets = [t for t in targets if t in UDP_TARGETS]
     udp_ratios = [(a, b) for a, b in UDP_RATIO_PAIRS if a in udp_targets and b in udp_targets]
-    if metrics or not udp_rows:
+    http_targets = [t for t in targets if t in HTTP_TARGETS]
+    add_over_direct(values, http_targets)
+    http_rows = [m for m in HTTP_METRICS
+                 if m[0] in seen_metrics or (m[0].endswith(ADDED) and m[0][:-len(ADDED)] in seen_metrics
+                                             and "direct" in http_targets)]
+    http_ratios = [(a, b) for a, b in HTTP_RATIO_PAIRS if a in http_targets and b in http_targets]
+    printed = False
+    if metrics or not (udp_rows or http_rows):
         tables(metrics, targets, ratios, "HAProxy", rounds, values, failed)
+        printed = True
     if udp_rows:
-        if metrics:
+        if printed:
             print()
         print("UDP (HAProxy OSS does not balance UDP):")
         print()
         tables(udp_rows, udp_targets, udp_ratios, "nginx", rounds, values, failed)
+        printed = True
+    if http_rows:
+        if printed:
+            print()
+        print("HTTP (L7):")
+        print()
+        tables(http_rows, http_targets, http_ratios, "HAProxy or nginx", rounds, values, failed)
 
 
 def tables(metrics, targets, ratios, versus, rounds, values, failed):
     def cell(metric, target, fmt):
         vs = values.get((metric, target))
-        note = " (%d failed)" % failed[(metric, target)] if failed.get((metric, target)) else ""
+        base = metric[:-len(ADDED)] if metric.endswith(ADDED) else metric
+        note = " (%d failed)" % failed[(base, target)] if failed.get((base, target)) else ""
         if not vs:
             return ("failed" if note else "—"), None
         med = statistics.median(vs)
@@ -123,7 +180,9 @@ def tables(metrics, targets, ratios, versus, rounds, values, failed):
             row.append(text)
             meds[t] = med
         for a, b in ratios:
-            if meds.get(a) and meds.get(b) and not NO_RATIO.search(key):
+            if key.endswith(ADDED) and not (meds.get(a) and meds.get(b) and meds[a] > 0 and meds[b] > 0):
+                row.append("—")  # a ratio of differences near or below zero means nothing
+            elif meds.get(a) and meds.get(b) and not NO_RATIO.search(key):
                 row.append("{:.2f}".format(meds[a] / meds[b]))
             else:
                 row.append("—")

@@ -865,7 +865,7 @@ fn max_connections_on_a_udp_listener() {
             "pool = \"gpu\"\nprotocol = \"udp\"\nmax_connections = 5 # HERE",
         ),
         Some("listeners[0].max_connections"),
-        "applies to tcp listeners; this one is udp",
+        "applies to tcp and http listeners; this one is udp",
     );
 }
 

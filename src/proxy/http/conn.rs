@@ -1,15 +1,24 @@
-//! One client connection of an http listener: HTTP/1.1 and h2c (prior knowledge)
-//! on one port through hyper-util's `auto` server, with the head and idle
-//! deadlines kept by the socket wrapper ([`ClientIo`]), since hyper closes a slow
-//! head without a word and has no keep-alive idle limit.
+//! One client connection of an http listener: HTTP/1.1, or h2c with prior
+//! knowledge (told apart by the first bytes), served by hyper.
 //!
+//! **An idle HTTP/1.1 connection holds only the socket.** Requests run on a
+//! hyper connection that is taken apart ([`http1::Connection::into_parts`]) once
+//! the client has been quiet for 100 ms; the next request's first byte builds a
+//! new one from the socket and any bytes hyper had read ahead. hyper keeps its read and
+//! write buffers for a connection's whole life, so a kept-alive client that waits
+//! between requests (an SDK's pool) would hold them all the while; this way it
+//! holds a socket and a small future.
+//!
+//! The head and idle deadlines are the socket wrapper's ([`ClientIo`]), since
+//! hyper closes a slow head without a word and has no keep-alive idle limit:
 //! `header_timeout` runs from accept for the first request and from the first byte
-//! of each later one; an HTTP/1.1 client whose head is incomplete then gets a
-//! written 408 before the close. `idle_timeout` closes a connection with no request
-//! in flight. When the listener stops accepting (shutdown, or a reload removed it),
+//! of each later one, and an HTTP/1.1 client whose head is incomplete then gets a
+//! written 408 before the close; `idle_timeout` closes a connection with nothing in
+//! flight. When the listener stops accepting (shutdown, or a reload removed it),
 //! HTTP/2 clients get GOAWAY and HTTP/1.1 clients `Connection: close` on their
-//! next response; the listener's cut ends what is left.
+//! next response (an idle one is closed); the listener's cut ends what is left.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -19,19 +28,22 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::{Buf, Bytes};
 use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
+use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::body::OutBody;
 use super::forward;
 use super::scan::HeadScan;
 use super::state::{ConnCtx, ConnState};
+use super::HttpSettings;
 use crate::proxy::tcp::{ListenerSettings, Place};
 
 /// Serves one accepted client of an http listener until it closes.
@@ -41,7 +53,7 @@ pub(crate) async fn serve(
     place: Place,
     settings: Arc<ListenerSettings>,
 ) {
-    let listener = &place.0.clone();
+    let listener = place.0.clone();
     let Some(http) = settings.http.clone() else {
         return;
     };
@@ -49,7 +61,7 @@ pub(crate) async fn serve(
     state
         .idle_since
         .store(crate::proxy::now_us(), Ordering::Relaxed);
-    let io = ClientIo::new(
+    let mut io = ClientIo::new(
         stream,
         state.clone(),
         http.header_timeout,
@@ -61,44 +73,169 @@ pub(crate) async fn serve(
         state,
         _place: place,
     });
-    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let ctx = ctx.clone();
-        async move { Ok::<Response<OutBody>, std::convert::Infallible>(forward::handle(ctx, req).await) }
-    });
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .max_buf_size(http.max_header_bytes.max(8192))
-        // A client that sent its request and shut down its side still gets the
-        // response (as from nginx and HAProxy).
-        .half_close(true)
-        .keep_alive(true);
-    builder
-        .http2()
-        .max_concurrent_streams(http.max_streams_per_connection)
-        .max_header_list_size(http.max_header_bytes.min(u32::MAX as usize) as u32);
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
-    tokio::pin!(conn);
     let stop = listener.stop_accept.clone();
     let cut = listener.cut.clone();
-    let r = tokio::select! {
-        r = conn.as_mut() => Some(r),
+    let h2 = tokio::select! {
+        h2 = io.sniff() => h2,
         _ = stop.cancelled() => None,
-        _ = cut.cancelled() => return,
+        _ = cut.cancelled() => None,
     };
-    let r = match r {
-        Some(r) => r,
-        None => {
-            // GOAWAY for HTTP/2; HTTP/1.1 closes once the response in flight ends.
-            conn.as_mut().graceful_shutdown();
-            tokio::select! {
-                r = conn.as_mut() => r,
-                _ = cut.cancelled() => return,
-            }
+    let r = match h2 {
+        // Closed, timed out (408 written) or stopped before a request.
+        None => Ok(()),
+        Some(true) => {
+            ctx.state.h2.store(true, Ordering::Relaxed);
+            // Boxed: an h2 connection's state is large, and rarer than HTTP/1.1.
+            Box::pin(serve_h2(io, &ctx, &http, &stop, &cut)).await
         }
+        Some(false) => serve_h1(io, &ctx, &http, &stop, &cut).await,
     };
     if let Err(e) = r {
         debug!(listener = %listener.name, client = %peer, error = %e, "http connection ended");
+    }
+}
+
+/// How long an HTTP/1.1 connection stays idle with its hyper connection (and
+/// buffers) before it is parked as a bare socket: long enough that a busy client's
+/// back-to-back requests never pay for a new one, short against an SDK pool's
+/// idle minutes.
+const PARK_AFTER: Duration = Duration::from_millis(100);
+
+/// What a request handler returns.
+type Handled = Pin<Box<dyn Future<Output = Result<Response<OutBody>, Infallible>> + Send>>;
+
+/// The request handler hyper calls, one per connection (h2: per stream).
+fn service(
+    ctx: &Arc<ConnCtx>,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<OutBody>,
+    Error = Infallible,
+    Future = Handled,
+> + Clone {
+    let ctx = ctx.clone();
+    hyper::service::service_fn(move |req: Request<Incoming>| {
+        let ctx = ctx.clone();
+        // Boxed: hyper's connection is taken apart between requests, which needs
+        // an `Unpin` handler future.
+        Box::pin(async move { Ok(forward::handle(ctx, req).await) }) as Handled
+    })
+}
+
+/// HTTP/1.1: one hyper connection per busy spell, the socket alone in between.
+async fn serve_h1(
+    mut io: ClientIo,
+    ctx: &Arc<ConnCtx>,
+    http: &HttpSettings,
+    stop: &CancellationToken,
+    cut: &CancellationToken,
+) -> hyper::Result<()> {
+    let mut park_timer = Box::pin(tokio::time::sleep(PARK_AFTER));
+    loop {
+        if io.leftover.is_empty() {
+            let more = tokio::select! {
+                more = std::future::poll_fn(|cx| io.poll_request(cx)) => more,
+                // Nothing in flight: a stopping listener just closes.
+                _ = stop.cancelled() => false,
+                _ = cut.cancelled() => false,
+            };
+            if !more {
+                return Ok(());
+            }
+        }
+        let before = ctx.state.requests.load(Ordering::Acquire);
+        // Boxed: the hyper connection is large and lives only while busy; the
+        // task that waits between requests stays small.
+        let mut conn = Box::new(
+            http1::Builder::new()
+                .max_buf_size(http.max_header_bytes.max(8192))
+                // A client that sent its request and shut down its side still gets
+                // the response (as from nginx and HAProxy).
+                .half_close(true)
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(io), service(ctx)),
+        );
+        let mut shut = false;
+        let mut idle_from: Option<Instant> = None;
+        let done = std::future::poll_fn(|cx| loop {
+            let r = conn.poll_without_shutdown(cx);
+            if r.is_ready() || shut {
+                return r;
+            }
+            // Idle for PARK_AFTER (or the listener stops): hyper finishes and
+            // hands the socket back instead of waiting for the next request. A
+            // busy connection keeps its hyper connection from one request to
+            // the next.
+            let idle = ctx.state.idle_since_request(before);
+            let park = match (idle, idle_from) {
+                (false, _) => {
+                    idle_from = None;
+                    false
+                }
+                (true, None) => {
+                    let at = Instant::now() + PARK_AFTER;
+                    idle_from = Some(at);
+                    park_timer.as_mut().reset(at);
+                    park_timer.as_mut().poll(cx).is_ready()
+                }
+                (true, Some(_)) => park_timer.as_mut().poll(cx).is_ready(),
+            };
+            if park || stop.is_cancelled() {
+                shut = true;
+                Pin::new(&mut *conn).graceful_shutdown();
+                continue;
+            }
+            return r;
+        });
+        let r = tokio::select! {
+            r = done => r,
+            _ = cut.cancelled() => return Ok(()),
+        };
+        r?;
+        let parts = (*conn).into_parts();
+        io = parts.io.into_inner();
+        // Read ahead by hyper (a pipelined request): copied, so that hyper's
+        // read buffer goes with the connection.
+        io.leftover = match parts.read_buf.is_empty() {
+            true => Bytes::new(),
+            false => Bytes::copy_from_slice(&parts.read_buf),
+        };
+        if let Some((upstream, idle)) = ctx.state.take_upgrade() {
+            let early = std::mem::take(&mut io.leftover);
+            super::tunnel::run(io.stream, early, upstream, idle, cut).await;
+            return Ok(());
+        }
+        let served = ctx.state.requests.load(Ordering::Acquire) > before;
+        if !served || ctx.state.close_after.load(Ordering::Relaxed) || stop.is_cancelled() {
+            let _ = tokio::io::AsyncWriteExt::shutdown(&mut io.stream).await;
+            return Ok(());
+        }
+    }
+}
+
+/// h2c: one hyper connection for the connection's life; GOAWAY when the listener
+/// stops.
+async fn serve_h2(
+    io: ClientIo,
+    ctx: &Arc<ConnCtx>,
+    http: &HttpSettings,
+    stop: &CancellationToken,
+    cut: &CancellationToken,
+) -> hyper::Result<()> {
+    let conn = http2::Builder::new(TokioExecutor::new())
+        .max_concurrent_streams(http.max_streams_per_connection)
+        .max_header_list_size(http.max_header_bytes.min(u32::MAX as usize) as u32)
+        .serve_connection(TokioIo::new(io), service(ctx));
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => return r,
+        _ = stop.cancelled() => {}
+        _ = cut.cancelled() => return Ok(()),
+    }
+    conn.as_mut().graceful_shutdown();
+    tokio::select! {
+        r = conn.as_mut() => r,
+        _ = cut.cancelled() => Ok(()),
     }
 }
 
@@ -119,8 +256,10 @@ pub struct ClientIo {
     sleep: Pin<Box<Sleep>>,
     /// The deadline `sleep` is set to.
     armed: Option<Instant>,
-    first_read: bool,
     scan: HeadScan,
+    /// Bytes read but not yet handed to hyper (read ahead by the last hyper
+    /// connection, or by [`ClientIo::sniff`]); served before the socket.
+    leftover: Bytes,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -149,8 +288,8 @@ impl ClientIo {
             head: Some((now, 0)),
             sleep: Box::pin(tokio::time::sleep_until(now + header_timeout)),
             armed: Some(now + header_timeout),
-            first_read: true,
             scan: HeadScan::new(),
+            leftover: Bytes::new(),
         }
     }
 
@@ -173,13 +312,7 @@ impl ClientIo {
     }
 
     /// Bytes arrived: with nothing in flight, an HTTP/1.1 head starts.
-    fn arrived(&mut self, bytes: &[u8]) {
-        if self.first_read {
-            self.first_read = false;
-            if bytes.starts_with(b"PRI ") {
-                self.state.h2.store(true, Ordering::Relaxed);
-            }
-        }
+    fn arrived(&mut self) {
         let requests = self.state.requests.load(Ordering::Acquire);
         if self.head.is_some_and(|(_, at)| at != requests) {
             // That head became a request; these bytes may start the next one.
@@ -190,8 +323,68 @@ impl ClientIo {
             && self.state.in_flight.load(Ordering::Acquire) == 0
         {
             self.head = Some((Instant::now(), requests));
+            self.state.reading.store(requests + 1, Ordering::Release);
             self.scan.resync(requests + 1);
         }
+    }
+
+    /// Reads the first bytes: `Some(true)` for HTTP/2's preface (`PRI `),
+    /// `Some(false)` for anything else, `None` if the client closed or timed out
+    /// first. The bytes read stay for hyper.
+    async fn sniff(&mut self) -> Option<bool> {
+        const PREFACE: &[u8] = b"PRI ";
+        // One read takes what the client sent (a whole head, usually); hyper gets
+        // it from `leftover`.
+        let mut got = vec![0u8; 4096];
+        let mut n = 0;
+        while n < PREFACE.len() && got[..n] == PREFACE[..n] {
+            let mut rb = ReadBuf::new(&mut got[n..]);
+            std::future::poll_fn(|cx| Pin::new(&mut *self).poll_read(cx, &mut rb))
+                .await
+                .ok()?;
+            let k = rb.filled().len();
+            if k == 0 {
+                return None;
+            }
+            n += k;
+        }
+        got.truncate(n);
+        let h2 = got.starts_with(PREFACE);
+        self.leftover = Bytes::from(got);
+        Some(h2)
+    }
+
+    /// Between HTTP/1.1 requests: ready when the client sends (or closes), false
+    /// once a deadline passed (a 408 written for a head that started).
+    fn poll_request(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
+        match self.stream.poll_read_ready(cx) {
+            Poll::Ready(r) => return Poll::Ready(r.is_ok()),
+            Poll::Pending => {}
+        }
+        match self.poll_deadline(cx) {
+            Poll::Ready(()) => Poll::Ready(false),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// Ready once the deadline that applies now passed (a 408 written if it was
+    /// a head's).
+    fn poll_deadline(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let Some((when, kind)) = self.deadline() else {
+            return Poll::Pending;
+        };
+        if self.armed != Some(when) {
+            self.sleep.as_mut().reset(when);
+            self.armed = Some(when);
+        }
+        if !poll_sleep(&mut self.sleep, cx) {
+            return Poll::Pending;
+        }
+        if kind == Deadline::Head && !self.state.h2.load(Ordering::Relaxed) {
+            // Best effort: a client that reads nothing just gets the close.
+            let _ = self.stream.try_write(TIMEOUT_408);
+        }
+        Poll::Ready(())
     }
 }
 
@@ -202,15 +395,22 @@ impl AsyncRead for ClientIo {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if !this.leftover.is_empty() {
+            // Already seen (and scanned) when first read.
+            let n = this.leftover.len().min(buf.remaining());
+            buf.put_slice(&this.leftover[..n]);
+            this.leftover.advance(n);
+            if this.leftover.is_empty() {
+                // Let go of the buffer it was a part of.
+                this.leftover = Bytes::new();
+            }
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         match Pin::new(&mut this.stream).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
                 if buf.filled().len() > before {
-                    let filled = &buf.filled()[before..];
-                    let mut first = [0u8; 4];
-                    let n = filled.len().min(4);
-                    first[..n].copy_from_slice(&filled[..n]);
-                    this.arrived(&first[..n]);
+                    this.arrived();
                     if !this.state.h2.load(Ordering::Relaxed) {
                         if let Some(n) = this.scan.feed(&buf.filled()[before..]) {
                             // The first such head: the connection closes there.
@@ -228,22 +428,11 @@ impl AsyncRead for ClientIo {
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
             Poll::Pending => {}
         }
-        let Some((when, kind)) = this.deadline() else {
-            return Poll::Pending;
-        };
-        if this.armed != Some(when) {
-            this.sleep.as_mut().reset(when);
-            this.armed = Some(when);
+        match this.poll_deadline(cx) {
+            // End of stream: hyper ends the connection.
+            Poll::Ready(()) => Poll::Ready(Ok(())),
+            Poll::Pending => Poll::Pending,
         }
-        if !poll_sleep(&mut this.sleep, cx) {
-            return Poll::Pending;
-        }
-        if kind == Deadline::Head && !this.state.h2.load(Ordering::Relaxed) {
-            // Best effort: a client that reads nothing just gets the close.
-            let _ = this.stream.try_write(TIMEOUT_408);
-        }
-        // End of stream: hyper closes the connection.
-        Poll::Ready(Ok(()))
     }
 }
 

@@ -147,6 +147,7 @@ impl Exchange {
         if close && !self.ctx.state.h2.load(Ordering::Relaxed) {
             r.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            self.ctx.state.close_after.store(true, Ordering::Relaxed);
         }
         if let Some(id) = &self.request_id {
             r.headers_mut().insert(&headers::X_REQUEST_ID, id.clone());

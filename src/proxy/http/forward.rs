@@ -7,7 +7,7 @@
 //! out dead before taking the request is replaced once by a fresh one (not counted
 //! as an attempt). Once the request may have reached a backend, nothing is retried.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,8 +30,11 @@ use crate::config::UpstreamProtocol;
 use crate::proxy::passive_failure;
 
 /// Answers one request (never fails: errors are replies).
-pub async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<OutBody> {
+pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<OutBody> {
     ctx.state.begin();
+    if wants_close(&req) {
+        ctx.state.close_after.store(true, Ordering::Relaxed);
+    }
     let settings = ctx.listener.settings();
     let mut ex = Exchange::start(ctx.clone(), &req);
     let Some(http) = settings.http.clone() else {
@@ -116,7 +119,6 @@ pub async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<O
 
     // The request as it goes upstream.
     let websocket = is_websocket(&req);
-    let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
     let version = match (route.pool.config().upstream_protocol, req.version()) {
         _ if websocket => upstream::Version::Http1,
         (UpstreamProtocol::Http1, _) => upstream::Version::Http1,
@@ -301,9 +303,11 @@ pub async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<O
     ex.backend_ok();
 
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        if let Some(client) = client_upgrade {
+        if websocket {
+            // The connection's own task takes the client socket over once hyper
+            // has written this response (see conn.rs).
             let upstream = hyper::upgrade::on(&mut resp);
-            tunnel(ctx.clone(), client, upstream, rc.stream_idle_timeout);
+            ctx.state.upgrade_to(upstream, rc.stream_idle_timeout);
         }
         let (parts, _) = resp.into_parts();
         ex.complete_now("upgraded");
@@ -481,6 +485,22 @@ fn content_length(req: &Request<Incoming>) -> Option<u64> {
         .ok()
 }
 
+/// The client asks to close after this request (`Connection: close`, or HTTP/1.0
+/// without `Connection: keep-alive`).
+fn wants_close(req: &Request<Incoming>) -> bool {
+    let token = |t: &str| {
+        req.headers().get_all(header::CONNECTION).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.split(',').any(|x| x.trim().eq_ignore_ascii_case(t)))
+        })
+    };
+    match req.version() {
+        Version::HTTP_10 | Version::HTTP_09 => !token("keep-alive"),
+        Version::HTTP_11 => token("close"),
+        _ => false,
+    }
+}
+
 /// An HTTP/1.1 WebSocket handshake.
 fn is_websocket(req: &Request<Incoming>) -> bool {
     let has = |name, token: &str| {
@@ -492,82 +512,4 @@ fn is_websocket(req: &Request<Incoming>) -> bool {
     req.version() == Version::HTTP_11
         && has(header::UPGRADE, "websocket")
         && has(header::CONNECTION, "upgrade")
-}
-
-/// After a 101: the two upgraded connections become one byte stream, until either
-/// side closes, `idle` passes without a byte, or the listener is cut.
-fn tunnel(
-    ctx: Arc<ConnCtx>,
-    client: hyper::upgrade::OnUpgrade,
-    upstream: hyper::upgrade::OnUpgrade,
-    idle: Duration,
-) {
-    let cut = ctx.listener.cut.clone();
-    let tracker = ctx.listener.ctx.upstreams.tracker();
-    tracker.spawn(async move {
-        let (Ok(c), Ok(u)) = tokio::join!(client, upstream) else {
-            return;
-        };
-        let mut c = hyper_util::rt::TokioIo::new(c);
-        let mut u = hyper_util::rt::TokioIo::new(u);
-        tokio::select! {
-            r = copy_idle(&mut c, &mut u, idle) => {
-                if let Err(e) = r {
-                    debug!(error = %e, "websocket tunnel ended");
-                }
-            }
-            _ = cut.cancelled() => {}
-        }
-    });
-}
-
-/// Copies both ways between `a` and `b` until both directions end, or neither
-/// moves a byte for `idle`.
-async fn copy_idle<A, B>(a: &mut A, b: &mut B, idle: Duration) -> std::io::Result<()>
-where
-    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (mut ar, mut aw) = tokio::io::split(a);
-    let (mut br, mut bw) = tokio::io::split(b);
-    let last = AtomicU64::new(crate::proxy::now_us());
-    async fn one<R, W>(
-        r: &mut R,
-        w: &mut W,
-        last: &AtomicU64,
-        idle: Duration,
-    ) -> std::io::Result<()>
-    where
-        R: tokio::io::AsyncRead + Unpin,
-        W: tokio::io::AsyncWrite + Unpin,
-    {
-        let mut buf = vec![0u8; 16 * 1024];
-        loop {
-            let n = match tokio::time::timeout(idle, r.read(&mut buf)).await {
-                Ok(r) => r?,
-                Err(_) => {
-                    let quiet = crate::proxy::now_us().saturating_sub(last.load(Ordering::Relaxed));
-                    if Duration::from_micros(quiet) >= idle {
-                        return Err(std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            "stream_idle_timeout",
-                        ));
-                    }
-                    continue;
-                }
-            };
-            if n == 0 {
-                w.shutdown().await?;
-                return Ok(());
-            }
-            last.store(crate::proxy::now_us(), Ordering::Relaxed);
-            w.write_all(&buf[..n]).await?;
-        }
-    }
-    let (x, y) = tokio::join!(
-        one(&mut ar, &mut bw, &last, idle),
-        one(&mut br, &mut aw, &last, idle)
-    );
-    x.and(y)
 }

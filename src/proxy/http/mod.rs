@@ -8,6 +8,7 @@
 //! - `forward`: one request: route, pick, connect with retries, send, stream the
 //!   response back, account for it (metrics, access log).
 //! - `headers`: hop-by-hop headers, X-Forwarded-*, X-Request-Id.
+//! - `tunnel`: a WebSocket connection after its `101`.
 //! - `exchange`: one request's accounting, done when it is dropped.
 //! - `body`, `request_body`: the streaming bodies, their idle and size limits.
 //! - `state`: what a connection's requests share with its socket wrapper;
@@ -27,6 +28,7 @@ mod request_body;
 pub mod routes;
 mod scan;
 mod state;
+mod tunnel;
 mod upstream;
 
 use std::collections::HashMap;

@@ -2,7 +2,10 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hyper::upgrade::OnUpgrade;
 
 use crate::proxy::tcp::{ListenerShared, Place};
 
@@ -21,6 +24,14 @@ pub struct ConnState {
     /// and Transfer-Encoding, 0 if none (hyper drops the length and goes on;
     /// flowgate refuses that request). See [`super::scan`].
     pub bad_head: AtomicU64,
+    /// An HTTP/1.1 response asked for the close (or the client did).
+    pub close_after: AtomicBool,
+    /// Bytes of a new head have started to arrive (its number), so the
+    /// connection is not idle although nothing is in flight.
+    pub reading: AtomicU64,
+    /// A WebSocket handshake succeeded: the upstream side of the tunnel, and its
+    /// idle limit.
+    upgrade: Mutex<Option<(OnUpgrade, Duration)>>,
 }
 
 impl ConnState {
@@ -28,6 +39,27 @@ impl ConnState {
     pub fn begin(&self) {
         self.requests.fetch_add(1, Ordering::AcqRel);
         self.in_flight.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// After this response, the client socket becomes a tunnel to `upstream`.
+    pub fn upgrade_to(&self, upstream: OnUpgrade, idle: Duration) {
+        *self.upgrade.lock().unwrap_or_else(|e| e.into_inner()) = Some((upstream, idle));
+    }
+
+    pub fn take_upgrade(&self) -> Option<(OnUpgrade, Duration)> {
+        self.upgrade
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
+    /// Every request since `before` was counted has been answered, and no new
+    /// head has started.
+    pub fn idle_since_request(&self, before: u64) -> bool {
+        let requests = self.requests.load(Ordering::Acquire);
+        requests > before
+            && self.in_flight.load(Ordering::Acquire) == 0
+            && self.reading.load(Ordering::Acquire) <= requests
     }
 
     /// A response ended (or was dropped).

@@ -164,11 +164,6 @@ impl Upstreams {
         map.retain(|id, _| live.iter().any(|b| b.id == *id && b.is_admin_usable()));
     }
 
-    /// Where tasks that outlive a request run (WebSocket tunnels).
-    pub fn tracker(&self) -> TaskTracker {
-        self.drivers.clone()
-    }
-
     /// Closes `b`'s idle connections (it drains, or was disabled).
     pub fn forget(&self, b: &Backend) {
         self.backends

@@ -2493,3 +2493,66 @@ async fn h2c_client_gets_goaway_when_a_reload_removes_its_listener() {
         "the removed listener is closed"
     );
 }
+
+/// A kept-alive upstream connection the backend closes while the next request is
+/// on its way (the backend read it and hung up without a word): a bodiless
+/// request goes again, once, on a fresh connection, and the client never knows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_cut_off_by_a_closing_pooled_connection_is_sent_again() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = backend.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let log = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = backend.accept().await else {
+                return;
+            };
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                for n in 0.. {
+                    // One request head (these requests have no body).
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        let mut chunk = [0u8; 4096];
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                        }
+                    }
+                    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                    buf.drain(..end);
+                    let line = head.lines().next().unwrap_or("").to_string();
+                    log.lock().unwrap().push(line);
+                    if n == 1 {
+                        // The second request on a connection: hang up on it.
+                        return;
+                    }
+                    let body = "ok\n";
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if s.write_all(resp.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let cfg = head(false) + &listener("l", "pool = \"p\"") + &pool("p", &[addr.to_string()], "");
+    let fg = start(&cfg);
+    let l = fg.local_addr("l").unwrap();
+    for path in ["/first", "/second", "/third"] {
+        let r = get(l, path, &[]).await;
+        assert_eq!(r.status, 200, "{path}: {r:?}");
+    }
+    let seen = seen.lock().unwrap().clone();
+    let count = |p: &str| seen.iter().filter(|l| l.contains(p)).count();
+    assert_eq!(count("/first"), 1, "{seen:?}");
+    // The second went out on the pooled connection, was cut off, and went again.
+    assert_eq!(count("/second"), 2, "{seen:?}");
+    drop(fg);
+}

@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper::client::conn::http1;
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode, Uri, Version};
@@ -231,6 +231,19 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<OutBo
                 },
             };
             let Some(r) = request.take() else { break };
+            // A kept-alive connection the backend closed just as this request went
+            // out fails after taking it: a bodiless request is sent again on a
+            // fresh connection, so its head is kept for that (and only then).
+            let again = (pooled && fresh_tries == 0 && r.body().is_end_stream()).then(|| {
+                let mut b = Request::builder()
+                    .method(r.method().clone())
+                    .uri(r.uri().clone())
+                    .version(r.version());
+                if let Some(h) = b.headers_mut() {
+                    *h = r.headers().clone();
+                }
+                b
+            });
             ex.sent = Some(Instant::now());
             let (result, h1) = send(s, r, rc.first_byte_timeout, &upload).await;
             match result {
@@ -256,6 +269,13 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<OutBo
                     request = Some(back);
                     passive_failure(pool, &b, &ctx.listener.ctx.control);
                     break;
+                }
+                Sent::Failed(e) if e.is_incomplete_message() && again.is_some() => {
+                    debug!(backend = %b.name, "pooled connection closed under the request: once more on a fresh one");
+                    fresh_tries += 1;
+                    pooled = false;
+                    let body = UpBody::new_empty(upload.clone());
+                    request = again.and_then(|b| b.body(body).ok());
                 }
                 Sent::Failed(e) => {
                     sent_to = Some((guard, Err(e), None));

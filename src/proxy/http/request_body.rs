@@ -111,6 +111,18 @@ impl UpBody {
     }
 }
 
+impl UpBody {
+    /// No body: a bodiless request sent again.
+    pub fn new_empty(upload: Arc<Upload>) -> UpBody {
+        UpBody {
+            inner: None,
+            idle: None,
+            limit: None,
+            upload,
+        }
+    }
+}
+
 impl Body for UpBody {
     type Data = Bytes;
     type Error = BoxError;

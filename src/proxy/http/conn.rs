@@ -180,7 +180,8 @@ async fn serve_h1(
                 }
                 (true, Some(_)) => park_timer.as_mut().poll(cx).is_ready(),
             };
-            if park || stop.is_cancelled() {
+            // (The stop token takes a lock: looked at only when idle.)
+            if park || (idle && stop.is_cancelled()) {
                 shut = true;
                 Pin::new(&mut *conn).graceful_shutdown();
                 continue;

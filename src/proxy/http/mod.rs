@@ -3,7 +3,8 @@
 //! connections pooled per backend, bodies streamed frame by frame.
 //!
 //! - `routes`, `path`: the route table and path normalization (pure).
-//! - `conn`: one client connection (hyper-util's auto server), its head and idle
+//! - `conn`: one client connection (hyper's http1 or http2 server, told apart by
+//!   the first bytes; an idle HTTP/1.1 one parked as a bare socket), its head and idle
 //!   deadlines, GOAWAY / `Connection: close` when the listener stops.
 //! - `forward`: one request: route, pick, connect with retries, send, stream the
 //!   response back, account for it (metrics, access log).

@@ -21,24 +21,8 @@ use super::{BackendMetrics, HttpSettings, Route};
 use crate::access_log::{Entry, HttpFields};
 use crate::backend::ActiveGuard;
 
-/// The route's names and metrics, as an exchange keeps them.
-pub(super) struct RouteRef {
-    label: Arc<str>,
-    pool: Arc<str>,
-    duration: metrics::Histogram,
-    no_backend: super::Codes,
-}
-
-impl RouteRef {
-    pub(super) fn of(r: &Route) -> RouteRef {
-        RouteRef {
-            label: r.label.clone(),
-            pool: r.pool.name.clone(),
-            duration: r.duration.clone(),
-            no_backend: r.no_backend.clone(),
-        }
-    }
-}
+/// The route an exchange took (its names and metrics): one reference count.
+pub(super) type RouteRef = Arc<Route>;
 
 /// One request from start to end; accounts for it when dropped (the client got
 /// the whole response, went away, or an error was answered).
@@ -244,7 +228,7 @@ impl Drop for Exchange {
             path = %i.path,
             status,
             route = i.route.as_ref().map_or("", |r| &*r.label),
-            pool = i.route.as_ref().map_or("", |r| &*r.pool),
+            pool = i.route.as_ref().map_or("", |r| &*r.pool.name),
             backend = i.guard.as_ref().map_or("", |g| &*g.backend().name),
             reason = i.reason,
             "http request"
@@ -268,7 +252,7 @@ fn entry(i: &Inner, status: u16, up: u64, duration: Duration) -> Entry {
         pool: i
             .route
             .as_ref()
-            .map_or_else(|| "-".into(), |r| r.pool.clone()),
+            .map_or_else(|| "-".into(), |r| r.pool.name.clone()),
         backend: backend.map(|b| b.name.clone()),
         backend_addr: backend.map(|b| b.addr),
         retries: i.retries,

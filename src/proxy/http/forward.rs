@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::body::{OutBody, RespBody};
-use super::exchange::{Exchange, RouteRef};
+use super::exchange::Exchange;
 use super::headers;
 use super::path;
 use super::request_body::{BodyError, UpBody, Upload};
@@ -105,7 +105,7 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<OutBo
             false,
         );
     };
-    ex.route = Some(RouteRef::of(route));
+    ex.route = Some(route.clone());
     if let (Some(max), Some(len)) = (http.max_body_bytes, content_length(&req)) {
         if len > max {
             return ex.reply(

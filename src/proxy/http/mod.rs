@@ -56,9 +56,9 @@ pub struct HttpSettings {
     pub max_body_bytes: Option<u64>,
     pub xff: Xff,
     pub max_streams_per_connection: u32,
-    pub routes: RouteTable<Route>,
+    pub routes: RouteTable<Arc<Route>>,
     /// Requests no route matches: the listener's pool, or 404.
-    pub default: Option<(RouteConfig, Route)>,
+    pub default: Option<(RouteConfig, Arc<Route>)>,
     /// `flowgate_http_requests_total` of requests that matched no route.
     pub unrouted: Codes,
 }
@@ -151,7 +151,7 @@ impl HttpSettings {
             .filter_map(|r| {
                 let pool = pools.get(&r.pool)?.clone();
                 let label = r.label();
-                Some((r.clone(), Route::new(&l.name, &label, pool)))
+                Some((r.clone(), Arc::new(Route::new(&l.name, &label, pool))))
             })
             .collect();
         let default = l.pool.as_ref().and_then(|p| pools.get(p)).map(|pool| {
@@ -163,7 +163,7 @@ impl HttpSettings {
                 first_byte_timeout: DEFAULT_STREAM_TIMEOUT,
                 stream_idle_timeout: DEFAULT_STREAM_TIMEOUT,
             };
-            let route = Route::new(&l.name, "default", pool.clone());
+            let route = Arc::new(Route::new(&l.name, "default", pool.clone()));
             (cfg, route)
         });
         HttpSettings {

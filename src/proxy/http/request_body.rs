@@ -61,27 +61,45 @@ pub enum BodyError {
     Client(hyper::Error),
 }
 
-/// An idle deadline pushed back by every frame.
+/// An idle deadline pushed back by every frame. The timer itself is made (and
+/// registered) only when the body has to wait: a response that streams straight
+/// through never touches the timer wheel.
 #[derive(Debug)]
 pub(super) struct IdleTimer {
     pub(super) after: Duration,
-    sleep: Pin<Box<Sleep>>,
+    /// The last frame (or the start).
+    last: Instant,
+    sleep: Option<Pin<Box<Sleep>>>,
 }
 
 impl IdleTimer {
     pub(super) fn new(after: Duration) -> IdleTimer {
         IdleTimer {
             after,
-            sleep: Box::pin(tokio::time::sleep(after)),
+            last: Instant::now(),
+            sleep: None,
         }
     }
 
     pub(super) fn touch(&mut self) {
-        self.sleep.as_mut().reset(Instant::now() + self.after);
+        self.last = Instant::now();
     }
 
+    /// Whether `after` passed since the last frame; otherwise wakes `cx` then.
     pub(super) fn expired(&mut self, cx: &mut Context<'_>) -> bool {
-        self.sleep.as_mut().poll(cx).is_ready()
+        let deadline = self.last + self.after;
+        let sleep = match &mut self.sleep {
+            Some(s) => {
+                if s.deadline() != deadline {
+                    s.as_mut().reset(deadline);
+                }
+                s
+            }
+            None => self
+                .sleep
+                .insert(Box::pin(tokio::time::sleep_until(deadline))),
+        };
+        sleep.as_mut().poll(cx).is_ready()
     }
 }
 

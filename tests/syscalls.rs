@@ -1,0 +1,253 @@
+//! System calls per operation, counted with strace on the running binary (issue
+//! 12): per short TCP connection (connect, 64 B each way, close) and per UDP round
+//! trip (64 B each way on one session). A count does not depend on how busy the
+//! machine is, so each gets a ceiling: a change that adds system calls to the hot
+//! path fails here. The counts are printed (`--nocapture`) for the record.
+//!
+//! flowgate runs as a process with one worker; strace attaches to all its threads
+//! after a warm-up connection and datagram, and detaches once every counted
+//! operation is over (its descriptors back to where they were).
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Operations counted per figure.
+const OPS: usize = 300;
+
+/// Ceilings. Every system call but `epoll_wait` is made a fixed number of times
+/// per operation (23 per short connection, 6 per UDP round trip when these were
+/// set): any new one on the hot path fails the test. How often a worker sleeps in
+/// `epoll_wait` depends on timing (5.1 .. 5.5 per short connection, 2.0 .. 2.1 per
+/// UDP round trip over three runs here), so its ceiling is looser. Issue 12 aims
+/// at nginx's totals, 20.9 and 7.4.
+const MAX_PER_SHORT_CONNECTION: f64 = 23.5;
+const MAX_EPOLL_WAIT_PER_SHORT_CONNECTION: f64 = 7.0;
+const MAX_PER_UDP_ROUND_TRIP: f64 = 6.5;
+const MAX_EPOLL_WAIT_PER_UDP_ROUND_TRIP: f64 = 3.0;
+
+/// strace attached to every thread of `pid`, counting into `out`.
+struct Trace {
+    child: Child,
+    out: std::path::PathBuf,
+}
+
+impl Trace {
+    /// Attaches and waits until every thread of `pid` is traced.
+    fn attach(pid: i32, out: &Path) -> Trace {
+        let child = Command::new("strace")
+            .args(["-f", "-c", "-qq", "-o"])
+            .arg(out)
+            .arg("-p")
+            .arg(pid.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run strace (apt-get install -y strace)");
+        let tracer = child.id().to_string();
+        let all_traced = || {
+            let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+                return false;
+            };
+            tasks.flatten().all(|t| {
+                std::fs::read_to_string(t.path().join("status")).is_ok_and(|s| {
+                    s.lines().any(|l| {
+                        l.starts_with("TracerPid:") && l.split_whitespace().nth(1) == Some(&tracer)
+                    })
+                })
+            })
+        };
+        for _ in 0..1000 {
+            if all_traced() {
+                return Trace {
+                    child,
+                    out: out.to_owned(),
+                };
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("strace did not attach to every thread of {pid} (ptrace not allowed?)");
+    }
+
+    /// Detaches and returns every system call's count, most frequent first.
+    fn finish(mut self) -> Vec<(String, u64)> {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        )
+        .unwrap();
+        let _ = self.child.wait();
+        let text = std::fs::read_to_string(&self.out).expect("strace summary");
+        let mut calls = Vec::new();
+        for line in text.lines() {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            // % time, seconds, usecs/call, calls, [errors], syscall
+            if cols.len() < 5 || cols[0].starts_with('-') || cols[0] == "%" {
+                continue;
+            }
+            let name = *cols.last().unwrap();
+            let Ok(n) = cols[3].parse::<u64>() else {
+                continue;
+            };
+            if name != "total" {
+                calls.push((name.to_string(), n));
+            }
+        }
+        calls.sort_by(|a, b| b.1.cmp(&a.1));
+        assert!(
+            !calls.is_empty(),
+            "no system calls in strace's summary:\n{text}"
+        );
+        calls
+    }
+}
+
+fn open_fds(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// Waits until `pid` holds `n` descriptors again: every counted connection closed.
+async fn settled(pid: i32, n: usize) {
+    assert!(
+        wait_until(Duration::from_secs(10), || open_fds(pid) == n).await,
+        "flowgate still holds {} descriptors, {n} before",
+        open_fds(pid)
+    );
+}
+
+async fn short_connection(addr: SocketAddr) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    s.write_all(&[7u8; 64]).await.unwrap();
+    let mut back = [0u8; 64];
+    s.read_exact(&mut back).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty());
+}
+
+/// Prints the counts per operation; returns (all but epoll_wait, epoll_wait).
+fn report(what: &str, calls: &[(String, u64)]) -> (f64, f64) {
+    let per = |n: u64| n as f64 / OPS as f64;
+    let epoll: u64 = calls
+        .iter()
+        .filter(|(n, _)| n == "epoll_wait")
+        .map(|(_, c)| c)
+        .sum();
+    let rest: u64 = calls
+        .iter()
+        .filter(|(n, _)| n != "epoll_wait")
+        .map(|(_, c)| c)
+        .sum();
+    let each: Vec<String> = calls
+        .iter()
+        .map(|(n, c)| format!("{n} {:.2}", per(*c)))
+        .collect();
+    eprintln!(
+        "{what}: {:.2} system calls per operation, {:.2} of them epoll_wait ({})",
+        per(epoll + rest),
+        per(epoll),
+        each.join(", ")
+    );
+    (per(rest), per(epoll))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn system_calls_per_short_connection_and_udp_round_trip() {
+    let backend = TestBackend::start(Kind::Echo).await;
+    let udp_backend = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let udp_addr = udp_backend.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = udp_backend.recv_from(&mut buf).await {
+            let _ = udp_backend.send_to(&buf[..n], from).await;
+        }
+    });
+    let toml = format!(
+        r#"
+[runtime]
+workers = 1
+
+[[listeners]]
+name = "t"
+bind = "127.0.0.1:0"
+pool = "tcp"
+
+[[listeners]]
+name = "u"
+bind = "127.0.0.1:0"
+protocol = "udp"
+pool = "udp"
+
+[[pools]]
+name = "tcp"
+backends = [{{ address = "{}" }}]
+
+[[pools]]
+name = "udp"
+backends = [{{ address = "{udp_addr}" }}]
+"#,
+        backend.addr
+    );
+    let fg = Proc::spawn(&toml, &[]);
+    let pid = fg.pid();
+    let t = fg.addr("t");
+    let u = fg.addr("u");
+    let dir = tempdir::Dir::new();
+
+    // Warm-up: lazily made state (buffers, the UDP session's socket) is not counted.
+    short_connection(t).await;
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    client.connect(u).await.unwrap();
+    let mut buf = [0u8; 64];
+    client.send(&[1u8; 64]).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), client.recv(&mut buf))
+        .await
+        .expect("UDP reply")
+        .unwrap();
+    let base = open_fds(pid);
+    settled(pid, base).await;
+
+    let trace = Trace::attach(pid, &dir.0.join("tcp.txt"));
+    for _ in 0..OPS {
+        short_connection(t).await;
+    }
+    settled(pid, base).await;
+    let (tcp, tcp_epoll) = report("short connection", &trace.finish());
+
+    let trace = Trace::attach(pid, &dir.0.join("udp.txt"));
+    for i in 0..OPS {
+        client.send(&[i as u8; 64]).await.unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(5), client.recv(&mut buf))
+            .await
+            .expect("UDP reply")
+            .unwrap();
+        assert_eq!(n, 64);
+        assert_eq!(buf[0], i as u8, "replies in order");
+    }
+    let (udp, udp_epoll) = report("UDP round trip", &trace.finish());
+
+    assert!(
+        tcp <= MAX_PER_SHORT_CONNECTION,
+        "{tcp:.2} system calls (epoll_wait aside) per short connection, ceiling {MAX_PER_SHORT_CONNECTION}"
+    );
+    assert!(
+        tcp_epoll <= MAX_EPOLL_WAIT_PER_SHORT_CONNECTION,
+        "{tcp_epoll:.2} epoll_wait per short connection, ceiling {MAX_EPOLL_WAIT_PER_SHORT_CONNECTION}"
+    );
+    assert!(
+        udp <= MAX_PER_UDP_ROUND_TRIP,
+        "{udp:.2} system calls (epoll_wait aside) per UDP round trip, ceiling {MAX_PER_UDP_ROUND_TRIP}"
+    );
+    assert!(
+        udp_epoll <= MAX_EPOLL_WAIT_PER_UDP_ROUND_TRIP,
+        "{udp_epoll:.2} epoll_wait per UDP round trip, ceiling {MAX_EPOLL_WAIT_PER_UDP_ROUND_TRIP}"
+    );
+}

@@ -41,7 +41,7 @@ struct Trace {
 impl Trace {
     /// Attaches and waits until every thread of `pid` is traced.
     fn attach(pid: i32, out: &Path) -> Trace {
-        let child = Command::new("strace")
+        let mut child = Command::new("strace")
             .args(["-f", "-c", "-qq", "-o"])
             .arg(out)
             .arg("-p")
@@ -72,6 +72,8 @@ impl Trace {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+        let _ = child.kill();
+        let _ = child.wait();
         panic!("strace did not attach to every thread of {pid} (ptrace not allowed?)");
     }
 
@@ -99,7 +101,7 @@ impl Trace {
                 calls.push((name.to_string(), n));
             }
         }
-        calls.sort_by(|a, b| b.1.cmp(&a.1));
+        calls.sort_by_key(|c| std::cmp::Reverse(c.1));
         assert!(
             !calls.is_empty(),
             "no system calls in strace's summary:\n{text}"

@@ -19,6 +19,7 @@
 #   FIGURES=udp TARGETS="direct flowgate nginx" scripts/bench.sh   # UDP, about 3 minutes
 #   FIGURES=http scripts/bench.sh          # HTTP (L7), about 5 minutes
 #   ROUNDS=1 WRK_TIME=2 MEM_CONNS=500 SSE_REQUESTS=100 FIGURES=http scripts/bench.sh  # HTTP smoke, 1 minute
+#   FIGURES=syscalls SYS_OPS=2000 scripts/bench.sh   # syscalls per operation, under a minute
 #
 # The default FIGURES are the six TCP figures, as before the UDP figures were
 # added: the UDP section would add about 3 minutes (a third) to a default
@@ -52,6 +53,26 @@
 #                  http-mem (HTTP, L7; every target but haproxy-splice); the
 #                  words tcp, udp, http and all stand for the TCP figures, the
 #                  UDP figures, the HTTP figures and all fourteen.
+#                  sys-pingpong sys-short sys-udp (the word syscalls stands
+#                  for the three; `all` does not include them): system calls
+#                  per operation, counted with `strace -f -c` attached to a
+#                  separate one-worker instance of each balancer (<target>-sys;
+#                  HAProxy nbthread 1, nginx worker_processes 1, flowgate
+#                  workers = 1) while scripts/bench/sysload.py does exactly
+#                  SYS_OPS operations one after another against its own echo
+#                  backend, after an uncounted warm-up: sys-pingpong a 64 B
+#                  round trip on one kept TCP connection, sys-short a TCP
+#                  connection (connect, 64 B each way, close), sys-udp a 64 B
+#                  UDP round trip on one session (not haproxy: HAProxy OSS has
+#                  no UDP). Each syscall's count (failed calls included) is
+#                  divided by SYS_OPS; the table gives the total and every
+#                  syscall at 0.1 or more per operation. Counts are nearly
+#                  deterministic, so these run once, before the rounds, not
+#                  in them. With only syscall figures and no TARGETS given,
+#                  TARGETS is "flowgate haproxy nginx" and the timed rounds are
+#                  skipped. strace must be installed (apt-get install strace)
+#                  and allowed to attach (root, or ptrace_scope 0).
+#   SYS_OPS        operations per syscall figure                          [2000]
 #                  udp-latency: sockperf ping-pong RTT, 64-byte datagrams
 #                    (p50/p99/p99.9, like latency over TCP, with --full-rtt).
 #                  udp-pps: sockperf throughput, 64-byte datagrams sent as
@@ -152,7 +173,8 @@
 # here (the same as `worker_processes auto` on a 2-CPU machine).
 #
 # Tools (installed with `apt-get install -y` when missing): haproxy, nginx
-# (+ libnginx-mod-stream), iperf3, sockperf, wrk, h2load (nghttp2-client);
+# (+ libnginx-mod-stream), iperf3, sockperf, wrk, h2load (nghttp2-client),
+# strace (syscall figures);
 # python3 must be present.
 #
 # Output: progress on stderr; the Markdown result tables on stdout, also saved
@@ -160,7 +182,10 @@
 # used by processes outside this benchmark during each measurement (as % of one
 # CPU; warned about above FOREIGN_THRESHOLD, default 15) in $OUT_DIR/load.tsv;
 # the machine and tool versions in $OUT_DIR/meta.txt; every tool's output under
-# $OUT_DIR/runs/ and every server's log and config under $OUT_DIR.
+# $OUT_DIR/runs/ and every server's log and config under $OUT_DIR. The
+# syscall figures add $OUT_DIR/syscalls.md (their tables, also at the end of
+# results.md), $OUT_DIR/syscalls.tsv (every syscall's count per figure and
+# target) and each strace summary as $OUT_DIR/runs/sys-<figure>-<target>.strace.
 
 set -Eeuo pipefail
 

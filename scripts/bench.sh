@@ -19,6 +19,7 @@
 #   FIGURES=udp TARGETS="direct flowgate nginx" scripts/bench.sh   # UDP, about 3 minutes
 #   FIGURES=http scripts/bench.sh          # HTTP (L7), about 5 minutes
 #   ROUNDS=1 WRK_TIME=2 MEM_CONNS=500 SSE_REQUESTS=100 FIGURES=http scripts/bench.sh  # HTTP smoke, 1 minute
+#   FIGURES=syscalls SYS_OPS=2000 scripts/bench.sh   # syscalls per operation, under a minute
 #
 # The default FIGURES are the six TCP figures, as before the UDP figures were
 # added: the UDP section would add about 3 minutes (a third) to a default
@@ -52,6 +53,26 @@
 #                  http-mem (HTTP, L7; every target but haproxy-splice); the
 #                  words tcp, udp, http and all stand for the TCP figures, the
 #                  UDP figures, the HTTP figures and all fourteen.
+#                  sys-pingpong sys-short sys-udp (the word syscalls stands
+#                  for the three; `all` does not include them): system calls
+#                  per operation, counted with `strace -f -c` attached to a
+#                  separate one-worker instance of each balancer (<target>-sys;
+#                  HAProxy nbthread 1, nginx worker_processes 1, flowgate
+#                  workers = 1) while scripts/bench/sysload.py does exactly
+#                  SYS_OPS operations one after another against its own echo
+#                  backend, after an uncounted warm-up: sys-pingpong a 64 B
+#                  round trip on one kept TCP connection, sys-short a TCP
+#                  connection (connect, 64 B each way, close), sys-udp a 64 B
+#                  UDP round trip on one session (not haproxy: HAProxy OSS has
+#                  no UDP). Each syscall's count (failed calls included) is
+#                  divided by SYS_OPS; the table gives the total and every
+#                  syscall at 0.1 or more per operation. Counts are nearly
+#                  deterministic, so these run once, before the rounds, not
+#                  in them. With only syscall figures and no TARGETS given,
+#                  TARGETS is "flowgate haproxy nginx" and the timed rounds are
+#                  skipped. strace must be installed (apt-get install strace)
+#                  and allowed to attach (root, or ptrace_scope 0).
+#   SYS_OPS        operations per syscall figure                          [2000]
 #                  udp-latency: sockperf ping-pong RTT, 64-byte datagrams
 #                    (p50/p99/p99.9, like latency over TCP, with --full-rtt).
 #                  udp-pps: sockperf throughput, 64-byte datagrams sent as
@@ -152,7 +173,8 @@
 # here (the same as `worker_processes auto` on a 2-CPU machine).
 #
 # Tools (installed with `apt-get install -y` when missing): haproxy, nginx
-# (+ libnginx-mod-stream), iperf3, sockperf, wrk, h2load (nghttp2-client);
+# (+ libnginx-mod-stream), iperf3, sockperf, wrk, h2load (nghttp2-client),
+# strace (syscall figures);
 # python3 must be present.
 #
 # Output: progress on stderr; the Markdown result tables on stdout, also saved
@@ -160,7 +182,10 @@
 # used by processes outside this benchmark during each measurement (as % of one
 # CPU; warned about above FOREIGN_THRESHOLD, default 15) in $OUT_DIR/load.tsv;
 # the machine and tool versions in $OUT_DIR/meta.txt; every tool's output under
-# $OUT_DIR/runs/ and every server's log and config under $OUT_DIR.
+# $OUT_DIR/runs/ and every server's log and config under $OUT_DIR. The
+# syscall figures add $OUT_DIR/syscalls.md (their tables, also at the end of
+# results.md), $OUT_DIR/syscalls.tsv (every syscall's count per figure and
+# target) and each strace summary as $OUT_DIR/runs/sys-<figure>-<target>.strace.
 
 set -Eeuo pipefail
 
@@ -169,8 +194,10 @@ HELPERS=$REPO/scripts/bench
 TARGET_DIR=${CARGO_TARGET_DIR:-$REPO/target}
 
 ROUNDS=${ROUNDS:-3}
+TARGETS_GIVEN=${TARGETS:+1}
 TARGETS=${TARGETS:-"direct flowgate haproxy haproxy-splice nginx"}
 FIGURES=${FIGURES:-"bulk1 bulk4 latency cps rps mem"}
+SYS_OPS=${SYS_OPS:-2000}
 IPERF_TIME=${IPERF_TIME:-5}
 SOCKPERF_TIME=${SOCKPERF_TIME:-5}
 UDP_PPS_TIME=${UDP_PPS_TIME:-2}
@@ -214,9 +241,13 @@ HTTP_FIGURES="http-rps http-h2-rps http-latency http-sse http-mem"
 # difference, splice-auto, does nothing for the few bytes of these responses.
 HTTP_TARGETS="direct flowgate flowgate-shared flowgate-metrics flowgate-base haproxy nginx"
 ALL_FIGURES="$TCP_FIGURES $UDP_FIGURES $HTTP_FIGURES"
+# Syscalls per operation (strace -c on a one-worker instance); not in `all`:
+# they need strace and measure something else than the timed figures.
+SYS_FIGURES="sys-pingpong sys-short sys-udp"
 FIGURES=$(for f in $FIGURES; do
     case $f in
         tcp) echo "$TCP_FIGURES" ;; udp) echo "$UDP_FIGURES" ;; http) echo "$HTTP_FIGURES" ;;
+        syscalls) echo "$SYS_FIGURES" ;;
         all) echo "$ALL_FIGURES" ;; *) echo "$f" ;;
     esac
 done | tr ' ' '\n' | awk 'NF && !seen[$0]++' | paste -sd ' ')
@@ -224,10 +255,16 @@ for t in $TARGETS; do
     [[ " $ALL_TARGETS " == *" $t "* ]] || die "unknown target '$t' (known: $ALL_TARGETS)"
 done
 for f in $FIGURES; do
-    [[ " $ALL_FIGURES " == *" $f "* ]] || die "unknown figure '$f' (known: $ALL_FIGURES, or tcp udp http all)"
+    [[ " $ALL_FIGURES $SYS_FIGURES " == *" $f "* ]] ||
+        die "unknown figure '$f' (known: $ALL_FIGURES $SYS_FIGURES, or tcp udp http syscalls all)"
 done
+# Only syscall figures: the timed rounds are skipped, and unless TARGETS was
+# given the targets are the three balancers (direct has no process to trace).
+SYS_ONLY=1
+for f in $FIGURES; do [[ $f == sys-* ]] || SYS_ONLY=0; done
+((SYS_ONLY)) && [[ -z $TARGETS_GIVEN ]] && TARGETS="flowgate haproxy nginx"
 [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive integer, got '$ROUNDS'"
-for v in IPERF_TIME SOCKPERF_TIME UDP_PPS_TIME UDP_IPERF_TIME WRK_TIME WRK_THREADS WRK_CONNS MEM_CONNS PORT_BASE \
+for v in SYS_OPS IPERF_TIME SOCKPERF_TIME UDP_PPS_TIME UDP_IPERF_TIME WRK_TIME WRK_THREADS WRK_CONNS MEM_CONNS PORT_BASE \
     H2_CLIENTS H2_STREAMS HTTP_LAT_RPS HTTP_LAT_CLIENTS SSE_REQUESTS SSE_GAP_MS; do
     [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer, got '${!v}'"
 done
@@ -292,8 +329,12 @@ can_http() { [[ " $HTTP_TARGETS " == *" $1 "* ]]; }
 # through a third instance of each balancer (<target>-l7); http-mem starts a
 # fresh one per measurement on PORT_BASE + 100*i + 51, in front of the nginx
 # backend. direct uses the backend ports: 3 for 8, 9 for 9, 10 for 10.
+#
+# Syscall figures: 11 = TCP echo, 12 = UDP echo (scripts/bench/sysload.py
+# server, one process for both), through a fourth instance of each balancer
+# (<target>-sys) with one worker, started and stopped around its figures.
 
-SVC_NAMES=(none iperf sockperf http hold udp-sockperf udp-iperf udp-pps l7-http l7-h2c l7-sse)
+SVC_NAMES=(none iperf sockperf http hold udp-sockperf udp-iperf udp-pps l7-http l7-h2c l7-sse sys-tcp sys-udp)
 target_index() {
     case $1 in
         flowgate) echo 1 ;; haproxy) echo 2 ;; haproxy-splice) echo 3 ;; nginx) echo 4 ;;
@@ -502,6 +543,8 @@ ensure_tools() {
     local need=() pkgs=() cmd
     has_any_figure bulk1 bulk4 udp-iperf && need+=(iperf3)
     has_any_figure latency udp-latency udp-pps && need+=(sockperf)
+    # shellcheck disable=SC2086 # word splitting intended
+    has_any_figure $SYS_FIGURES && need+=(strace)
     has_any_figure cps rps && need+=(wrk nginx)
     has_any_figure http-rps http-h2-rps http-latency http-sse http-mem && need+=(nginx)
     has_figure http-rps && need+=(wrk)
@@ -1306,6 +1349,189 @@ measure_sse() { # target logfile ; RESULT = "p50-us p99-us" of the time to the f
     RESULT=$(awk '{ print $1, $2 }' <<<"$RESULT")
 }
 
+# ------------------------------------------------------- syscall figures --
+# sys-pingpong, sys-short, sys-udp: the system calls a balancer makes per
+# operation. Each target gets its own instance (<target>-sys) with one worker
+# (LB_WORKERS=1 while its configuration is written), in front of
+# scripts/bench/sysload.py's echo server. For each figure the sysload client
+# warms up (uncounted), then `strace -f -c` attaches to the balancer (every
+# process of it: nginx's master and worker; every thread of each), the client
+# does exactly SYS_OPS operations one after another, and strace detaches
+# 0.3 s after the last one (time for the proxy to finish closing the last
+# short connection). Each syscall's count, failed calls included, is divided
+# by SYS_OPS. A count is deterministic up to the few calls an idle balancer
+# makes while strace attaches and detaches (timer wake-ups), so one round
+# is enough: the syscall figures run once, outside the rounds.
+
+declare -A SYS_SKIP=() # "figure target" -> why it was not measured
+
+wait_file() { # file pid seconds: until the file exists; 1 if pid exits or time runs out first
+    local deadline=$((SECONDS + $3))
+    until [[ -s $1 ]]; do
+        is_running "$2" || [[ -s $1 ]] || return 1
+        ((SECONDS < deadline)) || return 1
+        sleep 0.02
+    done
+}
+
+all_traced() { # pid...: is every thread of every pid traced?
+    local p st
+    for p in "$@"; do
+        for st in /proc/"$p"/task/*/status; do
+            [[ -e $st ]] || continue
+            [[ $(awk '/^TracerPid:/ { print $2 }' "$st" 2>/dev/null) =~ ^[1-9] ]] || return 1
+        done
+    done
+}
+
+measure_syscalls() { # target figure prefix ; appends to $SYS_TSV, RESULT = "ops total-calls"
+    local t=$1 f=$2 pre=$3 pid mode port cpid spid ops p pids=() sargs=() deadline
+    pid=${LB_PID[$t-sys]}
+    case $f in
+        sys-pingpong) mode=pingpong port=$(target_port "$t" 11) ;;
+        sys-short) mode=short port=$(target_port "$t" 11) ;;
+        sys-udp) mode=udp port=$(target_port "$t" 12) ;;
+    esac
+    check_alive "$pid" "$t-sys" "${LB_LOG[$t-sys]}"
+    rm -f "$pre".ready "$pre".go "$pre".done "$pre".done.close "$pre".strace
+    start_bg "sysload client $f $t" "$pre.client.log" python3 "$HELPERS/sysload.py" client --mode "$mode" \
+        --host "$HOST" --port "$port" --ops "$SYS_OPS" --ready-file "$pre.ready" --go-file "$pre.go" \
+        --done-file "$pre.done"
+    cpid=$LAST_PID
+    if ! wait_file "$pre.ready" "$cpid" 30; then
+        log "error: the sysload client ($f via $t) did not warm up; see $pre.client.log"
+        stop_pid "$cpid"
+        return 1
+    fi
+    pids=("$pid")
+    mapfile -t -O 1 pids < <(descendants "$pid")
+    for p in "${pids[@]}"; do sargs+=(-p "$p"); done
+    start_bg "strace $t" "$pre.strace.log" strace -f -c -o "$pre.strace" "${sargs[@]}"
+    spid=$LAST_PID
+    deadline=$((SECONDS + 10))
+    until all_traced "${pids[@]}"; do
+        if ! is_running "$spid" || ((SECONDS >= deadline)); then
+            log "error: strace could not attach to $t-sys (pids ${pids[*]}); see $pre.strace.log"
+            stop_pid "$spid"
+            stop_pid "$cpid"
+            return 1
+        fi
+        sleep 0.02
+    done
+    : >"$pre.go"
+    if ! wait_file "$pre.done" "$cpid" $((60 + SYS_OPS / 100)); then
+        log "error: the sysload client ($f via $t) failed; see $pre.client.log"
+        stop_pid "$spid"
+        stop_pid "$cpid"
+        return 1
+    fi
+    sleep 0.3
+    stop_pid "$spid" # SIGTERM: strace detaches and writes its summary
+    : >"$pre.done.close"
+    stop_pid "$cpid"
+    ops=$(<"$pre.done")
+    [[ -s $pre.strace ]] || { log "error: strace wrote no summary for $f via $t; see $pre.strace.log"; return 1; }
+    # strace -c: "% time seconds usecs/call calls [errors] syscall", then a total line.
+    awk -v f="$f" -v t="$t" -v ops="$ops" '
+        /^%|^-|^ *$/ { next }
+        NF >= 5 { printf "%s\t%s\t%s\t%s\t%s\t%s\n", f, t, ops, $NF, $4, (NF >= 6 ? $5 : 0) }' \
+        "$pre.strace" >>"$SYS_TSV"
+    RESULT="$ops $(awk '$NF == "total" { print $4 }' "$pre.strace")"
+}
+
+run_syscalls() { # every syscall figure for every target; the tables go to $OUT_DIR/syscalls.md
+    local t f specs pre ops total port
+    SYS_TSV=$OUT_DIR/syscalls.tsv
+    printf 'figure\ttarget\tops\tsyscall\tcalls\terrors\n' >"$SYS_TSV"
+    port=$(backend_port 11)
+    start_bg "sysload echo server" "$OUT_DIR/logs/sysload-server.log" python3 "$HELPERS/sysload.py" server \
+        --bind "$HOST" --tcp-port "$port" --udp-port "$(backend_port 12)"
+    BACKEND_PID[sys]=$LAST_PID BACKEND_LOG[sys]=$OUT_DIR/logs/sysload-server.log
+    wait_bound "$LAST_PID" "sysload echo server" "${BACKEND_LOG[sys]}" "tcp:$port" "udp:$(backend_port 12)" || exit 1
+    for t in $TARGETS; do
+        if [[ $t == direct ]]; then
+            for f in $SYS_FIGURES; do has_figure "$f" && SYS_SKIP["$f $t"]="no balancer process to trace"; done
+            continue
+        fi
+        specs=()
+        has_any_figure sys-pingpong sys-short && specs+=("${SVC_NAMES[11]}:$(target_port "$t" 11):$(backend_port 11)")
+        if has_figure sys-udp; then
+            if can_udp "$t"; then
+                specs+=("${SVC_NAMES[12]}:$(target_port "$t" 12):$(backend_port 12):udp")
+            else
+                SYS_SKIP["sys-udp $t"]="HAProxy OSS does not balance UDP"
+            fi
+        fi
+        ((${#specs[@]})) || continue
+        log "starting $t-sys (1 worker)"
+        LB_WORKERS=1
+        start_lb "$t" "$t-sys" "${specs[@]}"
+        LB_WORKERS=2
+        LB_PID[$t-sys]=$LAST_PID LB_LOG[$t-sys]=$LAST_LOG
+        sleep 0.5 # let it settle (nginx starts its worker after binding)
+        for f in $SYS_FIGURES; do
+            has_figure "$f" || continue
+            [[ -n ${SYS_SKIP["$f $t"]:-} ]] && continue
+            check_backend sys
+            pre=$OUT_DIR/runs/$f-$t
+            if measure_syscalls "$t" "$f" "$pre"; then
+                read -r ops total <<<"$RESULT"
+                log "$f $t: $total syscalls in $ops operations"
+            else
+                FAILED=$((FAILED + 1))
+            fi
+        done
+        stop_pid "${LB_PID[$t-sys]}"
+        unset "LB_PID[$t-sys]"
+    done
+    stop_pid "${BACKEND_PID[sys]}"
+    {
+        echo "Syscalls per operation ($(date -u '+%Y-%m-%d'), $(nproc) CPUs, one worker each, SYS_OPS=$SYS_OPS;"
+        echo "strace -f -c summaries in $OUT_DIR/runs/sys-*.strace, counts in $SYS_TSV):"
+        echo
+        python3 - "$SYS_TSV" "$TARGETS" "$FIGURES" <<'EOF'
+import csv, sys
+rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
+targets = [t for t in sys.argv[2].split() if t != "direct"]
+figures = [f for f in sys.argv[3].split() if f.startswith("sys-")]
+label = {"sys-pingpong": "TCP ping-pong, 64 B round trip",
+         "sys-short": "short connection: connect, 64 B each way, close",
+         "sys-udp": "UDP round trip, 64 B"}
+per = {}  # (figure, target) -> [(syscall, calls/op, errors/op)], total first
+for r in rows:
+    ops = int(r["ops"])
+    per.setdefault((r["figure"], r["target"]), []).append(
+        (r["syscall"], int(r["calls"]) / ops, int(r["errors"] or 0) / ops))
+def total(f, t):
+    for name, c, _ in per.get((f, t), []):
+        if name == "total":
+            return "%.1f" % c
+    return "–"
+print("| workload (per operation) | " + " | ".join(targets) + " |")
+print("|---" * (len(targets) + 1) + "|")
+for f in figures:
+    print("| %s | %s |" % (label[f], " | ".join(total(f, t) for t in targets)))
+print()
+print("| workload | target | total | syscalls per operation (at least 0.1; failed calls in brackets) |")
+print("|---|---|---|---|")
+for f in figures:
+    for t in targets:
+        calls = per.get((f, t))
+        if not calls:
+            continue
+        top = sorted((c for c in calls if c[0] != "total"), key=lambda c: -c[1])
+        top = ", ".join("%s %.1f%s" % (n, c, " (%.1f failed)" % e if e >= 0.05 else "")
+                        for n, c, e in top if c >= 0.1)
+        print("| %s | %s | %s | %s |" % (f, t, total(f, t), top))
+EOF
+        for f in $SYS_FIGURES; do
+            for t in $TARGETS; do
+                if [[ -n ${SYS_SKIP["$f $t"]:-} ]]; then echo; echo "$f: $t not measured: ${SYS_SKIP["$f $t"]}."; fi
+            done
+        done
+    } >"$OUT_DIR/syscalls.md"
+}
+
 # ------------------------------------------------------------------- main ----
 
 mkdir -p "$OUT_DIR/logs" "$OUT_DIR/runs"
@@ -1332,7 +1558,7 @@ for svc in 1 2 3 4; do
         is_listening "$p" && die "port $p is already in use (set PORT_BASE to move the block)"
     done
 done
-for svc in 8 9 10; do # HTTP (L7); direct's ports 3, 9 and 10 are backend ports
+for svc in 8 9 10 11; do # HTTP (L7) and sys-tcp; direct's ports 3, 9 and 10 are backend ports
     for p in $(backend_port $svc) $(for t in $TARGETS; do
         [[ $t != direct ]] && target_port "$t" $svc
         [[ $t != direct && $svc == 8 ]] && http_mem_port "$t"
@@ -1340,7 +1566,7 @@ for svc in 8 9 10; do # HTTP (L7); direct's ports 3, 9 and 10 are backend ports
         is_listening "$p" && die "port $p is already in use (set PORT_BASE to move the block)"
     done
 done
-for svc in 5 6 7; do # UDP services; udp-iperf (6) also listens on TCP
+for svc in 5 6 7 12; do # UDP services; udp-iperf (6) also listens on TCP
     for p in $(backend_port $svc) $(for t in $UDP_TARGETS; do
         [[ $t != direct ]] && has_target "$t" && target_port "$t" $svc
     done); do
@@ -1382,6 +1608,15 @@ if ((busy_pct > 10)); then
 fi
 printf 'round\tfigure\ttarget\tforeign_cpu_pct\n' >"$OUT_DIR/load.tsv"
 DISTURBED=0
+# shellcheck disable=SC2086 # word splitting intended
+if has_any_figure $SYS_FIGURES; then
+    run_syscalls
+    if ((SYS_ONLY)); then
+        tee "$OUT_DIR/results.md" <"$OUT_DIR/syscalls.md"
+        ((FAILED == 0)) || { log "$FAILED measurement(s) failed; see the errors above"; exit 1; }
+        exit 0
+    fi
+fi
 start_backends
 start_balancers
 start_udp_balancers
@@ -1542,6 +1777,7 @@ wait_quiet() { # wait up to QUIET_WAIT seconds for other processes to calm down
 START=$SECONDS
 for ((r = 1; r <= ROUNDS; r++)); do
     for f in $FIGURES; do
+        [[ $f == sys-* ]] && continue # measured once, before the rounds
         for t in $TARGETS; do
             [[ $f == *mem && $t == direct ]] && continue # no balancer, nothing to measure
             is_udp_figure "$f" && [[ -n ${UDP_SKIP[$t]:-} ]] && continue # noted at the start
@@ -1599,6 +1835,9 @@ if ((${#HTTP_SKIP[@]})); then
             if [[ -n ${HTTP_SKIP[$t]:-} ]]; then echo "HTTP figures: $t not measured: ${HTTP_SKIP[$t]}."; fi
         done
     } >>"$OUT_DIR/results.md"
+fi
+if [[ -s $OUT_DIR/syscalls.md ]]; then
+    { echo; cat "$OUT_DIR/syscalls.md"; } >>"$OUT_DIR/results.md"
 fi
 max_foreign=$(awk -F'\t' 'NR > 1 && $4 > m { m = $4 } END { print m + 0 }' "$OUT_DIR/load.tsv")
 {

@@ -94,6 +94,24 @@ pub(super) fn recv_batch(
     })
 }
 
+/// [`recv_batch`], and a batch shorter than a full one says the socket is drained:
+/// that is reported as `WouldBlock` too, after `f` ran, so that tokio's `try_io`
+/// clears the readiness without one more recvmmsg that would only find EAGAIN
+/// (issue 12). Safe: tokio clears it only if no readiness event came since the
+/// one this call started from, and a datagram queued after the short batch brings
+/// a new edge. (Elsewhere one datagram per call says nothing: no such shortcut.)
+pub(super) fn recv_drain(
+    socket: &UdpSocket,
+    rx: &RecvState,
+    f: impl FnOnce(&[(&[u8], SocketAddr)], u64),
+) -> io::Result<usize> {
+    let n = recv_batch(socket, rx, f)?;
+    if cfg!(target_os = "linux") && n < super::BATCH {
+        return Err(io::ErrorKind::WouldBlock.into());
+    }
+    Ok(n)
+}
+
 /// recvmmsg(2): one syscall for up to [`mmsg::BATCH`] datagrams (Linux), with the
 /// socket's drop count ([`RecvState`]) from the same call.
 #[cfg(target_os = "linux")]

@@ -3,7 +3,7 @@
 //! session (limits, the pool's pick, a connected upstream socket) and forwards the
 //! client's datagrams on it as runs (see `send`).
 //!
-//! It reads its socket through `batch::recv_batch`, as the sessions' reply path
+//! It reads its socket through `batch::recv_drain`, as the sessions' reply path
 //! reads theirs, so what the kernel drops on it for a full receive buffer is counted
 //! too (`listener_recv_buffer`).
 
@@ -18,7 +18,7 @@ use tokio::net::UdpSocket;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
-use super::batch::{recv_batch, report_drops, RecvState};
+use super::batch::{recv_drain, report_drops, RecvState};
 use super::limits::Slot;
 use super::send::{for_each_run, send_run};
 use super::session::{remove, Failed, Session, SessionTask, Table};
@@ -72,7 +72,7 @@ pub async fn recv_loop(
         let mut more = true;
         for _ in 0..BATCHES_PER_TURN {
             match w.socket.try_io(tokio::io::Interest::READABLE, || {
-                recv_batch(&w.socket, &w.rx, |batch, lost| {
+                recv_drain(&w.socket, &w.rx, |batch, lost| {
                     if lost > 0 {
                         w.counters.dropped(DropReason::ListenerRecvBuffer, lost);
                     }

@@ -17,7 +17,7 @@ use tokio::time::Sleep;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 use tracing::debug;
 
-use super::batch::recv_batch;
+use super::batch::recv_drain;
 use super::send::{for_each_run, send_run, unreachable};
 use super::session::{remove, state, Event, SessionTask};
 use super::DropReason;
@@ -199,8 +199,8 @@ impl<E: Future<Output = io::Result<tokio::io::Ready>>> Wait<'_, '_, E> {
         let mut got = 0u64;
         let limit = task.settings.reply_limit;
         let replies = self.replies;
-        s.upstream.try_io(tokio::io::Interest::READABLE, || {
-            recv_batch(&s.upstream, &s.rx, |batch, lost| {
+        let r = s.upstream.try_io(tokio::io::Interest::READABLE, || {
+            recv_drain(&s.upstream, &s.rx, |batch, lost| {
                 if lost > 0 {
                     task.counters.dropped(DropReason::SessionRecvBuffer, lost);
                 }
@@ -221,8 +221,12 @@ impl<E: Future<Output = io::Result<tokio::io::Ready>>> Wait<'_, '_, E> {
                     task.counters.dropped(DropReason::ReplyLimit, over);
                 }
             })
-        })?;
-        Ok(got)
+        });
+        match r {
+            // A short batch: relayed, and the socket drained (readiness cleared).
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => Ok(got),
+            r => r.map(|_| got),
+        }
     }
 
     /// `got` replies came: the session is alive and the backend answers. Whether

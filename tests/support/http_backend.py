@@ -19,7 +19,11 @@ strip_prefix do not matter):
   body_len, sha256}, after reading the whole body (Content-Length or chunked,
   hashed as it streams).
 * do=sse&n=N&ms=M: 200 text/event-stream, chunked: N events "id: I\\ndata: T\\n\\n",
-  one every M ms, T the time.time() just before the event is written.
+  one every M ms, T the time.time() just before the event is written. With
+  &ack=KEY the events go in lockstep instead: event I+1 is written only once the
+  client has said it got event I with GET /__ack?key=KEY&i=I (sent straight to this
+  server); after 30 s without it the stream ends early. A proxy that held an event
+  back would stall the stream, with no clock involved.
 * do=download&bytes=N: 200 with N bytes from `blocks()` (tests/http.rs makes the
   same bytes to compare hashes).
 * do=sleep&ms=M: waits M ms, then as with no `do`.
@@ -146,6 +150,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
             with self.server.lock:
                 seen = list(self.server.seen)
             return self.reply(200, json.dumps(seen).encode())
+        if self.command == "GET" and url.path == "/__ack":
+            a = dict(urllib.parse.parse_qsl(url.query))
+            with self.server.acked:
+                self.server.acks.add((a["key"], int(a["i"])))
+                self.server.acked.notify_all()
+            return self.reply(200, b"{}")
         if self.command == "GET" and url.path == "/__conns":
             with self.server.lock:
                 n = self.server.open
@@ -155,7 +165,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         q = dict(urllib.parse.parse_qsl(url.query))
         do = q.get("do", "")
         if do == "sse":
-            return self.sse(int(q.get("n", "20")), int(q.get("ms", "50")))
+            return self.sse(int(q.get("n", "20")), int(q.get("ms", "50")), q.get("ack"))
         if do == "download":
             total = int(q["bytes"])
             self.send_response(200)
@@ -209,7 +219,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         }
         self.reply(200, json.dumps(body).encode())
 
-    def sse(self, n, ms):
+    def sse(self, n, ms, ack=None):
         self.send_response(200)
         self.send_header("X-Backend", self.server.name)
         self.send_header("Content-Type", "text/event-stream")
@@ -217,7 +227,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         for i in range(n):
-            if i:
+            if i and ack is not None:
+                with self.server.acked:
+                    if not self.server.acked.wait_for(lambda: (ack, i - 1) in self.server.acks, 30):
+                        break
+            elif i:
                 time.sleep(ms / 1000.0)
             ev = ("id: %d\ndata: %.6f\n\n" % (i, time.time())).encode()
             self.wfile.write(b"%x\r\n%s\r\n" % (len(ev), ev))
@@ -239,6 +253,9 @@ class Server(http.server.ThreadingHTTPServer):
         self.seen = []
         self.open = 0
         self.lock = threading.Lock()
+        # (key, event) pairs clients acknowledged (do=sse&ack=KEY).
+        self.acks = set()
+        self.acked = threading.Condition()
 
 
 def main():

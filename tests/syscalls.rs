@@ -22,18 +22,23 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const OPS: usize = 300;
 
 /// Ceilings. Every system call but `epoll_wait` is made a nearly fixed number of
-/// times per operation (22.1 .. 22.2 per short connection, `recvfrom` now and then
-/// finding nothing yet; 4 per UDP round trip: 2 recvmmsg, 2 sendto), over three
-/// runs when these were set:
-/// one more on the hot path fails the test. How often a worker sleeps in
-/// `epoll_wait` depends on timing (5.2 .. 5.8 per short connection, 2.0 .. 2.2 per
-/// UDP round trip), so its ceiling is looser. The debug binary's counts include two
-/// `fcntl` per connection that release builds do not make (std's check that a
-/// closed descriptor was open). Issue 12 aims at nginx's totals, 20.1 and 7.2.
+/// times per operation (22.0 .. 22.2 per short connection, `recvfrom` now and then
+/// finding nothing yet; 4 per UDP round trip: 2 recvmmsg, 2 sendto), over the runs
+/// when these were set: one more on the hot path fails the test. The debug binary's
+/// counts include two `fcntl` per connection that release builds do not make (std's
+/// check that a closed descriptor was open). Issue 12 aims at nginx's totals, 20.1
+/// and 7.2.
+///
+/// How often a worker sleeps in `epoll_wait` is not fixed: it depends on whether the
+/// next event is already queued when the worker looks, which is timing. Measured 5.1
+/// .. 5.8 per short connection and 2.0 .. 3.55 per UDP round trip (the last on a
+/// loaded CI machine). These ceilings are about three sleeps per readiness event the
+/// operation needs (about 4 for a short connection, 2 for a UDP round trip): they do
+/// not track the figure, they catch a wake-up loop, which would count in hundreds.
 const MAX_PER_SHORT_CONNECTION: f64 = 22.6;
-const MAX_EPOLL_WAIT_PER_SHORT_CONNECTION: f64 = 7.0;
+const MAX_EPOLL_WAIT_PER_SHORT_CONNECTION: f64 = 12.0;
 const MAX_PER_UDP_ROUND_TRIP: f64 = 4.5;
-const MAX_EPOLL_WAIT_PER_UDP_ROUND_TRIP: f64 = 3.0;
+const MAX_EPOLL_WAIT_PER_UDP_ROUND_TRIP: f64 = 6.0;
 
 /// strace attached to every thread of `pid`, counting into `out`.
 struct Trace {

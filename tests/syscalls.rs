@@ -261,3 +261,85 @@ backends = [{{ address = "{udp_addr}" }}]
         "{udp_epoll:.2} epoll_wait per UDP round trip, ceiling {MAX_EPOLL_WAIT_PER_UDP_ROUND_TRIP}"
     );
 }
+
+/// `runtime.busy_poll` (latency mode): between the hops of a ping-pong, a worker
+/// polls its sockets (`epoll_wait` with no timeout) instead of sleeping, and with no
+/// traffic it stops: the spinning is bounded by the budget after each wake-up, so
+/// an idle process makes few calls. Counted, not timed: a spinner that never stops
+/// makes tens of thousands of calls a second under strace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_poll_spins_between_hops_and_stops_when_idle() {
+    let backend = TestBackend::start(Kind::Echo).await;
+    let toml = format!(
+        r#"
+[runtime]
+workers = 1
+busy_poll = "1ms"
+
+[[listeners]]
+name = "t"
+bind = "127.0.0.1:0"
+pool = "tcp"
+
+[[pools]]
+name = "tcp"
+backends = [{{ address = "{}" }}]
+"#,
+        backend.addr
+    );
+    let fg = Proc::spawn(&toml, &[]);
+    let pid = fg.pid();
+    let t = fg.addr("t");
+    let dir = tempdir::Dir::new();
+    let mut s = std::net::TcpStream::connect(t).unwrap();
+    s.set_nodelay(true).unwrap();
+    let round_trip = |s: &mut std::net::TcpStream, i: usize| {
+        use std::io::{Read, Write};
+        s.write_all(&[i as u8; 64]).unwrap();
+        let mut back = [0u8; 64];
+        s.read_exact(&mut back).unwrap();
+        assert_eq!(back, [i as u8; 64]);
+    };
+    round_trip(&mut s, 0);
+
+    // Ping-pongs 300 µs apart: within the 1 ms budget, so the worker never sleeps.
+    let trace = Trace::attach(pid, &dir.0.join("busy.txt"));
+    let mut s = tokio::task::spawn_blocking(move || {
+        for i in 0..OPS {
+            round_trip(&mut s, i);
+            std::thread::sleep(Duration::from_micros(300));
+        }
+        s
+    })
+    .await
+    .unwrap();
+    let calls = trace.finish();
+    let epoll = calls
+        .iter()
+        .find(|(n, _)| n == "epoll_wait")
+        .map_or(0, |c| c.1) as f64
+        / OPS as f64;
+    eprintln!("busy_poll: {epoll:.1} epoll_wait per ping-pong 300 us apart");
+
+    // Idle: one wake-up every 250 ms (the tick), then at most 1 ms of spinning each.
+    let trace = Trace::attach(pid, &dir.0.join("idle.txt"));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let idle: u64 = trace
+        .finish()
+        .iter()
+        .filter(|(n, _)| n == "epoll_wait")
+        .map(|c| c.1)
+        .sum();
+    eprintln!("busy_poll: {idle} epoll_wait in 1 s idle");
+    round_trip(&mut s, 1);
+
+    // Without the latency mode a ping-pong sleeps about twice (tests above: 2.0).
+    assert!(
+        epoll >= 4.0,
+        "{epoll:.1} epoll_wait per ping-pong: the worker slept instead of polling"
+    );
+    assert!(
+        idle <= 3000,
+        "{idle} epoll_wait in 1 s with no traffic: the worker does not stop spinning"
+    );
+}

@@ -65,6 +65,7 @@ pub enum RestartKey {
     WorkerModel,
     AdminBind,
     Splice,
+    BusyPoll,
     /// The access log switches format at once; flowgate's own log on restart.
     LogFormat,
 }
@@ -77,6 +78,7 @@ impl RestartKey {
             RestartKey::WorkerModel => "runtime.worker_model",
             RestartKey::AdminBind => "admin.bind",
             RestartKey::Splice => "runtime.splice",
+            RestartKey::BusyPoll => "runtime.busy_poll",
             RestartKey::LogFormat => "log.format",
         }
     }
@@ -136,6 +138,7 @@ pub fn diff(old: &Config, new: &Config) -> ReloadPlan {
         (RestartKey::WorkerModel, o.worker_model != n.worker_model),
         (RestartKey::AdminBind, admin_bind(old) != admin_bind(new)),
         (RestartKey::Splice, o.splice != n.splice),
+        (RestartKey::BusyPoll, o.busy_poll != n.busy_poll),
         (RestartKey::LogFormat, old.log.format != new.log.format),
     ]
     .into_iter()

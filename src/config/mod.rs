@@ -103,6 +103,9 @@ pub struct RuntimeConfig {
     pub shutdown_timeout: Duration,
     /// Use splice(2) for bulk transfers (Linux); `false` copies everything.
     pub splice: bool,
+    /// Latency mode: how long an idle worker polls its sockets before it sleeps
+    /// (`None`: off). Only with `worker_model = "per_core"`.
+    pub busy_poll: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]

@@ -36,6 +36,8 @@ pub struct Runtime {
     pub shutdown_timeout: DurationStr,
     #[serde(default = "default_true")]
     pub splice: bool,
+    #[serde(default)]
+    pub busy_poll: Option<Spanned<DurationStr>>,
 }
 
 impl Default for Runtime {
@@ -45,6 +47,7 @@ impl Default for Runtime {
             worker_model: WorkerModel::default(),
             shutdown_timeout: default_shutdown(),
             splice: true,
+            busy_poll: None,
         }
     }
 }

@@ -358,3 +358,30 @@ fn http_mistakes_are_named() {
         .to_string();
     assert!(e.contains("listeners[0].pool: missing"), "{e}");
 }
+
+#[test]
+fn busy_poll_is_bounded_and_per_core_only() {
+    let with = |extra: &str| GOOD.replace("shutdown_timeout = \"30s\"", extra);
+    assert_eq!(parse(GOOD).unwrap().runtime.busy_poll, None);
+    let c = parse(&with("busy_poll = \"50us\"")).unwrap();
+    assert_eq!(c.runtime.busy_poll, Some(Duration::from_micros(50)));
+    assert_eq!(
+        parse(&with("busy_poll = \"0s\""))
+            .unwrap()
+            .runtime
+            .busy_poll,
+        None
+    );
+    let e = parse(&with("busy_poll = \"1s\"")).unwrap_err().to_string();
+    assert!(
+        e.contains("runtime.busy_poll") && e.contains("too long"),
+        "{e}"
+    );
+    let e = parse(&with("busy_poll = \"50us\"\nworker_model = \"shared\""))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("runtime.busy_poll") && e.contains("per-core"),
+        "{e}"
+    );
+}

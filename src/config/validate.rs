@@ -7,6 +7,7 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use toml::Spanned;
 
@@ -15,6 +16,7 @@ use super::resolve::{line_col, resolve};
 use super::types::{DEFAULT_SYSLOG_FACILITY, SYSLOG_FACILITIES, SYSLOG_PORT};
 use super::{
     AccessLogDest, AdminConfig, ConfigError, ListenerConfig, LogConfig, Protocol, RuntimeConfig,
+    WorkerModel,
 };
 
 /// The text being parsed and the file it came from: what every error needs to say
@@ -99,13 +101,40 @@ pub(super) fn runtime(src: &Source<'_>, r: &raw::Runtime) -> Result<RuntimeConfi
         }
         n => n,
     };
+    let busy_poll = match &r.busy_poll {
+        None => None,
+        Some(b) if b.get_ref().0.is_zero() => None,
+        Some(b) if b.get_ref().0 > MAX_BUSY_POLL => {
+            return Err(src.err(
+                b.span(),
+                "runtime.busy_poll".into(),
+                format!(
+                    "{:?} is too long: at most {MAX_BUSY_POLL:?} (50us is typical; \"0s\" is off)",
+                    b.get_ref().0
+                ),
+            ))
+        }
+        Some(b) if r.worker_model == WorkerModel::Shared => {
+            return Err(src.err(
+                b.span(),
+                "runtime.busy_poll".into(),
+                "needs worker_model = \"per-core\" (each worker spins on its own sockets)".into(),
+            ))
+        }
+        Some(b) => Some(b.get_ref().0),
+    };
     Ok(RuntimeConfig {
         workers,
         worker_model: r.worker_model,
         shutdown_timeout: r.shutdown_timeout.0,
         splice: r.splice,
+        busy_poll,
     })
 }
+
+/// Upper bound on `runtime.busy_poll`: a worker that spins longer than this on
+/// nothing is a misconfiguration, not a latency mode.
+const MAX_BUSY_POLL: Duration = Duration::from_millis(10);
 
 /// `[admin]`: the address, the token, and that the two together are safe.
 /// `listeners` are the validated listeners, whose TCP addresses the admin API may

@@ -13,6 +13,7 @@
 //! the control plane: what it counts, the control plane reads from the objects it
 //! was handed.
 
+pub mod busy;
 pub mod http;
 pub mod tcp;
 pub mod udp;
@@ -37,6 +38,9 @@ pub struct Context {
     pub control: Tasks,
     /// Whether TCP bulk transfers may switch to splice(2) (`runtime.splice`).
     pub splice: bool,
+    /// `runtime.busy_poll` in microseconds, for `SO_BUSY_POLL` on backend sockets
+    /// (0: off).
+    pub busy_poll_us: u32,
     /// Pooled upstream HTTP connections (http listeners).
     pub upstreams: Arc<http::Upstreams>,
 }
@@ -49,6 +53,7 @@ impl Context {
             access_log: AccessLog::new(),
             control: Tasks::new(tokio::runtime::Handle::current()),
             splice: true,
+            busy_poll_us: 0,
             upstreams: http::Upstreams::new(),
         }
     }

@@ -90,6 +90,8 @@ struct Inner {
     workers: usize,
     /// `runtime.splice` as started (only a restart changes it).
     splice: bool,
+    /// `runtime.busy_poll` as started, in microseconds (0: off).
+    busy_poll_us: u32,
     /// Runtimes of the data-path workers (one per worker, or one shared).
     handles: Vec<Handle>,
     /// The control runtime's tracked tasks: probes, drains, timers, admin API.
@@ -170,6 +172,7 @@ impl Runtime {
             access_log: self.inner.access_log.clone(),
             control: self.inner.control.clone(),
             splice: self.inner.splice,
+            busy_poll_us: self.inner.busy_poll_us,
             upstreams: self.inner.upstreams.clone(),
         }
     }

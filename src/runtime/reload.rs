@@ -246,6 +246,9 @@ impl Runtime {
         if restart(RestartKey::Splice) {
             warn!("runtime.splice only changes on restart");
         }
+        if restart(RestartKey::BusyPoll) {
+            warn!("runtime.busy_poll only changes on restart");
+        }
         if restart(RestartKey::LogFormat) {
             warn!("log.format changes the access log now; flowgate's own log changes on restart");
         }

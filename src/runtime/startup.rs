@@ -19,6 +19,7 @@ use crate::config::{Config, ListenerConfig, LogConfig, Protocol, WorkerModel};
 use crate::health;
 use crate::metrics::Exporter;
 use crate::pool::Pool;
+use crate::proxy::busy;
 use crate::proxy::tcp::{self, ListenerShared};
 use crate::proxy::udp::{self, UdpListenerShared, UdpSettings};
 use crate::tasks::Tasks;
@@ -42,6 +43,7 @@ impl Runtime {
         let (handles, control) = spawn_threads(
             config.runtime.worker_model,
             config.runtime.workers,
+            config.runtime.busy_poll,
             &stop_threads,
         )
         .map_err(StartError::Workers)?;
@@ -49,6 +51,10 @@ impl Runtime {
             worker_model: config.runtime.worker_model,
             workers: config.runtime.workers,
             splice: config.runtime.splice,
+            busy_poll_us: config
+                .runtime
+                .busy_poll
+                .map_or(0, |d| d.as_micros().clamp(1, u32::MAX as u128) as u32),
             handles,
             control: Tasks::new(control),
             stop_accept: CancellationToken::new(),
@@ -158,6 +164,9 @@ impl Runtime {
             for _ in 1..count {
                 sockets.push(udp::bind(local).map_err(|e| err(local, e))?);
             }
+            for s in &sockets {
+                busy::set_socket(s.into(), self.inner.busy_poll_us);
+            }
             return Ok(Bound::Udp(sockets));
         }
         let first = tcp::bind(l.bind, l.backlog).map_err(|e| err(l.bind, e))?;
@@ -165,6 +174,10 @@ impl Runtime {
         let mut sockets = vec![first];
         for _ in 1..count {
             sockets.push(tcp::bind(local, l.backlog).map_err(|e| err(local, e))?);
+        }
+        // Accepted sockets inherit SO_BUSY_POLL from the listening socket.
+        for s in &sockets {
+            busy::set_socket(s.into(), self.inner.busy_poll_us);
         }
         Ok(Bound::Tcp(sockets))
     }

@@ -9,12 +9,14 @@ use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::WorkerModel;
+use crate::proxy::busy;
 
 /// Starts the worker threads and the control thread; returns the workers' runtime
 /// handles and the control runtime's. Every thread returns when `stop` fires.
 pub(super) fn spawn_threads(
     model: WorkerModel,
     workers: usize,
+    busy_poll: Option<Duration>,
     stop: &CancellationToken,
 ) -> io::Result<(Vec<Handle>, Handle)> {
     let runtimes = match model {
@@ -24,9 +26,14 @@ pub(super) fn spawn_threads(
     let mut handles = Vec::with_capacity(runtimes);
     for i in 0..runtimes {
         let rt = match model {
-            WorkerModel::PerCore => tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?,
+            WorkerModel::PerCore => {
+                let mut b = tokio::runtime::Builder::new_current_thread();
+                b.enable_all();
+                if busy_poll.is_some() {
+                    b.on_thread_unpark(busy::unparked);
+                }
+                b.build()?
+            }
             WorkerModel::Shared => tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(workers)
                 .thread_name("flowgate-worker")
@@ -34,22 +41,29 @@ pub(super) fn spawn_threads(
                 .build()?,
         };
         handles.push(rt.handle().clone());
-        run_on_thread(format!("flowgate-w{i}"), rt, stop.clone())?;
+        // Config refuses busy_poll with the shared model.
+        let spin = busy_poll.filter(|_| model == WorkerModel::PerCore);
+        run_on_thread(format!("flowgate-w{i}"), rt, spin, stop.clone())?;
     }
     let control = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let control_handle = control.handle().clone();
-    run_on_thread("flowgate-control".into(), control, stop.clone())?;
+    run_on_thread("flowgate-control".into(), control, None, stop.clone())?;
     Ok((handles, control_handle))
 }
 
 fn run_on_thread(
     name: String,
     rt: tokio::runtime::Runtime,
+    // `runtime.busy_poll`: the thread's spin task (see [`busy`]).
+    spin: Option<Duration>,
     stop: CancellationToken,
 ) -> io::Result<()> {
     std::thread::Builder::new().name(name).spawn(move || {
+        if let Some(budget) = spin {
+            rt.spawn(busy::spin(budget));
+        }
         rt.block_on(async {
             tokio::select! {
                 _ = stop.cancelled() => {}

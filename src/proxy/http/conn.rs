@@ -395,6 +395,7 @@ impl AsyncRead for ClientIo {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        crate::proxy::busy::note_work();
         let this = self.get_mut();
         if !this.leftover.is_empty() {
             // Already seen (and scanned) when first read.

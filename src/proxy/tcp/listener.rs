@@ -28,7 +28,7 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener>
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }
-    socket.set_nodelay(true)?;
+    socket.set_tcp_nodelay(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(backlog.min(i32::MAX as u32) as i32)?;
@@ -66,6 +66,7 @@ pub async fn accept_loop(
         };
         match accepted {
             Ok((stream, peer)) => {
+                crate::proxy::busy::note_work();
                 shared.accepted.fetch_add(1, Ordering::Relaxed);
                 let settings = shared.settings();
                 if let Some(slot) = Place::take(&shared, settings.max_connections) {

@@ -66,6 +66,7 @@ pub async fn serve(
     // first-byte time below starts where the connect ended. (One u32 of state.)
     let connect_time = now_us().saturating_sub(start).min(u32::MAX as u64) as u32;
     let _ = backend.set_nodelay(true);
+    crate::proxy::busy::set_socket((&backend).into(), listener.ctx.busy_poll_us);
     let at = at
         .with_retries(retries)
         .with_backend(guard.backend().active());

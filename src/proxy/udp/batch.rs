@@ -106,6 +106,7 @@ pub(super) fn recv_drain(
     f: impl FnOnce(&[(&[u8], SocketAddr)], u64),
 ) -> io::Result<usize> {
     let n = recv_batch(socket, rx, f)?;
+    crate::proxy::busy::note_work();
     if cfg!(target_os = "linux") && n < super::BATCH {
         return Err(io::ErrorKind::WouldBlock.into());
     }

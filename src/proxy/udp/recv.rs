@@ -264,7 +264,11 @@ impl Worker {
             .or_else(|| avoid.and_then(|_| settings.pool.pick(client.ip(), &[])))
             .ok_or(DropReason::NoBackend)?;
         let b = guard.backend().clone();
-        let upstream = match connect_upstream(b.addr, settings.session_recv_buffer) {
+        let upstream = match connect_upstream(
+            b.addr,
+            settings.session_recv_buffer,
+            shared.ctx.busy_poll_us,
+        ) {
             Ok(u) => {
                 crate::fd::available();
                 u
@@ -306,7 +310,11 @@ impl Worker {
 
 /// A new socket connected to `addr`, so only that backend's datagrams are read and
 /// its ICMP errors are reported.
-pub(super) fn connect_upstream(addr: SocketAddr, recv_buffer: usize) -> io::Result<UdpSocket> {
+pub(super) fn connect_upstream(
+    addr: SocketAddr,
+    recv_buffer: usize,
+    busy_poll_us: u32,
+) -> io::Result<UdpSocket> {
     let local: SocketAddr = if addr.is_ipv6() {
         "[::]:0".parse().expect("literal")
     } else {
@@ -318,6 +326,7 @@ pub(super) fn connect_upstream(addr: SocketAddr, recv_buffer: usize) -> io::Resu
         Some(socket2::Protocol::UDP),
     )?;
     report_drops(&s);
+    crate::proxy::busy::set_socket((&s).into(), busy_poll_us);
     // A burst of large replies must not overflow the default (~208 KiB) buffer
     // before the session's task relays it. Past net.core.rmem_max only with
     // CAP_NET_ADMIN (SO_RCVBUFFORCE); otherwise the kernel caps it. Best effort.

@@ -45,7 +45,10 @@
 #                  flowgate-base (plain flowgate's configuration and flags,
 #                  run with $FLOWGATE_BASE_BIN: an older build to compare
 #                  against in the same interleaved run; its own column, and a
-#                  flowgate / flowgate-base ratio, in the report)
+#                  flowgate / flowgate-base ratio, in the report), and
+#                  flowgate-busy (flowgate with runtime.busy_poll = $BUSY_POLL,
+#                  the latency mode) and haproxy-busy (HAProxy with
+#                  `busy-polling` in its global section)
 #   FIGURES        any of: bulk1 bulk4 latency cps rps mem (TCP)          [these six]
 #                  udp-latency udp-pps udp-iperf (UDP; targets direct, flowgate,
 #                  flowgate-shared, flowgate-metrics, flowgate-base and
@@ -153,6 +156,7 @@
 #   FLOWGATE_BIN   use this binary instead of `cargo build --release`
 #   FLOWGATE_BASE_BIN  the binary of the flowgate-base target (never built
 #                  here); required when TARGETS has flowgate-base
+#   BUSY_POLL      runtime.busy_poll of the flowgate-busy target          [50us]
 #   CARGO_TARGET_DIR  honoured for the cargo build                       [<repo>/target]
 #   NO_INSTALL=1   never apt-get install missing tools, fail instead
 #   FOREIGN_THRESHOLD  % of one CPU that processes outside the benchmark may
@@ -217,6 +221,7 @@ PORT_BASE=${PORT_BASE:-29000}
 OUT_DIR=${OUT_DIR:-$TARGET_DIR/bench/$(date -u +%Y%m%dT%H%M%SZ)}
 FLOWGATE_BIN=${FLOWGATE_BIN:-}
 FLOWGATE_BASE_BIN=${FLOWGATE_BASE_BIN:-}
+BUSY_POLL=${BUSY_POLL:-50us}
 NO_INSTALL=${NO_INSTALL:-0}
 FOREIGN_THRESHOLD=${FOREIGN_THRESHOLD:-15}
 QUIET_WAIT=${QUIET_WAIT:-0}
@@ -232,14 +237,14 @@ die() { printf 'bench.sh: error: %s\n' "$*" >&2; exit 1; }
 
 # ---------------------------------------------------------------- arguments --
 
-ALL_TARGETS="direct flowgate flowgate-shared flowgate-metrics flowgate-base haproxy haproxy-splice nginx"
+ALL_TARGETS="direct flowgate flowgate-shared flowgate-metrics flowgate-base flowgate-busy haproxy haproxy-splice haproxy-busy nginx"
 TCP_FIGURES="bulk1 bulk4 latency cps rps mem"
 UDP_FIGURES="udp-latency udp-pps udp-iperf"
-UDP_TARGETS="direct flowgate flowgate-shared flowgate-metrics flowgate-base nginx" # the targets that can measure UDP
+UDP_TARGETS="direct flowgate flowgate-shared flowgate-metrics flowgate-base flowgate-busy nginx" # the targets that can measure UDP
 HTTP_FIGURES="http-rps http-h2-rps http-latency http-sse http-mem"
 # The targets that run the HTTP (L7) figures: not haproxy-splice, whose only
 # difference, splice-auto, does nothing for the few bytes of these responses.
-HTTP_TARGETS="direct flowgate flowgate-shared flowgate-metrics flowgate-base haproxy nginx"
+HTTP_TARGETS="direct flowgate flowgate-shared flowgate-metrics flowgate-base flowgate-busy haproxy haproxy-busy nginx"
 ALL_FIGURES="$TCP_FIGURES $UDP_FIGURES $HTTP_FIGURES"
 # Syscalls per operation (strace -c on a one-worker instance); not in `all`:
 # they need strace and measure something else than the timed figures.
@@ -339,6 +344,7 @@ target_index() {
     case $1 in
         flowgate) echo 1 ;; haproxy) echo 2 ;; haproxy-splice) echo 3 ;; nginx) echo 4 ;;
         flowgate-shared) echo 5 ;; flowgate-metrics) echo 6 ;; flowgate-base) echo 7 ;;
+        flowgate-busy) echo 8 ;; haproxy-busy) echo 9 ;;
         *) die "no index for target '$1'" ;;
     esac
 }
@@ -549,7 +555,7 @@ ensure_tools() {
     has_any_figure http-rps http-h2-rps http-latency http-sse http-mem && need+=(nginx)
     has_figure http-rps && need+=(wrk)
     has_any_figure http-h2-rps http-latency && need+=(h2load)
-    { has_target haproxy || has_target haproxy-splice; } && need+=(haproxy)
+    { has_target haproxy || has_target haproxy-splice || has_target haproxy-busy; } && need+=(haproxy)
     has_target nginx && need+=(nginx)
     for cmd in "${need[@]}"; do
         # h2load comes in Debian's nghttp2-client package.
@@ -898,11 +904,12 @@ start_lb() { # target instance-name spec... ; sets LAST_PID and LAST_LOG, waits 
         ports+=("$([[ $proto == udp ]] && echo udp || echo tcp):$lport")
     done
     case $target in
-        flowgate | flowgate-shared | flowgate-metrics | flowgate-base)
+        flowgate | flowgate-shared | flowgate-metrics | flowgate-base | flowgate-busy)
             bin=$FLOWGATE_BIN
             [[ $target == flowgate-base ]] && bin=$FLOWGATE_BASE_BIN
             write_flowgate_config "$dir/flowgate.toml" "$([[ $target == flowgate-shared ]] && echo shared)" \
                 "$([[ $target == flowgate-metrics ]] && admin_port "$inst")" "$@"
+            [[ $target == flowgate-busy ]] && sed -i "s/^\[runtime\]\$/[runtime]\nbusy_poll = \"$BUSY_POLL\"/" "$dir/flowgate.toml"
             if ((LB_SOFT)) && ! "$bin" check --config "$dir/flowgate.toml" >"$logf.check" 2>&1; then
                 printf 'bench.sh: %s rejected %s:\n' "$inst" "$dir/flowgate.toml" >&2
                 tail -n 20 "$logf.check" >&2 || true
@@ -910,8 +917,9 @@ start_lb() { # target instance-name spec... ; sets LAST_PID and LAST_LOG, waits 
             fi
             start_bg "$inst" "$logf" "$bin" run --config "$dir/flowgate.toml"
             ;;
-        haproxy | haproxy-splice)
+        haproxy | haproxy-splice | haproxy-busy)
             write_haproxy_config "$dir/haproxy.cfg" "$([[ $target == haproxy-splice ]] && echo 1 || echo 0)" "$@"
+            [[ $target == haproxy-busy ]] && sed -i 's/^global$/global\n    busy-polling/' "$dir/haproxy.cfg"
             haproxy -c -f "$dir/haproxy.cfg" >"$logf.check" 2>&1 ||
                 { cat "$logf.check" >&2; die "haproxy rejected $dir/haproxy.cfg"; }
             start_bg "$inst" "$logf" haproxy -db -f "$dir/haproxy.cfg"
@@ -1544,7 +1552,7 @@ record() { # round metric target value
 }
 
 ensure_tools
-{ has_target flowgate || has_target flowgate-shared || has_target flowgate-metrics; } && build_flowgate
+{ has_target flowgate || has_target flowgate-shared || has_target flowgate-metrics || has_target flowgate-busy; } && build_flowgate
 
 # Refuse to start if something else already uses our ports.
 for svc in 1 2 3 4; do

@@ -34,7 +34,8 @@ METRICS = [
 
 RATIO_PAIRS = [("flowgate", "haproxy"), ("flowgate", "haproxy-splice"),
                ("flowgate-shared", "haproxy"), ("flowgate-metrics", "flowgate"),
-               ("flowgate", "flowgate-base")]
+               ("flowgate", "flowgate-base"), ("flowgate-busy", "flowgate"),
+               ("flowgate-busy", "haproxy-busy")]
 
 # UDP figures: same layout as METRICS. The udp_iperf ones carry the iperf3 -b
 # rate after an "@" and are added in the order the raw file first shows them.
@@ -49,9 +50,11 @@ UDP_DYNAMIC = {
     "udp_iperf_gbps": ("iperf3 UDP received (1400 B, {})", "Gbit/s", True, "{:.2f}"),
     "udp_iperf_loss": ("iperf3 UDP lost (1400 B, {})", "%", False, "{:.2f}"),
 }
-UDP_TARGETS = ["direct", "flowgate", "flowgate-shared", "flowgate-metrics", "flowgate-base", "nginx"]
+UDP_TARGETS = ["direct", "flowgate", "flowgate-shared", "flowgate-metrics", "flowgate-base",
+               "flowgate-busy", "nginx"]
 UDP_RATIO_PAIRS = [("flowgate", "nginx"), ("flowgate-shared", "nginx"),
-                   ("flowgate-metrics", "flowgate"), ("flowgate", "flowgate-base")]
+                   ("flowgate-metrics", "flowgate"), ("flowgate", "flowgate-base"),
+                   ("flowgate-busy", "flowgate")]
 NO_RATIO = re.compile(r"loss")  # a ratio of loss percentages means little (and 0 is common)
 
 
@@ -71,7 +74,7 @@ HTTP_METRICS = [
      "{:.2f}"),
 ]
 HTTP_TARGETS = ["direct", "flowgate", "flowgate-shared", "flowgate-metrics", "flowgate-base",
-                "haproxy", "nginx"]
+                "flowgate-busy", "haproxy", "haproxy-busy", "nginx"]
 HTTP_RATIO_PAIRS = [("flowgate", "haproxy"), ("flowgate", "nginx"),
                     ("flowgate-shared", "haproxy"), ("flowgate-metrics", "flowgate"),
                     ("flowgate", "flowgate-base")]

@@ -23,6 +23,7 @@ mod shared;
 mod transfer;
 
 pub use listener::{accept_loop, bind};
+pub use proxy_header::probe_header;
 pub use session::serve;
 pub(crate) use shared::Place;
 pub use shared::{ListenerSettings, ListenerShared, Pools};

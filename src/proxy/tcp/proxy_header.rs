@@ -397,6 +397,22 @@ fn outbound(
     Ok(header)
 }
 
+/// The header a probe of a `send` pool's backend starts with, as HAProxy's health
+/// checks do: v1 `PROXY UNKNOWN`, v2 LOCAL, both meaning "this connection is the
+/// balancer's own, take its address". `None` when `send` is off.
+pub fn probe_header(send: SendProxy) -> Option<Vec<u8>> {
+    match send {
+        SendProxy::Off => None,
+        SendProxy::V1 => Some(ppp::v1::Addresses::Unknown.to_string().into_bytes()),
+        SendProxy::V2 => v2::Builder::new(
+            Version::Two | Command::Local,
+            v2::AddressFamily::Unspecified | v2::Protocol::Unspecified,
+        )
+        .build()
+        .ok(),
+    }
+}
+
 /// Both addresses in one family (a header names one): an IPv4 one beside an IPv6
 /// one becomes IPv4-mapped.
 fn same_family(a: SocketAddr, b: SocketAddr) -> (SocketAddr, SocketAddr) {

@@ -341,6 +341,20 @@ fn a_v1_inbound_header_goes_on_as_v2_with_its_addresses() {
     assert_eq!(p.dest, Some(sa("203.0.113.1:443")));
 }
 
+#[test]
+fn probes_say_the_connection_is_the_balancers_own() {
+    assert_eq!(probe_header(SendProxy::Off), None);
+    assert_eq!(probe_header(SendProxy::V1).unwrap(), b"PROXY UNKNOWN\r\n");
+    let h = probe_header(SendProxy::V2).unwrap();
+    assert_eq!(h.len(), 16);
+    let p = parse(&h, peer(), AcceptProxy::V2).unwrap().unwrap();
+    assert_eq!((p.client, p.dest), (peer(), None));
+    assert_eq!(
+        v2::Header::try_from(&h[..]).unwrap().command,
+        Command::Local
+    );
+}
+
 proptest! {
     /// Whatever the bytes, the parser answers (never panics) and a header it takes
     /// is within the input and the size limit.

@@ -22,6 +22,10 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
 
 const HAPROXY: &str = "/usr/sbin/haproxy";
 const LIMIT: Duration = Duration::from_secs(10);
+/// The top of a config whose metrics and JSON access log (`access.log` beside it)
+/// a test reads.
+const OBSERVED: &str = "[runtime]\nworkers = 2\n[admin]\nbind = \"127.0.0.1:0\"\n\
+                        [log]\naccess_log = \"access.log\"\nformat = \"json\"\n";
 
 /// HAProxy as a child process, killed on drop, logging to `log`.
 struct Haproxy {
@@ -198,14 +202,7 @@ async fn haproxy_in_front_the_header_names_the_client() {
     let fg = Proc::spawn(
         &format!(
             r#"
-[runtime]
-workers = 2
-[admin]
-bind = "127.0.0.1:0"
-[log]
-access_log = "access.log"
-format = "json"
-
+{OBSERVED}
 [[listeners]]
 name = "v2"
 bind = "127.0.0.1:0"
@@ -511,14 +508,7 @@ async fn bad_headers_are_closed_and_counted() {
     let fg = Proc::spawn(
         &format!(
             r#"
-[runtime]
-workers = 2
-[admin]
-bind = "127.0.0.1:0"
-[log]
-access_log = "access.log"
-format = "json"
-
+{OBSERVED}
 [[listeners]]
 name = "pp"
 bind = "127.0.0.1:0"

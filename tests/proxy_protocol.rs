@@ -285,8 +285,9 @@ backends = [ {} ]
 }
 
 /// flowgate's `send_proxy` to HAProxy listeners with `accept-proxy`, which log the
-/// client they were told of (`%ci:%cp`), the unique id and the authority: v2 and
-/// v1 name the client's own address and port; v2 makes up a 16-byte unique id, or
+/// client and destination they were told of (`%ci:%cp`, `%fi:%fp`), the unique id
+/// and the authority: v2 and v1 name the client's own address and port and the
+/// listener it reached; v2 makes up a 16-byte unique id, or
 /// passes on the one a header in front of flowgate sent, with its authority, and
 /// the client's bytes that came in the same segment as that header.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -295,7 +296,7 @@ async fn send_proxy_to_haproxy_names_the_client() {
     let (s2, hv2) = socket();
     let (s1, hv1) = socket();
     let format =
-        "log-format \"fe=%f client=%ci:%cp uid=%[fc_pp_unique_id,hex] auth=%[fc_pp_authority]\"";
+        "log-format \"fe=%f client=%ci:%cp dst=%fi:%fp uid=%[fc_pp_unique_id,hex] auth=%[fc_pp_authority]\"";
     let hap = Haproxy::start(
         &format!(
             "frontend pp_v2\n    bind fd@{}  accept-proxy\n    {format}\n    default_backend echo\n\
@@ -359,7 +360,7 @@ backends = [ {{ address = "{hv1}" }} ]
     exchange(s, b"hello", b"hello").await;
     let line = hap.line().await;
     assert!(
-        line.starts_with(&format!("fe=pp_v2 client={me} uid=")),
+        line.starts_with(&format!("fe=pp_v2 client={me} dst={} uid=", fg.addr("s2"))),
         "{line}"
     );
     let uid = line
@@ -376,7 +377,10 @@ backends = [ {{ address = "{hv1}" }} ]
     let me = s.local_addr().unwrap();
     exchange(s, b"hello", b"hello").await;
     let line = hap.line().await;
-    assert_eq!(line, format!("fe=pp_v1 client={me} uid=- auth=-"));
+    assert_eq!(
+        line,
+        format!("fe=pp_v1 client={me} dst={} uid=- auth=-", fg.addr("s1"))
+    );
 
     // Through the chain: the header's client, unique id and authority go on, and so
     // does "early", sent in the same write as the header.
@@ -395,7 +399,9 @@ backends = [ {{ address = "{hv1}" }} ]
     let uid: String = b"front-id-42".iter().map(|b| format!("{b:02X}")).collect();
     assert_eq!(
         line,
-        format!("fe=pp_v2 client=198.51.100.7:51000 uid={uid} auth=api.example.com")
+        format!(
+            "fe=pp_v2 client=198.51.100.7:51000 dst=203.0.113.1:443 uid={uid} auth=api.example.com"
+        )
     );
 }
 

@@ -293,9 +293,11 @@ pub(super) struct Prefix {
 /// `None` when that is nothing at all.
 ///
 /// The header's destination is the inbound header's, else the address the client
-/// reached on `socket` (one getsockname, only with `send_proxy`).
+/// reached: the listener's `bind` when that names one address and port, else what
+/// `socket` says (one getsockname, only with `send_proxy`).
 pub(super) fn prefix(
     socket: &TcpStream,
+    bind: SocketAddr,
     client: SocketAddr,
     send: SendProxy,
     inbound: Option<Inbound>,
@@ -309,6 +311,7 @@ pub(super) fn prefix(
     }
     let dest = match inbound.as_ref().and_then(|i| i.dest) {
         Some(d) => d,
+        None if !bind.ip().is_unspecified() && bind.port() != 0 => bind,
         None => socket.local_addr()?,
     };
     // SNI routing (issue 13) hands the ClientHello's server_name here, to replace the

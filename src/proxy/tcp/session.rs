@@ -177,8 +177,8 @@ async fn proxy_phase(
     };
     let client_addr = inbound.as_ref().map_or(peer, |h| h.client);
     // An error only from a socket gone bad, or a header past 64 KiB (ruled out).
-    let prefix =
-        proxy_header::prefix(client, client_addr, send, inbound).map_err(|e| refused(&e))?;
+    let prefix = proxy_header::prefix(client, settings.bind, client_addr, send, inbound)
+        .map_err(|e| refused(&e))?;
     Ok((client_addr, prefix))
 }
 

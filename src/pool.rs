@@ -149,6 +149,11 @@ impl Pool {
         self.snapshot.load().config.connect_attempts
     }
 
+    /// `send_proxy`, read the same way (every TCP session asks).
+    pub fn send_proxy(&self) -> crate::config::SendProxy {
+        self.snapshot.load().config.send_proxy
+    }
+
     pub fn config(&self) -> Arc<PoolConfig> {
         self.snapshot.load().config.clone()
     }

@@ -376,6 +376,47 @@ fn http_only_key_on_a_tcp_listener() {
 }
 
 #[test]
+fn accept_proxy_on_a_udp_listener() {
+    rejects(
+        &edit(
+            "pool = \"gpu\"",
+            "pool = \"gpu\"\nprotocol = \"udp\"\naccept_proxy = \"v2\" # HERE",
+        ),
+        Some("listeners[0].accept_proxy"),
+        "accept_proxy applies to tcp listeners; this one is udp",
+    );
+}
+
+#[test]
+fn proxy_trusted_that_is_not_a_network() {
+    rejects(
+        &edit(
+            "pool = \"gpu\"",
+            "pool = \"gpu\"\naccept_proxy = \"any\"\nproxy_trusted = [\"10.0.0.0/33\"] # HERE",
+        ),
+        Some("listeners[0].proxy_trusted[0]"),
+        "\"10.0.0.0/33\" is not a network: expected a CIDR such as \"10.0.0.0/8\"",
+    );
+}
+
+#[test]
+fn send_proxy_pool_behind_an_http_listener() {
+    rejects(
+        &edit(
+            "pool = \"gpu\"",
+            "pool = \"gpu\" # HERE\nprotocol = \"http\"",
+        )
+        .replacen(
+            "name = \"gpu\"\n",
+            "name = \"gpu\"\nsend_proxy = \"v2\"\n",
+            1,
+        ),
+        Some("listeners[0].pool"),
+        "pool \"gpu\" has send_proxy = \"v2\", which only tcp listeners send; this one is http",
+    );
+}
+
+#[test]
 fn unknown_protocol_sctp() {
     rejects(
         &edit(

@@ -33,6 +33,9 @@ const LINES: &[&str] = &[
     "idle_timeout = \"350s\"",
     "max_connections = 10000",
     "backlog = 128",
+    "accept_proxy = \"v2\"",
+    "proxy_trusted = [\"10.0.0.0/8\", \"::1\"]",
+    "proxy_header_timeout = \"3s\"",
     "[[listeners]]",
     "name = \"dns\"",
     "bind = \"[::1]:7053\"",
@@ -314,6 +317,9 @@ fn within_bounds(c: &Config) -> bool {
                 && l.max_sessions_per_source.is_none_or(|m| m <= 16 << 20)
                 && l.responses <= 1 << 20
                 && l.backlog <= 1 << 20
+                && l.accept_proxy
+                    .as_ref()
+                    .is_none_or(|a| d_ok(a.header_timeout) && !a.header_timeout.is_zero())
         })
         && c.pools.iter().all(|p| {
             d_ok(p.drain_timeout)

@@ -69,6 +69,14 @@ pub(super) fn listeners(
             }
         }
         let http = super::http::listener(src, l, &at, pools)?;
+        let accept_proxy = super::proxy::accept(src, l, &at)?;
+        if let Some(pool) = &l.pool {
+            super::proxy::send_allowed(src, protocol, pool, at("pool"), pools)?;
+        }
+        for (j, r) in l.routes.get_ref().iter().enumerate() {
+            let path = at(&format!("routes[{j}].pool"));
+            super::proxy::send_allowed(src, protocol, &r.pool, path, pools)?;
+        }
         for (key, v) in [
             ("max_connections", &l.max_connections),
             ("max_sessions", &l.max_sessions),
@@ -193,6 +201,7 @@ pub(super) fn listeners(
                 .as_ref()
                 .map_or(DEFAULT_MAX_REPLIES, |m| *m.get_ref()),
             http,
+            accept_proxy,
         });
     }
     if listeners.is_empty() {

@@ -13,7 +13,8 @@
 //! - `types.rs`: value types that validate themselves while deserializing.
 //! - `raw.rs`: the file's schema as serde reads it, with its defaults.
 //! - `validate.rs`: deserializing, and the `[runtime]`, `[log]`, `[admin]` checks;
-//!   `listeners.rs` and `pools.rs`: the checks of those tables.
+//!   `listeners.rs` and `pools.rs`: the checks of those tables; `http.rs` an http
+//!   listener's keys, `proxy.rs` the PROXY protocol keys.
 //! - `resolve.rs`: address resolution and byte offset to line:column.
 //! - `diff.rs`: `diff(old, new)`, the plan of what a reload changes (tests in
 //!   `diff/tests.rs`).
@@ -24,6 +25,7 @@ mod http;
 mod listeners;
 mod overrides;
 mod pools;
+mod proxy;
 mod raw;
 mod resolve;
 mod types;
@@ -36,8 +38,8 @@ use std::time::Duration;
 pub use diff::{diff, Changes, PoolBackends, ReloadPlan, RestartKey};
 pub use overrides::{Overrides, PoolOverrides};
 pub use types::{
-    AccessLogDest, Algorithm, DurationStr, HealthKind, LogFormat, Protocol, StatusRanges,
-    UpstreamProtocol, Weight, WhenAllDown, WorkerModel, Xff, DEV_LOG,
+    AcceptProxy, AccessLogDest, Algorithm, DurationStr, HealthKind, LogFormat, Protocol, SendProxy,
+    StatusRanges, UpstreamProtocol, Weight, WhenAllDown, WorkerModel, Xff, DEV_LOG,
 };
 
 /// A configuration error, written for the human who has to fix the file.
@@ -134,6 +136,30 @@ pub struct ListenerConfig {
     pub session_recv_buffer: usize,
     /// `protocol = "http"`: the L7 settings.
     pub http: Option<HttpConfig>,
+    /// tcp, with `accept_proxy` set: the PROXY header its peers must send.
+    pub accept_proxy: Option<AcceptProxyConfig>,
+}
+
+/// A tcp listener's `accept_proxy`, `proxy_trusted` and `proxy_header_timeout`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcceptProxyConfig {
+    /// Which header versions are taken (never `Off` here).
+    pub version: AcceptProxy,
+    /// Peers allowed to send a header; `None`: every peer. A peer outside it is
+    /// closed whether or not it sends one.
+    pub trusted: Option<Vec<ipnet::IpNet>>,
+    /// From accept to a complete header.
+    pub header_timeout: Duration,
+}
+
+impl AcceptProxyConfig {
+    /// Whether `peer` may send a header (IPv4-mapped IPv6 addresses count as IPv4).
+    pub fn trusts(&self, peer: std::net::IpAddr) -> bool {
+        let ip = peer.to_canonical();
+        self.trusted
+            .as_ref()
+            .is_none_or(|nets| nets.iter().any(|n| n.contains(&ip)))
+    }
 }
 
 /// An http listener's settings.
@@ -191,6 +217,8 @@ pub struct PoolConfig {
     pub upstream_protocol: UpstreamProtocol,
     /// HTTP: idle upstream connections kept per backend.
     pub max_idle_per_backend: usize,
+    /// A PROXY header written to each backend connection (tcp listeners only).
+    pub send_proxy: SendProxy,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -65,6 +65,7 @@ pub(super) fn pools(src: &Source<'_>, raw: &[raw::Pool]) -> Result<Vec<PoolConfi
             health_check,
             passive,
             upstream_protocol: p.upstream_protocol,
+            send_proxy: p.send_proxy,
             max_idle_per_backend: match &p.max_idle_per_backend {
                 None => DEFAULT_IDLE_PER_BACKEND,
                 Some(m) if *m.get_ref() <= MAX_IDLE_PER_BACKEND => *m.get_ref(),

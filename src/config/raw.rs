@@ -8,8 +8,8 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::types::{
-    Algorithm, DurationStr, HealthKind, LogFormat, Protocol, StatusRanges, UpstreamProtocol,
-    Weight, WhenAllDown, WorkerModel, Xff,
+    AcceptProxy, Algorithm, DurationStr, HealthKind, LogFormat, Protocol, SendProxy, StatusRanges,
+    UpstreamProtocol, Weight, WhenAllDown, WorkerModel, Xff,
 };
 
 #[derive(Deserialize)]
@@ -96,6 +96,10 @@ pub struct Listener {
     pub responses: Option<Spanned<u64>>,
     pub max_replies_per_request: Option<Spanned<u64>>,
     pub session_recv_buffer: Option<Spanned<usize>>,
+    // PROXY protocol (tcp listeners)
+    pub accept_proxy: Option<Spanned<AcceptProxy>>,
+    pub proxy_trusted: Option<Spanned<Vec<Spanned<String>>>>,
+    pub proxy_header_timeout: Option<Spanned<DurationStr>>,
     // http listeners
     pub header_timeout: Option<Spanned<DurationStr>>,
     pub max_header_bytes: Option<Spanned<usize>>,
@@ -185,6 +189,9 @@ pub struct Pool {
     #[serde(default)]
     pub upstream_protocol: UpstreamProtocol,
     pub max_idle_per_backend: Option<Spanned<usize>>,
+    /// A PROXY header on each backend connection (pools of tcp listeners).
+    #[serde(default)]
+    pub send_proxy: SendProxy,
 }
 
 #[derive(Deserialize)]

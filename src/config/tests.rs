@@ -385,3 +385,148 @@ fn busy_poll_is_bounded_and_per_core_only() {
         "{e}"
     );
 }
+
+/// `GOOD` with `listener` added to its tcp listener and `pool` to its pool.
+fn with_proxy(listener: &str, pool: &str) -> String {
+    GOOD.replacen(
+        "max_connections = 10000",
+        &format!("max_connections = 10000\n{listener}"),
+        1,
+    )
+    .replacen(
+        "connect_attempts = 3",
+        &format!("connect_attempts = 3\n{pool}"),
+        1,
+    )
+}
+
+#[test]
+fn proxy_protocol_keys_and_defaults() {
+    let c = parse(GOOD).unwrap();
+    assert_eq!(c.listeners[0].accept_proxy, None, "off by default");
+    assert_eq!(c.pools[0].send_proxy, SendProxy::Off);
+
+    let c = parse(&with_proxy("accept_proxy = \"v2\"", "send_proxy = \"v1\"")).unwrap();
+    let a = c.listeners[0].accept_proxy.as_ref().unwrap();
+    assert_eq!(a.version, AcceptProxy::V2);
+    assert_eq!(a.trusted, None, "every peer by default");
+    assert_eq!(a.header_timeout, Duration::from_secs(3));
+    assert!(a.trusts("203.0.113.9".parse().unwrap()));
+    assert_eq!(c.pools[0].send_proxy, SendProxy::V1);
+
+    let c = parse(&with_proxy(
+        "accept_proxy = \"any\"\nproxy_trusted = [\"10.0.0.0/8\", \"2001:db8::/32\", \"192.0.2.7\"]\nproxy_header_timeout = \"250ms\"",
+        "",
+    ))
+    .unwrap();
+    let a = c.listeners[0].accept_proxy.as_ref().unwrap();
+    assert_eq!(a.header_timeout, Duration::from_millis(250));
+    for (ip, trusted) in [
+        ("10.1.2.3", true),
+        ("::ffff:10.1.2.3", true),
+        ("2001:db8::5", true),
+        ("192.0.2.7", true),
+        ("192.0.2.8", false),
+        ("11.0.0.1", false),
+    ] {
+        assert_eq!(a.trusts(ip.parse().unwrap()), trusted, "{ip}");
+    }
+}
+
+#[test]
+fn proxy_protocol_mistakes_are_named() {
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "accept_proxy = \"v3\"",
+            "",
+            "listeners[0].accept_proxy: unknown variant `v3`, expected one of `off`, `v1`, `v2`, `any`",
+        ),
+        (
+            "",
+            "send_proxy = \"any\"",
+            "pools[0].send_proxy: unknown variant `any`, expected one of `off`, `v1`, `v2`",
+        ),
+        (
+            "proxy_trusted = [\"10.0.0.0/8\"]",
+            "",
+            "listeners[0].proxy_trusted: proxy_trusted applies with accept_proxy (v1, v2 or any); this listener reads no PROXY header",
+        ),
+        (
+            "accept_proxy = \"off\"\nproxy_header_timeout = \"3s\"",
+            "",
+            "listeners[0].proxy_header_timeout: proxy_header_timeout applies with accept_proxy",
+        ),
+        (
+            "accept_proxy = \"v1\"\nproxy_trusted = []",
+            "",
+            "listeners[0].proxy_trusted: an empty list trusts no peer",
+        ),
+        (
+            "accept_proxy = \"v1\"\nproxy_trusted = [\"10.0.0.0/8\", \"10.0.0/8\"]",
+            "",
+            "listeners[0].proxy_trusted[1]: \"10.0.0/8\" is not a network",
+        ),
+        (
+            "accept_proxy = \"v1\"\nproxy_trusted = [\"10.1.0.0/8\"]",
+            "",
+            "listeners[0].proxy_trusted[0]: \"10.1.0.0/8\" has bits set past its /8 prefix: did you mean \"10.0.0.0/8\"?",
+        ),
+        (
+            "accept_proxy = \"v2\"\nproxy_header_timeout = \"0s\"",
+            "",
+            "listeners[0].proxy_header_timeout: 0s would close every client",
+        ),
+        (
+            "accept_proxy = \"v2\"\nproxy_header_timeout = \"3\"",
+            "",
+            "listeners[0].proxy_header_timeout: invalid duration \"3\"",
+        ),
+    ];
+    for (listener, pool, want) in cases {
+        let e = parse(&with_proxy(listener, pool)).unwrap_err().to_string();
+        assert!(e.contains(want), "{listener} / {pool}: {e}");
+        assert!(e.starts_with("t.toml:"), "{e}");
+    }
+}
+
+#[test]
+fn proxy_protocol_is_for_tcp_listeners() {
+    let udp = GOOD
+        .replace("protocol = \"tcp\"", "protocol = \"udp\"")
+        .replace("max_connections = 10000", "accept_proxy = \"v2\"");
+    let e = parse(&udp).unwrap_err().to_string();
+    assert!(
+        e.contains(
+            "listeners[0].accept_proxy: accept_proxy applies to tcp listeners; this one is udp"
+        ),
+        "{e}"
+    );
+    let http = HTTP.replacen(
+        "protocol = \"http\"",
+        "protocol = \"http\"\naccept_proxy = \"any\"",
+        1,
+    );
+    let e = parse(&http).unwrap_err().to_string();
+    assert!(e.contains("this one is http"), "{e}");
+    // A pool with send_proxy behind a udp listener, or an http route.
+    let udp = GOOD
+        .replace("protocol = \"tcp\"", "protocol = \"udp\"")
+        .replace("max_connections = 10000", "")
+        .replace("connect_attempts = 3", "send_proxy = \"v2\"");
+    let e = parse(&udp).unwrap_err().to_string();
+    assert!(
+        e.contains("listeners[0].pool: pool \"gpu\" has send_proxy = \"v2\", which only tcp listeners send; this one is udp"),
+        "{e}"
+    );
+    let http = HTTP.replacen(
+        "upstream_protocol = \"h2c\"",
+        "upstream_protocol = \"h2c\"\nsend_proxy = \"v1\"",
+        1,
+    );
+    let e = parse(&http).unwrap_err().to_string();
+    assert!(
+        e.contains(".pool: pool \"chat\" has send_proxy = \"v1\""),
+        "{e}"
+    );
+    assert!(e.contains("this one is http"), "{e}");
+}

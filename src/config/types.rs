@@ -156,6 +156,54 @@ impl Protocol {
     }
 }
 
+/// `accept_proxy` of a tcp listener: the PROXY protocol header its peers must send
+/// before the client's bytes (the peer in front: an NLB, HAProxy).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AcceptProxy {
+    /// No header is read: the TCP peer is the client.
+    #[default]
+    Off,
+    /// The text header (`PROXY TCP4 ...`) only.
+    V1,
+    /// The binary header only.
+    V2,
+    /// Either.
+    Any,
+}
+
+impl AcceptProxy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AcceptProxy::Off => "off",
+            AcceptProxy::V1 => "v1",
+            AcceptProxy::V2 => "v2",
+            AcceptProxy::Any => "any",
+        }
+    }
+}
+
+/// `send_proxy` of a pool: the PROXY protocol header written to each backend
+/// connection before the client's bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SendProxy {
+    #[default]
+    Off,
+    V1,
+    V2,
+}
+
+impl SendProxy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SendProxy::Off => "off",
+            SendProxy::V1 => "v1",
+            SendProxy::V2 => "v2",
+        }
+    }
+}
+
 /// How connections are spread over worker threads (see docs/architecture.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "kebab-case")]

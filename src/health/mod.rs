@@ -137,7 +137,7 @@ async fn check_loop(
         let t0 = std::time::Instant::now();
         let result = tokio::select! {
             _ = stop.cancelled() => return,
-            r = probe(&cfg, &b) => r,
+            r = probe(&cfg, &b, pool.send_proxy()) => r,
         };
         b.histograms.health_check.record(t0.elapsed());
         let counter = if result.is_ok() {

@@ -1,5 +1,8 @@
 //! One probe: TCP connect (with optional send/expect) or an HTTP/1.1 GET through
-//! hyper's client, all under the check's timeout.
+//! hyper's client, all under the check's timeout. A probe of the traffic port of a
+//! pool with `send_proxy` starts with a PROXY header that names no client (v1
+//! `UNKNOWN`, v2 `LOCAL`), as HAProxy's checks do: such a backend refuses a
+//! connection without one.
 
 use std::io;
 use std::net::SocketAddr;
@@ -11,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::backend::Backend;
-use crate::config::{HealthCheckConfig, HealthKind};
+use crate::config::{HealthCheckConfig, HealthKind, SendProxy};
 
 /// Why a probe failed; shown in logs and the API.
 #[derive(Debug, thiserror::Error)]
@@ -38,18 +41,35 @@ impl From<io::Error> for ProbeError {
     }
 }
 
-/// Probes `b` once.
-pub async fn probe(cfg: &HealthCheckConfig, b: &Backend) -> Result<(), ProbeError> {
+/// Probes `b` once; `send` is its pool's `send_proxy`.
+pub async fn probe(
+    cfg: &HealthCheckConfig,
+    b: &Backend,
+    send: SendProxy,
+) -> Result<(), ProbeError> {
     let addr = SocketAddr::new(b.addr.ip(), cfg.port.unwrap_or(b.addr.port()));
-    match tokio::time::timeout(cfg.timeout, run(cfg, b, addr)).await {
+    // Another port (`port`) is not the one that expects the header.
+    let header = match cfg.port {
+        None => crate::proxy::tcp::probe_header(send),
+        Some(_) => None,
+    };
+    match tokio::time::timeout(cfg.timeout, run(cfg, b, addr, header)).await {
         Ok(r) => r,
         Err(_) => Err(ProbeError::Timeout),
     }
 }
 
-async fn run(cfg: &HealthCheckConfig, b: &Backend, addr: SocketAddr) -> Result<(), ProbeError> {
+async fn run(
+    cfg: &HealthCheckConfig,
+    b: &Backend,
+    addr: SocketAddr,
+    header: Option<Vec<u8>>,
+) -> Result<(), ProbeError> {
     let mut stream = TcpStream::connect(addr).await?;
     let _ = stream.set_nodelay(true);
+    if let Some(h) = header {
+        stream.write_all(&h).await?;
+    }
     match cfg.kind {
         HealthKind::Tcp => {
             if let Some(send) = &cfg.send {

@@ -70,6 +70,9 @@ pub enum Termination {
     IdleTimeout,
     ConnectFailed,
     NoBackend,
+    /// TCP: the peer's PROXY header was missing, malformed, too long, too slow, or
+    /// the peer is not in `proxy_trusted`.
+    ProxyHeader,
     /// A drain deadline passed (backend drained, or listener/backend removed by reload).
     Drained,
     /// Hard stop or graceful stop (UDP: also the listener was removed).
@@ -92,6 +95,7 @@ impl Termination {
             Termination::IdleTimeout => "idle_timeout",
             Termination::ConnectFailed => "connect_failed",
             Termination::NoBackend => "no_backend",
+            Termination::ProxyHeader => "proxy_header",
             Termination::Drained => "drained",
             Termination::Shutdown => "shutdown",
             Termination::Responses => "responses",

@@ -415,7 +415,13 @@ async fn report_unreachable(pools: Vec<Arc<Pool>>) {
             )
             .await;
             match r {
-                Ok(Ok(_)) => {}
+                Ok(Ok(s)) => {
+                    // Behind send_proxy a backend expects a header: this connection
+                    // is our own (v2 LOCAL), as health probes say.
+                    if let Some(h) = crate::proxy::tcp::probe_header(pool.send_proxy()) {
+                        let _ = s.try_write(&h);
+                    }
+                }
                 Ok(Err(e)) => {
                     warn!(pool = %pool.name, backend = %b.name, error = %e, "backend unreachable")
                 }

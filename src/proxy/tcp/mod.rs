@@ -1,7 +1,9 @@
 //! TCP: listening sockets, accept loops and one session per client.
 //!
 //! Where a byte flows: [`accept_loop`] (a place under `max_connections`) ->
-//! [`serve`]: pick a backend and connect, with retries ([`session`]) -> pump both
+//! [`serve`]: with `accept_proxy`, the peer's PROXY header ([`proxy_header`]) ->
+//! pick a backend and connect, with retries, writing a `send_proxy` header first
+//! ([`session`]) -> pump both
 //! directions ([`transfer`], with [`pump`]: splice(2) on Linux for bulk, a
 //! per-thread buffer for small messages) -> account (backend counters as bytes
 //! move; histograms and the access log at the end) -> close.
@@ -14,12 +16,14 @@ pub mod bench_api;
 mod listener;
 #[cfg(target_os = "linux")]
 mod pipe;
+mod proxy_header;
 mod pump;
 mod session;
 mod shared;
 mod transfer;
 
 pub use listener::{accept_loop, bind};
+pub use proxy_header::probe_header;
 pub use session::serve;
 pub(crate) use shared::Place;
 pub use shared::{ListenerSettings, ListenerShared, Pools};

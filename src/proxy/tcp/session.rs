@@ -1,5 +1,7 @@
-//! One TCP session, start to end: pick a backend -> connect (with retries on other
-//! backends) -> move bytes both ways ([`super::transfer`]) -> account -> close.
+//! One TCP session, start to end: with `accept_proxy`, the peer's PROXY header
+//! ([`super::proxy_header`]) -> pick a backend -> connect (with retries on other
+//! backends), writing the `send_proxy` header and the client's early bytes first ->
+//! move bytes both ways ([`super::transfer`]) -> account -> close.
 
 use std::io;
 use std::net::SocketAddr;
@@ -7,13 +9,16 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tracing::debug;
 
+use super::proxy_header::{self, Prefix};
 use super::shared::{ListenerSettings, ListenerShared};
 use super::transfer::{splice_both, Stops};
 use crate::access_log::Entry;
 use crate::backend::{ActiveGuard, Backend, ConnectError};
+use crate::config::SendProxy;
 use crate::proxy::{now_us, passive_failure, Termination};
 
 /// Serves one accepted client until both directions end, then accounts for it
@@ -23,7 +28,7 @@ use crate::proxy::{now_us, passive_failure, Termination};
 /// deadline after a reload removed it.
 pub async fn serve(
     mut client: TcpStream,
-    peer: SocketAddr,
+    mut peer: SocketAddr,
     listener: &Arc<ListenerShared>,
     settings: Arc<ListenerSettings>,
 ) -> Termination {
@@ -32,18 +37,45 @@ pub async fn serve(
     let start = now_us();
     // The listener's sessions now, this one included (for the access log).
     let at = At::new(listener.active.load(Ordering::Relaxed) as u32, 0);
-    // TCP_NODELAY: accepted sockets inherit it from the listening socket
-    // (listener::bind sets it), which saves a syscall per connection.
-    let connected = tokio::select! {
-        biased;
-        _ = listener.cut.cancelled() => Err((if listener.retired.load(Ordering::Relaxed) {
-            Termination::Drained
+    // With `accept_proxy` the client is who the peer's header says, from here on:
+    // the pick (ip-hash), the access log, the backend's PROXY header. Nothing to do
+    // (and no system call) when neither `accept_proxy` nor `send_proxy` is on.
+    let send = settings
+        .pool
+        .as_ref()
+        .map_or(SendProxy::Off, |p| p.send_proxy());
+    // The client's bytes sent ahead with the prefix, for the byte counts (at most
+    // 4 KiB).
+    let mut early = 0u16;
+    // A block, so the prefix's storage ends with the connect phase and the
+    // transfer phase does not carry it (`peer` is reassigned, not shadowed, for
+    // the same reason).
+    let connected = {
+        let prefix = if settings.accept_proxy.is_none() && send == SendProxy::Off {
+            None
         } else {
-            Termination::Shutdown
-        }, 0)),
-        // Boxed: the connect phase is larger than the transfer phase, and a task is
-        // sized for its largest phase.
-        r = Box::pin(connect(listener, &settings, peer)) => r,
+            // Boxed, like the connect phase: a task is sized for its largest phase.
+            match Box::pin(proxy_phase(listener, &settings, &mut client, peer, send)).await {
+                Ok((client_addr, prefix)) => {
+                    peer = client_addr;
+                    early = prefix.as_ref().map_or(0, |p| p.client_bytes as u16);
+                    prefix
+                }
+                Err(t) => {
+                    finish(listener, &settings, peer, start, at, None, t);
+                    return t;
+                }
+            }
+        };
+        // TCP_NODELAY: accepted sockets inherit it from the listening socket
+        // (listener::bind sets it), which saves a syscall per connection.
+        tokio::select! {
+            biased;
+            _ = listener.cut.cancelled() => Err((cut_reason(listener), 0)),
+            // Boxed: the connect phase is larger than the transfer phase, and a task is
+            // sized for its largest phase.
+            r = Box::pin(connect(listener, &settings, peer, prefix)) => r,
+        }
     };
     let (mut backend, guard, retries) = match connected {
         Ok(c) => c,
@@ -76,6 +108,12 @@ pub async fn serve(
         guard,
     };
     let guard = &stops.guard;
+    if early > 0 {
+        let stats = &guard.backend().stats;
+        stats
+            .bytes_to
+            .fetch_add(u64::from(early), Ordering::Relaxed);
+    }
     let moved = splice_both(&mut client, &mut backend, &settings, &stops).await;
     let end = moved.end;
     // Passive outlier detection counts resets as failures, and only a session
@@ -104,12 +142,55 @@ pub async fn serve(
             backend: guard.backend(),
             connect: Duration::from_micros(connect_time as u64),
             first_byte,
-            up: moved.up,
+            up: moved.up + u64::from(early),
             down: moved.down,
         }),
         end,
     );
     end
+}
+
+/// The PROXY protocol part of a session's start: with `accept_proxy`, reads the
+/// peer's header (the client is then who it says); builds what each backend
+/// connection gets first (the `send` header, then the client's bytes read behind
+/// its own header). A refused header is counted here.
+async fn proxy_phase(
+    listener: &ListenerShared,
+    settings: &ListenerSettings,
+    client: &mut TcpStream,
+    peer: SocketAddr,
+    send: SendProxy,
+) -> Result<(SocketAddr, Option<Prefix>), Termination> {
+    let refused = |e: &dyn std::fmt::Display| {
+        debug!(listener = %listener.name, peer = %peer, error = %e, "PROXY header refused, closing the connection");
+        listener
+            .rejected_proxy_header
+            .fetch_add(1, Ordering::Relaxed);
+        Termination::ProxyHeader
+    };
+    let inbound = match &settings.accept_proxy {
+        None => None,
+        Some(accept) => tokio::select! {
+            biased;
+            _ = listener.cut.cancelled() => return Err(cut_reason(listener)),
+            r = proxy_header::accept(client, peer, accept) => Some(r.map_err(|e| refused(&e))?),
+        },
+    };
+    let client_addr = inbound.as_ref().map_or(peer, |h| h.client);
+    // An error only from a socket gone bad, or a header past 64 KiB (ruled out).
+    let prefix = proxy_header::prefix(client, settings.bind, client_addr, send, inbound)
+        .map_err(|e| refused(&e))?;
+    Ok((client_addr, prefix))
+}
+
+/// Why a session was cut from outside: its listener was removed by a reload
+/// (`drained`) or the process stops.
+fn cut_reason(listener: &ListenerShared) -> Termination {
+    if listener.retired.load(Ordering::Relaxed) {
+        Termination::Drained
+    } else {
+        Termination::Shutdown
+    }
 }
 
 /// What a session that reached a backend adds to its access-log line.
@@ -245,12 +326,16 @@ fn entry(
 }
 
 /// Connects to a backend, moving on to the next distinct one on failure, up to the
-/// pool's `connect_attempts`; says how many attempts failed.
+/// pool's `connect_attempts`; says how many attempts failed. A `prefix` is written
+/// to the backend as part of the attempt, so a backend that fails to take it is
+/// a failed attempt, and the next one gets it whole.
 pub(super) async fn connect(
     listener: &ListenerShared,
     settings: &ListenerSettings,
     peer: SocketAddr,
+    prefix: Option<Prefix>,
 ) -> Result<(TcpStream, ActiveGuard, u8), (Termination, u8)> {
+    let prefix = prefix.as_ref().map_or(&[][..], |p| &p.bytes[..]);
     let Some(pool) = &settings.pool else {
         return Err((Termination::NoBackend, 0));
     };
@@ -262,7 +347,7 @@ pub(super) async fn connect(
         };
         let b = guard.backend();
         let t0 = Instant::now();
-        match connect_one(b.addr, settings.connect_timeout).await {
+        match connect_one(b.addr, settings.connect_timeout, prefix).await {
             Ok(stream) => {
                 let took = t0.elapsed();
                 b.stats.connections.fetch_add(1, Ordering::Relaxed);
@@ -288,15 +373,19 @@ pub(super) async fn connect(
     ))
 }
 
-/// One connect attempt within `timeout`. Running out of descriptors is our problem,
-/// not the backend's: it pauses and tries the same backend again, within the same
+/// One connect attempt within `timeout`, `prefix` written once connected (a fresh
+/// socket takes a few KiB at once). Running out of descriptors is our problem, not
+/// the backend's: it pauses and tries the same backend again, within the same
 /// timeout.
-async fn connect_one(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+async fn connect_one(addr: SocketAddr, timeout: Duration, prefix: &[u8]) -> io::Result<TcpStream> {
     let attempt = async {
         loop {
             match TcpStream::connect(addr).await {
-                Ok(s) => {
+                Ok(mut s) => {
                     crate::fd::available();
+                    if !prefix.is_empty() {
+                        s.write_all(prefix).await?;
+                    }
                     return Ok(s);
                 }
                 Err(e) if crate::fd::is_exhaustion(&e) => {

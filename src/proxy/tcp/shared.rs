@@ -11,7 +11,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::ListenerConfig;
+use crate::config::{AcceptProxyConfig, ListenerConfig};
 use crate::pool::Pool;
 use crate::proxy::http::HttpSettings;
 use crate::proxy::Context;
@@ -48,6 +48,9 @@ pub struct ListenerShared {
     pub rejected_no_backend: AtomicU64,
     /// Clients closed because every connect attempt failed.
     pub rejected_connect_failed: AtomicU64,
+    /// Clients closed because of their PROXY header (`accept_proxy`): missing,
+    /// malformed, too long, too slow, or from a peer outside `proxy_trusted`.
+    pub rejected_proxy_header: AtomicU64,
     /// `flowgate_session_duration_seconds{listener}`.
     pub session_duration: metrics::Histogram,
 }
@@ -72,6 +75,8 @@ pub struct ListenerSettings {
     pub idle_timeout: Duration,
     pub max_connections: Option<usize>,
     pub bind: SocketAddr,
+    /// `accept_proxy`: the PROXY header every client connection starts with.
+    pub accept_proxy: Option<AcceptProxyConfig>,
 }
 
 impl ListenerSettings {
@@ -88,6 +93,7 @@ impl ListenerSettings {
             idle_timeout: cfg.idle_timeout,
             max_connections: cfg.max_connections,
             bind: cfg.bind,
+            accept_proxy: cfg.accept_proxy.clone(),
         }
     }
 
@@ -132,6 +138,7 @@ impl ListenerShared {
             rejected_max_connections: AtomicU64::new(0),
             rejected_no_backend: AtomicU64::new(0),
             rejected_connect_failed: AtomicU64::new(0),
+            rejected_proxy_header: AtomicU64::new(0),
             session_duration: metrics::histogram!(
                 crate::metrics::names::SESSION_DURATION,
                 "listener" => cfg.name.clone()
@@ -141,7 +148,7 @@ impl ListenerShared {
 
     /// Rejected clients by reason (the `reason` label of
     /// `flowgate_connections_rejected_total`).
-    pub fn rejected(&self) -> [(&'static str, u64); 3] {
+    pub fn rejected(&self) -> [(&'static str, u64); 4] {
         [
             (
                 "max_connections",
@@ -154,6 +161,10 @@ impl ListenerShared {
             (
                 "connect_failed",
                 self.rejected_connect_failed.load(Ordering::Relaxed),
+            ),
+            (
+                "proxy_header",
+                self.rejected_proxy_header.load(Ordering::Relaxed),
             ),
         ]
     }

@@ -479,6 +479,7 @@ pub fn pools_json(fg: &Runtime) -> Value {
                 "active_connections": s.active.load(std::sync::atomic::Ordering::Relaxed),
                 "connections_total": s.accepted.load(std::sync::atomic::Ordering::Relaxed),
                 "rejected": rejected,
+                "sources_tracked": s.sources.len(),
             })
         })
         .collect();

@@ -70,6 +70,7 @@ pub(super) fn listeners(
         }
         let http = super::http::listener(src, l, &at, pools)?;
         let accept_proxy = super::proxy::accept(src, l, &at)?;
+        let sources = super::sources::sources(src, l, &at)?;
         if let Some(pool) = &l.pool {
             super::proxy::send_allowed(src, protocol, pool, at("pool"), pools)?;
         }
@@ -202,6 +203,7 @@ pub(super) fn listeners(
                 .map_or(DEFAULT_MAX_REPLIES, |m| *m.get_ref()),
             http,
             accept_proxy,
+            sources,
         });
     }
     if listeners.is_empty() {

@@ -28,6 +28,7 @@ mod pools;
 mod proxy;
 mod raw;
 mod resolve;
+mod sources;
 mod types;
 mod validate;
 
@@ -37,6 +38,7 @@ use std::time::Duration;
 
 pub use diff::{diff, Changes, PoolBackends, ReloadPlan, RestartKey};
 pub use overrides::{Overrides, PoolOverrides};
+pub use sources::{Rate, SourcesConfig};
 pub use types::{
     AcceptProxy, AccessLogDest, Algorithm, DurationStr, HealthKind, LogFormat, Protocol, SendProxy,
     StatusRanges, UpstreamProtocol, Weight, WhenAllDown, WorkerModel, Xff, DEV_LOG,
@@ -138,6 +140,8 @@ pub struct ListenerConfig {
     pub http: Option<HttpConfig>,
     /// tcp, with `accept_proxy` set: the PROXY header its peers must send.
     pub accept_proxy: Option<AcceptProxyConfig>,
+    /// tcp and http: `allow`, `deny` and the per-source limits; `None`: none set.
+    pub sources: Option<SourcesConfig>,
 }
 
 /// A tcp listener's `accept_proxy`, `proxy_trusted` and `proxy_header_timeout`.

@@ -94,10 +94,10 @@ pub(super) fn accept(
     }))
 }
 
-/// One `proxy_trusted` entry: `"10.0.0.0/8"`, `"2001:db8::/32"`, or one address
+/// One `proxy_trusted` (or `allow`, `deny`) entry: `"10.0.0.0/8"`, `"2001:db8::/32"`, or one address
 /// (`"10.1.2.3"`, the same as `/32`). Host bits past the prefix are refused rather
 /// than dropped: `10.1.2.3/8` is more likely a typo than a wish to trust 10/8.
-fn cidr(s: &str) -> Result<IpNet, String> {
+pub(super) fn cidr(s: &str) -> Result<IpNet, String> {
     let s = s.trim();
     let net = match s.parse::<IpNet>() {
         Ok(n) => n,

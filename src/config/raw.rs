@@ -100,6 +100,12 @@ pub struct Listener {
     pub accept_proxy: Option<Spanned<AcceptProxy>>,
     pub proxy_trusted: Option<Spanned<Vec<Spanned<String>>>>,
     pub proxy_header_timeout: Option<Spanned<DurationStr>>,
+    // Source rules (tcp and http listeners)
+    pub allow: Option<Spanned<Vec<Spanned<String>>>>,
+    pub deny: Option<Spanned<Vec<Spanned<String>>>>,
+    pub max_connections_per_source: Option<Spanned<u64>>,
+    pub max_rate_per_source: Option<Spanned<String>>,
+    pub source_table_size: Option<Spanned<u64>>,
     // http listeners
     pub header_timeout: Option<Spanned<DurationStr>>,
     pub max_header_bytes: Option<Spanned<usize>>,

@@ -530,3 +530,39 @@ fn proxy_protocol_is_for_tcp_listeners() {
     );
     assert!(e.contains("this one is http"), "{e}");
 }
+
+#[test]
+fn source_rules_parse_and_their_mistakes_are_named() {
+    let with = |keys: &str| {
+        GOOD.replace(
+            "max_connections = 10000",
+            &format!("max_connections = 10000\n{keys}"),
+        )
+    };
+    assert_eq!(parse(GOOD).unwrap().listeners[0].sources, None);
+    let c = parse(&with(
+        "allow = [\"10.0.0.0/8\"]\ndeny = [\"10.1.0.0/16\"]\nmax_connections_per_source = 100\nmax_rate_per_source = \"50/s\"",
+    ))
+    .unwrap();
+    let s = c.listeners[0].sources.clone().unwrap();
+    assert!(s.admits("10.2.0.1".parse().unwrap()));
+    assert!(!s.admits("10.1.0.1".parse().unwrap()));
+    assert_eq!(s.max_per_source, Some(100));
+    assert_eq!(s.rate.map(|r| r.per_sec), Some(50.0));
+    assert_eq!(s.table_size, 100_000);
+    for (keys, want) in [
+        ("allow = []", "admits no client"),
+        ("deny = [\"10.1.2.3/8\"]", "did you mean"),
+        ("max_connections_per_source = 0", "out of range"),
+        ("max_rate_per_source = \"5/h\"", "neither s nor m"),
+        ("source_table_size = 0", "out of range"),
+    ] {
+        let e = parse(&with(keys)).unwrap_err().to_string();
+        assert!(e.contains(want), "{keys}: {e}");
+    }
+    let udp = GOOD
+        .replace("protocol = \"tcp\"", "protocol = \"udp\"")
+        .replace("max_connections = 10000", "deny = [\"10.0.0.0/8\"]");
+    let e = parse(&udp).unwrap_err().to_string();
+    assert!(e.contains("deny applies to tcp and http listeners"), "{e}");
+}

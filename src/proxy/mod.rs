@@ -73,6 +73,12 @@ pub enum Termination {
     /// TCP: the peer's PROXY header was missing, malformed, too long, too slow, or
     /// the peer is not in `proxy_trusted`.
     ProxyHeader,
+    /// Refused by `allow`/`deny`.
+    Acl,
+    /// Refused: the source is at `max_connections_per_source`.
+    SourceLimit,
+    /// Refused: the source is over `max_rate_per_source`.
+    SourceRate,
     /// A drain deadline passed (backend drained, or listener/backend removed by reload).
     Drained,
     /// Hard stop or graceful stop (UDP: also the listener was removed).
@@ -96,6 +102,9 @@ impl Termination {
             Termination::ConnectFailed => "connect_failed",
             Termination::NoBackend => "no_backend",
             Termination::ProxyHeader => "proxy_header",
+            Termination::Acl => "acl",
+            Termination::SourceLimit => "source_limit",
+            Termination::SourceRate => "source_rate",
             Termination::Drained => "drained",
             Termination::Shutdown => "shutdown",
             Termination::Responses => "responses",

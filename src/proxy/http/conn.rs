@@ -57,6 +57,17 @@ pub(crate) async fn serve(
     let Some(http) = settings.http.clone() else {
         return;
     };
+    // The source rules, before anything is read.
+    let source = match &settings.sources {
+        None => None,
+        Some(cfg) => match crate::proxy::tcp::sources::admit(&listener, cfg, peer.ip()) {
+            Ok(g) => g,
+            Err(t) => {
+                crate::proxy::tcp::log_rejected(&listener, &settings, peer, t.as_str());
+                return;
+            }
+        },
+    };
     let state = Arc::new(ConnState::default());
     state
         .idle_since
@@ -72,6 +83,7 @@ pub(crate) async fn serve(
         peer,
         state,
         _place: place,
+        _source: source,
     });
     let stop = listener.stop_accept.clone();
     let cut = listener.cut.clone();

@@ -79,4 +79,6 @@ pub struct ConnCtx {
     /// The connection's place under `max_connections`: held until the last
     /// request (or a WebSocket tunnel after it) lets go.
     pub _place: Place,
+    /// Its place under `max_connections_per_source`, when counted.
+    pub _source: Option<crate::proxy::tcp::sources::SourceGuard>,
 }

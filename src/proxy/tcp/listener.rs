@@ -83,7 +83,7 @@ pub async fn accept_loop(
                         .fetch_add(1, Ordering::Relaxed);
                     debug!(listener = %shared.name, client = %peer, "max_connections reached, closing client");
                     reject(stream);
-                    session::log_rejected(&shared, &settings, peer);
+                    session::log_rejected(&shared, &settings, peer, "rejected");
                 }
             }
             Err(e) if fd::is_exhaustion(&e) => {

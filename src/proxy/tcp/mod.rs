@@ -2,6 +2,7 @@
 //!
 //! Where a byte flows: [`accept_loop`] (a place under `max_connections`) ->
 //! [`serve`]: with `accept_proxy`, the peer's PROXY header ([`proxy_header`]) ->
+//! the listener's source rules ([`sources`]) ->
 //! pick a backend and connect, with retries, writing a `send_proxy` header first
 //! ([`session`]) -> pump both
 //! directions ([`transfer`], with [`pump`]: splice(2) on Linux for bulk, a
@@ -20,10 +21,12 @@ mod proxy_header;
 mod pump;
 mod session;
 mod shared;
+pub mod sources;
 mod transfer;
 
 pub use listener::{accept_loop, bind};
 pub use proxy_header::probe_header;
+pub(crate) use session::log_rejected;
 pub use session::serve;
 pub(crate) use shared::Place;
 pub use shared::{ListenerSettings, ListenerShared, Pools};

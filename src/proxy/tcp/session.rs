@@ -47,6 +47,8 @@ pub async fn serve(
     // The client's bytes sent ahead with the prefix, for the byte counts (at most
     // 4 KiB).
     let mut early = 0u16;
+    // This connection's place under `max_connections_per_source` (when tracked).
+    let mut _source = None;
     // A block, so the prefix's storage ends with the connect phase and the
     // transfer phase does not carry it (`peer` is reassigned, not shadowed, for
     // the same reason).
@@ -67,6 +69,17 @@ pub async fn serve(
                 }
             }
         };
+        // The source rules, on the client the header named: before any backend is
+        // contacted. The guard lives as long as the session.
+        if let Some(cfg) = &settings.sources {
+            match super::sources::admit(listener, cfg, peer.ip()) {
+                Ok(g) => _source = g,
+                Err(t) => {
+                    finish(listener, &settings, peer, start, at, None, t);
+                    return t;
+                }
+            }
+        }
         // TCP_NODELAY: accepted sockets inherit it from the listening socket
         // (listener::bind sets it), which saves a syscall per connection.
         tokio::select! {
@@ -274,11 +287,13 @@ fn finish(
     ));
 }
 
-/// The access-log line of a client closed at once (`max_connections`).
-pub(super) fn log_rejected(
+/// The access-log line of a client closed at once: `max_connections`
+/// (`"rejected"`), or an http listener's source rules (`"acl"`, ...).
+pub(crate) fn log_rejected(
     listener: &ListenerShared,
     settings: &ListenerSettings,
     peer: SocketAddr,
+    reason: &'static str,
 ) {
     if listener.ctx.access_log.enabled() {
         let listener_conns = listener.active.load(Ordering::Relaxed) as u32;
@@ -289,7 +304,7 @@ pub(super) fn log_rejected(
             At::new(listener_conns, 0),
             None,
             Duration::ZERO,
-            "rejected",
+            reason,
         ));
     }
 }

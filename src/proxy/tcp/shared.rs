@@ -11,7 +11,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{AcceptProxyConfig, ListenerConfig};
+use crate::config::{AcceptProxyConfig, ListenerConfig, SourcesConfig};
 use crate::pool::Pool;
 use crate::proxy::http::HttpSettings;
 use crate::proxy::Context;
@@ -51,6 +51,14 @@ pub struct ListenerShared {
     /// Clients closed because of their PROXY header (`accept_proxy`): missing,
     /// malformed, too long, too slow, or from a peer outside `proxy_trusted`.
     pub rejected_proxy_header: AtomicU64,
+    /// Clients refused by `allow`/`deny`.
+    pub rejected_acl: AtomicU64,
+    /// Clients refused at `max_connections_per_source`.
+    pub rejected_source_limit: AtomicU64,
+    /// Clients refused over `max_rate_per_source`.
+    pub rejected_source_rate: AtomicU64,
+    /// Open connections and new-connection rates per source (kept across reloads).
+    pub sources: super::sources::SourceTable,
     /// `flowgate_session_duration_seconds{listener}`.
     pub session_duration: metrics::Histogram,
 }
@@ -77,6 +85,8 @@ pub struct ListenerSettings {
     pub bind: SocketAddr,
     /// `accept_proxy`: the PROXY header every client connection starts with.
     pub accept_proxy: Option<AcceptProxyConfig>,
+    /// `allow`, `deny` and the per-source limits.
+    pub sources: Option<SourcesConfig>,
 }
 
 impl ListenerSettings {
@@ -94,6 +104,7 @@ impl ListenerSettings {
             max_connections: cfg.max_connections,
             bind: cfg.bind,
             accept_proxy: cfg.accept_proxy.clone(),
+            sources: cfg.sources.clone(),
         }
     }
 
@@ -139,6 +150,10 @@ impl ListenerShared {
             rejected_no_backend: AtomicU64::new(0),
             rejected_connect_failed: AtomicU64::new(0),
             rejected_proxy_header: AtomicU64::new(0),
+            rejected_acl: AtomicU64::new(0),
+            rejected_source_limit: AtomicU64::new(0),
+            rejected_source_rate: AtomicU64::new(0),
+            sources: Default::default(),
             session_duration: metrics::histogram!(
                 crate::metrics::names::SESSION_DURATION,
                 "listener" => cfg.name.clone()
@@ -148,7 +163,7 @@ impl ListenerShared {
 
     /// Rejected clients by reason (the `reason` label of
     /// `flowgate_connections_rejected_total`).
-    pub fn rejected(&self) -> [(&'static str, u64); 4] {
+    pub fn rejected(&self) -> [(&'static str, u64); 7] {
         [
             (
                 "max_connections",
@@ -165,6 +180,15 @@ impl ListenerShared {
             (
                 "proxy_header",
                 self.rejected_proxy_header.load(Ordering::Relaxed),
+            ),
+            ("acl", self.rejected_acl.load(Ordering::Relaxed)),
+            (
+                "source_limit",
+                self.rejected_source_limit.load(Ordering::Relaxed),
+            ),
+            (
+                "source_rate",
+                self.rejected_source_rate.load(Ordering::Relaxed),
             ),
         ]
     }

@@ -9,10 +9,9 @@
 mod common;
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::time::Duration;
 
 use common::*;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
 const CLIENTS: u32 = 10_000;
@@ -73,13 +72,8 @@ async fn picks(vip: SocketAddr) -> Vec<String> {
                     vip.port()
                 );
                 s.write_all(header.as_bytes()).await.unwrap();
-                let mut r = BufReader::new(s);
-                let mut line = String::new();
-                tokio::time::timeout(Duration::from_secs(10), r.read_line(&mut line))
-                    .await
-                    .expect("identity line in time")
-                    .expect("read identity");
-                out.push((i, line.trim().to_string()));
+                let name = read_identity(&mut BufReader::new(s)).await;
+                out.push((i, name));
                 i += PARALLEL;
             }
             out
@@ -116,11 +110,7 @@ async fn two_instances_send_every_client_to_the_same_backend() {
     compare(&p1, &p2, "same backends in another order");
     // Every backend has clients: the comparison is not trivially about one backend.
     for bk in &backends {
-        assert!(
-            p1.contains(&bk.name),
-            "{} got no client",
-            bk.name
-        );
+        assert!(p1.contains(&bk.name), "{} got no client", bk.name);
     }
 
     // Both remove the same backend (as their operators would, or a reload would).

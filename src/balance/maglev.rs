@@ -51,6 +51,18 @@ impl Maglev {
             .iter()
             .map(|s| xxh3_64_with_seed(s.as_bytes(), SEED_OFFSET) % m)
             .collect();
+
+        // Backends take their turns in name order, not list order: two instances
+        // whose lists hold the same backends in another order still build the same
+        // table (and runtime-added backends land where they would in the file).
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by(|&a, &b| names[a].cmp(names[b]));
+        // A backend's permutation depends on its name only (a skip that depended
+        // on the other backends would change when they leave). So two backends can
+        // draw the same skip, about one pair in 65,536; they then walk the same
+        // cycle, and removing a third backend can move up to about half of their
+        // clients (`colliding_skips_are_the_known_exception`). Envoy's and the
+        // paper's Maglev share this.
         let skip: Vec<u64> = names
             .iter()
             .map(|s| xxh3_64_with_seed(s.as_bytes(), SEED_SKIP) % (m - 1) + 1)
@@ -59,11 +71,6 @@ impl Maglev {
         let mut credit = vec![0u64; n];
         let mut next = vec![0u64; n];
         let mut table = vec![u32::MAX; TABLE_SIZE];
-        // Backends take their turns in name order, not list order: two instances
-        // whose lists hold the same backends in another order still build the same
-        // table (and runtime-added backends land where they would in the file).
-        let mut order: Vec<usize> = (0..n).collect();
-        order.sort_by(|&a, &b| names[a].cmp(names[b]));
         let mut filled = 0;
         while filled < TABLE_SIZE {
             for &i in &order {
@@ -136,6 +143,33 @@ mod tests {
         (0..n)
             .map(|i| IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i * 7919)))
             .collect()
+    }
+
+    /// Two of these backends hash to the same skip (42096): removing the third moves
+    /// 45% of their clients, where distinct skips move under 1% (see `new`). This
+    /// pins the exception down, so a change to the hashing that makes it worse or
+    /// fixes it shows up here.
+    #[test]
+    fn colliding_skips_are_the_known_exception() {
+        let names = ["0.0.0.0:80", "21.40.61.181:80", "139.177.228.226:80"];
+        let m = TABLE_SIZE as u64;
+        let skip = |s: &str| xxh3_64_with_seed(s.as_bytes(), SEED_SKIP) % (m - 1) + 1;
+        assert_eq!(skip(names[1]), skip(names[2]));
+        let before = Maglev::new(&names, &[1, 1, 1]);
+        let after = Maglev::new(&names[1..], &[1, 1]);
+        let (mut others, mut moved) = (0, 0);
+        for (&was, &now) in before.table.iter().zip(&after.table) {
+            if was != 0 {
+                others += 1;
+                if names[was as usize] != names[1 + now as usize] {
+                    moved += 1;
+                }
+            }
+        }
+        assert!(
+            moved * 100 > others * 40,
+            "{moved} of {others} others moved"
+        );
     }
 
     /// The same backends listed in another order: every client maps to the same name.
@@ -257,6 +291,17 @@ mod props {
             (names, weights) in pool(2..=48, 4),
             removed in any::<prop::sample::Index>(),
         ) {
+            // Pools where two backends share a skip are the documented exception
+            // (`colliding_skips_are_the_known_exception`); random names hit one
+            // about once in 65,536 pairs, so often enough over many runs.
+            let m = TABLE_SIZE as u64;
+            let mut skips: Vec<u64> = names
+                .iter()
+                .map(|s| xxh3_64_with_seed(s.as_bytes(), SEED_SKIP) % (m - 1) + 1)
+                .collect();
+            skips.sort_unstable();
+            skips.dedup();
+            prop_assume!(skips.len() == names.len());
             let before = build(&names, &weights);
             let r = removed.index(names.len());
             let (mut after_names, mut after_weights) = (names.clone(), weights.clone());

@@ -166,12 +166,18 @@ backends = [ {} ]
 pub async fn connect_identity(addr: SocketAddr) -> (BufReader<TcpStream>, String) {
     let s = TcpStream::connect(addr).await.expect("connect to flowgate");
     let mut r = BufReader::new(s);
+    let name = read_identity(&mut r).await;
+    (r, name)
+}
+
+/// The name line an identity backend sends first, through `r`.
+pub async fn read_identity(r: &mut BufReader<TcpStream>) -> String {
     let mut line = String::new();
     tokio::time::timeout(Duration::from_secs(10), r.read_line(&mut line))
         .await
         .expect("identity line in time")
         .expect("read identity");
-    (r, line.trim().to_string())
+    line.trim().to_string()
 }
 
 /// Polls `cond` every 10 ms until it holds or `limit` passes; returns whether it held.

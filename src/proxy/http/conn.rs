@@ -60,7 +60,7 @@ pub(crate) async fn serve(
     // The source rules, before anything is read.
     let source = match &settings.sources {
         None => None,
-        Some(cfg) => match crate::proxy::tcp::sources::admit(&listener, cfg, peer.ip()) {
+        Some(cfg) => match listener.admit(cfg, peer.ip()) {
             Ok(g) => g,
             Err(t) => {
                 crate::proxy::tcp::log_rejected(&listener, &settings, peer, t.as_str());

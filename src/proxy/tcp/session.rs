@@ -72,7 +72,7 @@ pub async fn serve(
         // The source rules, on the client the header named: before any backend is
         // contacted. The guard lives as long as the session.
         if let Some(cfg) = &settings.sources {
-            match super::sources::admit(listener, cfg, peer.ip()) {
+            match listener.admit(cfg, peer.ip()) {
                 Ok(g) => _source = g,
                 Err(t) => {
                     finish(listener, &settings, peer, start, at, None, t);

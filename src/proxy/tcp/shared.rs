@@ -2,7 +2,7 @@
 //! reload), its counters, the tokens that stop it, and the places counted under
 //! `max_connections`.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,10 +11,12 @@ use arc_swap::ArcSwap;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use super::sources::{self, SourceGuard, SourceTable};
 use crate::config::{AcceptProxyConfig, ListenerConfig, SourcesConfig};
 use crate::pool::Pool;
 use crate::proxy::http::HttpSettings;
 use crate::proxy::Context;
+use crate::proxy::Termination;
 
 /// The running pools by name.
 pub type Pools = std::collections::HashMap<String, Arc<Pool>>;
@@ -58,7 +60,7 @@ pub struct ListenerShared {
     /// Clients refused over `max_rate_per_source`.
     pub rejected_source_rate: AtomicU64,
     /// Open connections and new-connection rates per source (kept across reloads).
-    pub sources: super::sources::SourceTable,
+    pub sources: Arc<SourceTable>,
     /// `flowgate_session_duration_seconds{listener}`.
     pub session_duration: metrics::Histogram,
 }
@@ -158,6 +160,24 @@ impl ListenerShared {
                 crate::metrics::names::SESSION_DURATION,
                 "listener" => cfg.name.clone()
             ),
+        })
+    }
+
+    /// The source rules `cfg` for client `ip` (see [`sources::check`]); a refusal is
+    /// counted here and logged at debug.
+    pub fn admit(
+        &self,
+        cfg: &SourcesConfig,
+        ip: IpAddr,
+    ) -> Result<Option<SourceGuard>, Termination> {
+        sources::check(&self.sources, cfg, ip).inspect_err(|t| {
+            let counter = match t {
+                Termination::Acl => &self.rejected_acl,
+                Termination::SourceLimit => &self.rejected_source_limit,
+                _ => &self.rejected_source_rate,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(listener = %self.name, client = %ip, reason = t.as_str(), "client refused");
         })
     }
 

@@ -12,13 +12,9 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use tracing::debug;
-
-use super::shared::ListenerShared;
 use crate::config::SourcesConfig;
 use crate::proxy::Termination;
 
@@ -40,7 +36,7 @@ pub struct SourceTable {
 /// A connection counted against its source; dropping it frees its place.
 #[derive(Debug)]
 pub struct SourceGuard {
-    listener: Arc<ListenerShared>,
+    table: Arc<SourceTable>,
     /// The source's key as two halves: a `u128` would align the guard, and so the
     /// session future holding it, to 16 bytes.
     key: [u64; 2],
@@ -49,7 +45,7 @@ pub struct SourceGuard {
 impl Drop for SourceGuard {
     fn drop(&mut self) {
         let key = (u128::from(self.key[0]) << 64) | u128::from(self.key[1]);
-        if let Some(e) = self.listener.sources.lock().get_mut(&key) {
+        if let Some(e) = self.table.lock().get_mut(&key) {
             e.active = e.active.saturating_sub(1);
         }
     }
@@ -86,38 +82,29 @@ impl SourceTable {
     }
 }
 
-/// Checks client `ip` against the listener's rules: `Ok(Some(guard))` counts the
-/// connection against its source until the guard drops, `Ok(None)` lets it in
-/// uncounted (no limit set, or the table full of busy sources), and `Err` is the
-/// refusal, already counted in the listener's rejections.
-pub fn admit(
-    listener: &Arc<ListenerShared>,
+/// Checks client `ip` against the rules `cfg`, counting in `table`: `Ok(Some(guard))`
+/// counts the connection against its source until the guard drops, `Ok(None)` lets
+/// it in uncounted (no limit set, or the table full of busy sources), and `Err` is
+/// the refusal (`Acl`, `SourceLimit` or `SourceRate`). The listener counts refusals
+/// (`ListenerShared::admit`).
+pub fn check(
+    table: &Arc<SourceTable>,
     cfg: &SourcesConfig,
     ip: IpAddr,
 ) -> Result<Option<SourceGuard>, Termination> {
-    let refused = |t: Termination| {
-        let counter = match t {
-            Termination::Acl => &listener.rejected_acl,
-            Termination::SourceLimit => &listener.rejected_source_limit,
-            _ => &listener.rejected_source_rate,
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
-        debug!(listener = %listener.name, client = %ip, reason = t.as_str(), "client refused");
-        Err(t)
-    };
     if !cfg.admits(ip) {
-        return refused(Termination::Acl);
+        return Err(Termination::Acl);
     }
     if !cfg.tracks() {
         return Ok(None);
     }
     let key = key(ip);
     let now = Instant::now();
-    let mut map = listener.sources.lock();
+    let mut map = table.lock();
     if map.len() >= cfg.table_size && !map.contains_key(&key) {
         map.retain(|_, e| e.active > 0);
         if map.len() >= cfg.table_size {
-            debug!(listener = %listener.name, client = %ip, "source table full of open connections: not tracked");
+            tracing::debug!(client = %ip, "source table full of open connections: not tracked");
             return Ok(None);
         }
     }
@@ -128,23 +115,21 @@ pub fn admit(
     });
     // The concurrency limit first: a refusal takes no token.
     if cfg.max_per_source.is_some_and(|max| e.active >= max) {
-        drop(map);
-        return refused(Termination::SourceLimit);
+        return Err(Termination::SourceLimit);
     }
     if let Some(r) = cfg.rate {
         let refill = r.per_sec * now.saturating_duration_since(e.at).as_secs_f64();
         e.tokens = (e.tokens + refill).min(r.burst);
         e.at = now;
         if e.tokens < 1.0 {
-            drop(map);
-            return refused(Termination::SourceRate);
+            return Err(Termination::SourceRate);
         }
         e.tokens -= 1.0;
     }
     e.active += 1;
     drop(map);
     Ok(Some(SourceGuard {
-        listener: listener.clone(),
+        table: table.clone(),
         key: [(key >> 64) as u64, key as u64],
     }))
 }

@@ -254,6 +254,15 @@ impl Pool {
     }
 
     /// Whether any current backend takes new connections.
+    /// Whether a new client would get a backend now: one is usable, or the pool is
+    /// `fail-open` and one is not drained or disabled (health aside).
+    pub fn can_serve(&self) -> bool {
+        let snap = self.snapshot.load();
+        snap.backends.iter().any(|b| b.is_usable())
+            || (snap.config.when_all_down == WhenAllDown::FailOpen
+                && snap.backends.iter().any(|b| b.is_admin_usable()))
+    }
+
     pub fn has_usable(&self) -> bool {
         self.snapshot.load().backends.iter().any(|b| b.is_usable())
     }

@@ -598,3 +598,61 @@ fn non_loopback_admin_bind_needs_a_token_file() {
     let out = check(&format!("{base}\n[admin]\nbind = \"127.0.0.1:9900\"\n"));
     assert_eq!(out.status.code(), Some(0), "loopback needs no token");
 }
+
+/// `/healthz` says whether this instance can serve (issue 15: keepalived and BGP
+/// announcers withdraw the address on it): 503, with the pool named, while a
+/// `reject` pool has no usable backend; a `fail-open` pool still serves, so it does
+/// not count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_is_503_while_a_pool_cannot_serve() {
+    let a = TestBackend::start(Kind::Identity).await;
+    let (fg, admin) = start_with_admin("round-robin", &[(a.addr, 1)], "");
+    let r = curl(admin, "GET", "/healthz", None, None).await;
+    assert_eq!(r.status, 200, "{r:?}");
+
+    let r = post_action(admin, &a.name, "disable", true).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let r = curl(admin, "GET", "/healthz", None, None).await;
+    assert_eq!(r.status, 503, "{r:?}");
+    assert_eq!(r.json["reason"], "no usable backend in pool p", "{r:?}");
+
+    let r = post_action(admin, &a.name, "enable", true).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let r = curl(admin, "GET", "/healthz", None, None).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    fg.shutdown().await;
+
+    // A backend down by its health check: a `reject` pool cannot serve, a
+    // `fail-open` one still can, until its last backend is drained too.
+    let dead = dead_addr();
+    for (policy, want) in [("reject", 503), ("fail-open", 200)] {
+        let pool = format!(
+            "when_all_down = \"{policy}\"\n[pools.health_check]\nkind = \"tcp\"\ninterval = \"100ms\"\n"
+        );
+        let (fg, admin) = start_with_admin("round-robin", &[(dead, 1)], &pool);
+        let mut state = String::new();
+        for _ in 0..500 {
+            state = backends_of(&get_pools(admin).await, "p")[0]["state"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            if state == "down" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(state, "down", "the dead backend never failed its check");
+        let r = curl(admin, "GET", "/healthz", None, None).await;
+        assert_eq!(r.status, want, "{policy}: {r:?}");
+        if policy == "fail-open" {
+            let r = post_action(admin, &dead.to_string(), "drain", true).await;
+            assert_eq!(r.status, 200, "{r:?}");
+            let r = curl(admin, "GET", "/healthz", None, None).await;
+            assert_eq!(
+                r.status, 503,
+                "fail-open with its only backend drained: {r:?}"
+            );
+        }
+        fg.shutdown().await;
+    }
+}

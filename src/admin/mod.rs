@@ -4,7 +4,7 @@
 //! |---|---|---|
 //! | GET | / | the status page (one self-contained HTML file, `status.html`) |
 //! | GET | /metrics | Prometheus text format (see `crate::metrics`, docs/metrics.md) |
-//! | GET | /healthz | 200 while serving, 503 once shutting down |
+//! | GET | /healthz | 200 while it can serve; 503 shutting down or a pool that would refuse clients |
 //! | GET | /api/v1/pools | pools, algorithms, backends with state and last check |
 //! | GET | /api/v1/pools/{pool}, /api/v1/pools/{pool}/backends/{address} | one of them |
 //! | POST | /api/v1/pools/{pool}/backends/{address}/drain, /enable, /disable | |
@@ -124,16 +124,13 @@ async fn handle(req: Request<Incoming>, fg: &Runtime, cfg: &crate::config::Admin
     };
 
     match (method.clone(), segs.as_slice()) {
-        (Method::GET, ["healthz"]) => {
-            if fg.is_shutting_down() {
-                reply(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    json!({ "status": "shutting down" }),
-                )
-            } else {
-                reply(StatusCode::OK, json!({ "status": "ok" }))
-            }
-        }
+        (Method::GET, ["healthz"]) => match unhealthy(fg) {
+            Some(reason) => reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({ "status": "unavailable", "reason": reason }),
+            ),
+            None => reply(StatusCode::OK, json!({ "status": "ok" })),
+        },
         (Method::GET, ["api", "v1", "pools"]) => reply(StatusCode::OK, pools_json(fg)),
         (Method::GET, ["api", "v1", "openapi.json"]) => {
             typed(StatusCode::OK, "application/json", OPENAPI)
@@ -440,6 +437,24 @@ fn one_pool(p: &crate::pool::Pool) -> Value {
         })),
         "backends": backends,
     })
+}
+
+/// Why this instance cannot serve now, for `/healthz` (a keepalived `track_script`
+/// or a BGP announcer withdraws the address on it): shutting down, or a pool that
+/// would refuse a new client (no usable backend; with `when_all_down = "fail-open"`,
+/// health aside, none that is not drained or disabled). `None`: it can serve.
+/// Listeners are bound before the admin API starts, and stay bound until shutdown.
+fn unhealthy(fg: &Runtime) -> Option<String> {
+    if fg.is_shutting_down() {
+        return Some("shutting down".into());
+    }
+    let down: Vec<String> = fg
+        .pools()
+        .iter()
+        .filter(|p| !p.can_serve())
+        .map(|p| p.name.to_string())
+        .collect();
+    (!down.is_empty()).then(|| format!("no usable backend in pool {}", down.join(", ")))
 }
 
 /// The body of GET /api/v1/pools.

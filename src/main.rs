@@ -3,10 +3,12 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use flowgate::config::{LogConfig, LogFormat};
 use flowgate::{Config, Flowgate};
+use sd_notify::NotifyState;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
 use tracing_subscriber::layer::SubscriberExt;
@@ -170,6 +172,14 @@ fn init_logging(log: &LogConfig) -> LevelHandle {
     (!env_set).then_some(handle)
 }
 
+/// Tells systemd (`Type=notify`, `$NOTIFY_SOCKET`) about a state change; nothing
+/// without the variable. A failure is logged, never fatal.
+fn notify(state: &[NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(state) {
+        warn!(error = %e, "cannot notify systemd ($NOTIFY_SOCKET)");
+    }
+}
+
 fn run(cfg: Config, level: LevelHandle) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -191,26 +201,53 @@ fn run(cfg: Config, level: LevelHandle) -> anyhow::Result<()> {
             });
         }
         info!(version = env!("CARGO_PKG_VERSION"), "flowgate started");
+        // Every listener is bound and accepting, the admin API too.
+        notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
+        // systemd's watchdog (`WatchdogSec=`): a ping every half period, sent only
+        // while every worker thread and the control thread still run a task.
+        let watchdog = sd_notify::watchdog_enabled();
+        let mut ping = tokio::time::interval(watchdog.map_or(Duration::from_secs(3600), |p| p / 2));
         let sig = loop {
             tokio::select! {
                 _ = term.recv() => break "SIGTERM",
                 _ = int.recv() => break "SIGINT",
+                _ = ping.tick(), if watchdog.is_some() => {
+                    let period = watchdog.unwrap_or_default();
+                    if fg.responsive(period / 4).await {
+                        notify(&[NotifyState::Watchdog]);
+                    } else {
+                        warn!("a runtime thread did not answer within a quarter of WatchdogSec: no watchdog ping");
+                    }
+                }
                 _ = usr1.recv() => {
                     info!("SIGUSR1: reopening the access log");
                     fg.reopen_access_log();
                 }
                 _ = hup.recv() => {
                     info!("SIGHUP: reloading configuration");
-                    let fg2 = fg.clone();
-                    match tokio::task::spawn_blocking(move || fg2.reload()).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => error!("reload failed; keeping the running configuration: {e}"),
-                        Err(e) => error!("reload task failed: {e}"),
+                    // systemd 253+ wants the monotonic time with RELOADING=1.
+                    match NotifyState::monotonic_usec_now() {
+                        Ok(now) => notify(&[NotifyState::Reloading, now]),
+                        Err(_) => notify(&[NotifyState::Reloading]),
                     }
+                    let fg2 = fg.clone();
+                    let status = match tokio::task::spawn_blocking(move || fg2.reload()).await {
+                        Ok(Ok(())) => "serving",
+                        Ok(Err(e)) => {
+                            error!("reload failed; keeping the running configuration: {e}");
+                            "serving; the last reload failed, see the log"
+                        }
+                        Err(e) => {
+                            error!("reload task failed: {e}");
+                            "serving; the last reload failed, see the log"
+                        }
+                    };
+                    notify(&[NotifyState::Ready, NotifyState::Status(status)]);
                 }
             }
         };
         info!(signal = sig, "graceful stop");
+        notify(&[NotifyState::Stopping]);
         // A second signal skips the rest of the grace period.
         // Kept apart from the instance, so a second signal can drop the instance
         // (cutting what is left) and the lines of those sessions still get flushed.

@@ -30,6 +30,11 @@ impl Tasks {
 
     /// Runs `f` to completion, tracked. `f` should watch [`Tasks::stop_token`]
     /// if it can run for long.
+    /// The runtime these tasks run on.
+    pub fn handle(&self) -> &Handle {
+        &self.handle
+    }
+
     pub fn spawn<F>(&self, f: F)
     where
         F: Future<Output = ()> + Send + 'static,

@@ -277,6 +277,39 @@ impl Runtime {
     pub fn active_sessions(&self) -> usize {
         self.inner.sessions.len()
     }
+
+    /// Whether every worker thread and the control thread runs a task within
+    /// `within`: the systemd watchdog's question (a thread stuck in a loop or a
+    /// blocking call does not answer). The probe tasks are tracked with the
+    /// sessions, so shutdown waits for any still queued.
+    pub async fn responsive(&self, within: std::time::Duration) -> bool {
+        let mut answers = Vec::with_capacity(self.inner.handles.len() + 1);
+        let handles = self
+            .inner
+            .handles
+            .iter()
+            .chain(std::iter::once(self.inner.control.handle()));
+        for h in handles {
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            self.inner.sessions.spawn_on(
+                async move {
+                    let _ = tx.send(());
+                },
+                h,
+            );
+            answers.push(rx);
+        }
+        tokio::time::timeout(within, async {
+            for rx in answers {
+                if rx.await.is_err() {
+                    return false;
+                }
+            }
+            true
+        })
+        .await
+        .unwrap_or(false)
+    }
 }
 
 fn sorted<'a>(pools: impl Iterator<Item = &'a Arc<Pool>>) -> Vec<Arc<Pool>> {

@@ -60,6 +60,9 @@ pub struct Entry {
     pub duration: Duration,
     /// The termination reason (see docs/operations.md).
     pub reason: &'static str,
+    /// TCP: the client's TLS server name, on a listener with `sni_routes` (field
+    /// `sni` of tcp lines; `-` when none).
+    pub sni: Option<Box<str>>,
     /// One HTTP request (http listeners): what the line adds for it.
     pub http: Option<Box<HttpFields>>,
 }
@@ -425,7 +428,7 @@ fn text(e: &Entry, out: &mut String) {
     let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| v.to_string());
     let _ = write!(
         out,
-        "time={} proto={} listener={} client={} pool={} backend={} to_backend={} from_backend={} connect_ms={} first_byte_ms={} duration_ms={} start={} backend_addr={} retries={} listener_conns={} backend_conns={} {}{}",
+        "time={} proto={} listener={} client={} pool={} backend={} to_backend={} from_backend={} connect_ms={} first_byte_ms={} duration_ms={} start={} backend_addr={} retries={} listener_conns={} backend_conns={} {}{}{}",
         humantime::format_rfc3339_micros(e.time),
         e.protocol,
         q(&e.listener),
@@ -442,6 +445,12 @@ fn text(e: &Entry, out: &mut String) {
         e.retries,
         e.listener_conns,
         e.backend_conns,
+        // tcp lines: `sni`, just before `reason`.
+        if e.protocol == "tcp" {
+            format!("sni={} ", e.sni.as_deref().map_or("-".to_string(), q))
+        } else {
+            String::new()
+        },
         // Last, as before these fields came: `reason` ends the line (after the
         // HTTP fields on an http line).
         if e.http.is_some() { "" } else { "reason=" },
@@ -485,6 +494,9 @@ fn json(e: &Entry, out: &mut String) {
         "backend_conns": e.backend_conns,
     });
     let mut v = v;
+    if let (true, Some(o)) = (e.protocol == "tcp", v.as_object_mut()) {
+        o.insert("sni".into(), e.sni.as_deref().into());
+    }
     if let (Some(h), Some(o)) = (&e.http, v.as_object_mut()) {
         o.insert("method".into(), h.method.clone().into());
         o.insert("host".into(), h.host.clone().into());
@@ -520,6 +532,7 @@ mod tests {
             first_byte: None,
             duration: Duration::from_millis(1500),
             reason: "client_closed",
+            sni: None,
             http: None,
         }
     }
@@ -530,7 +543,7 @@ mod tests {
         text(&entry(), &mut s);
         assert_eq!(
             s,
-            "time=2027-01-15T08:00:00.000000Z proto=tcp listener=\"web front\\n\" client=127.0.0.1:5000 pool=p backend=10.0.0.1:80 to_backend=10 from_backend=20 connect_ms=0.25 first_byte_ms=- duration_ms=1500 start=2027-01-15T07:59:58.500000Z backend_addr=10.0.0.1:80 retries=1 listener_conns=7 backend_conns=3 reason=client_closed"
+            "time=2027-01-15T08:00:00.000000Z proto=tcp listener=\"web front\\n\" client=127.0.0.1:5000 pool=p backend=10.0.0.1:80 to_backend=10 from_backend=20 connect_ms=0.25 first_byte_ms=- duration_ms=1500 start=2027-01-15T07:59:58.500000Z backend_addr=10.0.0.1:80 retries=1 listener_conns=7 backend_conns=3 sni=- reason=client_closed"
         );
     }
 

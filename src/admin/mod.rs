@@ -485,12 +485,20 @@ pub fn pools_json(fg: &Runtime) -> Value {
                     })
                 })
                 .collect();
+            let sni_routes: Vec<Value> = settings
+                .sni
+                .iter()
+                .flat_map(|s| s.routes())
+                .map(|r| json!({ "server_names": r.server_names, "pool": &*r.pool.name }))
+                .collect();
             json!({
                 "name": &*s.name,
                 "protocol": if settings.http.is_some() { "http" } else { "tcp" },
                 "address": l.local_addr.to_string(),
                 "pool": settings.pool_name(),
                 "routes": routes,
+                "sni_routes": sni_routes,
+                "sni_required": settings.sni.as_ref().is_some_and(|s| s.required),
                 "active_connections": s.active.load(std::sync::atomic::Ordering::Relaxed),
                 "connections_total": s.accepted.load(std::sync::atomic::Ordering::Relaxed),
                 "rejected": rejected,

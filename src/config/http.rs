@@ -151,7 +151,7 @@ pub(super) fn listener(
 
 /// A route's `host`: a name (or IP literal) without port, or `*.` and a name.
 /// Returned in lower case without a trailing dot.
-fn host(h: &str) -> Result<String, String> {
+pub(super) fn host(h: &str) -> Result<String, String> {
     let lower = h.trim().to_ascii_lowercase();
     let name = lower.strip_suffix('.').unwrap_or(&lower);
     let bare = name.strip_prefix("*.").unwrap_or(name);

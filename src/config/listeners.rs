@@ -57,6 +57,8 @@ pub(super) fn listeners(
         match &l.pool {
             Some(pool) => known_pool(src, pool, &at("pool"), pools)?,
             None if protocol == Protocol::Http => {}
+            // Clients no SNI route takes are closed then.
+            None if protocol == Protocol::Tcp && !l.sni_routes.get_ref().is_empty() => {}
             None => {
                 return Err(src.err(
                     l.name.span(),
@@ -71,6 +73,7 @@ pub(super) fn listeners(
         let http = super::http::listener(src, l, &at, pools)?;
         let accept_proxy = super::proxy::accept(src, l, &at)?;
         let sources = super::sources::sources(src, l, &at)?;
+        let sni = super::sni::sni(src, l, &at, pools)?;
         if let Some(pool) = &l.pool {
             super::proxy::send_allowed(src, protocol, pool, at("pool"), pools)?;
         }
@@ -159,8 +162,12 @@ pub(super) fn listeners(
         let routed = http
             .iter()
             .flat_map(|h| h.routes.iter().map(|r| r.pool.as_str()));
+        let sni_routed = sni
+            .iter()
+            .flat_map(|s| s.routes.iter().map(|r| r.pool.as_str()));
         for p in served
             .chain(routed)
+            .chain(sni_routed)
             .filter_map(|name| pools.iter().find(|p| p.name == name))
         {
             if let Some(b) = p.backends.iter().find(|b| b.addr == bind) {
@@ -204,6 +211,7 @@ pub(super) fn listeners(
             http,
             accept_proxy,
             sources,
+            sni,
         });
     }
     if listeners.is_empty() {

@@ -28,6 +28,7 @@ mod pools;
 mod proxy;
 mod raw;
 mod resolve;
+mod sni;
 mod sources;
 mod types;
 mod validate;
@@ -38,6 +39,7 @@ use std::time::Duration;
 
 pub use diff::{diff, Changes, PoolBackends, ReloadPlan, RestartKey};
 pub use overrides::{Overrides, PoolOverrides};
+pub use sni::{SniConfig, SniRouteConfig};
 pub use sources::{Rate, SourcesConfig};
 pub use types::{
     AcceptProxy, AccessLogDest, Algorithm, DurationStr, HealthKind, LogFormat, Protocol, SendProxy,
@@ -142,6 +144,8 @@ pub struct ListenerConfig {
     pub accept_proxy: Option<AcceptProxyConfig>,
     /// tcp and http: `allow`, `deny` and the per-source limits; `None`: none set.
     pub sources: Option<SourcesConfig>,
+    /// tcp, with `[[listeners.sni_routes]]`: TLS passthrough routed by SNI.
+    pub sni: Option<SniConfig>,
 }
 
 /// A tcp listener's `accept_proxy`, `proxy_trusted` and `proxy_header_timeout`.

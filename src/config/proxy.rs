@@ -41,7 +41,8 @@ pub(super) fn accept(
         if let Some(t) = &l.proxy_trusted {
             return off(t.span(), "proxy_trusted");
         }
-        if let Some(t) = &l.proxy_header_timeout {
+        // With `sni_routes` the same budget bounds the ClientHello.
+        if let (Some(t), true) = (&l.proxy_header_timeout, l.sni_routes.get_ref().is_empty()) {
             return off(t.span(), "proxy_header_timeout");
         }
         return Ok(None);
@@ -77,21 +78,29 @@ pub(super) fn accept(
                 .collect::<Result<Vec<_>, _>>()?,
         ),
     };
-    let header_timeout = match &l.proxy_header_timeout {
-        Some(t) if t.get_ref().0.is_zero() => {
-            return Err(src.err(
-                t.span(),
-                at("proxy_header_timeout"),
-                "0s would close every client: expected a positive duration".into(),
-            ))
-        }
-        t => t.as_ref().map_or(DEFAULT_HEADER_TIMEOUT, |t| t.get_ref().0),
-    };
+    let header_timeout = header_timeout(src, l, at)?;
     Ok(Some(AcceptProxyConfig {
         version,
         trusted,
         header_timeout,
     }))
+}
+
+/// `proxy_header_timeout`: from accept to a complete PROXY header and, with
+/// `sni_routes`, a complete ClientHello (one budget for both).
+pub(super) fn header_timeout(
+    src: &Source<'_>,
+    l: &raw::Listener,
+    at: &dyn Fn(&str) -> String,
+) -> Result<Duration, ConfigError> {
+    match &l.proxy_header_timeout {
+        Some(t) if t.get_ref().0.is_zero() => Err(src.err(
+            t.span(),
+            at("proxy_header_timeout"),
+            "0s would close every client: expected a positive duration".into(),
+        )),
+        t => Ok(t.as_ref().map_or(DEFAULT_HEADER_TIMEOUT, |t| t.get_ref().0)),
+    }
 }
 
 /// One `proxy_trusted` (or `allow`, `deny`) entry: `"10.0.0.0/8"`, `"2001:db8::/32"`, or one address

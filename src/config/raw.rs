@@ -114,6 +114,22 @@ pub struct Listener {
     pub max_streams_per_connection: Option<Spanned<u32>>,
     #[serde(default = "no_routes")]
     pub routes: Spanned<Vec<Route>>,
+    // TLS passthrough by SNI (tcp listeners)
+    #[serde(default = "no_sni_routes")]
+    pub sni_routes: Spanned<Vec<SniRoute>>,
+    pub sni_required: Option<Spanned<bool>>,
+}
+
+/// `[[listeners.sni_routes]]`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SniRoute {
+    pub server_names: Spanned<Vec<Spanned<String>>>,
+    pub pool: Spanned<String>,
+}
+
+fn no_sni_routes() -> Spanned<Vec<SniRoute>> {
+    Spanned::new(0..0, Vec::new())
 }
 
 /// `[[listeners.routes]]`.

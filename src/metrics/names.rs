@@ -34,3 +34,4 @@ pub const HTTP_DURATION: &str = "flowgate_http_request_duration_seconds";
 pub const HTTP_FIRST_BYTE: &str = "flowgate_http_response_first_byte_seconds";
 pub const HTTP_HEAD: &str = "flowgate_http_response_head_seconds";
 pub const HTTP_IN_FLIGHT: &str = "flowgate_http_requests_in_flight";
+pub const SNI_ROUTED: &str = "flowgate_sni_routed_total";

@@ -73,6 +73,9 @@ pub enum Termination {
     /// TCP: the peer's PROXY header was missing, malformed, too long, too slow, or
     /// the peer is not in `proxy_trusted`.
     ProxyHeader,
+    /// TCP, with `sni_routes`: no complete ClientHello in time, bytes that are not
+    /// TLS, or no route for the client's SNI where one is required.
+    Sni,
     /// Refused by `allow`/`deny`.
     Acl,
     /// Refused: the source is at `max_connections_per_source`.
@@ -102,6 +105,7 @@ impl Termination {
             Termination::ConnectFailed => "connect_failed",
             Termination::NoBackend => "no_backend",
             Termination::ProxyHeader => "proxy_header",
+            Termination::Sni => "sni",
             Termination::Acl => "acl",
             Termination::SourceLimit => "source_limit",
             Termination::SourceRate => "source_rate",

@@ -264,6 +264,7 @@ fn entry(i: &Inner, status: u16, up: u64, duration: Duration) -> Entry {
         first_byte: i.first_body,
         duration,
         reason: i.reason,
+        sni: None,
         http: Some(Box::new(HttpFields {
             method: i.method.to_string(),
             host: i.host.clone().unwrap_or_else(|| "-".into()),

@@ -2,6 +2,7 @@
 //!
 //! Where a byte flows: [`accept_loop`] (a place under `max_connections`) ->
 //! [`serve`]: with `accept_proxy`, the peer's PROXY header ([`proxy_header`]) ->
+//! with `sni_routes`, the client's ClientHello and the pool its SNI picks ([`sni`]) ->
 //! the listener's source rules ([`sources`]) ->
 //! pick a backend and connect, with retries, writing a `send_proxy` header first
 //! ([`session`]) -> pump both
@@ -21,6 +22,7 @@ mod proxy_header;
 mod pump;
 mod session;
 mod shared;
+pub mod sni;
 pub mod sources;
 mod transfer;
 

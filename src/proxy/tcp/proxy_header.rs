@@ -81,9 +81,11 @@ pub(super) struct Inbound {
 }
 
 impl Inbound {
-    /// Bytes the client sent right after the header: the backend gets them first.
-    fn rest(&self) -> &[u8] {
-        &self.buf[self.len..]
+    /// Takes out the bytes the client sent right after the header (the backend gets
+    /// them first; SNI routing reads the rest of the ClientHello behind them); the
+    /// header stays.
+    pub(super) fn take_rest(&mut self) -> Vec<u8> {
+        self.buf.split_off(self.len)
     }
 }
 
@@ -289,8 +291,10 @@ pub(super) struct Prefix {
 }
 
 /// The prefix of every backend connection of a session: the `send` header (none
-/// when off) for `client`, then what the client sent behind its own header.
-/// `None` when that is nothing at all.
+/// when off) for `client`, then `early`: the client's bytes read so far (behind
+/// its own header, and with `sni_routes` its ClientHello). `None` when that is
+/// nothing at all. `authority`, the client's SNI, replaces the inbound
+/// PP2_TYPE_AUTHORITY in a v2 header.
 ///
 /// The header's destination is the inbound header's, else the address the client
 /// reached: the listener's `bind` when that names one address and port, else what
@@ -301,12 +305,14 @@ pub(super) fn prefix(
     client: SocketAddr,
     send: SendProxy,
     inbound: Option<Inbound>,
+    early: Vec<u8>,
+    authority: Option<&[u8]>,
 ) -> io::Result<Option<Prefix>> {
-    let rest_len = inbound.as_ref().map_or(0, |i| i.rest().len());
+    let client_bytes = early.len();
     if send == SendProxy::Off {
-        return Ok(inbound.filter(|_| rest_len > 0).map(|mut i| Prefix {
-            bytes: i.buf.split_off(i.len),
-            client_bytes: rest_len,
+        return Ok((client_bytes > 0).then_some(Prefix {
+            bytes: early,
+            client_bytes,
         }));
     }
     let dest = match inbound.as_ref().and_then(|i| i.dest) {
@@ -314,16 +320,11 @@ pub(super) fn prefix(
         None if !bind.ip().is_unspecified() && bind.port() != 0 => bind,
         None => socket.local_addr()?,
     };
-    // SNI routing (issue 13) hands the ClientHello's server_name here, to replace the
-    // inbound PP2_TYPE_AUTHORITY; until it is built there is none.
-    let authority = None;
     let mut bytes = outbound(send, client, dest, inbound.as_ref(), authority)?;
-    if let Some(i) = &inbound {
-        bytes.extend_from_slice(i.rest());
-    }
+    bytes.extend_from_slice(&early);
     Ok(Some(Prefix {
         bytes,
-        client_bytes: rest_len,
+        client_bytes,
     }))
 }
 

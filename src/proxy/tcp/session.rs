@@ -1,7 +1,9 @@
 //! One TCP session, start to end: with `accept_proxy`, the peer's PROXY header
-//! ([`super::proxy_header`]) -> pick a backend -> connect (with retries on other
-//! backends), writing the `send_proxy` header and the client's early bytes first ->
-//! move bytes both ways ([`super::transfer`]) -> account -> close.
+//! ([`super::proxy_header`]) -> the source rules -> with `sni_routes`, the
+//! ClientHello and the pool its SNI picks ([`super::sni`]) -> pick a backend ->
+//! connect (with retries on other backends), writing the `send_proxy` header and
+//! the client's early bytes (the ClientHello) first -> move bytes both ways
+//! ([`super::transfer`]) -> account -> close.
 
 use std::io;
 use std::net::SocketAddr;
@@ -15,10 +17,13 @@ use tracing::debug;
 
 use super::proxy_header::{self, Prefix};
 use super::shared::{ListenerSettings, ListenerShared};
+use super::sni::HelloError;
+use super::sources::SourceGuard;
 use super::transfer::{splice_both, Stops};
 use crate::access_log::Entry;
 use crate::backend::{ActiveGuard, Backend, ConnectError};
 use crate::config::SendProxy;
+use crate::pool::Pool;
 use crate::proxy::{now_us, passive_failure, Termination};
 
 /// Serves one accepted client until both directions end, then accounts for it
@@ -45,41 +50,50 @@ pub async fn serve(
         .as_ref()
         .map_or(SendProxy::Off, |p| p.send_proxy());
     // The client's bytes sent ahead with the prefix, for the byte counts (at most
-    // 4 KiB).
+    // 4 KiB behind a PROXY header, or a ClientHello of at most 17 KiB).
     let mut early = 0u16;
     // This connection's place under `max_connections_per_source` (when tracked).
     let mut _source = None;
+    // With `sni_routes`: the client's server name and the route it picked.
+    let mut sni: Option<Box<SniPick>> = None;
     // A block, so the prefix's storage ends with the connect phase and the
     // transfer phase does not carry it (`peer` is reassigned, not shadowed, for
     // the same reason).
     let connected = {
-        let prefix = if settings.accept_proxy.is_none() && send == SendProxy::Off {
+        let prefix = if settings.accept_proxy.is_none()
+            && settings.sni.is_none()
+            && send == SendProxy::Off
+        {
+            // The source rules, on the TCP peer: before any backend is contacted.
+            // The guard lives as long as the session.
+            if let Some(cfg) = &settings.sources {
+                match listener.admit(cfg, peer.ip()) {
+                    Ok(g) => _source = g,
+                    Err(t) => {
+                        finish(listener, &settings, peer, start, at, None, t, None);
+                        return t;
+                    }
+                }
+            }
             None
         } else {
             // Boxed, like the connect phase: a task is sized for its largest phase.
-            match Box::pin(proxy_phase(listener, &settings, &mut client, peer, send)).await {
-                Ok((client_addr, prefix)) => {
-                    peer = client_addr;
-                    early = prefix.as_ref().map_or(0, |p| p.client_bytes as u16);
-                    prefix
+            let phase = Box::pin(start_phase(listener, &settings, &mut client, peer, start));
+            match phase.await {
+                Ok(s) => {
+                    peer = s.client;
+                    _source = s.source;
+                    sni = s.sni;
+                    early = s.prefix.as_ref().map_or(0, |p| p.client_bytes as u16);
+                    s.prefix
                 }
-                Err(t) => {
-                    finish(listener, &settings, peer, start, at, None, t);
+                Err((t, client, pick)) => {
+                    finish(listener, &settings, client, start, at, None, t, pick);
                     return t;
                 }
             }
         };
-        // The source rules, on the client the header named: before any backend is
-        // contacted. The guard lives as long as the session.
-        if let Some(cfg) = &settings.sources {
-            match listener.admit(cfg, peer.ip()) {
-                Ok(g) => _source = g,
-                Err(t) => {
-                    finish(listener, &settings, peer, start, at, None, t);
-                    return t;
-                }
-            }
-        }
+        let pool = session_pool(&settings, sni.as_deref());
         // TCP_NODELAY: accepted sockets inherit it from the listening socket
         // (listener::bind sets it), which saves a syscall per connection.
         tokio::select! {
@@ -87,7 +101,7 @@ pub async fn serve(
             _ = listener.cut.cancelled() => Err((cut_reason(listener), 0)),
             // Boxed: the connect phase is larger than the transfer phase, and a task is
             // sized for its largest phase.
-            r = Box::pin(connect(listener, &settings, peer, prefix)) => r,
+            r = Box::pin(connect(listener, &settings, pool, peer, prefix)) => r,
         }
     };
     let (mut backend, guard, retries) = match connected {
@@ -103,7 +117,7 @@ pub async fn serve(
                 r.fetch_add(1, Ordering::Relaxed);
             }
             let at = at.with_retries(retries);
-            finish(listener, &settings, peer, start, at, None, t);
+            finish(listener, &settings, peer, start, at, None, t, sni);
             return t;
         }
     };
@@ -133,7 +147,7 @@ pub async fn serve(
     // that ended otherwise as a success (a backend that accepts and resets every
     // connection must still be ejected).
     if end == Termination::BackendReset {
-        if let Some(pool) = &settings.pool {
+        if let Some(pool) = session_pool(&settings, sni.as_deref()) {
             passive_failure(pool, guard.backend(), &listener.ctx.control);
         }
     } else {
@@ -159,21 +173,56 @@ pub async fn serve(
             down: moved.down,
         }),
         end,
+        sni,
     );
     end
 }
 
-/// The PROXY protocol part of a session's start: with `accept_proxy`, reads the
-/// peer's header (the client is then who it says); builds what each backend
-/// connection gets first (the `send` header, then the client's bytes read behind
-/// its own header). A refused header is counted here.
-async fn proxy_phase(
-    listener: &ListenerShared,
+/// What an SNI listener's session learnt from the ClientHello (boxed: a session
+/// on a listener without `sni_routes` carries one word for it).
+#[derive(Debug)]
+struct SniPick {
+    /// The client's server name, lower case, without a trailing dot.
+    name: Option<Box<str>>,
+    /// The `sni_routes` entry it matched; `None`: the listener's pool.
+    route: Option<usize>,
+}
+
+/// The pool of a session: its SNI route's, else the listener's.
+fn session_pool<'a>(
+    settings: &'a ListenerSettings,
+    sni: Option<&SniPick>,
+) -> Option<&'a Arc<Pool>> {
+    match (sni.and_then(|p| p.route), &settings.sni) {
+        (Some(i), Some(router)) => Some(router.pool(i)),
+        _ => settings.pool.as_ref(),
+    }
+}
+
+/// What the start of a session with `accept_proxy`, `sni_routes` or `send_proxy`
+/// settled.
+struct Start {
+    /// The client: the PROXY header's, else the TCP peer.
+    client: SocketAddr,
+    source: Option<SourceGuard>,
+    sni: Option<Box<SniPick>>,
+    prefix: Option<Prefix>,
+}
+
+/// The start of a session that reads or writes something before the client's
+/// bytes: the PROXY header (`accept_proxy`), the source rules on the client it
+/// names, the ClientHello and the route its SNI picks (`sni_routes`), then what
+/// each backend connection gets first (the chosen pool's `send_proxy` header, then
+/// the client's bytes read so far). `proxy_header_timeout` bounds the header and
+/// the ClientHello together, from `start` (accept). A refusal is counted here; it
+/// comes with the client and what SNI said, for the access log.
+async fn start_phase(
+    listener: &Arc<ListenerShared>,
     settings: &ListenerSettings,
     client: &mut TcpStream,
     peer: SocketAddr,
-    send: SendProxy,
-) -> Result<(SocketAddr, Option<Prefix>), Termination> {
+    start: u64,
+) -> Result<Start, (Termination, SocketAddr, Option<Box<SniPick>>)> {
     let refused = |e: &dyn std::fmt::Display| {
         debug!(listener = %listener.name, peer = %peer, error = %e, "PROXY header refused, closing the connection");
         listener
@@ -181,19 +230,73 @@ async fn proxy_phase(
             .fetch_add(1, Ordering::Relaxed);
         Termination::ProxyHeader
     };
-    let inbound = match &settings.accept_proxy {
+    let mut inbound = match &settings.accept_proxy {
         None => None,
         Some(accept) => tokio::select! {
             biased;
-            _ = listener.cut.cancelled() => return Err(cut_reason(listener)),
-            r = proxy_header::accept(client, peer, accept) => Some(r.map_err(|e| refused(&e))?),
+            _ = listener.cut.cancelled() => return Err((cut_reason(listener), peer, None)),
+            r = proxy_header::accept(client, peer, accept) => Some(r.map_err(|e| (refused(&e), peer, None))?),
         },
     };
     let client_addr = inbound.as_ref().map_or(peer, |h| h.client);
+    let source = match &settings.sources {
+        None => None,
+        Some(cfg) => listener.admit(cfg, client_addr.ip())
+            .map_err(|t| (t, client_addr, None))?,
+    };
+    // The client's bytes so far (behind its PROXY header), then its ClientHello.
+    let mut early = inbound.as_mut().map_or_else(Vec::new, |i| i.take_rest());
+    let mut sni = None;
+    let mut pool = settings.pool.as_ref();
+    if let Some(router) = &settings.sni {
+        let spent = Duration::from_micros(now_us().saturating_sub(start));
+        let left = router.timeout.saturating_sub(spent);
+        let hello = tokio::select! {
+            biased;
+            _ = listener.cut.cancelled() => return Err((cut_reason(listener), client_addr, None)),
+            r = tokio::time::timeout(left, super::sni::read_hello(client, &mut early)) => {
+                r.unwrap_or(Err(HelloError::Timeout))
+            }
+        };
+        let sni_refused = |e: HelloError, pick| {
+            debug!(listener = %listener.name, client = %client_addr, error = %e, "closing the connection");
+            listener.rejected_sni.fetch_add(1, Ordering::Relaxed);
+            (Termination::Sni, client_addr, pick)
+        };
+        let name = hello.map_err(|e| sni_refused(e, None))?;
+        let route = name.as_deref().and_then(|n| router.route(n));
+        match route {
+            Some(i) => pool = Some(router.take(i)),
+            None if router.required || pool.is_none() => {
+                let e = HelloError::Unrouted(name.clone().unwrap_or_else(|| "".into()));
+                return Err(sni_refused(e, Some(Box::new(SniPick { name, route }))));
+            }
+            None => {}
+        }
+        sni = Some(Box::new(SniPick { name, route }));
+    }
+    let send = pool.map_or(SendProxy::Off, |p| p.send_proxy());
+    let authority = sni.as_ref().and_then(|p| p.name.as_deref());
     // An error only from a socket gone bad, or a header past 64 KiB (ruled out).
-    let prefix = proxy_header::prefix(client, settings.bind, client_addr, send, inbound)
-        .map_err(|e| refused(&e))?;
-    Ok((client_addr, prefix))
+    let prefix = proxy_header::prefix(
+        client,
+        settings.bind,
+        client_addr,
+        send,
+        inbound,
+        early,
+        authority.map(str::as_bytes),
+    );
+    let prefix = match prefix {
+        Ok(p) => p,
+        Err(e) => return Err((refused(&e), client_addr, sni)),
+    };
+    Ok(Start {
+        client: client_addr,
+        source,
+        sni,
+        prefix,
+    })
 }
 
 /// Why a session was cut from outside: its listener was removed by a reload
@@ -259,6 +362,7 @@ fn finish(
     at: At,
     c: Option<Connected<'_>>,
     end: Termination,
+    sni: Option<Box<SniPick>>,
 ) {
     let duration = Duration::from_micros(now_us().saturating_sub(start));
     listener.session_duration.record(duration);
@@ -284,6 +388,7 @@ fn finish(
         c.as_ref(),
         duration,
         end.as_str(),
+        sni.as_deref(),
     ));
 }
 
@@ -305,6 +410,7 @@ pub(crate) fn log_rejected(
             None,
             Duration::ZERO,
             reason,
+            None,
         ));
     }
 }
@@ -318,13 +424,18 @@ fn entry(
     c: Option<&Connected<'_>>,
     duration: Duration,
     reason: &'static str,
+    sni: Option<&SniPick>,
 ) -> Entry {
+    let pool = match (sni.and_then(|p| p.route), &settings.sni) {
+        (Some(i), Some(router)) => router.pool(i).name.clone(),
+        _ => settings.pool_name().into(),
+    };
     Entry {
         time: SystemTime::now(),
         protocol: "tcp",
         listener: listener.name.clone(),
         client: peer,
-        pool: settings.pool_name().into(),
+        pool,
         backend: c.map(|c| c.backend.name.clone()),
         backend_addr: c.map(|c| c.backend.addr),
         retries: at.retries(),
@@ -336,22 +447,24 @@ fn entry(
         first_byte: c.and_then(|c| c.first_byte),
         duration,
         reason,
+        sni: sni.and_then(|p| p.name.clone()),
         http: None,
     }
 }
 
-/// Connects to a backend, moving on to the next distinct one on failure, up to the
+/// Connects to a backend of `pool`, moving on to the next distinct one on failure, up to the
 /// pool's `connect_attempts`; says how many attempts failed. A `prefix` is written
 /// to the backend as part of the attempt, so a backend that fails to take it is
 /// a failed attempt, and the next one gets it whole.
 pub(super) async fn connect(
     listener: &ListenerShared,
     settings: &ListenerSettings,
+    pool: Option<&Arc<Pool>>,
     peer: SocketAddr,
     prefix: Option<Prefix>,
 ) -> Result<(TcpStream, ActiveGuard, u8), (Termination, u8)> {
     let prefix = prefix.as_ref().map_or(&[][..], |p| &p.bytes[..]);
-    let Some(pool) = &settings.pool else {
+    let Some(pool) = pool else {
         return Err((Termination::NoBackend, 0));
     };
     let attempts = pool.connect_attempts();

@@ -53,6 +53,9 @@ pub struct ListenerShared {
     /// Clients closed because of their PROXY header (`accept_proxy`): missing,
     /// malformed, too long, too slow, or from a peer outside `proxy_trusted`.
     pub rejected_proxy_header: AtomicU64,
+    /// Clients closed by SNI routing: no complete ClientHello in time, bytes that
+    /// are not TLS, or no route (with `sni_required`, or no default pool).
+    pub rejected_sni: AtomicU64,
     /// Clients refused by `allow`/`deny`.
     pub rejected_acl: AtomicU64,
     /// Clients refused at `max_connections_per_source`.
@@ -89,6 +92,8 @@ pub struct ListenerSettings {
     pub accept_proxy: Option<AcceptProxyConfig>,
     /// `allow`, `deny` and the per-source limits.
     pub sources: Option<SourcesConfig>,
+    /// `sni_routes`: the ClientHello's server_name picks the pool.
+    pub sni: Option<Box<super::sni::SniRouter>>,
 }
 
 impl ListenerSettings {
@@ -107,12 +112,21 @@ impl ListenerSettings {
             bind: cfg.bind,
             accept_proxy: cfg.accept_proxy.clone(),
             sources: cfg.sources.clone(),
+            sni: cfg
+                .sni
+                .as_ref()
+                .map(|s| Box::new(super::sni::SniRouter::new(&cfg.name, s, pools))),
         }
     }
 
     /// Every pool this listener sends clients or requests to.
     pub fn pools(&self) -> Vec<Arc<Pool>> {
         let mut v: Vec<Arc<Pool>> = self.pool.iter().cloned().collect();
+        for r in self.sni.iter().flat_map(|s| s.routes()) {
+            if !v.iter().any(|x| Arc::ptr_eq(x, &r.pool)) {
+                v.push(r.pool.clone());
+            }
+        }
         if let Some(h) = &self.http {
             for p in h.pools() {
                 if !v.iter().any(|x| Arc::ptr_eq(x, p)) {
@@ -152,6 +166,7 @@ impl ListenerShared {
             rejected_no_backend: AtomicU64::new(0),
             rejected_connect_failed: AtomicU64::new(0),
             rejected_proxy_header: AtomicU64::new(0),
+            rejected_sni: AtomicU64::new(0),
             rejected_acl: AtomicU64::new(0),
             rejected_source_limit: AtomicU64::new(0),
             rejected_source_rate: AtomicU64::new(0),
@@ -183,7 +198,7 @@ impl ListenerShared {
 
     /// Rejected clients by reason (the `reason` label of
     /// `flowgate_connections_rejected_total`).
-    pub fn rejected(&self) -> [(&'static str, u64); 7] {
+    pub fn rejected(&self) -> [(&'static str, u64); 8] {
         [
             (
                 "max_connections",
@@ -201,6 +216,7 @@ impl ListenerShared {
                 "proxy_header",
                 self.rejected_proxy_header.load(Ordering::Relaxed),
             ),
+            ("sni", self.rejected_sni.load(Ordering::Relaxed)),
             ("acl", self.rejected_acl.load(Ordering::Relaxed)),
             (
                 "source_limit",

@@ -66,7 +66,13 @@ fn session_future_is_small() {
     let n = size(&whole);
     {
         let st = Arc::new(ListenerSettings::new(&cfg.listeners[0], &pools));
-        let c = connect(&shared, &st, "127.0.0.1:2".parse().unwrap(), None);
+        let c = connect(
+            &shared,
+            &st,
+            st.pool.as_ref(),
+            "127.0.0.1:2".parse().unwrap(),
+            None,
+        );
         eprintln!("connect future: {} bytes", size(&c));
     }
     eprintln!("serve future: {n} bytes");

@@ -254,6 +254,7 @@ impl SessionTask {
                 first_byte: first_reply,
                 duration,
                 reason: end.as_str(),
+                sni: None,
                 http: None,
             });
         }

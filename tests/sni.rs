@@ -25,6 +25,8 @@ const OBSERVED: &str = "[runtime]\nworkers = 2\n[admin]\nbind = \"127.0.0.1:0\"\
 /// `openssl s_server` with a self-signed certificate for `CN=<cn>`, killed on drop.
 struct TlsBackend {
     child: Child,
+    /// s_server ends at the end of its stdin: held open.
+    _stdin: std::process::ChildStdin,
     addr: SocketAddr,
     _dir: tempdir::Dir,
 }
@@ -50,15 +52,16 @@ impl TlsBackend {
         assert!(ok.success(), "openssl req");
         // Port 0: s_server prints the address it bound ("ACCEPT 127.0.0.1:PORT").
         let mut child = Command::new("openssl")
-            .args(["s_server", "-accept", "127.0.0.1:0", "-quiet", "-cert"])
+            .args(["s_server", "-accept", "127.0.0.1:0", "-cert"])
             .arg(&cert)
             .arg("-key")
             .arg(&key)
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .expect("run openssl s_server");
+        let stdin = child.stdin.take().unwrap();
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -79,6 +82,7 @@ impl TlsBackend {
             .unwrap();
         TlsBackend {
             child,
+            _stdin: stdin,
             addr,
             _dir: dir,
         }
@@ -402,7 +406,8 @@ async fn a_split_client_hello_reaches_the_backend_whole() {
         &want[..],
         "the bytes behind the header"
     );
-    assert!(other.connections().is_empty());
+    // (The startup probe of the listener's pool may have connected, saying nothing.)
+    assert!(other.connections().iter().all(|c| c.is_empty()));
     drop(c);
     let lines = log_lines(&fg, "edge", 1).await;
     assert_eq!(lines[0]["sni"], "web.example.com");
@@ -415,7 +420,7 @@ async fn a_split_client_hello_reaches_the_backend_whole() {
 /// both are counted as `sni`, and no backend hears of either.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_http_and_silence_are_closed_and_counted() {
-    let backend = TestBackend::start(Kind::Echo).await;
+    let backend = Recorder::start().await;
     let fg = Proc::spawn(
         &format!(
             "{OBSERVED}\
@@ -428,8 +433,6 @@ async fn plain_http_and_silence_are_closed_and_counted() {
         &[],
     );
     let edge = fg.addr("edge");
-    // The startup reachability probe of the pool counts as a connection.
-    let before = backend.accepted.load(std::sync::atomic::Ordering::SeqCst);
 
     let mut http = BufReader::new(TcpStream::connect(edge).await.unwrap());
     let t0 = Instant::now();
@@ -463,9 +466,9 @@ async fn plain_http_and_silence_are_closed_and_counted() {
         "{lines:?}"
     );
     assert_eq!(metric(fg.admin(), &rejected_sni("edge")).await, 2.0);
-    assert_eq!(
-        backend.accepted.load(std::sync::atomic::Ordering::SeqCst),
-        before,
-        "a backend was contacted"
+    // (The startup probe may have connected, saying nothing.)
+    assert!(
+        backend.connections().iter().all(|c| c.is_empty()),
+        "the backend heard from a client"
     );
 }

@@ -472,3 +472,42 @@ async fn plain_http_and_silence_are_closed_and_counted() {
         "the backend heard from a client"
     );
 }
+
+/// `sni_routes` follow a reload (SIGHUP) like the other listener keys: a name moves
+/// to another pool for new connections, and the API shows the new routes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_moves_a_name_to_another_pool() {
+    let (api, other) = (TlsBackend::start("api"), TlsBackend::start("other"));
+    let text = |pool: &str| {
+        format!(
+            "{OBSERVED}\
+             [[listeners]]\nname = \"edge\"\nbind = \"127.0.0.1:0\"\npool = \"other\"\n\
+             [[listeners.sni_routes]]\nserver_names = [\"api.example.com\"]\npool = \"{pool}\"\n\
+             [[pools]]\nname = \"api\"\nbackends = [{{ address = \"{}\" }}]\n\
+             [[pools]]\nname = \"other\"\nbackends = [{{ address = \"{}\" }}]\n",
+            api.addr, other.addr
+        )
+    };
+    let fg = Proc::spawn(&text("api"), &[]);
+    let edge = fg.addr("edge");
+    assert_eq!(
+        subject(edge, Some("api.example.com")).await.as_deref(),
+        Some("api")
+    );
+    std::fs::write(fg.dir.0.join("flowgate.toml"), text("other")).unwrap();
+    fg.signal(nix::sys::signal::Signal::SIGHUP);
+    assert!(
+        fg.logged("configuration reloaded", LIMIT).await,
+        "{}",
+        fg.log()
+    );
+    assert_eq!(
+        subject(edge, Some("api.example.com")).await.as_deref(),
+        Some("other")
+    );
+    let pools = get_pools(fg.admin()).await;
+    assert_eq!(
+        pools["listeners"][0]["sni_routes"][0]["pool"], "other",
+        "{pools}"
+    );
+}

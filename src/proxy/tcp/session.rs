@@ -70,7 +70,15 @@ pub async fn serve(
                 match listener.admit(cfg, peer.ip()) {
                     Ok(g) => _source = g,
                     Err(t) => {
-                        finish(listener, &settings, peer, start, at, None, t, None);
+                        finish(
+                            listener,
+                            &settings,
+                            Client::new(peer, None),
+                            start,
+                            at,
+                            None,
+                            t,
+                        );
                         return t;
                     }
                 }
@@ -88,7 +96,15 @@ pub async fn serve(
                     s.prefix
                 }
                 Err((t, client, pick)) => {
-                    finish(listener, &settings, client, start, at, None, t, pick);
+                    finish(
+                        listener,
+                        &settings,
+                        Client::new(client, pick.as_deref()),
+                        start,
+                        at,
+                        None,
+                        t,
+                    );
                     return t;
                 }
             }
@@ -117,7 +133,15 @@ pub async fn serve(
                 r.fetch_add(1, Ordering::Relaxed);
             }
             let at = at.with_retries(retries);
-            finish(listener, &settings, peer, start, at, None, t, sni);
+            finish(
+                listener,
+                &settings,
+                Client::new(peer, sni.as_deref()),
+                start,
+                at,
+                None,
+                t,
+            );
             return t;
         }
     };
@@ -162,7 +186,7 @@ pub async fn serve(
     finish(
         listener,
         &settings,
-        peer,
+        Client::new(peer, sni.as_deref()),
         start,
         at,
         Some(Connected {
@@ -173,7 +197,6 @@ pub async fn serve(
             down: moved.down,
         }),
         end,
-        sni,
     );
     end
 }
@@ -309,6 +332,20 @@ fn cut_reason(listener: &ListenerShared) -> Termination {
     }
 }
 
+/// Who the client of an access-log line is: its address (the PROXY header's, when
+/// there was one) and, on a listener with `sni_routes`, what its ClientHello said.
+#[derive(Clone, Copy)]
+struct Client<'a> {
+    addr: SocketAddr,
+    sni: Option<&'a SniPick>,
+}
+
+impl<'a> Client<'a> {
+    fn new(addr: SocketAddr, sni: Option<&'a SniPick>) -> Client<'a> {
+        Client { addr, sni }
+    }
+}
+
 /// What a session that reached a backend adds to its access-log line.
 struct Connected<'a> {
     backend: &'a Arc<Backend>,
@@ -357,19 +394,18 @@ impl At {
 fn finish(
     listener: &ListenerShared,
     settings: &ListenerSettings,
-    peer: SocketAddr,
+    client: Client<'_>,
     start: u64,
     at: At,
     c: Option<Connected<'_>>,
     end: Termination,
-    sni: Option<Box<SniPick>>,
 ) {
     let duration = Duration::from_micros(now_us().saturating_sub(start));
     listener.session_duration.record(duration);
     if let Some(c) = &c {
         debug!(
             listener = %listener.name,
-            client = %peer,
+            client = %client.addr,
             backend = %c.backend.name,
             to_backend = c.up,
             from_backend = c.down,
@@ -383,12 +419,11 @@ fn finish(
     listener.ctx.access_log.log(entry(
         listener,
         settings,
-        peer,
+        client,
         at,
         c.as_ref(),
         duration,
         end.as_str(),
-        sni.as_deref(),
     ));
 }
 
@@ -405,12 +440,11 @@ pub(crate) fn log_rejected(
         listener.ctx.access_log.log(entry(
             listener,
             settings,
-            peer,
+            Client::new(peer, None),
             At::new(listener_conns, 0),
             None,
             Duration::ZERO,
             reason,
-            None,
         ));
     }
 }
@@ -419,13 +453,13 @@ pub(crate) fn log_rejected(
 fn entry(
     listener: &ListenerShared,
     settings: &ListenerSettings,
-    peer: SocketAddr,
+    client: Client<'_>,
     at: At,
     c: Option<&Connected<'_>>,
     duration: Duration,
     reason: &'static str,
-    sni: Option<&SniPick>,
 ) -> Entry {
+    let sni = client.sni;
     let pool = match (sni.and_then(|p| p.route), &settings.sni) {
         (Some(i), Some(router)) => router.pool(i).name.clone(),
         _ => settings.pool_name().into(),
@@ -434,7 +468,7 @@ fn entry(
         time: SystemTime::now(),
         protocol: "tcp",
         listener: listener.name.clone(),
-        client: peer,
+        client: client.addr,
         pool,
         backend: c.map(|c| c.backend.name.clone()),
         backend_addr: c.map(|c| c.backend.addr),

@@ -18,7 +18,6 @@ use tls_parser::{
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
-use super::shared::Pools;
 use crate::config::SniConfig;
 use crate::pool::Pool;
 
@@ -70,7 +69,7 @@ impl SniRouter {
     /// The routes of listener `listener` over the running `pools` (run in the
     /// instance's metrics scope: the counters are made here). Validation made sure
     /// each pool exists; a route to a missing one is left out.
-    pub fn new(listener: &str, cfg: &SniConfig, pools: &Pools) -> SniRouter {
+    pub fn new(listener: &str, cfg: &SniConfig, pools: &HashMap<String, Arc<Pool>>) -> SniRouter {
         let mut r = SniRouter {
             routes: Vec::with_capacity(cfg.routes.len()),
             exact: HashMap::new(),

@@ -264,7 +264,8 @@ async fn start_phase(
     let client_addr = inbound.as_ref().map_or(peer, |h| h.client);
     let source = match &settings.sources {
         None => None,
-        Some(cfg) => listener.admit(cfg, client_addr.ip())
+        Some(cfg) => listener
+            .admit(cfg, client_addr.ip())
             .map_err(|t| (t, client_addr, None))?,
     };
     // The client's bytes so far (behind its PROXY header), then its ClientHello.

@@ -465,7 +465,14 @@ async fn plain_http_and_silence_are_closed_and_counted() {
             .all(|v| v["reason"] == "sni" && v["sni"].is_null()),
         "{lines:?}"
     );
-    assert_eq!(metric(fg.admin(), &rejected_sni("edge")).await, 2.0);
+    let admin = fg.admin();
+    assert_eq!(metric(admin, &rejected_sni("edge")).await, 2.0);
+    // The route's counter is there from the start, at 0.
+    let text = curl(admin, "GET", "/metrics", None, None).await.text;
+    assert!(
+        text.contains("flowgate_sni_routed_total{listener=\"edge\",pool=\"p\"} 0"),
+        "{text}"
+    );
     // (The startup probe may have connected, saying nothing.)
     assert!(
         backend.connections().iter().all(|c| c.is_empty()),

@@ -114,3 +114,18 @@ fn exact_beats_wildcard_then_file_order() {
     assert_eq!(r.route("xexample.com"), None);
     assert_eq!(r.route("other.org"), None);
 }
+
+proptest::proptest! {
+    /// Whatever the bytes, parsing answers (never a panic), and a hello cut
+    /// anywhere into records of any size still gives its name.
+    #[test]
+    fn never_panics_and_any_framing_works(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..600), size in 1usize..400) {
+        let _ = parse(&bytes);
+        let mut tls = vec![0x16, 0x03, 0x01];
+        tls.extend_from_slice(&bytes);
+        let _ = parse(&tls);
+        let input = reframed(size);
+        let got = name(&input);
+        proptest::prop_assert_eq!(got.as_deref(), Some("api.example.com"));
+    }
+}

@@ -292,7 +292,10 @@ async fn start_phase(
         match route {
             Some(i) => pool = Some(router.take(i)),
             None if router.required || pool.is_none() => {
-                let e = HelloError::Unrouted(name.clone().unwrap_or_else(|| "".into()));
+                let e = HelloError::Unrouted(
+                    name.as_deref()
+                        .map_or("(none)".into(), |n| format!("{n:?}")),
+                );
                 return Err(sni_refused(e, Some(Box::new(SniPick { name, route }))));
             }
             None => {}

@@ -40,8 +40,8 @@ pub(super) enum HelloError {
     Closed,
     #[error("reading the ClientHello: {0}")]
     Io(#[from] io::Error),
-    #[error("no SNI route for {0:?} and sni_required (or no default pool)")]
-    Unrouted(Box<str>),
+    #[error("no SNI route for server name {0} (sni_required, or no listener pool)")]
+    Unrouted(String),
 }
 
 /// One route: its names (as configured) and pool, and its count of clients.

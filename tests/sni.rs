@@ -518,3 +518,71 @@ async fn a_reload_moves_a_name_to_another_pool() {
         "{pools}"
     );
 }
+
+/// Behind a balancer that sends a PROXY header: the ClientHello's first bytes come
+/// in the header's segment, the rest later. The backend gets a v2 header naming the
+/// client from the inbound header and the SNI as authority, then the hello whole;
+/// the access log names that client and the SNI.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_proxy_header_the_hello_and_the_client_both_come_through() {
+    let hello = captured_hello("api.example.com").await;
+    let api = Recorder::start().await;
+    let fg = Proc::spawn(
+        &format!(
+            "{OBSERVED}\
+             [[listeners]]\nname = \"edge\"\nbind = \"127.0.0.1:0\"\naccept_proxy = \"v1\"\n\
+             [[listeners.sni_routes]]\nserver_names = [\"api.example.com\"]\npool = \"api\"\n\
+             [[pools]]\nname = \"api\"\nsend_proxy = \"v2\"\nbackends = [{{ address = \"{}\" }}]\n",
+            api.addr
+        ),
+        &[],
+    );
+    let mut c = TcpStream::connect(fg.addr("edge")).await.unwrap();
+    c.set_nodelay(true).unwrap();
+    let mut first = b"PROXY TCP4 198.51.100.7 203.0.113.1 51000 443\r\n".to_vec();
+    first.extend_from_slice(&hello[..10]);
+    c.write_all(&first).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    c.write_all(&hello[10..]).await.unwrap();
+    let payload_len = |b: &[u8]| -> Option<usize> {
+        let h = ppp::v2::Header::try_from(b).ok()?;
+        Some(b.len() - h.len())
+    };
+    let ok = wait_until(LIMIT, || {
+        api.connections()
+            .iter()
+            .any(|b| payload_len(b).is_some_and(|n| n >= hello.len()))
+    })
+    .await;
+    assert!(
+        ok,
+        "the backend got {:?}; log:\n{}",
+        api.connections(),
+        fg.log()
+    );
+    let got = api
+        .connections()
+        .into_iter()
+        .find(|b| !b.is_empty())
+        .unwrap();
+    let header = ppp::v2::Header::try_from(&got[..]).unwrap();
+    match header.addresses {
+        ppp::v2::Addresses::IPv4(a) => {
+            assert_eq!(a.source_address.to_string(), "198.51.100.7");
+            assert_eq!(a.source_port, 51000);
+        }
+        other => panic!("{other:?}"),
+    }
+    let authority: Vec<Vec<u8>> = header
+        .tlvs()
+        .flatten()
+        .filter(|t| t.kind == ppp::v2::Type::Authority as u8)
+        .map(|t| t.value.to_vec())
+        .collect();
+    assert_eq!(authority, [b"api.example.com".to_vec()]);
+    assert_eq!(&got[header.len()..], &hello[..]);
+    drop(c);
+    let lines = log_lines(&fg, "edge", 1).await;
+    assert_eq!(lines[0]["client"], "198.51.100.7:51000", "{lines:?}");
+    assert_eq!(lines[0]["sni"], "api.example.com", "{lines:?}");
+}

@@ -9,8 +9,9 @@
 //! run first. The data path marks work with [`note_work`] (a thread-local counter:
 //! a TCP session's transfer polled, a connection accepted, a UDP batch read); work
 //! seen while spinning restarts the budget. When the budget runs out with no work,
-//! the task waits for the worker's next real wake-up (the runtime's `after_unpark`
-//! hook calls [`unparked`]), so an idle worker sleeps as usual.
+//! the task waits for a real wake-up of the worker (the runtime's `after_unpark`
+//! hook calls [`unparked`]) after which the data path did something, so an idle
+//! worker sleeps as usual and timer wake-ups do not set it spinning.
 //!
 //! The same setting asks the kernel to busy-poll too (`SO_BUSY_POLL` on the
 //! listening sockets, which accepted ones inherit, and on backend sockets): that
@@ -44,8 +45,8 @@ pub fn unparked() {
 
 /// Runs on each worker for its whole life (see the module documentation).
 pub async fn spin(budget: Duration) {
+    let mut seen = WORK.with(Cell::get);
     loop {
-        let mut seen = WORK.with(Cell::get);
         let mut until = Instant::now() + budget;
         loop {
             tokio::task::yield_now().await;
@@ -58,17 +59,26 @@ pub async fn spin(budget: Duration) {
                 break;
             }
         }
-        // Out of budget with nothing to do: wait for the worker's next real wake-up.
-        let mut registered = false;
-        std::future::poll_fn(|cx| {
-            if registered && PARKED.with_borrow(Option::is_none) {
-                return Poll::Ready(());
+        // Out of budget with nothing to do: sleep until a real wake-up brings data-path
+        // work. A wake-up for a timer alone (the tick, the timer wheel's own steps)
+        // does not restart the spinning: the tasks it woke run before this one, and
+        // only they mark work.
+        loop {
+            let mut registered = false;
+            std::future::poll_fn(|cx| {
+                if registered && PARKED.with_borrow(Option::is_none) {
+                    return Poll::Ready(());
+                }
+                registered = true;
+                PARKED.with_borrow_mut(|p| *p = Some(cx.waker().clone()));
+                Poll::Pending
+            })
+            .await;
+            if WORK.with(Cell::get) != seen {
+                seen = WORK.with(Cell::get);
+                break;
             }
-            registered = true;
-            PARKED.with_borrow_mut(|p| *p = Some(cx.waker().clone()));
-            Poll::Pending
-        })
-        .await;
+        }
     }
 }
 

@@ -150,6 +150,11 @@ impl Pool {
     }
 
     /// `send_proxy`, read the same way (every TCP session asks).
+    /// `source`: the local address backend connections come from, if set.
+    pub fn source(&self) -> Option<std::net::IpAddr> {
+        self.snapshot.load().config.source
+    }
+
     pub fn send_proxy(&self) -> crate::config::SendProxy {
         self.snapshot.load().config.send_proxy
     }

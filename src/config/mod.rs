@@ -227,6 +227,9 @@ pub struct PoolConfig {
     pub max_idle_per_backend: usize,
     /// A PROXY header written to each backend connection (tcp listeners only).
     pub send_proxy: SendProxy,
+    /// `source`: the local address backend connections (and UDP sessions' sockets)
+    /// are bound to; `None`: the kernel's choice.
+    pub source: Option<std::net::IpAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

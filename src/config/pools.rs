@@ -36,6 +36,7 @@ pub(super) fn pools(src: &Source<'_>, raw: &[raw::Pool]) -> Result<Vec<PoolConfi
             ));
         }
         let backends = backends(src, i, p)?;
+        let source = source(src, p, &backends, &at("source"))?;
         let drain = p.drain_timeout.get_ref().0;
         if drain > MAX_DRAIN {
             return Err(src.err(
@@ -66,6 +67,7 @@ pub(super) fn pools(src: &Source<'_>, raw: &[raw::Pool]) -> Result<Vec<PoolConfi
             passive,
             upstream_protocol: p.upstream_protocol,
             send_proxy: p.send_proxy,
+            source,
             max_idle_per_backend: match &p.max_idle_per_backend {
                 None => DEFAULT_IDLE_PER_BACKEND,
                 Some(m) if *m.get_ref() <= MAX_IDLE_PER_BACKEND => *m.get_ref(),
@@ -83,6 +85,55 @@ pub(super) fn pools(src: &Source<'_>, raw: &[raw::Pool]) -> Result<Vec<PoolConfi
         });
     }
     Ok(pools)
+}
+
+/// A pool's `source`: an address of this host that backend connections come from,
+/// of the family of every backend. `"client"` (transparent mode, issue 13) is not
+/// built yet and is refused as such.
+fn source(
+    src: &Source<'_>,
+    p: &raw::Pool,
+    backends: &[BackendConfig],
+    key: &str,
+) -> Result<Option<std::net::IpAddr>, ConfigError> {
+    let Some(s) = &p.source else {
+        return Ok(None);
+    };
+    let text = s.get_ref().trim();
+    if text == "client" {
+        return Err(src.err(
+            s.span(),
+            key.into(),
+            "\"client\" (connecting from the client's own address, IP_TRANSPARENT) is not built yet: give one address of this host, or leave source out".into(),
+        ));
+    }
+    let ip: std::net::IpAddr = text.parse().map_err(|_| {
+        src.err(
+            s.span(),
+            key.into(),
+            format!("{text:?} is not an IP address: expected one address of this host, e.g. \"10.0.0.5\" or \"2001:db8::5\""),
+        )
+    })?;
+    if ip.is_unspecified() || ip.is_multicast() {
+        return Err(src.err(
+            s.span(),
+            key.into(),
+            format!("{ip} cannot be a source address"),
+        ));
+    }
+    if let Some(b) = backends.iter().find(|b| b.addr.is_ipv4() != ip.is_ipv4()) {
+        return Err(src.err(
+            s.span(),
+            key.into(),
+            format!(
+                "{ip} is {}, but backend {} is {}: a connection cannot cross families",
+                if ip.is_ipv4() { "IPv4" } else { "IPv6" },
+                b.name,
+                if b.addr.is_ipv4() { "IPv4" } else { "IPv6" }
+            ),
+        ));
+    }
+    Ok(Some(ip))
 }
 
 /// The backends of pool number `i`: at least one, each resolved to a usable address,

@@ -214,6 +214,8 @@ pub struct Pool {
     /// A PROXY header on each backend connection (pools of tcp listeners).
     #[serde(default)]
     pub send_proxy: SendProxy,
+    /// The local address backend connections come from.
+    pub source: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

@@ -59,6 +59,29 @@ impl Context {
     }
 }
 
+/// A TCP connection to `addr`, from the pool's `source` address when it has one.
+/// The source port is left to the connect (IP_BIND_ADDRESS_NO_PORT, Linux), so the
+/// 4-tuple only has to be unique per destination, as for an unbound socket, instead
+/// of a bind reserving one port of the source address for every destination.
+pub(crate) async fn connect_tcp(
+    addr: std::net::SocketAddr,
+    source: Option<std::net::IpAddr>,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let Some(ip) = source else {
+        return tokio::net::TcpStream::connect(addr).await;
+    };
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    #[cfg(target_os = "linux")]
+    nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::IpBindAddressNoPort, &true)
+        .map_err(std::io::Error::from)?;
+    sock.bind(std::net::SocketAddr::new(ip, 0))?;
+    sock.connect(addr).await
+}
+
 /// Why a TCP session or a UDP session ended; the names are the access log's
 /// termination reasons (docs/operations.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -217,7 +217,7 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<OutBo
         loop {
             let s = match sender.take() {
                 Some(s) => s,
-                None => match upstreams.connect(&b, version, timeout).await {
+                None => match upstreams.connect(&b, pool.source(), version, timeout).await {
                     Ok(s) => {
                         b.stats.connections.fetch_add(1, Ordering::Relaxed);
                         s

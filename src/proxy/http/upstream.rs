@@ -101,9 +101,15 @@ impl Upstreams {
         }
     }
 
-    /// Opens a connection to `b` within `timeout`.
-    pub async fn connect(&self, b: &Backend, v: Version, timeout: Duration) -> io::Result<Sender> {
-        let tcp = connect_tcp(b.addr, timeout).await?;
+    /// Opens a connection to `b` within `timeout`, from `source` when its pool sets one.
+    pub async fn connect(
+        &self,
+        b: &Backend,
+        source: Option<std::net::IpAddr>,
+        v: Version,
+        timeout: Duration,
+    ) -> io::Result<Sender> {
+        let tcp = connect_tcp(b.addr, source, timeout).await?;
         let io = TokioIo::new(tcp);
         let stop = self.stop.clone();
         let name = b.name.clone();
@@ -182,9 +188,14 @@ impl Upstreams {
     }
 }
 
-/// A TCP connection to `addr` with TCP_NODELAY, within `timeout`.
-async fn connect_tcp(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
-    let s = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+/// A TCP connection to `addr` (from `source`, if set) with TCP_NODELAY, within
+/// `timeout`.
+async fn connect_tcp(
+    addr: SocketAddr,
+    source: Option<std::net::IpAddr>,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    let s = match tokio::time::timeout(timeout, crate::proxy::connect_tcp(addr, source)).await {
         Ok(r) => r?,
         Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
     };

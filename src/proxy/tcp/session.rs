@@ -513,7 +513,7 @@ pub(super) async fn connect(
         };
         let b = guard.backend();
         let t0 = Instant::now();
-        match connect_one(b.addr, settings.connect_timeout, prefix).await {
+        match connect_one(b.addr, pool.source(), settings.connect_timeout, prefix).await {
             Ok(stream) => {
                 let took = t0.elapsed();
                 b.stats.connections.fetch_add(1, Ordering::Relaxed);
@@ -543,10 +543,15 @@ pub(super) async fn connect(
 /// socket takes a few KiB at once). Running out of descriptors is our problem, not
 /// the backend's: it pauses and tries the same backend again, within the same
 /// timeout.
-async fn connect_one(addr: SocketAddr, timeout: Duration, prefix: &[u8]) -> io::Result<TcpStream> {
+async fn connect_one(
+    addr: SocketAddr,
+    source: Option<std::net::IpAddr>,
+    timeout: Duration,
+    prefix: &[u8],
+) -> io::Result<TcpStream> {
     let attempt = async {
         loop {
-            match TcpStream::connect(addr).await {
+            match crate::proxy::connect_tcp(addr, source).await {
                 Ok(mut s) => {
                     crate::fd::available();
                     if !prefix.is_empty() {

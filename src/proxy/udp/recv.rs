@@ -266,6 +266,7 @@ impl Worker {
         let b = guard.backend().clone();
         let upstream = match connect_upstream(
             b.addr,
+            settings.pool.source(),
             settings.session_recv_buffer,
             shared.ctx.busy_poll_us,
         ) {
@@ -312,13 +313,15 @@ impl Worker {
 /// its ICMP errors are reported.
 pub(super) fn connect_upstream(
     addr: SocketAddr,
+    // The pool's `source`, if set: the address the session's datagrams come from.
+    source: Option<std::net::IpAddr>,
     recv_buffer: usize,
     busy_poll_us: u32,
 ) -> io::Result<UdpSocket> {
-    let local: SocketAddr = if addr.is_ipv6() {
-        "[::]:0".parse().expect("literal")
-    } else {
-        "0.0.0.0:0".parse().expect("literal")
+    let local: SocketAddr = match source {
+        Some(ip) => SocketAddr::new(ip, 0),
+        None if addr.is_ipv6() => "[::]:0".parse().expect("literal"),
+        None => "0.0.0.0:0".parse().expect("literal"),
     };
     let s = socket2::Socket::new(
         socket2::Domain::for_address(addr),

@@ -292,7 +292,8 @@ mod tests {
         );
         let backend = pool.backends()[0].clone();
         let slot = Slot::take(&shared, &settings, "127.0.0.1".parse().unwrap()).unwrap();
-        let upstream = super::super::recv::connect_upstream(backend.addr, 1 << 20, 0).unwrap();
+        let upstream =
+            super::super::recv::connect_upstream(backend.addr, None, 1 << 20, 0).unwrap();
         let session = Arc::new(Session::new(
             "127.0.0.1:2".parse().unwrap(),
             upstream,

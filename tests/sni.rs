@@ -416,8 +416,11 @@ async fn a_split_client_hello_reaches_the_backend_whole() {
 }
 
 /// A listener with `sni_routes` closes plain HTTP at once, though it has a pool,
-/// and a client that sends nothing once `proxy_header_timeout` (1s) has passed;
-/// both are counted as `sni`, and no backend hears of either.
+/// and a client that sends nothing once `proxy_header_timeout` has passed; both are
+/// counted as `sni`, and no backend hears of either. "At once" is shown without a
+/// clock: that listener's timeout (60s) is far beyond the test's wait, so only the
+/// bytes can have closed it. The silent client goes to a second listener whose
+/// timeout is 1s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_http_and_silence_are_closed_and_counted() {
     let backend = Recorder::start().await;
@@ -425,6 +428,9 @@ async fn plain_http_and_silence_are_closed_and_counted() {
         &format!(
             "{OBSERVED}\
              [[listeners]]\nname = \"edge\"\nbind = \"127.0.0.1:0\"\npool = \"p\"\n\
+             proxy_header_timeout = \"60s\"\n\
+             [[listeners.sni_routes]]\nserver_names = [\"api.example.com\"]\npool = \"p\"\n\
+             [[listeners]]\nname = \"quiet\"\nbind = \"127.0.0.1:0\"\npool = \"p\"\n\
              proxy_header_timeout = \"1s\"\n\
              [[listeners.sni_routes]]\nserver_names = [\"api.example.com\"]\npool = \"p\"\n\
              [[pools]]\nname = \"p\"\nbackends = [{{ address = \"{}\" }}]\n",
@@ -435,38 +441,37 @@ async fn plain_http_and_silence_are_closed_and_counted() {
     let edge = fg.addr("edge");
 
     let mut http = BufReader::new(TcpStream::connect(edge).await.unwrap());
-    let t0 = Instant::now();
     http.get_mut()
         .write_all(b"GET / HTTP/1.1\r\nHost: api.example.com\r\n\r\n")
         .await
         .unwrap();
     assert!(
         closed_within(&mut http, LIMIT).await,
-        "plain HTTP left open"
+        "plain HTTP left open (for the 60s timeout?)"
     );
-    assert!(t0.elapsed() < Duration::from_millis(900), "closed at once");
 
-    let mut silent = BufReader::new(TcpStream::connect(edge).await.unwrap());
+    let mut silent = BufReader::new(TcpStream::connect(fg.addr("quiet")).await.unwrap());
     let t0 = Instant::now();
     assert!(
         closed_within(&mut silent, LIMIT).await,
         "silent client left open"
     );
+    // A lower bound only: a timer never fires early.
     let took = t0.elapsed();
-    assert!(
-        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
-        "closed after {took:?}"
-    );
+    assert!(took >= Duration::from_millis(900), "closed after {took:?}");
 
-    let lines = log_lines(&fg, "edge", 2).await;
-    assert!(
-        lines
-            .iter()
-            .all(|v| v["reason"] == "sni" && v["sni"].is_null()),
-        "{lines:?}"
-    );
+    for listener in ["edge", "quiet"] {
+        let lines = log_lines(&fg, listener, 1).await;
+        assert!(
+            lines
+                .iter()
+                .all(|v| v["reason"] == "sni" && v["sni"].is_null()),
+            "{lines:?}"
+        );
+    }
     let admin = fg.admin();
-    assert_eq!(metric(admin, &rejected_sni("edge")).await, 2.0);
+    assert_eq!(metric(admin, &rejected_sni("edge")).await, 1.0);
+    assert_eq!(metric(admin, &rejected_sni("quiet")).await, 1.0);
     // The route's counter is there from the start, at 0.
     let text = curl(admin, "GET", "/metrics", None, None).await.text;
     assert!(

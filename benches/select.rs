@@ -27,6 +27,7 @@ fn backends(n: usize) -> Vec<Arc<Backend>> {
                     addr: name.parse().unwrap(),
                     name,
                     weight: weight(i),
+                    max_connections: None,
                 },
                 "bench",
             )

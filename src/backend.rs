@@ -20,7 +20,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::BackendConfig;
 use crate::metrics::names;
+use crate::queue::SlotQueue;
 
 /// Whether a backend takes new connections. Only `Up` does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,6 +97,11 @@ pub struct Backend {
     /// Connections picked for this backend and not yet closed (including those still
     /// connecting), so least-connections sees a connect in progress.
     active: AtomicUsize,
+    /// `max_connections`: the most counted connections (HTTP: requests in flight) at
+    /// once; 0 is no cap.
+    cap: AtomicUsize,
+    /// The pool's wait line, woken when a counted connection ends (set by the pool).
+    queue: OnceLock<Arc<SlotQueue>>,
     /// Cancelled (and replaced) to wake this backend's sessions: they then check
     /// `drain_epoch` and their listener, and end or wait on the new token. One wake
     /// source per session keeps the per-connection footprint small.
@@ -216,6 +222,8 @@ impl Backend {
             ramp: AtomicU32::new(1000),
             flags: AtomicU8::new(0),
             active: AtomicUsize::new(0),
+            cap: AtomicUsize::new(cfg.max_connections.unwrap_or(0)),
+            queue: OnceLock::new(),
             cut: ArcSwap::from_pointee(CancellationToken::new()),
             drain_epoch: AtomicU64::new(0),
             idle: Notify::new(),
@@ -349,6 +357,42 @@ impl Backend {
         ActiveGuard(self.clone())
     }
 
+    /// Counts a connection like [`Backend::claim`], unless the backend is at its
+    /// `max_connections`: `None` then. Exact under concurrent picks.
+    pub fn try_claim(self: &Arc<Self>) -> Option<ActiveGuard> {
+        let cap = self.cap.load(Ordering::Relaxed);
+        if cap == 0 {
+            return Some(self.claim());
+        }
+        self.active
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |a| {
+                (a < cap).then_some(a + 1)
+            })
+            .ok()
+            .map(|_| ActiveGuard(self.clone()))
+    }
+
+    /// Whether the backend is at its `max_connections` (false without one).
+    pub fn is_full(&self) -> bool {
+        let cap = self.cap.load(Ordering::Relaxed);
+        cap != 0 && self.active() >= cap
+    }
+
+    /// `max_connections` (None: no cap).
+    pub fn max_connections(&self) -> Option<usize> {
+        Some(self.cap.load(Ordering::Relaxed)).filter(|&c| c != 0)
+    }
+
+    /// A reload's `max_connections`.
+    pub fn set_max_connections(&self, cap: Option<usize>) {
+        self.cap.store(cap.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// Joins the backend to its pool's wait line (once; a backend never changes pool).
+    pub fn set_queue(&self, q: &Arc<SlotQueue>) {
+        let _ = self.queue.set(q.clone());
+    }
+
     /// The token that wakes this backend's sessions (see `cut`).
     pub fn cut_token(&self) -> CancellationToken {
         CancellationToken::clone(&self.cut.load())
@@ -445,6 +489,9 @@ impl Drop for ActiveGuard {
         {
             b.idle.notify_waiters();
         }
+        if let Some(q) = b.queue.get() {
+            q.wake_one();
+        }
     }
 }
 
@@ -458,6 +505,7 @@ mod drain_tests {
                 name: "127.0.0.1:1".into(),
                 addr: "127.0.0.1:1".parse().unwrap(),
                 weight: 1,
+                max_connections: None,
             },
             "p",
         )

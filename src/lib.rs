@@ -38,6 +38,7 @@ mod instance;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;
+pub mod queue;
 pub mod runtime;
 pub mod tasks;
 

@@ -17,8 +17,11 @@ use tracing::{info, warn};
 use crate::backend::{flag, ActiveGuard, Backend};
 use crate::balance::{self, Pick, Selector};
 use crate::config::{PoolConfig, WhenAllDown};
+use crate::queue::SlotQueue;
 
 pub struct Pool {
+    /// Never reused (see [`crate::ids`]): the exporter's key for this object.
+    pub id: u64,
     pub name: Arc<str>,
     snapshot: ArcSwap<Snapshot>,
     /// Backends a reload removed that still have connections draining; shown in the
@@ -31,6 +34,20 @@ pub struct Pool {
     /// Woken whenever [`Pool::check_all_down`] finds a usable backend (see
     /// [`Pool::usable`]).
     usable: Notify,
+    /// Clients waiting for a backend's `max_connections` slot (`queue_timeout`).
+    pub queue: Arc<SlotQueue>,
+}
+
+/// Why [`Pool::acquire`] found no backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoSlot {
+    /// No usable backend (or every one was tried).
+    NoBackend,
+    /// Every usable backend was at its `max_connections`, and there is no queue
+    /// or it was full (`max_queue`).
+    Full,
+    /// Waited `queue_timeout` in the queue without a slot freeing.
+    QueueTimeout,
 }
 
 pub struct Snapshot {
@@ -60,8 +77,15 @@ impl Pool {
     /// A new pool; with health checks configured its backends start down until their
     /// first successful probe.
     pub fn new(cfg: &PoolConfig) -> Arc<Pool> {
-        let backends: Vec<_> = cfg.backends.iter().map(|b| new_backend(cfg, b)).collect();
+        let queue = Arc::new(SlotQueue::default());
+        let backends: Vec<_> = cfg
+            .backends
+            .iter()
+            .map(|b| new_backend(cfg, b, &queue))
+            .collect();
         Arc::new(Pool {
+            id: crate::ids::next(),
+            queue,
             name: cfg.name.as_str().into(),
             snapshot: ArcSwap::from_pointee(Snapshot::new(Arc::new(cfg.clone()), backends)),
             retiring: Mutex::new(Vec::new()),
@@ -95,12 +119,13 @@ impl Pool {
                         b
                     }
                     None => {
-                        kept.push(new_backend(cfg, bc));
+                        kept.push(new_backend(cfg, bc, &self.queue));
                         continue;
                     }
                 },
             };
             b.set_config_weight(bc.weight);
+            b.set_max_connections(bc.max_connections);
             if cfg.health_check.is_none() {
                 b.clear_flag(flag::UNHEALTHY);
             }
@@ -115,6 +140,9 @@ impl Pool {
         retiring.extend(removed.iter().cloned());
         self.snapshot
             .store(Arc::new(Snapshot::new(Arc::new(cfg.clone()), kept)));
+        drop(retiring);
+        // New backends, raised caps: whoever waits may find a slot now.
+        self.queue.wake_one();
         removed
     }
 
@@ -193,14 +221,24 @@ impl Pool {
     pub fn pick(&self, client: IpAddr, tried: &[Arc<Backend>]) -> Option<ActiveGuard> {
         let snap = self.snapshot.load();
         let untried = |b: &Arc<Backend>| !tried.iter().any(|t| Arc::ptr_eq(t, b));
-        let usable = |i: usize| snap.backends[i].is_usable() && untried(&snap.backends[i]);
+        let usable = |i: usize| {
+            let b = &snap.backends[i];
+            b.is_usable() && !b.is_full() && untried(b)
+        };
         let pick = Pick {
             backends: &snap.backends,
             client,
             usable: &usable,
         };
-        if let Some(i) = snap.selector.select(&pick) {
-            return Some(snap.backends[i].claim());
+        // A backend at its `max_connections` is skipped; one that filled between the
+        // selector's look and the claim is looked past on the next round.
+        for _ in 0..=snap.backends.len() {
+            let Some(i) = snap.selector.select(&pick) else {
+                break;
+            };
+            if let Some(g) = snap.backends[i].try_claim() {
+                return Some(g);
+            }
         }
         if snap.config.when_all_down == WhenAllDown::FailOpen
             && !snap.backends.iter().any(|b| b.is_usable())
@@ -211,8 +249,8 @@ impl Pool {
             let start = self.fail_open_next.fetch_add(1, Ordering::Relaxed);
             return (0..n)
                 .map(|k| &snap.backends[(start + k) % n])
-                .find(|b| b.is_admin_usable() && untried(b))
-                .map(|b| b.claim());
+                .filter(|b| b.is_admin_usable() && untried(b))
+                .find_map(|b| b.try_claim());
         }
         // A reload replaced the backends and the new ones have not passed a health
         // check yet: keep sending to healthy backends being retired rather than
@@ -221,10 +259,88 @@ impl Pool {
         retiring
             .iter()
             .filter(|b| {
-                b.is_healthy() && b.flags() & (flag::DISABLED | flag::CLOSED) == 0 && untried(b)
+                b.is_healthy()
+                    && b.flags() & (flag::DISABLED | flag::CLOSED) == 0
+                    && !b.is_full()
+                    && untried(b)
             })
             .min_by_key(|b| b.active())
-            .map(|b| b.claim())
+            .and_then(|b| b.try_claim())
+    }
+
+    /// [`Pool::pick`], waiting in the pool's queue when every usable backend is at its
+    /// `max_connections` and the pool has a `queue_timeout`: first come, first
+    /// served, each waiter taking the first slot that frees on any usable backend.
+    /// Without a queue, or with every backend down, it answers at once.
+    pub async fn acquire(
+        &self,
+        client: IpAddr,
+        tried: &[Arc<Backend>],
+    ) -> Result<ActiveGuard, NoSlot> {
+        // Nobody waits: the pick is all (no lock). With waiters, a newcomer takes its
+        // turn behind them.
+        if self.queue.is_empty() {
+            if let Some(g) = self.pick(client, tried) {
+                return Ok(g);
+            }
+        }
+        let (timeout, max_queue) = {
+            let c = &self.snapshot.load().config;
+            (c.queue_timeout, c.max_queue)
+        };
+        let Some(timeout) = timeout else {
+            return Err(self.why_none(tried));
+        };
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut front = false;
+        loop {
+            let ticket = {
+                let line = self.queue.lock();
+                // Under the line's lock: a slot freed after this pick wakes the line
+                // after this waiter has joined it. A newcomer with others waiting
+                // does not pick: a slot free now is theirs (a wake-up is on its way).
+                let my_turn = front || line.is_empty();
+                if let Some(g) = my_turn.then(|| self.pick(client, tried)).flatten() {
+                    let more = !line.is_empty();
+                    drop(line);
+                    if front && more {
+                        // Pass the turn on: more than one slot may have freed.
+                        self.queue.wake_one();
+                    }
+                    return Ok(g);
+                }
+                if !self.any_usable(tried) {
+                    return Err(NoSlot::NoBackend);
+                }
+                if !front && line.len() >= max_queue {
+                    return Err(NoSlot::Full);
+                }
+                line.join(front)
+            };
+            if !self.queue.wait(ticket, deadline).await {
+                return Err(NoSlot::QueueTimeout);
+            }
+            front = true;
+        }
+    }
+
+    /// Why a pick found nothing: a usable, untried backend is at its cap (`Full`), or
+    /// none is usable.
+    fn why_none(&self, tried: &[Arc<Backend>]) -> NoSlot {
+        if self.any_usable(tried) {
+            NoSlot::Full
+        } else {
+            NoSlot::NoBackend
+        }
+    }
+
+    /// Whether a current backend not in `tried` takes new connections, full or not.
+    fn any_usable(&self, tried: &[Arc<Backend>]) -> bool {
+        self.snapshot
+            .load()
+            .backends
+            .iter()
+            .any(|b| b.is_usable() && !tried.iter().any(|t| Arc::ptr_eq(t, b)))
     }
 
     /// Re-evaluates "every backend is down"; returns `Some(now_all_down)` when that
@@ -233,6 +349,8 @@ impl Pool {
         let down = !self.snapshot.load().backends.iter().any(|b| b.is_usable());
         if !down {
             self.usable.notify_waiters();
+            // A backend back up (or enabled) has free slots.
+            self.queue.wake_one();
         }
         (self.all_down.swap(down, Ordering::AcqRel) != down).then_some(down)
     }
@@ -296,8 +414,13 @@ impl Pool {
     }
 }
 
-fn new_backend(pool: &PoolConfig, cfg: &crate::config::BackendConfig) -> Arc<Backend> {
+fn new_backend(
+    pool: &PoolConfig,
+    cfg: &crate::config::BackendConfig,
+    queue: &Arc<SlotQueue>,
+) -> Arc<Backend> {
     let b = Backend::new(cfg, &pool.name);
+    b.set_queue(queue);
     if pool.health_check.is_some() {
         b.set_flag(flag::UNHEALTHY);
     } else {

@@ -21,6 +21,7 @@ fn backends(weights: &[u32]) -> Vec<Arc<Backend>> {
                     addr: name.parse().unwrap(),
                     name,
                     weight,
+                    max_connections: None,
                 },
                 "p",
             )

@@ -40,18 +40,6 @@ async fn refused(s: TcpStream) -> bool {
     closed_within(&mut r, Duration::from_secs(10)).await
 }
 
-/// Waits for flowgate's one-time startup connect to a backend without health checks,
-/// so that later accepts are the clients' own.
-async fn settled(backend: &TestBackend) {
-    let accepted = backend.accepted.clone();
-    assert!(
-        wait_until(Duration::from_secs(10), || accepted.load(Ordering::SeqCst)
-            >= 1)
-        .await,
-        "flowgate never made its startup connect to the backend"
-    );
-}
-
 fn listener_json(api: &serde_json::Value) -> &serde_json::Value {
     &api["listeners"][0]
 }

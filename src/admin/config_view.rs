@@ -212,6 +212,7 @@ mod tests {
             name: name.into(),
             addr: name.parse().unwrap(),
             weight,
+            max_connections: None,
         }
     }
 

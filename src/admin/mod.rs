@@ -399,6 +399,7 @@ fn one_backend(b: &crate::backend::Backend, retiring: bool) -> Value {
         "state": b.state().as_str(),
         "healthy": b.is_healthy(),
         "active_connections": b.active(),
+        "max_connections": b.max_connections(),
         "last_check": check,
         "removed": retiring,
         "connections_total": st.connections.load(Relaxed),
@@ -429,6 +430,8 @@ fn one_pool(p: &crate::pool::Pool) -> Value {
         "algorithm": cfg.algorithm.as_str(),
         "when_all_down": cfg.when_all_down.as_str(),
         "all_down": p.all_down(),
+        "queue_timeout_ms": cfg.queue_timeout.map(|t| t.as_millis() as u64),
+        "queue_length": p.queue.len(),
         "health_check": cfg.health_check.as_ref().map(|h| json!({
             "kind": match h.kind { crate::config::HealthKind::Tcp => "tcp", crate::config::HealthKind::Http => "http" },
             "interval_ms": h.interval.as_millis() as u64,

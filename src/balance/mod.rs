@@ -88,6 +88,7 @@ pub(crate) mod testutil {
                         name: format!("10.0.0.{}:80", i + 1),
                         addr: format!("10.0.0.{}:80", i + 1).parse().unwrap(),
                         weight: w,
+                        max_connections: None,
                     },
                     "p",
                 )

@@ -230,6 +230,11 @@ pub struct PoolConfig {
     /// `source`: the local address backend connections (and UDP sessions' sockets)
     /// are bound to; `None`: the kernel's choice.
     pub source: Option<std::net::IpAddr>,
+    /// `queue_timeout`: how long a client whose pick found every usable backend at
+    /// its `max_connections` waits for a slot. `None`: no queue, refused at once.
+    pub queue_timeout: Option<Duration>,
+    /// `max_queue`: clients waiting at once; more are refused at once.
+    pub max_queue: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -286,6 +291,8 @@ pub struct BackendConfig {
     /// The resolved address connections go to.
     pub addr: SocketAddr,
     pub weight: u32,
+    /// `max_connections`: counted connections (HTTP: requests in flight) at once.
+    pub max_connections: Option<usize>,
 }
 
 impl Config {

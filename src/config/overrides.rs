@@ -149,6 +149,7 @@ mod tests {
             name: name.into(),
             addr: name.parse().unwrap(),
             weight,
+            max_connections: None,
         }
     }
 

@@ -19,6 +19,13 @@ const DEFAULT_IDLE_PER_BACKEND: usize = 64;
 const MAX_IDLE_PER_BACKEND: usize = 10_000;
 /// Upper bound on `drain_timeout` (NLB's deregistration delay has the same range).
 const MAX_DRAIN: Duration = Duration::from_secs(3600);
+/// Upper bound on a backend's `max_connections` (the listener's bound).
+const MAX_BACKEND_CONNECTIONS: usize = 10_000_000;
+/// `max_queue` by default, and its upper bound.
+const DEFAULT_MAX_QUEUE: usize = 1024;
+const MAX_QUEUE: usize = 1_000_000;
+/// Upper bound on `queue_timeout` (a client waits at most this long for a slot).
+const MAX_QUEUE_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// Validates every pool, in file order; names must be unique.
 pub(super) fn pools(src: &Source<'_>, raw: &[raw::Pool]) -> Result<Vec<PoolConfig>, ConfigError> {
@@ -51,6 +58,7 @@ pub(super) fn pools(src: &Source<'_>, raw: &[raw::Pool]) -> Result<Vec<PoolConfi
                 src.err(span, at(&format!("health_check.{key}")), m)
             })?),
         };
+        let (queue_timeout, max_queue) = queue(src, p, &backends, &at)?;
         let passive = match &p.passive {
             None => None,
             Some(pv) => Some(passive(src, pv, &at("passive.consecutive_failures"))?),
@@ -68,6 +76,8 @@ pub(super) fn pools(src: &Source<'_>, raw: &[raw::Pool]) -> Result<Vec<PoolConfi
             upstream_protocol: p.upstream_protocol,
             send_proxy: p.send_proxy,
             source,
+            queue_timeout,
+            max_queue,
             max_idle_per_backend: match &p.max_idle_per_backend {
                 None => DEFAULT_IDLE_PER_BACKEND,
                 Some(m) if *m.get_ref() <= MAX_IDLE_PER_BACKEND => *m.get_ref(),
@@ -136,6 +146,55 @@ fn source(
     Ok(Some(ip))
 }
 
+/// `queue_timeout` and `max_queue`. A queue waits for a backend's `max_connections`
+/// slot, so a pool with a queue and no capped backend is a mistake worth naming.
+fn queue(
+    src: &Source<'_>,
+    p: &raw::Pool,
+    backends: &[BackendConfig],
+    at: &dyn Fn(&str) -> String,
+) -> Result<(Option<Duration>, usize), ConfigError> {
+    let max_queue = match &p.max_queue {
+        None => DEFAULT_MAX_QUEUE,
+        Some(m) if (1..=MAX_QUEUE).contains(m.get_ref()) => *m.get_ref(),
+        Some(m) => {
+            return Err(src.err(
+                m.span(),
+                at("max_queue"),
+                format!("{} is out of range: expected 1..={MAX_QUEUE}", m.get_ref()),
+            ))
+        }
+    };
+    let Some(t) = &p.queue_timeout else {
+        if let Some(m) = &p.max_queue {
+            return Err(src.err(
+                m.span(),
+                at("max_queue"),
+                "max_queue without queue_timeout: set queue_timeout to queue clients".into(),
+            ));
+        }
+        return Ok((None, max_queue));
+    };
+    let d = t.get_ref().0;
+    if d.is_zero() || d > MAX_QUEUE_TIMEOUT {
+        return Err(src.err(
+            t.span(),
+            at("queue_timeout"),
+            format!("{d:?} is out of range: expected more than 0s, at most 3600s (leave it out for no queue)"),
+        ));
+    }
+    if backends.iter().all(|b| b.max_connections.is_none()) {
+        return Err(src.err(
+            t.span(),
+            at("queue_timeout"),
+            "no backend of the pool has max_connections, so nothing would ever wait: \
+             set max_connections on the backends (e.g. { address = \"10.0.0.1:80\", max_connections = 200 })"
+                .into(),
+        ));
+    }
+    Ok((Some(d), max_queue))
+}
+
 /// The backends of pool number `i`: at least one, each resolved to a usable address,
 /// no address twice.
 fn backends(src: &Source<'_>, i: usize, p: &raw::Pool) -> Result<Vec<BackendConfig>, ConfigError> {
@@ -166,10 +225,25 @@ fn backends(src: &Source<'_>, i: usize, p: &raw::Pool) -> Result<Vec<BackendConf
                 format!("duplicate backend {name:?} in pool {:?}", p.name.get_ref()),
             ));
         }
+        let max_connections = match &b.max_connections {
+            None => None,
+            Some(m) if (1..=MAX_BACKEND_CONNECTIONS).contains(m.get_ref()) => Some(*m.get_ref()),
+            Some(m) => {
+                return Err(src.err(
+                    m.span(),
+                    format!("pools[{i}].backends[{j}].max_connections"),
+                    format!(
+                        "{} is out of range: expected 1..={MAX_BACKEND_CONNECTIONS}",
+                        m.get_ref()
+                    ),
+                ))
+            }
+        };
         backends.push(BackendConfig {
             name,
             addr,
             weight: b.weight.0,
+            max_connections,
         });
     }
     Ok(backends)

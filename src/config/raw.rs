@@ -216,6 +216,9 @@ pub struct Pool {
     pub send_proxy: SendProxy,
     /// The local address backend connections come from.
     pub source: Option<Spanned<String>>,
+    /// Wait for a slot when every usable backend is at its `max_connections`.
+    pub queue_timeout: Option<Spanned<DurationStr>>,
+    pub max_queue: Option<Spanned<usize>>,
 }
 
 #[derive(Deserialize)]
@@ -278,4 +281,5 @@ pub struct Backend {
     pub address: Spanned<String>,
     #[serde(default)]
     pub weight: Weight,
+    pub max_connections: Option<Spanned<usize>>,
 }

@@ -202,6 +202,18 @@ fn describe() {
         "1 for the backend's current state (up, down, draining, disabled)"
     );
     describe_gauge!(BACKEND_ACTIVE, "Connections open to the backend now");
+    describe_gauge!(
+        BACKEND_MAX_CONNECTIONS,
+        "The backend's max_connections (only for backends that have one)"
+    );
+    describe_gauge!(
+        POOL_QUEUE_LENGTH,
+        "Clients waiting for a backend slot (queue_timeout) now"
+    );
+    describe_counter!(
+        POOL_QUEUE_TIMEOUTS,
+        "Clients that waited queue_timeout for a backend slot and gave up"
+    );
     describe_counter!(
         BACKEND_CONNECTIONS,
         "Connections established to the backend"
@@ -343,6 +355,12 @@ impl Scrape<'_> {
         for u in &inv.udp_listeners {
             self.udp_listener(u);
         }
+        for p in &inv.pools {
+            let labels = [("pool", p.name.to_string())];
+            gauge!(POOL_QUEUE_LENGTH, &labels).set(p.queue.len() as f64);
+            let timeouts = p.queue.timeouts.load(Relaxed);
+            self.export(POOL_QUEUE_TIMEOUTS, &labels, p.id, timeouts);
+        }
         let backends: Vec<_> = inv
             .pools
             .iter()
@@ -409,6 +427,9 @@ impl Scrape<'_> {
             gauge!(BACKEND_STATE, &with(&labels, "state", s.as_str())).set(on);
         }
         gauge!(BACKEND_ACTIVE, &labels).set(b.active() as f64);
+        if let Some(cap) = b.max_connections() {
+            gauge!(BACKEND_MAX_CONNECTIONS, &labels).set(cap as f64);
+        }
         self.export(
             BACKEND_CONNECTIONS,
             &labels,

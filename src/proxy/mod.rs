@@ -93,6 +93,11 @@ pub enum Termination {
     IdleTimeout,
     ConnectFailed,
     NoBackend,
+    /// Every usable backend was at its `max_connections`, with no queue
+    /// (`queue_timeout` unset) or a full one (`max_queue`).
+    BackendsFull,
+    /// Waited `queue_timeout` for a backend's slot; none freed.
+    QueueTimeout,
     /// TCP: the peer's PROXY header was missing, malformed, too long, too slow, or
     /// the peer is not in `proxy_trusted`.
     ProxyHeader,
@@ -127,6 +132,8 @@ impl Termination {
             Termination::IdleTimeout => "idle_timeout",
             Termination::ConnectFailed => "connect_failed",
             Termination::NoBackend => "no_backend",
+            Termination::BackendsFull => "backends_full",
+            Termination::QueueTimeout => "queue_timeout",
             Termination::ProxyHeader => "proxy_header",
             Termination::Sni => "sni",
             Termination::Acl => "acl",

@@ -100,6 +100,7 @@ impl Runtime {
                 name: address.to_string(),
                 addr,
                 weight,
+                max_connections: None,
             };
             p.backends.push(b.clone());
             ov.add(pool, b);

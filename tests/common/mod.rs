@@ -194,6 +194,18 @@ pub async fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool
     }
 }
 
+/// Waits for flowgate's one-time startup connect to a backend without health checks,
+/// so that later accepts are the clients' own.
+pub async fn settled(backend: &TestBackend) {
+    let accepted = backend.accepted.clone();
+    assert!(
+        wait_until(Duration::from_secs(10), || accepted.load(Ordering::SeqCst)
+            >= 1)
+        .await,
+        "flowgate never made its startup connect to the backend"
+    );
+}
+
 /// The flowgate binary cargo built for these tests.
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_flowgate"))

@@ -27,6 +27,7 @@ use super::state::ConnCtx;
 use super::upstream::{self, Sender};
 use crate::backend::{ActiveGuard, Backend, ConnectError};
 use crate::config::UpstreamProtocol;
+use crate::pool::NoSlot;
 use crate::proxy::passive_failure;
 
 /// Answers one request (never fails: errors are replies).
@@ -206,9 +207,15 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<OutBo
     let upstreams = ctx.listener.ctx.upstreams.clone();
     let mut tried: Vec<Arc<Backend>> = Vec::new();
     let mut sent_to: Option<Attempt> = None;
+    let mut full = None;
     for _ in 0..pool.connect_attempts() {
-        let Some(guard) = pool.pick(ctx.peer.ip(), &tried) else {
-            break;
+        let guard = match pool.acquire(ctx.peer.ip(), &tried).await {
+            Ok(g) => g,
+            Err(NoSlot::NoBackend) => break,
+            Err(why) => {
+                full = Some(why);
+                break;
+            }
         };
         let b = guard.backend().clone();
         let mut fresh_tries = 0;
@@ -289,7 +296,21 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<OutBo
         tried.push(b);
     }
     let Some((guard, result, h1)) = sent_to else {
-        return if tried.is_empty() {
+        return if full == Some(NoSlot::QueueTimeout) {
+            ex.reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "queue_timeout",
+                "every backend is at its max_connections: waited queue_timeout for a slot\n",
+                false,
+            )
+        } else if full.is_some() {
+            ex.reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "backends_full",
+                "every backend is at its max_connections\n",
+                false,
+            )
+        } else if tried.is_empty() {
             ex.reply(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "no_backend",

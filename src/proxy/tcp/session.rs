@@ -23,7 +23,7 @@ use super::transfer::{splice_both, Stops};
 use crate::access_log::Entry;
 use crate::backend::{ActiveGuard, Backend, ConnectError};
 use crate::config::SendProxy;
-use crate::pool::Pool;
+use crate::pool::{NoSlot, Pool};
 use crate::proxy::{now_us, passive_failure, Termination};
 
 /// Serves one accepted client until both directions end, then accounts for it
@@ -127,6 +127,8 @@ pub async fn serve(
             let rejected = match t {
                 Termination::NoBackend => Some(&listener.rejected_no_backend),
                 Termination::ConnectFailed => Some(&listener.rejected_connect_failed),
+                Termination::BackendsFull => Some(&listener.rejected_backends_full),
+                Termination::QueueTimeout => Some(&listener.rejected_queue_timeout),
                 _ => None,
             };
             if let Some(r) = rejected {
@@ -508,8 +510,13 @@ pub(super) async fn connect(
     let attempts = pool.connect_attempts();
     let mut tried: Vec<Arc<Backend>> = Vec::new();
     for _ in 0..attempts {
-        let Some(guard) = pool.pick(peer.ip(), &tried) else {
-            break;
+        let guard = match pool.acquire(peer.ip(), &tried).await {
+            Ok(g) => g,
+            Err(NoSlot::NoBackend) => break,
+            Err(NoSlot::Full) => return Err((Termination::BackendsFull, tried.len() as u8)),
+            Err(NoSlot::QueueTimeout) => {
+                return Err((Termination::QueueTimeout, tried.len() as u8))
+            }
         };
         let b = guard.backend();
         let t0 = Instant::now();

@@ -48,6 +48,11 @@ pub struct ListenerShared {
     pub rejected_max_connections: AtomicU64,
     /// Clients closed because no backend was usable.
     pub rejected_no_backend: AtomicU64,
+    /// Clients closed because every usable backend was at its `max_connections`
+    /// (no queue, or `max_queue` reached).
+    pub rejected_backends_full: AtomicU64,
+    /// Clients that waited `queue_timeout` without a slot.
+    pub rejected_queue_timeout: AtomicU64,
     /// Clients closed because every connect attempt failed.
     pub rejected_connect_failed: AtomicU64,
     /// Clients closed because of their PROXY header (`accept_proxy`): missing,
@@ -165,6 +170,8 @@ impl ListenerShared {
             rejected_max_connections: AtomicU64::new(0),
             rejected_no_backend: AtomicU64::new(0),
             rejected_connect_failed: AtomicU64::new(0),
+            rejected_backends_full: AtomicU64::new(0),
+            rejected_queue_timeout: AtomicU64::new(0),
             rejected_proxy_header: AtomicU64::new(0),
             rejected_sni: AtomicU64::new(0),
             rejected_acl: AtomicU64::new(0),
@@ -198,7 +205,7 @@ impl ListenerShared {
 
     /// Rejected clients by reason (the `reason` label of
     /// `flowgate_connections_rejected_total`).
-    pub fn rejected(&self) -> [(&'static str, u64); 8] {
+    pub fn rejected(&self) -> [(&'static str, u64); 10] {
         [
             (
                 "max_connections",
@@ -211,6 +218,14 @@ impl ListenerShared {
             (
                 "connect_failed",
                 self.rejected_connect_failed.load(Ordering::Relaxed),
+            ),
+            (
+                "backends_full",
+                self.rejected_backends_full.load(Ordering::Relaxed),
+            ),
+            (
+                "queue_timeout",
+                self.rejected_queue_timeout.load(Ordering::Relaxed),
             ),
             (
                 "proxy_header",

@@ -35,6 +35,7 @@ fn session_future_is_small() {
             name: "127.0.0.1:1".into(),
             addr: "127.0.0.1:1".parse().unwrap(),
             weight: 1,
+            max_connections: None,
         },
         "p",
     );

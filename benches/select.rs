@@ -28,6 +28,7 @@ fn backends(n: usize) -> Vec<Arc<Backend>> {
                     name,
                     weight: weight(i),
                     max_connections: None,
+                    hostname: None,
                 },
                 "bench",
             )

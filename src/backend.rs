@@ -87,6 +87,9 @@ pub struct Backend {
     /// The pool this backend belongs to (the `pool` metric label).
     pub pool: Arc<str>,
     pub addr: SocketAddr,
+    /// The entry as written (`HOST:PORT`) when this backend is one of a hostname's
+    /// addresses.
+    pub hostname: Option<Arc<str>>,
     /// Weight from the config file.
     config_weight: AtomicU32,
     /// Weight set through the API (0: none); wins over the file, survives reloads.
@@ -217,6 +220,7 @@ impl Backend {
             stats: BackendStats::default(),
             histograms: BackendHistograms::new(pool, &cfg.name),
             addr: cfg.addr,
+            hostname: cfg.hostname.as_deref().map(Into::into),
             config_weight: AtomicU32::new(cfg.weight),
             override_weight: AtomicU32::new(0),
             ramp: AtomicU32::new(1000),
@@ -506,6 +510,7 @@ mod drain_tests {
                 addr: "127.0.0.1:1".parse().unwrap(),
                 weight: 1,
                 max_connections: None,
+                hostname: None,
             },
             "p",
         )

@@ -22,6 +22,7 @@ fn backends(weights: &[u32]) -> Vec<Arc<Backend>> {
                     name,
                     weight,
                     max_connections: None,
+                    hostname: None,
                 },
                 "p",
             )

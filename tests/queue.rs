@@ -16,21 +16,10 @@ use tokio::net::TcpStream;
 
 fn spawn(backend: SocketAddr, pool_extra: &str) -> Proc {
     Proc::spawn(
-        &format!(
-            r#"
-[admin]
-bind = "127.0.0.1:0"
-
-[[listeners]]
-name = "t"
-bind = "127.0.0.1:0"
-pool = "p"
-
-[[pools]]
-name = "p"
-backends = [{{ address = "{backend}", max_connections = 2 }}]
-{pool_extra}
-"#
+        &listener_and_pool(
+            "",
+            &format!("{{ address = \"{backend}\", max_connections = 2 }}"),
+            pool_extra,
         ),
         &[],
     )

@@ -53,22 +53,7 @@ async fn rejected(admin: SocketAddr, reason: &str) -> u64 {
 
 fn spawn(backend: SocketAddr, rules: &str) -> Proc {
     Proc::spawn(
-        &format!(
-            r#"
-[admin]
-bind = "127.0.0.1:0"
-
-[[listeners]]
-name = "t"
-bind = "127.0.0.1:0"
-pool = "p"
-{rules}
-
-[[pools]]
-name = "p"
-backends = [{{ address = "{backend}" }}]
-"#
-        ),
+        &listener_and_pool(rules, &format!("{{ address = \"{backend}\" }}"), ""),
         &[],
     )
 }

@@ -213,6 +213,7 @@ mod tests {
             addr: name.parse().unwrap(),
             weight,
             max_connections: None,
+            hostname: None,
         }
     }
 

@@ -394,6 +394,7 @@ fn one_backend(b: &crate::backend::Backend, retiring: bool) -> Value {
     json!({
         "address": &*b.name,
         "resolved": b.addr.to_string(),
+        "hostname": b.hostname.as_deref(),
         "weight": b.base_weight(),
         "effective_weight": b.weight(),
         "state": b.state().as_str(),

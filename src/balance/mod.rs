@@ -89,6 +89,7 @@ pub(crate) mod testutil {
                         addr: format!("10.0.0.{}:80", i + 1).parse().unwrap(),
                         weight: w,
                         max_connections: None,
+                        hostname: None,
                     },
                     "p",
                 )

@@ -27,7 +27,7 @@ mod overrides;
 mod pools;
 mod proxy;
 mod raw;
-mod resolve;
+pub mod resolve;
 mod sni;
 mod sources;
 mod types;
@@ -235,6 +235,8 @@ pub struct PoolConfig {
     pub queue_timeout: Option<Duration>,
     /// `max_queue`: clients waiting at once; more are refused at once.
     pub max_queue: usize,
+    /// How often backends given by hostname are resolved again.
+    pub resolve_interval: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -293,6 +295,9 @@ pub struct BackendConfig {
     pub weight: u32,
     /// `max_connections`: counted connections (HTTP: requests in flight) at once.
     pub max_connections: Option<usize>,
+    /// The entry as written (`HOST:PORT`) when it named a host: this backend is one
+    /// of its addresses, and follows its records (`resolve_interval`).
+    pub hostname: Option<String>,
 }
 
 impl Config {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use toml::Spanned;
 
 use super::raw;
-use super::resolve::resolve;
+use super::resolve::{lookup, resolve_all, Lookup};
 use super::validate::{unique_name, Source};
 use super::{BackendConfig, ConfigError, HealthCheckConfig, HealthKind, PassiveConfig, PoolConfig};
 
@@ -26,6 +26,10 @@ const DEFAULT_MAX_QUEUE: usize = 1024;
 const MAX_QUEUE: usize = 1_000_000;
 /// Upper bound on `queue_timeout` (a client waits at most this long for a slot).
 const MAX_QUEUE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// `resolve_interval` by default, and its bounds.
+const DEFAULT_RESOLVE_INTERVAL: Duration = Duration::from_secs(30);
+const MIN_RESOLVE_INTERVAL: Duration = Duration::from_millis(100);
+const MAX_RESOLVE_INTERVAL: Duration = Duration::from_secs(86_400);
 
 /// Validates every pool, in file order; names must be unique.
 pub(super) fn pools(src: &Source<'_>, raw: &[raw::Pool]) -> Result<Vec<PoolConfig>, ConfigError> {
@@ -59,6 +63,19 @@ pub(super) fn pools(src: &Source<'_>, raw: &[raw::Pool]) -> Result<Vec<PoolConfi
             })?),
         };
         let (queue_timeout, max_queue) = queue(src, p, &backends, &at)?;
+        let resolve_interval = match &p.resolve_interval {
+            None => DEFAULT_RESOLVE_INTERVAL,
+            Some(r) if (MIN_RESOLVE_INTERVAL..=MAX_RESOLVE_INTERVAL).contains(&r.get_ref().0) => {
+                r.get_ref().0
+            }
+            Some(r) => {
+                return Err(src.err(
+                    r.span(),
+                    at("resolve_interval"),
+                    format!("{:?} is out of range: expected 100ms..=24h", r.get_ref().0),
+                ))
+            }
+        };
         let passive = match &p.passive {
             None => None,
             Some(pv) => Some(passive(src, pv, &at("passive.consecutive_failures"))?),
@@ -78,6 +95,7 @@ pub(super) fn pools(src: &Source<'_>, raw: &[raw::Pool]) -> Result<Vec<PoolConfi
             source,
             queue_timeout,
             max_queue,
+            resolve_interval,
             max_idle_per_backend: match &p.max_idle_per_backend {
                 None => DEFAULT_IDLE_PER_BACKEND,
                 Some(m) if *m.get_ref() <= MAX_IDLE_PER_BACKEND => *m.get_ref(),
@@ -196,7 +214,9 @@ fn queue(
 }
 
 /// The backends of pool number `i`: at least one, each resolved to a usable address,
-/// no address twice.
+/// no address twice. A hostname becomes one backend per address it resolves to
+/// (of the family of the pool's `source`, when it has one), named by the address,
+/// with the entry's weight and cap; the entry as written is its `hostname`.
 fn backends(src: &Source<'_>, i: usize, p: &raw::Pool) -> Result<Vec<BackendConfig>, ConfigError> {
     if p.backends.get_ref().is_empty() {
         return Err(src.err(
@@ -205,25 +225,37 @@ fn backends(src: &Source<'_>, i: usize, p: &raw::Pool) -> Result<Vec<BackendConf
             "expected at least one backend, found an empty list".into(),
         ));
     }
+    let family = p
+        .source
+        .as_ref()
+        .and_then(|s| s.get_ref().trim().parse::<std::net::IpAddr>().ok());
     let mut backends = Vec::with_capacity(p.backends.get_ref().len());
     let mut seen = HashSet::new();
     for (j, b) in p.backends.get_ref().iter().enumerate() {
         let key = format!("pools[{i}].backends[{j}].address");
-        let name = b.address.get_ref().trim().to_string();
-        let addr = resolve(&name).map_err(|m| src.err(b.address.span(), key.clone(), m))?;
-        if addr.port() == 0 {
-            return Err(src.err(
-                b.address.span(),
-                key,
-                format!("{name:?}: port 0 is not a valid backend port"),
-            ));
-        }
-        if !seen.insert(name.clone()) {
-            return Err(src.err(
-                b.address.span(),
-                key,
-                format!("duplicate backend {name:?} in pool {:?}", p.name.get_ref()),
-            ));
+        let written = b.address.get_ref().trim().to_string();
+        let err = |m: String| src.err(b.address.span(), key.clone(), m);
+        let records = match lookup(&written).map_err(err)? {
+            Lookup::Literal(a) => vec![(written.clone(), a, None)],
+            Lookup::Host(host, port) => {
+                let all = resolve_all(&host, port).map_err(err)?;
+                let v: Vec<_> = all
+                    .into_iter()
+                    .filter(|a| family.is_none_or(|f| f.is_ipv4() == a.is_ipv4()))
+                    .map(|a| (a.to_string(), a, Some(written.clone())))
+                    .collect();
+                if v.is_empty() {
+                    return Err(err(format!(
+                        "{host:?} has no address of the family of the pool's source"
+                    )));
+                }
+                v
+            }
+        };
+        if records[0].1.port() == 0 {
+            return Err(err(format!(
+                "{written:?}: port 0 is not a valid backend port"
+            )));
         }
         let max_connections = match &b.max_connections {
             None => None,
@@ -239,12 +271,26 @@ fn backends(src: &Source<'_>, i: usize, p: &raw::Pool) -> Result<Vec<BackendConf
                 ))
             }
         };
-        backends.push(BackendConfig {
-            name,
-            addr,
-            weight: b.weight.0,
-            max_connections,
-        });
+        for (name, addr, hostname) in records {
+            if !seen.insert(name.clone()) {
+                return Err(err(format!(
+                    "duplicate backend {name:?} in pool {:?}{}",
+                    p.name.get_ref(),
+                    if hostname.is_some() {
+                        format!(" ({written:?} resolves to it)")
+                    } else {
+                        String::new()
+                    }
+                )));
+            }
+            backends.push(BackendConfig {
+                name,
+                addr,
+                weight: b.weight.0,
+                max_connections,
+                hostname,
+            });
+        }
     }
     Ok(backends)
 }

@@ -219,6 +219,8 @@ pub struct Pool {
     /// Wait for a slot when every usable backend is at its `max_connections`.
     pub queue_timeout: Option<Spanned<DurationStr>>,
     pub max_queue: Option<Spanned<usize>>,
+    /// How often backends given by hostname are resolved again.
+    pub resolve_interval: Option<Spanned<DurationStr>>,
 }
 
 #[derive(Deserialize)]

@@ -5,12 +5,34 @@
 use std::net::SocketAddr;
 
 /// Resolves `host:port` or `[v6]:port`. Hostnames go through the system resolver,
-/// once, at load time.
+/// once, at load time; the first address is taken.
 pub(super) fn resolve(s: &str) -> Result<SocketAddr, String> {
-    use std::net::ToSocketAddrs;
+    match lookup(s)? {
+        Lookup::Literal(a) => Ok(a),
+        // The resolver's own order (RFC 6724 preferences), not resolve_all's.
+        Lookup::Host(host, port) => {
+            use std::net::ToSocketAddrs;
+            (host.as_str(), port)
+                .to_socket_addrs()
+                .map_err(|e| format!("cannot resolve {host:?}: {e}"))?
+                .next()
+                .ok_or_else(|| format!("{host:?} resolved to no address"))
+        }
+    }
+}
+
+/// What an address value is: an IP literal, or a hostname (and port) to resolve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    Literal(SocketAddr),
+    Host(String, u16),
+}
+
+/// Checks the form of `host:port` or `[v6]:port` without resolving anything.
+pub fn lookup(s: &str) -> Result<Lookup, String> {
     let s = s.trim();
     if let Ok(addr) = s.parse::<SocketAddr>() {
-        return Ok(addr);
+        return Ok(Lookup::Literal(addr));
     }
     let expected = "expected \"HOST:PORT\", \"IPv4:PORT\" or \"[IPv6]:PORT\"";
     let Some((host, port)) = s.rsplit_once(':') else {
@@ -35,12 +57,24 @@ pub(super) fn resolve(s: &str) -> Result<SocketAddr, String> {
     if malformed || (host.contains(':') && host.parse::<std::net::Ipv6Addr>().is_err()) {
         return Err(format!("{s:?} is not a valid address; {expected}"));
     }
-    let mut addrs = (host, port as u16)
+    Ok(Lookup::Host(host.to_string(), port as u16))
+}
+
+/// Every address `host` resolves to through the system resolver (blocking:
+/// `getaddrinfo`), in ascending order without repeats, so that two instances see
+/// the same list whatever order the resolver answers in.
+pub fn resolve_all(host: &str, port: u16) -> Result<Vec<SocketAddr>, String> {
+    use std::net::ToSocketAddrs;
+    let addrs = (host, port)
         .to_socket_addrs()
         .map_err(|e| format!("cannot resolve {host:?}: {e}"))?;
-    addrs
-        .next()
-        .ok_or_else(|| format!("{host:?} resolved to no address"))
+    let mut v: Vec<SocketAddr> = addrs.collect();
+    v.sort();
+    v.dedup();
+    if v.is_empty() {
+        return Err(format!("{host:?} resolved to no address"));
+    }
+    Ok(v)
 }
 
 /// 1-based line and column of a byte offset.

@@ -566,3 +566,34 @@ fn source_rules_parse_and_their_mistakes_are_named() {
     let e = parse(&udp).unwrap_err().to_string();
     assert!(e.contains("deny applies to tcp and http listeners"), "{e}");
 }
+
+/// A hostname backend is one backend per address it resolves to, named by the
+/// address, each with the entry's weight and cap and the entry as `hostname`; with
+/// a `source`, only that family's addresses. A literal names itself.
+#[test]
+fn a_hostname_is_one_backend_per_address() {
+    let text = GOOD.replace(
+        "{ address = \"127.0.0.1:9002\" }",
+        "{ address = \"localhost:9002\", weight = 3, max_connections = 7 }",
+    );
+    let c = parse(&text).unwrap();
+    let b = &c.pools[0].backends;
+    assert!(b.len() >= 2, "{b:?}");
+    assert_eq!(b[0].hostname, None);
+    for r in &b[1..] {
+        assert_eq!(r.hostname.as_deref(), Some("localhost:9002"));
+        assert_eq!(r.name, r.addr.to_string());
+        assert!(r.addr.ip().is_loopback() && r.addr.port() == 9002, "{r:?}");
+        assert_eq!((r.weight, r.max_connections), (3, Some(7)));
+    }
+    let v4 = parse(&format!("{text}source = \"127.0.0.1\"\n")).unwrap();
+    assert!(v4.pools[0].backends.iter().all(|b| b.addr.is_ipv4()));
+    let e = parse(&text.replace("localhost:9002", "127.0.0.1:9001"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("duplicate backend"), "{e}");
+    let e = parse(&format!("{text}resolve_interval = \"10ms\"\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("pools[0].resolve_interval"), "{e}");
+}

@@ -198,7 +198,7 @@ fn flip(
 
 /// Ramps a recovered backend's weight from 10% to 100% over the pool's `slow_start`,
 /// rebuilding the pool's selector at each step.
-fn slow_start(pool: &Arc<Pool>, b: &Arc<Backend>, tasks: &Tasks) {
+pub fn slow_start(pool: &Arc<Pool>, b: &Arc<Backend>, tasks: &Tasks) {
     let ramp = pool.config().slow_start;
     if ramp.is_zero() {
         return;

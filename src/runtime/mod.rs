@@ -22,6 +22,7 @@
 //! default. Work beside the sessions (probes, drains, timers, the admin API's
 //! connections) runs on the control thread, on one tracker ([`Tasks`]).
 
+mod dns;
 mod drain;
 mod errors;
 mod holder;
@@ -116,6 +117,8 @@ struct Inner {
     /// This instance's metrics recorder (with `[admin]`).
     metrics: Option<Arc<Exporter>>,
     level_hook: OnceLock<LevelHook>,
+    /// Wakes the resolver loop (`dns`): the config changed.
+    resolver: Arc<tokio::sync::Notify>,
     state: Mutex<State>,
 }
 

@@ -101,6 +101,7 @@ impl Runtime {
                 addr,
                 weight,
                 max_connections: None,
+                hostname: None,
             };
             p.backends.push(b.clone());
             ov.add(pool, b);

@@ -118,6 +118,8 @@ impl Runtime {
         self.swap_listeners(st, &new, &plan, fresh);
         self.apply_settings(&st.config, &new, &plan);
         st.config = new;
+        // The resolver follows the new config's hostname entries.
+        self.inner.resolver.notify_one();
         Ok(())
     }
 
@@ -280,11 +282,98 @@ impl Runtime {
     }
 }
 
+impl Runtime {
+    /// Replaces the backends of the hostname entry `written` of `pool` (DNS, see
+    /// `dns`) with one per address of `addrs`: those of the pool's source family,
+    /// not already backends of the pool by another entry. Returns the names added
+    /// and removed; both empty when nothing changed.
+    pub(super) fn apply_records(
+        &self,
+        pool: &str,
+        written: &str,
+        addrs: &[std::net::SocketAddr],
+    ) -> Result<(Vec<String>, Vec<String>), String> {
+        let mut st = self.inner.lock();
+        let mut cfg = st.config.clone();
+        let Some(p) = cfg.pools.iter_mut().find(|p| p.name == pool) else {
+            return Ok(Default::default());
+        };
+        let mine = |b: &crate::config::BackendConfig| b.hostname.as_deref() == Some(written);
+        let Some(first) = p.backends.iter().position(mine) else {
+            return Ok(Default::default());
+        };
+        let template = p.backends[first].clone();
+        let family = p.source.map(|s| s.is_ipv4());
+        let fresh: Vec<crate::config::BackendConfig> = addrs
+            .iter()
+            .filter(|a| family.is_none_or(|v4| a.is_ipv4() == v4))
+            .map(|a| crate::config::BackendConfig {
+                name: a.to_string(),
+                addr: *a,
+                ..template.clone()
+            })
+            .filter(|b| !p.backends.iter().any(|o| !mine(o) && o.name == b.name))
+            .collect();
+        let old: Vec<&crate::config::BackendConfig> =
+            p.backends.iter().filter(|b| mine(b)).collect();
+        if fresh.is_empty() {
+            return Err(format!(
+                "{} has no usable address (none of the pool's source family, or all are other backends of the pool)",
+                written
+            ));
+        }
+        let added: Vec<String> = fresh
+            .iter()
+            .filter(|b| !old.iter().any(|o| o.name == b.name))
+            .map(|b| b.name.clone())
+            .collect();
+        let removed: Vec<String> = old
+            .iter()
+            .filter(|o| !fresh.iter().any(|b| b.name == o.name))
+            .map(|o| o.name.clone())
+            .collect();
+        if added.is_empty() && removed.is_empty() {
+            return Ok((added, removed));
+        }
+        let rest: Vec<crate::config::BackendConfig> = p.backends.drain(..).collect();
+        let mut at = 0;
+        for (i, b) in rest.into_iter().enumerate() {
+            if i == first {
+                at = p.backends.len();
+            }
+            if !mine(&b) {
+                p.backends.push(b);
+            }
+        }
+        p.backends.splice(at..at, fresh);
+        self.execute(&mut st, cfg, Cause::Dns)
+            .map_err(|e| e.to_string())?;
+        // New addresses join with slow start: behind a health check, the first
+        // passing probe counts as coming back; without one, the ramp starts now.
+        if let Some(pool) = st.pools.get(pool).cloned() {
+            for b in pool
+                .backends()
+                .iter()
+                .filter(|b| added.iter().any(|a| **a == *b.name))
+            {
+                if pool.config().health_check.is_some() {
+                    b.set_been_up();
+                } else {
+                    crate::health::slow_start(&pool, b, &self.inner.control);
+                }
+            }
+        }
+        Ok((added, removed))
+    }
+}
+
 /// What changes the running config.
 #[derive(Clone, Copy, Debug)]
 pub(super) enum Cause {
     Reload,
     Api,
+    /// A hostname backend's records changed (`resolve_interval`).
+    Dns,
 }
 
 impl Cause {
@@ -292,6 +381,7 @@ impl Cause {
         match self {
             Cause::Reload => "reload",
             Cause::Api => "the admin API",
+            Cause::Dns => "DNS",
         }
     }
 }

@@ -77,6 +77,7 @@ impl Runtime {
             upstreams: crate::proxy::http::Upstreams::new(),
             metrics,
             level_hook: OnceLock::new(),
+            resolver: Default::default(),
             state: Mutex::new(State {
                 config: config.clone(),
                 listeners: Vec::new(),
@@ -139,6 +140,9 @@ impl Runtime {
             .control
             .spawn_until_stop(report_unreachable(unchecked));
         rt.inner.control.spawn_until_stop(report_states(all));
+        rt.inner
+            .control
+            .spawn_until_stop(super::dns::resolve_loop(rt.downgrade()));
         if let Some(m) = &rt.inner.metrics {
             let stop = rt.inner.control.stop_token().clone();
             rt.inner.control.spawn(m.clone().upkeep(stop));

@@ -206,6 +206,29 @@ pub async fn settled(backend: &TestBackend) {
     );
 }
 
+/// An admin API on a free port, tcp listener "t" on a free port with
+/// `listener_extra` keys, and its pool "p" with `backends` (the TOML list's
+/// inside) and `pool_extra` keys.
+pub fn listener_and_pool(listener_extra: &str, backends: &str, pool_extra: &str) -> String {
+    format!(
+        r#"
+[admin]
+bind = "127.0.0.1:0"
+
+[[listeners]]
+name = "t"
+bind = "127.0.0.1:0"
+pool = "p"
+{listener_extra}
+
+[[pools]]
+name = "p"
+backends = [{backends}]
+{pool_extra}
+"#
+    )
+}
+
 /// The flowgate binary cargo built for these tests.
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_flowgate"))

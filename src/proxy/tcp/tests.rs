@@ -36,6 +36,7 @@ fn session_future_is_small() {
             addr: "127.0.0.1:1".parse().unwrap(),
             weight: 1,
             max_connections: None,
+            hostname: None,
         },
         "p",
     );

@@ -28,6 +28,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::BackendConfig;
+use crate::load::LoadState;
 use crate::metrics::names;
 use crate::queue::SlotQueue;
 
@@ -124,6 +125,8 @@ pub struct Backend {
     last_check: Mutex<Option<CheckRecord>>,
     pub stats: BackendStats,
     pub histograms: BackendHistograms,
+    /// What `least-load` scores: reports, dispatches, completions, learned speed.
+    pub load: LoadState,
 }
 
 /// Why a connect to a backend failed: the `reason` label of
@@ -235,6 +238,7 @@ impl Backend {
             been_up: AtomicBool::new(false),
             probes: AtomicUsize::new(0),
             last_check: Mutex::new(None),
+            load: LoadState::default(),
         })
     }
 
@@ -358,6 +362,7 @@ impl Backend {
     /// Counts a connection against this backend until the guard drops.
     pub fn claim(self: &Arc<Self>) -> ActiveGuard {
         self.active.fetch_add(1, Ordering::Relaxed);
+        self.load.dispatched.fetch_add(1, Ordering::Relaxed);
         ActiveGuard(self.clone())
     }
 
@@ -373,7 +378,10 @@ impl Backend {
                 (a < cap).then_some(a + 1)
             })
             .ok()
-            .map(|_| ActiveGuard(self.clone()))
+            .map(|_| {
+                self.load.dispatched.fetch_add(1, Ordering::Relaxed);
+                ActiveGuard(self.clone())
+            })
     }
 
     /// Whether the backend is at its `max_connections` (false without one).
@@ -486,6 +494,7 @@ impl ActiveGuard {
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
         let b = &self.0;
+        b.load.completed.fetch_add(1, Ordering::Relaxed);
         // SeqCst costs nothing more than Relaxed for a read-modify-write on x86; it
         // pairs with `set_flag` (see there).
         if b.active.fetch_sub(1, Ordering::SeqCst) == 1

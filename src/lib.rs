@@ -35,6 +35,7 @@ pub mod fd;
 pub mod health;
 pub mod ids;
 mod instance;
+pub mod load;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;

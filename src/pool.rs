@@ -38,6 +38,20 @@ pub struct Pool {
     pub queue: Arc<SlotQueue>,
 }
 
+/// What [`Pool::load_view`] shows.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadView {
+    pub score: f64,
+    pub in_flight: usize,
+    pub dispatched_since_report: u64,
+    /// The last report when fresh (`stale_after`).
+    pub report: Option<crate::load::Report>,
+    /// Seconds since the last good report (None: never).
+    pub report_age: Option<f64>,
+    /// Mean time per request relative to the pool's median.
+    pub slowness: f64,
+}
+
 /// Why [`Pool::acquire`] found no backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NoSlot {
@@ -334,6 +348,27 @@ impl Pool {
         }
     }
 
+    /// `least-load` pools: the live score inputs of `b` and its score (API, metrics,
+    /// status page). `None` for other algorithms.
+    pub fn load_view(&self, b: &Backend) -> Option<LoadView> {
+        let cfg = self.config();
+        if cfg.algorithm != crate::config::Algorithm::LeastLoad {
+            return None;
+        }
+        let r = cfg.load_report.as_ref();
+        let weights = r.map(|r| r.weights).unwrap_or_default();
+        let stale_after = r.map(|r| r.stale_after);
+        let report = stale_after.and_then(|s| b.load.fresh(s));
+        Some(LoadView {
+            score: b.load.score(b.active(), b.weight(), &weights, stale_after),
+            in_flight: b.active(),
+            dispatched_since_report: b.load.since_report(),
+            report,
+            report_age: b.load.age(),
+            slowness: b.load.slowness(),
+        })
+    }
+
     /// Whether a current backend not in `tried` takes new connections, full or not.
     fn any_usable(&self, tried: &[Arc<Backend>]) -> bool {
         self.snapshot
@@ -431,7 +466,7 @@ fn new_backend(
 
 impl Snapshot {
     fn new(config: Arc<PoolConfig>, backends: Vec<Arc<Backend>>) -> Snapshot {
-        let selector = balance::build(config.algorithm, &backends);
+        let selector = balance::build_for(&config, &backends);
         Snapshot {
             backends,
             config,

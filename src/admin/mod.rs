@@ -424,7 +424,26 @@ fn backend_json(fg: &Runtime, pool: &str, addr: &str) -> Option<Value> {
 /// One pool as GET /api/v1/pools lists it (and GET /api/v1/pools/{pool} returns it).
 fn one_pool(p: &crate::pool::Pool) -> Value {
     let cfg = p.config();
-    let mut backends: Vec<Value> = p.backends().iter().map(|b| one_backend(b, false)).collect();
+    let mut backends: Vec<Value> = p
+        .backends()
+        .iter()
+        .map(|b| {
+            let mut v = one_backend(b, false);
+            if let Some(l) = p.load_view(b) {
+                v["load"] = json!({
+                    "score": l.score,
+                    "in_flight": l.in_flight,
+                    "dispatched_since_report": l.dispatched_since_report,
+                    "waiting": l.report.map(|r| r.waiting),
+                    "running": l.report.map(|r| r.running),
+                    "cache": l.report.map(|r| r.cache),
+                    "report_age_seconds": l.report_age,
+                    "slowness": l.slowness,
+                });
+            }
+            v
+        })
+        .collect();
     backends.extend(p.retiring().iter().map(|b| one_backend(b, true)));
     json!({
         "name": &*p.name,

@@ -6,6 +6,7 @@
 //! backends; health, draining and retries live outside it, in that filter.
 
 mod least_conn;
+mod least_load;
 mod maglev;
 mod p2c;
 mod random;
@@ -16,7 +17,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::backend::Backend;
-use crate::config::Algorithm;
+use crate::config::{Algorithm, PoolConfig};
 
 pub use maglev::Maglev;
 
@@ -46,10 +47,31 @@ pub trait Selector: Send + Sync {
     fn select(&self, pick: &Pick<'_>) -> Option<usize>;
 }
 
-/// Builds the selector for `algorithm` over `backends` (their weights as of now).
+/// Builds the selector of pool `cfg` over `backends` (their weights as of now).
+pub fn build_for(cfg: &PoolConfig, backends: &[Arc<Backend>]) -> Box<dyn Selector> {
+    match (cfg.algorithm, &cfg.load_report) {
+        (Algorithm::LeastLoad, Some(r)) => {
+            let weights: Vec<u32> = backends.iter().map(|b| b.weight()).collect();
+            Box::new(least_load::LeastLoad::new(
+                &weights,
+                r.weights,
+                Some(r.stale_after),
+            ))
+        }
+        (algorithm, _) => build(algorithm, backends),
+    }
+}
+
+/// Builds the selector for `algorithm` over `backends` (their weights as of now);
+/// `least-load` without reports (in-flight counts and learned speed).
 pub fn build(algorithm: Algorithm, backends: &[Arc<Backend>]) -> Box<dyn Selector> {
     let weights: Vec<u32> = backends.iter().map(|b| b.weight()).collect();
     match algorithm {
+        Algorithm::LeastLoad => Box::new(least_load::LeastLoad::new(
+            &weights,
+            crate::config::LoadWeights::default(),
+            None,
+        )),
         Algorithm::RoundRobin => Box::new(round_robin::RoundRobin::default()),
         Algorithm::WeightedRoundRobin => Box::new(weighted::SmoothWeighted::new(&weights)),
         Algorithm::LeastConnections => Box::new(least_conn::LeastConnections::default()),

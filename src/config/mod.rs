@@ -23,6 +23,7 @@ mod diff;
 mod env;
 mod http;
 mod listeners;
+mod load;
 mod overrides;
 mod pools;
 mod proxy;
@@ -38,6 +39,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use diff::{diff, Changes, PoolBackends, ReloadPlan, RestartKey};
+pub use load::{preset_families, Families, LoadReportConfig, LoadWeights, MAX_EXPOSITION_BYTES};
 pub use overrides::{Overrides, PoolOverrides};
 pub use sni::{SniConfig, SniRouteConfig};
 pub use sources::{Rate, SourcesConfig};
@@ -45,6 +47,7 @@ pub use types::{
     AcceptProxy, AccessLogDest, Algorithm, DurationStr, HealthKind, LogFormat, Protocol, SendProxy,
     StatusRanges, UpstreamProtocol, Weight, WhenAllDown, WorkerModel, Xff, DEV_LOG,
 };
+pub use types::{LoadKind, Preset};
 
 /// A configuration error, written for the human who has to fix the file.
 #[derive(Debug, thiserror::Error)]
@@ -237,6 +240,9 @@ pub struct PoolConfig {
     pub max_queue: usize,
     /// How often backends given by hostname are resolved again.
     pub resolve_interval: Duration,
+    /// `least-load`: where backends report their load (none: in-flight counts and
+    /// learned speed alone).
+    pub load_report: Option<LoadReportConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

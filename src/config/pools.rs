@@ -63,6 +63,10 @@ pub(super) fn pools(src: &Source<'_>, raw: &[raw::Pool]) -> Result<Vec<PoolConfi
             })?),
         };
         let (queue_timeout, max_queue) = queue(src, p, &backends, &at)?;
+        let load_report = match &p.load_report {
+            None => None,
+            Some(r) => Some(super::load::load_report(src, r, &at)?),
+        };
         let resolve_interval = match &p.resolve_interval {
             None => DEFAULT_RESOLVE_INTERVAL,
             Some(r) if (MIN_RESOLVE_INTERVAL..=MAX_RESOLVE_INTERVAL).contains(&r.get_ref().0) => {
@@ -96,6 +100,7 @@ pub(super) fn pools(src: &Source<'_>, raw: &[raw::Pool]) -> Result<Vec<PoolConfi
             queue_timeout,
             max_queue,
             resolve_interval,
+            load_report,
             max_idle_per_backend: match &p.max_idle_per_backend {
                 None => DEFAULT_IDLE_PER_BACKEND,
                 Some(m) if *m.get_ref() <= MAX_IDLE_PER_BACKEND => *m.get_ref(),

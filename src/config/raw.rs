@@ -221,6 +221,8 @@ pub struct Pool {
     pub max_queue: Option<Spanned<usize>>,
     /// How often backends given by hostname are resolved again.
     pub resolve_interval: Option<Spanned<DurationStr>>,
+    /// `least-load`: where backends report their load.
+    pub load_report: Option<RawLoadReport>,
 }
 
 #[derive(Deserialize)]
@@ -284,4 +286,24 @@ pub struct Backend {
     #[serde(default)]
     pub weight: Weight,
     pub max_connections: Option<Spanned<usize>>,
+}
+
+/// `[pools.load_report]` as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLoadReport {
+    pub kind: super::types::LoadKind,
+    pub preset: Option<Spanned<super::types::Preset>>,
+    pub path: Option<Spanned<String>>,
+    pub port: Option<Spanned<u32>>,
+    pub interval: Option<Spanned<DurationStr>>,
+    pub stale_after: Option<Spanned<DurationStr>>,
+    pub timeout: Option<Spanned<DurationStr>>,
+    /// `custom`: metric names.
+    pub queue: Option<Spanned<String>>,
+    pub running: Option<Spanned<String>>,
+    pub cache: Option<Spanned<String>>,
+    pub queue_weight: Option<Spanned<f64>>,
+    pub running_weight: Option<Spanned<f64>>,
+    pub cache_weight: Option<Spanned<f64>>,
 }

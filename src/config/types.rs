@@ -76,17 +76,21 @@ pub enum Algorithm {
     IpHash,
     Random,
     PowerOfTwo,
+    /// Power-of-two choices on a load score (issue 14): backend-reported queues
+    /// and cache, requests dispatched since, a learned speed.
+    LeastLoad,
 }
 
 impl Algorithm {
     /// Every algorithm, in the order of the docs (for benches and tests that cover all).
-    pub const ALL: [Algorithm; 6] = [
+    pub const ALL: [Algorithm; 7] = [
         Algorithm::RoundRobin,
         Algorithm::WeightedRoundRobin,
         Algorithm::LeastConnections,
         Algorithm::IpHash,
         Algorithm::Random,
         Algorithm::PowerOfTwo,
+        Algorithm::LeastLoad,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -97,6 +101,7 @@ impl Algorithm {
             Algorithm::IpHash => "ip-hash",
             Algorithm::Random => "random",
             Algorithm::PowerOfTwo => "power-of-two",
+            Algorithm::LeastLoad => "least-load",
         }
     }
 }
@@ -347,4 +352,25 @@ impl fmt::Display for AccessLogDest {
             AccessLogDest::SyslogUdp { addr, .. } => write!(f, "udp://{addr}"),
         }
     }
+}
+
+/// How a backend reports its load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LoadKind {
+    /// Scrape a Prometheus text exposition (`GET path` on `port`).
+    Prometheus,
+    /// A TCP line `load=<0..1> [weight=<n>]`, like HAProxy's agent-check.
+    Agent,
+}
+
+/// Which gauges a preset reads, each under its current and former names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Preset {
+    Vllm,
+    Sglang,
+    Tgi,
+    Triton,
+    Custom,
 }

@@ -12,6 +12,8 @@
 //! whether the state changed. Probe intervals are jittered (±10%) so a large pool
 //! is not probed in lock-step.
 
+mod exposition;
+pub mod load_report;
 mod probe;
 
 use std::sync::Arc;

@@ -207,6 +207,22 @@ fn describe() {
         "The backend's max_connections (only for backends that have one)"
     );
     describe_gauge!(
+        BACKEND_LOAD_SCORE,
+        "least-load: the backend's score now (lower takes the next request)"
+    );
+    describe_gauge!(
+        BACKEND_REPORTED,
+        "least-load: the backend's last fresh report, by signal (waiting, running, cache)"
+    );
+    describe_counter!(
+        LOAD_REPORT_ERRORS,
+        "least-load: failed load reports, by reason"
+    );
+    describe_gauge!(
+        LOAD_REPORT_AGE,
+        "least-load: seconds since the backend's last good load report"
+    );
+    describe_gauge!(
         POOL_QUEUE_LENGTH,
         "Clients waiting for a backend slot (queue_timeout) now"
     );
@@ -360,6 +376,35 @@ impl Scrape<'_> {
             gauge!(POOL_QUEUE_LENGTH, &labels).set(p.queue.len() as f64);
             let timeouts = p.queue.timeouts.load(Relaxed);
             self.export(POOL_QUEUE_TIMEOUTS, &labels, p.id, timeouts);
+            for b in p.backends() {
+                let Some(l) = p.load_view(&b) else { break };
+                let labels = [
+                    ("pool", p.name.to_string()),
+                    ("backend", b.name.to_string()),
+                ];
+                gauge!(BACKEND_LOAD_SCORE, &labels).set(l.score);
+                if let Some(r) = l.report {
+                    for (signal, v) in [
+                        ("waiting", r.waiting),
+                        ("running", r.running),
+                        ("cache", r.cache),
+                    ] {
+                        gauge!(BACKEND_REPORTED, &with(&labels, "signal", signal)).set(v);
+                    }
+                }
+                if let Some(age) = l.report_age {
+                    gauge!(LOAD_REPORT_AGE, &labels).set(age);
+                }
+                for e in crate::load::LoadError::ALL {
+                    let n = b.load.errors[e as usize].load(Relaxed);
+                    self.export(
+                        LOAD_REPORT_ERRORS,
+                        &with(&labels, "reason", e.as_str()),
+                        b.id,
+                        n,
+                    );
+                }
+            }
         }
         let backends: Vec<_> = inv
             .pools

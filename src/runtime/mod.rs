@@ -129,6 +129,8 @@ struct State {
     pools: HashMap<String, Arc<Pool>>,
     /// Per pool: stops its probe tasks.
     probes: HashMap<String, CancellationToken>,
+    /// Per least-load pool: stops its load feed.
+    loads: HashMap<String, CancellationToken>,
     /// Pools a reload removed; their backends may still have sessions to cut on a
     /// hard stop.
     removed_pools: Vec<Arc<Pool>>,

@@ -166,8 +166,10 @@ impl Runtime {
             for b in old.backends() {
                 self.drain_backend(old.clone(), b, drain, false);
             }
-            if let Some(stop) = st.probes.remove(name) {
-                stop.cancel();
+            for stops in [&mut st.probes, &mut st.loads] {
+                if let Some(stop) = stops.remove(name) {
+                    stop.cancel();
+                }
             }
             st.removed_pools.push(old);
         }

@@ -84,6 +84,7 @@ impl Runtime {
                 udp_listeners: Vec::new(),
                 pools: HashMap::new(),
                 probes: HashMap::new(),
+                loads: HashMap::new(),
                 removed_pools: Vec::new(),
                 overrides: Default::default(),
             }),
@@ -279,6 +280,16 @@ impl Runtime {
     /// backends without one (added by a reload) get theirs.
     pub(super) fn start_probes(&self, st: &mut State, pool: &Arc<Pool>, restart: bool) {
         let name = pool.name.to_string();
+        // The load feed of a least-load pool starts anew with each change: its
+        // state (reports, learned speed) lives in the backends.
+        if let Some(old) = st.loads.remove(&name) {
+            old.cancel();
+        }
+        if pool.config().algorithm == crate::config::Algorithm::LeastLoad {
+            let stop = self.inner.control.stop_token().child_token();
+            health::load_report::spawn(pool, &stop, &self.inner.control);
+            st.loads.insert(name.clone(), stop);
+        }
         if restart {
             if let Some(old) = st.probes.remove(&name) {
                 old.cancel();

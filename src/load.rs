@@ -1,0 +1,298 @@
+//! A backend's load as `least-load` scores it (issue 14): what the backend last
+//! reported (queue, running, cache), what flowgate dispatched since, and a speed
+//! flowgate learns from what it sees.
+//!
+//! The data path only counts (a dispatch at the pick, a completion when the counted
+//! connection or request ends) and reads the score's inputs; the control runtime
+//! writes reports and the learned speed. Everything is an atomic.
+//!
+//! **Score**: an estimate of how long a new request would wait there:
+//! `(work + 1) × slowness / weight`, where `work` is
+//! `queue_weight × waiting + running_weight × running + cache_weight × cache`
+//! plus the requests dispatched since the report with a fresh report, and the
+//! in-flight count without one; and `slowness` is the backend's mean time per request relative to the pool's
+//! median (Little's law over flowgate's own counts: mean in flight / completions per
+//! second). The `+ 1` is the new request itself, so that idle backends still differ
+//! by speed.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::config::LoadWeights;
+
+/// Milliseconds since a process-wide epoch (0 is "never").
+pub fn now_ms() -> u64 {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let e = *EPOCH.get_or_init(|| Instant::now() - Duration::from_millis(1));
+    e.elapsed().as_millis() as u64
+}
+
+fn f(a: &AtomicU64) -> f64 {
+    f64::from_bits(a.load(Relaxed))
+}
+
+fn set(a: &AtomicU64, v: f64) {
+    a.store(v.to_bits(), Relaxed);
+}
+
+/// Why a load report was not taken (`flowgate_load_report_errors_total{reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoadError {
+    /// No connection, or it failed mid-way.
+    Connect,
+    /// No complete answer within `load_report.timeout`.
+    Timeout,
+    /// The scrape answered a status other than 2xx.
+    Status,
+    /// The body is larger than the cap (4 MiB).
+    TooLarge,
+    /// An overlong line, a wanted series without a number, a bad agent line.
+    Malformed,
+    /// None of the wanted families is in the body (renamed metrics, wrong path).
+    Missing,
+}
+
+impl LoadError {
+    pub const ALL: [LoadError; 6] = [
+        LoadError::Connect,
+        LoadError::Timeout,
+        LoadError::Status,
+        LoadError::TooLarge,
+        LoadError::Malformed,
+        LoadError::Missing,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LoadError::Connect => "connect",
+            LoadError::Timeout => "timeout",
+            LoadError::Status => "status",
+            LoadError::TooLarge => "too_large",
+            LoadError::Malformed => "malformed",
+            LoadError::Missing => "missing",
+        }
+    }
+}
+
+/// One report's values.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Report {
+    pub waiting: f64,
+    pub running: f64,
+    /// 0..1.
+    pub cache: f64,
+    /// An agent's `weight=`; None: the configured weight.
+    pub weight: Option<u32>,
+}
+
+#[derive(Debug)]
+pub struct LoadState {
+    waiting: AtomicU64,
+    running: AtomicU64,
+    cache: AtomicU64,
+    /// An agent's weight (0: none).
+    agent_weight: AtomicU64,
+    /// When the last good report came ([`now_ms`]; 0: never).
+    reported_at: AtomicU64,
+    /// `dispatched` when that report came.
+    dispatched_at_report: AtomicU64,
+    /// Connections (L4) or requests (L7) sent to this backend: counted at the pick.
+    pub dispatched: AtomicU64,
+    /// Those that ended.
+    pub completed: AtomicU64,
+    /// Mean time per request relative to the pool's median (1.0: unknown, or average).
+    slowness: AtomicU64,
+    /// The estimator's running sums (control runtime only).
+    estimator: Mutex<Estimator>,
+    /// Failed reports by reason ([`LoadError`] order).
+    pub errors: [AtomicU64; 6],
+}
+
+impl Default for LoadState {
+    fn default() -> Self {
+        LoadState {
+            waiting: AtomicU64::new(0),
+            running: AtomicU64::new(0),
+            cache: AtomicU64::new(0),
+            agent_weight: AtomicU64::new(0),
+            reported_at: AtomicU64::new(0),
+            dispatched_at_report: AtomicU64::new(0),
+            dispatched: AtomicU64::new(0),
+            completed: AtomicU64::new(0),
+            slowness: AtomicU64::new(1f64.to_bits()),
+            estimator: Mutex::new(Estimator::default()),
+            errors: Default::default(),
+        }
+    }
+}
+
+/// Exponentially decayed sums for Little's law: in-flight × time, and completions.
+#[derive(Debug, Default)]
+struct Estimator {
+    busy: f64,
+    done: f64,
+    last_completed: u64,
+}
+
+/// Half-life of the learned speed: old behaviour fades over a few seconds.
+const SPEED_HALF_LIFE: Duration = Duration::from_secs(5);
+/// Bounds on `slowness` (a backend 10× slower than the median is as slow as counts).
+const SLOWNESS_RANGE: (f64, f64) = (0.1, 10.0);
+/// An agent's `load=1` counts as this many queued requests.
+pub const AGENT_SCALE: f64 = 10.0;
+
+impl LoadState {
+    /// Stores a good report (control runtime).
+    pub fn report(&self, r: Report) {
+        set(&self.waiting, r.waiting.max(0.0));
+        set(&self.running, r.running.max(0.0));
+        set(&self.cache, r.cache.clamp(0.0, 1.0));
+        self.agent_weight
+            .store(r.weight.map_or(0, u64::from), Relaxed);
+        self.dispatched_at_report
+            .store(self.dispatched.load(Relaxed), Relaxed);
+        self.reported_at.store(now_ms(), Relaxed);
+    }
+
+    /// The last report, if fresher than `stale_after`.
+    pub fn fresh(&self, stale_after: Duration) -> Option<Report> {
+        let at = self.reported_at.load(Relaxed);
+        (at != 0 && now_ms().saturating_sub(at) < stale_after.as_millis() as u64).then(|| Report {
+            waiting: f(&self.waiting),
+            running: f(&self.running),
+            cache: f(&self.cache),
+            weight: Some(self.agent_weight.load(Relaxed) as u32).filter(|&w| w != 0),
+        })
+    }
+
+    /// Seconds since the last good report (None: never).
+    pub fn age(&self) -> Option<f64> {
+        let at = self.reported_at.load(Relaxed);
+        (at != 0).then(|| now_ms().saturating_sub(at) as f64 / 1000.0)
+    }
+
+    pub fn slowness(&self) -> f64 {
+        f(&self.slowness)
+    }
+
+    /// Requests dispatched since the last report.
+    pub fn since_report(&self) -> u64 {
+        self.dispatched
+            .load(Relaxed)
+            .saturating_sub(self.dispatched_at_report.load(Relaxed))
+    }
+
+    /// The score (lower is better) for a backend with `in_flight` counted
+    /// connections or requests and `weight`.
+    pub fn score(
+        &self,
+        in_flight: usize,
+        weight: u32,
+        w: &LoadWeights,
+        stale_after: Option<Duration>,
+    ) -> f64 {
+        let report = stale_after.and_then(|s| self.fresh(s));
+        let (work, weight) = match report {
+            Some(r) => (
+                w.queue * r.waiting
+                    + w.running * r.running
+                    + self.since_report() as f64
+                    + w.cache * r.cache,
+                r.weight.unwrap_or(weight),
+            ),
+            None => (in_flight as f64, weight),
+        };
+        (work + 1.0) * self.slowness() / f64::from(weight.max(1))
+    }
+
+    /// One estimator step (control runtime): `in_flight` sampled now, `dt` since
+    /// the last step. Returns the mean time per request in seconds, when known.
+    pub fn observe(&self, in_flight: usize, dt: Duration) -> Option<f64> {
+        let mut e = self.estimator.lock().unwrap_or_else(|p| p.into_inner());
+        let completed = self.completed.load(Relaxed);
+        let dc = completed.saturating_sub(e.last_completed);
+        e.last_completed = completed;
+        let decay = 0.5f64.powf(dt.as_secs_f64() / SPEED_HALF_LIFE.as_secs_f64());
+        e.busy = e.busy * decay + in_flight as f64 * dt.as_secs_f64();
+        e.done = e.done * decay + dc as f64;
+        // Work in flight that never completes is slow too: a second's worth of
+        // in-flight time with nothing done counts as one very long request.
+        if e.done >= 0.5 {
+            Some(e.busy / e.done)
+        } else if e.busy >= 1.0 {
+            Some(e.busy)
+        } else {
+            None
+        }
+    }
+
+    pub fn set_slowness(&self, s: f64) {
+        set(&self.slowness, s.clamp(SLOWNESS_RANGE.0, SLOWNESS_RANGE.1));
+    }
+}
+
+/// Sets each backend's slowness from its mean time per request (`None`: unknown,
+/// average) relative to the median of the known ones.
+pub fn relate(states: &[(&LoadState, Option<f64>)]) {
+    let mut known: Vec<f64> = states.iter().filter_map(|(_, t)| *t).collect();
+    if known.is_empty() {
+        for (s, _) in states {
+            s.set_slowness(1.0);
+        }
+        return;
+    }
+    known.sort_by(|a, b| a.total_cmp(b));
+    let median = known[known.len() / 2].max(1e-6);
+    for (s, t) in states {
+        s.set_slowness(t.map_or(1.0, |t| t / median));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fresh_report_counts_dispatches_since_and_a_stale_one_falls_back() {
+        let s = LoadState::default();
+        let w = LoadWeights::default();
+        let fresh = Some(Duration::from_secs(60));
+        // No report: in flight alone.
+        assert_eq!(s.score(3, 1, &w, fresh), 4.0);
+        s.report(Report {
+            waiting: 5.0,
+            running: 4.0,
+            cache: 0.5,
+            weight: None,
+        });
+        // 5 + 0.25 × 4 + 0 + 2 × 0.5 = 7, plus the new request.
+        assert_eq!(s.score(0, 1, &w, fresh), 8.0);
+        s.dispatched.fetch_add(2, Relaxed);
+        assert_eq!(s.score(0, 1, &w, fresh), 10.0);
+        assert_eq!(s.score(0, 2, &w, fresh), 5.0, "weight divides");
+        // Stale: back to in flight.
+        assert_eq!(s.score(1, 1, &w, Some(Duration::ZERO)), 2.0);
+    }
+
+    #[test]
+    fn the_slower_backend_is_scored_higher_at_equal_work() {
+        let (fast, slow) = (LoadState::default(), LoadState::default());
+        // Fast: 1 in flight, 10 done per second; slow: 1 in flight, 2.5 per second.
+        let tick = Duration::from_millis(100);
+        for i in 0..100 {
+            fast.completed.fetch_add(1, Relaxed);
+            if i % 4 == 0 {
+                slow.completed.fetch_add(1, Relaxed);
+            }
+            let tf = fast.observe(1, tick);
+            let ts = slow.observe(1, tick);
+            let third = LoadState::default();
+            third.completed.fetch_add(0, Relaxed);
+            relate(&[(&fast, tf), (&slow, ts), (&third, tf)]);
+        }
+        let w = LoadWeights::default();
+        let (f, s) = (fast.score(0, 1, &w, None), slow.score(0, 1, &w, None));
+        assert!((3.5..4.5).contains(&(s / f)), "slow {s}, fast {f}");
+    }
+}

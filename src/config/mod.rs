@@ -227,9 +227,18 @@ pub struct PoolConfig {
     pub max_idle_per_backend: usize,
     /// A PROXY header written to each backend connection (tcp listeners only).
     pub send_proxy: SendProxy,
-    /// `source`: the local address backend connections (and UDP sessions' sockets)
-    /// are bound to; `None`: the kernel's choice.
-    pub source: Option<std::net::IpAddr>,
+    /// `source`: where backend connections (and UDP sessions' sockets) come from;
+    /// `None`: the kernel's choice.
+    pub source: Option<PoolSource>,
+}
+
+/// A pool's `source`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolSource {
+    /// One address of this host.
+    Address(std::net::IpAddr),
+    /// `"client"`: the client's own address (IP_TRANSPARENT; tcp listeners only).
+    Client,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -96,6 +96,7 @@ impl Runtime {
         // 1. Everything fallible. Nothing has changed yet: sockets bound here close
         // again if a later step fails; the access log's file (which opening may
         // create) comes last.
+        crate::proxy::check_transparent(&new.pools)?;
         let mut fresh = Vec::new();
         for name in &plan.listeners.added {
             let l = listener_config(&new, name);

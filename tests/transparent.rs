@@ -4,7 +4,7 @@
 //! towards the backend; flowgate runs here, with the routing of docs/operations.md)
 //! and `backend` (10.71.2.2, default route via lb). The backend is a python3
 //! listener that answers each connection with the peer address it sees; the client
-//! is python3 too, run in its namespace. Needs root, `ip` and `nft`; skipped (with
+//! is python3 too, run in its namespace. Needs root, `ip`, `nft` and python3; skipped (with
 //! the reason printed) otherwise.
 //!
 //! Also: without CAP_NET_ADMIN/CAP_NET_RAW (dropped with `setpriv`) startup fails
@@ -187,6 +187,9 @@ fn backend_sees_the_client_address() {
     let _backend = Backend::start(&ns.backend);
     let fg = Proc::spawn(
         r#"
+[log]
+access_log = "access.log"
+
 [[listeners]]
 name = "plain"
 bind = "10.71.1.1:0"
@@ -214,6 +217,34 @@ backends = [ { address = "10.71.2.2:7000" } ]
     // to 10.71.1.3 never leaves lb: the socket match delivers it to flowgate.
     let header = "PROXY TCP4 10.71.1.3 10.71.1.1 5555 80\\r\\n";
     assert_eq!(client(&ns.client, fg.addr("behind"), header), "10.71.1.3");
+
+    // A client of another family than the backend's (a v6 header here): not sent
+    // there, closed as connect_failed; flowgate does not fall back to its own
+    // address.
+    let header = "PROXY TCP6 2001:db8::7 2001:db8::1 5555 80\\r\\n";
+    assert_eq!(client(&ns.client, fg.addr("behind"), header), "");
+    let access = fg.dir.0.join("access.log");
+    let line = |needle: &str| {
+        std::fs::read_to_string(&access)
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.contains(needle))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !line("client=[2001:db8::7]:5555") && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = std::fs::read_to_string(&access).unwrap_or_default();
+    let l = log
+        .lines()
+        .find(|l| l.contains("client=[2001:db8::7]:5555"));
+    assert!(
+        l.is_some_and(|l| l.contains("reason=connect_failed") && l.contains("backend=-")),
+        "{log}"
+    );
+    // The other two, as the backend saw them.
+    assert!(line("client=10.71.1.2:"), "{log}");
+    assert!(line("client=10.71.1.3:5555"), "{log}");
 
     // A control: the routing above leaves the host's own connections (health checks
     // among them) alone; one from lb itself is seen from lb's address.

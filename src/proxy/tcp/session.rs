@@ -566,7 +566,7 @@ impl Origin {
         if !pool.transparent() {
             return Some(Origin::Host(pool.source()));
         }
-        // A v4 client on a dual-stack listener arrives as ::ffff:a.b.c.d.
+        // A v4 address written as ::ffff:a.b.c.d (a PROXY header may) is v4.
         let client = client.to_canonical();
         (client.is_ipv4() == backend.is_ipv4()).then_some(Origin::Client(client))
     }

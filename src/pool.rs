@@ -149,7 +149,6 @@ impl Pool {
         self.snapshot.load().config.connect_attempts
     }
 
-    /// `send_proxy`, read the same way (every TCP session asks).
     /// `source`: the local address backend connections come from, if one is set
     /// (`None` also for `source = "client"`: see [`Pool::transparent`]).
     pub fn source(&self) -> Option<std::net::IpAddr> {
@@ -159,11 +158,12 @@ impl Pool {
         }
     }
 
-    /// `source = "client"`: tcp sessions connect from the client's address.
+    /// `source = "client"`: tcp and udp sessions come from the client's address.
     pub fn transparent(&self) -> bool {
         self.snapshot.load().config.source == Some(crate::config::PoolSource::Client)
     }
 
+    /// `send_proxy`, read the same way (every TCP session asks).
     pub fn send_proxy(&self) -> crate::config::SendProxy {
         self.snapshot.load().config.send_proxy
     }

@@ -1,5 +1,5 @@
 //! A pool's `source = "client"` (issue 13, transparent mode): the backend sees the
-//! client's own address as the TCP peer. Three network namespaces joined by veth
+//! client's own address as the TCP peer (and as the UDP sender). Three network namespaces joined by veth
 //! pairs: `client` (10.71.1.2), `lb` (10.71.1.1 towards the client, 10.71.2.1
 //! towards the backend; flowgate runs here, with the routing of docs/operations.md)
 //! and `backend` (10.71.2.2, default route via lb). The backend is a python3
@@ -9,7 +9,7 @@
 //!
 //! Also: without CAP_NET_ADMIN/CAP_NET_RAW (dropped with `setpriv`) startup fails
 //! with exit 1 and the reason, and a reload that adds such a pool is refused; and
-//! `check` refuses "client" for pools of http and udp listeners.
+//! `check` refuses "client" for pools of http listeners.
 
 mod common;
 
@@ -117,16 +117,23 @@ fn cannot_run() -> Option<String> {
     None
 }
 
-/// The backend: answers every connection with the peer address it sees, then
-/// closes. A child process in namespace `ns`, killed on drop.
+/// The backend: answers every TCP connection with the peer address it sees, then
+/// closes, and every UDP datagram (same port) with its sender's address. A child
+/// process in namespace `ns`, killed on drop.
 struct Backend(std::process::Child);
 
 impl Backend {
     fn start(ns: &str) -> Backend {
         let script = r#"
-import socket, sys
+import socket, threading
 l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 l.bind(("10.71.2.2", 7000)); l.listen(64)
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(("10.71.2.2", 7000))
+def udp():
+    while True:
+        _, peer = u.recvfrom(2048)
+        u.sendto(peer[0].encode(), peer)
+threading.Thread(target=udp, daemon=True).start()
 print("ready", flush=True)
 while True:
     c, peer = l.accept()
@@ -177,6 +184,22 @@ print(out.decode().strip())
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// From namespace `ns`: one UDP datagram to `addr`; returns the reply.
+fn udp_client(ns: &str, addr: std::net::SocketAddr) -> String {
+    let script = format!(
+        r#"
+import socket
+c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); c.settimeout(30)
+c.sendto(b"who", ("{ip}", {port}))
+print(c.recv(2048).decode())
+"#,
+        ip = addr.ip(),
+        port = addr.port()
+    );
+    let out = run(&["ip", "netns", "exec", ns, "python3", "-c", &script]);
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 #[test]
 fn backend_sees_the_client_address() {
     if let Some(why) = cannot_run() {
@@ -201,8 +224,19 @@ bind = "10.71.1.1:0"
 pool = "p"
 accept_proxy = "v1"
 
+[[listeners]]
+name = "dgram"
+bind = "10.71.1.1:0"
+protocol = "udp"
+pool = "u"
+
 [[pools]]
 name = "p"
+source = "client"
+backends = [ { address = "10.71.2.2:7000" } ]
+
+[[pools]]
+name = "u"
 source = "client"
 backends = [ { address = "10.71.2.2:7000" } ]
 "#,
@@ -217,6 +251,10 @@ backends = [ { address = "10.71.2.2:7000" } ]
     // to 10.71.1.3 never leaves lb: the socket match delivers it to flowgate.
     let header = "PROXY TCP4 10.71.1.3 10.71.1.1 5555 80\\r\\n";
     assert_eq!(client(&ns.client, fg.addr("behind"), header), "10.71.1.3");
+
+    // A udp session's socket too: the backend's reply (to the client's address)
+    // reaches flowgate, which relays it.
+    assert_eq!(udp_client(&ns.client, fg.addr("dgram")), "10.71.1.2");
 
     // A client of another family than the backend's (a v6 header here): not sent
     // there, closed as connect_failed; flowgate does not fall back to its own
@@ -316,41 +354,30 @@ async fn without_the_privilege_startup_fails_and_reload_is_refused() {
 }
 
 #[test]
-fn check_refuses_client_for_http_and_udp_listeners() {
+fn check_refuses_client_for_http_listeners_only() {
     let dir = tempdir::Dir::new();
-    for protocol in ["http", "udp"] {
+    let check = |protocol: &str| {
         let cfg = dir.file(
             "f.toml",
             &format!("[[listeners]]\nname = \"t\"\nbind = \"127.0.0.1:0\"\nprotocol = \"{protocol}\"\npool = \"p\"\n{CLIENT_POOL}"),
         );
-        let out = Command::new(bin())
+        Command::new(bin())
             .args(["check", "--config"])
             .arg(&cfg)
             .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{protocol}: {err}");
-        assert!(
-            err.contains("source = \"client\", which only tcp listeners use")
-                && err.contains(&format!("this one is {protocol}")),
-            "{protocol}: {err}"
-        );
-    }
-    // A tcp listener takes it.
-    let cfg = dir.file(
-        "f.toml",
-        &format!(
-            "[[listeners]]\nname = \"t\"\nbind = \"127.0.0.1:0\"\npool = \"p\"\n{CLIENT_POOL}"
-        ),
-    );
-    let out = Command::new(bin())
-        .args(["check", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
+            .unwrap()
+    };
+    let out = check("http");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        err.contains("source = \"client\", which http listeners cannot use")
+            && err.contains("this one is http"),
+        "{err}"
     );
+    for protocol in ["tcp", "udp"] {
+        let out = check(protocol);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{protocol}: {err}");
+    }
 }

@@ -237,7 +237,7 @@ pub struct PoolConfig {
 pub enum PoolSource {
     /// One address of this host.
     Address(std::net::IpAddr),
-    /// `"client"`: the client's own address (IP_TRANSPARENT; tcp listeners only).
+    /// `"client"`: the client's own address (IP_TRANSPARENT; tcp and udp listeners).
     Client,
 }
 

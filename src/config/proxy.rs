@@ -3,8 +3,8 @@
 //! `send_proxy` (or `source = "client"`). Both are TCP-listener features: an http
 //! listener neither reads a header (hyper owns its socket) nor sends one (its
 //! upstream connections are pooled and shared by clients, so none can come from one
-//! client's address either), and a udp listener has no stream to put one on
-//! (transparent UDP sessions are not built).
+//! client's address either: the one refusal of `source = "client"`), and a udp
+//! listener has no stream to put one on.
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -134,8 +134,8 @@ pub(super) fn cidr(s: &str) -> Result<IpNet, String> {
 }
 
 /// Refuses a udp or http listener whose `pool` (at `path`, value `pool`) has
-/// `send_proxy` or `source = "client"`: only a tcp session writes the header or
-/// connects from the client's address.
+/// `send_proxy` (only a tcp session writes the header), and an http listener whose
+/// pool has `source = "client"`.
 pub(super) fn send_allowed(
     src: &Source<'_>,
     protocol: Protocol,
@@ -149,13 +149,14 @@ pub(super) fn send_allowed(
     if protocol == Protocol::Tcp {
         return Ok(());
     }
+    // A udp listener takes `source = "client"`, never `send_proxy`.
     let what = if p.send_proxy != SendProxy::Off {
         format!(
             "send_proxy = \"{}\", which only tcp listeners send",
             p.send_proxy.as_str()
         )
-    } else if p.source == Some(PoolSource::Client) {
-        "source = \"client\", which only tcp listeners use (transparent mode is not built for http or udp)".into()
+    } else if p.source == Some(PoolSource::Client) && protocol == Protocol::Http {
+        "source = \"client\", which http listeners cannot use (their upstream connections are shared by clients)".into()
     } else {
         return Ok(());
     };

@@ -97,7 +97,7 @@ pub(crate) async fn connect_from(
 
 /// Sets IP_TRANSPARENT (IPV6_TRANSPARENT when not `v4`) on `sock`: it may then bind
 /// an address of another host. Needs CAP_NET_ADMIN (or CAP_NET_RAW); Linux only.
-fn set_transparent(sock: &impl std::os::fd::AsFd, v4: bool) -> std::io::Result<()> {
+pub(crate) fn set_transparent(sock: &impl std::os::fd::AsFd, v4: bool) -> std::io::Result<()> {
     #[cfg(target_os = "linux")]
     {
         let s = socket2::SockRef::from(sock);

@@ -114,6 +114,17 @@ fn cannot_run() -> Option<String> {
             return Some(format!("no {tool} on PATH"));
         }
     }
+    // Root in a container may still lack the right to make namespaces.
+    let probe = format!("fgt-probe-{}", std::process::id());
+    let made = Command::new("ip")
+        .args(["netns", "add", &probe])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !made {
+        return Some("ip netns add is not permitted here".into());
+    }
+    let _ = Command::new("ip").args(["netns", "del", &probe]).status();
     None
 }
 

@@ -191,12 +191,21 @@ impl Pool {
         self.snapshot.load().config.connect_attempts
     }
 
-    /// `send_proxy`, read the same way (every TCP session asks).
-    /// `source`: the local address backend connections come from, if set.
+    /// `source`: the local address backend connections come from, if one is set
+    /// (`None` also for `source = "client"`: see [`Pool::transparent`]).
     pub fn source(&self) -> Option<std::net::IpAddr> {
-        self.snapshot.load().config.source
+        match self.snapshot.load().config.source {
+            Some(crate::config::PoolSource::Address(ip)) => Some(ip),
+            _ => None,
+        }
     }
 
+    /// `source = "client"`: tcp and udp sessions come from the client's address.
+    pub fn transparent(&self) -> bool {
+        self.snapshot.load().config.source == Some(crate::config::PoolSource::Client)
+    }
+
+    /// `send_proxy`, read the same way (every TCP session asks).
     pub fn send_proxy(&self) -> crate::config::SendProxy {
         self.snapshot.load().config.send_proxy
     }

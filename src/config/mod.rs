@@ -230,9 +230,9 @@ pub struct PoolConfig {
     pub max_idle_per_backend: usize,
     /// A PROXY header written to each backend connection (tcp listeners only).
     pub send_proxy: SendProxy,
-    /// `source`: the local address backend connections (and UDP sessions' sockets)
-    /// are bound to; `None`: the kernel's choice.
-    pub source: Option<std::net::IpAddr>,
+    /// `source`: where backend connections (and UDP sessions' sockets) come from;
+    /// `None`: the kernel's choice.
+    pub source: Option<PoolSource>,
     /// `queue_timeout`: how long a client whose pick found every usable backend at
     /// its `max_connections` waits for a slot. `None`: no queue, refused at once.
     pub queue_timeout: Option<Duration>,
@@ -243,6 +243,15 @@ pub struct PoolConfig {
     /// `least-load`: where backends report their load (none: in-flight counts and
     /// learned speed alone).
     pub load_report: Option<LoadReportConfig>,
+}
+
+/// A pool's `source`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolSource {
+    /// One address of this host.
+    Address(std::net::IpAddr),
+    /// `"client"`: the client's own address (IP_TRANSPARENT; tcp and udp listeners).
+    Client,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

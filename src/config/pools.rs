@@ -10,7 +10,10 @@ use toml::Spanned;
 use super::raw;
 use super::resolve::{lookup, resolve_all, Lookup};
 use super::validate::{unique_name, Source};
-use super::{BackendConfig, ConfigError, HealthCheckConfig, HealthKind, PassiveConfig, PoolConfig};
+use super::{
+    BackendConfig, ConfigError, HealthCheckConfig, HealthKind, PassiveConfig, PoolConfig,
+    PoolSource,
+};
 
 /// Upper bound on `connect_attempts`; more than this only delays the client's error.
 const MAX_CONNECT_ATTEMPTS: usize = 32;
@@ -121,24 +124,20 @@ pub(super) fn pools(src: &Source<'_>, raw: &[raw::Pool]) -> Result<Vec<PoolConfi
 }
 
 /// A pool's `source`: an address of this host that backend connections come from,
-/// of the family of every backend. `"client"` (transparent mode, issue 13) is not
-/// built yet and is refused as such.
+/// of the family of every backend, or `"client"`: the client's own address
+/// (transparent mode, issue 13; which listeners may use it is checked with them).
 fn source(
     src: &Source<'_>,
     p: &raw::Pool,
     backends: &[BackendConfig],
     key: &str,
-) -> Result<Option<std::net::IpAddr>, ConfigError> {
+) -> Result<Option<PoolSource>, ConfigError> {
     let Some(s) = &p.source else {
         return Ok(None);
     };
     let text = s.get_ref().trim();
     if text == "client" {
-        return Err(src.err(
-            s.span(),
-            key.into(),
-            "\"client\" (connecting from the client's own address, IP_TRANSPARENT) is not built yet: give one address of this host, or leave source out".into(),
-        ));
+        return Ok(Some(PoolSource::Client));
     }
     let ip: std::net::IpAddr = text.parse().map_err(|_| {
         src.err(
@@ -166,7 +165,7 @@ fn source(
             ),
         ));
     }
-    Ok(Some(ip))
+    Ok(Some(PoolSource::Address(ip)))
 }
 
 /// `queue_timeout` and `max_queue`. A queue waits for a backend's `max_connections`

@@ -1,8 +1,10 @@
 //! The PROXY protocol keys: a listener's `accept_proxy`, `proxy_trusted` and
 //! `proxy_header_timeout`, and which listeners may send clients to a pool with
-//! `send_proxy`. Both are TCP-listener features: an http listener neither reads a
-//! header (hyper owns its socket) nor sends one (its upstream connections are pooled
-//! and shared by clients), and a udp listener has no stream to put one on.
+//! `send_proxy` (or `source = "client"`). Both are TCP-listener features: an http
+//! listener neither reads a header (hyper owns its socket) nor sends one (its
+//! upstream connections are pooled and shared by clients, so none can come from one
+//! client's address either: the one refusal of `source = "client"`), and a udp
+//! listener has no stream to put one on.
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -12,7 +14,9 @@ use toml::Spanned;
 
 use super::raw;
 use super::validate::Source;
-use super::{AcceptProxy, AcceptProxyConfig, ConfigError, PoolConfig, Protocol, SendProxy};
+use super::{
+    AcceptProxy, AcceptProxyConfig, ConfigError, PoolConfig, PoolSource, Protocol, SendProxy,
+};
 
 /// `proxy_header_timeout` when the file leaves it out (the example; HAProxy
 /// bounds the header with `timeout client`, nginx with `proxy_protocol_timeout`, 30s).
@@ -130,7 +134,8 @@ pub(super) fn cidr(s: &str) -> Result<IpNet, String> {
 }
 
 /// Refuses a udp or http listener whose `pool` (at `path`, value `pool`) has
-/// `send_proxy`: only a tcp session writes the header.
+/// `send_proxy` (only a tcp session writes the header), and an http listener whose
+/// pool has `source = "client"`.
 pub(super) fn send_allowed(
     src: &Source<'_>,
     protocol: Protocol,
@@ -141,16 +146,26 @@ pub(super) fn send_allowed(
     let Some(p) = pools.iter().find(|p| &p.name == pool.get_ref()) else {
         return Ok(());
     };
-    if protocol == Protocol::Tcp || p.send_proxy == SendProxy::Off {
+    if protocol == Protocol::Tcp {
         return Ok(());
     }
+    // A udp listener takes `source = "client"`, never `send_proxy`.
+    let what = if p.send_proxy != SendProxy::Off {
+        format!(
+            "send_proxy = \"{}\", which only tcp listeners send",
+            p.send_proxy.as_str()
+        )
+    } else if p.source == Some(PoolSource::Client) && protocol == Protocol::Http {
+        "source = \"client\", which http listeners cannot use (their upstream connections are shared by clients)".into()
+    } else {
+        return Ok(());
+    };
     Err(src.err(
         pool.span(),
         path,
         format!(
-            "pool {:?} has send_proxy = \"{}\", which only tcp listeners send; this one is {} (give it a pool without send_proxy)",
+            "pool {:?} has {what}; this one is {} (give it a pool without it)",
             p.name,
-            p.send_proxy.as_str(),
             protocol.as_str()
         ),
     ))

@@ -413,6 +413,9 @@ fn proxy_protocol_keys_and_defaults() {
     assert_eq!(a.header_timeout, Duration::from_secs(3));
     assert!(a.trusts("203.0.113.9".parse().unwrap()));
     assert_eq!(c.pools[0].send_proxy, SendProxy::V1);
+    // `source`: an address, or the client's (transparent mode).
+    let c = parse(&with_proxy("", "source = \"client\"")).unwrap();
+    assert_eq!(c.pools[0].source, Some(super::PoolSource::Client));
 
     let c = parse(&with_proxy(
         "accept_proxy = \"any\"\nproxy_trusted = [\"10.0.0.0/8\", \"2001:db8::/32\", \"192.0.2.7\"]\nproxy_header_timeout = \"250ms\"",

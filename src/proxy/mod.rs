@@ -67,19 +67,86 @@ pub(crate) async fn connect_tcp(
     addr: std::net::SocketAddr,
     source: Option<std::net::IpAddr>,
 ) -> std::io::Result<tokio::net::TcpStream> {
-    let Some(ip) = source else {
-        return tokio::net::TcpStream::connect(addr).await;
-    };
+    match source {
+        None => tokio::net::TcpStream::connect(addr).await,
+        Some(ip) => connect_from(addr, ip, false).await,
+    }
+}
+
+/// A TCP connection to `addr` from `ip`: with `transparent`, an address that is not
+/// this host's (the client's, `source = "client"`), through IP_TRANSPARENT.
+pub(crate) async fn connect_from(
+    addr: std::net::SocketAddr,
+    ip: std::net::IpAddr,
+    transparent: bool,
+) -> std::io::Result<tokio::net::TcpStream> {
     let sock = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
         tokio::net::TcpSocket::new_v6()?
     };
+    if transparent {
+        set_transparent(&sock, addr.is_ipv4())?;
+    }
     #[cfg(target_os = "linux")]
     nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::IpBindAddressNoPort, &true)
         .map_err(std::io::Error::from)?;
     sock.bind(std::net::SocketAddr::new(ip, 0))?;
     sock.connect(addr).await
+}
+
+/// Sets IP_TRANSPARENT (IPV6_TRANSPARENT when not `v4`) on `sock`: it may then bind
+/// an address of another host. Needs CAP_NET_ADMIN (or CAP_NET_RAW); Linux only.
+pub(crate) fn set_transparent(sock: &impl std::os::fd::AsFd, v4: bool) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        let s = socket2::SockRef::from(sock);
+        if v4 {
+            s.set_ip_transparent_v4(true)
+        } else {
+            s.set_ip_transparent_v6(true)
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (sock, v4);
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "source = \"client\" (IP_TRANSPARENT) is built for Linux only",
+        ))
+    }
+}
+
+/// Whether this process may use `source = "client"`: sets IP_TRANSPARENT on a
+/// throwaway socket, as each backend connection of such a pool will. Startup and
+/// reload ask before they run such a pool, so a missing privilege (EPERM without
+/// CAP_NET_ADMIN) is said once, at once, instead of failing every connection.
+fn transparent_allowed() -> std::io::Result<()> {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    set_transparent(&s, true)
+}
+
+/// Why a pool with `source = "client"` cannot run: IP_TRANSPARENT is refused.
+#[derive(Debug, thiserror::Error)]
+#[error("pool {pool:?} has source = \"client\", which needs IP_TRANSPARENT: {error} (run flowgate with CAP_NET_ADMIN; see docs/operations.md, \"Client address preservation\")")]
+pub struct TransparentError {
+    pub pool: String,
+    pub error: std::io::Error,
+}
+
+/// Refuses `pools` if one has `source = "client"` and this process cannot set
+/// IP_TRANSPARENT.
+pub fn check_transparent(pools: &[crate::config::PoolConfig]) -> Result<(), TransparentError> {
+    let Some(p) = pools
+        .iter()
+        .find(|p| p.source == Some(crate::config::PoolSource::Client))
+    else {
+        return Ok(());
+    };
+    transparent_allowed().map_err(|error| TransparentError {
+        pool: p.name.clone(),
+        error,
+    })
 }
 
 /// Why a TCP session or a UDP session ended; the names are the access log's

@@ -34,6 +34,8 @@ pub enum StartError {
     AccessLog(#[from] AccessLogError),
     #[error("cannot start worker threads: {0}")]
     Workers(io::Error),
+    #[error(transparent)]
+    Transparent(#[from] crate::proxy::TransparentError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +46,8 @@ pub enum ReloadError {
     Bind(#[from] BindError),
     #[error(transparent)]
     AccessLog(#[from] AccessLogError),
+    #[error(transparent)]
+    Transparent(#[from] crate::proxy::TransparentError),
     #[error("no configuration file to reload from (started from an in-memory config)")]
     NoSource,
     #[error("shutting down")]

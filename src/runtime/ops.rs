@@ -91,10 +91,12 @@ impl Runtime {
                     "pool {pool:?} already has backend {address:?}"
                 )));
             }
-            if let Some(src) = p.source.filter(|s| s.is_ipv4() != addr.is_ipv4()) {
-                return Err(OpError::BadBackend(format!(
-                    "{address} and the pool's source {src} are of different IP families"
-                )));
+            if let Some(crate::config::PoolSource::Address(src)) = p.source {
+                if src.is_ipv4() != addr.is_ipv4() {
+                    return Err(OpError::BadBackend(format!(
+                        "{address} and the pool's source {src} are of different IP families"
+                    )));
+                }
             }
             let b = BackendConfig {
                 name: address.to_string(),

@@ -96,6 +96,7 @@ impl Runtime {
         // 1. Everything fallible. Nothing has changed yet: sockets bound here close
         // again if a later step fails; the access log's file (which opening may
         // create) comes last.
+        crate::proxy::check_transparent(&new.pools)?;
         let mut fresh = Vec::new();
         for name in &plan.listeners.added {
             let l = listener_config(&new, name);
@@ -305,7 +306,10 @@ impl Runtime {
             return Ok(Default::default());
         };
         let template = p.backends[first].clone();
-        let family = p.source.map(|s| s.is_ipv4());
+        let family = match p.source {
+            Some(crate::config::PoolSource::Address(ip)) => Some(ip.is_ipv4()),
+            _ => None,
+        };
         let fresh: Vec<crate::config::BackendConfig> = addrs
             .iter()
             .filter(|a| family.is_none_or(|v4| a.is_ipv4() == v4))

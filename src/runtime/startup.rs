@@ -37,6 +37,7 @@ impl Runtime {
             Some(_) => Exporter::new(),
             None => None,
         };
+        crate::proxy::check_transparent(&config.pools)?;
         let access_log = AccessLog::new();
         configure_access_log(&access_log, &config.log)?;
         let stop_threads = CancellationToken::new();

@@ -519,8 +519,17 @@ pub(super) async fn connect(
             }
         };
         let b = guard.backend();
+        let from = match Origin::of(pool, peer.ip(), b.addr) {
+            Some(from) => from,
+            None => {
+                // Not the backend's fault: no passive failure, the next pick.
+                debug!(pool = %pool.name, backend = %b.name, client = %peer, "source = \"client\": the client's IP family is not the backend's");
+                tried.push(b.clone());
+                continue;
+            }
+        };
         let t0 = Instant::now();
-        match connect_one(b.addr, pool.source(), settings.connect_timeout, prefix).await {
+        match connect_one(b.addr, from, settings.connect_timeout, prefix).await {
             Ok(stream) => {
                 let took = t0.elapsed();
                 b.stats.connections.fetch_add(1, Ordering::Relaxed);
@@ -546,19 +555,47 @@ pub(super) async fn connect(
     ))
 }
 
+/// Where a backend connection comes from: the pool's `source`.
+#[derive(Clone, Copy)]
+enum Origin {
+    /// An address of this host (`None`: the kernel's choice).
+    Host(Option<std::net::IpAddr>),
+    /// `source = "client"`: the client's address (the PROXY header's, with
+    /// `accept_proxy`), any port.
+    Client(std::net::IpAddr),
+}
+
+impl Origin {
+    /// The source for a connection from `client` to `backend` in `pool`; `None`
+    /// when the pool connects from the client but the families differ (no route
+    /// could bring the backend's reply back to an address of the other family).
+    fn of(pool: &Pool, client: std::net::IpAddr, backend: SocketAddr) -> Option<Origin> {
+        if !pool.transparent() {
+            return Some(Origin::Host(pool.source()));
+        }
+        // A v4 address written as ::ffff:a.b.c.d (a PROXY header may) is v4.
+        let client = client.to_canonical();
+        (client.is_ipv4() == backend.is_ipv4()).then_some(Origin::Client(client))
+    }
+}
+
 /// One connect attempt within `timeout`, `prefix` written once connected (a fresh
 /// socket takes a few KiB at once). Running out of descriptors is our problem, not
 /// the backend's: it pauses and tries the same backend again, within the same
 /// timeout.
 async fn connect_one(
     addr: SocketAddr,
-    source: Option<std::net::IpAddr>,
+    from: Origin,
     timeout: Duration,
     prefix: &[u8],
 ) -> io::Result<TcpStream> {
     let attempt = async {
         loop {
-            match crate::proxy::connect_tcp(addr, source).await {
+            let r = match from {
+                Origin::Host(source) => crate::proxy::connect_tcp(addr, source).await,
+                Origin::Client(ip) => crate::proxy::connect_from(addr, ip, true).await,
+            };
+            match r {
                 Ok(mut s) => {
                     crate::fd::available();
                     if !prefix.is_empty() {

@@ -264,9 +264,17 @@ impl Worker {
             .or_else(|| avoid.and_then(|_| settings.pool.pick(client.ip(), &[])))
             .ok_or(DropReason::NoBackend)?;
         let b = guard.backend().clone();
+        // `source = "client"`: from the client's address (any port); a client of
+        // another family than the backend's fails the bind, as SocketFailed.
+        let transparent = settings.pool.transparent();
+        let source = match transparent {
+            true => Some(client.ip().to_canonical()),
+            false => settings.pool.source(),
+        };
         let upstream = match connect_upstream(
             b.addr,
-            settings.pool.source(),
+            source,
+            transparent,
             settings.session_recv_buffer,
             shared.ctx.busy_poll_us,
         ) {
@@ -315,6 +323,8 @@ pub(super) fn connect_upstream(
     addr: SocketAddr,
     // The pool's `source`, if set: the address the session's datagrams come from.
     source: Option<std::net::IpAddr>,
+    // `source = "client"`: `source` is the client's, bound through IP_TRANSPARENT.
+    transparent: bool,
     recv_buffer: usize,
     busy_poll_us: u32,
 ) -> io::Result<UdpSocket> {
@@ -343,6 +353,9 @@ pub(super) fn connect_upstream(
         let _ = s.set_recv_buffer_size(recv_buffer);
     }
     s.set_nonblocking(true)?;
+    if transparent {
+        crate::proxy::set_transparent(&s, addr.is_ipv4())?;
+    }
     s.bind(&local.into())?;
     s.connect(&addr.into())?;
     UdpSocket::from_std(s.into())

@@ -293,7 +293,7 @@ mod tests {
         let backend = pool.backends()[0].clone();
         let slot = Slot::take(&shared, &settings, "127.0.0.1".parse().unwrap()).unwrap();
         let upstream =
-            super::super::recv::connect_upstream(backend.addr, None, 1 << 20, 0).unwrap();
+            super::super::recv::connect_upstream(backend.addr, None, false, 1 << 20, 0).unwrap();
         let session = Arc::new(Session::new(
             "127.0.0.1:2".parse().unwrap(),
             upstream,

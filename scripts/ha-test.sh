@@ -57,7 +57,10 @@ cleanup() {
     fi
 }
 trap cleanup EXIT
-trap 'exit 130' INT TERM
+trap 'exit 130' INT TERM HUP
+# Whoever reads our output may go away (tests/ha_failover.rs killed): a write then
+# fails, set -e ends the script, and the EXIT trap still cleans up.
+trap '' PIPE
 
 now() { date +%s.%N; }
 calc() { awk "BEGIN { printf \"%.3f\", $1 }"; }
@@ -191,9 +194,8 @@ vrrp() {
         inns "v-lb$lb" sysctl -qw net.ipv4.ip_nonlocal_bind=1
         flowgate_conf "$vip:$PORT" "$net.$lb:$DIRECT" "$net.20:$BACKEND_PORT" >"$W/flowgate-lb$lb.toml"
         start_flowgate "v-lb$lb" "$W/flowgate-lb$lb.toml"
-        # The shipped keepalived.conf with this run's interface, VIP and router id.
-        sed -e "s|^\$VIP=.*|\$VIP=$vip/24|" -e "s|^\$VRID=.*|\$VRID=$((40 + $$ % 200))|" \
-            config/keepalived/keepalived.conf >"$W/keepalived.conf"
+        # The shipped keepalived.conf with this run's VIP (the interface is eth0 here too).
+        sed -e "s|^\$VIP=.*|\$VIP=$vip/24|" config/keepalived/keepalived.conf >"$W/keepalived.conf"
         start "v-lb$lb" "keepalived-lb$lb" keepalived -n -l -D -G -P -i "lb$lb" \
             -f "$W/keepalived.conf" -p "$W/ka-lb$lb.pid" -r "$W/ka-vrrp-lb$lb.pid"
     done

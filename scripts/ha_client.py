@@ -39,8 +39,11 @@ def serve(port):
 def attempt(host, port):
     """One short request; returns ("ok", peer) or ("fail", reason)."""
     try:
+        # A short connect timeout: while the VIP moves, SYNs go unanswered, and the
+        # next attempt should not wait long. A long answer timeout: a slow answer on
+        # a busy machine is not a failure.
         with socket.create_connection((host, port), timeout=0.5) as s:
-            s.settimeout(1.0)
+            s.settimeout(5.0)
             s.sendall(b"hello\n")
             data = b""
             while not data.endswith(b"\n"):

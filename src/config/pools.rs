@@ -68,6 +68,15 @@ pub(super) fn pools(src: &Source<'_>, raw: &[raw::Pool]) -> Result<Vec<PoolConfi
         let (queue_timeout, max_queue) = queue(src, p, &backends, &at)?;
         let load_report = match &p.load_report {
             None => None,
+            Some(_) if p.algorithm != super::Algorithm::LeastLoad => return Err(src.err(
+                p.name.span(),
+                at("load_report"),
+                format!(
+                    "load_report is read by algorithm = \"least-load\" only; pool {:?} uses {:?}",
+                    p.name.get_ref(),
+                    p.algorithm.as_str()
+                ),
+            )),
             Some(r) => Some(super::load::load_report(src, r, &at)?),
         };
         let resolve_interval = match &p.resolve_interval {

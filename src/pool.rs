@@ -242,12 +242,30 @@ impl Pool {
     /// `when_all_down = "fail-open"` and no healthy backend at all, health is ignored
     /// (operator drain/disable still count).
     pub fn pick(&self, client: IpAddr, tried: &[Arc<Backend>]) -> Option<ActiveGuard> {
+        self.pick_for(client, None, tried)
+    }
+
+    /// [`Pool::pick`], for a request of session `session` (a `[pools.affinity]` key,
+    /// see [`balance::affinity`]): that session's backend, unless it is unusable
+    /// or at the load bound. Without a session, the pool's algorithm.
+    pub fn pick_for(
+        &self,
+        client: IpAddr,
+        session: Option<u64>,
+        tried: &[Arc<Backend>],
+    ) -> Option<ActiveGuard> {
         let snap = self.snapshot.load();
         let untried = |b: &Arc<Backend>| !tried.iter().any(|t| Arc::ptr_eq(t, b));
         let usable = |i: usize| {
             let b = &snap.backends[i];
             b.is_usable() && !b.is_full() && untried(b)
         };
+        if let (Some(key), Some(a)) = (session, &snap.config.affinity) {
+            let order = balance::affinity::pick(&snap.backends, &usable, key, a.max_load_factor);
+            if let Some(g) = order.iter().find_map(|&i| snap.backends[i].try_claim()) {
+                return Some(g);
+            }
+        }
         let pick = Pick {
             backends: &snap.backends,
             client,
@@ -298,12 +316,13 @@ impl Pool {
     pub async fn acquire(
         &self,
         client: IpAddr,
+        session: Option<u64>,
         tried: &[Arc<Backend>],
     ) -> Result<ActiveGuard, NoSlot> {
         // Nobody waits: the pick is all (no lock). With waiters, a newcomer takes its
         // turn behind them.
         if self.queue.is_empty() {
-            if let Some(g) = self.pick(client, tried) {
+            if let Some(g) = self.pick_for(client, session, tried) {
                 return Ok(g);
             }
         }
@@ -323,7 +342,10 @@ impl Pool {
                 // after this waiter has joined it. A newcomer with others waiting
                 // does not pick: a slot free now is theirs (a wake-up is on its way).
                 let my_turn = front || line.is_empty();
-                if let Some(g) = my_turn.then(|| self.pick(client, tried)).flatten() {
+                if let Some(g) = my_turn
+                    .then(|| self.pick_for(client, session, tried))
+                    .flatten()
+                {
                     let more = !line.is_empty();
                     drop(line);
                     if front && more {

@@ -5,6 +5,7 @@
 //! atomics. It is asked for a backend given the client address and a filter of usable
 //! backends; health, draining and retries live outside it, in that filter.
 
+pub mod affinity;
 mod least_conn;
 mod least_load;
 mod maglev;

@@ -8,7 +8,7 @@ use toml::Spanned;
 
 use super::types::{DurationStr, LoadKind, Preset};
 
-use super::raw::RawLoadReport;
+use super::raw::{RawAffinity, RawLoadReport};
 use super::validate::Source;
 use super::ConfigError;
 
@@ -251,5 +251,80 @@ pub(super) fn load_report(
         stale_after,
         timeout,
         weights,
+    })
+}
+
+/// Where an HTTP request's session key comes from (`[pools.affinity]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AffinityKey {
+    /// A request header (lower case).
+    Header(String),
+    /// A cookie's value.
+    Cookie(String),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AffinityConfig {
+    pub key: AffinityKey,
+    /// No backend takes more than this times the mean in-flight count (plus one).
+    pub max_load_factor: f64,
+}
+
+/// Validates `pools[i].affinity`.
+pub(super) fn affinity(
+    src: &Source<'_>,
+    a: &Spanned<RawAffinity>,
+    at: &dyn Fn(&str) -> String,
+) -> Result<AffinityConfig, ConfigError> {
+    let r = a.get_ref();
+    let key = match (&r.header, &r.cookie) {
+        (Some(h), None) => {
+            let name = h.get_ref().trim().to_ascii_lowercase();
+            if hyper::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                return Err(src.err(
+                    h.span(),
+                    at("affinity.header"),
+                    format!("{name:?} is not a header name"),
+                ));
+            }
+            AffinityKey::Header(name)
+        }
+        (None, Some(c)) => {
+            let name = c.get_ref().trim();
+            let ok = !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b));
+            if !ok {
+                return Err(src.err(
+                    c.span(),
+                    at("affinity.cookie"),
+                    format!("{name:?} is not a cookie name"),
+                ));
+            }
+            AffinityKey::Cookie(name.to_string())
+        }
+        _ => {
+            return Err(src.err(
+                a.span(),
+                at("affinity"),
+                "give exactly one of header = \"NAME\" or cookie = \"NAME\"".into(),
+            ))
+        }
+    };
+    let max_load_factor = match &r.max_load_factor {
+        None => 1.25,
+        Some(f) if (1.0..=100.0).contains(f.get_ref()) => *f.get_ref(),
+        Some(f) => {
+            return Err(src.err(
+                f.span(),
+                at("affinity.max_load_factor"),
+                format!("{} is out of range: expected 1.0..=100", f.get_ref()),
+            ))
+        }
+    };
+    Ok(AffinityConfig {
+        key,
+        max_load_factor,
     })
 }

@@ -39,7 +39,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use diff::{diff, Changes, PoolBackends, ReloadPlan, RestartKey};
-pub use load::{preset_families, Families, LoadReportConfig, LoadWeights, MAX_EXPOSITION_BYTES};
+pub use load::{
+    preset_families, AffinityConfig, AffinityKey, Families, LoadReportConfig, LoadWeights,
+    MAX_EXPOSITION_BYTES,
+};
 pub use overrides::{Overrides, PoolOverrides};
 pub use sni::{SniConfig, SniRouteConfig};
 pub use sources::{Rate, SourcesConfig};
@@ -243,6 +246,9 @@ pub struct PoolConfig {
     /// `least-load`: where backends report their load (none: in-flight counts and
     /// learned speed alone).
     pub load_report: Option<LoadReportConfig>,
+    /// HTTP requests of one session (a header's or cookie's value) go to one
+    /// backend, with bounded load.
+    pub affinity: Option<AffinityConfig>,
 }
 
 /// A pool's `source`.

@@ -68,15 +68,17 @@ pub(super) fn pools(src: &Source<'_>, raw: &[raw::Pool]) -> Result<Vec<PoolConfi
         let (queue_timeout, max_queue) = queue(src, p, &backends, &at)?;
         let load_report = match &p.load_report {
             None => None,
-            Some(_) if p.algorithm != super::Algorithm::LeastLoad => return Err(src.err(
-                p.name.span(),
-                at("load_report"),
-                format!(
+            Some(_) if p.algorithm != super::Algorithm::LeastLoad => {
+                return Err(src.err(
+                    p.name.span(),
+                    at("load_report"),
+                    format!(
                     "load_report is read by algorithm = \"least-load\" only; pool {:?} uses {:?}",
                     p.name.get_ref(),
                     p.algorithm.as_str()
                 ),
-            )),
+                ))
+            }
             Some(r) => Some(super::load::load_report(src, r, &at)?),
         };
         let resolve_interval = match &p.resolve_interval {
@@ -113,6 +115,10 @@ pub(super) fn pools(src: &Source<'_>, raw: &[raw::Pool]) -> Result<Vec<PoolConfi
             max_queue,
             resolve_interval,
             load_report,
+            affinity: match &p.affinity {
+                None => None,
+                Some(a) => Some(super::load::affinity(src, a, &at)?),
+            },
             max_idle_per_backend: match &p.max_idle_per_backend {
                 None => DEFAULT_IDLE_PER_BACKEND,
                 Some(m) if *m.get_ref() <= MAX_IDLE_PER_BACKEND => *m.get_ref(),

@@ -223,6 +223,8 @@ pub struct Pool {
     pub resolve_interval: Option<Spanned<DurationStr>>,
     /// `least-load`: where backends report their load.
     pub load_report: Option<RawLoadReport>,
+    /// HTTP: send a session's requests to one backend.
+    pub affinity: Option<Spanned<RawAffinity>>,
 }
 
 #[derive(Deserialize)]
@@ -306,4 +308,13 @@ pub struct RawLoadReport {
     pub queue_weight: Option<Spanned<f64>>,
     pub running_weight: Option<Spanned<f64>>,
     pub cache_weight: Option<Spanned<f64>>,
+}
+
+/// `[pools.affinity]` as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAffinity {
+    pub header: Option<Spanned<String>>,
+    pub cookie: Option<Spanned<String>>,
+    pub max_load_factor: Option<Spanned<f64>>,
 }

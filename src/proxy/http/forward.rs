@@ -26,7 +26,7 @@ use super::request_body::{BodyError, UpBody, Upload};
 use super::state::ConnCtx;
 use super::upstream::{self, Sender};
 use crate::backend::{ActiveGuard, Backend, ConnectError};
-use crate::config::UpstreamProtocol;
+use crate::config::{AffinityKey, UpstreamProtocol};
 use crate::pool::NoSlot;
 use crate::proxy::passive_failure;
 
@@ -190,6 +190,12 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<OutBo
         }
     }
     parts.uri = uri;
+    let session = route
+        .pool
+        .config()
+        .affinity
+        .as_ref()
+        .and_then(|a| session_key(&parts.headers, &a.key));
     let upload = ex.up.clone();
     let body = UpBody::new(
         body,
@@ -209,7 +215,7 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<OutBo
     let mut sent_to: Option<Attempt> = None;
     let mut full = None;
     for _ in 0..pool.connect_attempts() {
-        let guard = match pool.acquire(ctx.peer.ip(), &tried).await {
+        let guard = match pool.acquire(ctx.peer.ip(), session, &tried).await {
             Ok(g) => g,
             Err(NoSlot::NoBackend) => break,
             Err(why) => {
@@ -397,6 +403,25 @@ type Attempt = (
     Result<Response<Incoming>, hyper::Error>,
     Option<http1::SendRequest<UpBody>>,
 );
+
+/// The session key of a request under `[pools.affinity]`: the header's value, or
+/// the cookie's (the first with that name). None when absent or empty: the pool's
+/// algorithm then picks.
+fn session_key(headers: &hyper::HeaderMap, key: &AffinityKey) -> Option<u64> {
+    let value: &[u8] = match key {
+        AffinityKey::Header(name) => headers.get(name.as_str())?.as_bytes(),
+        AffinityKey::Cookie(name) => headers
+            .get_all(header::COOKIE)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&c| c == b';'))
+            .find_map(|pair| {
+                let pair = pair.trim_ascii();
+                let (k, v) = pair.split_at(pair.iter().position(|&c| c == b'=')?);
+                (k == name.as_bytes()).then(|| &v[1..])
+            })?,
+    };
+    (!value.is_empty()).then(|| crate::balance::affinity::key(value))
+}
 
 /// What a failed exchange is answered with.
 fn classify(e: &hyper::Error) -> (StatusCode, &'static str, &'static str) {

@@ -510,7 +510,7 @@ pub(super) async fn connect(
     let attempts = pool.connect_attempts();
     let mut tried: Vec<Arc<Backend>> = Vec::new();
     for _ in 0..attempts {
-        let guard = match pool.acquire(peer.ip(), &tried).await {
+        let guard = match pool.acquire(peer.ip(), None, &tried).await {
             Ok(g) => g,
             Err(NoSlot::NoBackend) => break,
             Err(NoSlot::Full) => return Err((Termination::BackendsFull, tried.len() as u8)),

@@ -255,7 +255,8 @@ impl Backend {
     pub fn weight(&self) -> u32 {
         let w = u64::from(self.base_weight());
         let ramp = u64::from(self.ramp.load(Ordering::Relaxed));
-        ((w * ramp) / 1000).max(1) as u32
+        let slow = u64::from(self.load.slow_penalty());
+        ((w * ramp * slow) / 1_000_000).max(1) as u32
     }
 
     pub fn set_config_weight(&self, w: u32) {

@@ -15,7 +15,7 @@
 //! second). The `+ 1` is the new request itself, so that idle backends still differ
 //! by speed.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -107,6 +107,12 @@ pub struct LoadState {
     estimator: Mutex<Estimator>,
     /// Failed reports by reason ([`LoadError`] order).
     pub errors: [AtomicU64; 6],
+    /// Estimated p90 of the time to the first response body byte, in µs (HTTP;
+    /// 0: no sample yet).
+    ttfb_p90_us: AtomicU64,
+    /// `[pools.passive] slow_factor`: the share of its weight the backend keeps,
+    /// per mille (1000: not slow).
+    slow_penalty: AtomicU32,
 }
 
 impl Default for LoadState {
@@ -123,6 +129,8 @@ impl Default for LoadState {
             slowness: AtomicU64::new(1f64.to_bits()),
             estimator: Mutex::new(Estimator::default()),
             errors: Default::default(),
+            ttfb_p90_us: AtomicU64::new(0),
+            slow_penalty: AtomicU32::new(1000),
         }
     }
 }
@@ -225,6 +233,40 @@ impl LoadState {
         } else {
             None
         }
+    }
+
+    /// Folds one time to first body byte into the p90 estimate (a stochastic
+    /// quantile step: up by 9 parts when above the estimate, down by 1 when below,
+    /// each part 2% of the estimate, so it settles where 10% of samples are above).
+    pub fn record_ttfb(&self, d: Duration) {
+        let x = d.as_micros().min(u64::MAX as u128) as u64;
+        let _ = self.ttfb_p90_us.fetch_update(Relaxed, Relaxed, |est| {
+            if est == 0 {
+                return Some(x.max(1));
+            }
+            let part = (est / 50).max(1);
+            Some(if x > est {
+                est.saturating_add(9 * part).min(x.max(est))
+            } else {
+                est.saturating_sub(part).max(x).max(1)
+            })
+        });
+    }
+
+    /// The p90 estimate of the time to first body byte (None: no sample).
+    pub fn ttfb_p90(&self) -> Option<Duration> {
+        Some(self.ttfb_p90_us.load(Relaxed))
+            .filter(|&us| us != 0)
+            .map(Duration::from_micros)
+    }
+
+    /// The share of its weight the backend keeps for being slow, per mille.
+    pub fn slow_penalty(&self) -> u32 {
+        self.slow_penalty.load(Relaxed)
+    }
+
+    pub fn set_slow_penalty(&self, per_mille: u32) {
+        self.slow_penalty.store(per_mille.clamp(1, 1000), Relaxed);
     }
 
     pub fn set_slowness(&self, s: f64) {

@@ -459,3 +459,109 @@ async fn affinity_keeps_sessions_and_bounds_the_load() {
     // The bound: 1.25 × 12 / 4 = 3.75, so at most 4 on any backend.
     assert!(counts.len() >= 3 && most <= 4, "{counts:?}");
 }
+
+/// `[pools.passive]` from what users feel (HTTP): a backend whose time to first
+/// byte p90 stays over `slow_factor` × the pool's median for `slow_for` loses
+/// weight, and regains it once it is fast again; repeated `first_byte_timeout`s
+/// eject a backend like connect failures do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_first_bytes_cost_weight_and_timeouts_eject() {
+    let _serial = SERIAL.lock().await;
+    let sims: Vec<Sim> = ["a", "b", "c"]
+        .iter()
+        .map(|n| Sim::start(n, 2, &["--tokens", "1"]))
+        .collect();
+    let addrs: Vec<SocketAddr> = sims.iter().map(|s| s.addr).collect();
+    let list: Vec<String> = addrs
+        .iter()
+        .map(|a| format!("{{ address = \"{a}\", weight = 100 }}"))
+        .collect();
+    let fg = Proc::spawn(
+        &listener_and_pool(
+            "protocol = \"http\"",
+            &list.join(", "),
+            "algorithm = \"weighted-round-robin\"\n[pools.passive]\nslow_factor = 3.0\nslow_for = \"1s\"\n",
+        ),
+        &[],
+    );
+    let (t, admin) = (fg.addr("t"), fg.admin());
+    let weight_of = |name: SocketAddr| async move {
+        backends_of(&get_pools(admin).await, "p")
+            .into_iter()
+            .find(|b| b["address"] == name.to_string().as_str())
+            .map(|b| b["effective_weight"].as_u64().unwrap())
+            .unwrap()
+    };
+    // c turns 25× slower to its first token.
+    let mut s = TcpStream::connect(sims[2].addr).await.unwrap();
+    s.write_all(b"GET /control/token-ms/50 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while weight_of(addrs[2]).await >= 100 {
+        assert!(
+            Instant::now() < deadline,
+            "the slow backend kept its weight"
+        );
+        for _ in 0..10 {
+            generate_session(t, None).await;
+        }
+    }
+    assert!(
+        fg.logged("lowering its weight", Duration::from_secs(10))
+            .await
+    );
+    assert_eq!(weight_of(addrs[0]).await, 100, "a fast backend lost weight");
+    // Fast again: the weight comes back, gradually.
+    s.write_all(b"GET /control/token-ms/2 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while weight_of(addrs[2]).await < 100 {
+        assert!(Instant::now() < deadline, "the weight never came back");
+        for _ in 0..10 {
+            generate_session(t, None).await;
+        }
+    }
+    assert!(
+        fg.logged("full weight again", Duration::from_secs(10))
+            .await
+    );
+    drop(fg);
+
+    // A backend that never answers (a sink) behind first_byte_timeout: ejected
+    // after 2 timeouts, then every request goes to the one that answers.
+    let sink = TestBackend::start(Kind::Sink).await;
+    let fg = Proc::spawn(
+        &format!(
+            "{}\n[[listeners.routes]]\npath_prefix = \"/\"\npool = \"p\"\nfirst_byte_timeout = \"300ms\"\n",
+            listener_and_pool(
+                "protocol = \"http\"",
+                &format!("{{ address = \"{}\" }}, {{ address = \"{}\" }}", sink.addr, addrs[0]),
+                "[pools.passive]\nconsecutive_failures = 2\neject_for = \"600s\"\nfirst_byte_timeout_ejects = true\n",
+            )
+        ),
+        &[],
+    );
+    let t = fg.addr("t");
+    let mut timeouts = 0;
+    for _ in 0..6 {
+        match generate_as(t, None).await {
+            Some(_) => {}
+            None => timeouts += 1,
+        }
+    }
+    assert!(timeouts >= 1, "the sink never timed out");
+    assert!(
+        fg.logged("backend ejected", Duration::from_secs(10)).await,
+        "{}",
+        fg.log()
+    );
+    for _ in 0..10 {
+        assert_eq!(
+            generate_session(t, None).await,
+            "a",
+            "a request went to the ejected sink"
+        );
+    }
+}

@@ -281,10 +281,15 @@ pub struct HealthCheckConfig {
     pub expect: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PassiveConfig {
     pub consecutive_failures: u32,
     pub eject_for: Duration,
+    /// HTTP: a `first_byte_timeout` (no response head in time) counts as a failure.
+    pub first_byte_timeout_ejects: bool,
+    /// HTTP: `(slow_factor, slow_for)`: a backend whose time-to-first-byte p90 stays
+    /// over `slow_factor` × the pool's median for `slow_for` loses weight.
+    pub slow: Option<(f64, Duration)>,
 }
 
 #[derive(Debug, Clone)]

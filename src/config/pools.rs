@@ -324,9 +324,44 @@ fn passive(src: &Source<'_>, pv: &raw::Passive, key: &str) -> Result<PassiveConf
             "expected a positive number".into(),
         ));
     }
+    let slow = match (&pv.slow_factor, &pv.slow_for) {
+        (None, None) => None,
+        (Some(f), for_) => {
+            let factor = *f.get_ref();
+            if !(1.0..=100.0).contains(&factor) {
+                return Err(src.err(
+                    f.span(),
+                    key.replace("consecutive_failures", "slow_factor"),
+                    format!(
+                        "{factor} is out of range: expected 1.0..=100 (times the pool's median)"
+                    ),
+                ));
+            }
+            let d = for_
+                .as_ref()
+                .map_or(Duration::from_secs(30), |d| d.get_ref().0);
+            if d > Duration::from_secs(3600) {
+                return Err(src.err(
+                    for_.as_ref().map_or(0..0, |d| d.span()),
+                    key.replace("consecutive_failures", "slow_for"),
+                    format!("{d:?} is out of range: expected 0s..=3600s"),
+                ));
+            }
+            Some((factor, d))
+        }
+        (None, Some(d)) => {
+            return Err(src.err(
+                d.span(),
+                key.replace("consecutive_failures", "slow_for"),
+                "slow_for without slow_factor: set slow_factor (e.g. 3.0)".into(),
+            ))
+        }
+    };
     Ok(PassiveConfig {
         consecutive_failures: *pv.consecutive_failures.get_ref(),
         eject_for: pv.eject_for.0,
+        first_byte_timeout_ejects: pv.first_byte_timeout_ejects,
+        slow,
     })
 }
 

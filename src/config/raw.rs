@@ -254,6 +254,13 @@ pub struct Passive {
     pub consecutive_failures: Spanned<u32>,
     #[serde(default = "default_eject")]
     pub eject_for: DurationStr,
+    /// HTTP: a `first_byte_timeout` counts as a failure too.
+    #[serde(default)]
+    pub first_byte_timeout_ejects: bool,
+    /// HTTP: a backend whose time-to-first-byte p90 stays over this × the pool's
+    /// median for `slow_for` loses weight.
+    pub slow_factor: Option<Spanned<f64>>,
+    pub slow_for: Option<Spanned<DurationStr>>,
 }
 
 fn default_drain() -> Spanned<DurationStr> {

@@ -3,6 +3,11 @@
 //! kept-alive connection, or an agent's line), and every tick each backend's speed
 //! is learned from flowgate's own counts. A failed or stale report never marks a
 //! backend down (health checks do that): the score falls back to in-flight counts.
+//!
+//! The same loop runs for any pool with `[pools.passive] slow_factor`: a backend
+//! whose time-to-first-byte p90 stays over `slow_factor` × the pool's median for
+//! `slow_for` loses weight (halved each tick, down to a tenth), and gets it back
+//! gradually (a tenth per tick) once it is no longer slow.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -18,7 +23,7 @@ use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{debug, info, warn};
 
 use super::exposition::{agent_line, Reader};
 use crate::backend::Backend;
@@ -47,6 +52,7 @@ async fn run(pool: Arc<Pool>, tasks: Tasks) {
     let cfg = pool.config().load_report.clone().map(Arc::new);
     let tick = cfg.as_ref().map_or(TICK, |r| r.interval);
     let mut conns: HashMap<u64, Conn> = HashMap::new();
+    let mut slow_since: HashMap<u64, Instant> = HashMap::new();
     let mut last = Instant::now();
     loop {
         tokio::time::sleep(tick).await;
@@ -86,7 +92,60 @@ async fn run(pool: Arc<Pool>, tasks: Tasks) {
             .map(|b| (&b.load, b.load.observe(b.active(), dt)))
             .collect();
         relate(&seen);
+        drop(seen);
+        if let Some((factor, slow_for)) = pool.config().passive.as_ref().and_then(|p| p.slow) {
+            if watch_slow(&pool, &backends, factor, slow_for, &mut slow_since) {
+                pool.reweigh();
+            }
+        }
     }
+}
+
+/// One tick of `slow_factor`: returns whether a weight changed.
+fn watch_slow(
+    pool: &Pool,
+    backends: &[Arc<Backend>],
+    factor: f64,
+    slow_for: Duration,
+    since: &mut HashMap<u64, Instant>,
+) -> bool {
+    since.retain(|id, _| backends.iter().any(|b| b.id == *id));
+    let mut p90s: Vec<Duration> = backends.iter().filter_map(|b| b.load.ttfb_p90()).collect();
+    if p90s.len() < 2 {
+        return false;
+    }
+    p90s.sort();
+    let median = p90s[p90s.len() / 2];
+    let now = Instant::now();
+    let mut changed = false;
+    for b in backends {
+        let slow = b
+            .load
+            .ttfb_p90()
+            .is_some_and(|p| p.as_secs_f64() > factor * median.as_secs_f64());
+        let before = b.load.slow_penalty();
+        let after = if slow {
+            let at = *since.entry(b.id).or_insert(now);
+            if now.duration_since(at) >= slow_for {
+                (before / 2).max(100)
+            } else {
+                before
+            }
+        } else {
+            since.remove(&b.id);
+            (before + 100).min(1000)
+        };
+        if after != before {
+            changed = true;
+            b.load.set_slow_penalty(after);
+            if before == 1000 {
+                warn!(pool = %pool.name, backend = %b.name, p90 = ?b.load.ttfb_p90(), median = ?median, "backend slow to first byte: lowering its weight");
+            } else if after == 1000 {
+                info!(pool = %pool.name, backend = %b.name, "backend no longer slow: full weight again");
+            }
+        }
+    }
+    changed
 }
 
 /// One report from `b`, within the timeout; hands back a kept-alive connection.

@@ -286,7 +286,9 @@ impl Runtime {
         if let Some(old) = st.loads.remove(&name) {
             old.cancel();
         }
-        if pool.config().algorithm == crate::config::Algorithm::LeastLoad {
+        let cfg = pool.config();
+        let slow_watch = cfg.passive.as_ref().is_some_and(|p| p.slow.is_some());
+        if cfg.algorithm == crate::config::Algorithm::LeastLoad || slow_watch {
             let stop = self.inner.control.stop_token().child_token();
             health::load_report::spawn(pool, &stop, &self.inner.control);
             st.loads.insert(name.clone(), stop);

@@ -13,7 +13,9 @@ under its current name (vllm:kv_cache_usage_perc) or, with --old-names, its
 former one (vllm:gpu_cache_usage_perc). --metrics-mode garbage|huge|status
 serves a malformed body, an endless one, or a 500 instead.
 
-Any other request (the body is ignored) is a generation. The line
+GET /control/token-ms/<ms> changes the time per token from then on (a server
+that gets slow, or recovers). Any other request (the body is ignored) is a
+generation. The line
 "listening <port>" on stdout says it is ready.
 """
 
@@ -57,6 +59,11 @@ class Server:
                         length = int(h.split(b":", 1)[1])
                 if length:
                     await reader.readexactly(length)
+                if path.startswith("/control/token-ms/"):
+                    self.args.token_ms = float(path.rsplit("/", 1)[1])
+                    writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+                    await writer.drain()
+                    continue
                 if path == "/metrics":
                     if not await self.serve_metrics(writer):
                         return

@@ -167,6 +167,9 @@ impl Exchange {
             if let (Some(m), Some(fb)) = (&self.backend_metrics, fb) {
                 m.first_byte.record(fb);
             }
+            if let (Some(g), Some(fb)) = (&self.guard, fb) {
+                g.backend().load.record_ttfb(fb);
+            }
             self.first_body = fb;
         }
         self.down += n as u64;

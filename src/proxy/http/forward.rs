@@ -265,6 +265,14 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<OutBo
                     break;
                 }
                 Sent::TimedOut => {
+                    if pool
+                        .config()
+                        .passive
+                        .as_ref()
+                        .is_some_and(|p| p.first_byte_timeout_ejects)
+                    {
+                        passive_failure(pool, &b, &ctx.listener.ctx.control);
+                    }
                     return ex.reply(
                         StatusCode::GATEWAY_TIMEOUT,
                         "first_byte_timeout",

@@ -396,7 +396,7 @@ can_edge() { [[ " $EDGE_TARGETS " == *" $1 "* ]]; }
 # nginx http server that takes a PROXY header), 14 = edge-sni (SNI routes; the
 # pool of the route taken and the pool of the other route both use backend 14,
 # nginx stream answering a ClientHello with a fixed reply). One instance of each
-# balancer, <target>-edge; one nginx backend instance for both, nginx-edge.
+# balancer, <target>-edge; one nginx backend instance for both ($OUT_DIR/edge-backend).
 
 SVC_NAMES=(none iperf sockperf http hold udp-sockperf udp-iperf udp-pps l7-http l7-h2c l7-sse sys-tcp sys-udp edge-pp edge-sni)
 target_index() {
@@ -767,7 +767,7 @@ EOF
     if has_any_figure $EDGE_FIGURES; then start_edge_backend; fi
 }
 
-# The edge figures' backend, one nginx for both (nginx-edge): for edge-pp an
+# The edge figures' backend, one nginx for both (in $OUT_DIR/edge-backend): for edge-pp an
 # http server that takes a PROXY header (v1 or v2, nginx detects which) and
 # answers like the cps backend; for edge-sni a stream server that reads the
 # whole ClientHello (ssl_preread) and answers with a fixed reply that wrk reads
@@ -775,7 +775,7 @@ EOF
 # flight. Nothing is left unread, so the close is a FIN, not a reset.
 EDGE_REPLY='HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n'
 start_edge_backend() {
-    local dir=$OUT_DIR/nginx-edge logf ports=()
+    local dir=$OUT_DIR/edge-backend logf ports=()  # not nginx-edge: the nginx target's edge instance
     mkdir -p "$dir/tmp"
     has_figure edge-pp && ports+=("$(backend_port 13)")
     has_figure edge-sni && ports+=("$(backend_port 14)")

@@ -897,9 +897,11 @@ write_flowgate_config() { # file worker_model(""=default) admin-port(""=none) sp
                 "$name" "$HOST" "$bport"
             # The backends speak HTTP/1.1 only, h2c clients included.
             if is_l7 "$proto"; then printf 'upstream_protocol = "http1"\nmax_idle_per_backend = 64\n'; fi
-            [[ $proto == pp ]] && printf 'send_proxy = "v2"\n'
-            [[ $proto == sni ]] && printf '\n[[pools]]\nname = "%s-other"\nalgorithm = "round-robin"\nbackends = [ { address = "%s:%s" } ]\n' \
-                "$name" "$HOST" "$bport"
+            if [[ $proto == pp ]]; then printf 'send_proxy = "v2"\n'; fi
+            if [[ $proto == sni ]]; then
+                printf '\n[[pools]]\nname = "%s-other"\nalgorithm = "round-robin"\nbackends = [ { address = "%s:%s" } ]\n' \
+                    "$name" "$HOST" "$bport"
+            fi
         done
     } >"$file"
 }
@@ -986,7 +988,7 @@ EOF
             if [[ -z ${pooled[$name]:-} ]]; then
                 pooled[$name]=1
                 printf '    upstream %s { server %s:%s; }\n' "$name" "$HOST" "$bport"
-                [[ $proto == sni ]] && printf '    upstream %s-other { server %s:%s; }\n' "$name" "$HOST" "$bport"
+                if [[ $proto == sni ]]; then printf '    upstream %s-other { server %s:%s; }\n' "$name" "$HOST" "$bport"; fi
             fi
             if [[ $proto == pp ]]; then
                 # nginx sends PROXY v1 only (proxy_protocol on); it takes v1 and v2.

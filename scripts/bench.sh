@@ -293,7 +293,8 @@ HTTP_FIGURES="http-rps http-h2-rps http-latency http-sse http-mem"
 # difference, splice-auto, does nothing for the few bytes of these responses.
 HTTP_TARGETS="direct flowgate flowgate-shared flowgate-metrics flowgate-base flowgate-busy haproxy haproxy-busy nginx"
 # Issue 13's edge features (PROXY protocol v2, SNI routing): cps through a
-# fourth instance of each balancer; not in `all`. Not haproxy-splice, as for HTTP.
+# separate instance of each balancer (<target>-edge); not in `all`. Not
+# haproxy-splice, as for HTTP.
 EDGE_FIGURES="edge-pp edge-sni"
 EDGE_TARGETS="$HTTP_TARGETS"
 ALL_FIGURES="$TCP_FIGURES $UDP_FIGURES $HTTP_FIGURES"

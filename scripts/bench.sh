@@ -98,6 +98,9 @@
 #                    then closes. No TLS handshake is completed: with real
 #                    handshakes (openssl s_time) the TLS server's key
 #                    exchange is the bottleneck for every balancer alike.
+#                  Both also report the balancer's CPU time (user + system,
+#                  all its processes, from /proc) per connection during the
+#                  run, as http-rps does per request.
 #                  The edge figures run on every target but haproxy-splice
 #                  (skipped with a note: splice-auto changes nothing for
 #                  these few bytes). A flowgate target whose build rejects
@@ -1937,15 +1940,25 @@ measure_one() {
             fi
             ;;
         edge-pp | edge-sni)
-            # cps with a PROXY v2 header or a ClientHello first (scripts/bench/edge.lua).
-            local key=${f//-/_} svc=13
+            # cps with a PROXY v2 header or a ClientHello first (scripts/bench/edge.lua),
+            # and, as for http-rps, the balancer's CPU time per connection during
+            # the run, which other work on the machine disturbs less than the rate.
+            local key=${f//-/_} svc=13 ticks0='' cpu
             [[ $f == edge-sni ]] && svc=14
             check_backend edge
+            [[ $t == direct ]] || ticks0=$(proc_ticks "${LB_PID[$t-edge]}")
             if measure_wrk "$t" 1 "$pre.log" "$(target_port "$t" $svc)" "${f#edge-}"; then
                 LINES="$key $RESULT" MSG="$RESULT conn/s"
             else
                 LINES="$key NA"
                 return 1
+            fi
+            if [[ -n $ticks0 ]]; then
+                cpu=$(awk -v a="$ticks0" -v b="$(proc_ticks "${LB_PID[$t-edge]}")" -v hz="$(getconf CLK_TCK)" \
+                    -v r="$REQUESTS" 'BEGIN { if (r > 0) printf "%.2f", (b - a) * 1e6 / hz / r }')
+                if [[ -n $cpu ]]; then
+                    LINES+=$'\n'"${key}_cpu_us $cpu" MSG+=", $cpu µs of balancer CPU per connection"
+                fi
             fi
             ;;
         http-mem)

@@ -34,8 +34,10 @@ METRICS = [
     # Issue 13's edge figures: cps with a PROXY v2 header, and with a TLS ClientHello routed by SNI.
     ("edge_pp", "New connections, PROXY v2 in and out (HTTP, Connection: close)", "conn/s", True,
      "{:,.0f}"),
+    ("edge_pp_cpu_us", "Balancer CPU per PROXY v2 connection (edge-pp run)", "µs", False, "{:.1f}"),
     ("edge_sni", "New connections routed by SNI (TLS ClientHello, fixed reply)", "conn/s", True,
      "{:,.0f}"),
+    ("edge_sni_cpu_us", "Balancer CPU per SNI-routed connection (edge-sni run)", "µs", False, "{:.1f}"),
 ]
 
 RATIO_PAIRS = [("flowgate", "haproxy"), ("flowgate", "haproxy-splice"),

@@ -20,6 +20,7 @@
 #   FIGURES=http scripts/bench.sh          # HTTP (L7), about 5 minutes
 #   ROUNDS=1 WRK_TIME=2 MEM_CONNS=500 SSE_REQUESTS=100 FIGURES=http scripts/bench.sh  # HTTP smoke, 1 minute
 #   FIGURES=syscalls SYS_OPS=2000 scripts/bench.sh   # syscalls per operation, under a minute
+#   FIGURES=edge TARGETS="direct flowgate haproxy nginx" scripts/bench.sh   # PROXY v2 and SNI cps, 2 minutes
 #
 # The default FIGURES are the six TCP figures, as before the UDP figures were
 # added: the UDP section would add about 3 minutes (a third) to a default
@@ -56,6 +57,55 @@
 #                  http-mem (HTTP, L7; every target but haproxy-splice); the
 #                  words tcp, udp, http and all stand for the TCP figures, the
 #                  UDP figures, the HTTP figures and all fourteen.
+#                  edge-pp edge-sni (issue 13's edge features; the word edge
+#                  stands for the two, and `all` does not include them):
+#                  new connections per second, measured like cps (wrk -t
+#                  WRK_THREADS -c WRK_CONNS -d WRK_TIME, one connection per
+#                  request), through a separate instance of each balancer
+#                  (<target>-edge) whose listeners use the feature, with
+#                  scripts/bench/edge.lua choosing what each connection sends
+#                  first. wrk is the client for both because it is the
+#                  fastest client here and the same as cps's, so the figures
+#                  measure the balancers rather than the tooling (a Python
+#                  client would not reach these rates on 2 CPUs), and they
+#                  can be read against cps.
+#                  edge-pp: each connection starts with a PROXY protocol v2
+#                    header (28 bytes, source 198.51.100.7:40000) followed by
+#                    the cps request, in one write. The balancer takes the
+#                    header (flowgate accept_proxy = "v2"; HAProxy `bind ...
+#                    accept-proxy`; nginx `listen ... proxy_protocol`) and
+#                    sends its own to the backend (flowgate pool send_proxy =
+#                    "v2", which adds a 16-byte PP2_TYPE_UNIQUE_ID TLV;
+#                    HAProxy `server ... send-proxy-v2`; nginx `proxy_protocol
+#                    on`, which can only send v1), an nginx `listen ...
+#                    proxy_protocol` server (backend 13) that answers 200 "ok".
+#                    direct sends the client's header straight to it. No
+#                    kept-alive PROXY figure: the header is read once per
+#                    connection, so on kept-alive connections it would
+#                    measure the pump, which rps already does.
+#                  edge-sni: each connection sends the same real TLS 1.3
+#                    ClientHello (316 bytes, server_name bench.test, captured
+#                    once from openssl s_client -servername bench.test; in
+#                    edge.lua) and reads the reply. The balancer routes it by
+#                    SNI without terminating TLS (flowgate sni_routes with
+#                    sni_required; HAProxy `tcp-request inspect-delay 3s`,
+#                    `req.ssl_sni` ACLs and use_backend; nginx ssl_preread
+#                    and a `map ... hostnames`), two routes each: other.bench.test
+#                    and *.apps.bench.test first, then bench.test, the one
+#                    taken. The backend (backend 14, nginx stream with
+#                    ssl_preread on and `return`) reads the ClientHello and
+#                    answers a fixed HTTP-shaped reply that wrk can count,
+#                    then closes. No TLS handshake is completed: with real
+#                    handshakes (openssl s_time) the TLS server's key
+#                    exchange is the bottleneck for every balancer alike.
+#                  Both also report the balancer's CPU time (user + system,
+#                  all its processes, from /proc) per connection during the
+#                  run, as http-rps does per request.
+#                  The edge figures run on every target but haproxy-splice
+#                  (skipped with a note: splice-auto changes nothing for
+#                  these few bytes). A flowgate target whose build rejects
+#                  the edge configuration (an older FLOWGATE_BASE_BIN) is
+#                  skipped with a note.
 #                  sys-pingpong sys-short sys-udp (the word syscalls stands
 #                  for the three; `all` does not include them): system calls
 #                  per operation, counted with `strace -f -c` attached to a
@@ -177,8 +227,8 @@
 # here (the same as `worker_processes auto` on a 2-CPU machine).
 #
 # Tools (installed with `apt-get install -y` when missing): haproxy, nginx
-# (+ libnginx-mod-stream), iperf3, sockperf, wrk, h2load (nghttp2-client),
-# strace (syscall figures);
+# (+ libnginx-mod-stream, also for edge-sni's backend), iperf3, sockperf, wrk,
+# h2load (nghttp2-client), strace (syscall figures);
 # python3 must be present.
 #
 # Output: progress on stderr; the Markdown result tables on stdout, also saved
@@ -245,6 +295,11 @@ HTTP_FIGURES="http-rps http-h2-rps http-latency http-sse http-mem"
 # The targets that run the HTTP (L7) figures: not haproxy-splice, whose only
 # difference, splice-auto, does nothing for the few bytes of these responses.
 HTTP_TARGETS="direct flowgate flowgate-shared flowgate-metrics flowgate-base flowgate-busy haproxy haproxy-busy nginx"
+# Issue 13's edge features (PROXY protocol v2, SNI routing): cps through a
+# separate instance of each balancer (<target>-edge); not in `all`. Not
+# haproxy-splice, as for HTTP.
+EDGE_FIGURES="edge-pp edge-sni"
+EDGE_TARGETS="$HTTP_TARGETS"
 ALL_FIGURES="$TCP_FIGURES $UDP_FIGURES $HTTP_FIGURES"
 # Syscalls per operation (strace -c on a one-worker instance); not in `all`:
 # they need strace and measure something else than the timed figures.
@@ -252,7 +307,7 @@ SYS_FIGURES="sys-pingpong sys-short sys-udp"
 FIGURES=$(for f in $FIGURES; do
     case $f in
         tcp) echo "$TCP_FIGURES" ;; udp) echo "$UDP_FIGURES" ;; http) echo "$HTTP_FIGURES" ;;
-        syscalls) echo "$SYS_FIGURES" ;;
+        syscalls) echo "$SYS_FIGURES" ;; edge) echo "$EDGE_FIGURES" ;;
         all) echo "$ALL_FIGURES" ;; *) echo "$f" ;;
     esac
 done | tr ' ' '\n' | awk 'NF && !seen[$0]++' | paste -sd ' ')
@@ -260,8 +315,8 @@ for t in $TARGETS; do
     [[ " $ALL_TARGETS " == *" $t "* ]] || die "unknown target '$t' (known: $ALL_TARGETS)"
 done
 for f in $FIGURES; do
-    [[ " $ALL_FIGURES $SYS_FIGURES " == *" $f "* ]] ||
-        die "unknown figure '$f' (known: $ALL_FIGURES $SYS_FIGURES, or tcp udp http syscalls all)"
+    [[ " $ALL_FIGURES $SYS_FIGURES $EDGE_FIGURES " == *" $f "* ]] ||
+        die "unknown figure '$f' (known: $ALL_FIGURES $SYS_FIGURES $EDGE_FIGURES, or tcp udp http syscalls edge all)"
 done
 # Only syscall figures: the timed rounds are skipped, and unless TARGETS was
 # given the targets are the three balancers (direct has no process to trace).
@@ -312,6 +367,8 @@ is_udp_figure() { [[ $1 == udp-* ]]; }
 is_http_figure() { [[ $1 == http-* ]]; }
 can_udp() { [[ " $UDP_TARGETS " == *" $1 "* ]]; }
 can_http() { [[ " $HTTP_TARGETS " == *" $1 "* ]]; }
+is_edge_figure() { [[ $1 == edge-* ]]; }
+can_edge() { [[ " $EDGE_TARGETS " == *" $1 "* ]]; }
 
 # -------------------------------------------------------------------- ports --
 # Backend services: 1 = iperf3, 2 = sockperf, 3 = HTTP (nginx), 4 = idle-hold,
@@ -338,8 +395,14 @@ can_http() { [[ " $HTTP_TARGETS " == *" $1 "* ]]; }
 # Syscall figures: 11 = TCP echo, 12 = UDP echo (scripts/bench/sysload.py
 # server, one process for both), through a fourth instance of each balancer
 # (<target>-sys) with one worker, started and stopped around its figures.
+#
+# Edge figures (issue 13): 13 = edge-pp (PROXY v2 in and out; backend 13 is an
+# nginx http server that takes a PROXY header), 14 = edge-sni (SNI routes; the
+# pool of the route taken and the pool of the other route both use backend 14,
+# nginx stream answering a ClientHello with a fixed reply). One instance of each
+# balancer, <target>-edge; one nginx backend instance for both ($OUT_DIR/edge-backend).
 
-SVC_NAMES=(none iperf sockperf http hold udp-sockperf udp-iperf udp-pps l7-http l7-h2c l7-sse sys-tcp sys-udp)
+SVC_NAMES=(none iperf sockperf http hold udp-sockperf udp-iperf udp-pps l7-http l7-h2c l7-sse sys-tcp sys-udp edge-pp edge-sni)
 target_index() {
     case $1 in
         flowgate) echo 1 ;; haproxy) echo 2 ;; haproxy-splice) echo 3 ;; nginx) echo 4 ;;
@@ -356,7 +419,7 @@ admin_port() { # instance-name: the admin API of a flowgate-metrics instance
     local base=$((PORT_BASE + 100 * $(target_index flowgate-metrics) + 90))
     case $1 in
         *-udp) echo $((base + 1)) ;; *-mem) echo $((base + 2)) ;; *-l7) echo $((base + 3)) ;;
-        *-l7mem) echo $((base + 4)) ;; *) echo "$base" ;;
+        *-l7mem) echo $((base + 4)) ;; *-edge) echo $((base + 5)) ;; *) echo "$base" ;;
     esac
 }
 mem_port() { echo $((PORT_BASE + 100 * $(target_index "$1") + 50)); }
@@ -552,6 +615,8 @@ ensure_tools() {
     # shellcheck disable=SC2086 # word splitting intended
     has_any_figure $SYS_FIGURES && need+=(strace)
     has_any_figure cps rps && need+=(wrk nginx)
+    # shellcheck disable=SC2086 # word splitting intended
+    has_any_figure $EDGE_FIGURES && need+=(wrk nginx)
     has_any_figure http-rps http-h2-rps http-latency http-sse http-mem && need+=(nginx)
     has_figure http-rps && need+=(wrk)
     has_any_figure http-h2-rps http-latency && need+=(h2load)
@@ -561,7 +626,8 @@ ensure_tools() {
         # h2load comes in Debian's nghttp2-client package.
         command -v "$cmd" >/dev/null 2>&1 || pkgs+=("$([[ $cmd == h2load ]] && echo nghttp2-client || echo "$cmd")")
     done
-    if has_target nginx; then
+    # edge-sni's backend is an nginx stream server, whatever the targets.
+    if has_target nginx || has_figure edge-sni; then
         # Debian builds the stream module as a dynamic module in its own package.
         if ! command -v nginx >/dev/null 2>&1 ||
             { nginx -V 2>&1 | grep -q -- '--with-stream=dynamic' &&
@@ -701,6 +767,63 @@ EOF
         wait_listen "$LAST_PID" "iperf3 UDP server" "$logf" "$port"
     fi
     # udp-pps (service 7) starts its sockperf server in each measurement.
+    # shellcheck disable=SC2086 # word splitting intended
+    if has_any_figure $EDGE_FIGURES; then start_edge_backend; fi
+}
+
+# The edge figures' backend, one nginx for both (in $OUT_DIR/edge-backend): for edge-pp an
+# http server that takes a PROXY header (v1 or v2, nginx detects which) and
+# answers like the cps backend; for edge-sni a stream server that reads the
+# whole ClientHello (ssl_preread) and answers with a fixed reply that wrk reads
+# as an HTTP response, then closes, as a TLS server would send its first
+# flight. Nothing is left unread, so the close is a FIN, not a reset.
+EDGE_REPLY='HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n'
+start_edge_backend() {
+    local dir=$OUT_DIR/edge-backend logf ports=()  # not nginx-edge: the nginx target's edge instance
+    mkdir -p "$dir/tmp"
+    has_figure edge-pp && ports+=("$(backend_port 13)")
+    has_figure edge-sni && ports+=("$(backend_port 14)")
+    {
+        if has_figure edge-sni && nginx -V 2>&1 | grep -q -- '--with-stream=dynamic'; then
+            echo "load_module /usr/lib/nginx/modules/ngx_stream_module.so;"
+        fi
+        nginx_main "$dir"
+        if has_figure edge-pp; then
+            cat <<EOF
+http {
+    access_log off;
+    client_body_temp_path $dir/tmp/body;
+    proxy_temp_path $dir/tmp/proxy;
+    fastcgi_temp_path $dir/tmp/fastcgi;
+    uwsgi_temp_path $dir/tmp/uwsgi;
+    scgi_temp_path $dir/tmp/scgi;
+    server {
+        listen $HOST:$(backend_port 13) proxy_protocol backlog=4096;
+        location / {
+            default_type text/plain;
+            return 200 "ok\n";
+        }
+    }
+}
+EOF
+        fi
+        if has_figure edge-sni; then
+            cat <<EOF
+stream {
+    server {
+        listen $HOST:$(backend_port 14) backlog=4096;
+        ssl_preread on;
+        preread_timeout 3s;
+        return "$EDGE_REPLY";
+    }
+}
+EOF
+        fi
+    } >"$dir/nginx.conf"
+    logf=$OUT_DIR/logs/nginx-edge-backend.log
+    start_bg "nginx edge backend" "$logf" nginx -e "$dir/error.log" -p "$dir" -c "$dir/nginx.conf"
+    BACKEND_PID[edge]=$LAST_PID BACKEND_LOG[edge]=$logf
+    wait_listen "$LAST_PID" "nginx edge backend" "$logf" "${ports[@]}"
 }
 
 check_backend() { check_alive "${BACKEND_PID[$1]}" "$1 backend" "${BACKEND_LOG[$1]}"; }
@@ -708,8 +831,12 @@ check_backend() { check_alive "${BACKEND_PID[$1]}" "$1 backend" "${BACKEND_LOG[$
 # ---------------------------------------------------------------- balancers --
 # A listener spec is "service:listen_port:backend_port[:protocol]", protocol tcp
 # (the default), udp, http (an L7 listener for HTTP/1.1 clients), h2c (an L7
-# listener for h2c clients, prior knowledge) or sse (an L7 listener for
-# HTTP/1.1 clients of event streams). The listener is named after the
+# listener for h2c clients, prior knowledge), sse (an L7 listener for
+# HTTP/1.1 clients of event streams), pp (TCP, a PROXY v2 header taken from
+# the client and one sent to the backend) or sni (TCP, TLS passthrough routed
+# by SNI: routes for other.bench.test and *.apps.bench.test to a pool
+# <service>-other, then for bench.test to the service's pool, both pools on
+# the same backend; a name no route takes is closed). The listener is named after the
 # service, but with an explicit tcp the name gets "-tcp" appended, so that
 # udp-iperf can have a UDP and a TCP listener on one port. Every service gets
 # one pool (one upstream), which all of its listeners feed. HAProxy never gets
@@ -743,10 +870,19 @@ write_flowgate_config() { # file worker_model(""=default) admin-port(""=none) sp
         [[ -n $admin ]] && printf '\n[admin]\nbind = "%s:%s"\n' "$HOST" "$admin"
         for s in "$@"; do
             IFS=: read -r name lport bport proto <<<"$s"
-            printf '\n[[listeners]]\nname = "%s"\nbind = "%s:%s"\nprotocol = "%s"\npool = "%s"\n' \
+            printf '\n[[listeners]]\nname = "%s"\nbind = "%s:%s"\nprotocol = "%s"\n' \
                 "$name$([[ $proto == tcp ]] && echo -tcp)" "$HOST" "$lport" \
-                "$(is_l7 "$proto" && echo http || echo "${proto:-tcp}")" "$name"
-            if is_l7 "$proto"; then
+                "$(if is_l7 "$proto"; then echo http; elif [[ $proto == udp ]]; then echo udp; else echo tcp; fi)"
+            [[ $proto == sni ]] || printf 'pool = "%s"\n' "$name"
+            if [[ $proto == pp ]]; then
+                # proxy_trusted: every peer (the default, as HAProxy's accept-proxy).
+                printf 'connect_timeout = "3s"\nidle_timeout = "350s"\naccept_proxy = "v2"\n'
+            elif [[ $proto == sni ]]; then
+                # proxy_header_timeout (3s, the default) bounds the wait for the ClientHello.
+                printf 'connect_timeout = "3s"\nidle_timeout = "350s"\nsni_required = true\n'
+                printf '\n  [[listeners.sni_routes]]\n  server_names = ["other.bench.test", "*.apps.bench.test"]\n  pool = "%s-other"\n' "$name"
+                printf '\n  [[listeners.sni_routes]]\n  server_names = ["bench.test"]\n  pool = "%s"\n' "$name"
+            elif is_l7 "$proto"; then
                 # idle_timeout: a kept-alive client connection between requests.
                 printf 'connect_timeout = "3s"\nidle_timeout = "350s"\n'
             elif [[ $proto == udp ]]; then
@@ -765,6 +901,11 @@ write_flowgate_config() { # file worker_model(""=default) admin-port(""=none) sp
                 "$name" "$HOST" "$bport"
             # The backends speak HTTP/1.1 only, h2c clients included.
             if is_l7 "$proto"; then printf 'upstream_protocol = "http1"\nmax_idle_per_backend = 64\n'; fi
+            if [[ $proto == pp ]]; then printf 'send_proxy = "v2"\n'; fi
+            if [[ $proto == sni ]]; then
+                printf '\n[[pools]]\nname = "%s-other"\nalgorithm = "round-robin"\nbackends = [ { address = "%s:%s" } ]\n' \
+                    "$name" "$HOST" "$bport"
+            fi
         done
     } >"$file"
 }
@@ -795,6 +936,18 @@ EOF
                 printf '    http-reuse always\n    option forwardfor\n    timeout http-request 10s\n'
                 if [[ $proto == sse ]]; then printf '    option http-no-delay\n'; fi
                 printf '    timeout http-keep-alive 350s\n    server %s %s:%s\n' "$name" "$HOST" "$bport"
+            elif [[ $proto == pp ]]; then
+                printf '\nlisten %s\n    bind %s:%s accept-proxy\n    server %s %s:%s send-proxy-v2\n' \
+                    "$name" "$HOST" "$lport" "$name" "$HOST" "$bport"
+            elif [[ $proto == sni ]]; then
+                # Wait for the ClientHello up to 3 s (flowgate's proxy_header_timeout);
+                # no default_backend: a name no route takes is closed.
+                printf '\nfrontend %s\n    bind %s:%s\n    tcp-request inspect-delay 3s\n' "$name" "$HOST" "$lport"
+                printf '    tcp-request content accept if { req.ssl_hello_type 1 }\n'
+                printf '    use_backend %s-other if { req.ssl_sni -i other.bench.test } || { req.ssl_sni -i -m end .apps.bench.test }\n' "$name"
+                printf '    use_backend %s if { req.ssl_sni -i bench.test }\n' "$name"
+                printf '\nbackend %s-other\n    server %s-other %s:%s\n' "$name" "$name" "$HOST" "$bport"
+                printf '\nbackend %s\n    server %s %s:%s\n' "$name" "$name" "$HOST" "$bport"
             else
                 printf '\nlisten %s\n    bind %s:%s\n    server %s %s:%s\n' "$name" "$HOST" "$lport" "$name" "$HOST" "$bport"
             fi
@@ -839,8 +992,19 @@ EOF
             if [[ -z ${pooled[$name]:-} ]]; then
                 pooled[$name]=1
                 printf '    upstream %s { server %s:%s; }\n' "$name" "$HOST" "$bport"
+                if [[ $proto == sni ]]; then printf '    upstream %s-other { server %s:%s; }\n' "$name" "$HOST" "$bport"; fi
             fi
-            if [[ $proto == udp ]]; then
+            if [[ $proto == pp ]]; then
+                # nginx sends PROXY v1 only (proxy_protocol on); it takes v1 and v2.
+                printf '    server { listen %s:%s backlog=4096 proxy_protocol; proxy_pass %s; proxy_protocol on; }\n' \
+                    "$HOST" "$lport" "$name"
+            elif [[ $proto == sni ]]; then
+                # No default in the map: an empty proxy_pass closes the connection.
+                printf '    map $ssl_preread_server_name $%s_pool { hostnames; other.bench.test %s-other; *.apps.bench.test %s-other; bench.test %s; }\n' \
+                    "${name//-/_}" "$name" "$name" "$name"
+                printf '    server { listen %s:%s backlog=4096; ssl_preread on; preread_timeout 3s; proxy_pass $%s_pool; }\n' \
+                    "$HOST" "$lport" "${name//-/_}"
+            elif [[ $proto == udp ]]; then
                 # reuseport: one socket per worker, so a client's datagrams all
                 # reach the worker that holds its session. No proxy_responses:
                 # a session carries any number of datagrams each way and ends
@@ -1049,6 +1213,59 @@ start_http_balancers() {
     done
 }
 
+declare -A EDGE_SKIP=() # target -> why it is not measured for the edge figures
+
+# The edge instances (<target>-edge): a pp listener for edge-pp, an sni listener
+# for edge-sni. flowgate targets start softly, as for UDP: a build whose
+# `flowgate check` rejects the configuration (an older FLOWGATE_BASE_BIN) is
+# skipped with a note; one that accepts it and does not start fails the run.
+start_edge_balancers() {
+    local t specs why
+    # shellcheck disable=SC2086 # word splitting intended
+    has_any_figure $EDGE_FIGURES || return 0
+    for t in $TARGETS; do
+        if ! can_edge "$t"; then
+            EDGE_SKIP[$t]="splice-auto changes nothing for these few bytes (the haproxy target stands for HAProxy)"
+            log "note: $t is skipped for the edge figures: ${EDGE_SKIP[$t]}"
+            continue
+        fi
+        [[ $t == direct ]] && continue
+        specs=()
+        has_figure edge-pp && specs+=("${SVC_NAMES[13]}:$(target_port "$t" 13):$(backend_port 13):pp")
+        has_figure edge-sni && specs+=("${SVC_NAMES[14]}:$(target_port "$t" 14):$(backend_port 14):sni")
+        log "starting $t-edge"
+        if [[ $t == flowgate* ]]; then
+            LB_SOFT=1
+            if ! start_lb "$t" "$t-edge" "${specs[@]}"; then
+                LB_SOFT=0
+                if [[ -s $OUT_DIR/logs/$t-edge.log.check ]] && ! [[ -e $OUT_DIR/logs/$t-edge.log ]]; then
+                    why=$(grep -v '^[[:space:]]*$' "$OUT_DIR/logs/$t-edge.log.check" | head -n 3 | tr -s ' \n' ' ')
+                    EDGE_SKIP[$t]="\`flowgate check\` rejected the edge configuration ($OUT_DIR/$t-edge/flowgate.toml): ${why% }"
+                else
+                    EDGE_SKIP[$t]="it did not start with the edge configuration ($OUT_DIR/$t-edge/flowgate.toml); see $OUT_DIR/logs/$t-edge.log"
+                    FAILED=$((FAILED + 1))
+                fi
+                log "note: $t is skipped for the edge figures: ${EDGE_SKIP[$t]}"
+                continue
+            fi
+            LB_SOFT=0
+        else
+            start_lb "$t" "$t-edge" "${specs[@]}"
+        fi
+        LB_PID[$t-edge]=$LAST_PID LB_LOG[$t-edge]=$LAST_LOG
+        if [[ $t == flowgate-metrics ]]; then
+            start_bg "$t-edge scraper" "$OUT_DIR/logs/$t-edge.scrape.log" bash -c \
+                "while sleep 1; do curl -s -o /dev/null --max-time 2 http://$HOST:$(admin_port "$t-edge")/metrics; done"
+        fi
+    done
+}
+
+check_edge_target() { # target: exits when its edge instance has died
+    [[ $1 == direct ]] && return 0
+    [[ -n ${LB_PID[$1-edge]:-} ]] || return 0
+    check_alive "${LB_PID[$1-edge]}" "$1-edge" "${LB_LOG[$1-edge]}"
+}
+
 check_http_target() { # target: exits when its HTTP instance has died
     [[ $1 == direct ]] && return 0
     [[ -n ${LB_PID[$1-l7]:-} ]] || return 0
@@ -1196,14 +1413,15 @@ EOF
     ) || { log "error: could not read the iperf3 -u result via $1; see $out"; return 1; }
 }
 
-measure_wrk() { # target close(0|1) logfile [port]
-    local port out rc hdr=()
+measure_wrk() { # target close(0|1) logfile [port [edge.lua-mode(pp|sni)]]
+    local port out rc hdr=() script=() args=()
     port=${4:-$(target_port "$1" 3)}
     out=$3
     (($2)) && hdr=(-H 'Connection: close')
+    [[ -n ${5:-} ]] && script=(-s "$HELPERS/edge.lua") args=(-- "$5")
     rc=0
-    timeout $((WRK_TIME + 30)) wrk -t "$WRK_THREADS" -c "$WRK_CONNS" -d "${WRK_TIME}s" "${hdr[@]}" \
-        "http://$HOST:$port/" >"$out" 2>&1 || rc=$?
+    timeout $((WRK_TIME + 30)) wrk -t "$WRK_THREADS" -c "$WRK_CONNS" -d "${WRK_TIME}s" "${hdr[@]}" "${script[@]}" \
+        "http://$HOST:$port/" "${args[@]}" >"$out" 2>&1 || rc=$?
     if ((rc != 0)); then
         log "error: wrk via $1 exited with status $rc; see $out"
         return 1
@@ -1566,7 +1784,7 @@ for svc in 1 2 3 4; do
         is_listening "$p" && die "port $p is already in use (set PORT_BASE to move the block)"
     done
 done
-for svc in 8 9 10 11; do # HTTP (L7) and sys-tcp; direct's ports 3, 9 and 10 are backend ports
+for svc in 8 9 10 11 13 14; do # HTTP (L7), sys-tcp and edge; direct's ports 3, 9 and 10 are backend ports
     for p in $(backend_port $svc) $(for t in $TARGETS; do
         [[ $t != direct ]] && target_port "$t" $svc
         [[ $t != direct && $svc == 8 ]] && http_mem_port "$t"
@@ -1629,6 +1847,7 @@ start_backends
 start_balancers
 start_udp_balancers
 start_http_balancers
+start_edge_balancers
 
 # measure_one figure target prefix: sets LINES to "metric value" pairs (value NA
 # on failure), MSG to a human summary; returns non-zero when the tool failed.
@@ -1720,6 +1939,28 @@ measure_one() {
                 return 1
             fi
             ;;
+        edge-pp | edge-sni)
+            # cps with a PROXY v2 header or a ClientHello first (scripts/bench/edge.lua),
+            # and, as for http-rps, the balancer's CPU time per connection during
+            # the run, which other work on the machine disturbs less than the rate.
+            local key=${f//-/_} svc=13 ticks0='' cpu
+            [[ $f == edge-sni ]] && svc=14
+            check_backend edge
+            [[ $t == direct ]] || ticks0=$(proc_ticks "${LB_PID[$t-edge]}")
+            if measure_wrk "$t" 1 "$pre.log" "$(target_port "$t" $svc)" "${f#edge-}"; then
+                LINES="$key $RESULT" MSG="$RESULT conn/s"
+            else
+                LINES="$key NA"
+                return 1
+            fi
+            if [[ -n $ticks0 ]]; then
+                cpu=$(awk -v a="$ticks0" -v b="$(proc_ticks "${LB_PID[$t-edge]}")" -v hz="$(getconf CLK_TCK)" \
+                    -v r="$REQUESTS" 'BEGIN { if (r > 0) printf "%.2f", (b - a) * 1e6 / hz / r }')
+                if [[ -n $cpu ]]; then
+                    LINES+=$'\n'"${key}_cpu_us $cpu" MSG+=", $cpu µs of balancer CPU per connection"
+                fi
+            fi
+            ;;
         http-mem)
             check_backend http
             if measure_mem "$t" "$pre" http; then
@@ -1790,9 +2031,12 @@ for ((r = 1; r <= ROUNDS; r++)); do
             [[ $f == *mem && $t == direct ]] && continue # no balancer, nothing to measure
             is_udp_figure "$f" && [[ -n ${UDP_SKIP[$t]:-} ]] && continue # noted at the start
             is_http_figure "$f" && [[ -n ${HTTP_SKIP[$t]:-} ]] && continue # noted at the start
+            is_edge_figure "$f" && [[ -n ${EDGE_SKIP[$t]:-} ]] && continue # noted at the start
             for ((attempt = 0; ; attempt++)); do
                 if is_http_figure "$f"; then
                     check_http_target "$t"
+                elif is_edge_figure "$f"; then
+                    check_edge_target "$t"
                 elif ! is_udp_figure "$f"; then
                     check_target "$t" # measure_one checks the UDP instances
                 fi
@@ -1841,6 +2085,14 @@ if ((${#HTTP_SKIP[@]})); then
         echo
         for t in $TARGETS; do
             if [[ -n ${HTTP_SKIP[$t]:-} ]]; then echo "HTTP figures: $t not measured: ${HTTP_SKIP[$t]}."; fi
+        done
+    } >>"$OUT_DIR/results.md"
+fi
+if ((${#EDGE_SKIP[@]})); then
+    {
+        echo
+        for t in $TARGETS; do
+            if [[ -n ${EDGE_SKIP[$t]:-} ]]; then echo "Edge figures: $t not measured: ${EDGE_SKIP[$t]}."; fi
         done
     } >>"$OUT_DIR/results.md"
 fi

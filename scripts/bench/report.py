@@ -12,7 +12,8 @@ get two tables of their own after those, with the targets that can balance UDP
 and flowgate/nginx ratios (HAProxy OSS does not balance UDP). The HTTP (L7)
 figures get two more, with flowgate/HAProxy and flowgate/nginx ratios and, for
 the SSE first-event time, rows with what each balancer adds over direct (its
-per-round values minus direct's median).
+per-round values minus direct's median). The edge figures (edge_pp, edge_sni)
+are rows of the first table.
 """
 
 import re
@@ -30,6 +31,13 @@ METRICS = [
     ("cps", "New connections (HTTP, Connection: close)", "conn/s", True, "{:,.0f}"),
     ("rps", "Requests on kept-alive connections", "req/s", True, "{:,.0f}"),
     ("mem_kb", "Memory per idle established connection", "KiB/conn", False, "{:.2f}"),
+    # Issue 13's edge figures: cps with a PROXY v2 header, and with a TLS ClientHello routed by SNI.
+    ("edge_pp", "New connections, PROXY v2 in and out (HTTP, Connection: close)", "conn/s", True,
+     "{:,.0f}"),
+    ("edge_pp_cpu_us", "Balancer CPU per PROXY v2 connection (edge-pp run)", "µs", False, "{:.1f}"),
+    ("edge_sni", "New connections routed by SNI (TLS ClientHello, fixed reply)", "conn/s", True,
+     "{:,.0f}"),
+    ("edge_sni_cpu_us", "Balancer CPU per SNI-routed connection (edge-sni run)", "µs", False, "{:.1f}"),
 ]
 
 RATIO_PAIRS = [("flowgate", "haproxy"), ("flowgate", "haproxy-splice"),

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tls_parser::{
-    parse_tls_client_hello_extensions, parse_tls_message_handshake, parse_tls_raw_record, SNIType,
+    parse_tls_extension_sni_content, parse_tls_message_handshake, parse_tls_raw_record, SNIType,
     TlsExtension, TlsMessage, TlsMessageHandshake, TlsRecordType,
 };
 use tokio::io::AsyncReadExt;
@@ -148,10 +148,13 @@ pub(super) async fn read_hello(
         if filled >= MAX_HELLO {
             return Err(HelloError::TooLong);
         }
-        buf.resize(MAX_HELLO, 0);
-        let n = client.read(&mut buf[filled..]).await;
-        buf.truncate(filled + *n.as_ref().unwrap_or(&0));
-        if n? == 0 {
+        // Into the spare capacity, not zero-filled first; 4 KiB takes a whole
+        // ClientHello nearly always, and the loop grows it up to MAX_HELLO.
+        buf.reserve(4096.min(MAX_HELLO - filled));
+        let n = client
+            .read_buf(&mut bytes::BufMut::limit(&mut *buf, MAX_HELLO - filled))
+            .await?;
+        if n == 0 {
             return Err(HelloError::Closed);
         }
     }
@@ -169,9 +172,22 @@ fn parse(input: &[u8]) -> Result<Option<Option<Box<str>>>, HelloError> {
         }
         Some(_) => {}
     }
-    // The handshake message, gathered from the records' fragments.
+    // The handshake message, gathered from the records' fragments (copied only
+    // when it spans records; a ClientHello is nearly always in one).
     let mut message: Vec<u8> = Vec::new();
     let mut rest = input;
+    if let Ok((_, record)) = parse_tls_raw_record(rest) {
+        if record.hdr.record_type == TlsRecordType::Handshake {
+            if let [kind, a, b, c, ..] = record.data[..] {
+                let len = 4 + u32::from_be_bytes([0, a, b, c]) as usize;
+                if kind == u8::from(tls_parser::TlsHandshakeType::ClientHello)
+                    && record.data.len() >= len
+                {
+                    return client_hello(&record.data[..len]);
+                }
+            }
+        }
+    }
     loop {
         let record = match parse_tls_raw_record(rest) {
             Ok((r, record)) => {
@@ -202,36 +218,53 @@ fn parse(input: &[u8]) -> Result<Option<Option<Box<str>>>, HelloError> {
             }
             continue;
         }
-        return match parse_tls_message_handshake(&message[..len]) {
-            Ok((_, TlsMessage::Handshake(TlsMessageHandshake::ClientHello(hello)))) => {
-                server_name(hello.ext).map(Some)
-            }
-            _ => not_tls("malformed ClientHello"),
-        };
+        return client_hello(&message[..len]);
+    }
+}
+
+/// The server name of a complete ClientHello handshake message.
+fn client_hello(message: &[u8]) -> Result<Option<Option<Box<str>>>, HelloError> {
+    match parse_tls_message_handshake(message) {
+        Ok((_, TlsMessage::Handshake(TlsMessageHandshake::ClientHello(hello)))) => {
+            server_name(hello.ext).map(Some)
+        }
+        _ => Err(HelloError::NotTls("malformed ClientHello")),
     }
 }
 
 /// The host_name of a ClientHello's server_name extension, lower case and without
-/// a trailing dot.
+/// a trailing dot. The extension list is walked by its headers; only server_name
+/// is parsed (by tls-parser), the others are skipped unparsed.
 fn server_name(ext: Option<&[u8]>) -> Result<Option<Box<str>>, HelloError> {
-    let Some(ext) = ext else {
+    let Some(mut ext) = ext else {
         return Ok(None);
     };
-    let Ok((_, exts)) = parse_tls_client_hello_extensions(ext) else {
-        return Err(HelloError::NotTls("malformed extensions"));
-    };
-    for e in exts {
-        if let TlsExtension::SNI(names) = e {
-            let Some((_, name)) = names.iter().find(|(t, _)| *t == SNIType::HostName) else {
-                return Ok(None);
-            };
-            let Ok(name) = std::str::from_utf8(name) else {
-                return Err(HelloError::NotTls("server_name is not text"));
-            };
-            let name = name.to_ascii_lowercase();
-            let name = name.strip_suffix('.').unwrap_or(&name);
-            return Ok((!name.is_empty()).then(|| name.into()));
+    let malformed = || HelloError::NotTls("malformed extensions");
+    while !ext.is_empty() {
+        let [t0, t1, l0, l1, rest @ ..] = ext else {
+            return Err(malformed());
+        };
+        let len = usize::from(u16::from_be_bytes([*l0, *l1]));
+        if rest.len() < len {
+            return Err(malformed());
         }
+        let (data, next) = rest.split_at(len);
+        ext = next;
+        if [*t0, *t1] != [0, 0] {
+            continue;
+        }
+        let Ok((_, TlsExtension::SNI(names))) = parse_tls_extension_sni_content(data) else {
+            return Err(HelloError::NotTls("malformed server_name extension"));
+        };
+        let Some((_, name)) = names.iter().find(|(t, _)| *t == SNIType::HostName) else {
+            return Ok(None);
+        };
+        let Ok(name) = std::str::from_utf8(name) else {
+            return Err(HelloError::NotTls("server_name is not text"));
+        };
+        let name = name.to_ascii_lowercase();
+        let name = name.strip_suffix('.').unwrap_or(&name);
+        return Ok((!name.is_empty()).then(|| name.into()));
     }
     Ok(None)
 }

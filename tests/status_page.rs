@@ -331,3 +331,32 @@ async fn status_page_is_self_contained_html() {
         "the page polls the pools API"
     );
 }
+
+/// A least-load pool's rows show each backend's score and its inputs (issue 14):
+/// without a load report, "no fresh report".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_page_shows_least_load_scores() {
+    chromium();
+    let [a, b]: [TestBackend; 2] = start_backends(Kind::Identity).await;
+    let fg = Proc::spawn(
+        &listener_and_pool(
+            "",
+            &format!(
+                "{{ address = \"{}\" }}, {{ address = \"{}\" }}",
+                a.addr, b.addr
+            ),
+            "algorithm = \"least-load\"",
+        ),
+        &[],
+    );
+    let dom = dump_dom(&format!("http://{}/", fg.admin())).await;
+    let rows = backend_rows(&dom);
+    assert_eq!(rows.len(), 2, "{}", excerpt(&dom));
+    for r in &rows {
+        assert!(
+            r.html.contains("data-load-score=") && r.html.contains("no fresh report"),
+            "{}",
+            r.html
+        );
+    }
+}

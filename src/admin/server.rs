@@ -12,6 +12,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_io_timeout::TimeoutStream;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::{error, handle};
@@ -42,9 +43,16 @@ const MAX_AGE: Duration = Duration::from_secs(120);
 /// How long a kept-alive connection may sit between requests.
 const IDLE: Duration = Duration::from_secs(60);
 
-/// Serves the admin API on `sock` until the balancer is gone. `cfg` is the
-/// `[admin]` the instance started with (its limits only change on restart).
-pub async fn run(sock: std::net::TcpListener, fg: WeakRuntime, cfg: AdminConfig) {
+/// Serves the admin API on `sock` until the balancer is gone or `stop` fires (a
+/// binary upgrade: the new process accepts on the same socket; connections open
+/// here finish). `cfg` is the `[admin]` the instance started with (its limits
+/// only change on restart).
+pub async fn run(
+    sock: std::net::TcpListener,
+    fg: WeakRuntime,
+    cfg: AdminConfig,
+    stop: CancellationToken,
+) {
     let listener = match TcpListener::from_std(sock) {
         Ok(l) => l,
         Err(e) => {
@@ -54,7 +62,12 @@ pub async fn run(sock: std::net::TcpListener, fg: WeakRuntime, cfg: AdminConfig)
     };
     let places = Arc::new(Semaphore::new(cfg.max_connections));
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            r = listener.accept() => r,
+        };
+        let (stream, peer) = match accepted {
             Ok(s) => s,
             Err(e) => {
                 debug!(error = %e, "admin API: accept failed");

@@ -263,6 +263,11 @@ impl Proc {
     /// Spawns the binary (optionally under `prlimit`-style wrapper `pre`) and waits
     /// until it logs "flowgate started" (or exits).
     pub fn spawn(toml: &str, pre: &[&str]) -> Proc {
+        Proc::spawn_with(toml, pre, &[])
+    }
+
+    /// [`Proc::spawn`] with `args` after `run --config FILE` (e.g. `--upgrade-from`).
+    pub fn spawn_with(toml: &str, pre: &[&str], args: &[&str]) -> Proc {
         let dir = tempdir::Dir::new();
         let cfg = dir.file("flowgate.toml", &with_upgrade_socket(toml, &dir.0));
         let mut cmd = if pre.is_empty() {
@@ -275,6 +280,7 @@ impl Proc {
         cmd.arg("run")
             .arg("--config")
             .arg(&cfg)
+            .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

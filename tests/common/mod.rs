@@ -241,9 +241,12 @@ pub mod tempdir {
 /// a test starts holds its own single-instance lock, instead of all of them
 /// contending for the default `/run/flowgate/flowgate.sock`. The key goes right
 /// after an existing `[runtime]` header (lines below it move down by one), or in
-/// a `[runtime]` table put first (two lines).
+/// a `[runtime]` table put first (two lines); an invalid config is not touched.
 pub fn with_upgrade_socket(toml: &str, dir: &std::path::Path) -> String {
-    if toml.contains("upgrade_socket") {
+    // An invalid config exits 2 before it takes any socket: left as it is, so the
+    // lines its error names stay where the test wrote them.
+    let invalid = Config::parse(toml, &dir.join("flowgate.toml")).is_err();
+    if invalid || toml.contains("upgrade_socket") {
         return toml.to_string();
     }
     let key = format!(

@@ -484,3 +484,56 @@ backends = [ {{ address = "{udp}" }} ]
     assert!(st.is_some_and(|s| s.success()), "{st:?}\n{}", old.log());
     assert!(old.log().contains("graceful=true"), "{}", old.log());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_counts_and_listeners_may_differ() {
+    let backend = TestBackend::start(Kind::Echo).await;
+    let dir = tempdir::Dir::new();
+    let sock = dir.0.join("flowgate.sock");
+    let with = |workers: usize, extra: &str| {
+        config(backend.addr, &sock, extra).replace("workers = 2", &format!("workers = {workers}"))
+    };
+    let m = "\n[[listeners]]\nname = \"m\"\nbind = \"127.0.0.1:0\"\npool = \"p\"\n";
+    let first = Proc::spawn(&with(1, ""), &[]);
+    let addr = first.addr("l");
+
+    // More workers, and a listener the old process did not have: bound fresh.
+    let second = upgrade(&with(3, m), &sock);
+    assert!(
+        second.logged("upgrade complete", LONG).await,
+        "{}",
+        second.log()
+    );
+    assert!(
+        second.log().contains("listener=l given=1 sockets=3"),
+        "{}",
+        second.log()
+    );
+    let m_addr = second.addr("m");
+    for n in 0..30 {
+        short(addr, n).await.unwrap();
+        short(m_addr, n).await.unwrap();
+    }
+
+    // Fewer workers, and "m" dropped: every socket of "l" is still served, "m"
+    // is not taken and closes with the process that had it.
+    let mut second = second;
+    let third = upgrade(&with(2, ""), &sock);
+    assert!(
+        third.logged("upgrade complete", LONG).await,
+        "{}",
+        third.log()
+    );
+    assert!(
+        third.log().contains("listener=l given=3 sockets=3"),
+        "{}",
+        third.log()
+    );
+    for n in 0..30 {
+        short(addr, n).await.unwrap();
+    }
+    let st = second.exited(LONG).await;
+    assert!(st.is_some_and(|s| s.success()), "{st:?}\n{}", second.log());
+    let refused = TcpStream::connect(m_addr).await;
+    assert!(refused.is_err(), "m is closed once its last holder exits");
+}

@@ -537,3 +537,42 @@ async fn worker_counts_and_listeners_may_differ() {
     let refused = TcpStream::connect(m_addr).await;
     assert!(refused.is_err(), "m is closed once its last holder exits");
 }
+
+/// An unprivileged user without `runtime.upgrade_socket`: the default under /run
+/// cannot be made, and flowgate starts anyway, saying upgrades are off. (Runs
+/// where the tests run as root and `setpriv` is installed; skipped otherwise.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unprivileged_default_only_warns() {
+    use std::os::unix::fs::MetadataExt;
+    let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
+    let setpriv = std::process::Command::new("setpriv")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !root || !setpriv {
+        eprintln!("skipped: needs root and setpriv to run the binary as nobody");
+        return;
+    }
+    let backend = TestBackend::start(Kind::Echo).await;
+    // The comment names the key, so the harness adds no upgrade_socket of its own.
+    let toml = format!(
+        "# no upgrade_socket: the default\n[[listeners]]\nname = \"l\"\nbind = \"127.0.0.1:0\"\npool = \"p\"\n\n\
+         [[pools]]\nname = \"p\"\nbackends = [ {{ address = \"{}\" }} ]\n",
+        backend.addr
+    );
+    let pre = [
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+    ];
+    let p = Proc::spawn(&toml, &pre);
+    assert!(p.log().contains("flowgate started"), "{}", p.log());
+    assert!(
+        p.log()
+            .contains("binary upgrades and the single-instance lock are off"),
+        "{}",
+        p.log()
+    );
+    short(p.addr("l"), 7).await.unwrap();
+}

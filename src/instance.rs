@@ -103,16 +103,14 @@ impl Flowgate {
     /// Duplicates of every listening socket, the admin API's included, for a
     /// binary upgrade (see [`Runtime::handover_sockets`]).
     pub fn handover(&self) -> Inherited {
-        let mut out = Inherited {
+        Inherited {
+            listeners: self.rt.handover_sockets().into_iter().collect(),
+            admin: self
+                .admin
+                .as_ref()
+                .and_then(|a| a.copy.try_clone().ok().map(|fd| (a.bind, fd))),
             upgraded_from: Some(std::process::id()),
-            ..Inherited::default()
-        };
-        out.listeners = self.rt.handover_sockets().into_iter().collect();
-        out.admin = self
-            .admin
-            .as_ref()
-            .and_then(|a| a.copy.try_clone().ok().map(|fd| (a.bind, fd)));
-        out
+        }
     }
 
     /// A new process serves every socket now: stop accepting, on the admin socket

@@ -6,10 +6,11 @@
 //! carry descriptors are left for [`recv_fds`].
 
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
-use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -73,39 +74,41 @@ pub(super) fn send_fds(s: &UnixStream, fds: &[OwnedFd]) -> io::Result<()> {
     Ok(())
 }
 
-/// Receives `count` descriptors sent by [`send_fds`] (close-on-exec).
+/// Receives `count` descriptors sent by [`send_fds`] (close-on-exec). rustix
+/// hands them over as `OwnedFd`s, so no `unsafe` is needed to own them.
 pub(super) fn recv_fds(s: &UnixStream, count: usize) -> io::Result<Vec<OwnedFd>> {
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags};
     let mut out = Vec::with_capacity(count);
-    let mut space = nix::cmsg_space!([RawFd; PER_MESSAGE]);
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(PER_MESSAGE))];
     while out.len() < count {
         let mut byte = [0u8; 1];
-        let mut iov = [IoSliceMut::new(&mut byte)];
-        let msg = match recvmsg::<()>(
-            s.as_raw_fd(),
-            &mut iov,
-            Some(&mut space),
-            MsgFlags::MSG_CMSG_CLOEXEC,
+        let mut cmsg = RecvAncillaryBuffer::new(&mut space);
+        let msg = match rustix::net::recvmsg(
+            s,
+            &mut [IoSliceMut::new(&mut byte)],
+            &mut cmsg,
+            RecvFlags::CMSG_CLOEXEC,
         ) {
             Ok(m) => m,
-            Err(nix::errno::Errno::EINTR) => continue,
+            Err(rustix::io::Errno::INTR) => continue,
             Err(e) => return Err(e.into()),
         };
         if msg.bytes == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
-        let mut got = 0;
-        for c in msg.cmsgs().map_err(io::Error::from)? {
-            if let ControlMessageOwned::ScmRights(fds) = c {
-                for fd in fds {
-                    // SAFETY: the kernel has just installed `fd` in this process's
-                    // table for this message (SCM_RIGHTS); nothing else knows it,
-                    // so it is owned here, exactly once.
-                    out.push(unsafe { OwnedFd::from_raw_fd(fd) });
-                    got += 1;
-                }
+        if msg.flags.contains(ReturnFlags::CTRUNC) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "descriptors cut short (MSG_CTRUNC): the open-files limit?",
+            ));
+        }
+        let before = out.len();
+        for m in cmsg.drain() {
+            if let RecvAncillaryMessage::ScmRights(fds) = m {
+                out.extend(fds);
             }
         }
-        if got == 0 {
+        if out.len() == before {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 "expected descriptors, got none",

@@ -19,8 +19,6 @@
 //! The upgrade socket itself is handed over too, so the lock is never free during
 //! an upgrade.
 
-// Owns the descriptors SCM_RIGHTS delivers: the crate's one `unsafe` block.
-#[allow(unsafe_code)]
 mod fdpass;
 
 use std::io;

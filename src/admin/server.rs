@@ -86,7 +86,9 @@ pub async fn run(
         let fg = fg.clone();
         let timeout = cfg.request_timeout;
         let cfg = Arc::new(cfg.clone());
-        control.spawn_until_stop(async move {
+        // Tracked, not dropped at stop: the request in flight is answered first.
+        let stopping = control.stop_token().clone();
+        control.spawn(async move {
             let _place = place;
             let mut io = TimeoutStream::new(stream);
             // A response the client does not read; a kept-alive connection that
@@ -110,10 +112,16 @@ pub async fn run(
             tokio::pin!(conn);
             // A connection gives its place back after MAX_AGE, however it is used:
             // kept-alive clients cannot hold every place (a scraper reconnects).
-            // It finishes the request in flight, within `timeout`.
-            let r = match tokio::time::timeout(MAX_AGE, conn.as_mut()).await {
-                Ok(r) => r,
-                Err(_) => {
+            // It finishes the request in flight, within `timeout`; so it does when
+            // the instance stops (after a binary upgrade, the old process answers
+            // what it accepted last, so /healthz never goes unanswered).
+            let ended = tokio::select! {
+                r = tokio::time::timeout(MAX_AGE, conn.as_mut()) => r.ok(),
+                _ = stopping.cancelled() => None,
+            };
+            let r = match ended {
+                Some(r) => r,
+                None => {
                     conn.as_mut().graceful_shutdown();
                     match tokio::time::timeout(timeout, conn.as_mut()).await {
                         Ok(r) => r,

@@ -1074,6 +1074,9 @@ start_lb() { # target instance-name spec... ; sets LAST_PID and LAST_LOG, waits 
             write_flowgate_config "$dir/flowgate.toml" "$([[ $target == flowgate-shared ]] && echo shared)" \
                 "$([[ $target == flowgate-metrics ]] && admin_port "$inst")" "$@"
             [[ $target == flowgate-busy ]] && sed -i "s/^\[runtime\]\$/[runtime]\nbusy_poll = \"$BUSY_POLL\"/" "$dir/flowgate.toml"
+            # Each instance its own upgrade socket (the single-instance lock); a base
+            # binary older than runtime.upgrade_socket has no lock and no such key.
+            [[ $target != flowgate-base ]] && sed -i "s|^\[runtime\]\$|[runtime]\nupgrade_socket = \"$dir/flowgate.sock\"|" "$dir/flowgate.toml"
             if ((LB_SOFT)) && ! "$bin" check --config "$dir/flowgate.toml" >"$logf.check" 2>&1; then
                 printf 'bench.sh: %s rejected %s:\n' "$inst" "$dir/flowgate.toml" >&2
                 tail -n 20 "$logf.check" >&2 || true

@@ -22,6 +22,8 @@
 //!    (the JSON API, /metrics, the status page).
 //! 5. **instance**: [`Flowgate`]: a runtime and its admin API; the binary
 //!    (`main.rs`) parses the CLI, sets up logging and signals, and runs one.
+//!    Beside it, [`upgrade`]: the upgrade socket (single-instance lock, and the
+//!    handover of every listening socket to a new binary).
 
 // clippy.toml lists them: no blocking sleep, no untracked spawn in the library.
 #![deny(clippy::disallowed_methods)]
@@ -42,6 +44,7 @@ pub mod proxy;
 pub mod queue;
 pub mod runtime;
 pub mod tasks;
+pub mod upgrade;
 
 pub use config::Config;
 pub use instance::Flowgate;

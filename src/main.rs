@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use flowgate::config::{LogConfig, LogFormat};
-use flowgate::{Config, Flowgate};
+use flowgate::{upgrade, Config, Flowgate};
 use sd_notify::NotifyState;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
@@ -25,10 +25,18 @@ Signals (to `flowgate run`):
   SIGUSR1          reopen the access-log file (after logrotate moved it), or
                    reconnect to syslog
 
+Binary upgrade:
+  flowgate run --config FILE --upgrade-from /run/flowgate/flowgate.sock
+                   the new binary takes the listening sockets over from the running
+                   one (runtime.upgrade_socket), which then drains for
+                   runtime.shutdown_timeout and exits 0; no connection is dropped.
+                   A second `flowgate run` on a live upgrade socket exits 1.
+
 Exit codes:
   0  stopped cleanly, or `check` found the config valid
   1  runtime failure: an address cannot be bound (or another process holds it),
-     worker threads cannot start
+     worker threads cannot start, another flowgate answers on the upgrade socket,
+     an upgrade was refused (nothing answers on PATH, another one in flight)
   2  invalid configuration (the message names file:line:column and the key)
 
 Environment:
@@ -52,6 +60,13 @@ enum Command {
         /// Path to the TOML configuration.
         #[arg(long, short)]
         config: PathBuf,
+        /// Zero-drop binary upgrade: take every listening socket (and the admin
+        /// API's) over from the flowgate answering on this upgrade socket (its
+        /// runtime.upgrade_socket), start serving, then let it drain and exit.
+        /// The config is checked first: an invalid one exits 2 and the running
+        /// process never notices.
+        #[arg(long, value_name = "PATH")]
+        upgrade_from: Option<PathBuf>,
     },
     /// Validate a configuration without binding anything; exit 2 if invalid.
     Check {
@@ -110,7 +125,10 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
-        Command::Run { config } => {
+        Command::Run {
+            config,
+            upgrade_from,
+        } => {
             let cfg = match Config::load(&config) {
                 Ok(c) => c,
                 Err(e) => {
@@ -120,7 +138,7 @@ fn main() -> ExitCode {
                 }
             };
             let level = init_logging(&cfg.log);
-            match run(cfg, level) {
+            match run(cfg, level, upgrade_from) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     error!("{e:#}");
@@ -180,7 +198,41 @@ fn notify(state: &[NotifyState<'_>]) {
     }
 }
 
-fn run(cfg: Config, level: LevelHandle) -> anyhow::Result<()> {
+/// The upgrade socket of `cfg` (taken from `handover` when it is the same path).
+/// Without an explicit `runtime.upgrade_socket`, a default path that cannot be
+/// made (an unprivileged user and `/run`) only costs upgrades and the lock: a
+/// warning, not a failure.
+fn upgrade_socket(
+    cfg: &Config,
+    handover: Option<&mut upgrade::Handover>,
+) -> anyhow::Result<Option<upgrade::UpgradeSocket>> {
+    let path = cfg.runtime.upgrade_socket_path();
+    if let Some(s) = handover.and_then(|h| h.upgrade_socket(&path)) {
+        return Ok(Some(s));
+    }
+    match upgrade::UpgradeSocket::claim(&path) {
+        Ok(s) => Ok(Some(s)),
+        Err(e @ upgrade::UpgradeError::AlreadyRunning { .. }) => Err(e.into()),
+        Err(e) if cfg.runtime.upgrade_socket.is_some() => Err(e.into()),
+        Err(e) => {
+            warn!("{e}; binary upgrades and the single-instance lock are off (set runtime.upgrade_socket to a writable path)");
+            Ok(None)
+        }
+    }
+}
+
+fn run(cfg: Config, level: LevelHandle, upgrade_from: Option<PathBuf>) -> anyhow::Result<()> {
+    // Before anything is bound: a refused upgrade leaves nothing behind.
+    let mut handover = match &upgrade_from {
+        Some(p) => Some(upgrade::take_over(p)?),
+        None => None,
+    };
+    let lock = upgrade_socket(&cfg, handover.as_mut())?;
+    let lock_path = lock.as_ref().map(|l| l.path().to_owned());
+    let inherited = handover
+        .as_mut()
+        .map(|h| std::mem::take(&mut h.inherited))
+        .unwrap_or_default();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -193,7 +245,7 @@ fn run(cfg: Config, level: LevelHandle) -> anyhow::Result<()> {
         if now > before {
             info!(from = before, to = now, "raised the open-files limit to its hard limit");
         }
-        let fg = Flowgate::start(cfg)?;
+        let fg = Flowgate::start_with(cfg, inherited)?;
         if let Some(h) = level {
             fg.set_log_level_hook(move |new| match h.reload(EnvFilter::new(new)) {
                 Ok(()) => info!(level = new, "log level changed"),
@@ -201,6 +253,23 @@ fn run(cfg: Config, level: LevelHandle) -> anyhow::Result<()> {
             });
         }
         info!(version = env!("CARGO_PKG_VERSION"), "flowgate started");
+        if let Some(h) = handover {
+            match tokio::task::spawn_blocking(move || h.finish()).await? {
+                Ok(old_pid) => {
+                    info!(old_pid, new_pid = std::process::id(), "upgrade complete")
+                }
+                Err(e) => {
+                    // The old process still serves: leave it the sockets.
+                    error!("{e}; stopping this process");
+                    fg.shutdown().await;
+                    return Err(anyhow::anyhow!("upgrade not completed"));
+                }
+            }
+        }
+        let handed = tokio_util::sync::CancellationToken::new();
+        if let Some(lock) = lock {
+            upgrade::serve(lock, &fg, handed.clone());
+        }
         // Every listener is bound and accepting, the admin API too.
         notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
         // systemd's watchdog (`WatchdogSec=`): a ping every half period, sent only
@@ -211,6 +280,7 @@ fn run(cfg: Config, level: LevelHandle) -> anyhow::Result<()> {
             tokio::select! {
                 _ = term.recv() => break "SIGTERM",
                 _ = int.recv() => break "SIGINT",
+                _ = handed.cancelled() => break "upgrade",
                 _ = ping.tick(), if watchdog.is_some() => {
                     let period = watchdog.unwrap_or_default();
                     if fg.responsive(period / 4).await {
@@ -258,6 +328,10 @@ fn run(cfg: Config, level: LevelHandle) -> anyhow::Result<()> {
             _ = int.recv() => { warn!("second signal: stopping now"); false }
         };
         access_log.flush(std::time::Duration::from_secs(2));
+        // The socket file is the next process's after an upgrade.
+        if let Some(p) = lock_path.filter(|_| !handed.is_cancelled()) {
+            let _ = std::fs::remove_file(p);
+        }
         info!(graceful, "stopped");
         Ok(())
     })

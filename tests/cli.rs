@@ -979,7 +979,10 @@ fn access_log_that_cannot_be_opened_fails_startup() {
         let dir = tempdir::Dir::new();
         let file = dir.file(
             "f.toml",
-            &append(&format!("[log]\naccess_log = \"{dest}\"\n")),
+            &with_upgrade_socket(
+                &append(&format!("[log]\naccess_log = \"{dest}\"\n")),
+                &dir.0,
+            ),
         );
         let out = Command::new(bin())
             .args(["run", "--config"])

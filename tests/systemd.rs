@@ -44,8 +44,9 @@ fn notify_protocol_ready_watchdog_reload_stopping() {
     let cfg = dir.file(
         "flowgate.toml",
         &format!(
-            "[runtime]\nshutdown_timeout = \"1s\"\n\n[[listeners]]\nname = \"l\"\nbind = \"127.0.0.1:{port}\"\npool = \"p\"\n\n\
+            "[runtime]\nshutdown_timeout = \"1s\"\nupgrade_socket = \"{}\"\n\n[[listeners]]\nname = \"l\"\nbind = \"127.0.0.1:{port}\"\npool = \"p\"\n\n\
              [[pools]]\nname = \"p\"\nbackends = [ {{ address = \"{}\" }} ]\n",
+            dir.0.join("flowgate.sock").display(),
             backend.local_addr().unwrap()
         ),
     );

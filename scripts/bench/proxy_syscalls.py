@@ -32,7 +32,7 @@ V2 = b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x21, 0x11]) + struct.pack("!H", 12) + s
 def run(listener_extra, pool_extra, header):
     port = echo_server()
     t = socket.socket(); t.bind(("127.0.0.1", 0)); fixed = t.getsockname()[1]; t.close()
-    cfg = f"""[runtime]\nworkers = 1\n[[listeners]]\nname = "l"\nbind = "127.0.0.1:{fixed}"\npool = "p"\n{listener_extra}\n[[pools]]\nname = "p"\n{pool_extra}\nbackends = [ {{ address = "127.0.0.1:{port}" }} ]\n"""
+    cfg = f"""[runtime]\nworkers = 1\nupgrade_socket = "/tmp/ppsys.sock"\n[[listeners]]\nname = "l"\nbind = "127.0.0.1:{fixed}"\npool = "p"\n{listener_extra}\n[[pools]]\nname = "p"\n{pool_extra}\nbackends = [ {{ address = "127.0.0.1:{port}" }} ]\n"""
     open("/tmp/ppsys.toml", "w").write(cfg)
     p = subprocess.Popen([BIN, "run", "--config", "/tmp/ppsys.toml"], stderr=subprocess.PIPE, env={"RUST_LOG": "info"})
     addr = None

@@ -5,6 +5,7 @@
 //! | GET | / | the status page (one self-contained HTML file, `status.html`) |
 //! | GET | /metrics | Prometheus text format (see `crate::metrics`, docs/metrics.md) |
 //! | GET | /healthz | 200 while it can serve; 503 shutting down or a pool that would refuse clients |
+//! | GET | /api/v1/status | pid, start time, `upgraded_from` (the pid a binary upgrade replaced), version |
 //! | GET | /api/v1/pools | pools, algorithms, backends with state and last check |
 //! | GET | /api/v1/pools/{pool}, /api/v1/pools/{pool}/backends/{address} | one of them |
 //! | POST | /api/v1/pools/{pool}/backends/{address}/drain, /enable, /disable | |
@@ -131,6 +132,7 @@ async fn handle(req: Request<Incoming>, fg: &Runtime, cfg: &crate::config::Admin
             ),
             None => reply(StatusCode::OK, json!({ "status": "ok" })),
         },
+        (Method::GET, ["api", "v1", "status"]) => reply(StatusCode::OK, status_json(fg)),
         (Method::GET, ["api", "v1", "pools"]) => reply(StatusCode::OK, pools_json(fg)),
         (Method::GET, ["api", "v1", "openapi.json"]) => {
             typed(StatusCode::OK, "application/json", OPENAPI)
@@ -293,6 +295,7 @@ async fn handle(req: Request<Incoming>, fg: &Runtime, cfg: &crate::config::Admin
             _,
             ["healthz"]
             | ["api", "v1", "pools"]
+            | ["api", "v1", "status"]
             | ["api", "v1", "openapi.json"]
             | ["api", "v1", "config"]
             | ["metrics"]
@@ -468,7 +471,8 @@ fn one_pool(p: &crate::pool::Pool) -> Value {
 /// health aside, none that is not drained or disabled). `None`: it can serve.
 /// Listeners are bound before the admin API starts, and stay bound until shutdown.
 fn unhealthy(fg: &Runtime) -> Option<String> {
-    if fg.is_shutting_down() {
+    // After a binary upgrade the new process serves (and holds the admin socket).
+    if fg.is_shutting_down() && !fg.handed_over() {
         return Some("shutting down".into());
     }
     let down: Vec<String> = fg
@@ -478,6 +482,23 @@ fn unhealthy(fg: &Runtime) -> Option<String> {
         .map(|p| p.name.to_string())
         .collect();
     (!down.is_empty()).then(|| format!("no usable backend in pool {}", down.join(", ")))
+}
+
+/// The body of GET /api/v1/status: which process answers, since when, and the
+/// one it replaced by a binary upgrade (`null` if none).
+fn status_json(fg: &Runtime) -> Value {
+    let started = fg
+        .started()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    json!({
+        "pid": std::process::id(),
+        "started": started,
+        "upgraded_from": fg.upgraded_from(),
+        "version": env!("CARGO_PKG_VERSION"),
+        "shutting_down": fg.is_shutting_down(),
+        "handed_over": fg.handed_over(),
+    })
 }
 
 /// The body of GET /api/v1/pools.

@@ -12,6 +12,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_io_timeout::TimeoutStream;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::{error, handle};
@@ -42,9 +43,16 @@ const MAX_AGE: Duration = Duration::from_secs(120);
 /// How long a kept-alive connection may sit between requests.
 const IDLE: Duration = Duration::from_secs(60);
 
-/// Serves the admin API on `sock` until the balancer is gone. `cfg` is the
-/// `[admin]` the instance started with (its limits only change on restart).
-pub async fn run(sock: std::net::TcpListener, fg: WeakRuntime, cfg: AdminConfig) {
+/// Serves the admin API on `sock` until the balancer is gone or `stop` fires (a
+/// binary upgrade: the new process accepts on the same socket; connections open
+/// here finish). `cfg` is the `[admin]` the instance started with (its limits
+/// only change on restart).
+pub async fn run(
+    sock: std::net::TcpListener,
+    fg: WeakRuntime,
+    cfg: AdminConfig,
+    stop: CancellationToken,
+) {
     let listener = match TcpListener::from_std(sock) {
         Ok(l) => l,
         Err(e) => {
@@ -54,7 +62,12 @@ pub async fn run(sock: std::net::TcpListener, fg: WeakRuntime, cfg: AdminConfig)
     };
     let places = Arc::new(Semaphore::new(cfg.max_connections));
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            r = listener.accept() => r,
+        };
+        let (stream, peer) = match accepted {
             Ok(s) => s,
             Err(e) => {
                 debug!(error = %e, "admin API: accept failed");
@@ -73,7 +86,9 @@ pub async fn run(sock: std::net::TcpListener, fg: WeakRuntime, cfg: AdminConfig)
         let fg = fg.clone();
         let timeout = cfg.request_timeout;
         let cfg = Arc::new(cfg.clone());
-        control.spawn_until_stop(async move {
+        // Tracked, not dropped at stop: the request in flight is answered first.
+        let stopping = control.stop_token().clone();
+        control.spawn(async move {
             let _place = place;
             let mut io = TimeoutStream::new(stream);
             // A response the client does not read; a kept-alive connection that
@@ -97,10 +112,16 @@ pub async fn run(sock: std::net::TcpListener, fg: WeakRuntime, cfg: AdminConfig)
             tokio::pin!(conn);
             // A connection gives its place back after MAX_AGE, however it is used:
             // kept-alive clients cannot hold every place (a scraper reconnects).
-            // It finishes the request in flight, within `timeout`.
-            let r = match tokio::time::timeout(MAX_AGE, conn.as_mut()).await {
-                Ok(r) => r,
-                Err(_) => {
+            // It finishes the request in flight, within `timeout`; so it does when
+            // the instance stops (after a binary upgrade, the old process answers
+            // what it accepted last, so /healthz never goes unanswered).
+            let ended = tokio::select! {
+                r = tokio::time::timeout(MAX_AGE, conn.as_mut()) => r.ok(),
+                _ = stopping.cancelled() => None,
+            };
+            let r = match ended {
+                Some(r) => r,
+                None => {
                     conn.as_mut().graceful_shutdown();
                     match tokio::time::timeout(timeout, conn.as_mut()).await {
                         Ok(r) => r,

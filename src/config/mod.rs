@@ -118,6 +118,21 @@ pub struct RuntimeConfig {
     /// Latency mode: how long an idle worker polls its sockets before it sleeps
     /// (`None`: off). Only with `worker_model = "per_core"`.
     pub busy_poll: Option<Duration>,
+    /// `runtime.upgrade_socket` as written (`None`: the default,
+    /// [`DEFAULT_UPGRADE_SOCKET`]). Read at start only.
+    pub upgrade_socket: Option<std::path::PathBuf>,
+}
+
+/// Where `runtime.upgrade_socket` is when the file does not say.
+pub const DEFAULT_UPGRADE_SOCKET: &str = "/run/flowgate/flowgate.sock";
+
+impl RuntimeConfig {
+    /// The upgrade socket's path, the default filled in.
+    pub fn upgrade_socket_path(&self) -> std::path::PathBuf {
+        self.upgrade_socket
+            .clone()
+            .unwrap_or_else(|| DEFAULT_UPGRADE_SOCKET.into())
+    }
 }
 
 #[derive(Debug, Clone)]

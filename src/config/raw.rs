@@ -38,6 +38,8 @@ pub struct Runtime {
     pub splice: bool,
     #[serde(default)]
     pub busy_poll: Option<Spanned<DurationStr>>,
+    #[serde(default)]
+    pub upgrade_socket: Option<Spanned<String>>,
 }
 
 impl Default for Runtime {
@@ -48,6 +50,7 @@ impl Default for Runtime {
             shutdown_timeout: default_shutdown(),
             splice: true,
             busy_poll: None,
+            upgrade_socket: None,
         }
     }
 }

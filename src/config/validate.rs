@@ -123,12 +123,24 @@ pub(super) fn runtime(src: &Source<'_>, r: &raw::Runtime) -> Result<RuntimeConfi
         }
         Some(b) => Some(b.get_ref().0),
     };
+    let upgrade_socket = match &r.upgrade_socket {
+        None => None,
+        Some(p) if p.get_ref().is_empty() || p.get_ref().contains('\0') => {
+            return Err(src.err(
+                p.span(),
+                "runtime.upgrade_socket".into(),
+                "expected a path for a unix socket, e.g. \"/run/flowgate/flowgate.sock\"".into(),
+            ))
+        }
+        Some(p) => Some(std::path::PathBuf::from(p.get_ref())),
+    };
     Ok(RuntimeConfig {
         workers,
         worker_model: r.worker_model,
         shutdown_timeout: r.shutdown_timeout.0,
         splice: r.splice,
         busy_poll,
+        upgrade_socket,
     })
 }
 

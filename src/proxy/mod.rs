@@ -43,6 +43,9 @@ pub struct Context {
     pub busy_poll_us: u32,
     /// Pooled upstream HTTP connections (http listeners).
     pub upstreams: Arc<http::Upstreams>,
+    /// Set when a new process took the listening sockets over (binary upgrade):
+    /// UDP receive loops then stop without ending their sessions.
+    pub handed_over: Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[cfg(test)]
@@ -55,6 +58,7 @@ impl Context {
             splice: true,
             busy_poll_us: 0,
             upstreams: http::Upstreams::new(),
+            handed_over: Default::default(),
         }
     }
 }

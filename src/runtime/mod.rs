@@ -26,6 +26,7 @@ mod dns;
 mod drain;
 mod errors;
 mod holder;
+mod inherit;
 mod ops;
 mod reload;
 mod shutdown;
@@ -55,6 +56,7 @@ use crate::tasks::Tasks;
 pub use crate::metrics::ReloadStats;
 pub use errors::{AccessLogError, BindError, OpError, ReloadError, StartError};
 pub use holder::holder;
+pub use inherit::{Inherited, ListenerKey};
 
 /// A running balancer's engine. Cheap to clone: clones share the same instance.
 /// Dropping the last clone stops it at once (use [`Runtime::shutdown`] for a
@@ -107,6 +109,12 @@ struct Inner {
     /// Every client session, TCP and UDP.
     sessions: TaskTracker,
     shutting_down: AtomicBool,
+    /// A new process took the listening sockets over (see [`Inherited`]); also in
+    /// every listener's [`Context`], so UDP sessions outlive their receive loops.
+    handed_over: Arc<AtomicBool>,
+    /// When this process started, and the process it upgraded, if any.
+    started: SystemTime,
+    upgraded_from: Option<u32>,
     admin_token: ArcSwapOption<String>,
     reloads_ok: AtomicU64,
     reloads_failed: AtomicU64,
@@ -136,6 +144,8 @@ struct State {
     removed_pools: Vec<Arc<Pool>>,
     /// Backends the admin API added or removed; `config` has them applied.
     overrides: crate::config::Overrides,
+    /// Per listener name: a duplicate of each socket it serves, for an upgrade.
+    sockets: HashMap<String, (ListenerKey, Vec<std::os::fd::OwnedFd>)>,
 }
 
 /// A TCP listener being served.
@@ -179,7 +189,18 @@ impl Runtime {
             splice: self.inner.splice,
             busy_poll_us: self.inner.busy_poll_us,
             upstreams: self.inner.upstreams.clone(),
+            handed_over: self.inner.handed_over.clone(),
         }
+    }
+
+    /// When this process started.
+    pub fn started(&self) -> SystemTime {
+        self.inner.started
+    }
+
+    /// The process id of the flowgate this one upgraded, if it did.
+    pub fn upgraded_from(&self) -> Option<u32> {
+        self.inner.upgraded_from
     }
 
     /// Lets a reload change the log level: `f` gets the new `[log] level`.

@@ -231,6 +231,8 @@ impl Runtime {
                 old.shared.stop.cancel();
             }
         }
+        // Removed listeners' sockets close (kept copies for an upgrade included).
+        st.sockets.retain(|name, _| kept(name));
         for (l, sockets) in fresh {
             self.start_listener(st, &l, sockets, udp_max);
         }

@@ -21,6 +21,9 @@ impl Runtime {
         inner.shutting_down.store(true, Ordering::Release);
         let grace = inner.lock().config.runtime.shutdown_timeout;
         inner.stop_accept.cancel();
+        // Once the accept loops let go, the listening sockets close (unless a new
+        // process holds them: a binary upgrade).
+        inner.lock().sockets.clear();
         inner.accept_loops.close();
         inner.accept_loops.wait().await;
         // The receive loops have told their UDP sessions to end (UDP has nothing to

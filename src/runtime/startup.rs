@@ -13,7 +13,10 @@ use tracing::{info, warn};
 
 use super::threads::spawn_threads;
 use super::StartError;
-use super::{AccessLogError, BindError, Inner, RunningListener, RunningUdp, Runtime, State};
+use super::{
+    AccessLogError, BindError, Inherited, Inner, ListenerKey, RunningListener, RunningUdp, Runtime,
+    State,
+};
 use crate::access_log::AccessLog;
 use crate::config::{Config, ListenerConfig, LogConfig, Protocol, WorkerModel};
 use crate::health;
@@ -32,6 +35,12 @@ pub(super) enum Bound {
 
 impl Runtime {
     pub fn start(config: Config) -> Result<Runtime, StartError> {
+        Runtime::start_with(config, Inherited::default())
+    }
+
+    /// [`Runtime::start`] on the sockets a binary upgrade handed over: listeners
+    /// found in `inherited` are served on its sockets, the others bound.
+    pub fn start_with(config: Config, mut inherited: Inherited) -> Result<Runtime, StartError> {
         // Before any backend or listener exists: they register their histograms.
         let metrics = match config.admin {
             Some(_) => Exporter::new(),
@@ -64,6 +73,9 @@ impl Runtime {
             accept_loops: TaskTracker::new(),
             sessions: TaskTracker::new(),
             shutting_down: AtomicBool::new(false),
+            handed_over: Arc::new(AtomicBool::new(false)),
+            started: SystemTime::now(),
+            upgraded_from: inherited.upgraded_from,
             admin_token: ArcSwapOption::from(
                 config
                     .admin
@@ -88,6 +100,7 @@ impl Runtime {
                 loads: HashMap::new(),
                 removed_pools: Vec::new(),
                 overrides: Default::default(),
+                sockets: HashMap::new(),
             }),
         });
         let rt = Runtime { inner };
@@ -97,12 +110,26 @@ impl Runtime {
         // second flowgate with the same config start and silently share it.
         // (All probes first: once this config's own sockets exist, an overlapping
         // listener of it, 0.0.0.0:P beside 127.0.0.1:P, would look taken.)
+        let mut taken: HashMap<&str, _> = HashMap::new();
         for l in &config.listeners {
-            ensure_free(l)?;
+            match inherited.listeners.remove(&ListenerKey::of(l)) {
+                Some(fds) => {
+                    taken.insert(l.name.as_str(), fds);
+                }
+                None => ensure_free(l)?,
+            }
         }
+        // What the old process served and this config lacks is not taken: closed here.
+        for key in inherited.listeners.keys() {
+            info!(listener = %key.name, addr = %key.bind, "not in the new config: not taken over");
+        }
+        drop(inherited.listeners);
         let mut bound = Vec::new();
         for l in &config.listeners {
-            let sockets = rt.bind_listener(l)?;
+            let sockets = match taken.remove(l.name.as_str()) {
+                Some(fds) => rt.adopt_listener(l, fds)?,
+                None => rt.bind_listener(l)?,
+            };
             bound.push((l, sockets));
         }
 
@@ -154,10 +181,7 @@ impl Runtime {
 
     /// Binds the sockets for one listener: one per worker (SO_REUSEPORT), or one.
     pub(super) fn bind_listener(&self, l: &ListenerConfig) -> Result<Bound, BindError> {
-        let count = match self.inner.worker_model {
-            WorkerModel::PerCore => self.inner.workers,
-            WorkerModel::Shared => 1,
-        };
+        let count = self.sockets_per_listener();
         let err = |addr, error| BindError {
             listener: l.name.clone(),
             addr,
@@ -188,6 +212,14 @@ impl Runtime {
         Ok(Bound::Tcp(sockets))
     }
 
+    /// Sockets bound per listener: one per worker (`per-core`), or one (`shared`).
+    pub(super) fn sockets_per_listener(&self) -> usize {
+        match self.inner.worker_model {
+            WorkerModel::PerCore => self.inner.workers,
+            WorkerModel::Shared => 1,
+        }
+    }
+
     /// Serves a freshly bound listener and enters it in `st`.
     /// `udp_max` is the default `max_sessions` (see [`udp_default_max`]).
     pub(super) fn start_listener(
@@ -197,6 +229,7 @@ impl Runtime {
         sockets: Bound,
         udp_max: usize,
     ) {
+        self.keep_sockets(st, l, &sockets);
         match sockets {
             Bound::Tcp(s) => {
                 let running = self.start_tcp(l, &st.pools, s);

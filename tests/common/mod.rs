@@ -272,12 +272,42 @@ pub mod tempdir {
     }
 }
 
+/// `toml` with `runtime.upgrade_socket` in `dir`, unless it sets one: every binary
+/// a test starts holds its own single-instance lock, instead of all of them
+/// contending for the default `/run/flowgate/flowgate.sock`. The key goes right
+/// after an existing `[runtime]` header (lines below it move down by one), or in
+/// a `[runtime]` table put first (two lines); an invalid config is not touched.
+pub fn with_upgrade_socket(toml: &str, dir: &std::path::Path) -> String {
+    // An invalid config exits 2 before it takes any socket: left as it is, so the
+    // lines its error names stay where the test wrote them.
+    let invalid = Config::parse(toml, &dir.join("flowgate.toml")).is_err();
+    if invalid || toml.contains("upgrade_socket") {
+        return toml.to_string();
+    }
+    let key = format!(
+        "upgrade_socket = \"{}\"\n",
+        dir.join("flowgate.sock").display()
+    );
+    match toml.find("[runtime]\n") {
+        Some(i) => {
+            let at = i + "[runtime]\n".len();
+            format!("{}{key}{}", &toml[..at], &toml[at..])
+        }
+        None => format!("[runtime]\n{key}{toml}"),
+    }
+}
+
 impl Proc {
     /// Spawns the binary (optionally under `prlimit`-style wrapper `pre`) and waits
     /// until it logs "flowgate started" (or exits).
     pub fn spawn(toml: &str, pre: &[&str]) -> Proc {
+        Proc::spawn_with(toml, pre, &[])
+    }
+
+    /// [`Proc::spawn`] with `args` after `run --config FILE` (e.g. `--upgrade-from`).
+    pub fn spawn_with(toml: &str, pre: &[&str], args: &[&str]) -> Proc {
         let dir = tempdir::Dir::new();
-        let cfg = dir.file("flowgate.toml", toml);
+        let cfg = dir.file("flowgate.toml", &with_upgrade_socket(toml, &dir.0));
         let mut cmd = if pre.is_empty() {
             Command::new(bin())
         } else {
@@ -288,6 +318,7 @@ impl Proc {
         cmd.arg("run")
             .arg("--config")
             .arg(&cfg)
+            .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -97,6 +97,16 @@ pub async fn recv_loop(
             tokio::task::yield_now().await;
         }
     }
+    // After a binary upgrade the new process reads the socket: this one's sessions
+    // still relay replies until they are idle (shutdown's grace period bounds that).
+    if w.shared
+        .ctx
+        .handed_over
+        .load(std::sync::atomic::Ordering::Acquire)
+    {
+        debug!(listener = %w.shared.name, "UDP receive loop handed over");
+        return;
+    }
     // Termination this worker's sessions now: the listener is gone or the process stops.
     let sessions: Vec<_> = w
         .table

@@ -107,12 +107,15 @@ start() {
 pid_of() { cat "$W/$1.pid"; }
 healthy() { inns "$1" curl -fsS -o /dev/null --max-time 1 http://127.0.0.1:9090/healthz; }
 
-# flowgate_conf VIP_BIND DIRECT_BIND BACKEND: one pool, two listeners.
+# flowgate_conf VIP_BIND DIRECT_BIND BACKEND UPGRADE_SOCKET: one pool, two
+# listeners. Each instance has its own upgrade socket: the path is the
+# single-instance lock, and network namespaces do not separate file paths.
 flowgate_conf() {
     cat <<EOF
 [runtime]
 workers = 1
 shutdown_timeout = "2s"
+upgrade_socket = "$4"
 
 [admin]
 bind = "127.0.0.1:9090"
@@ -192,7 +195,7 @@ vrrp() {
     for lb in 1 2; do
         # flowgate listens on the VIP on both instances, before holding it.
         inns "v-lb$lb" sysctl -qw net.ipv4.ip_nonlocal_bind=1
-        flowgate_conf "$vip:$PORT" "$net.$lb:$DIRECT" "$net.20:$BACKEND_PORT" >"$W/flowgate-lb$lb.toml"
+        flowgate_conf "$vip:$PORT" "$net.$lb:$DIRECT" "$net.20:$BACKEND_PORT" "$W/lb$lb.sock" >"$W/flowgate-lb$lb.toml"
         start_flowgate "v-lb$lb" "$W/flowgate-lb$lb.toml"
         # The shipped keepalived.conf with this run's VIP (the interface is eth0 here too).
         sed -e "s|^\$VIP=.*|\$VIP=$vip/24|" config/keepalived/keepalived.conf >"$W/keepalived.conf"
@@ -294,7 +297,7 @@ EOF
     local lb
     for lb in 1 2; do
         ip -n "$P-b-lb$lb" addr add $vip/32 dev lo
-        flowgate_conf "$vip:$PORT" "10.78.1$lb.2:$DIRECT" "10.78.20.2:$BACKEND_PORT" >"$W/flowgate-lb$lb.toml"
+        flowgate_conf "$vip:$PORT" "10.78.1$lb.2:$DIRECT" "10.78.20.2:$BACKEND_PORT" "$W/lb$lb.sock" >"$W/flowgate-lb$lb.toml"
         start_flowgate "b-lb$lb" "$W/flowgate-lb$lb.toml"
         # The shipped bird.conf with this run's addresses, logging to stderr.
         sed -e "s|192\.0\.2\.10/32|$vip/32|" -e "s|198\.51\.100\.11|10.78.1$lb.2|g" \

@@ -115,6 +115,10 @@ flowgate_conf() {
 [runtime]
 workers = 1
 shutdown_timeout = "2s"
+# On SIGTERM, /healthz turns 503 while flowgate keeps accepting for 3 s: the
+# keepalived or BIRD check (1 s) moves the address away first, so a planned stop
+# refuses nobody.
+shutdown_delay = "3s"
 upgrade_socket = "$4"
 
 [admin]
@@ -195,7 +199,7 @@ vrrp() {
     for lb in 1 2; do
         # flowgate listens on the VIP on both instances, before holding it.
         inns "v-lb$lb" sysctl -qw net.ipv4.ip_nonlocal_bind=1
-        flowgate_conf "$vip:$PORT" "$net.$lb:$DIRECT" "$net.20:$BACKEND_PORT" "$W/lb$lb.sock" >"$W/flowgate-lb$lb.toml"
+        flowgate_conf "$vip:$PORT" "$net.$lb:$DIRECT" "$net.20:$BACKEND_PORT" "$W/vrrp-lb$lb.sock" >"$W/flowgate-lb$lb.toml"
         start_flowgate "v-lb$lb" "$W/flowgate-lb$lb.toml"
         # The shipped keepalived.conf with this run's VIP (the interface is eth0 here too).
         sed -e "s|^\$VIP=.*|\$VIP=$vip/24|" config/keepalived/keepalived.conf >"$W/keepalived.conf"
@@ -297,7 +301,7 @@ EOF
     local lb
     for lb in 1 2; do
         ip -n "$P-b-lb$lb" addr add $vip/32 dev lo
-        flowgate_conf "$vip:$PORT" "10.78.1$lb.2:$DIRECT" "10.78.20.2:$BACKEND_PORT" "$W/lb$lb.sock" >"$W/flowgate-lb$lb.toml"
+        flowgate_conf "$vip:$PORT" "10.78.1$lb.2:$DIRECT" "10.78.20.2:$BACKEND_PORT" "$W/bgp-lb$lb.sock" >"$W/flowgate-lb$lb.toml"
         start_flowgate "b-lb$lb" "$W/flowgate-lb$lb.toml"
         # The shipped bird.conf with this run's addresses, logging to stderr.
         sed -e "s|192\.0\.2\.10/32|$vip/32|" -e "s|198\.51\.100\.11|10.78.1$lb.2|g" \

@@ -189,5 +189,8 @@ fn vrrp_and_bgp_failover() {
         "{out}"
     );
     assert_eq!(get("bgp_not_lb2_after_withdraw"), 0.0, "{out}");
+    // With runtime.shutdown_delay, lb1 kept accepting until its route was gone:
+    // the planned stop refused nobody.
+    assert_eq!(get("bgp_failed_in_convergence"), 0.0, "{out}");
     assert_eq!(get("bgp_flowgate_survives_bird"), 1.0, "{out}");
 }

@@ -113,6 +113,9 @@ pub struct RuntimeConfig {
     pub workers: usize,
     pub worker_model: WorkerModel,
     pub shutdown_timeout: Duration,
+    /// On SIGTERM/SIGINT: keep accepting this long while /healthz answers 503, so
+    /// keepalived or BIRD move the address away before new connections are refused.
+    pub shutdown_delay: Duration,
     /// Use splice(2) for bulk transfers (Linux); `false` copies everything.
     pub splice: bool,
     /// Latency mode: how long an idle worker polls its sockets before it sleeps

@@ -34,6 +34,10 @@ pub struct Runtime {
     pub worker_model: WorkerModel,
     #[serde(default = "default_shutdown")]
     pub shutdown_timeout: DurationStr,
+    /// On SIGTERM, keep accepting this long with /healthz at 503 (a VIP or a BGP
+    /// route moves away first).
+    #[serde(default)]
+    pub shutdown_delay: Option<Spanned<DurationStr>>,
     #[serde(default = "default_true")]
     pub splice: bool,
     #[serde(default)]
@@ -48,6 +52,7 @@ impl Default for Runtime {
             workers: default_workers(),
             worker_model: WorkerModel::default(),
             shutdown_timeout: default_shutdown(),
+            shutdown_delay: None,
             splice: true,
             busy_poll: None,
             upgrade_socket: None,

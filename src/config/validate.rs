@@ -138,11 +138,25 @@ pub(super) fn runtime(src: &Source<'_>, r: &raw::Runtime) -> Result<RuntimeConfi
         workers,
         worker_model: r.worker_model,
         shutdown_timeout: r.shutdown_timeout.0,
+        shutdown_delay: match &r.shutdown_delay {
+            None => Duration::ZERO,
+            Some(d) if d.get_ref().0 <= MAX_SHUTDOWN_DELAY => d.get_ref().0,
+            Some(d) => {
+                return Err(src.err(
+                    d.span(),
+                    "runtime.shutdown_delay".into(),
+                    format!("{:?} is out of range: expected 0s..=300s", d.get_ref().0),
+                ))
+            }
+        },
         splice: r.splice,
         busy_poll,
         upgrade_socket,
     })
 }
+
+/// Upper bound on `runtime.shutdown_delay`.
+const MAX_SHUTDOWN_DELAY: Duration = Duration::from_secs(300);
 
 /// Upper bound on `runtime.busy_poll`: a worker that spins longer than this on
 /// nothing is a misconfiguration, not a latency mode.

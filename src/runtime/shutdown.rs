@@ -19,7 +19,18 @@ impl Runtime {
     pub async fn shutdown(self) -> bool {
         let inner = &self.inner;
         inner.shutting_down.store(true, Ordering::Release);
-        let grace = inner.lock().config.runtime.shutdown_timeout;
+        let (grace, delay) = {
+            let rt = &inner.lock().config.runtime;
+            (rt.shutdown_timeout, rt.shutdown_delay)
+        };
+        // /healthz answers 503 from here on: with a delay, keep serving new clients
+        // meanwhile, so the keepalived or BGP check moves the address away before
+        // anything is refused. A process that handed its sockets to a new one
+        // (a binary upgrade) has no clients to wait for.
+        if !delay.is_zero() && !self.handed_over() {
+            info!(delay = ?delay, "shutting down: /healthz answers 503; still accepting for shutdown_delay");
+            tokio::time::sleep(delay).await;
+        }
         inner.stop_accept.cancel();
         // Once the accept loops let go, the listening sockets close (unless a new
         // process holds them: a binary upgrade).

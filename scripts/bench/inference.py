@@ -512,8 +512,8 @@ def main():
     load_note = open("/proc/loadavg").read().split()[:3]
     lines.append(f"Servers: {len(speeds)} simulated ({', '.join(f'{n} {ms:g} ms/token' for n, ms in zip(names, speeds))}), "
                  f"{slots} slots each, requests of {tokens[0]}..{tokens[1]} tokens; capacity about {capacity:.0f} req/s. "
-                 f"Trace: MMPP, mean {rate:.0f} req/s ({load:g} of capacity), bursts at {burst * rate:.0f} req/s "
-                 f"(mean 1 s) between lulls at {max(0.0, (3 * rate - burst * rate) / 2):.0f} req/s (mean 2 s), "
+                 f"Trace: Poisson, mean {rate:.0f} req/s ({load:g} of capacity): bursts of 1 s at {burst * rate:.0f} req/s "
+                 f"after lulls of 2 s at {max(0.0, (3 * rate - burst * rate) / 2):.0f} req/s, "
                  f"{seconds:g} s (about {statistics.mean(len(t) for t in traces.values()):.0f} requests) after a "
                  f"{warmup:g} s warm-up; {sessions} sessions (Zipf). Medians over {rounds} round(s). "
                  f"Load average at the end: {' '.join(load_note)}.")

@@ -6,7 +6,8 @@ INF_SLOTS requests decode at once, a FIFO queue beyond, one SSE token every
 token-ms, the head sent at once, vLLM gauges on /metrics) of different speeds
 behind flowgate, fed a bursty arrival trace, once per algorithm:
 
-  round-robin, least-connections, least-load (vLLM /metrics every 100 ms),
+  round-robin, least-connections, least-load (vLLM /metrics every 100 ms,
+  INF_REPORT_INTERVAL),
   least-load+affinity (the same, plus [pools.affinity] header = "x-session-id",
   max_load_factor 1.25 (the default)).
 
@@ -59,7 +60,10 @@ Environment (defaults in brackets):
   INF_BURST      burst rate / mean rate [1.6]
   INF_SESSIONS   sessions [40]
   INF_SEED       trace seed of round 1 [1]
-  INF_ALGOS      which to run ["round-robin least-connections least-load least-load+affinity"]
+  INF_ALGOS      which to run ["round-robin least-connections least-load least-load+affinity"];
+                 also least-load-inflight: least-load without [pools.load_report]
+                 (flowgate's own in-flight counts and learned speeds only)
+  INF_REPORT_INTERVAL  [pools.load_report] interval ["100ms"]
   PORT_BASE      first of the ports used [29500]
   OUT_DIR        raw results, configs and logs [<repo>/target/bench/inference-<UTC time>]
 
@@ -294,8 +298,12 @@ ALGO_CONFIG = {
     "least-connections": 'algorithm = "least-connections"\n',
     "least-load": 'algorithm = "least-load"\n',
     "least-load+affinity": 'algorithm = "least-load"\n',
+    # not in the default set: least-load on flowgate's own in-flight counts
+    # and learned speeds only (no [pools.load_report])
+    "least-load-inflight": 'algorithm = "least-load"\n',
 }
-LOAD_REPORT = '\n[pools.load_report]\nkind = "prometheus"\npreset = "vllm"\ninterval = "100ms"\n'
+REPORT_INTERVAL = env("INF_REPORT_INTERVAL", "100ms")
+LOAD_REPORT = f'\n[pools.load_report]\nkind = "prometheus"\npreset = "vllm"\ninterval = "{REPORT_INTERVAL}"\n'
 AFFINITY = '\n[pools.affinity]\nheader = "x-session-id"\nmax_load_factor = 1.25\n'
 
 
@@ -308,7 +316,7 @@ def flowgate_config(algo, sims, port, admin_port):
         'protocol = "http"\nidle_timeout = "60s"\n\n'
         f'[[pools]]\nname = "p"\nbackends = [{backends}]\n' + ALGO_CONFIG[algo]
     )
-    if algo.startswith("least-load"):
+    if algo in ("least-load", "least-load+affinity"):
         cfg += LOAD_REPORT
     if algo.endswith("+affinity"):
         cfg += AFFINITY

@@ -62,7 +62,8 @@ Environment (defaults in brackets):
   INF_SEED       trace seed of round 1 [1]
   INF_ALGOS      which to run ["round-robin least-connections least-load least-load+affinity"];
                  also least-load-inflight: least-load without [pools.load_report]
-                 (flowgate's own in-flight counts and learned speeds only)
+                 (flowgate's own in-flight counts and learned speeds only),
+                 and power-of-two
   INF_REPORT_INTERVAL  [pools.load_report] interval ["100ms"]
   PORT_BASE      first of the ports used [29500]
   OUT_DIR        raw results, configs and logs [<repo>/target/bench/inference-<UTC time>]
@@ -301,6 +302,7 @@ ALGO_CONFIG = {
     # not in the default set: least-load on flowgate's own in-flight counts
     # and learned speeds only (no [pools.load_report])
     "least-load-inflight": 'algorithm = "least-load"\n',
+    "power-of-two": 'algorithm = "power-of-two"\n',
 }
 REPORT_INTERVAL = env("INF_REPORT_INTERVAL", "100ms")
 LOAD_REPORT = f'\n[pools.load_report]\nkind = "prometheus"\npreset = "vllm"\ninterval = "{REPORT_INTERVAL}"\n'

@@ -339,7 +339,7 @@ class Flowgate:
     def api(self, path):
         try:
             with socket.create_connection(("127.0.0.1", self.admin_port), timeout=2) as s:
-                s.sendall(f"GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n".encode())
+                s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{self.admin_port}\r\nConnection: close\r\n\r\n".encode())
                 data = b""
                 while True:
                     d = s.recv(65536)

@@ -247,6 +247,18 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 HELPERS=$REPO/scripts/bench
 TARGET_DIR=${CARGO_TARGET_DIR:-$REPO/target}
 
+# Issue 14: `scripts/bench.sh inference` (or FIGURES containing "inference")
+# runs only scripts/bench/inference.py, simulated inference servers behind
+# flowgate (its header documents the method and the INF_* knobs; ROUNDS [2],
+# PORT_BASE, OUT_DIR and FLOWGATE_BIN are honoured).
+if [[ ${1:-} == inference || " ${FIGURES:-} " == *" inference "* ]]; then
+    if [[ -z ${FLOWGATE_BIN:-} ]]; then
+        CARGO_TARGET_DIR=$TARGET_DIR cargo build --release --manifest-path "$REPO/Cargo.toml" >&2
+        FLOWGATE_BIN=$TARGET_DIR/release/flowgate
+    fi
+    exec python3 "$HELPERS/inference.py" --flowgate "$FLOWGATE_BIN"
+fi
+
 ROUNDS=${ROUNDS:-3}
 TARGETS_GIVEN=${TARGETS:+1}
 TARGETS=${TARGETS:-"direct flowgate haproxy haproxy-splice nginx"}

@@ -15,8 +15,10 @@ serves a malformed body, an endless one, or a 500 instead.
 
 GET /control/token-ms/<ms> changes the time per token from then on (a server
 that gets slow, or recovers). Any other request (the body is ignored) is a
-generation. The line
-"listening <port>" on stdout says it is ready.
+generation. The line "listening <port>" on stdout says it is ready. With
+--tokens-from-header, a request's `x-tokens: N` header (1..100000) sets its token
+count instead of --tokens (scripts/bench/inference.py: requests of different
+lengths).
 """
 
 import argparse
@@ -54,9 +56,12 @@ class Server:
                 parts = line.split()
                 path = parts[1] if len(parts) > 1 else "/"
                 length = 0
+                tokens = self.args.tokens
                 for h in head.split(b"\r\n")[1:]:
                     if h.lower().startswith(b"content-length:"):
                         length = int(h.split(b":", 1)[1])
+                    elif self.args.tokens_from_header and h.lower().startswith(b"x-tokens:"):
+                        tokens = max(1, min(100_000, int(h.split(b":", 1)[1])))
                 if length:
                     await reader.readexactly(length)
                 if path.startswith("/control/token-ms/"):
@@ -68,7 +73,7 @@ class Server:
                     if not await self.serve_metrics(writer):
                         return
                     continue
-                await self.generate(writer)
+                await self.generate(writer, tokens)
                 return
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
             pass
@@ -101,7 +106,7 @@ class Server:
         await writer.drain()
         return True
 
-    async def generate(self, writer):
+    async def generate(self, writer, tokens):
         writer.write(
             b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
             b"Cache-Control: no-cache\r\nConnection: close\r\n\r\n"
@@ -112,7 +117,7 @@ class Server:
             self.waiting -= 1
             self.running += 1
             try:
-                for i in range(self.args.tokens):
+                for i in range(tokens):
                     await asyncio.sleep(self.args.token_ms / 1000.0)
                     writer.write(b"data: {\"backend\": \"%s\", \"token\": %d}\n\n" % (self.args.name.encode(), i))
                     await writer.drain()
@@ -130,6 +135,7 @@ async def main():
     p.add_argument("--slots", type=int, default=2)
     p.add_argument("--tokens", type=int, default=6)
     p.add_argument("--token-ms", type=float, default=5.0)
+    p.add_argument("--tokens-from-header", action="store_true")
     p.add_argument("--old-names", action="store_true")
     p.add_argument("--metrics-mode", default="ok", choices=["ok", "garbage", "huge", "status"])
     args = p.parse_args()

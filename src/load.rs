@@ -6,14 +6,15 @@
 //! connection or request ends) and reads the score's inputs; the control runtime
 //! writes reports and the learned speed. Everything is an atomic.
 //!
-//! **Score**: an estimate of how long a new request would wait there:
-//! `(work + 1) × slowness / weight`, where `work` is
-//! `queue_weight × waiting + running_weight × running + cache_weight × cache`
-//! plus the requests dispatched since the report with a fresh report, and the
-//! in-flight count without one; and `slowness` is the backend's mean time per request relative to the pool's
-//! median (Little's law over flowgate's own counts: mean in flight / completions per
-//! second). The `+ 1` is the new request itself, so that idle backends still differ
-//! by speed.
+//! **Score**: an estimate of how long a new request would wait there for its first
+//! token, in units of the backend's time per request (docs/configuration.md,
+//! `least-load`): `slowness × (0.1 + (queue_weight × ahead + running_weight × busy
+//! + cache_weight × cache) / concurrency) / weight`, where what is *present* is
+//! flowgate's own in-flight count plus what a fresh report shows beyond it,
+//! *concurrency* is learned from reports, *ahead* is what would wait before the new
+//! request (0 while a slot is free) and `slowness` is the mean time per request
+//! relative to the pool's median (Little's law over flowgate's own counts). Without
+//! a fresh report: `(in flight + 1) × slowness / weight`.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
@@ -84,6 +85,9 @@ pub struct Report {
     pub cache: f64,
     /// An agent's `weight=`; None: the configured weight.
     pub weight: Option<u32>,
+    /// The figures count requests, flowgate's among them (a Prometheus
+    /// exposition); false: a load figure on top of flowgate's count (an agent).
+    pub counts: bool,
 }
 
 #[derive(Debug)]
@@ -93,6 +97,11 @@ pub struct LoadState {
     cache: AtomicU64,
     /// An agent's weight (0: none).
     agent_weight: AtomicU64,
+    /// The server's concurrency as learned from reports: the running count when a
+    /// queue was reported, else the most seen running (0: not known yet).
+    cap: AtomicU32,
+    /// flowgate's in-flight count when the last report came.
+    in_flight_at_report: AtomicU32,
     /// When the last good report came ([`now_ms`]; 0: never).
     reported_at: AtomicU64,
     /// `dispatched` when that report came.
@@ -122,6 +131,8 @@ impl Default for LoadState {
             running: AtomicU64::new(0),
             cache: AtomicU64::new(0),
             agent_weight: AtomicU64::new(0),
+            cap: AtomicU32::new(0),
+            in_flight_at_report: AtomicU32::new(0),
             reported_at: AtomicU64::new(0),
             dispatched_at_report: AtomicU64::new(0),
             dispatched: AtomicU64::new(0),
@@ -147,17 +158,31 @@ struct Estimator {
 const SPEED_HALF_LIFE: Duration = Duration::from_secs(5);
 /// Bounds on `slowness` (a backend 10× slower than the median is as slow as counts).
 const SLOWNESS_RANGE: (f64, f64) = (0.1, 10.0);
+/// What a free slot costs in the score, in request times: a new request there
+/// still has its prefill to do (and it orders idle backends by speed).
+const FREE_SLOT: f64 = 0.1;
 /// An agent's `load=1` counts as this many queued requests.
 pub const AGENT_SCALE: f64 = 10.0;
 
 impl LoadState {
-    /// Stores a good report (control runtime).
-    pub fn report(&self, r: Report) {
+    /// Stores a good report (control runtime), taken while flowgate had
+    /// `in_flight` there.
+    pub fn report(&self, r: Report, in_flight: usize) {
+        let mine = if r.counts { in_flight } else { 0 };
+        self.in_flight_at_report
+            .store(mine.min(u32::MAX as usize) as u32, Relaxed);
         set(&self.waiting, r.waiting.max(0.0));
         set(&self.running, r.running.max(0.0));
         set(&self.cache, r.cache.clamp(0.0, 1.0));
         self.agent_weight
             .store(r.weight.map_or(0, u64::from), Relaxed);
+        let running = r.running.max(0.0).min(f64::from(u32::MAX)) as u32;
+        if r.waiting >= 1.0 && running > 0 {
+            // A queue formed: every slot was taken.
+            self.cap.store(running, Relaxed);
+        } else {
+            self.cap.fetch_max(running, Relaxed);
+        }
         self.dispatched_at_report
             .store(self.dispatched.load(Relaxed), Relaxed);
         self.reported_at.store(now_ms(), Relaxed);
@@ -171,6 +196,7 @@ impl LoadState {
             running: f(&self.running),
             cache: f(&self.cache),
             weight: Some(self.agent_weight.load(Relaxed) as u32).filter(|&w| w != 0),
+            counts: true,
         })
     }
 
@@ -201,28 +227,53 @@ impl LoadState {
         stale_after: Option<Duration>,
     ) -> f64 {
         let report = stale_after.and_then(|s| self.fresh(s));
-        let (work, weight) = match report {
-            Some(r) => (
-                w.queue * r.waiting
-                    + w.running * r.running
-                    + self.since_report() as f64
-                    + w.cache * r.cache,
-                r.weight.unwrap_or(weight),
-            ),
-            None => (in_flight as f64, weight),
+        let (wait, weight) = match report {
+            Some(r) => {
+                // Requests there now: reported, plus those sent since. Those past
+                // the server's concurrency (learned: the running count when a
+                // queue formed) wait for a slot, and so would this one; below it
+                // a new request starts at once, slowed a little by the others.
+                let cap = f64::from(self.cap.load(Relaxed)).max(1.0);
+                // flowgate's own in-flight count is exact and current; the report
+                // adds what flowgate cannot see: requests beyond those flowgate
+                // had in flight when the report came (clients that reach the
+                // server another way).
+                let external = (r.waiting + r.running
+                    - f64::from(self.in_flight_at_report.load(Relaxed)))
+                .max(0.0);
+                let present = in_flight as f64 + external;
+                let ahead = (present + 1.0 - cap).max(0.0);
+                let busy = present.min(cap);
+                (
+                    FREE_SLOT + (w.queue * ahead + w.running * busy + w.cache * r.cache) / cap,
+                    r.weight.unwrap_or(weight),
+                )
+            }
+            None => (in_flight as f64 + 1.0, weight),
         };
-        (work + 1.0) * self.slowness() / f64::from(weight.max(1))
+        wait * self.slowness() / f64::from(weight.max(1))
     }
 
-    /// One estimator step (control runtime): `in_flight` sampled now, `dt` since
-    /// the last step. Returns the mean time per request in seconds, when known.
-    pub fn observe(&self, in_flight: usize, dt: Duration) -> Option<f64> {
+    /// One estimator step (control runtime): `in_flight` sampled now (with a fresh
+    /// report, its running count instead: the time a request holds a slot, not
+    /// its wait in the server's queue), `dt` since the last step. Returns the mean
+    /// time per request in seconds, when known.
+    pub fn observe(
+        &self,
+        in_flight: usize,
+        dt: Duration,
+        stale_after: Option<Duration>,
+    ) -> Option<f64> {
+        let in_flight = match stale_after.and_then(|s| self.fresh(s)) {
+            Some(r) => r.running,
+            None => in_flight as f64,
+        };
         let mut e = self.estimator.lock().unwrap_or_else(|p| p.into_inner());
         let completed = self.completed.load(Relaxed);
         let dc = completed.saturating_sub(e.last_completed);
         e.last_completed = completed;
         let decay = 0.5f64.powf(dt.as_secs_f64() / SPEED_HALF_LIFE.as_secs_f64());
-        e.busy = e.busy * decay + in_flight as f64 * dt.as_secs_f64();
+        e.busy = e.busy * decay + in_flight * dt.as_secs_f64();
         e.done = e.done * decay + dc as f64;
         // Work in flight that never completes is slow too: a second's worth of
         // in-flight time with nothing done counts as one very long request.
@@ -296,23 +347,43 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_fresh_report_counts_dispatches_since_and_a_stale_one_falls_back() {
+    fn a_fresh_report_adds_what_flowgate_cannot_see_and_a_stale_one_falls_back() {
         let s = LoadState::default();
         let w = LoadWeights::default();
         let fresh = Some(Duration::from_secs(60));
         // No report: in flight alone.
         assert_eq!(s.score(3, 1, &w, fresh), 4.0);
-        s.report(Report {
-            waiting: 5.0,
-            running: 4.0,
-            cache: 0.5,
-            weight: None,
-        });
-        // 5 + 0.25 × 4 + 0 + 2 × 0.5 = 7, plus the new request.
-        assert_eq!(s.score(0, 1, &w, fresh), 8.0);
-        s.dispatched.fetch_add(2, Relaxed);
-        assert_eq!(s.score(0, 1, &w, fresh), 10.0);
-        assert_eq!(s.score(0, 2, &w, fresh), 5.0, "weight divides");
+        s.report(
+            Report {
+                waiting: 5.0,
+                running: 4.0,
+                cache: 0.5,
+                weight: None,
+                counts: true,
+            },
+            0,
+        );
+        // A queue was reported, none of it sent by flowgate: the 4 running are the
+        // server's concurrency. 9 there plus the new one, 6 of them past the slots:
+        // 0.1 + (6 + 0.25 × 4 + 2 × 0.5) / 4 = 2.1.
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
+        assert!(close(s.score(0, 1, &w, fresh), 2.1));
+        // Two more in flight from flowgate: 8 past the slots. 0.1 + (8 + 1 + 1) / 4.
+        assert!(close(s.score(2, 1, &w, fresh), 2.6));
+        assert!(close(s.score(2, 2, &w, fresh), 1.3), "weight divides");
+        // Below the learned concurrency a new request starts at once.
+        s.report(
+            Report {
+                waiting: 0.0,
+                running: 1.0,
+                cache: 0.0,
+                weight: None,
+                counts: true,
+            },
+            1,
+        );
+        // (the one running is flowgate's own)
+        assert!(close(s.score(1, 1, &w, fresh), 0.1 + 0.25 / 4.0));
         // Stale: back to in flight.
         assert_eq!(s.score(1, 1, &w, Some(Duration::ZERO)), 2.0);
     }
@@ -327,8 +398,8 @@ mod tests {
             if i % 4 == 0 {
                 slow.completed.fetch_add(1, Relaxed);
             }
-            let tf = fast.observe(1, tick);
-            let ts = slow.observe(1, tick);
+            let tf = fast.observe(1, tick, None);
+            let ts = slow.observe(1, tick, None);
             let third = LoadState::default();
             third.completed.fetch_add(0, Relaxed);
             relate(&[(&fast, tf), (&slow, ts), (&third, tf)]);

@@ -144,6 +144,7 @@ impl<'a> Reader<'a> {
             running: first(nw..nw + nr),
             cache: first(nw + nr..self.values.len()),
             weight: None,
+            counts: true,
         })
     }
 }
@@ -176,6 +177,7 @@ pub fn agent_line(line: &str) -> Option<Report> {
         running: 0.0,
         cache: 0.0,
         weight,
+        counts: false,
     })
 }
 

@@ -73,7 +73,7 @@ async fn run(pool: Arc<Pool>, tasks: Tasks) {
                     continue;
                 };
                 match result {
-                    Ok(rep) => b.load.report(rep),
+                    Ok(rep) => b.load.report(rep, b.active()),
                     Err(e) => {
                         debug!(pool = %pool.name, backend = %b.name, reason = e.as_str(), "load report failed");
                         b.load.errors[e as usize].fetch_add(1, Relaxed);
@@ -84,12 +84,13 @@ async fn run(pool: Arc<Pool>, tasks: Tasks) {
                 }
             }
         }
+        let stale_after = cfg.as_ref().map(|r| r.stale_after);
         let dt = last.elapsed();
         last = Instant::now();
         let backends = pool.backends();
         let seen: Vec<_> = backends
             .iter()
-            .map(|b| (&b.load, b.load.observe(b.active(), dt)))
+            .map(|b| (&b.load, b.load.observe(b.active(), dt, stale_after)))
             .collect();
         relate(&seen);
         drop(seen);

@@ -363,7 +363,6 @@ impl Backend {
     /// Counts a connection against this backend until the guard drops.
     pub fn claim(self: &Arc<Self>) -> ActiveGuard {
         self.active.fetch_add(1, Ordering::Relaxed);
-        self.load.dispatched.fetch_add(1, Ordering::Relaxed);
         ActiveGuard(self.clone())
     }
 
@@ -379,10 +378,7 @@ impl Backend {
                 (a < cap).then_some(a + 1)
             })
             .ok()
-            .map(|_| {
-                self.load.dispatched.fetch_add(1, Ordering::Relaxed);
-                ActiveGuard(self.clone())
-            })
+            .map(|_| ActiveGuard(self.clone()))
     }
 
     /// Whether the backend is at its `max_connections` (false without one).

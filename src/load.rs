@@ -1,9 +1,9 @@
 //! A backend's load as `least-load` scores it (issue 14): what the backend last
-//! reported (queue, running, cache), what flowgate dispatched since, and a speed
+//! reported (queue, running, cache), what flowgate had in flight then, and a speed
 //! flowgate learns from what it sees.
 //!
-//! The data path only counts (a dispatch at the pick, a completion when the counted
-//! connection or request ends) and reads the score's inputs; the control runtime
+//! The data path only counts (a completion when the counted connection or request
+//! ends) and reads the score's inputs; the control runtime
 //! writes reports and the learned speed. Everything is an atomic.
 //!
 //! **Score**: an estimate of how long a new request would wait there for its first
@@ -104,11 +104,7 @@ pub struct LoadState {
     in_flight_at_report: AtomicU32,
     /// When the last good report came ([`now_ms`]; 0: never).
     reported_at: AtomicU64,
-    /// `dispatched` when that report came.
-    dispatched_at_report: AtomicU64,
-    /// Connections (L4) or requests (L7) sent to this backend: counted at the pick.
-    pub dispatched: AtomicU64,
-    /// Those that ended.
+    /// Connections (L4) or requests (L7) to this backend that ended.
     pub completed: AtomicU64,
     /// Mean time per request relative to the pool's median (1.0: unknown, or average).
     slowness: AtomicU64,
@@ -134,8 +130,6 @@ impl Default for LoadState {
             cap: AtomicU32::new(0),
             in_flight_at_report: AtomicU32::new(0),
             reported_at: AtomicU64::new(0),
-            dispatched_at_report: AtomicU64::new(0),
-            dispatched: AtomicU64::new(0),
             completed: AtomicU64::new(0),
             slowness: AtomicU64::new(1f64.to_bits()),
             estimator: Mutex::new(Estimator::default()),
@@ -183,8 +177,6 @@ impl LoadState {
         } else {
             self.cap.fetch_max(running, Relaxed);
         }
-        self.dispatched_at_report
-            .store(self.dispatched.load(Relaxed), Relaxed);
         self.reported_at.store(now_ms(), Relaxed);
     }
 
@@ -208,13 +200,6 @@ impl LoadState {
 
     pub fn slowness(&self) -> f64 {
         f(&self.slowness)
-    }
-
-    /// Requests dispatched since the last report.
-    pub fn since_report(&self) -> u64 {
-        self.dispatched
-            .load(Relaxed)
-            .saturating_sub(self.dispatched_at_report.load(Relaxed))
     }
 
     /// The score (lower is better) for a backend with `in_flight` counted

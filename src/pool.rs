@@ -43,7 +43,6 @@ pub struct Pool {
 pub struct LoadView {
     pub score: f64,
     pub in_flight: usize,
-    pub dispatched_since_report: u64,
     /// The last report when fresh (`stale_after`).
     pub report: Option<crate::load::Report>,
     /// Seconds since the last good report (None: never).
@@ -393,7 +392,6 @@ impl Pool {
         Some(LoadView {
             score: b.load.score(b.active(), b.weight(), &weights, stale_after),
             in_flight: b.active(),
-            dispatched_since_report: b.load.since_report(),
             report,
             report_age: b.load.age(),
             slowness: b.load.slowness(),

@@ -20,20 +20,7 @@ const NAME: &str = "api.flowgate.test";
 /// Whether this machine can run the test: root (mount namespaces, port 53),
 /// `unshare` and dnsmasq.
 fn can_run() -> bool {
-    let has = |c: &str| {
-        Command::new("sh")
-            .args(["-c", &format!("command -v {c}")])
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    // Root: the effective uid in /proc/self/status ("Uid: real effective ...").
-    let root = std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
-        s.lines()
-            .find(|l| l.starts_with("Uid:"))
-            .and_then(|l| l.split_whitespace().nth(2))
-            == Some("0")
-    });
+    let root = is_root();
     // A mount namespace can be made here (root in a container without
     // CAP_SYS_ADMIN cannot).
     let unshare = root
@@ -42,7 +29,7 @@ fn can_run() -> bool {
             .stderr(Stdio::null())
             .status()
             .is_ok_and(|s| s.success());
-    unshare && has("dnsmasq")
+    unshare && has_tool("dnsmasq")
 }
 
 struct Dnsmasq(Child);

@@ -18,6 +18,7 @@
 
 mod common;
 
+use common::{has_tool, is_root};
 use std::collections::HashMap;
 use std::io::Read;
 use std::os::unix::process::CommandExt;
@@ -27,17 +28,11 @@ use std::time::{Duration, Instant};
 
 /// Why the test cannot run here, if it cannot.
 fn missing() -> Option<String> {
-    let uid = Command::new("id").arg("-u").output().ok()?;
-    if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+    if !is_root() {
         return Some("not root (network namespaces need it)".into());
     }
     for tool in ["ip", "keepalived", "bird", "birdc", "curl", "python3"] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !found {
+        if !has_tool(tool) {
             return Some(format!(
                 "{tool} is not installed (apt-get install keepalived bird2 curl python3 iproute2)"
             ));

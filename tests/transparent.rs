@@ -100,17 +100,11 @@ impl Drop for Netns {
 
 /// Why this machine cannot run the namespace test, if it cannot.
 fn cannot_run() -> Option<String> {
-    let uid = Command::new("id").arg("-u").output().map(|o| o.stdout);
-    if !uid.is_ok_and(|u| u.trim_ascii() == b"0") {
+    if !is_root() {
         return Some("not root".into());
     }
     for tool in ["ip", "nft", "python3"] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !found {
+        if !has_tool(tool) {
             return Some(format!("no {tool} on PATH"));
         }
     }

@@ -436,7 +436,6 @@ fn one_pool(p: &crate::pool::Pool) -> Value {
                 v["load"] = json!({
                     "score": l.score,
                     "in_flight": l.in_flight,
-                    "dispatched_since_report": l.dispatched_since_report,
                     "waiting": l.report.map(|r| r.waiting),
                     "running": l.report.map(|r| r.running),
                     "cache": l.report.map(|r| r.cache),

@@ -806,3 +806,117 @@ async fn health_probes_of_a_send_proxy_pool_send_a_local_header() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// The header goes out with the connect (sent before the handshake is reported
+/// done): a backend that refuses is skipped and the next one gets the header
+/// whole, and a backend whose accept queue is full (its SYNs dropped, so the
+/// connect is still in progress when flowgate would send) gets it once the
+/// handshake completes, followed by the client's bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_header_reaches_a_backend_that_answers_late_and_skips_a_refusing_one() {
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let live = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    // Backlog 0: one connection fills the accept queue; the next SYNs are dropped
+    // until it is accepted (the client retransmits after its 1 s RTO).
+    let full = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    full.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    full.listen(0).unwrap();
+    let full_addr = full.local_addr().unwrap().as_socket().unwrap();
+    let _filler = std::net::TcpStream::connect(full_addr).unwrap();
+    let fg = Proc::spawn(
+        &format!(
+            r#"
+[runtime]
+workers = 1
+
+[[listeners]]
+name = "skip"
+bind = "127.0.0.1:0"
+pool = "skip"
+
+[[listeners]]
+name = "late"
+bind = "127.0.0.1:0"
+pool = "late"
+connect_timeout = "8s"
+
+[[pools]]
+name = "skip"
+send_proxy = "v1"
+algorithm = "round-robin"
+connect_attempts = 2
+backends = [ {{ address = "{dead}" }}, {{ address = "{}" }} ]
+
+[[pools]]
+name = "late"
+send_proxy = "v1"
+backends = [ {{ address = "{full_addr}" }} ]
+"#,
+            live.local_addr().unwrap()
+        ),
+        &[],
+    );
+    /// The first connection to `l` whose header names `client`, read to its end.
+    /// Every connection is accepted at once and read on its own, so the accept
+    /// queue never fills again: flowgate's startup probe (which says UNKNOWN) and
+    /// the test's filler are skipped.
+    async fn from_client(l: &TcpListener, client: SocketAddr) -> String {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let want = format!("PROXY TCP4 {} ", client.ip());
+        loop {
+            tokio::select! {
+                a = tokio::time::timeout(LIMIT, l.accept()) => {
+                    let (mut b, _) = a.expect("flowgate connects").unwrap();
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        let mut got = Vec::new();
+                        let _ = tokio::time::timeout(LIMIT, b.read_to_end(&mut got)).await;
+                        let _ = tx.send(String::from_utf8_lossy(&got).into_owned());
+                    });
+                }
+                Some(got) = rx.recv() => if got.starts_with(&want) {
+                    return got;
+                },
+            }
+        }
+    }
+
+    /// A v1 header from `client` to `to`, then `bytes`.
+    fn v1_then(client: SocketAddr, to: SocketAddr, bytes: &str) -> String {
+        let (c, t) = (client, to);
+        format!(
+            "PROXY TCP4 {} {} {} {}\r\n{bytes}",
+            c.ip(),
+            t.ip(),
+            c.port(),
+            t.port()
+        )
+    }
+
+    // Round-robin from the dead backend or the live one: two clients, so one of
+    // them is refused first whichever way the rotation starts.
+    for i in 0..2 {
+        let mut c = connect_from(&format!("127.0.0.{}", 20 + i), fg.addr("skip")).await;
+        let me = c.local_addr().unwrap();
+        c.write_all(b"payload").await.unwrap();
+        c.shutdown().await.unwrap();
+        let got = from_client(&live, me).await;
+        assert_eq!(got, v1_then(me, fg.addr("skip"), "payload"));
+    }
+
+    let mut c = connect_from("127.0.0.30", fg.addr("late")).await;
+    let me = c.local_addr().unwrap();
+    c.write_all(b"early bytes").await.unwrap();
+    // flowgate's connect is in SYN_SENT now (its SYN dropped); free the queue.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    full.set_nonblocking(true).unwrap();
+    let full = TcpListener::from_std(std::net::TcpListener::from(full)).unwrap();
+    c.write_all(b", late bytes").await.unwrap();
+    c.shutdown().await.unwrap();
+    let got = from_client(&full, me).await;
+    assert_eq!(got, v1_then(me, fg.addr("late"), "early bytes, late bytes"));
+}

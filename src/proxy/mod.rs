@@ -89,14 +89,79 @@ pub(crate) async fn connect_from(
     } else {
         tokio::net::TcpSocket::new_v6()?
     };
+    bind_source(&sock, addr, ip, transparent)?;
+    sock.connect(addr).await
+}
+
+/// Binds `sock`, about to connect to `addr`, to `ip` (any port, chosen at the
+/// connect: IP_BIND_ADDRESS_NO_PORT on Linux); with `transparent`, through
+/// IP_TRANSPARENT.
+fn bind_source(
+    sock: &impl std::os::fd::AsFd,
+    addr: std::net::SocketAddr,
+    ip: std::net::IpAddr,
+    transparent: bool,
+) -> std::io::Result<()> {
     if transparent {
-        set_transparent(&sock, addr.is_ipv4())?;
+        set_transparent(sock, addr.is_ipv4())?;
     }
     #[cfg(target_os = "linux")]
-    nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::IpBindAddressNoPort, &true)
+    nix::sys::socket::setsockopt(sock, nix::sys::socket::sockopt::IpBindAddressNoPort, &true)
         .map_err(std::io::Error::from)?;
-    sock.bind(std::net::SocketAddr::new(ip, 0))?;
-    sock.connect(addr).await
+    socket2::SockRef::from(sock).bind(&std::net::SocketAddr::new(ip, 0).into())
+}
+
+/// A TCP connection to `addr` that starts with `first` (a PROXY header, a replayed
+/// ClientHello), from `source` when set (`(ip, transparent)`, as [`connect_from`]).
+///
+/// The bytes are sent right after the connect call, as HAProxy does, instead of
+/// after the reactor reports the socket writable: on loopback or a LAN the
+/// handshake is usually complete by the time `connect` returns, and then the
+/// send goes at once, and neither a poll round nor the `getsockopt(SO_ERROR)` of a
+/// plain connect is spent. A socket still connecting takes nothing (EAGAIN in
+/// SYN_SENT) and the rest waits for writability as usual; a refused one reports
+/// the refusal from the send.
+pub(crate) async fn connect_with(
+    addr: std::net::SocketAddr,
+    source: Option<(std::net::IpAddr, bool)>,
+    first: &[u8],
+) -> std::io::Result<tokio::net::TcpStream> {
+    use std::io::ErrorKind;
+    use tokio::io::AsyncWriteExt;
+    let domain = socket2::Domain::for_address(addr);
+    #[cfg(target_os = "linux")]
+    let s = socket2::Socket::new(domain, socket2::Type::STREAM.nonblocking(), None)?;
+    #[cfg(not(target_os = "linux"))]
+    let s = {
+        let s = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
+        s.set_nonblocking(true)?;
+        s
+    };
+    if let Some((ip, transparent)) = source {
+        bind_source(&s, addr, ip, transparent)?;
+    }
+    match s.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(nix::errno::Errno::EINPROGRESS as i32) => {}
+        Err(e) => return Err(e),
+    }
+    let sent = match s.send(first) {
+        Ok(n) => n,
+        Err(e) if e.kind() == ErrorKind::WouldBlock => 0,
+        Err(e) => return Err(e),
+    };
+    let mut stream = tokio::net::TcpStream::from_std(std::net::TcpStream::from(s))?;
+    if sent < first.len() {
+        if sent == 0 {
+            // Still connecting: writable once the handshake ends either way.
+            stream.writable().await?;
+            if let Some(e) = stream.take_error()? {
+                return Err(e);
+            }
+        }
+        stream.write_all(&first[sent..]).await?;
+    }
+    Ok(stream)
 }
 
 /// Sets IP_TRANSPARENT (IPV6_TRANSPARENT when not `v4`) on `sock`: it may then bind

@@ -11,7 +11,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tracing::debug;
 
@@ -591,16 +590,19 @@ async fn connect_one(
 ) -> io::Result<TcpStream> {
     let attempt = async {
         loop {
-            let r = match from {
-                Origin::Host(source) => crate::proxy::connect_tcp(addr, source).await,
-                Origin::Client(ip) => crate::proxy::connect_from(addr, ip, true).await,
+            let r = match (from, prefix.is_empty()) {
+                (Origin::Host(source), true) => crate::proxy::connect_tcp(addr, source).await,
+                (Origin::Client(ip), true) => crate::proxy::connect_from(addr, ip, true).await,
+                (Origin::Host(source), false) => {
+                    crate::proxy::connect_with(addr, source.map(|ip| (ip, false)), prefix).await
+                }
+                (Origin::Client(ip), false) => {
+                    crate::proxy::connect_with(addr, Some((ip, true)), prefix).await
+                }
             };
             match r {
-                Ok(mut s) => {
+                Ok(s) => {
                     crate::fd::available();
-                    if !prefix.is_empty() {
-                        s.write_all(prefix).await?;
-                    }
                     return Ok(s);
                 }
                 Err(e) if crate::fd::is_exhaustion(&e) => {

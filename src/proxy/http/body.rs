@@ -3,8 +3,10 @@
 //! [`UpBody`] carries a client's request body upstream: it counts bytes, enforces
 //! `max_body_bytes` and the route's `stream_idle_timeout`. [`RespBody`] carries the
 //! backend's response to the client: it counts bytes, notes the first body byte
-//! (time to first token), enforces `stream_idle_timeout`, hands an HTTP/1.1
-//! connection back to the pool once the response ended cleanly, and accounts for
+//! (time to first token), enforces `stream_idle_timeout`, drives the HTTP/1.1
+//! upstream connection the body comes on (it has no task of its own, see
+//! [`super::upstream`]) and hands it back to the pool once the response ended
+//! cleanly, and accounts for
 //! the exchange when it is dropped ([`super::forward::Exchange`]). [`OutBody`] is
 //! what the client gets: that, or a short generated reply.
 
@@ -52,33 +54,43 @@ impl Body for RespBody {
         if this.exchange.ended() {
             return Poll::Ready(None);
         }
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                this.idle.touch();
-                if let Some(d) = frame.data_ref() {
-                    this.exchange.body_bytes(d.len());
+        // The body comes through hyper's channel from the upstream connection,
+        // which is driven here (HTTP/1.1): what is buffered first, then the
+        // connection, then the channel again.
+        let mut polled_conn = false;
+        loop {
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    this.idle.touch();
+                    if let Some(d) = frame.data_ref() {
+                        this.exchange.body_bytes(d.len());
+                    }
+                    // hyper stops polling a body whose length it knows once it has
+                    // it all: the end is seen here, not as `None`.
+                    if this.inner.is_end_stream() {
+                        this.exchange.complete();
+                    }
+                    return Poll::Ready(Some(Ok(frame)));
                 }
-                // hyper stops polling a body whose length it knows once it has
-                // it all: the end is seen here, not as `None`.
-                if this.inner.is_end_stream() {
+                Poll::Ready(Some(Err(e))) => {
+                    this.exchange.failed("backend_error");
+                    return Poll::Ready(Some(Err(e.into())));
+                }
+                Poll::Ready(None) => {
                     this.exchange.complete();
+                    return Poll::Ready(None);
                 }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(Some(Err(e))) => {
-                this.exchange.failed("backend_error");
-                Poll::Ready(Some(Err(e.into())))
-            }
-            Poll::Ready(None) => {
-                this.exchange.complete();
-                Poll::Ready(None)
-            }
-            Poll::Pending => {
-                if this.idle.expired(cx) {
-                    this.exchange.failed("stream_idle_timeout");
-                    return Poll::Ready(Some(Err(BodyError::Idle(this.idle.after).into())));
+                Poll::Pending if !polled_conn && this.exchange.upstream.is_some() => {
+                    polled_conn = true;
+                    this.exchange.poll_upstream(cx);
                 }
-                Poll::Pending
+                Poll::Pending => {
+                    if this.idle.expired(cx) {
+                        this.exchange.failed("stream_idle_timeout");
+                        return Poll::Ready(Some(Err(BodyError::Idle(this.idle.after).into())));
+                    }
+                    return Poll::Pending;
+                }
             }
         }
     }

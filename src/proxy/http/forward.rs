@@ -8,11 +8,12 @@
 //! as an attempt). Once the request may have reached a backend, nothing is retried.
 
 use std::sync::atomic::Ordering;
+use std::future::Future;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use hyper::body::{Body as _, Incoming};
-use hyper::client::conn::http1;
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode, Uri, Version};
 use tokio::time::Instant;
@@ -24,7 +25,7 @@ use super::headers;
 use super::path;
 use super::request_body::{BodyError, UpBody, Upload};
 use super::state::ConnCtx;
-use super::upstream::{self, Sender};
+use super::upstream::{self, Sender, H1};
 use crate::backend::{ActiveGuard, Backend, ConnectError};
 use crate::config::{AffinityKey, UpstreamProtocol};
 use crate::pool::NoSlot;
@@ -358,6 +359,10 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<OutBo
     ex.backend_ok();
 
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        // hyper hands the upgraded socket over when the connection is polled on.
+        if let Some(h) = h1 {
+            h.detach(&upstreams);
+        }
         if websocket {
             // The connection's own task takes the client socket over once hyper
             // has written this response (see conn.rs).
@@ -409,7 +414,7 @@ impl Reply for Exchange {
 type Attempt = (
     ActiveGuard,
     Result<Response<Incoming>, hyper::Error>,
-    Option<http1::SendRequest<UpBody>>,
+    Option<Box<H1>>,
 );
 
 /// The session key of a request under `[pools.affinity]`: the header's value, or
@@ -474,13 +479,14 @@ enum Sent {
     TimedOut,
 }
 
-/// Sends `req` on `s`; for HTTP/1.1 hands the connection back with the response.
+/// Sends `req` on `s`; for HTTP/1.1 hands the connection back with the response
+/// (its body is read by polling it on).
 async fn send(
     s: Sender,
     req: Request<UpBody>,
     first_byte: Duration,
     upload: &Upload,
-) -> (Sent, Option<http1::SendRequest<UpBody>>) {
+) -> (Sent, Option<Box<H1>>) {
     // first_byte_timeout runs from the request being fully sent: a slow upload is
     // stream_idle_timeout's business.
     let deadline = async {
@@ -488,14 +494,23 @@ async fn send(
         tokio::time::sleep(first_byte).await;
     };
     match s {
-        Sender::Http1(mut s) => {
-            let f = s.try_send_request(req);
+        Sender::Http1(mut h) => {
+            // The connection is driven here, with the response future: the
+            // request goes out and its response head comes back in this task.
+            let f = h.send.try_send_request(req);
+            let mut f = std::pin::pin!(f);
+            let exchange = std::future::poll_fn(|cx| {
+                if let Poll::Ready(Err(e)) = h.poll_conn(cx) {
+                    debug!(error = %e, "upstream connection ended");
+                }
+                f.as_mut().poll(cx)
+            });
             let r = tokio::select! {
-                r = f => r,
+                r = exchange => r,
                 _ = deadline => return (Sent::TimedOut, None),
             };
             match r {
-                Ok(r) => (Sent::Response(r), Some(s)),
+                Ok(r) => (Sent::Response(r), Some(h)),
                 Err(mut e) => match e.take_message() {
                     Some(back) => (Sent::Refused(back), None),
                     None => (Sent::Failed(e.into_error()), None),

@@ -4,15 +4,33 @@
 //! ever sharing a connection. HTTP/1.1 connections wait idle in a LIFO list (at
 //! most the pool's `max_idle_per_backend`) and go back to it only once their
 //! response ended cleanly; one HTTP/2 connection per backend carries every h2c
-//! request. A connection's driver task runs on the worker that opened it, until
-//! the connection closes or the instance stops. Built on `hyper::client::conn`
+//! request.
+//!
+//! **An HTTP/1.1 connection has no task of its own.** The request that uses it
+//! polls its hyper `Connection` (the state machine that writes the request and
+//! reads the response) together with the response future, then inside the
+//! response body ([`super::body::RespBody`]), so one request is one task: no
+//! hand-off to a driver task and back, twice per request. An idle pooled
+//! connection is polled by nobody; the next request that takes it polls it once
+//! first, which notices a close that came while it waited (a read already
+//! signalled by the reactor, no extra syscall otherwise), and a close that comes
+//! later is the "pooled connection dead" retry of [`super::forward`]. Idle
+//! connections are handed out to the worker that last drove them first, so the
+//! socket's readiness events and the task it wakes stay on one thread. Only a
+//! `101 Switching Protocols` gets a task: the rest of the upgrade. An h2c
+//! connection's driver task runs on the worker that opened it, until the
+//! connection closes or the instance stops. Built on `hyper::client::conn`
 //! rather than hyper-util's pooled client: a request must move to another backend
 //! when a connect fails, and hyper-util's client consumes the request then.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::client::conn::{http1, http2};
@@ -35,8 +53,75 @@ pub enum Version {
 /// A connection ready for one request.
 #[derive(Debug)]
 pub enum Sender {
-    Http1(http1::SendRequest<UpBody>),
+    Http1(Box<H1>),
     H2(http2::SendRequest<UpBody>),
+}
+
+/// hyper's HTTP/1.1 client connection state machine, with WebSocket upgrades
+/// (hyper does not name that type: boxed once per connection).
+type H1Conn = Pin<Box<dyn Future<Output = hyper::Result<()>> + Send>>;
+
+/// An HTTP/1.1 upstream connection: the handle requests go in by, and the
+/// connection itself, polled by whoever uses it (there is no driver task).
+pub struct H1 {
+    pub send: http1::SendRequest<UpBody>,
+    /// None once it has ended (polling it again would panic).
+    conn: Option<H1Conn>,
+    /// The worker that last polled it (see [`worker`]).
+    worker: usize,
+}
+
+impl std::fmt::Debug for H1 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("H1").finish_non_exhaustive()
+    }
+}
+
+impl H1 {
+    /// Drives the connection (writes what is queued, reads what came). Ready
+    /// once the connection has ended, with its error if any; it is dropped
+    /// then, which fails whatever was still queued on it.
+    pub fn poll_conn(&mut self, cx: &mut Context<'_>) -> Poll<hyper::Result<()>> {
+        let Some(c) = self.conn.as_mut() else {
+            return Poll::Ready(Ok(()));
+        };
+        let r = std::task::ready!(c.as_mut().poll(cx));
+        self.conn = None;
+        Poll::Ready(r)
+    }
+
+    /// Whether the connection can take a request now: polled once, so that a
+    /// close that arrived while it idled is seen.
+    fn poll_usable(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.poll_conn(cx).is_ready() || self.send.is_closed() {
+            return false;
+        }
+        matches!(self.send.poll_ready(cx), Poll::Ready(Ok(())))
+    }
+
+    /// The rest of the connection's life runs in a task of its own (after a
+    /// `101`, the upgrade is handed over when the connection is polled on).
+    pub fn detach(mut self: Box<Self>, ups: &Upstreams) {
+        let Some(conn) = self.conn.take() else { return };
+        let stop = ups.stop.clone();
+        ups.drivers.spawn(async move {
+            tokio::select! {
+                r = conn => if let Err(e) = r {
+                    debug!(error = %e, "upstream connection ended");
+                },
+                _ = stop.cancelled() => {}
+            }
+        });
+    }
+}
+
+/// A small number naming the calling thread (a worker, with the per-core model).
+fn worker() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static ME: usize = NEXT.fetch_add(1, Ordering::Relaxed);
+    }
+    ME.with(|w| *w)
 }
 
 /// Every backend's pooled connections, for one instance.
@@ -55,7 +140,7 @@ impl std::fmt::Debug for Upstreams {
 
 #[derive(Default)]
 struct BackendConns {
-    idle: Mutex<Vec<http1::SendRequest<UpBody>>>,
+    idle: Mutex<Vec<Box<H1>>>,
     h2: Mutex<Option<http2::SendRequest<UpBody>>>,
 }
 
@@ -77,17 +162,26 @@ impl Upstreams {
     pub async fn pooled(&self, b: &Backend, v: Version) -> Option<Sender> {
         let conns = self.conns(b);
         match v {
-            Version::Http1 => loop {
-                let next = conns.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
-                let mut s = next?;
-                if s.is_closed() {
-                    continue;
+            Version::Http1 => {
+                let me = worker();
+                loop {
+                    let next = {
+                        let mut idle = conns.idle.lock().unwrap_or_else(|e| e.into_inner());
+                        // The newest of this worker's, else the newest.
+                        match idle.iter().rposition(|h| h.worker == me) {
+                            Some(i) => Some(idle.swap_remove(i)),
+                            None => idle.pop(),
+                        }
+                    };
+                    let mut h = next?;
+                    h.worker = me;
+                    // One poll: an idle connection is left as its last exchange
+                    // left it, and takes the next request once polled.
+                    if std::future::poll_fn(|cx| Poll::Ready(h.poll_usable(cx))).await {
+                        return Some(Sender::Http1(h));
+                    }
                 }
-                // Ready at once unless it is still finishing its last exchange.
-                if s.ready().await.is_ok() {
-                    return Some(Sender::Http1(s));
-                }
-            },
+            }
             Version::H2c => {
                 let mut h2 = conns.h2.lock().unwrap_or_else(|e| e.into_inner());
                 match h2.as_ref() {
@@ -111,25 +205,21 @@ impl Upstreams {
     ) -> io::Result<Sender> {
         let tcp = connect_tcp(b.addr, source, timeout).await?;
         let io = TokioIo::new(tcp);
-        let stop = self.stop.clone();
-        let name = b.name.clone();
         match v {
             Version::Http1 => {
-                let (sender, conn) = http1::Builder::new()
+                let (send, conn) = http1::Builder::new()
                     .handshake::<_, UpBody>(io)
                     .await
                     .map_err(io::Error::other)?;
-                self.drivers.spawn(async move {
-                    tokio::select! {
-                        r = conn.with_upgrades() => if let Err(e) = r {
-                            debug!(backend = %name, error = %e, "upstream connection ended");
-                        },
-                        _ = stop.cancelled() => {}
-                    }
-                });
-                Ok(Sender::Http1(sender))
+                Ok(Sender::Http1(Box::new(H1 {
+                    send,
+                    conn: Some(Box::pin(conn.with_upgrades())),
+                    worker: worker(),
+                })))
             }
             Version::H2c => {
+                let stop = self.stop.clone();
+                let name = b.name.clone();
                 let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                     .handshake::<_, UpBody>(io)
                     .await
@@ -151,8 +241,8 @@ impl Upstreams {
 
     /// Takes back an HTTP/1.1 connection whose exchange ended cleanly, unless the
     /// backend no longer takes requests or `max_idle` are waiting already.
-    pub fn put_back(&self, b: &Backend, s: http1::SendRequest<UpBody>, max_idle: usize) {
-        if s.is_closed() || !b.is_admin_usable() {
+    pub fn put_back(&self, b: &Backend, s: Box<H1>, max_idle: usize) {
+        if s.conn.is_none() || s.send.is_closed() || !b.is_admin_usable() {
             return;
         }
         let conns = self.conns(b);

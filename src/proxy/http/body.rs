@@ -17,6 +17,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
+use tracing::debug;
+
 use super::exchange::Exchange;
 use super::request_body::{BodyError, BoxError, IdleTimer};
 
@@ -57,40 +59,46 @@ impl Body for RespBody {
         // The body comes through hyper's channel from the upstream connection,
         // which is driven here (HTTP/1.1): what is buffered first, then the
         // connection, then the channel again.
-        let mut polled_conn = false;
-        loop {
-            match Pin::new(&mut this.inner).poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => {
-                    this.idle.touch();
-                    if let Some(d) = frame.data_ref() {
-                        this.exchange.body_bytes(d.len());
-                    }
-                    // hyper stops polling a body whose length it knows once it has
-                    // it all: the end is seen here, not as `None`.
-                    if this.inner.is_end_stream() {
-                        this.exchange.complete();
-                    }
-                    return Poll::Ready(Some(Ok(frame)));
+        let inner = &mut this.inner;
+        let r = match &mut this.exchange.upstream {
+            Some((_, h, _)) => h.drive(cx, |h, cx| {
+                if let Poll::Ready(r) = Pin::new(&mut *inner).poll_frame(cx) {
+                    return Poll::Ready(r);
                 }
-                Poll::Ready(Some(Err(e))) => {
-                    this.exchange.failed("backend_error");
-                    return Poll::Ready(Some(Err(e.into())));
+                if let Poll::Ready(Err(e)) = h.poll_conn(cx) {
+                    debug!(error = %e, "upstream connection ended");
                 }
-                Poll::Ready(None) => {
+                Pin::new(&mut *inner).poll_frame(cx)
+            }),
+            None => Pin::new(inner).poll_frame(cx),
+        };
+        match r {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.idle.touch();
+                if let Some(d) = frame.data_ref() {
+                    this.exchange.body_bytes(d.len());
+                }
+                // hyper stops polling a body whose length it knows once it has
+                // it all: the end is seen here, not as `None`.
+                if this.inner.is_end_stream() {
                     this.exchange.complete();
-                    return Poll::Ready(None);
                 }
-                Poll::Pending if !polled_conn && this.exchange.upstream.is_some() => {
-                    polled_conn = true;
-                    this.exchange.poll_upstream(cx);
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.exchange.failed("backend_error");
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(None) => {
+                this.exchange.complete();
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                if this.idle.expired(cx) {
+                    this.exchange.failed("stream_idle_timeout");
+                    return Poll::Ready(Some(Err(BodyError::Idle(this.idle.after).into())));
                 }
-                Poll::Pending => {
-                    if this.idle.expired(cx) {
-                        this.exchange.failed("stream_idle_timeout");
-                        return Poll::Ready(Some(Err(BodyError::Idle(this.idle.after).into())));
-                    }
-                    return Poll::Pending;
-                }
+                Poll::Pending
             }
         }
     }

@@ -195,15 +195,6 @@ impl Exchange {
         }
     }
 
-    /// Drives the HTTP/1.1 connection the response comes on, if there is one.
-    pub fn poll_upstream(&mut self, cx: &mut std::task::Context<'_>) {
-        if let Some((_, h, _)) = &mut self.0.upstream {
-            if let std::task::Poll::Ready(Err(e)) = h.poll_conn(cx) {
-                debug!(error = %e, "upstream connection ended");
-            }
-        }
-    }
-
     pub fn failed(&mut self, reason: &'static str) {
         self.reason = reason;
         self.ended = true;

@@ -7,8 +7,8 @@
 //! out dead before taking the request is replaced once by a fresh one (not counted
 //! as an attempt). Once the request may have reached a backend, nothing is retried.
 
-use std::sync::atomic::Ordering;
 use std::future::Future;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -500,10 +500,12 @@ async fn send(
             let f = h.send.try_send_request(req);
             let mut f = std::pin::pin!(f);
             let exchange = std::future::poll_fn(|cx| {
-                if let Poll::Ready(Err(e)) = h.poll_conn(cx) {
-                    debug!(error = %e, "upstream connection ended");
-                }
-                f.as_mut().poll(cx)
+                h.drive(cx, |h, cx| {
+                    if let Poll::Ready(Err(e)) = h.poll_conn(cx) {
+                        debug!(error = %e, "upstream connection ended");
+                    }
+                    f.as_mut().poll(cx)
+                })
             });
             let r = tokio::select! {
                 r = exchange => r,

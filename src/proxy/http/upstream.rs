@@ -28,9 +28,9 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use hyper::client::conn::{http1, http2};
@@ -69,6 +69,10 @@ pub struct H1 {
     conn: Option<H1Conn>,
     /// The worker that last polled it (see [`worker`]).
     worker: usize,
+    /// What the connection, the response future and the response body are
+    /// polled with (see [`Quiet`]); `quiet` is its state.
+    waker: Waker,
+    quiet: Arc<Quiet>,
 }
 
 impl std::fmt::Debug for H1 {
@@ -78,6 +82,52 @@ impl std::fmt::Debug for H1 {
 }
 
 impl H1 {
+    fn new(send: http1::SendRequest<UpBody>, conn: H1Conn) -> H1 {
+        let quiet = Arc::new(Quiet {
+            state: AtomicU8::new(IDLE),
+            task: Mutex::new(None),
+        });
+        H1 {
+            send,
+            conn: Some(conn),
+            worker: worker(),
+            waker: Waker::from(quiet.clone()),
+            quiet,
+        }
+    }
+
+    /// Runs `round` (which polls this connection and what it feeds: the
+    /// response future, the response body) with the connection's own waker, and
+    /// again while something woke it during the round. The connection and its
+    /// channels to the response wake each other as they hand things over; all
+    /// of them are polled here, in one task, so those wake-ups only ask for
+    /// another round instead of a needless poll of the whole client connection.
+    /// Wake-ups from elsewhere (the socket, a timer) reach the task.
+    pub fn drive<R>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut round: impl FnMut(&mut H1, &mut Context<'_>) -> Poll<R>,
+    ) -> Poll<R> {
+        self.quiet.register(cx.waker());
+        // Taken out for the rounds, so that `round` can have the rest.
+        let waker = std::mem::replace(&mut self.waker, Waker::noop().clone());
+        let mut qcx = Context::from_waker(&waker);
+        let mut r = Poll::Pending;
+        for _ in 0..ROUNDS {
+            self.quiet.state.store(POLLING, Ordering::SeqCst);
+            r = round(self, &mut qcx);
+            let woken = self.quiet.state.swap(IDLE, Ordering::SeqCst) == WOKEN;
+            if r.is_ready() || !woken {
+                self.waker = waker;
+                return r;
+            }
+        }
+        // Still being woken: let the task come back to it.
+        self.waker = waker;
+        cx.waker().wake_by_ref();
+        r
+    }
+
     /// Drives the connection (writes what is queued, reads what came). Ready
     /// once the connection has ended, with its error if any; it is dropped
     /// then, which fails whatever was still queued on it.
@@ -93,10 +143,16 @@ impl H1 {
     /// Whether the connection can take a request now: polled once, so that a
     /// close that arrived while it idled is seen.
     fn poll_usable(&mut self, cx: &mut Context<'_>) -> bool {
-        if self.poll_conn(cx).is_ready() || self.send.is_closed() {
-            return false;
-        }
-        matches!(self.send.poll_ready(cx), Poll::Ready(Ok(())))
+        let r = self.drive(cx, |h, cx| {
+            if h.poll_conn(cx).is_ready() || h.send.is_closed() {
+                return Poll::Ready(false);
+            }
+            match h.send.poll_ready(cx) {
+                Poll::Ready(r) => Poll::Ready(r.is_ok()),
+                Poll::Pending => Poll::Pending,
+            }
+        });
+        r == Poll::Ready(true)
     }
 
     /// The rest of the connection's life runs in a task of its own (after a
@@ -112,6 +168,52 @@ impl H1 {
                 _ = stop.cancelled() => {}
             }
         });
+    }
+}
+
+/// Rounds of [`H1::drive`] in one poll at most.
+const ROUNDS: usize = 4;
+
+const IDLE: u8 = 0;
+const POLLING: u8 = 1;
+const WOKEN: u8 = 2;
+
+/// The waker an HTTP/1.1 exchange is polled with: a wake-up during a round of
+/// [`H1::drive`] (IDLE -> POLLING on entry) only marks it WOKEN, for another
+/// round; any other wakes the task that last drove it. The state changes are
+/// single atomic steps, so a wake-up racing the end of a round is either seen
+/// by the round (WOKEN) or passed on (IDLE): never lost.
+struct Quiet {
+    state: AtomicU8,
+    task: Mutex<Option<Waker>>,
+}
+
+impl Quiet {
+    fn register(&self, w: &Waker) {
+        let mut task = self.task.lock().unwrap_or_else(|e| e.into_inner());
+        match &*task {
+            Some(t) if t.will_wake(w) => {}
+            _ => *task = Some(w.clone()),
+        }
+    }
+}
+
+impl Wake for Quiet {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if self
+            .state
+            .compare_exchange(POLLING, WOKEN, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+        {
+            return;
+        }
+        if let Some(t) = &*self.task.lock().unwrap_or_else(|e| e.into_inner()) {
+            t.wake_by_ref();
+        }
     }
 }
 
@@ -211,11 +313,10 @@ impl Upstreams {
                     .handshake::<_, UpBody>(io)
                     .await
                     .map_err(io::Error::other)?;
-                Ok(Sender::Http1(Box::new(H1 {
+                Ok(Sender::Http1(Box::new(H1::new(
                     send,
-                    conn: Some(Box::pin(conn.with_upgrades())),
-                    worker: worker(),
-                })))
+                    Box::pin(conn.with_upgrades()),
+                ))))
             }
             Version::H2c => {
                 let stop = self.stop.clone();

@@ -81,7 +81,8 @@ impl Exchange {
             method: req.method().clone(),
             version: req.version(),
             host: None,
-            path: req.uri().path().to_string(),
+            // Set by the handler (normalized, or as it came).
+            path: String::new(),
             request_id: None,
             status: 0,
             start: Instant::now(),

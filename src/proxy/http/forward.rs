@@ -41,6 +41,7 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<OutBo
     let mut ex = Exchange::start(ctx.clone(), &req);
     let Some(http) = settings.http.clone() else {
         // A reload made this listener plain TCP: finish this connection.
+        ex.path = req.uri().path().to_string();
         return ex.reply(
             StatusCode::SERVICE_UNAVAILABLE,
             "listener_changed",
@@ -53,6 +54,7 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<OutBo
     let number = ctx.state.requests.load(Ordering::Acquire);
     if !ctx.state.h2.load(Ordering::Relaxed) && ctx.state.bad_head.load(Ordering::Acquire) == number
     {
+        ex.path = req.uri().path().to_string();
         return ex.reply(
             StatusCode::BAD_REQUEST,
             "bad_request",
@@ -70,6 +72,7 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<OutBo
         .get(header::TRANSFER_ENCODING)
         .is_none_or(|v| v.as_bytes().eq_ignore_ascii_case(b"chunked"));
     if codings > 1 || !only_chunked {
+        ex.path = req.uri().path().to_string();
         return ex.reply(
             StatusCode::NOT_IMPLEMENTED,
             "bad_request",
@@ -78,26 +81,31 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<OutBo
         );
     }
 
-    // Route: host, then the normalized path.
-    let host = headers::host(req.uri().authority().map(|a| a.as_str()), req.headers());
+    // Route: host, then the normalized path (kept in the exchange, for the log).
+    ex.host = headers::host(req.uri().authority().map(|a| a.as_str()), req.headers());
     let raw_path = req.uri().path();
-    let normal = match path::normalize(raw_path) {
-        Ok(n) => n,
+    let normalized = match path::normalize(raw_path) {
+        Ok(Some(n)) => {
+            ex.path = n;
+            true
+        }
+        Ok(None) => {
+            ex.path = raw_path.to_string();
+            false
+        }
         Err(_) => {
+            ex.path = raw_path.to_string();
             return ex.reply(
                 StatusCode::BAD_REQUEST,
                 "bad_path",
                 "bad request path\n",
                 true,
-            )
+            );
         }
     };
-    let path_now = normal.as_deref().unwrap_or(raw_path).to_string();
-    ex.host = host.clone();
-    ex.path = path_now.clone();
     let Some((rc, route)) = http
         .routes
-        .find(host.as_deref(), &path_now)
+        .find(ex.host.as_deref(), &ex.path)
         .or(http.default.as_ref())
     else {
         return ex.reply(
@@ -129,36 +137,36 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<OutBo
         (UpstreamProtocol::Auto, _) => upstream::Version::Http1,
     };
     let (mut parts, body) = req.into_parts();
-    let upstream_path = if rc.strip_prefix {
-        path::strip(&path_now, &rc.path_prefix)
+    // The authority as a header value: the client's Host as it came (shared,
+    // not copied), or the target's.
+    let from_target = parts.uri.authority().is_some();
+    let authority = match parts.uri.authority() {
+        Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+        None => parts.headers.get(header::HOST).cloned(),
+    }
+    .filter(|v| v.to_str().is_ok());
+    // An origin-form target whose path stays as it is goes up as it came.
+    let keep_target =
+        version == upstream::Version::Http1 && !from_target && !normalized && !rc.strip_prefix;
+    let uri = if keep_target {
+        None
     } else {
-        &path_now
-    };
-    let authority = parts
-        .uri
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .or_else(|| {
-            parts
-                .headers
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(String::from)
-        });
-    let uri = match build_uri(
-        version,
-        authority.as_deref(),
-        upstream_path,
-        parts.uri.query(),
-    ) {
-        Some(u) => u,
-        None => {
-            return ex.reply(
-                StatusCode::BAD_REQUEST,
-                "bad_path",
-                "bad request target\n",
-                true,
-            )
+        let upstream_path = if rc.strip_prefix {
+            path::strip(&ex.path, &rc.path_prefix)
+        } else {
+            &ex.path
+        };
+        let authority = authority.as_ref().and_then(|v| v.to_str().ok());
+        match build_uri(version, authority, upstream_path, parts.uri.query()) {
+            Some(u) => Some(u),
+            None => {
+                return ex.reply(
+                    StatusCode::BAD_REQUEST,
+                    "bad_path",
+                    "bad request target\n",
+                    true,
+                )
+            }
         }
     };
     headers::strip_hop_by_hop(&mut parts.headers, websocket);
@@ -166,7 +174,8 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<OutBo
         &mut parts.headers,
         http.xff,
         ctx.peer.ip(),
-        authority.as_deref(),
+        &ctx.peer_ip,
+        authority.as_ref(),
     );
     ex.request_id = Some(headers::request_id(&mut parts.headers));
     match version {
@@ -174,12 +183,8 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<OutBo
             // An HTTP/2 client's :authority, or an absolute-form target's
             // authority, becomes Host (RFC 9112 §3.2.2: it wins over the Host
             // the client sent, and it is what the request was routed by).
-            let from_target = parts.uri.authority().is_some();
             if from_target || !parts.headers.contains_key(header::HOST) {
-                if let Some(v) = authority
-                    .as_deref()
-                    .and_then(|a| HeaderValue::from_str(a).ok())
-                {
+                if let Some(v) = authority {
                     parts.headers.insert(header::HOST, v);
                 }
             }
@@ -190,7 +195,9 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<OutBo
             parts.version = Version::HTTP_2;
         }
     }
-    parts.uri = uri;
+    if let Some(uri) = uri {
+        parts.uri = uri;
+    }
     let session = route
         .pool
         .config()

@@ -504,7 +504,7 @@ async fn send(
         Sender::Http1(mut h) => {
             // The connection is driven here, with the response future: the
             // request goes out and its response head comes back in this task.
-            let f = h.send.try_send_request(req);
+            let f = h.send(req);
             let mut f = std::pin::pin!(f);
             let exchange = std::future::poll_fn(|cx| {
                 h.drive(cx, |h, cx| {

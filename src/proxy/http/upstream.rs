@@ -128,6 +128,24 @@ impl H1 {
         r
     }
 
+    /// Queues `req` on the connection. Queuing wakes the connection's side of
+    /// the channel; that wake-up is kept for the round that polls it next
+    /// (the caller's, at once) rather than sent to the task.
+    pub fn send(
+        &mut self,
+        req: hyper::Request<UpBody>,
+    ) -> impl Future<
+        Output = Result<
+            hyper::Response<hyper::body::Incoming>,
+            hyper::client::conn::TrySendError<hyper::Request<UpBody>>,
+        >,
+    > {
+        self.quiet.state.store(POLLING, Ordering::SeqCst);
+        let f = self.send.try_send_request(req);
+        self.quiet.state.store(IDLE, Ordering::SeqCst);
+        f
+    }
+
     /// Drives the connection (writes what is queued, reads what came). Ready
     /// once the connection has ended, with its error if any; it is dropped
     /// then, which fails whatever was still queued on it.
@@ -346,6 +364,9 @@ impl Upstreams {
         if s.conn.is_none() || s.send.is_closed() || !b.is_admin_usable() {
             return;
         }
+        // Nobody waits on an idle connection: what its last exchange leaves
+        // behind (the response body's channel closing) wakes no task.
+        *s.quiet.task.lock().unwrap_or_else(|e| e.into_inner()) = None;
         let conns = self.conns(b);
         let mut idle = conns.idle.lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() < max_idle {

@@ -13,54 +13,100 @@ static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-prot
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
+/// Which hop-by-hop names a head carries (one pass over its names; a bit each).
+const CONNECTION: u8 = 1;
+const TE: u8 = 2;
+const UPGRADE: u8 = 4;
+const TRANSFER_ENCODING: u8 = 8;
+const KEEP_ALIVE: u8 = 16;
+const HTTP2_SETTINGS: u8 = 32;
+const PROXY: u8 = 64;
+
+fn hop_by_hop(k: &HeaderName) -> u8 {
+    if k == header::CONNECTION {
+        CONNECTION
+    } else if k == header::TE {
+        TE
+    } else if k == header::UPGRADE {
+        UPGRADE
+    } else if k == header::TRANSFER_ENCODING {
+        TRANSFER_ENCODING
+    } else {
+        match k.as_str() {
+            "keep-alive" => KEEP_ALIVE,
+            "http2-settings" => HTTP2_SETTINGS,
+            s if s.starts_with("proxy-") => PROXY,
+            _ => 0,
+        }
+    }
+}
+
 /// Removes hop-by-hop headers: `Connection` and those it names, `Keep-Alive`,
 /// `Transfer-Encoding` (each leg frames its own body), `TE` (but `trailers`, which
 /// gRPC needs), `Upgrade` unless `keep_upgrade`, `HTTP2-Settings` and `Proxy-*`.
+/// A head with none of them (most requests) costs one pass over its names.
 pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
-    // `keep-alive` goes below anyway, and a `close` header is looked for
-    // without making a name of it: the usual tokens allocate nothing.
-    let named: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|t| {
-            !t.eq_ignore_ascii_case("keep-alive")
-                && !(t.eq_ignore_ascii_case("close") && !h.contains_key("close"))
-        })
-        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-        .filter(|n| !(keep_upgrade && n == header::UPGRADE))
-        .collect();
-    for n in named {
-        h.remove(n);
+    let present = h.keys().fold(0, |p, k| p | hop_by_hop(k));
+    if present & CONNECTION != 0 {
+        // `keep-alive` goes below anyway, and a `close` header is looked for
+        // without making a name of it: the usual tokens allocate nothing.
+        let named: Vec<HeaderName> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|t| {
+                !t.eq_ignore_ascii_case("keep-alive")
+                    && !(t.eq_ignore_ascii_case("close") && !h.contains_key("close"))
+            })
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .filter(|n| !(keep_upgrade && n == header::UPGRADE))
+            .collect();
+        for n in named {
+            h.remove(n);
+        }
     }
-    let te_trailers = h.get_all(header::TE).iter().any(|v| {
-        v.to_str().is_ok_and(|v| {
-            v.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-        })
-    });
-    h.remove(header::TE);
-    if te_trailers {
-        h.insert(header::TE, HeaderValue::from_static("trailers"));
+    if present & TE != 0 {
+        let te_trailers = h.get_all(header::TE).iter().any(|v| {
+            v.to_str().is_ok_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            })
+        });
+        h.remove(header::TE);
+        if te_trailers {
+            h.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
     }
     if keep_upgrade {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     } else {
-        h.remove(header::CONNECTION);
-        h.remove(header::UPGRADE);
+        if present & CONNECTION != 0 {
+            h.remove(header::CONNECTION);
+        }
+        if present & UPGRADE != 0 {
+            h.remove(header::UPGRADE);
+        }
     }
-    h.remove("keep-alive");
-    h.remove(header::TRANSFER_ENCODING);
-    h.remove("http2-settings");
-    let proxy: Vec<HeaderName> = h
-        .keys()
-        .filter(|k| k.as_str().starts_with("proxy-"))
-        .cloned()
-        .collect();
-    for k in proxy {
-        h.remove(k);
+    if present & KEEP_ALIVE != 0 {
+        h.remove("keep-alive");
+    }
+    if present & TRANSFER_ENCODING != 0 {
+        h.remove(header::TRANSFER_ENCODING);
+    }
+    if present & HTTP2_SETTINGS != 0 {
+        h.remove("http2-settings");
+    }
+    if present & PROXY != 0 {
+        let proxy: Vec<HeaderName> = h
+            .keys()
+            .filter(|k| k.as_str().starts_with("proxy-"))
+            .cloned()
+            .collect();
+        for k in proxy {
+            h.remove(k);
+        }
     }
 }
 
@@ -188,6 +234,15 @@ mod tests {
         let left: Vec<_> = h.keys().map(|k| k.as_str().to_string()).collect();
         assert_eq!(left, ["te", "x-kept"], "{h:?}");
         assert_eq!(h["te"], "trailers");
+        // None of them: untouched.
+        let mut h = map(&[("host", "x"), ("x-a", "1"), ("proxyish", "2")]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 3, "{h:?}");
+        // `close` names a header only if there is one.
+        let mut h = map(&[("connection", "close"), ("close", "1"), ("x-b", "2")]);
+        strip_hop_by_hop(&mut h, false);
+        let left: Vec<_> = h.keys().map(|k| k.as_str().to_string()).collect();
+        assert_eq!(left, ["x-b"], "{h:?}");
     }
 
     #[test]

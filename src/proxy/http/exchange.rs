@@ -36,7 +36,7 @@ pub struct Inner {
     /// The HTTP/1.1 connection the response comes on: polled with the response
     /// body ([`super::body::RespBody`]), handed back once the response ended
     /// cleanly.
-    pub(super) upstream: Option<(Arc<Upstreams>, Box<H1>, usize)>,
+    pub(super) upstream: Option<(Arc<Upstreams>, H1, usize)>,
     pub(super) method: Method,
     pub(super) version: Version,
     pub(super) host: Option<String>,

@@ -421,7 +421,7 @@ impl Reply for Exchange {
 type Attempt = (
     ActiveGuard,
     Result<Response<Incoming>, hyper::Error>,
-    Option<Box<H1>>,
+    Option<H1>,
 );
 
 /// The session key of a request under `[pools.affinity]`: the header's value, or
@@ -493,7 +493,7 @@ async fn send(
     req: Request<UpBody>,
     first_byte: Duration,
     upload: &Upload,
-) -> (Sent, Option<Box<H1>>) {
+) -> (Sent, Option<H1>) {
     // first_byte_timeout runs from the request being fully sent: a slow upload is
     // stream_idle_timeout's business.
     let deadline = async {

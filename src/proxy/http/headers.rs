@@ -58,7 +58,7 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
             .map(str::trim)
             .filter(|t| {
                 !t.eq_ignore_ascii_case("keep-alive")
-                    && !(t.eq_ignore_ascii_case("close") && !h.contains_key("close"))
+                    && (!t.eq_ignore_ascii_case("close") || h.contains_key("close"))
             })
             .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
             .filter(|n| !(keep_upgrade && n == header::UPGRADE))

@@ -53,7 +53,7 @@ pub enum Version {
 /// A connection ready for one request.
 #[derive(Debug)]
 pub enum Sender {
-    Http1(Box<H1>),
+    Http1(H1),
     H2(http2::SendRequest<UpBody>),
 }
 
@@ -175,7 +175,7 @@ impl H1 {
 
     /// The rest of the connection's life runs in a task of its own (after a
     /// `101`, the upgrade is handed over when the connection is polled on).
-    pub fn detach(mut self: Box<Self>, ups: &Upstreams) {
+    pub fn detach(mut self, ups: &Upstreams) {
         let Some(conn) = self.conn.take() else { return };
         let stop = ups.stop.clone();
         ups.drivers.spawn(async move {
@@ -260,7 +260,7 @@ impl std::fmt::Debug for Upstreams {
 
 #[derive(Default)]
 struct BackendConns {
-    idle: Mutex<Vec<Box<H1>>>,
+    idle: Mutex<Vec<H1>>,
     h2: Mutex<Option<http2::SendRequest<UpBody>>>,
 }
 
@@ -331,10 +331,7 @@ impl Upstreams {
                     .handshake::<_, UpBody>(io)
                     .await
                     .map_err(io::Error::other)?;
-                Ok(Sender::Http1(Box::new(H1::new(
-                    send,
-                    Box::pin(conn.with_upgrades()),
-                ))))
+                Ok(Sender::Http1(H1::new(send, Box::pin(conn.with_upgrades()))))
             }
             Version::H2c => {
                 let stop = self.stop.clone();
@@ -360,7 +357,7 @@ impl Upstreams {
 
     /// Takes back an HTTP/1.1 connection whose exchange ended cleanly, unless the
     /// backend no longer takes requests or `max_idle` are waiting already.
-    pub fn put_back(&self, b: &Backend, s: Box<H1>, max_idle: usize) {
+    pub fn put_back(&self, b: &Backend, s: H1, max_idle: usize) {
         if s.conn.is_none() || s.send.is_closed() || !b.is_admin_usable() {
             return;
         }

@@ -222,12 +222,13 @@ impl Wake for Quiet {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        if self
+        // Mid-round (or already marked): the round goes again.
+        match self
             .state
             .compare_exchange(POLLING, WOKEN, Ordering::SeqCst, Ordering::SeqCst)
-            .is_ok()
         {
-            return;
+            Ok(_) | Err(WOKEN) => return,
+            Err(_) => {}
         }
         if let Some(t) = &*self.task.lock().unwrap_or_else(|e| e.into_inner()) {
             t.wake_by_ref();
@@ -289,7 +290,7 @@ impl Upstreams {
                         let mut idle = conns.idle.lock().unwrap_or_else(|e| e.into_inner());
                         // The newest of this worker's, else the newest.
                         match idle.iter().rposition(|h| h.worker == me) {
-                            Some(i) => Some(idle.swap_remove(i)),
+                            Some(i) => Some(idle.remove(i)),
                             None => idle.pop(),
                         }
                     };

@@ -1086,9 +1086,13 @@ start_lb() { # target instance-name spec... ; sets LAST_PID and LAST_LOG, waits 
             write_flowgate_config "$dir/flowgate.toml" "$([[ $target == flowgate-shared ]] && echo shared)" \
                 "$([[ $target == flowgate-metrics ]] && admin_port "$inst")" "$@"
             [[ $target == flowgate-busy ]] && sed -i "s/^\[runtime\]\$/[runtime]\nbusy_poll = \"$BUSY_POLL\"/" "$dir/flowgate.toml"
-            # Each instance its own upgrade socket (the single-instance lock); a base
+            # Each instance its own upgrade socket (the single-instance lock, which
+            # another flowgate on this machine may hold at the default path); a base
             # binary older than runtime.upgrade_socket has no lock and no such key.
-            [[ $target != flowgate-base ]] && sed -i "s|^\[runtime\]\$|[runtime]\nupgrade_socket = \"$dir/flowgate.sock\"|" "$dir/flowgate.toml"
+            sed -i "s|^\[runtime\]\$|[runtime]\nupgrade_socket = \"$dir/flowgate.sock\"|" "$dir/flowgate.toml"
+            if [[ $target == flowgate-base ]] && ! "$bin" check --config "$dir/flowgate.toml" >/dev/null 2>&1; then
+                sed -i '/^upgrade_socket = /d' "$dir/flowgate.toml"
+            fi
             if ((LB_SOFT)) && ! "$bin" check --config "$dir/flowgate.toml" >"$logf.check" 2>&1; then
                 printf 'bench.sh: %s rejected %s:\n' "$inst" "$dir/flowgate.toml" >&2
                 tail -n 20 "$logf.check" >&2 || true

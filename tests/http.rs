@@ -2264,6 +2264,36 @@ async fn metric(admin: SocketAddr, name: &str, labels: &[&str]) -> f64 {
         .sum()
 }
 
+/// HTTP/1.1 upstream connections are driven by the requests that use them (no
+/// task of their own) and go back to the pool between them: one kept-alive client's
+/// requests, whatever their bodies, all go on one upstream connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequential_requests_reuse_one_upstream_connection() {
+    let py = Py::start(1).await;
+    let fg = start(&one_pool(&py, "", "", true));
+    let (l, admin) = (fg.local_addr("l").unwrap(), fg.admin_addr().unwrap());
+    let mut kept = client(l).await;
+    for i in 0..10 {
+        let r = exchange(&mut kept, request("GET", "/get", &[], empty())).await;
+        assert_eq!(r.status, 200, "GET {i}: {r:?}");
+        let r = exchange(&mut kept, request("POST", "/post", &[], full("body"))).await;
+        assert_eq!(r.status, 200, "POST {i}: {r:?}");
+        assert_eq!(r.json()["body_len"], 4);
+        // A chunked response, ended by its last chunk rather than a length.
+        let r = exchange(
+            &mut kept,
+            request("GET", "/s?do=sse&n=2&ms=1", &[], empty()),
+        )
+        .await;
+        assert_eq!(r.status, 200, "SSE {i}: {r:?}");
+        let r = exchange(&mut kept, request("HEAD", "/get", &[], empty())).await;
+        assert_eq!(r.status, 200, "HEAD {i}: {r:?}");
+    }
+    let opened = metric(admin, "flowgate_backend_connections_total", &[]).await;
+    assert_eq!(opened, 1.0, "40 requests, one upstream connection");
+    assert_eq!(py.open_conns(0).await, 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_in_flight_return_to_zero_when_clients_give_up() {
     let py = Py::start(2).await;

@@ -3,8 +3,10 @@
 //! [`UpBody`] carries a client's request body upstream: it counts bytes, enforces
 //! `max_body_bytes` and the route's `stream_idle_timeout`. [`RespBody`] carries the
 //! backend's response to the client: it counts bytes, notes the first body byte
-//! (time to first token), enforces `stream_idle_timeout`, hands an HTTP/1.1
-//! connection back to the pool once the response ended cleanly, and accounts for
+//! (time to first token), enforces `stream_idle_timeout`, drives the HTTP/1.1
+//! upstream connection the body comes on (it has no task of its own, see
+//! [`super::upstream`]) and hands it back to the pool once the response ended
+//! cleanly, and accounts for
 //! the exchange when it is dropped ([`super::forward::Exchange`]). [`OutBody`] is
 //! what the client gets: that, or a short generated reply.
 
@@ -14,6 +16,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+
+use tracing::debug;
 
 use super::exchange::Exchange;
 use super::request_body::{BodyError, BoxError, IdleTimer};
@@ -52,7 +56,23 @@ impl Body for RespBody {
         if this.exchange.ended() {
             return Poll::Ready(None);
         }
-        match Pin::new(&mut this.inner).poll_frame(cx) {
+        // The body comes through hyper's channel from the upstream connection,
+        // which is driven here (HTTP/1.1): what is buffered first, then the
+        // connection, then the channel again.
+        let inner = &mut this.inner;
+        let r = match &mut this.exchange.upstream {
+            Some((_, h, _)) => h.drive(cx, |h, cx| {
+                if let Poll::Ready(r) = Pin::new(&mut *inner).poll_frame(cx) {
+                    return Poll::Ready(r);
+                }
+                if let Poll::Ready(Err(e)) = h.poll_conn(cx) {
+                    debug!(error = %e, "upstream connection ended");
+                }
+                Pin::new(&mut *inner).poll_frame(cx)
+            }),
+            None => Pin::new(inner).poll_frame(cx),
+        };
+        match r {
             Poll::Ready(Some(Ok(frame))) => {
                 this.idle.touch();
                 if let Some(d) = frame.data_ref() {

@@ -81,6 +81,7 @@ pub(crate) async fn serve(
     let ctx = Arc::new(ConnCtx {
         listener: listener.clone(),
         peer,
+        peer_ip: super::headers::ip_value(peer.ip()),
         state,
         _place: place,
         _source: source,

@@ -7,16 +7,15 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use hyper::body::Incoming;
-use hyper::client::conn::http1;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Version};
 use tokio::time::Instant;
 use tracing::debug;
 
 use super::headers;
-use super::request_body::{UpBody, Upload};
+use super::request_body::Upload;
 use super::state::ConnCtx;
-use super::upstream::Upstreams;
+use super::upstream::{Upstreams, H1};
 use super::{BackendMetrics, HttpSettings, Route};
 use crate::access_log::{Entry, HttpFields};
 use crate::backend::ActiveGuard;
@@ -34,8 +33,10 @@ pub struct Inner {
     pub(super) route: Option<RouteRef>,
     pub(super) guard: Option<ActiveGuard>,
     pub(super) backend_metrics: Option<Arc<BackendMetrics>>,
-    /// An HTTP/1.1 connection to hand back once the response ended cleanly.
-    pub(super) upstream: Option<(Arc<Upstreams>, http1::SendRequest<UpBody>, usize)>,
+    /// The HTTP/1.1 connection the response comes on: polled with the response
+    /// body ([`super::body::RespBody`]), handed back once the response ended
+    /// cleanly.
+    pub(super) upstream: Option<(Arc<Upstreams>, H1, usize)>,
     pub(super) method: Method,
     pub(super) version: Version,
     pub(super) host: Option<String>,
@@ -80,7 +81,8 @@ impl Exchange {
             method: req.method().clone(),
             version: req.version(),
             host: None,
-            path: req.uri().path().to_string(),
+            // Set by the handler (normalized, or as it came).
+            path: String::new(),
             request_id: None,
             status: 0,
             start: Instant::now(),
@@ -181,11 +183,16 @@ impl Exchange {
         }
     }
 
-    /// The response ended cleanly: its HTTP/1.1 connection can serve another.
+    /// The response ended cleanly: its HTTP/1.1 connection can serve another,
+    /// unless the request body is still going up (the backend answered early):
+    /// that connection is closed rather than left unpolled mid-upload.
     pub fn complete(&mut self) {
         self.complete_now("complete");
-        if let (Some((ups, s, max)), Some(g)) = (self.0.upstream.take(), &self.0.guard) {
-            ups.put_back(g.backend(), s, max);
+        let up = self.0.upstream.take();
+        if let (Some((ups, s, max)), Some(g)) = (up, &self.0.guard) {
+            if self.0.up.done_at().is_some() {
+                ups.put_back(g.backend(), s, max);
+            }
         }
     }
 

@@ -7,12 +7,13 @@
 //! out dead before taking the request is replaced once by a fresh one (not counted
 //! as an attempt). Once the request may have reached a backend, nothing is retried.
 
+use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use hyper::body::{Body as _, Incoming};
-use hyper::client::conn::http1;
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode, Uri, Version};
 use tokio::time::Instant;
@@ -24,7 +25,7 @@ use super::headers;
 use super::path;
 use super::request_body::{BodyError, UpBody, Upload};
 use super::state::ConnCtx;
-use super::upstream::{self, Sender};
+use super::upstream::{self, Sender, H1};
 use crate::backend::{ActiveGuard, Backend, ConnectError};
 use crate::config::{AffinityKey, UpstreamProtocol};
 use crate::pool::NoSlot;
@@ -40,6 +41,7 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<OutBo
     let mut ex = Exchange::start(ctx.clone(), &req);
     let Some(http) = settings.http.clone() else {
         // A reload made this listener plain TCP: finish this connection.
+        ex.path = req.uri().path().to_string();
         return ex.reply(
             StatusCode::SERVICE_UNAVAILABLE,
             "listener_changed",
@@ -52,6 +54,7 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<OutBo
     let number = ctx.state.requests.load(Ordering::Acquire);
     if !ctx.state.h2.load(Ordering::Relaxed) && ctx.state.bad_head.load(Ordering::Acquire) == number
     {
+        ex.path = req.uri().path().to_string();
         return ex.reply(
             StatusCode::BAD_REQUEST,
             "bad_request",
@@ -69,6 +72,7 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<OutBo
         .get(header::TRANSFER_ENCODING)
         .is_none_or(|v| v.as_bytes().eq_ignore_ascii_case(b"chunked"));
     if codings > 1 || !only_chunked {
+        ex.path = req.uri().path().to_string();
         return ex.reply(
             StatusCode::NOT_IMPLEMENTED,
             "bad_request",
@@ -77,26 +81,31 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<OutBo
         );
     }
 
-    // Route: host, then the normalized path.
-    let host = headers::host(req.uri().authority().map(|a| a.as_str()), req.headers());
+    // Route: host, then the normalized path (kept in the exchange, for the log).
+    ex.host = headers::host(req.uri().authority().map(|a| a.as_str()), req.headers());
     let raw_path = req.uri().path();
-    let normal = match path::normalize(raw_path) {
-        Ok(n) => n,
+    let normalized = match path::normalize(raw_path) {
+        Ok(Some(n)) => {
+            ex.path = n;
+            true
+        }
+        Ok(None) => {
+            ex.path = raw_path.to_string();
+            false
+        }
         Err(_) => {
+            ex.path = raw_path.to_string();
             return ex.reply(
                 StatusCode::BAD_REQUEST,
                 "bad_path",
                 "bad request path\n",
                 true,
-            )
+            );
         }
     };
-    let path_now = normal.as_deref().unwrap_or(raw_path).to_string();
-    ex.host = host.clone();
-    ex.path = path_now.clone();
     let Some((rc, route)) = http
         .routes
-        .find(host.as_deref(), &path_now)
+        .find(ex.host.as_deref(), &ex.path)
         .or(http.default.as_ref())
     else {
         return ex.reply(
@@ -128,36 +137,36 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<OutBo
         (UpstreamProtocol::Auto, _) => upstream::Version::Http1,
     };
     let (mut parts, body) = req.into_parts();
-    let upstream_path = if rc.strip_prefix {
-        path::strip(&path_now, &rc.path_prefix)
+    // The authority as a header value: the client's Host as it came (shared,
+    // not copied), or the target's.
+    let from_target = parts.uri.authority().is_some();
+    let authority = match parts.uri.authority() {
+        Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+        None => parts.headers.get(header::HOST).cloned(),
+    }
+    .filter(|v| v.to_str().is_ok());
+    // An origin-form target whose path stays as it is goes up as it came.
+    let keep_target =
+        version == upstream::Version::Http1 && !from_target && !normalized && !rc.strip_prefix;
+    let uri = if keep_target {
+        None
     } else {
-        &path_now
-    };
-    let authority = parts
-        .uri
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .or_else(|| {
-            parts
-                .headers
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(String::from)
-        });
-    let uri = match build_uri(
-        version,
-        authority.as_deref(),
-        upstream_path,
-        parts.uri.query(),
-    ) {
-        Some(u) => u,
-        None => {
-            return ex.reply(
-                StatusCode::BAD_REQUEST,
-                "bad_path",
-                "bad request target\n",
-                true,
-            )
+        let upstream_path = if rc.strip_prefix {
+            path::strip(&ex.path, &rc.path_prefix)
+        } else {
+            &ex.path
+        };
+        let authority = authority.as_ref().and_then(|v| v.to_str().ok());
+        match build_uri(version, authority, upstream_path, parts.uri.query()) {
+            Some(u) => Some(u),
+            None => {
+                return ex.reply(
+                    StatusCode::BAD_REQUEST,
+                    "bad_path",
+                    "bad request target\n",
+                    true,
+                )
+            }
         }
     };
     headers::strip_hop_by_hop(&mut parts.headers, websocket);
@@ -165,7 +174,8 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<OutBo
         &mut parts.headers,
         http.xff,
         ctx.peer.ip(),
-        authority.as_deref(),
+        &ctx.peer_ip,
+        authority.as_ref(),
     );
     ex.request_id = Some(headers::request_id(&mut parts.headers));
     match version {
@@ -173,12 +183,8 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<OutBo
             // An HTTP/2 client's :authority, or an absolute-form target's
             // authority, becomes Host (RFC 9112 §3.2.2: it wins over the Host
             // the client sent, and it is what the request was routed by).
-            let from_target = parts.uri.authority().is_some();
             if from_target || !parts.headers.contains_key(header::HOST) {
-                if let Some(v) = authority
-                    .as_deref()
-                    .and_then(|a| HeaderValue::from_str(a).ok())
-                {
+                if let Some(v) = authority {
                     parts.headers.insert(header::HOST, v);
                 }
             }
@@ -189,7 +195,9 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<OutBo
             parts.version = Version::HTTP_2;
         }
     }
-    parts.uri = uri;
+    if let Some(uri) = uri {
+        parts.uri = uri;
+    }
     let session = route
         .pool
         .config()
@@ -358,6 +366,10 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<OutBo
     ex.backend_ok();
 
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        // hyper hands the upgraded socket over when the connection is polled on.
+        if let Some(h) = h1 {
+            h.detach(&upstreams);
+        }
         if websocket {
             // The connection's own task takes the client socket over once hyper
             // has written this response (see conn.rs).
@@ -409,7 +421,7 @@ impl Reply for Exchange {
 type Attempt = (
     ActiveGuard,
     Result<Response<Incoming>, hyper::Error>,
-    Option<http1::SendRequest<UpBody>>,
+    Option<H1>,
 );
 
 /// The session key of a request under `[pools.affinity]`: the header's value, or
@@ -474,13 +486,14 @@ enum Sent {
     TimedOut,
 }
 
-/// Sends `req` on `s`; for HTTP/1.1 hands the connection back with the response.
+/// Sends `req` on `s`; for HTTP/1.1 hands the connection back with the response
+/// (its body is read by polling it on).
 async fn send(
     s: Sender,
     req: Request<UpBody>,
     first_byte: Duration,
     upload: &Upload,
-) -> (Sent, Option<http1::SendRequest<UpBody>>) {
+) -> (Sent, Option<H1>) {
     // first_byte_timeout runs from the request being fully sent: a slow upload is
     // stream_idle_timeout's business.
     let deadline = async {
@@ -488,14 +501,25 @@ async fn send(
         tokio::time::sleep(first_byte).await;
     };
     match s {
-        Sender::Http1(mut s) => {
-            let f = s.try_send_request(req);
+        Sender::Http1(mut h) => {
+            // The connection is driven here, with the response future: the
+            // request goes out and its response head comes back in this task.
+            let f = h.send(req);
+            let mut f = std::pin::pin!(f);
+            let exchange = std::future::poll_fn(|cx| {
+                h.drive(cx, |h, cx| {
+                    if let Poll::Ready(Err(e)) = h.poll_conn(cx) {
+                        debug!(error = %e, "upstream connection ended");
+                    }
+                    f.as_mut().poll(cx)
+                })
+            });
             let r = tokio::select! {
-                r = f => r,
+                r = exchange => r,
                 _ = deadline => return (Sent::TimedOut, None),
             };
             match r {
-                Ok(r) => (Sent::Response(r), Some(s)),
+                Ok(r) => (Sent::Response(r), Some(h)),
                 Err(mut e) => match e.take_message() {
                     Some(back) => (Sent::Refused(back), None),
                     None => (Sent::Failed(e.into_error()), None),

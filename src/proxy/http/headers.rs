@@ -13,54 +13,113 @@ static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-prot
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
+/// Which hop-by-hop names a head carries (one pass over its names; a bit each).
+const CONNECTION: u8 = 1;
+const TE: u8 = 2;
+const UPGRADE: u8 = 4;
+const TRANSFER_ENCODING: u8 = 8;
+const KEEP_ALIVE: u8 = 16;
+const HTTP2_SETTINGS: u8 = 32;
+const PROXY: u8 = 64;
+
+fn hop_by_hop(k: &HeaderName) -> u8 {
+    if k == header::CONNECTION {
+        CONNECTION
+    } else if k == header::TE {
+        TE
+    } else if k == header::UPGRADE {
+        UPGRADE
+    } else if k == header::TRANSFER_ENCODING {
+        TRANSFER_ENCODING
+    } else {
+        match k.as_str() {
+            "keep-alive" => KEEP_ALIVE,
+            "http2-settings" => HTTP2_SETTINGS,
+            s if s.starts_with("proxy-") => PROXY,
+            _ => 0,
+        }
+    }
+}
+
 /// Removes hop-by-hop headers: `Connection` and those it names, `Keep-Alive`,
 /// `Transfer-Encoding` (each leg frames its own body), `TE` (but `trailers`, which
 /// gRPC needs), `Upgrade` unless `keep_upgrade`, `HTTP2-Settings` and `Proxy-*`.
+/// A head with none of them (most requests) costs one pass over its names.
 pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
-    let named: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .filter(|n| !(keep_upgrade && n == header::UPGRADE))
-        .collect();
-    for n in named {
-        h.remove(n);
+    let present = h.keys().fold(0, |p, k| p | hop_by_hop(k));
+    if present & CONNECTION != 0 {
+        // `keep-alive` goes below anyway, and a `close` header is looked for
+        // without making a name of it: the usual tokens allocate nothing.
+        let named: Vec<HeaderName> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|t| {
+                !t.eq_ignore_ascii_case("keep-alive")
+                    && (!t.eq_ignore_ascii_case("close") || h.contains_key("close"))
+            })
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .filter(|n| !(keep_upgrade && n == header::UPGRADE))
+            .collect();
+        for n in named {
+            h.remove(n);
+        }
     }
-    let te_trailers = h.get_all(header::TE).iter().any(|v| {
-        v.to_str().is_ok_and(|v| {
-            v.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-        })
-    });
-    h.remove(header::TE);
-    if te_trailers {
-        h.insert(header::TE, HeaderValue::from_static("trailers"));
+    if present & TE != 0 {
+        let te_trailers = h.get_all(header::TE).iter().any(|v| {
+            v.to_str().is_ok_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            })
+        });
+        h.remove(header::TE);
+        if te_trailers {
+            h.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
     }
     if keep_upgrade {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     } else {
-        h.remove(header::CONNECTION);
-        h.remove(header::UPGRADE);
+        if present & CONNECTION != 0 {
+            h.remove(header::CONNECTION);
+        }
+        if present & UPGRADE != 0 {
+            h.remove(header::UPGRADE);
+        }
     }
-    h.remove("keep-alive");
-    h.remove(header::TRANSFER_ENCODING);
-    h.remove("http2-settings");
-    let proxy: Vec<HeaderName> = h
-        .keys()
-        .filter(|k| k.as_str().starts_with("proxy-"))
-        .cloned()
-        .collect();
-    for k in proxy {
-        h.remove(k);
+    if present & KEEP_ALIVE != 0 {
+        h.remove("keep-alive");
+    }
+    if present & TRANSFER_ENCODING != 0 {
+        h.remove(header::TRANSFER_ENCODING);
+    }
+    if present & HTTP2_SETTINGS != 0 {
+        h.remove("http2-settings");
+    }
+    if present & PROXY != 0 {
+        let proxy: Vec<HeaderName> = h
+            .keys()
+            .filter(|k| k.as_str().starts_with("proxy-"))
+            .cloned()
+            .collect();
+        for k in proxy {
+            h.remove(k);
+        }
     }
 }
 
-/// Sets X-Forwarded-For/-Proto/-Host for a request from `client` that named
-/// `host`.
-pub fn forwarded(h: &mut HeaderMap, xff: Xff, client: IpAddr, host: Option<&str>) {
-    let ip = HeaderValue::from_str(&client.to_string()).ok();
+/// Sets X-Forwarded-For/-Proto/-Host for a request from `client` (`ip` is its
+/// address as a header value, made once per connection) that named `host`.
+pub fn forwarded(
+    h: &mut HeaderMap,
+    xff: Xff,
+    client: IpAddr,
+    ip: &HeaderValue,
+    host: Option<&HeaderValue>,
+) {
+    let ip = Some(ip.clone());
     match xff {
         Xff::Off => {}
         Xff::Append => {
@@ -76,8 +135,10 @@ pub fn forwarded(h: &mut HeaderMap, xff: Xff, client: IpAddr, host: Option<&str>
             if !h.contains_key(&X_FORWARDED_PROTO) {
                 h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
             }
-            if let Some(v) = host.and_then(|s| HeaderValue::from_str(s).ok()) {
-                h.entry(&X_FORWARDED_HOST).or_insert(v);
+            if let Some(v) = host {
+                if !h.contains_key(&X_FORWARDED_HOST) {
+                    h.insert(&X_FORWARDED_HOST, v.clone());
+                }
             }
         }
         Xff::Replace => {
@@ -87,8 +148,8 @@ pub fn forwarded(h: &mut HeaderMap, xff: Xff, client: IpAddr, host: Option<&str>
             }
             h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
             h.remove(&X_FORWARDED_HOST);
-            if let Some(v) = host.and_then(|s| HeaderValue::from_str(s).ok()) {
-                h.insert(&X_FORWARDED_HOST, v);
+            if let Some(v) = host {
+                h.insert(&X_FORWARDED_HOST, v.clone());
             }
         }
     }
@@ -100,9 +161,23 @@ pub fn request_id(h: &mut HeaderMap) -> HeaderValue {
         return v.clone();
     }
     let id: u128 = rand::random();
-    let v = HeaderValue::from_str(&format!("{id:032x}")).unwrap_or(HeaderValue::from_static("-"));
+    let mut hex = [0u8; 32];
+    for (i, d) in hex.iter_mut().enumerate() {
+        *d = b"0123456789abcdef"[((id >> (124 - 4 * i)) & 0xf) as usize];
+    }
+    // One allocation, shared by the request and the exchange (a plain copy
+    // would be copied again on its first clone).
+    let v = HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(hex))
+        .unwrap_or(HeaderValue::from_static("-"));
     h.insert(&X_REQUEST_ID, v.clone());
     v
+}
+
+/// A client address as a header value (X-Forwarded-For), made once per
+/// connection; clones share it.
+pub fn ip_value(ip: IpAddr) -> HeaderValue {
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(ip.to_string()))
+        .unwrap_or(HeaderValue::from_static("-"))
 }
 
 /// The host a request is for, lower case and without the port (an IPv6 literal
@@ -159,6 +234,15 @@ mod tests {
         let left: Vec<_> = h.keys().map(|k| k.as_str().to_string()).collect();
         assert_eq!(left, ["te", "x-kept"], "{h:?}");
         assert_eq!(h["te"], "trailers");
+        // None of them: untouched.
+        let mut h = map(&[("host", "x"), ("x-a", "1"), ("proxyish", "2")]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 3, "{h:?}");
+        // `close` names a header only if there is one.
+        let mut h = map(&[("connection", "close"), ("close", "1"), ("x-b", "2")]);
+        strip_hop_by_hop(&mut h, false);
+        let left: Vec<_> = h.keys().map(|k| k.as_str().to_string()).collect();
+        assert_eq!(left, ["x-b"], "{h:?}");
     }
 
     #[test]
@@ -176,17 +260,35 @@ mod tests {
             ("x-forwarded-for", "1.2.3.4"),
             ("x-forwarded-proto", "https"),
         ]);
-        forwarded(&mut h, Xff::Append, ip, Some("a.example"));
+        let v = |s: &'static str| HeaderValue::from_static(s);
+        let iv = ip_value(ip);
+        assert_eq!(iv, "10.0.0.9");
+        forwarded(&mut h, Xff::Append, ip, &iv, Some(&v("a.example")));
         assert_eq!(h["x-forwarded-for"], "1.2.3.4, 10.0.0.9");
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h["x-forwarded-host"], "a.example");
-        forwarded(&mut h, Xff::Replace, ip, Some("b.example"));
+        forwarded(&mut h, Xff::Replace, ip, &iv, Some(&v("b.example")));
         assert_eq!(h["x-forwarded-for"], "10.0.0.9");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "b.example");
         let mut h = map(&[]);
-        forwarded(&mut h, Xff::Off, ip, Some("x"));
+        forwarded(&mut h, Xff::Off, ip, &iv, Some(&v("x")));
         assert!(h.is_empty());
+    }
+
+    #[test]
+    fn generated_request_ids_are_32_hex_digits() {
+        let mut h = map(&[]);
+        let id = request_id(&mut h);
+        assert_eq!(h["x-request-id"], id);
+        let s = id.to_str().unwrap();
+        assert_eq!(s.len(), 32);
+        assert!(s
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+        assert_ne!(request_id(&mut map(&[])), id);
+        let kept = request_id(&mut map(&[("x-request-id", "abc")]));
+        assert_eq!(kept, "abc");
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! and closes after the response; RFC 9112 §6.1 lets a server refuse it, and
 //! flowgate does, as HAProxy does).
 //!
-//! It only looks at line starts, byte by byte across reads, and skips a
+//! It only looks at line starts, a line at a time across reads, and skips a
 //! `Content-Length` body to find the next pipelined head. After a chunked body it
 //! is lost until the connection is quiet again ([`HeadScan::resync`]). Pure.
 
@@ -77,34 +77,39 @@ impl HeadScan {
                     self.at = if left == 0 { At::Head } else { At::Body(left) };
                 }
                 At::Head => {
-                    let b = bytes[0];
-                    bytes = &bytes[1..];
-                    if let Some(n) = self.byte(b) {
-                        found = found.or(Some(n));
+                    // A line (or the part of it in these bytes) at a time.
+                    let nl = bytes.iter().position(|&b| b == b'\n');
+                    let (mut part, rest) = match nl {
+                        Some(i) => (&bytes[..i], &bytes[i + 1..]),
+                        None => (bytes, &[][..]),
+                    };
+                    bytes = rest;
+                    if self.len == 0 {
+                        // CRs before anything else on a line are not counted:
+                        // a CR LF line (or a bare LF) ends the head.
+                        while let [b'\r', more @ ..] = part {
+                            part = more;
+                        }
+                    }
+                    // Only the first bytes of a line are kept (lower case).
+                    let from = self.len.min(self.line.len());
+                    for (d, b) in self.line[from..].iter_mut().zip(part) {
+                        *d = b.to_ascii_lowercase();
+                    }
+                    self.len += part.len();
+                    if nl.is_some() {
+                        if self.len == 0 {
+                            if let Some(n) = self.end_of_head() {
+                                found = found.or(Some(n));
+                            }
+                        } else {
+                            self.end_of_line();
+                        }
                     }
                 }
             }
         }
         found
-    }
-
-    /// One byte of a head; at its end, its verdict.
-    fn byte(&mut self, b: u8) -> Option<u64> {
-        match b {
-            b'\n' if self.len == 0 => self.end_of_head(),
-            b'\n' => {
-                self.end_of_line();
-                None
-            }
-            b'\r' if self.len == 0 => None,
-            _ => {
-                if self.len < self.line.len() {
-                    self.line[self.len] = b.to_ascii_lowercase();
-                }
-                self.len += 1;
-                None
-            }
-        }
     }
 
     fn end_of_line(&mut self) {
@@ -184,6 +189,40 @@ mod tests {
         let mut s = HeadScan::new();
         let found: Vec<u64> = stream.iter().filter_map(|b| s.feed(&[*b])).collect();
         assert_eq!(found, [3]);
+    }
+
+    #[test]
+    fn any_split_of_the_stream_gives_the_same_verdicts() {
+        let streams: [&[u8]; 4] = [
+            b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nPOST /b HTTP/1.1\r\nContent-Length: 3\r\n\r\nabcPOST /c HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            b"\r\r\nGET / HTTP/1.1\r\nX-A-Very-Long-Header-Name-Beyond-Forty-Bytes: 1\r\n\r\nPOST / HTTP/1.1\nCONTENT-LENGTH: 2\ntransfer-encoding: chunked\n\n",
+            b"POST / HTTP/1.1\r\nContent-Length: 12345678901234567890123\r\nTransfer-Encoding: x\r\n\r\n",
+            b"GET / HTTP/1.1\r\n\r\nGET / HTTP/1.1\r\n\r\nPOST / HTTP/1.1\r\ncontent-length:1\r\n\r\nxGET / HTTP/1.1\r\ncontent-length: 0\r\ntransfer-encoding: chunked\r\n\r\n",
+        ];
+        let verdicts: [&[u64]; 4] = [&[3], &[3], &[1], &[4]];
+        let mut seed = 7u64;
+        for (stream, verdict) in streams.into_iter().zip(verdicts) {
+            let whole: Vec<u64> = {
+                let mut s = HeadScan::new();
+                stream.iter().filter_map(|b| s.feed(&[*b])).collect()
+            };
+            assert_eq!(whole, verdict, "{:?}", String::from_utf8_lossy(stream));
+            assert_eq!(HeadScan::new().feed(stream), whole.first().copied());
+            for _ in 0..200 {
+                let mut s = HeadScan::new();
+                let mut found = Vec::new();
+                let mut rest = stream;
+                while !rest.is_empty() {
+                    seed = seed
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    let n = 1 + (seed >> 33) as usize % rest.len();
+                    found.extend(s.feed(&rest[..n]));
+                    rest = &rest[n..];
+                }
+                assert_eq!(found, whole, "{:?}", String::from_utf8_lossy(stream));
+            }
+        }
     }
 
     #[test]

@@ -75,6 +75,8 @@ impl ConnState {
 pub struct ConnCtx {
     pub listener: Arc<ListenerShared>,
     pub peer: SocketAddr,
+    /// The client's address as an X-Forwarded-For value.
+    pub peer_ip: hyper::header::HeaderValue,
     pub state: Arc<ConnState>,
     /// The connection's place under `max_connections`: held until the last
     /// request (or a WebSocket tunnel after it) lets go.

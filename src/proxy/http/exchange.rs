@@ -33,6 +33,10 @@ pub struct Inner {
     pub(super) http: Option<Arc<HttpSettings>>,
     pub(super) route: Option<RouteRef>,
     pub(super) guard: Option<ActiveGuard>,
+    /// flowgate's other requests in flight on the backend when it was picked for
+    /// this one (`least-load` learns the first-token time from those that found a
+    /// free slot).
+    pub(super) ahead: usize,
     pub(super) backend_metrics: Option<Arc<BackendMetrics>>,
     /// An HTTP/1.1 connection to hand back once the response ended cleanly.
     pub(super) upstream: Option<(Arc<Upstreams>, http1::SendRequest<UpBody>, usize)>,
@@ -75,6 +79,7 @@ impl Exchange {
             http: None,
             route: None,
             guard: None,
+            ahead: 0,
             backend_metrics: None,
             upstream: None,
             method: req.method().clone(),
@@ -169,6 +174,7 @@ impl Exchange {
             }
             if let (Some(g), Some(fb)) = (&self.guard, fb) {
                 g.backend().load.record_ttfb(fb);
+                g.backend().load.record_first_token(self.ahead, fb);
             }
             self.first_body = fb;
         }
@@ -184,6 +190,9 @@ impl Exchange {
     /// The response ended cleanly: its HTTP/1.1 connection can serve another.
     pub fn complete(&mut self) {
         self.complete_now("complete");
+        if let (Some(g), Some(fb), Some(end)) = (&self.guard, self.first_body, self.since_sent()) {
+            g.backend().load.record_rest(end.saturating_sub(fb));
+        }
         if let (Some((ups, s, max)), Some(g)) = (self.0.upstream.take(), &self.0.guard) {
             ups.put_back(g.backend(), s, max);
         }

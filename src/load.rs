@@ -310,7 +310,11 @@ impl LoadState {
             Some(r) => (
                 (r.waiting + r.running - f64::from(self.in_flight_at_report.load(Relaxed)))
                     .max(0.0),
-                r.cache,
+                // Only the KV cache beyond the running requests' share of the
+                // slots: a cache that fills with the slots says nothing the
+                // request counts do not (and says it a report late), one that
+                // fills before them (long contexts) will make a request wait.
+                (r.cache - r.running / cap).max(0.0),
                 r.weight.unwrap_or(weight),
             ),
             None => (0.0, 0.0, weight),
@@ -470,25 +474,28 @@ mod tests {
             0,
         );
         // A queue was reported, none of it sent by flowgate: the 4 running are the
-        // server's concurrency. 9 there plus the new one, 6 of them past the slots:
-        // 0.1 × 1.25 + (6 + 2 × 0.5) / 4 = 1.875.
-        assert!(close(s.score(0, 1, &w, fresh), 1.875));
+        // server's concurrency. 9 there plus the new one, 6 of them past the slots
+        // (the cache, half full with every slot running, adds nothing):
+        // 0.1 × 1.25 + 6 / 4.
+        assert!(close(s.score(0, 1, &w, fresh), 1.625));
         // Two more in flight from flowgate: 8 past the slots.
-        assert!(close(s.score(2, 1, &w, fresh), 0.125 + 9.0 / 4.0));
-        assert!(close(s.score(2, 2, &w, fresh), (0.125 + 9.0 / 4.0) / 2.0), "weight divides");
-        // Below the learned concurrency a new request starts at once.
+        assert!(close(s.score(2, 1, &w, fresh), 0.125 + 8.0 / 4.0));
+        assert!(close(s.score(2, 2, &w, fresh), (0.125 + 8.0 / 4.0) / 2.0), "weight divides");
+        // Below the learned concurrency a new request starts at once; a cache
+        // fuller than the one running request's share (0.25) counts as slots to
+        // wait for: 2 × 0.5 of them.
         s.report(
             Report {
                 waiting: 0.0,
                 running: 1.0,
-                cache: 0.0,
+                cache: 0.75,
                 weight: None,
                 counts: true,
             },
             1,
         );
         // (the one running is flowgate's own)
-        assert!(close(s.score(1, 1, &w, fresh), 0.1 * (1.0 + 0.25 / 4.0)));
+        assert!(close(s.score(1, 1, &w, fresh), 0.1 * (1.0 + 0.25 / 4.0) + 1.0 / 4.0));
         // Stale: flowgate's in-flight count alone, the learned concurrency kept.
         assert!(close(s.score(5, 1, &w, Some(Duration::ZERO)), 0.125 + 2.0 / 4.0));
     }

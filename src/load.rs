@@ -12,8 +12,9 @@
 //! concurrency) / weight`. What is *present* is flowgate's own in-flight count plus
 //! what a fresh report shows beyond it; *concurrency* is learned from reports (1
 //! until known); *ahead* = present + 1 − concurrency, at least 0: the slots that
-//! must free before the new request starts (0 while one is free), each freeing
-//! after `slot_time / concurrency` on average; *busy* = present, at most
+//! must free before the new request starts (0 while one is free), one freeing
+//! every `slot_time / concurrency` on average, the first after half of that
+//! (`ahead − ½` spacings); *busy* = present, at most
 //! concurrency. `first_token` is the backend's time to the first body byte for a
 //! request that found a free slot and `slot_time` the mean time a request holds a
 //! slot (first token plus the rest of the response), both learned from what
@@ -225,6 +226,12 @@ const SLOWNESS_RANGE: (f64, f64) = (0.1, 10.0);
 /// a backend without samples yet): a new request on a free slot still has its
 /// prefill to do, and it orders idle backends by speed.
 const FREE_SLOT: f64 = 0.1;
+/// How far through its slot time a request in service is, on average: the first
+/// of the slots a new request waits for frees after this share of the spacing
+/// between two (slots free at staggered times). Against a full spacing, p50 and
+/// p99 time to first token both improved in `scripts/bench.sh inference`
+/// (docs/performance.md).
+const HALF_DONE: f64 = 0.5;
 /// The slot time of a pool where nothing is known yet (only the ratios matter).
 const UNKNOWN_SLOT_TIME: f64 = 1.0;
 /// An agent's `load=1` counts as this many queued requests.
@@ -321,12 +328,14 @@ impl LoadState {
         };
         let present = in_flight as f64 + external;
         // Below the concurrency a new request starts at once (slowed a little by
-        // the others); past it, it waits for `ahead` slots to free, one every
-        // slot_time / cap on average.
+        // the others); past it, it waits for `ahead` slots to free. Slots free
+        // one every slot_time / cap on average, and those in service are half
+        // done on average: the first frees after half a spacing.
         let ahead = (present + 1.0 - cap).max(0.0);
         let busy = present.min(cap);
         let first = self.first_token() * (1.0 + w.running * busy / cap);
-        let wait = (w.queue * ahead + w.cache * cache) * self.slot_time() / cap;
+        let wait =
+            (w.queue * (ahead - HALF_DONE).max(0.0) + w.cache * cache) * self.slot_time() / cap;
         (first + wait) / f64::from(weight.max(1))
     }
 
@@ -461,8 +470,8 @@ mod tests {
         let fresh = Some(Duration::from_secs(60));
         let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
         // Nothing learned yet: slot time 1, first token 0.1, one slot. 3 in flight:
-        // 3 slots to free. 0.1 × (1 + 0.25) + 3.
-        assert!(close(s.score(3, 1, &w, fresh), 3.125));
+        // 3 slots to free, the first half done. 0.1 × (1 + 0.25) + 2.5.
+        assert!(close(s.score(3, 1, &w, fresh), 2.625));
         s.report(
             Report {
                 waiting: 5.0,
@@ -476,11 +485,14 @@ mod tests {
         // A queue was reported, none of it sent by flowgate: the 4 running are the
         // server's concurrency. 9 there plus the new one, 6 of them past the slots
         // (the cache, half full with every slot running, adds nothing):
-        // 0.1 × 1.25 + 6 / 4.
-        assert!(close(s.score(0, 1, &w, fresh), 1.625));
+        // 0.1 × 1.25 + 5.5 / 4.
+        assert!(close(s.score(0, 1, &w, fresh), 1.5));
         // Two more in flight from flowgate: 8 past the slots.
-        assert!(close(s.score(2, 1, &w, fresh), 0.125 + 8.0 / 4.0));
-        assert!(close(s.score(2, 2, &w, fresh), (0.125 + 8.0 / 4.0) / 2.0), "weight divides");
+        assert!(close(s.score(2, 1, &w, fresh), 0.125 + 7.5 / 4.0));
+        assert!(
+            close(s.score(2, 2, &w, fresh), (0.125 + 7.5 / 4.0) / 2.0),
+            "weight divides"
+        );
         // Below the learned concurrency a new request starts at once; a cache
         // fuller than the one running request's share (0.25) counts as slots to
         // wait for: 2 × 0.5 of them.
@@ -495,13 +507,19 @@ mod tests {
             1,
         );
         // (the one running is flowgate's own)
-        assert!(close(s.score(1, 1, &w, fresh), 0.1 * (1.0 + 0.25 / 4.0) + 1.0 / 4.0));
+        assert!(close(
+            s.score(1, 1, &w, fresh),
+            0.1 * (1.0 + 0.25 / 4.0) + 1.0 / 4.0
+        ));
         // Stale: flowgate's in-flight count alone, the learned concurrency kept.
-        assert!(close(s.score(5, 1, &w, Some(Duration::ZERO)), 0.125 + 2.0 / 4.0));
+        assert!(close(
+            s.score(5, 1, &w, Some(Duration::ZERO)),
+            0.125 + 1.5 / 4.0
+        ));
     }
 
     #[test]
-    fn a_free_slot_on_a_slow_server_beats_a_queue_on_a_fast_one() {
+    fn a_free_slot_on_a_slow_server_beats_a_queue_on_a_fast_one_but_not_a_slot_about_to_free() {
         // Both serve two at once; fast: first token 5 ms, the rest 50 ms; slow: 20
         // and 200 ms.
         let (fast, slow) = (LoadState::default(), LoadState::default());
@@ -527,10 +545,17 @@ mod tests {
         assert!((fast.slot_time() - 0.055).abs() < 1e-9);
         let w = LoadWeights::default();
         let stale = Some(Duration::ZERO);
-        // Fast with both slots taken: 5 ms + 55 / 2 ms. Slow with one free: 20 ms
-        // × 1.125.
-        let (f, s) = (fast.score(2, 1, &w, stale), slow.score(1, 1, &w, stale));
-        assert!((f - 0.0325).abs() < 1e-9 && (s - 0.0225).abs() < 1e-9, "fast {f}, slow {s}");
+        // Fast with both slots taken and one queued: 5 ms × 1.25 + 1.5 × 55 / 2
+        // ms. Slow with one free: 20 ms × 1.125.
+        let (f, s) = (fast.score(3, 1, &w, stale), slow.score(1, 1, &w, stale));
+        assert!(
+            (f - 0.0475).abs() < 1e-9 && (s - 0.0225).abs() < 1e-9,
+            "fast {f}, slow {s}"
+        );
+        // Fast with both taken, none queued: the first slot frees after a quarter
+        // of its 55 ms on average (5 × 1.25 + 13.75 ms), sooner than the slow
+        // server's first token.
+        assert!((fast.score(2, 1, &w, stale) - 0.02).abs() < 1e-9);
         // With a slot free on both, the fast one.
         assert!(fast.score(1, 1, &w, stale) < slow.score(0, 1, &w, stale));
     }

@@ -269,8 +269,10 @@ impl Pool {
             if snap.config.algorithm == Algorithm::LeastLoad {
                 // Bounded by the load score; past the bound, least-load picks.
                 let r = snap.config.load_report.as_ref();
-                let (weights, stale_after) =
-                    (r.map(|r| r.weights).unwrap_or_default(), r.map(|r| r.stale_after));
+                let (weights, stale_after) = (
+                    r.map(|r| r.weights).unwrap_or_default(),
+                    r.map(|r| r.stale_after),
+                );
                 let score = |i: usize| {
                     let b = &snap.backends[i];
                     b.load.score(b.active(), b.weight(), &weights, stale_after)

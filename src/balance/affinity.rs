@@ -132,12 +132,23 @@ mod tests {
         let home = first(&bs, k);
         // The others score 1; the mean with the home's x is (3 + x) / 4, and the
         // bound 1.25 × that: x ≤ 1.25 × (3 + x) / 4 holds up to x = 15 / 11.
-        let with = |x: f64| home_by_score(&bs, &|_| true, k, 1.25, &|i| if i == home { x } else { 1.0 });
+        let with = |x: f64| {
+            home_by_score(&bs, &|_| true, k, 1.25, &|i| {
+                if i == home {
+                    x
+                } else {
+                    1.0
+                }
+            })
+        };
         assert_eq!(with(0.5), Some(home));
         assert_eq!(with(1.36), Some(home), "within the bound");
         assert_eq!(with(1.37), None, "past it: the pool's algorithm picks");
         // An unusable home is no home: the next ranked one is.
         let next = pick(&bs, &|i| i != home, k, 1.25)[0];
-        assert_eq!(home_by_score(&bs, &|i| i != home, k, 1.25, &|_| 1.0), Some(next));
+        assert_eq!(
+            home_by_score(&bs, &|i| i != home, k, 1.25, &|_| 1.0),
+            Some(next)
+        );
     }
 }

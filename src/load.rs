@@ -7,20 +7,23 @@
 //! writes reports and the learned speed. Everything is an atomic.
 //!
 //! **Score**: the expected time to a new request's first token there, in seconds
-//! (docs/configuration.md, `least-load`): `(first_token × (1 + running_weight × busy
-//! / concurrency) + (queue_weight × ahead + cache_weight × cache) × slot_time /
+//! (docs/configuration.md, `least-load`): `(first_token × (1 + running_weight ×
+//! busy / concurrency) + (queue_weight × wait + cache_weight × cache) × slot_time /
 //! concurrency) / weight`. What is *present* is flowgate's own in-flight count plus
 //! what a fresh report shows beyond it; *concurrency* is learned from reports (1
-//! until known); *ahead* = present + 1 − concurrency, at least 0: the slots that
-//! must free before the new request starts (0 while one is free), one freeing
-//! every `slot_time / concurrency` on average, the first after half of that
-//! (`ahead − ½` spacings); *busy* = present, at most
-//! concurrency. `first_token` is the backend's time to the first body byte for a
-//! request that found a free slot and `slot_time` the mean time a request holds a
-//! slot (first token plus the rest of the response), both learned from what
-//! flowgate sees of its own HTTP requests; without such samples (L4, or a new
-//! backend) `slot_time` is Little's law over flowgate's counts and `first_token`
-//! a tenth of it.
+//! until known); *busy* = present, at most concurrency; *ahead* = present + 1 −
+//! concurrency, at least 0: the slots that must free before the new request
+//! starts. One frees every `slot_time / concurrency` on average, the first after
+//! *left* / concurrency, so *wait* = *left* / slot_time + ahead − 1 (0 while a slot
+//! is free), *left* being the mean time left to flowgate's requests in service
+//! there (slot time less their mean time since their first body byte; half a slot
+//! time when none is seen). *cache* is the reported KV-cache use beyond the
+//! reported running requests' share of the slots. `first_token` is the backend's
+//! time to the first body byte for a request that found a free slot and
+//! `slot_time` the mean time a request holds a slot (first token plus the rest of
+//! the response), both learned from what flowgate sees of its own HTTP requests;
+//! without such samples (L4, or a new backend) `slot_time` is Little's law over
+//! flowgate's counts and `first_token` a tenth of it.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
@@ -30,9 +33,17 @@ use crate::config::LoadWeights;
 
 /// Milliseconds since a process-wide epoch (0 is "never").
 pub fn now_ms() -> u64 {
+    epoch().elapsed().as_millis() as u64
+}
+
+/// Microseconds since the same epoch as [`now_ms`].
+pub fn now_us() -> u64 {
+    epoch().elapsed().as_micros() as u64
+}
+
+fn epoch() -> Instant {
     static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    let e = *EPOCH.get_or_init(|| Instant::now() - Duration::from_millis(1));
-    e.elapsed().as_millis() as u64
+    *EPOCH.get_or_init(|| Instant::now() - Duration::from_millis(1))
 }
 
 fn f(a: &AtomicU64) -> f64 {
@@ -131,6 +142,10 @@ pub struct LoadState {
     /// Times from the first body byte to the response's end (sum in µs, count).
     rest_us: AtomicU64,
     rest_n: AtomicU64,
+    /// flowgate's requests there past their first body byte and not ended (in a
+    /// slot), and the sum of when their first byte came ([`now_us`]).
+    in_service: AtomicU64,
+    in_service_since_us: AtomicU64,
     /// Learned (control runtime): seconds to the first token on a free slot.
     first_token: AtomicU64,
     /// Learned (control runtime): seconds a request holds a slot.
@@ -157,6 +172,8 @@ impl Default for LoadState {
             first_token_n: AtomicU64::new(0),
             rest_us: AtomicU64::new(0),
             rest_n: AtomicU64::new(0),
+            in_service: AtomicU64::new(0),
+            in_service_since_us: AtomicU64::new(0),
             first_token: AtomicU64::new((FREE_SLOT * UNKNOWN_SLOT_TIME).to_bits()),
             slot_time: AtomicU64::new(UNKNOWN_SLOT_TIME.to_bits()),
         }
@@ -226,11 +243,11 @@ const SLOWNESS_RANGE: (f64, f64) = (0.1, 10.0);
 /// a backend without samples yet): a new request on a free slot still has its
 /// prefill to do, and it orders idle backends by speed.
 const FREE_SLOT: f64 = 0.1;
-/// How far through its slot time a request in service is, on average: the first
-/// of the slots a new request waits for frees after this share of the spacing
-/// between two (slots free at staggered times). Against a full spacing, p50 and
-/// p99 time to first token both improved in `scripts/bench.sh inference`
-/// (docs/performance.md).
+/// How far through its slot time a request in service is on average, where
+/// flowgate sees none in service (tcp: no first byte): the first of the slots a
+/// new request waits for frees after this share of the spacing between two
+/// (slots free at staggered times). Against a full spacing, p50 and p99 time to
+/// first token both improved in `scripts/bench.sh inference` (docs/performance.md).
 const HALF_DONE: f64 = 0.5;
 /// The slot time of a pool where nothing is known yet (only the ratios matter).
 const UNKNOWN_SLOT_TIME: f64 = 1.0;
@@ -334,8 +351,15 @@ impl LoadState {
         let ahead = (present + 1.0 - cap).max(0.0);
         let busy = present.min(cap);
         let first = self.first_token() * (1.0 + w.running * busy / cap);
-        let wait =
-            (w.queue * (ahead - HALF_DONE).max(0.0) + w.cache * cache) * self.slot_time() / cap;
+        let slot = self.slot_time();
+        // The first slot frees after the time left to those in service, spread
+        // over the slots; then one every slot_time / cap.
+        let slots = if ahead > 0.0 {
+            self.remaining(slot) / slot + ahead - 1.0
+        } else {
+            0.0
+        };
+        let wait = (w.queue * slots + w.cache * cache) * slot / cap;
         (first + wait) / f64::from(weight.max(1))
     }
 
@@ -348,6 +372,32 @@ impl LoadState {
                 .fetch_add(d.as_micros().min(u64::MAX as u128) as u64, Relaxed);
             self.first_token_n.fetch_add(1, Relaxed);
         }
+    }
+
+    /// The mean time left to flowgate's requests in service there: the slot time
+    /// less their mean time in service so far, at least one first-token time.
+    /// Without any in service (tcp, or all just sent), half a slot time: a slot is
+    /// half done on average.
+    fn remaining(&self, slot: f64) -> f64 {
+        let n = self.in_service.load(Relaxed);
+        if n == 0 {
+            return HALF_DONE * slot;
+        }
+        let since = self.in_service_since_us.load(Relaxed) as f64 / n as f64;
+        let elapsed = (now_us() as f64 - since).max(0.0) / 1e6;
+        (slot - elapsed).clamp(self.first_token().min(slot), slot)
+    }
+
+    /// A request's first body byte came at `at` ([`now_us`]): it holds a slot
+    /// until [`LoadState::service_end`] with the same `at`.
+    pub fn service_start(&self, at: u64) {
+        self.in_service_since_us.fetch_add(at, Relaxed);
+        self.in_service.fetch_add(1, Relaxed);
+    }
+
+    pub fn service_end(&self, at: u64) {
+        self.in_service_since_us.fetch_sub(at, Relaxed);
+        self.in_service.fetch_sub(1, Relaxed);
     }
 
     /// A response ended `d` after its first body byte.
@@ -558,6 +608,18 @@ mod tests {
         assert!((fast.score(2, 1, &w, stale) - 0.02).abs() < 1e-9);
         // With a slot free on both, the fast one.
         assert!(fast.score(1, 1, &w, stale) < slow.score(0, 1, &w, stale));
+        // Both of the fast server's requests just got their first byte: a whole
+        // slot time left to them, the first frees after half of it (27.5 ms on top
+        // of 6.25), later than the slow server's first token.
+        let now = now_us() + 10_000_000; // (later than the test: none elapsed)
+        fast.service_start(now);
+        fast.service_start(now);
+        let f = fast.score(2, 1, &w, stale);
+        assert!((f - 0.03375).abs() < 1e-9, "fast {f}");
+        assert!(f > slow.score(1, 1, &w, stale));
+        fast.service_end(now);
+        fast.service_end(now);
+        assert!((fast.score(2, 1, &w, stale) - 0.02).abs() < 1e-9);
     }
 
     #[test]

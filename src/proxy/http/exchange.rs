@@ -37,6 +37,9 @@ pub struct Inner {
     /// this one (`least-load` learns the first-token time from those that found a
     /// free slot).
     pub(super) ahead: usize,
+    /// When the first body byte came ([`crate::load::now_us`]): the request holds
+    /// a slot on the backend from then until it is dropped.
+    pub(super) in_service: Option<u64>,
     pub(super) backend_metrics: Option<Arc<BackendMetrics>>,
     /// An HTTP/1.1 connection to hand back once the response ended cleanly.
     pub(super) upstream: Option<(Arc<Upstreams>, http1::SendRequest<UpBody>, usize)>,
@@ -80,6 +83,7 @@ impl Exchange {
             route: None,
             guard: None,
             ahead: 0,
+            in_service: None,
             backend_metrics: None,
             upstream: None,
             method: req.method().clone(),
@@ -175,6 +179,9 @@ impl Exchange {
             if let (Some(g), Some(fb)) = (&self.guard, fb) {
                 g.backend().load.record_ttfb(fb);
                 g.backend().load.record_first_token(self.ahead, fb);
+                let at = crate::load::now_us();
+                g.backend().load.service_start(at);
+                self.in_service = Some(at);
             }
             self.first_body = fb;
         }
@@ -211,6 +218,9 @@ impl Drop for Exchange {
         let up = i.up.bytes.load(Ordering::Relaxed);
         let duration = i.start.elapsed();
         if let Some(g) = &i.guard {
+            if let Some(at) = i.in_service {
+                g.backend().load.service_end(at);
+            }
             let st = &g.backend().stats;
             st.bytes_to.fetch_add(up, Ordering::Relaxed);
             st.http_in_flight.fetch_sub(1, Ordering::Relaxed);

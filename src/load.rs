@@ -313,6 +313,16 @@ impl LoadState {
         Some(self.cap.load(Relaxed)).filter(|&c| c != 0)
     }
 
+    /// Whether a new request would find a free slot there (flowgate's in-flight
+    /// count plus what a fresh report adds, under the learned concurrency).
+    pub fn has_free_slot(&self, in_flight: usize, stale_after: Option<Duration>) -> bool {
+        let cap = f64::from(self.cap.load(Relaxed)).max(1.0);
+        let external = stale_after.and_then(|s| self.fresh(s)).map_or(0.0, |r| {
+            (r.waiting + r.running - f64::from(self.in_flight_at_report.load(Relaxed))).max(0.0)
+        });
+        in_flight as f64 + external < cap
+    }
+
     /// The score (lower is better): the expected seconds to a new request's first
     /// token on a backend with `in_flight` counted connections or requests and
     /// `weight`.

@@ -277,12 +277,17 @@ impl Pool {
                     let b = &snap.backends[i];
                     b.load.score(b.active(), b.weight(), &weights, stale_after)
                 };
+                let free = |i: usize| {
+                    let b = &snap.backends[i];
+                    b.load.has_free_slot(b.active(), stale_after)
+                };
                 let home = balance::affinity::home_by_score(
                     &snap.backends,
                     &usable,
                     key,
                     a.max_load_factor,
                     &score,
+                    &free,
                 );
                 if let Some(g) = home.and_then(|i| snap.backends[i].try_claim()) {
                     return Some(g);

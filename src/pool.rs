@@ -16,7 +16,7 @@ use tracing::{info, warn};
 
 use crate::backend::{flag, ActiveGuard, Backend};
 use crate::balance::{self, Pick, Selector};
-use crate::config::{PoolConfig, WhenAllDown};
+use crate::config::{Algorithm, PoolConfig, WhenAllDown};
 use crate::queue::SlotQueue;
 
 pub struct Pool {
@@ -47,8 +47,14 @@ pub struct LoadView {
     pub report: Option<crate::load::Report>,
     /// Seconds since the last good report (None: never).
     pub report_age: Option<f64>,
-    /// Mean time per request relative to the pool's median.
+    /// Mean time a request holds a slot relative to the pool's median.
     pub slowness: f64,
+    /// Learned seconds to the first token on a free slot.
+    pub first_token: f64,
+    /// Learned seconds a request holds a slot.
+    pub slot_time: f64,
+    /// Concurrency learned from reports (None: not yet).
+    pub concurrency: Option<u32>,
 }
 
 /// Why [`Pool::acquire`] found no backend.
@@ -260,9 +266,38 @@ impl Pool {
             b.is_usable() && !b.is_full() && untried(b)
         };
         if let (Some(key), Some(a)) = (session, &snap.config.affinity) {
-            let order = balance::affinity::pick(&snap.backends, &usable, key, a.max_load_factor);
-            if let Some(g) = order.iter().find_map(|&i| snap.backends[i].try_claim()) {
-                return Some(g);
+            if snap.config.algorithm == Algorithm::LeastLoad {
+                // Bounded by the load score; past the bound, least-load picks.
+                let r = snap.config.load_report.as_ref();
+                let (weights, stale_after) = (
+                    r.map(|r| r.weights).unwrap_or_default(),
+                    r.map(|r| r.stale_after),
+                );
+                let score = |i: usize| {
+                    let b = &snap.backends[i];
+                    b.load.score(b.active(), b.weight(), &weights, stale_after)
+                };
+                let free = |i: usize| {
+                    let b = &snap.backends[i];
+                    b.load.has_free_slot(b.active(), stale_after)
+                };
+                let home = balance::affinity::home_by_score(
+                    &snap.backends,
+                    &usable,
+                    key,
+                    a.max_load_factor,
+                    &score,
+                    &free,
+                );
+                if let Some(g) = home.and_then(|i| snap.backends[i].try_claim()) {
+                    return Some(g);
+                }
+            } else {
+                let order =
+                    balance::affinity::pick(&snap.backends, &usable, key, a.max_load_factor);
+                if let Some(g) = order.iter().find_map(|&i| snap.backends[i].try_claim()) {
+                    return Some(g);
+                }
             }
         }
         let pick = Pick {
@@ -382,7 +417,7 @@ impl Pool {
     /// status page). `None` for other algorithms.
     pub fn load_view(&self, b: &Backend) -> Option<LoadView> {
         let cfg = self.config();
-        if cfg.algorithm != crate::config::Algorithm::LeastLoad {
+        if cfg.algorithm != Algorithm::LeastLoad {
             return None;
         }
         let r = cfg.load_report.as_ref();
@@ -395,6 +430,9 @@ impl Pool {
             report,
             report_age: b.load.age(),
             slowness: b.load.slowness(),
+            first_token: b.load.first_token(),
+            slot_time: b.load.slot_time(),
+            concurrency: b.load.concurrency(),
         })
     }
 

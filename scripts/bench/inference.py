@@ -309,10 +309,13 @@ LOAD_REPORT = f'\n[pools.load_report]\nkind = "prometheus"\npreset = "vllm"\nint
 AFFINITY = '\n[pools.affinity]\nheader = "x-session-id"\nmax_load_factor = 1.25\n'
 
 
-def flowgate_config(algo, sims, port, admin_port):
+def flowgate_config(algo, sims, port, admin_port, sock):
     backends = ", ".join(f'{{ address = "127.0.0.1:{p}" }}' for _, _, p, _ in sims)
     cfg = (
-        '[runtime]\nworkers = 2\nshutdown_timeout = "1s"\n\n'
+        # an upgrade socket of its own: the default one (/run/flowgate) belongs to
+        # any other flowgate running on the machine, and flowgate refuses to start
+        # while another answers there
+        f'[runtime]\nworkers = 2\nshutdown_timeout = "1s"\nupgrade_socket = "{sock}"\n\n'
         f'[admin]\nbind = "127.0.0.1:{admin_port}"\n\n'
         f'[[listeners]]\nname = "inference"\nbind = "127.0.0.1:{port}"\npool = "p"\n'
         'protocol = "http"\nidle_timeout = "60s"\n\n'
@@ -329,7 +332,8 @@ class Flowgate:
     def __init__(self, binary, algo, sims, port, admin_port, out_dir, tag):
         self.cfg = os.path.join(out_dir, f"flowgate-{tag}.toml")
         with open(self.cfg, "w") as f:
-            f.write(flowgate_config(algo, sims, port, admin_port))
+            f.write(flowgate_config(algo, sims, port, admin_port,
+                                    os.path.join(out_dir, f"flowgate-{tag}.sock")))
         self.logf = open(os.path.join(out_dir, f"flowgate-{tag}.log"), "w")
         self.proc = subprocess.Popen([binary, "run", "--config", self.cfg], stdout=self.logf,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

@@ -441,6 +441,9 @@ fn one_pool(p: &crate::pool::Pool) -> Value {
                     "cache": l.report.map(|r| r.cache),
                     "report_age_seconds": l.report_age,
                     "slowness": l.slowness,
+                    "first_token_seconds": l.first_token,
+                    "slot_time_seconds": l.slot_time,
+                    "concurrency": l.concurrency,
                 });
             }
             v

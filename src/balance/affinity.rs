@@ -7,6 +7,17 @@
 //! `max_load_factor × (total + 1) / usable` is passed over for the key's next
 //! ranked backend, so one hot session cannot pile onto one server.
 //!
+//! In a `least-load` pool the bound is on the load score instead ([`home_by_score`]):
+//! a session stays on its backend while that backend has a free slot, or its score
+//! (the expected time to a first token there) is at most `max_load_factor` × the
+//! mean over the usable backends (the bound of bounded-load hashing, on the
+//! score), and
+//! otherwise goes where least-load would send any request, not to the next by
+//! hash. A count of requests cannot tell a slow server from a fast one, and the
+//! next by hash may be the slowest or busiest backend (`scripts/bench.sh
+//! inference`: a hot session spilled a fifth of its requests onto the 4× slower
+//! server).
+//!
 //! The rank depends only on the key and the backends' names and weights, so two
 //! instances with the same config agree.
 
@@ -54,6 +65,33 @@ pub fn pick(
     within.into_iter().chain(over).collect()
 }
 
+/// Session `key`'s backend (the highest-ranked usable one) if it has a `free`
+/// slot or its `score` is at most `max_load_factor` × the mean score of the
+/// usable backends; `None` when it is over, or no backend is usable (the pool's
+/// algorithm then picks). A free slot keeps the session whatever the learned
+/// speeds say: between equal servers they differ by noise, and a session must
+/// not move on noise.
+pub fn home_by_score(
+    backends: &[Arc<Backend>],
+    usable: &dyn Fn(usize) -> bool,
+    key: u64,
+    max_load_factor: f64,
+    score: &dyn Fn(usize) -> f64,
+    free: &dyn Fn(usize) -> bool,
+) -> Option<usize> {
+    let candidates = || (0..backends.len()).filter(|&i| usable(i));
+    let home = candidates().max_by(|&a, &b| score_key(key, backends, a, b))?;
+    if free(home) {
+        return Some(home);
+    }
+    let (sum, n) = candidates().fold((0.0, 0usize), |(s, n), i| (s + score(i), n + 1));
+    (score(home) <= max_load_factor * sum / n as f64).then_some(home)
+}
+
+fn score_key(key: u64, backends: &[Arc<Backend>], a: usize, b: usize) -> std::cmp::Ordering {
+    score(key, &backends[a]).total_cmp(&score(key, &backends[b]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::testutil::backends;
@@ -93,5 +131,47 @@ mod tests {
         let order = pick(&bs, &|_| true, k, 1.25);
         assert_ne!(order[0], home);
         assert_eq!(*order.last().unwrap(), home, "still a last resort");
+    }
+
+    #[test]
+    fn by_score_a_session_stays_home_while_a_slot_is_free_or_its_score_within_the_factor() {
+        let bs = backends(&[1, 1, 1, 1]);
+        let k = key(b"hot-session");
+        let home = first(&bs, k);
+        // The others score 1; the mean with the home's x is (3 + x) / 4, and the
+        // bound 1.25 × that: x ≤ 1.25 × (3 + x) / 4 holds up to x = 15 / 11.
+        let full = |_| false;
+        let with = |x: f64| {
+            home_by_score(
+                &bs,
+                &|_| true,
+                k,
+                1.25,
+                &|i| if i == home { x } else { 1.0 },
+                &full,
+            )
+        };
+        assert_eq!(with(0.5), Some(home));
+        assert_eq!(with(1.36), Some(home), "within the bound");
+        assert_eq!(with(1.37), None, "past it: the pool's algorithm picks");
+        // A free slot at home keeps the session, whatever the score.
+        let free = |i| i == home;
+        assert_eq!(
+            home_by_score(
+                &bs,
+                &|_| true,
+                k,
+                1.25,
+                &|i| if i == home { 9.0 } else { 1.0 },
+                &free
+            ),
+            Some(home)
+        );
+        // An unusable home is no home: the next ranked one is.
+        let next = pick(&bs, &|i| i != home, k, 1.25)[0];
+        assert_eq!(
+            home_by_score(&bs, &|i| i != home, k, 1.25, &|_| 1.0, &full),
+            Some(next)
+        );
     }
 }

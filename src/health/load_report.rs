@@ -64,16 +64,23 @@ async fn run(pool: Arc<Pool>, tasks: Tasks) {
                 let conn = conns.remove(&b.id);
                 let (r, t) = (r.clone(), tasks.clone());
                 set.spawn(async move {
+                    // What flowgate had in flight when the server counted: some
+                    // time between sending the scrape and reading the answer. The
+                    // larger of the two ends, so a request that ended meanwhile is
+                    // not taken for someone else's (the score would count it until
+                    // the next report).
+                    let before = b.active();
                     let (result, conn) = read(&b, &r, conn, &t).await;
-                    (b, result, conn)
+                    let in_flight = before.max(b.active());
+                    (b, result, conn, in_flight)
                 });
             }
             while let Some(done) = set.join_next().await {
-                let Ok((b, result, conn)) = done else {
+                let Ok((b, result, conn, in_flight)) = done else {
                     continue;
                 };
                 match result {
-                    Ok(rep) => b.load.report(rep, b.active()),
+                    Ok(rep) => b.load.report(rep, in_flight),
                     Err(e) => {
                         debug!(pool = %pool.name, backend = %b.name, reason = e.as_str(), "load report failed");
                         b.load.errors[e as usize].fetch_add(1, Relaxed);

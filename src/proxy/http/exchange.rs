@@ -32,6 +32,13 @@ pub struct Inner {
     pub(super) http: Option<Arc<HttpSettings>>,
     pub(super) route: Option<RouteRef>,
     pub(super) guard: Option<ActiveGuard>,
+    /// flowgate's other requests in flight on the backend when it was picked for
+    /// this one (`least-load` learns the first-token time from those that found a
+    /// free slot).
+    pub(super) ahead: usize,
+    /// When the first body byte came ([`crate::load::now_us`]): the request holds
+    /// a slot on the backend from then until it is dropped.
+    pub(super) in_service: Option<u64>,
     pub(super) backend_metrics: Option<Arc<BackendMetrics>>,
     /// The HTTP/1.1 connection the response comes on: polled with the response
     /// body ([`super::body::RespBody`]), handed back once the response ended
@@ -76,6 +83,8 @@ impl Exchange {
             http: None,
             route: None,
             guard: None,
+            ahead: 0,
+            in_service: None,
             backend_metrics: None,
             upstream: None,
             method: req.method().clone(),
@@ -171,6 +180,10 @@ impl Exchange {
             }
             if let (Some(g), Some(fb)) = (&self.guard, fb) {
                 g.backend().load.record_ttfb(fb);
+                g.backend().load.record_first_token(self.ahead, fb);
+                let at = crate::load::now_us();
+                g.backend().load.service_start(at);
+                self.in_service = Some(at);
             }
             self.first_body = fb;
         }
@@ -188,6 +201,9 @@ impl Exchange {
     /// that connection is closed rather than left unpolled mid-upload.
     pub fn complete(&mut self) {
         self.complete_now("complete");
+        if let (Some(g), Some(fb), Some(end)) = (&self.guard, self.first_body, self.since_sent()) {
+            g.backend().load.record_rest(end.saturating_sub(fb));
+        }
         let up = self.0.upstream.take();
         if let (Some((ups, s, max)), Some(g)) = (up, &self.0.guard) {
             if self.0.up.done_at().is_some() {
@@ -209,6 +225,9 @@ impl Drop for Exchange {
         let up = i.up.bytes.load(Ordering::Relaxed);
         let duration = i.start.elapsed();
         if let Some(g) = &i.guard {
+            if let Some(at) = i.in_service {
+                g.backend().load.service_end(at);
+            }
             let st = &g.backend().stats;
             st.bytes_to.fetch_add(up, Ordering::Relaxed);
             st.http_in_flight.fetch_sub(1, Ordering::Relaxed);

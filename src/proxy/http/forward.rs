@@ -232,6 +232,7 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<OutBo
             }
         };
         let b = guard.backend().clone();
+        ex.ahead = b.active().saturating_sub(1);
         let mut fresh_tries = 0;
         let mut sender = upstreams.pooled(&b, version).await;
         let mut pooled = sender.is_some();

@@ -97,32 +97,52 @@ interval = "100ms"
 "#;
 
 /// One generation through `addr`: (backend name, time to the first token). With
-/// `session`, the request carries it as `x-session-id`.
-async fn generate_as(addr: SocketAddr, session: Option<&str>) -> Option<(String, Duration)> {
+/// `session`, the request carries it as `x-session-id`. An error says which step
+/// failed and when, for the test that saw it.
+async fn generate_as(
+    addr: SocketAddr,
+    session: Option<&str>,
+) -> Result<(String, Duration), String> {
     let t0 = Instant::now();
-    let mut s = BufReader::new(TcpStream::connect(addr).await.ok()?);
+    let fail =
+        |step: &str, e: &dyn std::fmt::Display| format!("{step} after {:?}: {e}", t0.elapsed());
+    let c = TcpStream::connect(addr)
+        .await
+        .map_err(|e| fail("connect", &e))?;
+    let mut s = BufReader::new(c);
     let header = session.map_or(String::new(), |id| format!("x-session-id: {id}\r\n"));
     let req = format!(
         "POST /v1/completions HTTP/1.1\r\nHost: sim\r\n{header}Content-Length: 2\r\nConnection: close\r\n\r\n{{}}"
     );
-    s.get_mut().write_all(req.as_bytes()).await.ok()?;
+    s.get_mut()
+        .write_all(req.as_bytes())
+        .await
+        .map_err(|e| fail("send", &e))?;
     let mut line = String::new();
     let ttft = loop {
         line.clear();
-        if s.read_line(&mut line).await.ok()? == 0 {
-            return None;
+        match s.read_line(&mut line).await {
+            Ok(0) => return Err(fail("read", &"closed before the first token")),
+            Ok(_) => {}
+            Err(e) => return Err(fail("read", &e)),
         }
         if line.starts_with("data: ") {
             break t0.elapsed();
         }
     };
-    let name = line.split('"').nth(3)?.to_string();
+    let name = line
+        .split('"')
+        .nth(3)
+        .ok_or_else(|| fail("parse", &line))?
+        .to_string();
     let mut rest = Vec::new();
-    s.read_to_end(&mut rest).await.ok()?;
-    Some((name, ttft))
+    s.read_to_end(&mut rest)
+        .await
+        .map_err(|e| fail("read the rest", &e))?;
+    Ok((name, ttft))
 }
 
-async fn generate(addr: SocketAddr) -> Option<(String, Duration)> {
+async fn generate(addr: SocketAddr) -> Result<(String, Duration), String> {
     generate_as(addr, None).await
 }
 
@@ -145,7 +165,11 @@ async fn run(addr: SocketAddr, n: usize, rate: f64, seed: u64) -> Vec<(String, D
     }
     let mut out = Vec::with_capacity(n);
     for t in tasks {
-        out.push(t.await.unwrap().expect("a generation failed"));
+        out.push(
+            t.await
+                .unwrap()
+                .unwrap_or_else(|e| panic!("a generation failed: {e}")),
+        );
     }
     out
 }
@@ -550,8 +574,8 @@ async fn slow_first_bytes_cost_weight_and_timeouts_eject() {
     let mut timeouts = 0;
     for _ in 0..6 {
         match generate_as(t, None).await {
-            Some(_) => {}
-            None => timeouts += 1,
+            Ok(_) => {}
+            Err(_) => timeouts += 1,
         }
     }
     assert!(timeouts >= 1, "the sink never timed out");

@@ -251,6 +251,8 @@ const FREE_SLOT: f64 = 0.1;
 const HALF_DONE: f64 = 0.5;
 /// The slot time of a pool where nothing is known yet (only the ratios matter).
 const UNKNOWN_SLOT_TIME: f64 = 1.0;
+/// Below this (a microsecond) a learned slot time is taken as unknown.
+const MIN_SLOT_TIME: f64 = 1e-6;
 /// An agent's `load=1` counts as this many queued requests.
 pub const AGENT_SCALE: f64 = 10.0;
 
@@ -361,7 +363,7 @@ impl LoadState {
         let ahead = (present + 1.0 - cap).max(0.0);
         let busy = present.min(cap);
         let first = self.first_token() * (1.0 + w.running * busy / cap);
-        let slot = self.slot_time();
+        let slot = self.slot_time().max(MIN_SLOT_TIME);
         // The first slot frees after the time left to those in service, spread
         // over the slots; then one every slot_time / cap.
         let slots = if ahead > 0.0 {
@@ -370,7 +372,13 @@ impl LoadState {
             0.0
         };
         let wait = (w.queue * slots + w.cache * cache) * slot / cap;
-        (first + wait) / f64::from(weight.max(1))
+        let score = (first + wait) / f64::from(weight.max(1));
+        // A score the pick can always compare: never NaN, never below zero.
+        if score.is_nan() {
+            f64::INFINITY
+        } else {
+            score.max(0.0)
+        }
     }
 
     /// A request that was sent with `ahead` others of flowgate's in flight there
@@ -395,7 +403,8 @@ impl LoadState {
         }
         let since = self.in_service_since_us.load(Relaxed) as f64 / n as f64;
         let elapsed = (now_us() as f64 - since).max(0.0) / 1e6;
-        (slot - elapsed).clamp(self.first_token().min(slot), slot)
+        // max/min, not clamp: no bound can make this panic.
+        (slot - elapsed).max(self.first_token().min(slot)).min(slot)
     }
 
     /// A request's first body byte came at `at` ([`now_us`]): it holds a slot
@@ -502,12 +511,19 @@ pub fn relate(states: &[(&LoadState, Learned)]) {
         v.sort_by(|a, b| a.total_cmp(b));
         v.get(v.len() / 2).copied()
     };
-    let slot = median(states.iter().filter_map(|(_, l)| l.slot_time()).collect())
-        .unwrap_or(UNKNOWN_SLOT_TIME)
-        .max(1e-6);
+    // Little's law gives 0 where every sample saw nothing in flight (short tcp
+    // connections that end between two steps): such a time is unknown, not zero.
+    let known = |t: Option<f64>| t.filter(|t| t.is_finite() && *t >= MIN_SLOT_TIME);
+    let slot = median(
+        states
+            .iter()
+            .filter_map(|(_, l)| known(l.slot_time()))
+            .collect(),
+    )
+    .unwrap_or(UNKNOWN_SLOT_TIME);
     let first = median(states.iter().filter_map(|(_, l)| l.first_token).collect());
     for (s, l) in states {
-        let t = l.slot_time().unwrap_or(slot);
+        let t = known(l.slot_time()).unwrap_or(slot);
         set(&s.slot_time, t);
         set(
             &s.first_token,
@@ -630,6 +646,31 @@ mod tests {
         fast.service_end(now);
         fast.service_end(now);
         assert!((fast.score(2, 1, &w, stale) - 0.02).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_zero_time_from_littles_law_is_unknown_and_the_score_stays_comparable() {
+        // Completions seen with nothing ever in flight at a step (short tcp
+        // connections): Little's law says 0 s a request. That must not become a
+        // slot time of 0 (0 / 0 in the wait: a NaN score, and no pick at all).
+        let states: Vec<LoadState> = (0..3).map(|_| LoadState::default()).collect();
+        let learned: Vec<Learned> = states
+            .iter()
+            .map(|s| {
+                s.completed.fetch_add(3, Relaxed);
+                s.observe(0, Duration::from_millis(100), None)
+            })
+            .collect();
+        assert_eq!(learned[0].per_request, Some(0.0));
+        relate(&states.iter().zip(learned).collect::<Vec<_>>());
+        let w = LoadWeights::default();
+        for s in &states {
+            assert!(s.slot_time() > 0.0);
+            for in_flight in 0..4 {
+                let score = s.score(in_flight, 1, &w, None);
+                assert!(score.is_finite() && score >= 0.0, "{score}");
+            }
+        }
     }
 
     #[test]

@@ -60,7 +60,11 @@ impl LeastLoad {
         let scored = &scored[..n];
         let best = scored.iter().map(|&(s, _)| s).min_by(f64::total_cmp)?;
         let near: u32 = scored.iter().filter(|&&(s, _)| s <= best * NEAR).count() as u32;
-        let mut k = rng.gen_range(0..near.max(1));
+        if near == 0 {
+            // Only where no score compares (NaN): still a pick, never "no backend".
+            return scored.first().map(|&(_, i)| i);
+        }
+        let mut k = rng.gen_range(0..near);
         scored
             .iter()
             .filter(|&&(s, _)| s <= best * NEAR)

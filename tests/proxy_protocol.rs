@@ -826,7 +826,6 @@ async fn the_header_reaches_a_backend_that_answers_late_and_skips_a_refusing_one
         .unwrap();
     full.listen(0).unwrap();
     let full_addr = full.local_addr().unwrap().as_socket().unwrap();
-    let _filler = std::net::TcpStream::connect(full_addr).unwrap();
     let fg = Proc::spawn(
         &format!(
             r#"
@@ -842,7 +841,7 @@ pool = "skip"
 name = "late"
 bind = "127.0.0.1:0"
 pool = "late"
-connect_timeout = "8s"
+connect_timeout = "30s"
 
 [[pools]]
 name = "skip"
@@ -863,7 +862,7 @@ backends = [ {{ address = "{full_addr}" }} ]
     /// The first connection to `l` whose header names `client`, read to its end.
     /// Every connection is accepted at once and read on its own, so the accept
     /// queue never fills again: flowgate's startup probe (which says UNKNOWN) and
-    /// the test's filler are skipped.
+    /// the connections of other clients are skipped.
     async fn from_client(l: &TcpListener, client: SocketAddr) -> String {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let want = format!("PROXY TCP4 {} ", client.ip());
@@ -908,6 +907,23 @@ backends = [ {{ address = "{full_addr}" }} ]
         assert_eq!(got, v1_then(me, fg.addr("skip"), "payload"));
     }
 
+    // flowgate's startup connect fills the queue (it is never accepted): wait
+    // for it, so that nothing but the client's connection retries after it.
+    let queued = || {
+        let out = std::process::Command::new("ss")
+            .args(["-ltnH", &format!("sport = :{}", full_addr.port())])
+            .output()
+            .expect("ss (iproute2)");
+        let out = String::from_utf8_lossy(&out.stdout).into_owned();
+        out.split_whitespace()
+            .nth(1)
+            .and_then(|q| q.parse::<u32>().ok())
+            == Some(1)
+    };
+    assert!(
+        wait_until(LIMIT, queued).await,
+        "flowgate's startup connect never reached the backend"
+    );
     let mut c = connect_from("127.0.0.30", fg.addr("late")).await;
     let me = c.local_addr().unwrap();
     c.write_all(b"early bytes").await.unwrap();

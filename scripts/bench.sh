@@ -1162,7 +1162,7 @@ declare -A UDP_DIED=()
 # or it does not start, flowgate is skipped for the UDP figures, with a note in
 # the log and the results, and the rest of the run goes on.
 start_udp_balancers() {
-    local t specs why
+    local t specs
     # shellcheck disable=SC2086 # word splitting intended
     has_any_figure $UDP_FIGURES || return 0
     for t in $TARGETS; do
@@ -1179,25 +1179,7 @@ start_udp_balancers() {
             "${SVC_NAMES[6]}:$(target_port "$t" 6):$(backend_port 6):udp")
         has_figure udp-pps && specs+=("${SVC_NAMES[7]}:$(target_port "$t" 7):$(backend_port 7):udp")
         log "starting $t-udp"
-        if [[ $t == flowgate* ]]; then
-            LB_SOFT=1
-            if ! start_lb "$t" "$t-udp" "${specs[@]}"; then
-                LB_SOFT=0
-                if [[ -s $OUT_DIR/logs/$t-udp.log.check ]] && ! [[ -e $OUT_DIR/logs/$t-udp.log ]]; then
-                    why=$(grep -v '^[[:space:]]*$' "$OUT_DIR/logs/$t-udp.log.check" | head -n 3 | tr -s ' \n' ' ')
-                    UDP_SKIP[$t]="\`flowgate check\` rejected the UDP configuration ($OUT_DIR/$t-udp/flowgate.toml): ${why% }"
-                else
-                    # It accepted the configuration, so this is a failure of the run.
-                    UDP_SKIP[$t]="it did not start with the UDP configuration ($OUT_DIR/$t-udp/flowgate.toml); see $OUT_DIR/logs/$t-udp.log"
-                    FAILED=$((FAILED + 1))
-                fi
-                log "note: $t is skipped for the UDP figures: ${UDP_SKIP[$t]}"
-                continue
-            fi
-            LB_SOFT=0
-        else
-            start_lb "$t" "$t-udp" "${specs[@]}"
-        fi
+        start_lb_soft "$t" udp UDP UDP_SKIP "${specs[@]}" || continue
         LB_PID[$t-udp]=$LAST_PID LB_LOG[$t-udp]=$LAST_LOG
     done
 }
@@ -1234,12 +1216,43 @@ start_http_balancers() {
 
 declare -A EDGE_SKIP=() # target -> why it is not measured for the edge figures
 
+# Starts target $1's instance $1-$2 on the specs that follow $4. A flowgate target
+# starts softly: a build whose `flowgate check` rejects the configuration (an
+# older FLOWGATE_BASE_BIN) is skipped with a note, its reason in the associative
+# array named $4 (keyed by target) and the $3 figures left out for it; one that
+# accepts it and does not start fails the run. Returns 1 when it was skipped.
+start_lb_soft() {
+    local t=$1 inst=$1-$2 label=$3 why
+    local -n skip=$4
+    shift 4
+    if [[ $t != flowgate* ]]; then
+        start_lb "$t" "$inst" "$@"
+        return 0
+    fi
+    LB_SOFT=1
+    if start_lb "$t" "$inst" "$@"; then
+        LB_SOFT=0
+        return 0
+    fi
+    LB_SOFT=0
+    if [[ -s $OUT_DIR/logs/$inst.log.check ]] && ! [[ -e $OUT_DIR/logs/$inst.log ]]; then
+        why=$(grep -v '^[[:space:]]*$' "$OUT_DIR/logs/$inst.log.check" | head -n 3 | tr -s ' \n' ' ')
+        skip[$t]="\`flowgate check\` rejected the $label configuration ($OUT_DIR/$inst/flowgate.toml): ${why% }"
+    else
+        # It accepted the configuration, so this is a failure of the run.
+        skip[$t]="it did not start with the $label configuration ($OUT_DIR/$inst/flowgate.toml); see $OUT_DIR/logs/$inst.log"
+        FAILED=$((FAILED + 1))
+    fi
+    log "note: $t is skipped for the $label figures: ${skip[$t]}"
+    return 1
+}
+
 # The edge instances (<target>-edge): a pp listener for edge-pp, an sni listener
 # for edge-sni. flowgate targets start softly, as for UDP: a build whose
 # `flowgate check` rejects the configuration (an older FLOWGATE_BASE_BIN) is
 # skipped with a note; one that accepts it and does not start fails the run.
 start_edge_balancers() {
-    local t specs why
+    local t specs
     # shellcheck disable=SC2086 # word splitting intended
     has_any_figure $EDGE_FIGURES || return 0
     for t in $TARGETS; do
@@ -1253,24 +1266,7 @@ start_edge_balancers() {
         has_figure edge-pp && specs+=("${SVC_NAMES[13]}:$(target_port "$t" 13):$(backend_port 13):pp")
         has_figure edge-sni && specs+=("${SVC_NAMES[14]}:$(target_port "$t" 14):$(backend_port 14):sni")
         log "starting $t-edge"
-        if [[ $t == flowgate* ]]; then
-            LB_SOFT=1
-            if ! start_lb "$t" "$t-edge" "${specs[@]}"; then
-                LB_SOFT=0
-                if [[ -s $OUT_DIR/logs/$t-edge.log.check ]] && ! [[ -e $OUT_DIR/logs/$t-edge.log ]]; then
-                    why=$(grep -v '^[[:space:]]*$' "$OUT_DIR/logs/$t-edge.log.check" | head -n 3 | tr -s ' \n' ' ')
-                    EDGE_SKIP[$t]="\`flowgate check\` rejected the edge configuration ($OUT_DIR/$t-edge/flowgate.toml): ${why% }"
-                else
-                    EDGE_SKIP[$t]="it did not start with the edge configuration ($OUT_DIR/$t-edge/flowgate.toml); see $OUT_DIR/logs/$t-edge.log"
-                    FAILED=$((FAILED + 1))
-                fi
-                log "note: $t is skipped for the edge figures: ${EDGE_SKIP[$t]}"
-                continue
-            fi
-            LB_SOFT=0
-        else
-            start_lb "$t" "$t-edge" "${specs[@]}"
-        fi
+        start_lb_soft "$t" edge edge EDGE_SKIP "${specs[@]}" || continue
         LB_PID[$t-edge]=$LAST_PID LB_LOG[$t-edge]=$LAST_LOG
         if [[ $t == flowgate-metrics ]]; then
             start_bg "$t-edge scraper" "$OUT_DIR/logs/$t-edge.scrape.log" bash -c \

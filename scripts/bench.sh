@@ -860,7 +860,8 @@ check_backend() { check_alive "${BACKEND_PID[$1]}" "$1 backend" "${BACKEND_LOG[$
 # no limit on requests per connection, no access log, X-Forwarded-For added.
 #   flowgate: protocol = "http" (one listener serves HTTP/1.1 and h2c), pool
 #     upstream_protocol = "http1" (the default "auto" would speak h2c to the
-#     nginx backend for h2c clients), max_idle_per_backend = 64 (the default),
+#     nginx backend for h2c clients), max_idle_per_backend and keepalive_timeout
+#     at their defaults (256, 60s),
 #     xff = "append" (the default: X-Forwarded-For, -Proto and -Host).
 #   HAProxy: mode http, http-reuse always, keep-alive on both sides (the
 #     default; no http-server-close), option forwardfor, `proto h2` on the h2c
@@ -912,7 +913,7 @@ write_flowgate_config() { # file worker_model(""=default) admin-port(""=none) sp
             printf '\n[[pools]]\nname = "%s"\nalgorithm = "round-robin"\nbackends = [ { address = "%s:%s" } ]\n' \
                 "$name" "$HOST" "$bport"
             # The backends speak HTTP/1.1 only, h2c clients included.
-            if is_l7 "$proto"; then printf 'upstream_protocol = "http1"\nmax_idle_per_backend = 64\n'; fi
+            if is_l7 "$proto"; then printf 'upstream_protocol = "http1"\n'; fi
             if [[ $proto == pp ]]; then printf 'send_proxy = "v2"\n'; fi
             if [[ $proto == sni ]]; then
                 printf '\n[[pools]]\nname = "%s-other"\nalgorithm = "round-robin"\nbackends = [ { address = "%s:%s" } ]\n' \

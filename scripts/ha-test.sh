@@ -195,14 +195,16 @@ vrrp() {
     ip -n "$P-v-be" addr add $net.20/24 dev eth0
     start v-be backend python3 "$CLIENT" serve $BACKEND_PORT
 
+    # The shipped keepalived.conf with this run's VIP (the interface is eth0 here too),
+    # written once before either keepalived starts: rewriting it for lb2 truncated the
+    # file while lb1's keepalived could be reading it ("no configuration to run").
+    sed -e "s|^\$VIP=.*|\$VIP=$vip/24|" config/keepalived/keepalived.conf >"$W/keepalived.conf"
     local lb
     for lb in 1 2; do
         # flowgate listens on the VIP on both instances, before holding it.
         inns "v-lb$lb" sysctl -qw net.ipv4.ip_nonlocal_bind=1
         flowgate_conf "$vip:$PORT" "$net.$lb:$DIRECT" "$net.20:$BACKEND_PORT" "$W/vrrp-lb$lb.sock" >"$W/flowgate-lb$lb.toml"
         start_flowgate "v-lb$lb" "$W/flowgate-lb$lb.toml"
-        # The shipped keepalived.conf with this run's VIP (the interface is eth0 here too).
-        sed -e "s|^\$VIP=.*|\$VIP=$vip/24|" config/keepalived/keepalived.conf >"$W/keepalived.conf"
         start "v-lb$lb" "keepalived-lb$lb" keepalived -n -l -D -G -P -i "lb$lb" \
             -f "$W/keepalived.conf" -p "$W/ka-lb$lb.pid" -r "$W/ka-vrrp-lb$lb.pid"
     done
@@ -241,6 +243,12 @@ vrrp() {
     vrrp_failover "fail back lb2 -> lb1" TERM v-lb2 $net.1 vrrp_failback
 
     # keepalived dies in lb2 (now BACKUP): lb2's flowgate is not affected, nor the VIP.
+    # The stopped one first finishes its shutdown (shutdown_delay, then the drain):
+    # until it exits it holds the upgrade socket, and a new one refuses to start
+    # (a slow machine got there first once).
+    local old
+    old=$(pid_of flowgate-v-lb2)
+    wait_for 20 bash -c "! kill -0 $old 2>/dev/null" || fail "lb2's stopped flowgate never exited"
     start_flowgate v-lb2 "$W/flowgate-lb2.toml"
     local t_ka
     t_ka=$(now)

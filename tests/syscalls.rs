@@ -13,6 +13,8 @@ mod common;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -146,7 +148,12 @@ async fn short_connection(addr: SocketAddr) {
 
 /// Prints the counts per operation; returns (all but epoll_wait, epoll_wait).
 fn report(what: &str, calls: &[(String, u64)]) -> (f64, f64) {
-    let per = |n: u64| n as f64 / OPS as f64;
+    report_per(what, calls, OPS)
+}
+
+/// [`report`] over `ops` operations.
+fn report_per(what: &str, calls: &[(String, u64)], ops: usize) -> (f64, f64) {
+    let per = |n: u64| n as f64 / ops as f64;
     let epoll: u64 = calls
         .iter()
         .filter(|(n, _)| n == "epoll_wait")
@@ -353,5 +360,218 @@ backends = [{{ address = "{}" }}]
         (idle as f64) < spinning_rate * 0.25,
         "{idle} epoll_wait in 1 s with no traffic, against {spinning_rate:.0}/s while \
          spinning: the worker does not stop spinning"
+    );
+}
+
+/// flowgate with two per-core workers and one http listener `h` in front of
+/// `backend`, spoken to in `upstream` (`upstream_protocol`).
+fn two_workers_http(backend: SocketAddr, upstream: &str) -> Proc {
+    Proc::spawn(
+        &format!(
+            r#"
+[runtime]
+workers = 2
+
+[[listeners]]
+name = "h"
+bind = "127.0.0.1:0"
+protocol = "http"
+pool = "p"
+
+[[pools]]
+name = "p"
+upstream_protocol = "{upstream}"
+backends = [{{ address = "{backend}" }}]
+"#
+        ),
+        &[],
+    )
+}
+
+/// How many `name` system calls `calls` holds per operation, over `ops`.
+fn per_op(calls: &[(String, u64)], name: &str, ops: usize) -> f64 {
+    calls
+        .iter()
+        .filter(|(n, _)| n == name)
+        .map(|c| c.1)
+        .sum::<u64>() as f64
+        / ops as f64
+}
+
+/// A tiny HTTP/1.1 backend: answers every request on a kept-alive connection with
+/// 2 bytes of body. Returns its address and the number of requests it answered.
+async fn http_backend() -> (SocketAddr, Arc<AtomicUsize>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let answered = Arc::new(AtomicUsize::new(0));
+    let n = answered.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let n = n.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..end + 4);
+                        n.fetch_add(1, Ordering::SeqCst);
+                        let r = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if s.write_all(r).await.is_err() {
+                            return;
+                        }
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                    }
+                }
+            });
+        }
+    });
+    (addr, answered)
+}
+
+/// With two per-core workers, one pooled upstream connection serves requests that
+/// arrive on either worker (each on a new client connection, which the kernel
+/// hands to one worker's listening socket or the other's). The worker that takes
+/// the idle connection moves its socket to its own reactor: otherwise the
+/// response's readiness reaches the other worker, which wakes the request's task
+/// across threads (an eventfd `write`) for every such request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_connection_taken_by_another_worker_wakes_no_other_thread() {
+    const REQUESTS: usize = 200;
+    let (backend, answered) = http_backend().await;
+    let fg = two_workers_http(backend, "http1");
+    let pid = fg.pid();
+    let h = fg.addr("h");
+    let dir = tempdir::Dir::new();
+    let request = |h: SocketAddr| {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(h).unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n")
+            .unwrap();
+        let mut back = Vec::new();
+        s.read_to_end(&mut back).unwrap();
+        let text = String::from_utf8_lossy(&back).into_owned();
+        assert!(
+            text.starts_with("HTTP/1.1 200") && text.ends_with("ok"),
+            "{text}"
+        );
+    };
+    request(h);
+    let trace = Trace::attach(pid, &dir.0.join("http.txt"));
+    tokio::task::spawn_blocking(move || (0..REQUESTS).for_each(|_| request(h)))
+        .await
+        .unwrap();
+    let calls = trace.finish();
+    report_per(
+        "HTTP/1.1 request on a new client connection",
+        &calls,
+        REQUESTS,
+    );
+    let per = |name: &str| per_op(&calls, name, REQUESTS);
+    assert_eq!(answered.load(Ordering::SeqCst), REQUESTS + 1);
+    // Wake-ups across threads: none expected, some room for the tick timers.
+    let wakes = per("write");
+    assert!(
+        wakes <= 0.05,
+        "{wakes:.2} write(2) (cross-thread wake-ups) per request"
+    );
+    // About half the requests land on the worker that did not open the connection.
+    // A move is two epoll_ctl (out of one reactor, into the other); each client
+    // connection makes two of its own (registered, then deregistered at close).
+    let moved = (per("epoll_ctl") - 2.0) / 2.0;
+    assert!(
+        moved >= 0.1,
+        "{moved:.2} moves per request: were all requests on one worker?"
+    );
+}
+
+/// A tiny h2c backend (hyper): answers every stream with 2 bytes. Returns its
+/// address and the number of streams it answered.
+async fn h2c_backend() -> (SocketAddr, Arc<AtomicUsize>) {
+    use hyper::server::conn::http2;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let answered = Arc::new(AtomicUsize::new(0));
+    let n = answered.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let n = n.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |_req| {
+                    n.fetch_add(1, Ordering::SeqCst);
+                    async {
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                            http_body_util::Full::new(bytes::Bytes::from_static(b"ok")),
+                        ))
+                    }
+                });
+                let _ = http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, answered)
+}
+
+/// `n` requests over h2c from `clients` connections, one stream at a time each.
+fn h2load(url: &str, clients: usize, n: usize) {
+    let out = Command::new("h2load")
+        .args([
+            "-c",
+            &clients.to_string(),
+            "-n",
+            &n.to_string(),
+            "-m",
+            "1",
+            url,
+        ])
+        .output()
+        .expect("run h2load");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.contains(&format!("{n} succeeded")),
+        "h2load through flowgate:\n{text}"
+    );
+}
+
+/// h2c upstream with two per-core workers: each worker has its own connection to
+/// the backend, so a stream's request task, the connection's driver task and the
+/// socket's readiness stay on one thread. With one connection per backend for all
+/// workers, every stream from the other worker crossed threads twice (its request
+/// to the driver, the response back), an eventfd `write` each time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_upstream_streams_wake_no_other_thread() {
+    const CLIENTS: usize = 20;
+    const EACH: usize = 20;
+    if !has_tool("h2load") {
+        panic!("h2load is needed (apt-get install -y nghttp2-client)");
+    }
+    let (backend, answered) = h2c_backend().await;
+    let fg = two_workers_http(backend, "h2c");
+    let pid = fg.pid();
+    let url = format!("http://{}/", fg.addr("h"));
+    // Warm-up: both workers open their connection to the backend.
+    let u = url.clone();
+    tokio::task::spawn_blocking(move || h2load(&u, CLIENTS, CLIENTS * 4))
+        .await
+        .unwrap();
+    let before = answered.load(Ordering::SeqCst);
+    let dir = tempdir::Dir::new();
+    let trace = Trace::attach(pid, &dir.0.join("h2c.txt"));
+    tokio::task::spawn_blocking(move || h2load(&url, CLIENTS, CLIENTS * EACH))
+        .await
+        .unwrap();
+    let calls = trace.finish();
+    let requests = CLIENTS * EACH;
+    report_per("h2c stream to an h2c backend", &calls, requests);
+    assert_eq!(answered.load(Ordering::SeqCst) - before, requests);
+    let wakes = per_op(&calls, "write", requests);
+    assert!(
+        wakes <= 0.05,
+        "{wakes:.2} write(2) (cross-thread wake-ups) per h2c stream"
     );
 }

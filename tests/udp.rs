@@ -19,6 +19,10 @@ use tokio::task::JoinHandle;
 struct UdpBackend {
     name: String,
     task: JoinHandle<()>,
+    /// Kept after `kill`, so that its port is not handed to another test's socket
+    /// (the tests run in parallel; one that bound it would take the datagrams
+    /// meant to meet ICMP port unreachable).
+    socket: std::sync::Arc<UdpSocket>,
 }
 
 impl UdpBackend {
@@ -39,6 +43,8 @@ impl UdpBackend {
     fn start_on(s: UdpSocket, raw: bool) -> UdpBackend {
         let name = s.local_addr().unwrap().to_string();
         let prefix = format!("{name}:").into_bytes();
+        let s = std::sync::Arc::new(s);
+        let socket = s.clone();
         let task = tokio::spawn(async move {
             let mut buf = vec![0u8; 65536];
             loop {
@@ -53,14 +59,16 @@ impl UdpBackend {
                 let _ = s.send_to(&reply, from).await;
             }
         });
-        UdpBackend { name, task }
+        UdpBackend { name, task, socket }
     }
 
-    /// Closes the socket: datagrams to it now get ICMP port unreachable.
+    /// Datagrams to the backend now get ICMP port unreachable: its socket stops
+    /// being read and is connected to another peer (the discard port), so the
+    /// kernel delivers nothing from anyone else to it, while its port stays taken.
     async fn kill(&mut self) {
         self.task.abort();
-        // The socket is closed once the aborted task is dropped.
         let _ = (&mut self.task).await;
+        self.socket.connect("127.0.0.1:9").await.unwrap();
     }
 }
 
@@ -296,13 +304,15 @@ async fn a_dead_backends_session_repicks() {
     };
     dead.kill().await;
     // The next datagram meets ICMP port unreachable and is lost; the one after it
-    // re-picks and the live backend answers, every time after that. (Each try
-    // waits 2 s for its answer, so a busy machine does not count a slow reply as
-    // a lost one.)
+    // re-picks and the live backend answers, every time after that. Each try is
+    // numbered and its reply names it, so a reply slower than the 2 s a try waits
+    // (a stalled machine) is still credited to its own try, not counted as lost.
     let mut moved = None;
     for i in 0..5 {
-        if let Some(r) = ask(&c, addr, b"2", 2 * SEC).await {
-            moved = Some((i, who(&r)));
+        if let Some(r) = ask(&c, addr, format!("2-{i}").as_bytes(), 2 * SEC).await {
+            let s = String::from_utf8_lossy(&r).into_owned();
+            let tag = s.rsplit_once("2-").expect("a numbered reply").1;
+            moved = Some((tag.parse::<u32>().expect("a try number"), who(&r)));
             break;
         }
     }

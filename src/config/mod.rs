@@ -249,6 +249,8 @@ pub struct PoolConfig {
     pub upstream_protocol: UpstreamProtocol,
     /// HTTP: idle upstream connections kept per backend.
     pub max_idle_per_backend: usize,
+    /// HTTP: an idle pooled upstream connection unused this long is closed.
+    pub keepalive_timeout: Duration,
     /// A PROXY header written to each backend connection (tcp listeners only).
     pub send_proxy: SendProxy,
     /// `source`: where backend connections (and UDP sessions' sockets) come from;

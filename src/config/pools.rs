@@ -18,8 +18,12 @@ use super::{
 /// Upper bound on `connect_attempts`; more than this only delays the client's error.
 const MAX_CONNECT_ATTEMPTS: usize = 32;
 /// Idle upstream HTTP connections kept per backend, by default and at most.
-const DEFAULT_IDLE_PER_BACKEND: usize = 64;
+const DEFAULT_IDLE_PER_BACKEND: usize = 256;
 const MAX_IDLE_PER_BACKEND: usize = 10_000;
+/// How long an idle pooled upstream HTTP connection is kept, by default (nginx's
+/// upstream `keepalive_timeout`) and at most.
+const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
+const MAX_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(86_400);
 /// Upper bound on `drain_timeout` (NLB's deregistration delay has the same range).
 const MAX_DRAIN: Duration = Duration::from_secs(3600);
 /// Upper bound on a backend's `max_connections` (the listener's bound).
@@ -131,6 +135,20 @@ pub(super) fn pools(src: &Source<'_>, raw: &[raw::Pool]) -> Result<Vec<PoolConfi
                             m.get_ref()
                         ),
                     ))
+                }
+            },
+            keepalive_timeout: match &p.keepalive_timeout {
+                None => DEFAULT_KEEPALIVE_TIMEOUT,
+                Some(t) => {
+                    let d = t.get_ref().0;
+                    if d.is_zero() || d > MAX_KEEPALIVE_TIMEOUT {
+                        return Err(src.err(
+                            t.span(),
+                            at("keepalive_timeout"),
+                            format!("{d:?} is out of range: expected more than 0s, at most 86400s (max_idle_per_backend = 0 keeps no idle connection)"),
+                        ));
+                    }
+                    d
                 }
             },
         });

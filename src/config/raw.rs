@@ -219,6 +219,8 @@ pub struct Pool {
     #[serde(default)]
     pub upstream_protocol: UpstreamProtocol,
     pub max_idle_per_backend: Option<Spanned<usize>>,
+    /// HTTP pools: how long an idle pooled upstream connection is kept.
+    pub keepalive_timeout: Option<Spanned<DurationStr>>,
     /// A PROXY header on each backend connection (pools of tcp listeners).
     #[serde(default)]
     pub send_proxy: SendProxy,

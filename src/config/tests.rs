@@ -290,7 +290,8 @@ fn http_listener_with_routes() {
     assert!(h.routes[0].strip_prefix);
     assert_eq!(h.routes[1].path_prefix, "/");
     assert_eq!(c.pools[0].upstream_protocol, UpstreamProtocol::H2c);
-    assert_eq!(c.pools[0].max_idle_per_backend, 64);
+    assert_eq!(c.pools[0].max_idle_per_backend, 256);
+    assert_eq!(c.pools[0].keepalive_timeout, Duration::from_secs(60));
 }
 
 #[test]
@@ -332,6 +333,11 @@ fn http_mistakes_are_named() {
             r#"upstream_protocol = "h2c""#,
             r#"upstream_protocol = "h3""#,
             "pools[0].upstream_protocol",
+        ),
+        (
+            r#"upstream_protocol = "h2c""#,
+            "upstream_protocol = \"h2c\"\nkeepalive_timeout = \"0s\"",
+            "pools[0].keepalive_timeout: 0ns is out of range",
         ),
     ];
     for (from, to, want) in cases {

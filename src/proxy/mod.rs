@@ -18,6 +18,7 @@ pub mod http;
 pub mod tcp;
 pub mod udp;
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,6 +29,22 @@ use crate::access_log::AccessLog;
 use crate::backend::{flag, Backend};
 use crate::pool::Pool;
 use crate::tasks::Tasks;
+
+thread_local! {
+    static REACTOR: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Names the calling thread's own I/O reactor: set once by a worker thread of the
+/// per-core model (one reactor each, numbered from 1). Threads that set nothing
+/// (the shared model's, whose reactor all share; the control thread) read 0.
+pub fn set_reactor(n: usize) {
+    REACTOR.with(|r| r.set(n));
+}
+
+/// The calling thread's reactor (see [`set_reactor`]); 0 for none of its own.
+pub fn reactor() -> usize {
+    REACTOR.with(|r| r.get())
+}
 
 /// What the runtime gives every listener, TCP or UDP, for its whole life.
 #[derive(Clone, Debug)]
@@ -302,6 +319,11 @@ fn epoch() -> Instant {
 /// Microseconds since the process-wide epoch: a timestamp in one word.
 pub(crate) fn now_us() -> u64 {
     epoch().elapsed().as_micros() as u64
+}
+
+/// The instant a [`now_us`] timestamp stands for (no clock read).
+pub(crate) fn instant_of_us(us: u64) -> Instant {
+    epoch() + std::time::Duration::from_micros(us)
 }
 
 impl Activity {

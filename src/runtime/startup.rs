@@ -172,6 +172,10 @@ impl Runtime {
         rt.inner
             .control
             .spawn_until_stop(super::dns::resolve_loop(rt.downgrade()));
+        // Idle upstream HTTP connections past their pool's keepalive_timeout.
+        rt.inner
+            .control
+            .spawn_until_stop(rt.inner.upstreams.clone().sweep_loop());
         if let Some(m) = &rt.inner.metrics {
             let stop = rt.inner.control.stop_token().clone();
             rt.inner.control.spawn(m.clone().upkeep(stop));

@@ -43,13 +43,18 @@ pub(super) fn spawn_threads(
         handles.push(rt.handle().clone());
         // Config refuses busy_poll with the shared model.
         let spin = busy_poll.filter(|_| model == WorkerModel::PerCore);
-        run_on_thread(format!("flowgate-w{i}"), rt, spin, stop.clone())?;
+        // A per-core worker's sockets are registered with its own reactor.
+        let reactor = match model {
+            WorkerModel::PerCore => i + 1,
+            WorkerModel::Shared => 0,
+        };
+        run_on_thread(format!("flowgate-w{i}"), rt, spin, reactor, stop.clone())?;
     }
     let control = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let control_handle = control.handle().clone();
-    run_on_thread("flowgate-control".into(), control, None, stop.clone())?;
+    run_on_thread("flowgate-control".into(), control, None, 0, stop.clone())?;
     Ok((handles, control_handle))
 }
 
@@ -58,9 +63,12 @@ fn run_on_thread(
     rt: tokio::runtime::Runtime,
     // `runtime.busy_poll`: the thread's spin task (see [`busy`]).
     spin: Option<Duration>,
+    // See [`crate::proxy::set_reactor`].
+    reactor: usize,
     stop: CancellationToken,
 ) -> io::Result<()> {
     std::thread::Builder::new().name(name).spawn(move || {
+        crate::proxy::set_reactor(reactor);
         if let Some(budget) = spin {
             rt.spawn(busy::spin(budget));
         }

@@ -24,15 +24,17 @@ use super::request_body::{BodyError, BoxError, IdleTimer};
 
 /// A backend's response body on its way to the client.
 pub struct RespBody {
-    inner: Incoming,
+    /// hyper's body (h2c, the WebSocket handshake); `None`: the body is read from
+    /// the exchange's HTTP/1.1 connection.
+    inner: Option<Incoming>,
     idle: IdleTimer,
     /// Accounts for the exchange on drop; told when the body ended cleanly.
     exchange: Exchange,
 }
 
 impl RespBody {
-    pub fn new(inner: Incoming, idle: Duration, mut exchange: Exchange) -> RespBody {
-        if inner.is_end_stream() {
+    pub fn new(inner: Option<Incoming>, idle: Duration, mut exchange: Exchange) -> RespBody {
+        if source_done(&inner, &exchange) {
             // No body at all (204, 304, Content-Length: 0): done already.
             exchange.complete();
         }
@@ -56,22 +58,13 @@ impl Body for RespBody {
         if this.exchange.ended() {
             return Poll::Ready(None);
         }
-        // The body comes through hyper's channel from the upstream connection,
-        // which is driven here (HTTP/1.1): what is buffered first, then the
-        // connection, then the channel again.
-        let inner = &mut this.inner;
-        let r = match &mut this.exchange.upstream {
-            Some((_, h, _)) => h.drive(cx, |h, cx| {
-                if let Poll::Ready(r) = Pin::new(&mut *inner).poll_frame(cx) {
-                    return Poll::Ready(r);
-                }
-                if let Poll::Ready(Err(e)) = h.poll_conn(cx) {
-                    debug!(error = %e, "upstream connection ended");
-                }
-                Pin::new(&mut *inner).poll_frame(cx)
-            }),
-            None => Pin::new(inner).poll_frame(cx),
-        };
+        // From hyper's body, or read from the HTTP/1.1 connection here.
+        let r: Poll<Option<Result<Frame<Bytes>, BoxError>>> =
+            match (&mut this.inner, &mut this.exchange.upstream) {
+                (Some(b), _) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+                (None, Some((h, _, _))) => h.conn.poll_frame(cx).map_err(Into::into),
+                (None, None) => Poll::Ready(None),
+            };
         match r {
             Poll::Ready(Some(Ok(frame))) => {
                 this.idle.touch();
@@ -80,14 +73,15 @@ impl Body for RespBody {
                 }
                 // hyper stops polling a body whose length it knows once it has
                 // it all: the end is seen here, not as `None`.
-                if this.inner.is_end_stream() {
+                if source_done(&this.inner, &this.exchange) {
                     this.exchange.complete();
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
+                debug!(error = %e, "upstream response body failed");
                 this.exchange.failed("backend_error");
-                Poll::Ready(Some(Err(e.into())))
+                Poll::Ready(Some(Err(e)))
             }
             Poll::Ready(None) => {
                 this.exchange.complete();
@@ -104,11 +98,25 @@ impl Body for RespBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.exchange.ended() || self.inner.is_end_stream()
+        self.exchange.ended() || source_done(&self.inner, &self.exchange)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match (&self.inner, &self.exchange.upstream) {
+            (Some(b), _) => b.size_hint(),
+            (None, Some((h, _, _))) => h.conn.size_hint(),
+            (None, None) => SizeHint::with_exact(0),
+        }
+    }
+}
+
+/// Whether all of the response body was read (`inner`, or the exchange's
+/// HTTP/1.1 connection).
+fn source_done(inner: &Option<Incoming>, exchange: &Exchange) -> bool {
+    match (inner, &exchange.upstream) {
+        (Some(b), _) => b.is_end_stream(),
+        (None, Some((h, _, _))) => h.conn.body_done(),
+        (None, None) => true,
     }
 }
 

@@ -1,9 +1,11 @@
 //! One client connection of an http listener: HTTP/1.1, or h2c with prior
-//! knowledge (told apart by the first bytes), served by hyper.
+//! knowledge (told apart by the first bytes). Bodiless HTTP/1.1 requests are
+//! served by the fast path ([`super::serve1`]), the rest by hyper.
 //!
 //! **An idle HTTP/1.1 connection holds only the socket.** Requests run on a
 //! hyper connection that is taken apart ([`http1::Connection::into_parts`]) once
-//! the client has been quiet for 100 ms; the next request's first byte builds a
+//! the client has been quiet for 100 ms (at once after the connection's first
+//! request: see [`PARK_AFTER`]); the next request's first byte builds a
 //! new one from the socket and any bytes hyper had read ahead. hyper keeps its read and
 //! write buffers for a connection's whole life, so a kept-alive client that waits
 //! between requests (an SDK's pool) would hold them all the while; this way it
@@ -28,7 +30,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::{Request, Response};
@@ -41,7 +43,9 @@ use tracing::debug;
 
 use super::body::OutBody;
 use super::forward;
+use super::request_body::ReqBody;
 use super::scan::HeadScan;
+use super::serve1;
 use super::state::{ConnCtx, ConnState};
 use super::HttpSettings;
 use crate::proxy::tcp::{ListenerSettings, Place};
@@ -72,12 +76,14 @@ pub(crate) async fn serve(
     state
         .idle_since
         .store(crate::proxy::now_us(), Ordering::Relaxed);
-    let mut io = ClientIo::new(
+    // Boxed: it moves from this function's state into the serving function's,
+    // and a future keeps room for both.
+    let mut io = Box::new(ClientIo::new(
         stream,
         state.clone(),
         http.header_timeout,
         settings.idle_timeout,
-    );
+    ));
     let ctx = Arc::new(ConnCtx {
         listener: listener.clone(),
         peer,
@@ -110,8 +116,9 @@ pub(crate) async fn serve(
 
 /// How long an HTTP/1.1 connection stays idle with its hyper connection (and
 /// buffers) before it is parked as a bare socket: long enough that a busy client's
-/// back-to-back requests never pay for a new one, short against an SDK pool's
-/// idle minutes.
+/// back-to-back requests do not pay for a new one each, short against an SDK
+/// pool's idle minutes. Not after a connection's first request, which parks at
+/// once (a busy client pays for one more hyper connection, once).
 const PARK_AFTER: Duration = Duration::from_millis(100);
 
 /// What a request handler returns.
@@ -131,29 +138,66 @@ fn service(
         let ctx = ctx.clone();
         // Boxed: hyper's connection is taken apart between requests, which needs
         // an `Unpin` handler future.
-        Box::pin(async move { Ok(forward::handle(ctx, req).await) }) as Handled
+        Box::pin(async move { Ok(forward::handle(ctx, req.map(ReqBody::Hyper)).await) }) as Handled
     })
 }
 
 /// HTTP/1.1: one hyper connection per busy spell, the socket alone in between.
 async fn serve_h1(
-    mut io: ClientIo,
+    mut io: Box<ClientIo>,
     ctx: &Arc<ConnCtx>,
     http: &HttpSettings,
     stop: &CancellationToken,
     cut: &CancellationToken,
 ) -> hyper::Result<()> {
-    let mut park_timer = Box::pin(tokio::time::sleep(PARK_AFTER));
+    // The fast path's read buffer: made for a request and let go after it, so
+    // that an idle connection holds none.
+    let mut rbuf = BytesMut::new();
+    // Made (and registered with their tokens) once for the connection, not per
+    // request: each registration takes the token's lock.
+    let stopped = stop.cancelled();
+    let cancelled = cut.cancelled();
+    tokio::pin!(stopped, cancelled);
     loop {
-        if io.leftover.is_empty() {
+        if io.leftover.is_empty() && rbuf.is_empty() {
             let more = tokio::select! {
+                biased;
                 more = std::future::poll_fn(|cx| io.poll_request(cx)) => more,
                 // Nothing in flight: a stopping listener just closes.
-                _ = stop.cancelled() => false,
-                _ = cut.cancelled() => false,
+                _ = &mut stopped => false,
+                _ = &mut cancelled => false,
             };
             if !more {
                 return Ok(());
+            }
+        }
+        // A bodiless request is served here (serve1.rs); anything else by a
+        // hyper connection, with the bytes read so far. Boxed: a request's
+        // state lives only while it is served; the task that waits between
+        // requests stays small.
+        let fast = tokio::select! {
+            biased;
+            f = Box::pin(serve1::serve(&mut io, &mut rbuf, ctx, stop, PARK_AFTER)) => f,
+            _ = &mut cancelled => return Ok(()),
+        };
+        match fast {
+            // Closed, failed, or timed out (408 written).
+            serve1::Fast::Closed => return Ok(()),
+            serve1::Fast::Served(keep) => {
+                if !keep {
+                    let _ = tokio::io::AsyncWriteExt::shutdown(&mut io.stream).await;
+                    return Ok(());
+                }
+                if rbuf.is_empty() {
+                    rbuf = BytesMut::new();
+                }
+                continue;
+            }
+            serve1::Fast::Hyper => {
+                if !io.leftover.is_empty() {
+                    rbuf.extend_from_slice(&io.leftover);
+                }
+                io.leftover = std::mem::take(&mut rbuf).freeze();
             }
         }
         let before = ctx.state.requests.load(Ordering::Acquire);
@@ -170,6 +214,9 @@ async fn serve_h1(
         );
         let mut shut = false;
         let mut idle_from: Option<Instant> = None;
+        // Made when first needed, and gone with the busy spell: a parked
+        // connection holds no timer for it.
+        let mut park_timer: Option<Pin<Box<Sleep>>> = None;
         let done = std::future::poll_fn(|cx| loop {
             let r = conn.poll_without_shutdown(cx);
             if r.is_ready() || shut {
@@ -185,13 +232,24 @@ async fn serve_h1(
                     idle_from = None;
                     false
                 }
+                // The connection's first request done and nothing more coming
+                // yet: parked at once. An SDK's pooled connection waits long
+                // between requests, and a busy client pays for one more hyper
+                // connection, once (its requests after that wait PARK_AFTER).
+                (true, None) if before == 0 && ctx.state.requests.load(Ordering::Acquire) == 1 => {
+                    true
+                }
                 (true, None) => {
                     let at = Instant::now() + PARK_AFTER;
                     idle_from = Some(at);
-                    park_timer.as_mut().reset(at);
-                    park_timer.as_mut().poll(cx).is_ready()
+                    let t =
+                        park_timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+                    t.as_mut().reset(at);
+                    t.as_mut().poll(cx).is_ready()
                 }
-                (true, Some(_)) => park_timer.as_mut().poll(cx).is_ready(),
+                (true, Some(_)) => park_timer
+                    .as_mut()
+                    .is_some_and(|t| t.as_mut().poll(cx).is_ready()),
             };
             // (The stop token takes a lock: looked at only when idle.)
             if park || (idle && stop.is_cancelled()) {
@@ -203,7 +261,7 @@ async fn serve_h1(
         });
         let r = tokio::select! {
             r = done => r,
-            _ = cut.cancelled() => return Ok(()),
+            _ = &mut cancelled => return Ok(()),
         };
         r?;
         let parts = (*conn).into_parts();
@@ -216,7 +274,9 @@ async fn serve_h1(
         };
         if let Some((upstream, idle)) = ctx.state.take_upgrade() {
             let early = std::mem::take(&mut io.leftover);
-            super::tunnel::run(io.stream, early, upstream, idle, cut).await;
+            // Boxed: a WebSocket tunnel is rare, and its state would otherwise
+            // size every connection's task.
+            Box::pin(super::tunnel::run(io.stream, early, upstream, idle, cut)).await;
             return Ok(());
         }
         let served = ctx.state.requests.load(Ordering::Acquire) > before;
@@ -230,7 +290,7 @@ async fn serve_h1(
 /// h2c: one hyper connection for the connection's life; GOAWAY when the listener
 /// stops.
 async fn serve_h2(
-    io: ClientIo,
+    io: Box<ClientIo>,
     ctx: &Arc<ConnCtx>,
     http: &HttpSettings,
     stop: &CancellationToken,
@@ -320,8 +380,7 @@ impl ClientIo {
             return None;
         }
         let idle_us = self.state.idle_since.load(Ordering::Relaxed);
-        let ago = Duration::from_micros(crate::proxy::now_us().saturating_sub(idle_us));
-        let since = Instant::now().checked_sub(ago).unwrap_or_else(Instant::now);
+        let since = Instant::from_std(crate::proxy::instant_of_us(idle_us));
         Some((since + self.idle_timeout, Deadline::Idle))
     }
 
@@ -387,12 +446,24 @@ impl ClientIo {
         let Some((when, kind)) = self.deadline() else {
             return Poll::Pending;
         };
-        if self.armed != Some(when) {
+        // Armed lazily: a timer set for an earlier time is left as it is (each
+        // request moves the idle deadline later; resetting the timer for each
+        // would cost a timer-wheel move per request), and when it fires, the
+        // deadline that applies then is looked at again.
+        if self.armed.is_none_or(|a| a > when) {
             self.sleep.as_mut().reset(when);
             self.armed = Some(when);
         }
         if !poll_sleep(&mut self.sleep, cx) {
             return Poll::Pending;
+        }
+        if self.armed != Some(when) {
+            // Fired for an earlier deadline that has since moved.
+            self.sleep.as_mut().reset(when);
+            self.armed = Some(when);
+            if !poll_sleep(&mut self.sleep, cx) {
+                return Poll::Pending;
+            }
         }
         if kind == Deadline::Head && !self.state.h2.load(Ordering::Relaxed) {
             // Best effort: a client that reads nothing just gets the close.

@@ -6,14 +6,13 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Version};
 use tokio::time::Instant;
 use tracing::debug;
 
 use super::headers;
-use super::request_body::Upload;
+use super::request_body::{ReqBody, Upload};
 use super::state::ConnCtx;
 use super::upstream::{Upstreams, H1};
 use super::{BackendMetrics, HttpSettings, Route};
@@ -42,8 +41,8 @@ pub struct Inner {
     pub(super) backend_metrics: Option<Arc<BackendMetrics>>,
     /// The HTTP/1.1 connection the response comes on: polled with the response
     /// body ([`super::body::RespBody`]), handed back once the response ended
-    /// cleanly.
-    pub(super) upstream: Option<(Arc<Upstreams>, H1, usize)>,
+    /// cleanly (with the pool's `max_idle_per_backend` and `keepalive_timeout`).
+    pub(super) upstream: Option<(Box<H1>, usize, std::time::Duration)>,
     pub(super) method: Method,
     pub(super) version: Version,
     pub(super) host: Option<String>,
@@ -77,7 +76,7 @@ impl std::ops::DerefMut for Exchange {
 }
 
 impl Exchange {
-    pub(super) fn start(ctx: Arc<ConnCtx>, req: &Request<Incoming>) -> Exchange {
+    pub(super) fn start(ctx: Arc<ConnCtx>, req: &Request<ReqBody>) -> Exchange {
         Exchange(Box::new(Inner {
             ctx,
             http: None,
@@ -98,7 +97,7 @@ impl Exchange {
             sent: None,
             head: None,
             first_body: None,
-            up: Arc::default(),
+            up: Upload::for_body(hyper::body::Body::is_end_stream(req.body())),
             down: 0,
             reason: "client_aborted",
             ended: false,
@@ -205,9 +204,9 @@ impl Exchange {
             g.backend().load.record_rest(end.saturating_sub(fb));
         }
         let up = self.0.upstream.take();
-        if let (Some((ups, s, max)), Some(g)) = (up, &self.0.guard) {
+        if let (Some((s, max, keepalive)), Some(g)) = (up, &self.0.guard) {
             if self.0.up.done_at().is_some() {
-                ups.put_back(g.backend(), s, max);
+                Upstreams::put_back(g.backend(), s, max, keepalive);
             }
         }
     }
@@ -265,6 +264,13 @@ impl Drop for Exchange {
         let log = &i.ctx.listener.ctx.access_log;
         if log.enabled() {
             log.log(entry(i, status, up, duration));
+        }
+        if !i.up.body_read() && !i.ctx.state.h2.load(Ordering::Relaxed) {
+            // The request's body was not all read (an error answered before it,
+            // a backend that answered early and stopped reading): what is left of
+            // it on the connection must never be read as a next request, so the
+            // connection closes after this response.
+            i.ctx.state.close_after.store(true, Ordering::Relaxed);
         }
         i.ctx.state.end();
     }

@@ -10,7 +10,6 @@
 use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::Duration;
 
 use hyper::body::{Body as _, Incoming};
@@ -21,9 +20,10 @@ use tracing::debug;
 
 use super::body::{OutBody, RespBody};
 use super::exchange::Exchange;
+use super::h1::UpError;
 use super::headers;
 use super::path;
-use super::request_body::{BodyError, UpBody, Upload};
+use super::request_body::{BodyError, ReqBody, UpBody, Upload};
 use super::state::ConnCtx;
 use super::upstream::{self, Sender, H1};
 use crate::backend::{ActiveGuard, Backend, ConnectError};
@@ -32,7 +32,7 @@ use crate::pool::NoSlot;
 use crate::proxy::passive_failure;
 
 /// Answers one request (never fails: errors are replies).
-pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<OutBody> {
+pub async fn handle(ctx: Arc<ConnCtx>, req: Request<ReqBody>) -> Response<OutBody> {
     ctx.state.begin();
     if wants_close(&req) {
         ctx.state.close_after.store(true, Ordering::Relaxed);
@@ -130,7 +130,7 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<OutBo
     // The request as it goes upstream.
     let websocket = is_websocket(&req);
     let version = match (route.pool.config().upstream_protocol, req.version()) {
-        _ if websocket => upstream::Version::Http1,
+        _ if websocket => upstream::Version::Upgrade,
         (UpstreamProtocol::Http1, _) => upstream::Version::Http1,
         (UpstreamProtocol::H2c, _) => upstream::Version::H2c,
         (UpstreamProtocol::Auto, Version::HTTP_2) => upstream::Version::H2c,
@@ -147,7 +147,7 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<OutBo
     .filter(|v| v.to_str().is_ok());
     // An origin-form target whose path stays as it is goes up as it came.
     let keep_target =
-        version == upstream::Version::Http1 && !from_target && !normalized && !rc.strip_prefix;
+        version != upstream::Version::H2c && !from_target && !normalized && !rc.strip_prefix;
     let uri = if keep_target {
         None
     } else {
@@ -173,13 +173,12 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<OutBo
     headers::forwarded(
         &mut parts.headers,
         http.xff,
-        ctx.peer.ip(),
         &ctx.peer_ip,
         authority.as_ref(),
     );
     ex.request_id = Some(headers::request_id(&mut parts.headers));
     match version {
-        upstream::Version::Http1 => {
+        upstream::Version::Http1 | upstream::Version::Upgrade => {
             // An HTTP/2 client's :authority, or an absolute-form target's
             // authority, becomes Host (RFC 9112 §3.2.2: it wins over the Host
             // the client sent, and it is what the request was routed by).
@@ -213,7 +212,7 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<OutBo
     );
     // Every failure before sending leaves the request here (a refusing pooled
     // connection hands it back), so it can go to the next backend as it is.
-    let mut request = Some(Request::from_parts(parts, body));
+    let mut request = Some(Outgoing::Req(Request::from_parts(parts, body)));
 
     // Pick, connect, send.
     let pool = &route.pool;
@@ -239,33 +238,35 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<OutBo
         loop {
             let s = match sender.take() {
                 Some(s) => s,
-                None => match upstreams.connect(&b, pool.source(), version, timeout).await {
-                    Ok(s) => {
-                        b.stats.connections.fetch_add(1, Ordering::Relaxed);
-                        s
+                // Boxed: a new connection's state (connect, handshake) is large
+                // and, with pooled connections, rare; it would size every request.
+                None => {
+                    match Box::pin(upstreams.connect(&b, pool.source(), version, timeout)).await {
+                        Ok(s) => {
+                            b.stats.connections.fetch_add(1, Ordering::Relaxed);
+                            s
+                        }
+                        Err(e) => {
+                            debug!(pool = %pool.name, backend = %b.name, error = %e, "connect failed");
+                            b.stats.connect_error(ConnectError::classify(&e));
+                            passive_failure(pool, &b, &ctx.listener.ctx.control);
+                            break;
+                        }
                     }
-                    Err(e) => {
-                        debug!(pool = %pool.name, backend = %b.name, error = %e, "connect failed");
-                        b.stats.connect_error(ConnectError::classify(&e));
-                        passive_failure(pool, &b, &ctx.listener.ctx.control);
-                        break;
-                    }
-                },
+                }
             };
             let Some(r) = request.take() else { break };
             // A kept-alive connection the backend closed just as this request went
-            // out fails after taking it: a bodiless request is sent again on a
-            // fresh connection, so its head is kept for that (and only then).
-            let again = (pooled && fresh_tries == 0 && r.body().is_end_stream()).then(|| {
-                let mut b = Request::builder()
-                    .method(r.method().clone())
-                    .uri(r.uri().clone())
-                    .version(r.version());
-                if let Some(h) = b.headers_mut() {
-                    *h = r.headers().clone();
-                }
-                b
-            });
+            // out fails after taking it: a bodiless request of an idempotent
+            // method (RFC 9110 §9.2.2, as nginx has it: the backend may have acted
+            // on a POST before it hung up) goes again on a fresh connection, as
+            // the bytes it went as.
+            let resendable = pooled
+                && fresh_tries == 0
+                && match &r {
+                    Outgoing::Req(r) => r.method().is_idempotent() && r.body().is_end_stream(),
+                    Outgoing::Raw(..) => false,
+                };
             ex.sent = Some(Instant::now());
             let (result, h1) = send(s, r, rc.first_byte_timeout, &upload).await;
             match result {
@@ -293,19 +294,22 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<OutBo
                     // A dead kept-alive connection: once more on a fresh one.
                     fresh_tries += 1;
                     pooled = false;
-                    request = Some(back);
+                    request = Some(Outgoing::Req(back));
                 }
                 Sent::Refused(back) => {
-                    request = Some(back);
+                    request = Some(Outgoing::Req(back));
                     passive_failure(pool, &b, &ctx.listener.ctx.control);
                     break;
                 }
-                Sent::Failed(e) if e.is_incomplete_message() && again.is_some() => {
+                Sent::Closed(Some((head, head_req))) if resendable => {
                     debug!(backend = %b.name, "pooled connection closed under the request: once more on a fresh one");
                     fresh_tries += 1;
                     pooled = false;
-                    let body = UpBody::new_empty(upload.clone());
-                    request = again.and_then(|b| b.body(body).ok());
+                    request = Some(Outgoing::Raw(head, head_req));
+                }
+                Sent::Closed(_) => {
+                    sent_to = Some((guard, Err(UpError::Closed), None));
+                    break;
                 }
                 Sent::Failed(e) => {
                     sent_to = Some((guard, Err(e), None));
@@ -367,10 +371,7 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<OutBo
     ex.backend_ok();
 
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        // hyper hands the upgraded socket over when the connection is polled on.
-        if let Some(h) = h1 {
-            h.detach(&upstreams);
-        }
+        // hyper hands the upgraded socket over from the connection's driver task.
         if websocket {
             // The connection's own task takes the client socket over once hyper
             // has written this response (see conn.rs).
@@ -381,12 +382,24 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<OutBo
         ex.complete_now("upgraded");
         return Response::from_parts(parts, OutBody::Full(None));
     }
+    // The backend stopped reading the request body (it answered early and
+    // closed): the rest of it will never be read, so the client connection
+    // closes after this response rather than have its body taken for a request.
+    let cut = h1.as_ref().is_some_and(|h| h.conn.upload_cut());
+    if cut {
+        ctx.state.close_after.store(true, Ordering::Relaxed);
+    }
     if let Some(s) = h1 {
-        ex.upstream = Some((upstreams, s, pool.config().max_idle_per_backend));
+        let c = pool.config();
+        ex.upstream = Some((s, c.max_idle_per_backend, c.keepalive_timeout));
     }
     let (mut parts, body) = resp.into_parts();
-    headers::strip_hop_by_hop(&mut parts.headers, false);
-    if ctx.listener.stop_accept.is_cancelled() && !ctx.state.h2.load(Ordering::Relaxed) {
+    if body.is_some() {
+        // From hyper's client; the HTTP/1.1 client leaves hop-by-hop headers out
+        // as it reads them.
+        headers::strip_hop_by_hop(&mut parts.headers, false);
+    }
+    if (cut || ctx.listener.stop_accept.is_cancelled()) && !ctx.state.h2.load(Ordering::Relaxed) {
         parts
             .headers
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -421,9 +434,13 @@ impl Reply for Exchange {
 /// The backend a request went to, how that went, and (HTTP/1.1) the connection.
 type Attempt = (
     ActiveGuard,
-    Result<Response<Incoming>, hyper::Error>,
-    Option<H1>,
+    Result<Response<Upstream>, UpError>,
+    Option<Box<H1>>,
 );
+
+/// A response's body: hyper's (h2c, the WebSocket handshake), or `None` when it
+/// is read from the HTTP/1.1 connection the response came on.
+type Upstream = Option<Incoming>;
 
 /// The session key of a request under `[pools.affinity]`: the header's value, or
 /// the cookie's (the first with that name). None when absent or empty: the pool's
@@ -445,7 +462,7 @@ fn session_key(headers: &hyper::HeaderMap, key: &AffinityKey) -> Option<u64> {
 }
 
 /// What a failed exchange is answered with.
-fn classify(e: &hyper::Error) -> (StatusCode, &'static str, &'static str) {
+fn classify(e: &UpError) -> (StatusCode, &'static str, &'static str) {
     let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(s) = src {
         if let Some(b) = s.downcast_ref::<BodyError>() {
@@ -476,13 +493,25 @@ fn classify(e: &hyper::Error) -> (StatusCode, &'static str, &'static str) {
     )
 }
 
+/// A request on its way upstream: hyper's type, or, sent again on a fresh
+/// connection after a pooled one closed under it, the bytes it went as.
+#[allow(clippy::large_enum_variant)] // on one function's stack; `Raw` is rare
+enum Outgoing {
+    Req(Request<UpBody>),
+    /// A bodiless request's head, and whether it is HEAD.
+    Raw(bytes::Bytes, bool),
+}
+
 /// How sending a request went.
 enum Sent {
-    Response(Response<Incoming>),
+    Response(Response<Upstream>),
     /// The connection refused it before any of it was written: it can go elsewhere.
     Refused(Request<UpBody>),
     /// It may have reached the backend.
-    Failed(hyper::Error),
+    Failed(UpError),
+    /// The HTTP/1.1 connection closed before any byte of the response (with the
+    /// head of a bodiless request, to send again).
+    Closed(Option<(bytes::Bytes, bool)>),
     /// No response head within `first_byte_timeout`.
     TimedOut,
 }
@@ -491,10 +520,10 @@ enum Sent {
 /// (its body is read by polling it on).
 async fn send(
     s: Sender,
-    req: Request<UpBody>,
+    req: Outgoing,
     first_byte: Duration,
     upload: &Upload,
-) -> (Sent, Option<H1>) {
+) -> (Sent, Option<Box<H1>>) {
     // first_byte_timeout runs from the request being fully sent: a slow upload is
     // stream_idle_timeout's business.
     let deadline = async {
@@ -503,52 +532,82 @@ async fn send(
     };
     match s {
         Sender::Http1(mut h) => {
-            // The connection is driven here, with the response future: the
-            // request goes out and its response head comes back in this task.
-            let f = h.send(req);
-            let mut f = std::pin::pin!(f);
-            let exchange = std::future::poll_fn(|cx| {
-                h.drive(cx, |h, cx| {
-                    if let Poll::Ready(Err(e)) = h.poll_conn(cx) {
-                        debug!(error = %e, "upstream connection ended");
-                    }
-                    f.as_mut().poll(cx)
-                })
-            });
+            // The request goes out and its response head comes back in this task.
+            match req {
+                Outgoing::Req(req) => h.conn.start(req),
+                Outgoing::Raw(head, head_req) => h.conn.start_raw(head, head_req),
+            }
+            let exchange = std::future::poll_fn(|cx| h.conn.poll_head(cx));
             let r = tokio::select! {
                 r = exchange => r,
                 _ = deadline => return (Sent::TimedOut, None),
             };
             match r {
-                Ok(r) => (Sent::Response(r), Some(h)),
-                Err(mut e) => match e.take_message() {
-                    Some(back) => (Sent::Refused(back), None),
-                    None => (Sent::Failed(e.into_error()), None),
-                },
+                Ok(r) => (Sent::Response(r.map(|()| None)), Some(h)),
+                Err(UpError::Closed) => (Sent::Closed(h.conn.take_resend()), None),
+                Err(e) => (Sent::Failed(e), None),
             }
         }
-        Sender::H2(mut s) => {
-            // Waiting for a stream slot (the backend's concurrency limit) is
-            // bounded by first_byte_timeout too.
-            match tokio::time::timeout(first_byte, s.ready()).await {
-                Err(_) => return (Sent::TimedOut, None),
-                Ok(Err(_)) => return (Sent::Refused(req), None),
-                Ok(Ok(())) => {}
-            }
-            let exchange = async move {
-                match s.try_send_request(req).await {
-                    Ok(r) => Sent::Response(r),
-                    Err(mut e) => match e.take_message() {
-                        Some(back) => Sent::Refused(back),
-                        None => Sent::Failed(e.into_error()),
-                    },
-                }
-            };
-            tokio::select! {
-                sent = exchange => (sent, None),
-                _ = deadline => (Sent::TimedOut, None),
-            }
+        // (Only an HTTP/1.1 connection is ever given its bytes again.)
+        _ if matches!(req, Outgoing::Raw(..)) => (Sent::Closed(None), None),
+        // Boxed: these exchanges' states are larger than HTTP/1.1's, and would
+        // size every request's future (HTTP/1.1 ones too).
+        Sender::Upgrade(s) => (
+            Box::pin(send_hyper(Hyper::H1(s), req, first_byte, deadline)).await,
+            None,
+        ),
+        Sender::H2(s) => (
+            Box::pin(send_hyper(Hyper::H2(s), req, first_byte, deadline)).await,
+            None,
+        ),
+    }
+}
+
+/// A hyper client connection.
+enum Hyper {
+    H1(hyper::client::conn::http1::SendRequest<UpBody>),
+    H2(hyper::client::conn::http2::SendRequest<UpBody>),
+}
+
+/// [`send`] through hyper: on an h2c connection, or a WebSocket handshake.
+async fn send_hyper(
+    mut s: Hyper,
+    req: Outgoing,
+    first_byte: Duration,
+    deadline: impl Future<Output = ()>,
+) -> Sent {
+    // Waiting for a stream slot (the backend's concurrency limit) is bounded by
+    // first_byte_timeout too.
+    let ready = async {
+        match &mut s {
+            Hyper::H1(s) => s.ready().await,
+            Hyper::H2(s) => s.ready().await,
         }
+    };
+    let Outgoing::Req(req) = req else {
+        return Sent::Closed(None);
+    };
+    match tokio::time::timeout(first_byte, ready).await {
+        Err(_) => return Sent::TimedOut,
+        Ok(Err(_)) => return Sent::Refused(req),
+        Ok(Ok(())) => {}
+    }
+    let exchange = async move {
+        let r = match &mut s {
+            Hyper::H1(s) => s.try_send_request(req).await,
+            Hyper::H2(s) => s.try_send_request(req).await,
+        };
+        match r {
+            Ok(r) => Sent::Response(r.map(Some)),
+            Err(mut e) => match e.take_message() {
+                Some(back) => Sent::Refused(back),
+                None => Sent::Failed(UpError::Hyper(e.into_error())),
+            },
+        }
+    };
+    tokio::select! {
+        sent = exchange => sent,
+        _ = deadline => Sent::TimedOut,
     }
 }
 
@@ -564,7 +623,7 @@ fn build_uri(
         None => path.to_string(),
     };
     match v {
-        upstream::Version::Http1 => pq.parse().ok(),
+        upstream::Version::Http1 | upstream::Version::Upgrade => pq.parse().ok(),
         upstream::Version::H2c => Uri::builder()
             .scheme("http")
             .authority(authority.unwrap_or("localhost"))
@@ -574,7 +633,7 @@ fn build_uri(
     }
 }
 
-fn content_length(req: &Request<Incoming>) -> Option<u64> {
+fn content_length<B>(req: &Request<B>) -> Option<u64> {
     req.headers()
         .get(header::CONTENT_LENGTH)?
         .to_str()
@@ -586,13 +645,8 @@ fn content_length(req: &Request<Incoming>) -> Option<u64> {
 
 /// The client asks to close after this request (`Connection: close`, or HTTP/1.0
 /// without `Connection: keep-alive`).
-fn wants_close(req: &Request<Incoming>) -> bool {
-    let token = |t: &str| {
-        req.headers().get_all(header::CONNECTION).iter().any(|v| {
-            v.to_str()
-                .is_ok_and(|v| v.split(',').any(|x| x.trim().eq_ignore_ascii_case(t)))
-        })
-    };
+fn wants_close<B>(req: &Request<B>) -> bool {
+    let token = |t| headers::any_lists(req.headers(), header::CONNECTION, t);
     match req.version() {
         Version::HTTP_10 | Version::HTTP_09 => !token("keep-alive"),
         Version::HTTP_11 => token("close"),
@@ -601,13 +655,8 @@ fn wants_close(req: &Request<Incoming>) -> bool {
 }
 
 /// An HTTP/1.1 WebSocket handshake.
-fn is_websocket(req: &Request<Incoming>) -> bool {
-    let has = |name, token: &str| {
-        req.headers().get_all(name).iter().any(|v| {
-            v.to_str()
-                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-        })
-    };
+fn is_websocket<B>(req: &Request<B>) -> bool {
+    let has = |name, token| headers::any_lists(req.headers(), name, token);
     req.version() == Version::HTTP_11
         && has(header::UPGRADE, "websocket")
         && has(header::CONNECTION, "upgrade")

@@ -22,7 +22,8 @@ const KEEP_ALIVE: u8 = 16;
 const HTTP2_SETTINGS: u8 = 32;
 const PROXY: u8 = 64;
 
-fn hop_by_hop(k: &HeaderName) -> u8 {
+/// Which hop-by-hop header `k` is (a bit of those above), or 0.
+pub(super) fn hop_by_hop(k: &HeaderName) -> u8 {
     if k == header::CONNECTION {
         CONNECTION
     } else if k == header::TE {
@@ -39,6 +40,19 @@ fn hop_by_hop(k: &HeaderName) -> u8 {
             _ => 0,
         }
     }
+}
+
+/// Whether a comma-separated header value lists `token` (ASCII case-insensitive,
+/// blanks around each element ignored).
+pub(super) fn lists(value: &[u8], token: &str) -> bool {
+    value
+        .split(|&c| c == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+}
+
+/// Whether any of `h`'s `name` lines lists `token`.
+pub(super) fn any_lists(h: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    h.get_all(name).iter().any(|v| lists(v.as_bytes(), token))
 }
 
 /// Removes hop-by-hop headers: `Connection` and those it names, `Keep-Alive`,
@@ -68,12 +82,7 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
         }
     }
     if present & TE != 0 {
-        let te_trailers = h.get_all(header::TE).iter().any(|v| {
-            v.to_str().is_ok_and(|v| {
-                v.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-            })
-        });
+        let te_trailers = any_lists(h, header::TE, "trailers");
         h.remove(header::TE);
         if te_trailers {
             h.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -110,46 +119,62 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-/// Sets X-Forwarded-For/-Proto/-Host for a request from `client` (`ip` is its
-/// address as a header value, made once per connection) that named `host`.
-pub fn forwarded(
-    h: &mut HeaderMap,
-    xff: Xff,
-    client: IpAddr,
-    ip: &HeaderValue,
-    host: Option<&HeaderValue>,
-) {
-    let ip = Some(ip.clone());
+/// Sets X-Forwarded-For/-Proto/-Host for a request from the client whose address
+/// is `ip` (as a header value, made once per connection) that named `host`.
+pub fn forwarded(h: &mut HeaderMap, xff: Xff, ip: &HeaderValue, host: Option<&HeaderValue>) {
+    use hyper::header::Entry;
     match xff {
         Xff::Off => {}
         Xff::Append => {
-            let joined = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-                Some(prev) if !prev.trim().is_empty() => {
-                    HeaderValue::from_str(&format!("{prev}, {client}")).ok()
+            // One lookup per name (entry), and room for the three made first: a
+            // request with few headers would otherwise grow the map twice.
+            // (A map at hyper's size limit just grows as it goes.)
+            let _ = h.try_reserve(3);
+            match h.entry(&X_FORWARDED_FOR) {
+                Entry::Occupied(mut e) => {
+                    // Several X-Forwarded-For lines are one list (RFC 9110
+                    // §5.3): all of them as they came, in order, then the client.
+                    let mut joined: Vec<u8> = Vec::new();
+                    for prev in e.iter() {
+                        let prev = prev.as_bytes().trim_ascii();
+                        if !prev.is_empty() {
+                            joined.extend_from_slice(prev);
+                            joined.extend_from_slice(b", ");
+                        }
+                    }
+                    let v = if joined.is_empty() {
+                        Some(ip.clone())
+                    } else {
+                        joined.extend_from_slice(ip.as_bytes());
+                        HeaderValue::from_bytes(&joined).ok()
+                    };
+                    if let Some(v) = v {
+                        e.insert(v);
+                    }
                 }
-                _ => ip,
-            };
-            if let Some(v) = joined {
-                h.insert(&X_FORWARDED_FOR, v);
+                Entry::Vacant(e) => {
+                    e.insert(ip.clone());
+                }
             }
-            if !h.contains_key(&X_FORWARDED_PROTO) {
-                h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+            if let Entry::Vacant(e) = h.entry(&X_FORWARDED_PROTO) {
+                e.insert(HeaderValue::from_static("http"));
             }
             if let Some(v) = host {
-                if !h.contains_key(&X_FORWARDED_HOST) {
-                    h.insert(&X_FORWARDED_HOST, v.clone());
+                if let Entry::Vacant(e) = h.entry(&X_FORWARDED_HOST) {
+                    e.insert(v.clone());
                 }
             }
         }
         Xff::Replace => {
-            h.remove(&X_FORWARDED_FOR);
-            if let Some(v) = ip {
-                h.insert(&X_FORWARDED_FOR, v);
-            }
+            h.insert(&X_FORWARDED_FOR, ip.clone());
             h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
-            h.remove(&X_FORWARDED_HOST);
-            if let Some(v) = host {
-                h.insert(&X_FORWARDED_HOST, v.clone());
+            match host {
+                Some(v) => {
+                    h.insert(&X_FORWARDED_HOST, v.clone());
+                }
+                None => {
+                    h.remove(&X_FORWARDED_HOST);
+                }
             }
         }
     }
@@ -157,20 +182,37 @@ pub fn forwarded(
 
 /// The request's X-Request-Id, set to a new random one when absent.
 pub fn request_id(h: &mut HeaderMap) -> HeaderValue {
-    if let Some(v) = h.get(&X_REQUEST_ID) {
-        return v.clone();
+    use hyper::header::Entry;
+    match h.entry(&X_REQUEST_ID) {
+        Entry::Occupied(e) => e.get().clone(),
+        Entry::Vacant(e) => {
+            let v = new_request_id();
+            e.insert(v.clone());
+            v
+        }
     }
-    let id: u128 = rand::random();
+}
+
+/// 128 random bits in hex. From a per-thread xoshiro generator seeded from the
+/// OS (`SmallRng`): an id only has to be unique, and ChaCha (`thread_rng`) cost
+/// about 250 instructions per id.
+fn new_request_id() -> HeaderValue {
+    use rand::{Rng, SeedableRng};
+    thread_local! {
+        static RNG: std::cell::RefCell<rand::rngs::SmallRng> =
+            std::cell::RefCell::new(rand::rngs::SmallRng::from_entropy());
+    }
+    let id: u128 = RNG.with(|r| r.borrow_mut().gen());
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut hex = [0u8; 32];
-    for (i, d) in hex.iter_mut().enumerate() {
-        *d = b"0123456789abcdef"[((id >> (124 - 4 * i)) & 0xf) as usize];
+    for (pair, b) in hex.chunks_exact_mut(2).zip(id.to_be_bytes()) {
+        pair[0] = HEX[usize::from(b >> 4)];
+        pair[1] = HEX[usize::from(b & 0xf)];
     }
     // One allocation, shared by the request and the exchange (a plain copy
     // would be copied again on its first clone).
-    let v = HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(hex))
-        .unwrap_or(HeaderValue::from_static("-"));
-    h.insert(&X_REQUEST_ID, v.clone());
-    v
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(hex))
+        .unwrap_or(HeaderValue::from_static("-"))
 }
 
 /// A client address as a header value (X-Forwarded-For), made once per
@@ -263,17 +305,32 @@ mod tests {
         let v = |s: &'static str| HeaderValue::from_static(s);
         let iv = ip_value(ip);
         assert_eq!(iv, "10.0.0.9");
-        forwarded(&mut h, Xff::Append, ip, &iv, Some(&v("a.example")));
+        forwarded(&mut h, Xff::Append, &iv, Some(&v("a.example")));
         assert_eq!(h["x-forwarded-for"], "1.2.3.4, 10.0.0.9");
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h["x-forwarded-host"], "a.example");
-        forwarded(&mut h, Xff::Replace, ip, &iv, Some(&v("b.example")));
+        forwarded(&mut h, Xff::Replace, &iv, Some(&v("b.example")));
         assert_eq!(h["x-forwarded-for"], "10.0.0.9");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "b.example");
         let mut h = map(&[]);
-        forwarded(&mut h, Xff::Off, ip, &iv, Some(&v("x")));
+        forwarded(&mut h, Xff::Off, &iv, Some(&v("x")));
         assert!(h.is_empty());
+        // Several lines are one list, kept as they came (obs-text too), in order.
+        let mut h = HeaderMap::new();
+        h.append("x-forwarded-for", v("1.2.3.4"));
+        h.append(
+            "x-forwarded-for",
+            HeaderValue::from_bytes(b"h\xe9te").unwrap(),
+        );
+        h.append("x-forwarded-for", v(" 5.6.7.8 "));
+        forwarded(&mut h, Xff::Append, &iv, None);
+        let all: Vec<&[u8]> = h
+            .get_all("x-forwarded-for")
+            .iter()
+            .map(|v| v.as_bytes())
+            .collect();
+        assert_eq!(all, [&b"1.2.3.4, h\xe9te, 5.6.7.8, 10.0.0.9"[..]]);
     }
 
     #[test]

@@ -3,9 +3,11 @@
 //! connections pooled per backend, bodies streamed frame by frame.
 //!
 //! - `routes`, `path`: the route table and path normalization (pure).
-//! - `conn`: one client connection (hyper's http1 or http2 server, told apart by
-//!   the first bytes; an idle HTTP/1.1 one parked as a bare socket), its head and idle
+//! - `conn`: one client connection (HTTP/1.1 or h2c, told apart by the first
+//!   bytes; an idle HTTP/1.1 one parked as a bare socket), its head and idle
 //!   deadlines, GOAWAY / `Connection: close` when the listener stops.
+//! - `serve1`: the HTTP/1.1 fast path: bodiless requests read and answered
+//!   without hyper; anything else goes to hyper's http1 server.
 //! - `forward`: one request: route, pick, connect with retries, send, stream the
 //!   response back, account for it (metrics, access log).
 //! - `headers`: hop-by-hop headers, X-Forwarded-*, X-Request-Id.
@@ -23,11 +25,13 @@ mod body;
 mod conn;
 mod exchange;
 mod forward;
+mod h1;
 mod headers;
 pub mod path;
 mod request_body;
 pub mod routes;
 mod scan;
+mod serve1;
 mod state;
 mod tunnel;
 mod upstream;
@@ -72,8 +76,8 @@ pub struct Route {
     pub duration: Histogram,
     /// `flowgate_http_requests_total` of requests that reached no backend.
     pub no_backend: Codes,
-    /// Per backend id.
-    pub backends: HashMap<u64, Arc<BackendMetrics>>,
+    /// Per backend id (ours, sequential: a plain multiply hashes them).
+    pub backends: rustc_hash::FxHashMap<u64, Arc<BackendMetrics>>,
 }
 
 /// One counter per status class: 1xx..5xx.

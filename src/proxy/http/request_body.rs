@@ -24,9 +24,24 @@ pub struct Upload {
     /// 0 until then.
     done_us: AtomicU64,
     done: tokio::sync::Notify,
+    /// The request has no body.
+    empty: bool,
 }
 
 impl Upload {
+    /// A request's progress (`empty`: it has no body).
+    pub fn for_body(empty: bool) -> Arc<Upload> {
+        Arc::new(Upload {
+            empty,
+            ..Upload::default()
+        })
+    }
+
+    /// The request's body was read to its end (or it had none).
+    pub fn body_read(&self) -> bool {
+        self.empty || self.done_at().is_some()
+    }
+
     fn finish(&self) {
         if self.done_us.load(Ordering::Relaxed) == 0 {
             self.done_us
@@ -103,6 +118,43 @@ impl IdleTimer {
     }
 }
 
+/// A client's request body as it came: hyper's, or none (a bodiless request
+/// read by the HTTP/1.1 fast path, [`super::serve1`]).
+#[derive(Debug)]
+pub enum ReqBody {
+    Hyper(Incoming),
+    Empty,
+}
+
+impl Body for ReqBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ReqBody::Hyper(b) => Pin::new(b).poll_frame(cx),
+            ReqBody::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ReqBody::Hyper(b) => b.is_end_stream(),
+            ReqBody::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ReqBody::Hyper(b) => b.size_hint(),
+            ReqBody::Empty => SizeHint::with_exact(0),
+        }
+    }
+}
+
 /// A client's request body on its way upstream.
 #[derive(Debug)]
 pub struct UpBody {
@@ -114,7 +166,14 @@ pub struct UpBody {
 }
 
 impl UpBody {
-    pub fn new(inner: Incoming, idle: Duration, limit: Option<u64>, upload: Arc<Upload>) -> UpBody {
+    pub fn new(inner: ReqBody, idle: Duration, limit: Option<u64>, upload: Arc<Upload>) -> UpBody {
+        let inner = match inner {
+            ReqBody::Hyper(b) => b,
+            ReqBody::Empty => {
+                upload.finish();
+                return UpBody::new_empty(upload);
+            }
+        };
         let empty = inner.is_end_stream();
         if empty {
             upload.finish();

@@ -24,9 +24,12 @@ pub struct HeadScan {
     at: At,
     /// The number (from 1) of the head being read.
     head: u64,
-    /// The start of the current line, lower case.
+    /// The start of the current line, lower case (kept only for a line that
+    /// starts with `c` or `t`: only those can be either header).
     line: [u8; 40],
     len: usize,
+    /// Whether the current line is kept in `line`.
+    keep: bool,
     cl: Option<u64>,
     cl_bad: bool,
     te: bool,
@@ -46,6 +49,7 @@ impl HeadScan {
             head: 1,
             line: [0; 40],
             len: 0,
+            keep: false,
             cl: None,
             cl_bad: false,
             te: false,
@@ -78,7 +82,7 @@ impl HeadScan {
                 }
                 At::Head => {
                     // A line (or the part of it in these bytes) at a time.
-                    let nl = bytes.iter().position(|&b| b == b'\n');
+                    let nl = memchr::memchr(b'\n', bytes);
                     let (mut part, rest) = match nl {
                         Some(i) => (&bytes[..i], &bytes[i + 1..]),
                         None => (bytes, &[][..]),
@@ -91,10 +95,17 @@ impl HeadScan {
                             part = more;
                         }
                     }
+                    if self.len == 0 {
+                        if let Some(b) = part.first() {
+                            self.keep = matches!(b.to_ascii_lowercase(), b'c' | b't');
+                        }
+                    }
                     // Only the first bytes of a line are kept (lower case).
-                    let from = self.len.min(self.line.len());
-                    for (d, b) in self.line[from..].iter_mut().zip(part) {
-                        *d = b.to_ascii_lowercase();
+                    if self.keep {
+                        let from = self.len.min(self.line.len());
+                        for (d, b) in self.line[from..].iter_mut().zip(part) {
+                            *d = b.to_ascii_lowercase();
+                        }
                     }
                     self.len += part.len();
                     if nl.is_some() {
@@ -113,6 +124,10 @@ impl HeadScan {
     }
 
     fn end_of_line(&mut self) {
+        if !std::mem::take(&mut self.keep) {
+            self.len = 0;
+            return;
+        }
         let line = &self.line[..self.len.min(self.line.len())];
         if let Some(v) = line.strip_prefix(b"content-length:") {
             let v = std::str::from_utf8(v).unwrap_or("").trim();

@@ -3,251 +3,194 @@
 //! A backend object belongs to one pool, so keying by backend keeps pools from
 //! ever sharing a connection. HTTP/1.1 connections wait idle in a LIFO list (at
 //! most the pool's `max_idle_per_backend`) and go back to it only once their
-//! response ended cleanly; one HTTP/2 connection per backend carries every h2c
-//! request.
+//! response ended cleanly; one HTTP/2 connection per backend and worker carries
+//! that worker's h2c requests (as Envoy's per-worker pools: a stream's request
+//! task, the connection's driver task and the socket's readiness all stay on the
+//! worker; with one connection for all, every stream from another worker crossed
+//! threads twice).
 //!
-//! **An HTTP/1.1 connection has no task of its own.** The request that uses it
-//! polls its hyper `Connection` (the state machine that writes the request and
-//! reads the response) together with the response future, then inside the
-//! response body ([`super::body::RespBody`]), so one request is one task: no
-//! hand-off to a driver task and back, twice per request. An idle pooled
-//! connection is polled by nobody; the next request that takes it polls it once
-//! first, which notices a close that came while it waited (a read already
-//! signalled by the reactor, no extra syscall otherwise), and a close that comes
-//! later is the "pooled connection dead" retry of [`super::forward`]. Idle
-//! connections are handed out to the worker that last drove them first, so the
-//! socket's readiness events and the task it wakes stay on one thread. Only a
-//! `101 Switching Protocols` gets a task: the rest of the upgrade. An h2c
-//! connection's driver task runs on the worker that opened it, until the
-//! connection closes or the instance stops. Built on `hyper::client::conn`
-//! rather than hyper-util's pooled client: a request must move to another backend
-//! when a connect fails, and hyper-util's client consumes the request then.
+//! **An HTTP/1.1 connection has no task of its own.** It is flowgate's own client
+//! ([`super::h1`]): the request that uses it writes the request and reads the
+//! response head in its task, then the response body ([`super::body::RespBody`])
+//! reads on, so one request is one task. An idle pooled connection is read by
+//! nobody; the next request that takes it tries one read first, which notices a
+//! close that came while it waited (a system call only if the reactor saw the
+//! socket readable), and a close that comes later is the "pooled connection dead"
+//! retry of [`super::forward`]. Idle connections are handed out to the worker that
+//! last used them first, so the socket's readiness events and the task they wake
+//! stay on one thread; one taken by another worker moves its socket to that
+//! worker's reactor ([`UpIo`]). A WebSocket handshake goes through hyper's client
+//! on a connection of its own, with a driver task (hyper hands the upgraded
+//! connection over after the `101`); it is never pooled. An h2c connection's
+//! driver task runs on the worker that opened it (the one whose requests it
+//! carries), until the connection closes or the instance stops. Built on
+//! `hyper::client::conn` (h2c, upgrades) rather than hyper-util's pooled client: a
+//! request must move to another backend when a connect fails, and hyper-util's
+//! client consumes the request then.
 
-use std::collections::HashMap;
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Wake, Waker};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustc_hash::FxHashMap;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::debug;
 
+use super::h1;
 use super::request_body::UpBody;
 use crate::backend::Backend;
 
-/// Which HTTP version a request goes upstream in.
+/// How a request goes upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Version {
+    /// HTTP/1.1 on a pooled connection ([`super::h1`]).
     Http1,
+    /// HTTP/1.1 through hyper on a connection of its own, never pooled: a
+    /// WebSocket handshake (hyper hands the upgraded connection over).
+    Upgrade,
     H2c,
 }
 
 /// A connection ready for one request.
 #[derive(Debug)]
 pub enum Sender {
-    Http1(H1),
+    /// Boxed (once per connection, for its whole life): its buffers and state
+    /// would size every request's future.
+    Http1(Box<H1>),
+    Upgrade(http1::SendRequest<UpBody>),
     H2(http2::SendRequest<UpBody>),
 }
 
-/// hyper's HTTP/1.1 client connection state machine, with WebSocket upgrades
-/// (hyper does not name that type: boxed once per connection).
-type H1Conn = Pin<Box<dyn Future<Output = hyper::Result<()>> + Send>>;
-
-/// An HTTP/1.1 upstream connection: the handle requests go in by, and the
-/// connection itself, polled by whoever uses it (there is no driver task).
+/// A pooled HTTP/1.1 upstream connection. It has no task of its own: the request
+/// that uses it writes and reads it, in the request's task (see [`super::h1`]).
 pub struct H1 {
-    pub send: http1::SendRequest<UpBody>,
-    /// None once it has ended (polling it again would panic).
-    conn: Option<H1Conn>,
-    /// The worker that last polled it (see [`worker`]).
-    worker: usize,
-    /// What the connection, the response future and the response body are
-    /// polled with (see [`Quiet`]); `quiet` is its state.
-    waker: Waker,
-    quiet: Arc<Quiet>,
+    pub conn: h1::Conn<UpIo>,
+    /// Its backend's idle list, where it goes back to after a clean exchange
+    /// (no look-up in [`Upstreams`]' map for that).
+    home: Arc<BackendConns>,
 }
 
 impl std::fmt::Debug for H1 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("H1").finish_non_exhaustive()
+        f.debug_struct("H1")
+            .field("conn", &self.conn)
+            .finish_non_exhaustive()
     }
 }
 
-impl H1 {
-    fn new(send: http1::SendRequest<UpBody>, conn: H1Conn) -> H1 {
-        let quiet = Arc::new(Quiet {
-            state: AtomicU8::new(IDLE),
-            task: Mutex::new(None),
-        });
-        H1 {
-            send,
-            conn: Some(conn),
-            worker: worker(),
-            waker: Waker::from(quiet.clone()),
-            quiet,
+/// How often idle connections past their `keepalive_timeout` are looked for.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// An upstream HTTP/1.1 socket that follows the worker polling it. With the
+/// per-core model each worker has a reactor of its own, and a socket's readiness
+/// events reach the reactor it was registered with: an idle connection taken by
+/// another worker would have every event of its next exchange cross threads (an
+/// eventfd write and a wake-up of the other worker each time). The first poll on
+/// another worker moves the registration there instead (two `epoll_ctl` calls,
+/// once per move). With the shared model (one reactor) it never moves.
+#[derive(Debug)]
+pub struct UpIo {
+    /// None only if moving it failed (the connection then fails).
+    tcp: Option<TcpStream>,
+    /// The worker whose reactor the socket is registered with (see
+    /// [`crate::proxy::reactor`]).
+    reactor: usize,
+}
+
+impl UpIo {
+    fn new(tcp: TcpStream) -> UpIo {
+        UpIo {
+            tcp: Some(tcp),
+            reactor: crate::proxy::reactor(),
         }
     }
 
-    /// Runs `round` (which polls this connection and what it feeds: the
-    /// response future, the response body) with the connection's own waker, and
-    /// again while something woke it during the round. The connection and its
-    /// channels to the response wake each other as they hand things over; all
-    /// of them are polled here, in one task, so those wake-ups only ask for
-    /// another round instead of a needless poll of the whole client connection.
-    /// Wake-ups from elsewhere (the socket, a timer) reach the task.
-    pub fn drive<R>(
-        &mut self,
+    /// The socket, registered with the calling worker's reactor.
+    fn here(&mut self) -> io::Result<Pin<&mut TcpStream>> {
+        let me = crate::proxy::reactor();
+        if me != 0 && me != self.reactor {
+            if let Some(tcp) = self.tcp.take() {
+                // Deregisters from the old reactor, registers with this one.
+                self.tcp = Some(TcpStream::from_std(tcp.into_std()?)?);
+            }
+            self.reactor = me;
+        }
+        match self.tcp.as_mut() {
+            Some(t) => Ok(Pin::new(t)),
+            None => Err(io::Error::other(
+                "upstream socket lost moving between workers",
+            )),
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for UpIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-        mut round: impl FnMut(&mut H1, &mut Context<'_>) -> Poll<R>,
-    ) -> Poll<R> {
-        self.quiet.register(cx.waker());
-        // Taken out for the rounds, so that `round` can have the rest.
-        let waker = std::mem::replace(&mut self.waker, Waker::noop().clone());
-        let mut qcx = Context::from_waker(&waker);
-        let mut r = Poll::Pending;
-        for _ in 0..ROUNDS {
-            self.quiet.state.store(POLLING, Ordering::SeqCst);
-            r = round(self, &mut qcx);
-            let woken = self.quiet.state.swap(IDLE, Ordering::SeqCst) == WOKEN;
-            if r.is_ready() || !woken {
-                self.waker = waker;
-                return r;
-            }
-        }
-        // Still being woken: let the task come back to it.
-        self.waker = waker;
-        cx.waker().wake_by_ref();
-        r
-    }
-
-    /// Queues `req` on the connection. Queuing wakes the connection's side of
-    /// the channel; that wake-up is kept for the round that polls it next
-    /// (the caller's, at once) rather than sent to the task.
-    pub fn send(
-        &mut self,
-        req: hyper::Request<UpBody>,
-    ) -> impl Future<
-        Output = Result<
-            hyper::Response<hyper::body::Incoming>,
-            hyper::client::conn::TrySendError<hyper::Request<UpBody>>,
-        >,
-    > {
-        self.quiet.state.store(POLLING, Ordering::SeqCst);
-        let f = self.send.try_send_request(req);
-        self.quiet.state.store(IDLE, Ordering::SeqCst);
-        f
-    }
-
-    /// Drives the connection (writes what is queued, reads what came). Ready
-    /// once the connection has ended, with its error if any; it is dropped
-    /// then, which fails whatever was still queued on it.
-    pub fn poll_conn(&mut self, cx: &mut Context<'_>) -> Poll<hyper::Result<()>> {
-        let Some(c) = self.conn.as_mut() else {
-            return Poll::Ready(Ok(()));
-        };
-        let r = std::task::ready!(c.as_mut().poll(cx));
-        self.conn = None;
-        Poll::Ready(r)
-    }
-
-    /// Whether the connection can take a request now: polled once, so that a
-    /// close that arrived while it idled is seen.
-    fn poll_usable(&mut self, cx: &mut Context<'_>) -> bool {
-        let r = self.drive(cx, |h, cx| {
-            if h.poll_conn(cx).is_ready() || h.send.is_closed() {
-                return Poll::Ready(false);
-            }
-            match h.send.poll_ready(cx) {
-                Poll::Ready(r) => Poll::Ready(r.is_ok()),
-                Poll::Pending => Poll::Pending,
-            }
-        });
-        r == Poll::Ready(true)
-    }
-
-    /// The rest of the connection's life runs in a task of its own (after a
-    /// `101`, the upgrade is handed over when the connection is polled on).
-    pub fn detach(mut self, ups: &Upstreams) {
-        let Some(conn) = self.conn.take() else { return };
-        let stop = ups.stop.clone();
-        ups.drivers.spawn(async move {
-            tokio::select! {
-                r = conn => if let Err(e) = r {
-                    debug!(error = %e, "upstream connection ended");
-                },
-                _ = stop.cancelled() => {}
-            }
-        });
-    }
-}
-
-/// Rounds of [`H1::drive`] in one poll at most.
-const ROUNDS: usize = 4;
-
-const IDLE: u8 = 0;
-const POLLING: u8 = 1;
-const WOKEN: u8 = 2;
-
-/// The waker an HTTP/1.1 exchange is polled with: a wake-up during a round of
-/// [`H1::drive`] (IDLE -> POLLING on entry) only marks it WOKEN, for another
-/// round; any other wakes the task that last drove it. The state changes are
-/// single atomic steps, so a wake-up racing the end of a round is either seen
-/// by the round (WOKEN) or passed on (IDLE): never lost.
-struct Quiet {
-    state: AtomicU8,
-    task: Mutex<Option<Waker>>,
-}
-
-impl Quiet {
-    fn register(&self, w: &Waker) {
-        let mut task = self.task.lock().unwrap_or_else(|e| e.into_inner());
-        match &*task {
-            Some(t) if t.will_wake(w) => {}
-            _ => *task = Some(w.clone()),
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut().here() {
+            Ok(t) => t.poll_read(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
         }
     }
 }
 
-impl Wake for Quiet {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        // Mid-round (or already marked): the round goes again.
-        match self
-            .state
-            .compare_exchange(POLLING, WOKEN, Ordering::SeqCst, Ordering::SeqCst)
-        {
-            Ok(_) | Err(WOKEN) => return,
-            Err(_) => {}
-        }
-        if let Some(t) = &*self.task.lock().unwrap_or_else(|e| e.into_inner()) {
-            t.wake_by_ref();
+impl tokio::io::AsyncWrite for UpIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut().here() {
+            Ok(t) => t.poll_write(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
         }
     }
-}
 
-/// A small number naming the calling thread (a worker, with the per-core model).
-fn worker() -> usize {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    thread_local! {
-        static ME: usize = NEXT.fetch_add(1, Ordering::Relaxed);
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut().here() {
+            Ok(t) => t.poll_write_vectored(cx, bufs),
+            Err(e) => Poll::Ready(Err(e)),
+        }
     }
-    ME.with(|w| *w)
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut().here() {
+            Ok(t) => t.poll_flush(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut().here() {
+            Ok(t) => t.poll_shutdown(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
 }
 
 /// Every backend's pooled connections, for one instance.
 pub struct Upstreams {
-    backends: Mutex<HashMap<u64, Arc<BackendConns>>>,
+    /// By backend id (ours, sequential: a plain multiply hashes them).
+    backends: Mutex<FxHashMap<u64, Arc<BackendConns>>>,
     /// Where connection drivers run, and what ends them all at stop.
     drivers: TaskTracker,
     stop: CancellationToken,
@@ -261,14 +204,20 @@ impl std::fmt::Debug for Upstreams {
 
 #[derive(Default)]
 struct BackendConns {
-    idle: Mutex<Vec<H1>>,
-    h2: Mutex<Option<http2::SendRequest<UpBody>>>,
+    /// Newest last, each with when it is closed if still unused.
+    idle: Mutex<Vec<(Box<H1>, std::time::Instant)>>,
+    /// Out of the map (the backend was removed or drains, or the instance
+    /// stops): a connection in use then is closed after its exchange rather than
+    /// kept where nobody looks.
+    retired: AtomicBool,
+    /// One h2c connection per worker reactor (see [`crate::proxy::reactor`]).
+    h2: Mutex<Vec<(usize, http2::SendRequest<UpBody>)>>,
 }
 
 impl Upstreams {
     pub fn new() -> Arc<Upstreams> {
         Arc::new(Upstreams {
-            backends: Mutex::new(HashMap::new()),
+            backends: Mutex::new(FxHashMap::default()),
             drivers: TaskTracker::new(),
             stop: CancellationToken::new(),
         })
@@ -284,34 +233,32 @@ impl Upstreams {
         let conns = self.conns(b);
         match v {
             Version::Http1 => {
-                let me = worker();
+                let me = crate::proxy::reactor();
                 loop {
                     let next = {
                         let mut idle = conns.idle.lock().unwrap_or_else(|e| e.into_inner());
-                        // The newest of this worker's, else the newest.
-                        match idle.iter().rposition(|h| h.worker == me) {
+                        // The newest of this worker's, else the newest (its socket
+                        // moves here: see [`UpIo`]).
+                        match idle.iter().rposition(|(h, _)| h.conn.io().reactor == me) {
                             Some(i) => Some(idle.remove(i)),
                             None => idle.pop(),
                         }
                     };
-                    let mut h = next?;
-                    h.worker = me;
-                    // One poll: an idle connection is left as its last exchange
-                    // left it, and takes the next request once polled.
-                    if std::future::poll_fn(|cx| Poll::Ready(h.poll_usable(cx))).await {
+                    let (mut h, _) = next?;
+                    // One read attempt: a close that came while it idled.
+                    if std::future::poll_fn(|cx| Poll::Ready(h.conn.poll_usable(cx))).await {
                         return Some(Sender::Http1(h));
                     }
                 }
             }
+            Version::Upgrade => None,
             Version::H2c => {
+                let me = crate::proxy::reactor();
                 let mut h2 = conns.h2.lock().unwrap_or_else(|e| e.into_inner());
-                match h2.as_ref() {
-                    Some(s) if !s.is_closed() => Some(Sender::H2(s.clone())),
-                    _ => {
-                        *h2 = None;
-                        None
-                    }
-                }
+                h2.retain(|(_, s)| !s.is_closed());
+                h2.iter()
+                    .find(|(r, _)| *r == me)
+                    .map(|(_, s)| Sender::H2(s.clone()))
             }
         }
     }
@@ -325,20 +272,34 @@ impl Upstreams {
         timeout: Duration,
     ) -> io::Result<Sender> {
         let tcp = connect_tcp(b.addr, source, timeout).await?;
-        let io = TokioIo::new(tcp);
         match v {
-            Version::Http1 => {
+            Version::Http1 => Ok(Sender::Http1(Box::new(H1 {
+                conn: h1::Conn::new(UpIo::new(tcp)),
+                home: self.conns(b),
+            }))),
+            Version::Upgrade => {
+                let stop = self.stop.clone();
                 let (send, conn) = http1::Builder::new()
-                    .handshake::<_, UpBody>(io)
+                    .handshake::<_, UpBody>(TokioIo::new(tcp))
                     .await
                     .map_err(io::Error::other)?;
-                Ok(Sender::Http1(H1::new(send, Box::pin(conn.with_upgrades()))))
+                // Its own driver task: after a `101` it hands the connection
+                // over to the tunnel (hyper's upgrade).
+                self.drivers.spawn(async move {
+                    tokio::select! {
+                        r = conn.with_upgrades() => if let Err(e) = r {
+                            debug!(error = %e, "upstream connection ended");
+                        },
+                        _ = stop.cancelled() => {}
+                    }
+                });
+                Ok(Sender::Upgrade(send))
             }
             Version::H2c => {
                 let stop = self.stop.clone();
                 let name = b.name.clone();
                 let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-                    .handshake::<_, UpBody>(io)
+                    .handshake::<_, UpBody>(TokioIo::new(tcp))
                     .await
                     .map_err(io::Error::other)?;
                 self.drivers.spawn(async move {
@@ -349,26 +310,75 @@ impl Upstreams {
                         _ = stop.cancelled() => {}
                     }
                 });
+                let me = crate::proxy::reactor();
                 let conns = self.conns(b);
-                *conns.h2.lock().unwrap_or_else(|e| e.into_inner()) = Some(sender.clone());
+                let mut h2 = conns.h2.lock().unwrap_or_else(|e| e.into_inner());
+                h2.retain(|(r, _)| *r != me);
+                h2.push((me, sender.clone()));
                 Ok(Sender::H2(sender))
             }
         }
     }
 
     /// Takes back an HTTP/1.1 connection whose exchange ended cleanly, unless the
-    /// backend no longer takes requests or `max_idle` are waiting already.
-    pub fn put_back(&self, b: &Backend, s: H1, max_idle: usize) {
-        if s.conn.is_none() || s.send.is_closed() || !b.is_admin_usable() {
+    /// backend no longer takes requests or `max_idle` are waiting already; it is
+    /// closed if still unused after `keepalive` (see [`Upstreams::sweep`]).
+    pub fn put_back(b: &Backend, mut s: Box<H1>, max_idle: usize, keepalive: Duration) {
+        if !s.conn.reusable() || !b.is_admin_usable() || s.home.retired.load(Ordering::Acquire) {
             return;
         }
-        // Nobody waits on an idle connection: what its last exchange leaves
-        // behind (the response body's channel closing) wakes no task.
-        *s.quiet.task.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        let conns = self.conns(b);
-        let mut idle = conns.idle.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.len() < max_idle {
-            idle.push(s);
+        s.conn.idle();
+        let home = s.home.clone();
+        let mut idle = home.idle.lock().unwrap_or_else(|e| e.into_inner());
+        // Looked at again under the lock: retiring takes it too, so a connection
+        // is never left in a list that was already emptied.
+        if idle.len() < max_idle && !home.retired.load(Ordering::Acquire) {
+            idle.push((s, std::time::Instant::now() + keepalive));
+        }
+    }
+
+    /// Closes the idle connections whose `keepalive_timeout` has passed. Taken
+    /// newest first, the connections a quieter spell no longer needs sink to the
+    /// bottom of each list and are closed here: a burst's extra connections do not
+    /// stay open for good, and neither does one the backend closed while it idled
+    /// (its socket waits in CLOSE_WAIT until then).
+    pub fn sweep(&self) {
+        let now = std::time::Instant::now();
+        let all: Vec<Arc<BackendConns>> = self
+            .backends
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for conns in all {
+            // Closed after the lock is let go (a close deregisters the socket).
+            // The whole list is looked at: a reload that shortened the
+            // keepalive_timeout leaves earlier deadlines above later ones.
+            let mut expired = Vec::new();
+            {
+                let mut idle = conns.idle.lock().unwrap_or_else(|e| e.into_inner());
+                if idle.iter().any(|(_, until)| *until <= now) {
+                    let (gone, kept) = std::mem::take(&mut *idle)
+                        .into_iter()
+                        .partition(|(_, until)| *until <= now);
+                    *idle = kept;
+                    expired = gone;
+                }
+            }
+            drop(expired);
+        }
+    }
+
+    /// Runs [`Upstreams::sweep`] every second until the instance stops.
+    pub async fn sweep_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(SWEEP_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.stop.cancelled() => return,
+                _ = tick.tick() => self.sweep(),
+            }
         }
     }
 
@@ -376,25 +386,51 @@ impl Upstreams {
     /// backends that take no new requests (draining, disabled): a drained backend's
     /// pooled connections close.
     pub fn retain(&self, live: &[Arc<Backend>]) {
-        let mut map = self.backends.lock().unwrap_or_else(|e| e.into_inner());
-        map.retain(|id, _| live.iter().any(|b| b.id == *id && b.is_admin_usable()));
+        let mut gone = Vec::new();
+        self.backends
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|id, c| {
+                let keep = live.iter().any(|b| b.id == *id && b.is_admin_usable());
+                if !keep {
+                    gone.push(c.clone());
+                }
+                keep
+            });
+        gone.iter().for_each(|c| c.retire());
     }
 
     /// Closes `b`'s idle connections (it drains, or was disabled).
     pub fn forget(&self, b: &Backend) {
-        self.backends
+        let gone = self
+            .backends
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&b.id);
+        if let Some(c) = gone {
+            c.retire();
+        }
     }
 
     /// Closes every upstream connection (the instance stops).
     pub fn close(&self) {
         self.stop.cancel();
-        self.backends
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
+        let all = std::mem::take(&mut *self.backends.lock().unwrap_or_else(|e| e.into_inner()));
+        all.values().for_each(|c| c.retire());
+    }
+}
+
+impl BackendConns {
+    /// Taken out of the map: its idle connections close (after the lock is let
+    /// go: a close deregisters the socket), and those in use close after their
+    /// exchange ([`Upstreams::put_back`]).
+    fn retire(&self) {
+        let idle = {
+            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            self.retired.store(true, Ordering::Release);
+            std::mem::take(&mut *idle)
+        };
+        drop(idle);
     }
 }
 

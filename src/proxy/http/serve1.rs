@@ -1,0 +1,628 @@
+//! The HTTP/1.1 server fast path: a bodiless request (GET, HEAD, DELETE, ... with
+//! no `Content-Length` but `0`, no `Transfer-Encoding`, no `Upgrade`, no
+//! `Expect`) is read, handed to [`super::forward::handle`] and answered here,
+//! without a hyper connection. Everything else (a body, a WebSocket handshake,
+//! `Expect: 100-continue`, CONNECT, a head httparse refuses or one over 8 KiB) goes
+//! to hyper's server with the bytes read so far, as before: its answers (400, 431)
+//! and its defences stay as they were.
+//!
+//! Why: per request, hyper's server (its dispatcher, head parser and encoder)
+//! was about a third of flowgate's instructions on a kept-alive HTTP/1.1 client
+//! (docs/performance.md). The head is parsed with httparse, as hyper does, into
+//! uninitialized slots; names and values are slices of the read buffer.
+//!
+//! The response is written as hyper writes it: `HTTP/1.1`, the headers as they
+//! are, `Date` when absent, `Content-Length` from the body when it knows its
+//! length, else chunked (close-delimited for an HTTP/1.0 client), trailers only
+//! to a client that sent `TE: trailers`, and no body for HEAD, 1xx, 204 and 304.
+//! The head goes out with the body's first frame when that is ready at once (one
+//! `writev`); each later frame is written as it comes (no coalescing: an SSE
+//! event is not held back).
+
+use std::future::poll_fn;
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::mem::MaybeUninit;
+use std::ops::Range;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use hyper::body::{Body, Frame};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode, Uri, Version};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::{Instant, Sleep};
+
+use super::body::OutBody;
+use super::request_body::ReqBody;
+use super::state::ConnCtx;
+
+/// The client's socket (conn.rs's `ClientIo`, with its deadlines).
+pub(super) trait Client: AsyncRead + AsyncWrite + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Unpin> Client for T {}
+
+/// Headers in a request head (hyper's limit too): more goes to hyper, which
+/// answers 431.
+const MAX_HEADERS: usize = 100;
+
+/// A head not complete within this many bytes goes to hyper (which answers 431
+/// past `max_header_bytes`).
+const MAX_FAST_HEAD: usize = 8192;
+
+/// Where a head's names and values are in the read buffer.
+type Fields = Vec<(Range<usize>, Range<usize>)>;
+
+/// How to answer a request, from its head.
+#[derive(Debug, Clone, Copy)]
+struct Answer {
+    /// A HEAD request: no body in the answer.
+    head: bool,
+    /// An HTTP/1.0 client: a body of unknown length is delimited by the close.
+    http10: bool,
+    /// The client accepts trailers (`TE: trailers`).
+    trailers: bool,
+}
+
+/// What the read buffer holds. (Used at once, never stored: no box.)
+#[allow(clippy::large_enum_variant)]
+enum Head {
+    /// Not a whole head yet.
+    Partial,
+    /// A bodiless request the fast path serves; its head was taken off the buffer.
+    Simple(Request<ReqBody>, Answer),
+    /// Anything else: hyper serves it.
+    Other,
+}
+
+/// Parses the head at the start of `buf`.
+fn parse(buf: &mut BytesMut) -> Head {
+    thread_local! {
+        /// Where a head's names and values are: room kept per thread, not per
+        /// connection.
+        static FIELDS: std::cell::RefCell<Fields> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    FIELDS.with_borrow_mut(|at_list| parse_with(buf, at_list))
+}
+
+fn parse_with(buf: &mut BytesMut, at_list: &mut Fields) -> Head {
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let len = match req.parse_with_uninit_headers(buf, &mut slots) {
+        // (A head past 8 KiB goes to hyper even when complete: its buffer answers
+        // 431 there, as before.)
+        Ok(httparse::Status::Complete(n)) if n <= MAX_FAST_HEAD => n,
+        Ok(httparse::Status::Partial) if buf.len() < MAX_FAST_HEAD => return Head::Partial,
+        _ => return Head::Other,
+    };
+    let version = match req.version {
+        Some(1) => Version::HTTP_11,
+        Some(0) => Version::HTTP_10,
+        _ => return Head::Other,
+    };
+    let Ok(method) = Method::from_bytes(req.method.unwrap_or("").as_bytes()) else {
+        return Head::Other;
+    };
+    if method == Method::CONNECT {
+        return Head::Other;
+    }
+    // Anything with a body (but `Content-Length: 0`), an upgrade or `Expect`
+    // goes to hyper, the buffer left as it was.
+    let mut answer = Answer {
+        head: method == Method::HEAD,
+        http10: version == Version::HTTP_10,
+        trailers: false,
+    };
+    let mut length = false;
+    for h in req.headers.iter() {
+        let name = h.name.as_bytes();
+        let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
+        if is("content-length") {
+            if length || h.value != b"0" {
+                return Head::Other;
+            }
+            length = true;
+        } else if is("transfer-encoding") || is("upgrade") || is("expect") {
+            return Head::Other;
+        } else if is("te") {
+            answer.trailers |= super::headers::lists(h.value, "trailers");
+        }
+    }
+    let base = buf.as_ptr() as usize;
+    let at = |s: &[u8]| {
+        let from = s.as_ptr() as usize - base;
+        from..from + s.len()
+    };
+    let target = at(req.path.unwrap_or("").as_bytes());
+    // Where each name and value is, for slices of the head once it is cut off.
+    at_list.clear();
+    at_list.extend(
+        req.headers
+            .iter()
+            .map(|h| (at(h.name.as_bytes()), at(h.value))),
+    );
+    let head = buf.split_to(len).freeze();
+    // What httparse let through but `http` refuses (rare): back to the buffer,
+    // for hyper.
+    let other = |buf: &mut BytesMut, head: Bytes| {
+        let mut back = BytesMut::with_capacity(head.len() + buf.len());
+        back.extend_from_slice(&head);
+        back.extend_from_slice(buf);
+        *buf = back;
+        Head::Other
+    };
+    let Ok(uri) = Uri::from_maybe_shared(head.slice(target)) else {
+        return other(buf, head);
+    };
+    // Room for the X-Forwarded-* and X-Request-Id headers that go up with it.
+    let mut headers = HeaderMap::with_capacity(at_list.len() + 4);
+    for (name, value) in at_list.drain(..) {
+        let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(&head[name]),
+            HeaderValue::from_maybe_shared(head.slice(value)),
+        ) else {
+            return other(buf, head);
+        };
+        headers.append(name, value);
+    }
+    let mut r = Request::new(ReqBody::Empty);
+    *r.method_mut() = method;
+    *r.uri_mut() = uri;
+    *r.version_mut() = version;
+    *r.headers_mut() = headers;
+    Head::Simple(r, answer)
+}
+
+/// What became of the bytes at the connection's read side.
+pub(super) enum Fast {
+    /// The client closed, failed or timed out (408 written) first.
+    Closed,
+    /// Requests were answered; whether the connection can take another (it was
+    /// quiet for the park delay, or has bytes of the next request in `rbuf`).
+    Served(bool),
+    /// Not one for the fast path: hyper serves it, from the bytes in the buffer.
+    Hyper,
+}
+
+/// Reads request heads into `rbuf` and answers those for the fast path, one
+/// after the other while the client keeps sending: a busy client's requests
+/// share this (boxed) state; one quiet for `park` gets [`Fast::Served`] back, and
+/// its connection waits as a bare socket.
+pub(super) async fn serve(
+    io: &mut impl Client,
+    rbuf: &mut BytesMut,
+    ctx: &Arc<ConnCtx>,
+    stop: &tokio_util::sync::CancellationToken,
+    park: Duration,
+) -> Fast {
+    let mut between = Between::First;
+    // Made once per busy spell, moved on lazily.
+    let mut timer: Option<Pin<Box<Sleep>>> = None;
+    loop {
+        if !rbuf.is_empty() {
+            match parse(rbuf) {
+                Head::Partial => {}
+                Head::Other => return Fast::Hyper,
+                Head::Simple(req, answer) => {
+                    let keep = exchange(io, rbuf, ctx, req, answer).await;
+                    if !keep || ctx.state.close_after.load(Ordering::Relaxed) || stop.is_cancelled()
+                    {
+                        return Fast::Served(false);
+                    }
+                    between = match ctx.state.requests.load(Ordering::Relaxed) {
+                        1 => Between::ParkNow,
+                        _ => Between::ParkAt(Instant::now() + park),
+                    };
+                    continue;
+                }
+            }
+        }
+        room(rbuf);
+        let read = poll_fn(|cx| {
+            let r = tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, &mut *rbuf);
+            if r.is_ready() || !rbuf.is_empty() {
+                return r.map(Some);
+            }
+            // Between requests: quiet for `park` since the last answer, the
+            // spell ends.
+            let at = match between {
+                Between::First => return Poll::Pending,
+                Between::ParkNow => return Poll::Ready(None),
+                Between::ParkAt(at) if at <= Instant::now() => return Poll::Ready(None),
+                Between::ParkAt(at) => at,
+            };
+            let t = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+            if t.deadline() < at {
+                t.as_mut().reset(at);
+            }
+            match t.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await;
+        match read {
+            None => return Fast::Served(true),
+            Some(Ok(0) | Err(_)) => return Fast::Closed,
+            Some(Ok(_)) => {}
+        }
+    }
+}
+
+/// Where a busy spell is between requests.
+#[derive(Debug, Clone, Copy)]
+enum Between {
+    /// No answer yet: the first head is awaited (under ClientIo's deadlines).
+    First,
+    /// The connection's first request was answered: park as soon as nothing
+    /// more is there (an SDK pool's connection typically waits long before its
+    /// next), as conn.rs has it for hyper's.
+    ParkNow,
+    /// Park if nothing comes by then.
+    ParkAt(Instant),
+}
+
+/// Room in the read buffer for the next read.
+fn room(rbuf: &mut BytesMut) {
+    if rbuf.capacity() - rbuf.len() < 256 {
+        rbuf.reserve(1024);
+    }
+}
+
+/// Answers one bodiless request: the handler's response, written as it comes.
+/// While the handler waits, the client is watched: bytes it sends (a pipelined
+/// request) are kept in `rbuf`, its end of stream leaves the answer to go (a
+/// half-close), an error (a reset) drops the request. Whether the connection
+/// can take another request.
+async fn exchange(
+    io: &mut impl Client,
+    rbuf: &mut BytesMut,
+    ctx: &Arc<ConnCtx>,
+    req: Request<ReqBody>,
+    answer: Answer,
+) -> bool {
+    // (In the boxed state of [`serve`]: no allocation of its own.)
+    let handled = super::forward::handle(ctx.clone(), req);
+    tokio::pin!(handled);
+    let mut watching = true;
+    let resp = poll_fn(|cx| {
+        if let Poll::Ready(r) = handled.as_mut().poll(cx) {
+            return Poll::Ready(Some(r));
+        }
+        while watching {
+            if rbuf.len() >= MAX_FAST_HEAD {
+                // Enough read ahead: the rest waits in the socket.
+                watching = false;
+                break;
+            }
+            room(rbuf);
+            match tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, &mut *rbuf) {
+                Poll::Ready(Ok(0)) => watching = false,
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(_)) => return Poll::Ready(None),
+                Poll::Pending => break,
+            }
+        }
+        Poll::Pending
+    })
+    .await;
+    match resp {
+        Some(resp) => respond(io, ctx, resp, answer).await,
+        None => false,
+    }
+}
+
+/// How the response body is framed to the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    None,
+    /// Bytes still to write.
+    Length(u64),
+    Chunked,
+    /// Until the close (an HTTP/1.0 client).
+    Close,
+}
+
+/// Writes `resp` to the client; whether the connection can take another request
+/// (false: it must close, having written all it could).
+async fn respond(
+    io: &mut impl Client,
+    ctx: &Arc<ConnCtx>,
+    resp: Response<OutBody>,
+    answer: Answer,
+) -> bool {
+    let (parts, mut body) = resp.into_parts();
+    let status = parts.status;
+    let h = &parts.headers;
+    let mut close = ctx.state.close_after.load(Ordering::Relaxed)
+        || super::headers::any_lists(h, header::CONNECTION, "close");
+    let mut w = BytesMut::with_capacity(256);
+    w.extend_from_slice(b"HTTP/1.1 ");
+    w.extend_from_slice(status.as_str().as_bytes());
+    w.extend_from_slice(b" ");
+    w.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());
+    w.extend_from_slice(b"\r\n");
+    super::h1::put_fields(&mut w, h);
+    let bodiless = answer.head
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let mut framing = if bodiless {
+        Framing::None
+    } else if let Some(v) = h.get(header::CONTENT_LENGTH) {
+        match std::str::from_utf8(v.as_bytes())
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+        {
+            Some(n) => Framing::Length(n),
+            // (Not from the upstream clients, which check it.) The body as it
+            // comes, then the close.
+            None => {
+                close = true;
+                Framing::Close
+            }
+        }
+    } else if let Some(n) = body.size_hint().exact() {
+        w.extend_from_slice(b"content-length: ");
+        w.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+        w.extend_from_slice(b"\r\n");
+        Framing::Length(n)
+    } else if answer.http10 {
+        close = true;
+        Framing::Close
+    } else {
+        w.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        Framing::Chunked
+    };
+    if !h.contains_key(header::DATE) {
+        w.extend_from_slice(b"date: ");
+        date(&mut w);
+        w.extend_from_slice(b"\r\n");
+    }
+    if close && !h.contains_key(header::CONNECTION) {
+        w.extend_from_slice(b"connection: close\r\n");
+    } else if answer.http10 && !close {
+        w.extend_from_slice(b"connection: keep-alive\r\n");
+    }
+    w.extend_from_slice(b"\r\n");
+    let mut head = Some(w.freeze());
+    if framing == Framing::None {
+        drop(body);
+        let ok = write_all(io, &mut [&head.unwrap_or_default()])
+            .await
+            .is_ok();
+        return ok && !close;
+    }
+    loop {
+        // The head goes with the first frame if that is ready at once.
+        let frame = match &head {
+            Some(hd) => match poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await {
+                Poll::Ready(f) => f,
+                Poll::Pending => {
+                    if write_all(io, &mut [hd]).await.is_err() {
+                        return false;
+                    }
+                    head = None;
+                    poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+                }
+            },
+            None => poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await,
+        };
+        let hd = head.take().unwrap_or_default();
+        let r = match frame {
+            Some(Ok(f)) => match write_frame(io, &hd, f, &mut framing, answer).await {
+                Ok(true) => continue,
+                Ok(false) => Ok(()),
+                Err(e) => Err(e),
+            },
+            // The end: a length not reached is a cut response.
+            None => match framing {
+                Framing::Chunked => write_all(io, &mut [&hd, b"0\r\n\r\n"]).await,
+                Framing::Length(0) | Framing::Close => write_all(io, &mut [&hd]).await,
+                _ => Err(io::ErrorKind::UnexpectedEof.into()),
+            },
+            // The backend's body failed: the client sees the response cut off.
+            Some(Err(_)) => {
+                let _ = write_all(io, &mut [&hd]).await;
+                Err(io::ErrorKind::UnexpectedEof.into())
+            }
+        };
+        drop(body);
+        return r.is_ok() && !close && framing != Framing::Close;
+    }
+}
+
+/// Writes one frame (with `head` before it, if not yet written); Ok(false) once
+/// the body is complete.
+async fn write_frame(
+    io: &mut impl Client,
+    head: &[u8],
+    f: Frame<Bytes>,
+    framing: &mut Framing,
+    answer: Answer,
+) -> io::Result<bool> {
+    let f = match f.into_data() {
+        Ok(d) => {
+            match framing {
+                Framing::Length(left) => {
+                    if d.len() as u64 > *left {
+                        return Err(io::ErrorKind::InvalidData.into());
+                    }
+                    *left -= d.len() as u64;
+                    write_all(io, &mut [head, &d]).await?;
+                    // (The end is the body's `None`, or its last frame.)
+                }
+                Framing::Chunked if d.is_empty() => write_all(io, &mut [head]).await?,
+                Framing::Chunked => {
+                    let mut size = [0u8; 18];
+                    let n = chunk_line(&mut size, d.len());
+                    write_all(io, &mut [head, &size[..n], &d, b"\r\n"]).await?;
+                }
+                Framing::Close => write_all(io, &mut [head, &d]).await?,
+                Framing::None => {}
+            }
+            return Ok(true);
+        }
+        Err(f) => f,
+    };
+    let Ok(trailers) = f.into_trailers() else {
+        return Ok(true);
+    };
+    if *framing == Framing::Chunked {
+        let mut w = BytesMut::with_capacity(64);
+        w.extend_from_slice(b"0\r\n");
+        if answer.trailers {
+            super::h1::put_fields(&mut w, &trailers);
+        }
+        w.extend_from_slice(b"\r\n");
+        write_all(io, &mut [head, &w]).await?;
+        *framing = Framing::None;
+        return Ok(false);
+    }
+    write_all(io, &mut [head]).await?;
+    Ok(true)
+}
+
+/// `{len:x}\r\n` into `out`; its length.
+fn chunk_line(out: &mut [u8; 18], len: usize) -> usize {
+    let digits = ((usize::BITS - len.leading_zeros()).div_ceil(4)).max(1) as usize;
+    for (i, d) in out[..digits].iter_mut().enumerate() {
+        let shift = 4 * (digits - 1 - i);
+        *d = b"0123456789abcdef"[(len >> shift) & 0xf];
+    }
+    out[digits] = b'\r';
+    out[digits + 1] = b'\n';
+    digits + 2
+}
+
+/// Writes all of `parts`, in as few `writev`s as the socket takes.
+async fn write_all(io: &mut impl Client, parts: &mut [&[u8]]) -> io::Result<()> {
+    let mut first = 0;
+    loop {
+        while first < parts.len() && parts[first].is_empty() {
+            first += 1;
+        }
+        if first == parts.len() {
+            return Ok(());
+        }
+        let mut slices = [IoSlice::new(&[]); 4];
+        let k = (parts.len() - first).min(slices.len());
+        for (s, p) in slices.iter_mut().zip(&parts[first..first + k]) {
+            *s = IoSlice::new(p);
+        }
+        let mut n = poll_fn(|cx| Pin::new(&mut *io).poll_write_vectored(cx, &slices[..k])).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 {
+            let take = n.min(parts[first].len());
+            parts[first] = &parts[first][take..];
+            n -= take;
+            if parts[first].is_empty() {
+                first += 1;
+            }
+        }
+    }
+}
+
+/// The `Date` value (RFC 9110 §6.6.1), formatted once a second per thread.
+fn date(w: &mut BytesMut) {
+    use std::cell::RefCell;
+    use std::time::SystemTime;
+    thread_local! {
+        static CACHED: RefCell<(u64, [u8; 29])> = const { RefCell::new((0, [0; 29])) };
+    }
+    let now = SystemTime::now();
+    let secs = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    CACHED.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.0 != secs {
+            let s = httpdate::fmt_http_date(now);
+            if s.len() == 29 {
+                c.1.copy_from_slice(s.as_bytes());
+                c.0 = secs;
+            } else {
+                w.extend_from_slice(s.as_bytes());
+                return;
+            }
+        }
+        w.extend_from_slice(&c.1);
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_lines_are_hex() {
+        let mut b = [0u8; 18];
+        for (len, want) in [
+            (0usize, "0\r\n"),
+            (1, "1\r\n"),
+            (15, "f\r\n"),
+            (16, "10\r\n"),
+            (0x1234, "1234\r\n"),
+        ] {
+            let n = chunk_line(&mut b, len);
+            assert_eq!(&b[..n], want.as_bytes());
+        }
+    }
+
+    #[test]
+    fn simple_and_other_heads() {
+        let mut b = BytesMut::from(&b"GET /a?b HTTP/1.1\r\nHost: x\r\nTE: trailers\r\n\r\nGET"[..]);
+        match parse(&mut b) {
+            Head::Simple(r, a) => {
+                assert_eq!(r.uri(), "/a?b");
+                assert_eq!(r.headers()["host"], "x");
+                assert!(a.trailers && !a.head && !a.http10);
+            }
+            _ => panic!("not simple"),
+        }
+        assert_eq!(&b[..], b"GET");
+        assert!(matches!(parse(&mut b), Head::Partial));
+        for other in [
+            &b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello"[..],
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"GET / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n",
+            b"GET / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n",
+            b"CONNECT a:1 HTTP/1.1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nA : b\r\n\r\n",
+            b"GET / HTTP/1.1\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n",
+        ] {
+            let mut b = BytesMut::from(other);
+            assert!(
+                matches!(parse(&mut b), Head::Other),
+                "{:?}",
+                String::from_utf8_lossy(other)
+            );
+            assert_eq!(&b[..], other, "left as it was");
+        }
+        // A whole head past 8 KiB is hyper's (its 431), left as it came.
+        let big = format!(
+            "GET / HTTP/1.1\r\nX-Big: {}\r\n\r\n",
+            "a".repeat(MAX_FAST_HEAD)
+        );
+        let mut b = BytesMut::from(big.as_bytes());
+        assert!(matches!(parse(&mut b), Head::Other));
+        assert_eq!(&b[..], big.as_bytes());
+        let mut b = BytesMut::from(&b"HEAD / HTTP/1.0\r\nContent-Length: 0\r\n\r\n"[..]);
+        assert!(matches!(
+            parse(&mut b),
+            Head::Simple(
+                _,
+                Answer {
+                    head: true,
+                    http10: true,
+                    ..
+                }
+            )
+        ));
+    }
+}

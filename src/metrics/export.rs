@@ -44,6 +44,13 @@ const FAST_BUCKETS: &[f64] = &[
 const SESSION_BUCKETS: &[f64] = &[
     0.001, 0.01, 0.1, 1.0, 10.0, 60.0, 300.0, 1800.0, 3600.0, 14400.0,
 ];
+/// Bucket bounds (seconds) for HTTP requests and their time to the response head
+/// and first body byte: 0.5 ms (a proxied request on loopback) to 5 minutes (a
+/// long inference stream; time to first token under load).
+const REQUEST_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 300.0,
+];
 /// How often histogram samples are folded into buckets.
 pub const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 /// Gauges not set for this long (those of backends and listeners a reload removed)
@@ -124,6 +131,12 @@ impl Exporter {
                 HEALTH_CHECK_DURATION,
             ] {
                 b = b.set_buckets_for_metric(Matcher::Full(name.into()), FAST_BUCKETS)?;
+            }
+            // Without buckets the exporter would write these as summaries (its
+            // default), which cannot be summed over instances and cost a
+            // quantile sketch update per sample.
+            for name in [HTTP_DURATION, HTTP_FIRST_BYTE, HTTP_HEAD] {
+                b = b.set_buckets_for_metric(Matcher::Full(name.into()), REQUEST_BUCKETS)?;
             }
             b.set_buckets_for_metric(Matcher::Full(SESSION_DURATION.into()), SESSION_BUCKETS)
         })();

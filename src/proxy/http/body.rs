@@ -20,6 +20,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tracing::debug;
 
 use super::exchange::Exchange;
+use super::h1::RawFields;
 use super::request_body::{BodyError, BoxError, IdleTimer};
 
 /// A backend's response body on its way to the client.
@@ -30,10 +31,18 @@ pub struct RespBody {
     idle: IdleTimer,
     /// Accounts for the exchange on drop; told when the body ended cleanly.
     exchange: Exchange,
+    /// The response head's fields as bytes, in place of the response's
+    /// `HeaderMap` (for the server fast path: [`RespBody::take_fields`]).
+    fields: Option<RawFields>,
 }
 
 impl RespBody {
-    pub fn new(inner: Option<Incoming>, idle: Duration, mut exchange: Exchange) -> RespBody {
+    pub fn new(
+        inner: Option<Incoming>,
+        idle: Duration,
+        mut exchange: Exchange,
+        fields: Option<RawFields>,
+    ) -> RespBody {
         if source_done(&inner, &exchange) {
             // No body at all (204, 304, Content-Length: 0): done already.
             exchange.complete();
@@ -42,7 +51,15 @@ impl RespBody {
             inner,
             idle: IdleTimer::new(idle),
             exchange,
+            fields,
         }
+    }
+
+    /// The response head's fields as the backend sent them (less hop-by-hop
+    /// ones), when they were kept as bytes: written to the client with the
+    /// response's `HeaderMap` (which then holds only what flowgate added).
+    pub fn take_fields(&mut self) -> Option<RawFields> {
+        self.fields.take()
     }
 }
 

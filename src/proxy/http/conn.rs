@@ -138,7 +138,9 @@ fn service(
         let ctx = ctx.clone();
         // Boxed: hyper's connection is taken apart between requests, which needs
         // an `Unpin` handler future.
-        Box::pin(async move { Ok(forward::handle(ctx, req.map(ReqBody::Hyper)).await) }) as Handled
+        Box::pin(async move {
+            Ok(forward::handle(ctx, forward::ClientReq::Full(req.map(ReqBody::Hyper))).await)
+        }) as Handled
     })
 }
 

@@ -7,12 +7,12 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use hyper::header::{self, HeaderValue};
-use hyper::{Method, Request, Response, StatusCode, Version};
+use hyper::{Method, Response, StatusCode, Version};
 use tokio::time::Instant;
 use tracing::debug;
 
 use super::headers;
-use super::request_body::{ReqBody, Upload};
+use super::request_body::Upload;
 use super::state::ConnCtx;
 use super::upstream::{Upstreams, H1};
 use super::{BackendMetrics, HttpSettings, Route};
@@ -76,7 +76,12 @@ impl std::ops::DerefMut for Exchange {
 }
 
 impl Exchange {
-    pub(super) fn start(ctx: Arc<ConnCtx>, req: &Request<ReqBody>) -> Exchange {
+    pub(super) fn start(
+        ctx: Arc<ConnCtx>,
+        method: Method,
+        version: Version,
+        bodiless: bool,
+    ) -> Exchange {
         Exchange(Box::new(Inner {
             ctx,
             http: None,
@@ -86,8 +91,8 @@ impl Exchange {
             in_service: None,
             backend_metrics: None,
             upstream: None,
-            method: req.method().clone(),
-            version: req.version(),
+            method,
+            version,
             host: None,
             // Set by the handler (normalized, or as it came).
             path: String::new(),
@@ -97,7 +102,7 @@ impl Exchange {
             sent: None,
             head: None,
             first_body: None,
-            up: Upload::for_body(hyper::body::Body::is_end_stream(req.body())),
+            up: Upload::for_body(bodiless),
             down: 0,
             reason: "client_aborted",
             ended: false,

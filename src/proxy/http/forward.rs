@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use hyper::body::{Body as _, Incoming};
 use hyper::header::{self, HeaderValue};
-use hyper::{Request, Response, StatusCode, Uri, Version};
+use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use tokio::time::Instant;
 use tracing::debug;
 
@@ -23,22 +23,64 @@ use super::exchange::Exchange;
 use super::h1::UpError;
 use super::headers;
 use super::path;
+use super::raw::RawHead;
 use super::request_body::{BodyError, ReqBody, UpBody, Upload};
 use super::state::ConnCtx;
 use super::upstream::{self, Sender, H1};
+use super::HttpSettings;
 use crate::backend::{ActiveGuard, Backend, ConnectError};
 use crate::config::{AffinityKey, UpstreamProtocol};
 use crate::pool::NoSlot;
 use crate::proxy::passive_failure;
 
+/// A request as the client connection hands it over.
+pub enum ClientReq {
+    /// From hyper's server: HTTP/2, a body, an upgrade, ...
+    Full(Request<ReqBody>),
+    /// A bodiless HTTP/1.1 request from the server fast path, as read.
+    Raw(RawHead),
+}
+
+impl ClientReq {
+    fn uri(&self) -> &Uri {
+        match self {
+            ClientReq::Full(r) => r.uri(),
+            ClientReq::Raw(r) => &r.uri,
+        }
+    }
+
+    fn version(&self) -> Version {
+        match self {
+            ClientReq::Full(r) => r.version(),
+            ClientReq::Raw(r) => r.version,
+        }
+    }
+
+    /// Whether a `Connection` line lists `token`.
+    fn connection_lists(&self, token: &str) -> bool {
+        match self {
+            ClientReq::Full(r) => headers::any_lists(r.headers(), header::CONNECTION, token),
+            ClientReq::Raw(r) => r.connection_lists(token.as_bytes()),
+        }
+    }
+}
+
 /// Answers one request (never fails: errors are replies).
-pub async fn handle(ctx: Arc<ConnCtx>, req: Request<ReqBody>) -> Response<OutBody> {
+pub async fn handle(ctx: Arc<ConnCtx>, req: ClientReq) -> Response<OutBody> {
     ctx.state.begin();
     if wants_close(&req) {
         ctx.state.close_after.store(true, Ordering::Relaxed);
     }
     let settings = ctx.listener.settings();
-    let mut ex = Exchange::start(ctx.clone(), &req);
+    let mut ex = match &req {
+        ClientReq::Full(r) => Exchange::start(
+            ctx.clone(),
+            r.method().clone(),
+            r.version(),
+            r.body().is_end_stream(),
+        ),
+        ClientReq::Raw(r) => Exchange::start(ctx.clone(), r.method.clone(), r.version, true),
+    };
     let Some(http) = settings.http.clone() else {
         // A reload made this listener plain TCP: finish this connection.
         ex.path = req.uri().path().to_string();
@@ -62,27 +104,34 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<ReqBody>) -> Response<OutBod
             true,
         );
     }
-    let codings = req
-        .headers()
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .count();
-    let only_chunked = req
-        .headers()
-        .get(header::TRANSFER_ENCODING)
-        .is_none_or(|v| v.as_bytes().eq_ignore_ascii_case(b"chunked"));
-    if codings > 1 || !only_chunked {
-        ex.path = req.uri().path().to_string();
-        return ex.reply(
-            StatusCode::NOT_IMPLEMENTED,
-            "bad_request",
-            "transfer codings other than chunked are not supported\n",
-            true,
-        );
+    // (The fast path takes no request with a Transfer-Encoding.)
+    if let ClientReq::Full(r) = &req {
+        let codings = r
+            .headers()
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .count();
+        let only_chunked = r
+            .headers()
+            .get(header::TRANSFER_ENCODING)
+            .is_none_or(|v| v.as_bytes().eq_ignore_ascii_case(b"chunked"));
+        if codings > 1 || !only_chunked {
+            ex.path = r.uri().path().to_string();
+            return ex.reply(
+                StatusCode::NOT_IMPLEMENTED,
+                "bad_request",
+                "transfer codings other than chunked are not supported\n",
+                true,
+            );
+        }
     }
 
     // Route: host, then the normalized path (kept in the exchange, for the log).
-    ex.host = headers::host(req.uri().authority().map(|a| a.as_str()), req.headers());
+    let host_header = match &req {
+        ClientReq::Full(r) => r.headers().get(header::HOST).and_then(|v| v.to_str().ok()),
+        ClientReq::Raw(r) => r.host().and_then(|v| std::str::from_utf8(v).ok()),
+    };
+    ex.host = headers::host(req.uri().authority().map(|a| a.as_str()), host_header);
     let raw_path = req.uri().path();
     let normalized = match path::normalize(raw_path) {
         Ok(Some(n)) => {
@@ -116,7 +165,11 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<ReqBody>) -> Response<OutBod
         );
     };
     ex.route = Some(route.clone());
-    if let (Some(max), Some(len)) = (http.max_body_bytes, content_length(&req)) {
+    let length = match &req {
+        ClientReq::Full(r) => content_length(r),
+        ClientReq::Raw(_) => None,
+    };
+    if let (Some(max), Some(len)) = (http.max_body_bytes, length) {
         if len > max {
             return ex.reply(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -128,7 +181,7 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<ReqBody>) -> Response<OutBod
     }
 
     // The request as it goes upstream.
-    let websocket = is_websocket(&req);
+    let websocket = matches!(&req, ClientReq::Full(r) if is_websocket(r));
     let version = match (route.pool.config().upstream_protocol, req.version()) {
         _ if websocket => upstream::Version::Upgrade,
         (UpstreamProtocol::Http1, _) => upstream::Version::Http1,
@@ -136,83 +189,66 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<ReqBody>) -> Response<OutBod
         (UpstreamProtocol::Auto, Version::HTTP_2) => upstream::Version::H2c,
         (UpstreamProtocol::Auto, _) => upstream::Version::Http1,
     };
-    let (mut parts, body) = req.into_parts();
-    // The authority as a header value: the client's Host as it came (shared,
-    // not copied), or the target's.
-    let from_target = parts.uri.authority().is_some();
-    let authority = match parts.uri.authority() {
-        Some(a) => HeaderValue::from_str(a.as_str()).ok(),
-        None => parts.headers.get(header::HOST).cloned(),
-    }
-    .filter(|v| v.to_str().is_ok());
-    // An origin-form target whose path stays as it is goes up as it came.
-    let keep_target =
-        version != upstream::Version::H2c && !from_target && !normalized && !rc.strip_prefix;
-    let uri = if keep_target {
-        None
-    } else {
-        let upstream_path = if rc.strip_prefix {
-            path::strip(&ex.path, &rc.path_prefix)
-        } else {
-            &ex.path
-        };
-        let authority = authority.as_ref().and_then(|v| v.to_str().ok());
-        match build_uri(version, authority, upstream_path, parts.uri.query()) {
-            Some(u) => Some(u),
-            None => {
+    let pool_config = route.pool.config();
+    let affinity = pool_config.affinity.as_ref().map(|a| &a.key);
+    let (request, session) = match req {
+        // The fast path's origin-form request to an HTTP/1.1 backend: its bytes,
+        // edited (no `HeaderMap`).
+        ClientReq::Raw(raw)
+            if version == upstream::Version::Http1 && raw.uri.authority().is_none() =>
+        {
+            let target = (normalized || rc.strip_prefix).then(|| {
+                let path = match rc.strip_prefix {
+                    true => path::strip(&ex.path, &rc.path_prefix),
+                    false => &ex.path,
+                };
+                with_query(path, raw.uri.query())
+            });
+            let mut w = bytes::BytesMut::new();
+            ex.request_id = Some(raw.encode_up(&mut w, target.as_deref(), http.xff, &ctx.peer_ip));
+            let session =
+                affinity.and_then(|key| session_key(key, |n| raw.get(n), raw.named("cookie")));
+            // Bodiless: all of it goes with the head (first_byte_timeout runs
+            // from here, and the connection can be reused after the response).
+            ex.up.finish();
+            let head_req = raw.method == Method::HEAD;
+            let out = Outgoing::Raw(w.freeze(), head_req, raw.method.is_idempotent());
+            (out, session)
+        }
+        req => {
+            let req = match req {
+                ClientReq::Full(r) => Some(r),
+                ClientReq::Raw(r) => r.into_request(),
+            };
+            let prepared = req.and_then(|r| {
+                let how = Prepare {
+                    version,
+                    normalized,
+                    websocket,
+                    strip_prefix: rc.strip_prefix.then_some(rc.path_prefix.as_str()),
+                    stream_idle: rc.stream_idle_timeout,
+                    affinity,
+                };
+                prepare(&mut ex, r, &how, &http, &ctx)
+            });
+            let Some((r, session)) = prepared else {
                 return ex.reply(
                     StatusCode::BAD_REQUEST,
                     "bad_path",
                     "bad request target\n",
                     true,
-                )
-            }
+                );
+            };
+            (Outgoing::Req(r), session)
         }
     };
-    headers::strip_hop_by_hop(&mut parts.headers, websocket);
-    headers::forwarded(
-        &mut parts.headers,
-        http.xff,
-        &ctx.peer_ip,
-        authority.as_ref(),
-    );
-    ex.request_id = Some(headers::request_id(&mut parts.headers));
-    match version {
-        upstream::Version::Http1 | upstream::Version::Upgrade => {
-            // An HTTP/2 client's :authority, or an absolute-form target's
-            // authority, becomes Host (RFC 9112 §3.2.2: it wins over the Host
-            // the client sent, and it is what the request was routed by).
-            if from_target || !parts.headers.contains_key(header::HOST) {
-                if let Some(v) = authority {
-                    parts.headers.insert(header::HOST, v);
-                }
-            }
-            parts.version = Version::HTTP_11;
-        }
-        upstream::Version::H2c => {
-            parts.headers.remove(header::HOST);
-            parts.version = Version::HTTP_2;
-        }
-    }
-    if let Some(uri) = uri {
-        parts.uri = uri;
-    }
-    let session = route
-        .pool
-        .config()
-        .affinity
-        .as_ref()
-        .and_then(|a| session_key(&parts.headers, &a.key));
     let upload = ex.up.clone();
-    let body = UpBody::new(
-        body,
-        rc.stream_idle_timeout,
-        http.max_body_bytes,
-        upload.clone(),
-    );
+    // The fast path's request: the response's fields come back as bytes too, for
+    // serve1 to write as they are.
+    let raw_fields = matches!(request, Outgoing::Raw(..));
     // Every failure before sending leaves the request here (a refusing pooled
     // connection hands it back), so it can go to the next backend as it is.
-    let mut request = Some(Outgoing::Req(Request::from_parts(parts, body)));
+    let mut request = Some(request);
 
     // Pick, connect, send.
     let pool = &route.pool;
@@ -265,10 +301,10 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<ReqBody>) -> Response<OutBod
                 && fresh_tries == 0
                 && match &r {
                     Outgoing::Req(r) => r.method().is_idempotent() && r.body().is_end_stream(),
-                    Outgoing::Raw(..) => false,
+                    Outgoing::Raw(_, _, again) => *again,
                 };
             ex.sent = Some(Instant::now());
-            let (result, h1) = send(s, r, rc.first_byte_timeout, &upload).await;
+            let (result, h1) = send(s, r, rc.first_byte_timeout, &upload, raw_fields).await;
             match result {
                 Sent::Response(resp) => {
                     sent_to = Some((guard, Ok(resp), h1));
@@ -305,7 +341,7 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<ReqBody>) -> Response<OutBod
                     debug!(backend = %b.name, "pooled connection closed under the request: once more on a fresh one");
                     fresh_tries += 1;
                     pooled = false;
-                    request = Some(Outgoing::Raw(head, head_req));
+                    request = Some(Outgoing::Raw(head, head_req, false));
                 }
                 Sent::Closed(_) => {
                     sent_to = Some((guard, Err(UpError::Closed), None));
@@ -405,7 +441,113 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<ReqBody>) -> Response<OutBod
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     let idle = rc.stream_idle_timeout;
-    Response::from_parts(parts, OutBody::Stream(RespBody::new(body, idle, ex)))
+    let fields = ex
+        .upstream
+        .as_mut()
+        .and_then(|(h, _, _)| h.conn.take_fields());
+    Response::from_parts(
+        parts,
+        OutBody::Stream(RespBody::new(body, idle, ex, fields)),
+    )
+}
+
+/// How a hyper request is made ready to go upstream.
+struct Prepare<'a> {
+    version: upstream::Version,
+    normalized: bool,
+    websocket: bool,
+    /// The route's prefix, to strip.
+    strip_prefix: Option<&'a str>,
+    stream_idle: Duration,
+    affinity: Option<&'a AffinityKey>,
+}
+
+/// A hyper request as it goes upstream: its target, hop-by-hop headers out,
+/// X-Forwarded-* and X-Request-Id in, Host or `:authority` for the upstream
+/// version; with its session key. `None`: a target that cannot be rebuilt.
+fn prepare(
+    ex: &mut Exchange,
+    req: Request<ReqBody>,
+    how: &Prepare<'_>,
+    http: &HttpSettings,
+    ctx: &ConnCtx,
+) -> Option<(Request<UpBody>, Option<u64>)> {
+    let version = how.version;
+    let (mut parts, body) = req.into_parts();
+    // The authority as a header value: the client's Host as it came (shared,
+    // not copied), or the target's.
+    let from_target = parts.uri.authority().is_some();
+    let authority = match parts.uri.authority() {
+        Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+        None => parts.headers.get(header::HOST).cloned(),
+    }
+    .filter(|v| v.to_str().is_ok());
+    // An origin-form target whose path stays as it is goes up as it came.
+    let keep_target = version != upstream::Version::H2c
+        && !from_target
+        && !how.normalized
+        && how.strip_prefix.is_none();
+    let uri = if keep_target {
+        None
+    } else {
+        let upstream_path = match how.strip_prefix {
+            Some(prefix) => path::strip(&ex.path, prefix),
+            None => &ex.path,
+        };
+        let authority = authority.as_ref().and_then(|v| v.to_str().ok());
+        Some(build_uri(
+            version,
+            authority,
+            upstream_path,
+            parts.uri.query(),
+        )?)
+    };
+    headers::strip_hop_by_hop(&mut parts.headers, how.websocket);
+    headers::forwarded(
+        &mut parts.headers,
+        http.xff,
+        &ctx.peer_ip,
+        authority.as_ref(),
+    );
+    ex.request_id = Some(headers::request_id(&mut parts.headers));
+    match version {
+        upstream::Version::Http1 | upstream::Version::Upgrade => {
+            // An HTTP/2 client's :authority, or an absolute-form target's
+            // authority, becomes Host (RFC 9112 §3.2.2: it wins over the Host
+            // the client sent, and it is what the request was routed by).
+            if from_target || !parts.headers.contains_key(header::HOST) {
+                if let Some(v) = authority {
+                    parts.headers.insert(header::HOST, v);
+                }
+            }
+            parts.version = Version::HTTP_11;
+        }
+        upstream::Version::H2c => {
+            parts.headers.remove(header::HOST);
+            parts.version = Version::HTTP_2;
+        }
+    }
+    if let Some(uri) = uri {
+        parts.uri = uri;
+    }
+    let h = &parts.headers;
+    let session = how.affinity.and_then(|key| {
+        session_key(
+            key,
+            |n| h.get(n).map(|v| v.as_bytes()),
+            h.get_all(header::COOKIE).iter().map(|v| v.as_bytes()),
+        )
+    });
+    let body = UpBody::new(body, how.stream_idle, http.max_body_bytes, ex.up.clone());
+    Some((Request::from_parts(parts, body), session))
+}
+
+/// `path?query`, or `path`.
+fn with_query(path: &str, query: Option<&str>) -> String {
+    match query {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_string(),
+    }
 }
 
 /// Generated replies, as the client gets them.
@@ -442,16 +584,20 @@ type Attempt = (
 /// is read from the HTTP/1.1 connection the response came on.
 type Upstream = Option<Incoming>;
 
-/// The session key of a request under `[pools.affinity]`: the header's value, or
-/// the cookie's (the first with that name). None when absent or empty: the pool's
-/// algorithm then picks.
-fn session_key(headers: &hyper::HeaderMap, key: &AffinityKey) -> Option<u64> {
+/// The session key of a request under `[pools.affinity]`: the header's value
+/// (`header` looks the first up by its lower-case name), or the cookie's (the
+/// first with that name among the `cookies` lines). None when absent or empty:
+/// the pool's algorithm then picks.
+fn session_key<'a>(
+    key: &AffinityKey,
+    header: impl Fn(&str) -> Option<&'a [u8]>,
+    mut cookies: impl Iterator<Item = &'a [u8]>,
+) -> Option<u64> {
     let value: &[u8] = match key {
-        AffinityKey::Header(name) => headers.get(name.as_str())?.as_bytes(),
-        AffinityKey::Cookie(name) => headers
-            .get_all(header::COOKIE)
-            .iter()
-            .flat_map(|v| v.as_bytes().split(|&c| c == b';'))
+        AffinityKey::Header(name) => header(name.as_str())?,
+        AffinityKey::Cookie(name) => cookies
+            .by_ref()
+            .flat_map(|v| v.split(|&c| c == b';'))
             .find_map(|pair| {
                 let pair = pair.trim_ascii();
                 let (k, v) = pair.split_at(pair.iter().position(|&c| c == b'=')?);
@@ -498,8 +644,10 @@ fn classify(e: &UpError) -> (StatusCode, &'static str, &'static str) {
 #[allow(clippy::large_enum_variant)] // on one function's stack; `Raw` is rare
 enum Outgoing {
     Req(Request<UpBody>),
-    /// A bodiless request's head, and whether it is HEAD.
-    Raw(bytes::Bytes, bool),
+    /// A bodiless request's head, whether it is HEAD, and whether it may go
+    /// again on a fresh connection if a pooled one closes under it (an
+    /// idempotent method).
+    Raw(bytes::Bytes, bool, bool),
 }
 
 /// How sending a request went.
@@ -523,6 +671,7 @@ async fn send(
     req: Outgoing,
     first_byte: Duration,
     upload: &Upload,
+    raw_fields: bool,
 ) -> (Sent, Option<Box<H1>>) {
     // first_byte_timeout runs from the request being fully sent: a slow upload is
     // stream_idle_timeout's business.
@@ -535,7 +684,7 @@ async fn send(
             // The request goes out and its response head comes back in this task.
             match req {
                 Outgoing::Req(req) => h.conn.start(req),
-                Outgoing::Raw(head, head_req) => h.conn.start_raw(head, head_req),
+                Outgoing::Raw(head, head_req, _) => h.conn.start_raw(head, head_req, raw_fields),
             }
             let exchange = std::future::poll_fn(|cx| h.conn.poll_head(cx));
             let r = tokio::select! {
@@ -618,10 +767,7 @@ fn build_uri(
     path: &str,
     query: Option<&str>,
 ) -> Option<Uri> {
-    let pq = match query {
-        Some(q) => format!("{path}?{q}"),
-        None => path.to_string(),
-    };
+    let pq = with_query(path, query);
     match v {
         upstream::Version::Http1 | upstream::Version::Upgrade => pq.parse().ok(),
         upstream::Version::H2c => Uri::builder()
@@ -645,11 +791,10 @@ fn content_length<B>(req: &Request<B>) -> Option<u64> {
 
 /// The client asks to close after this request (`Connection: close`, or HTTP/1.0
 /// without `Connection: keep-alive`).
-fn wants_close<B>(req: &Request<B>) -> bool {
-    let token = |t| headers::any_lists(req.headers(), header::CONNECTION, t);
+fn wants_close(req: &ClientReq) -> bool {
     match req.version() {
-        Version::HTTP_10 | Version::HTTP_09 => !token("keep-alive"),
-        Version::HTTP_11 => token("close"),
+        Version::HTTP_10 | Version::HTTP_09 => !req.connection_lists("keep-alive"),
+        Version::HTTP_11 => req.connection_lists("close"),
         _ => false,
     }
 }

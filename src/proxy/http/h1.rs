@@ -32,6 +32,8 @@ use super::request_body::{BoxError, UpBody};
 
 mod read;
 
+pub use read::RawFields;
+
 /// The largest response head (status line, headers) or trailer section taken
 /// (hyper's default).
 const MAX_HEAD: usize = 8192 + 4096 * 100;
@@ -151,6 +153,10 @@ pub struct Conn<T> {
     down: Down,
     /// The request was HEAD: its response has no body.
     head_req: bool,
+    /// The response head's fields are kept as bytes ([`Conn::take_fields`]),
+    /// not parsed into the response's `HeaderMap`.
+    raw_fields: bool,
+    fields: Option<RawFields>,
     /// Any byte of the response came.
     got: bool,
     /// Room made for the next read (see [`Conn::poll_fill`]).
@@ -173,6 +179,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
             resend: None,
             down: Down::Done,
             head_req: false,
+            raw_fields: false,
+            fields: None,
             got: false,
             read_size: READ_SIZE,
             cut: false,
@@ -225,6 +233,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
     pub fn start(&mut self, req: Request<UpBody>) {
         let (parts, body) = req.into_parts();
         self.head_req = parts.method == Method::HEAD;
+        self.raw_fields = false;
         self.got = false;
         self.down = Down::Done;
         let w = &mut self.wbuf;
@@ -249,14 +258,23 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
         self.out.push_back(head);
     }
 
-    /// Queues a bodiless request's head as [`Conn::take_resend`] gave it.
-    pub fn start_raw(&mut self, head: Bytes, head_req: bool) {
+    /// Queues a bodiless request's head (as [`Conn::take_resend`] gave it, or
+    /// as the server fast path encoded it); with `raw_fields`, the response's
+    /// fields are kept as bytes for [`Conn::take_fields`].
+    pub fn start_raw(&mut self, head: Bytes, head_req: bool, raw_fields: bool) {
         self.head_req = head_req;
+        self.raw_fields = raw_fields;
         self.got = false;
         self.down = Down::Done;
         self.body = None;
         self.resend = Some((head.clone(), head_req));
         self.out.push_back(head);
+    }
+
+    /// The response head's fields, as bytes (after [`Conn::start_raw`] asked
+    /// for them).
+    pub fn take_fields(&mut self) -> Option<RawFields> {
+        self.fields.take()
     }
 
     /// The head of the bodiless request this connection failed under, to go

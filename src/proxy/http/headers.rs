@@ -14,31 +14,31 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Which hop-by-hop names a head carries (one pass over its names; a bit each).
-const CONNECTION: u8 = 1;
-const TE: u8 = 2;
-const UPGRADE: u8 = 4;
-const TRANSFER_ENCODING: u8 = 8;
+pub(super) const CONNECTION: u8 = 1;
+pub(super) const TE: u8 = 2;
+pub(super) const UPGRADE: u8 = 4;
+pub(super) const TRANSFER_ENCODING: u8 = 8;
 const KEEP_ALIVE: u8 = 16;
 const HTTP2_SETTINGS: u8 = 32;
 const PROXY: u8 = 64;
 
 /// Which hop-by-hop header `k` is (a bit of those above), or 0.
 pub(super) fn hop_by_hop(k: &HeaderName) -> u8 {
-    if k == header::CONNECTION {
-        CONNECTION
-    } else if k == header::TE {
-        TE
-    } else if k == header::UPGRADE {
-        UPGRADE
-    } else if k == header::TRANSFER_ENCODING {
-        TRANSFER_ENCODING
-    } else {
-        match k.as_str() {
-            "keep-alive" => KEEP_ALIVE,
-            "http2-settings" => HTTP2_SETTINGS,
-            s if s.starts_with("proxy-") => PROXY,
-            _ => 0,
-        }
+    hop_by_hop_name(k.as_str().as_bytes())
+}
+
+/// [`hop_by_hop`] for a name as it came (any case).
+pub(super) fn hop_by_hop_name(n: &[u8]) -> u8 {
+    let is = |s: &str| n.eq_ignore_ascii_case(s.as_bytes());
+    match n.len() {
+        2 if is("te") => TE,
+        7 if is("upgrade") => UPGRADE,
+        10 if is("connection") => CONNECTION,
+        10 if is("keep-alive") => KEEP_ALIVE,
+        14 if is("http2-settings") => HTTP2_SETTINGS,
+        17 if is("transfer-encoding") => TRANSFER_ENCODING,
+        l if l >= 6 && n[..6].eq_ignore_ascii_case(b"proxy-") => PROXY,
+        _ => 0,
     }
 }
 
@@ -196,7 +196,7 @@ pub fn request_id(h: &mut HeaderMap) -> HeaderValue {
 /// 128 random bits in hex. From a per-thread xoshiro generator seeded from the
 /// OS (`SmallRng`): an id only has to be unique, and ChaCha (`thread_rng`) cost
 /// about 250 instructions per id.
-fn new_request_id() -> HeaderValue {
+pub(super) fn new_request_id() -> HeaderValue {
     use rand::{Rng, SeedableRng};
     thread_local! {
         static RNG: std::cell::RefCell<rand::rngs::SmallRng> =
@@ -224,11 +224,8 @@ pub fn ip_value(ip: IpAddr) -> HeaderValue {
 
 /// The host a request is for, lower case and without the port (an IPv6 literal
 /// keeps its brackets): from `authority` (HTTP/2, absolute-form) or `Host`.
-pub fn host(authority: Option<&str>, h: &HeaderMap) -> Option<String> {
-    let raw = match authority {
-        Some(a) => a,
-        None => h.get(header::HOST)?.to_str().ok()?,
-    };
+pub fn host(authority: Option<&str>, host: Option<&str>) -> Option<String> {
+    let raw = authority.or(host)?;
     let raw = raw.trim();
     let name = if raw.starts_with('[') {
         match raw.find(']') {
@@ -350,11 +347,11 @@ mod tests {
 
     #[test]
     fn hosts_without_ports() {
-        let h = map(&[("host", "API.example.com:8080")]);
-        assert_eq!(host(None, &h).as_deref(), Some("api.example.com"));
-        assert_eq!(host(Some("[::1]:80"), &h).as_deref(), Some("[::1]"));
-        assert_eq!(host(None, &map(&[("host", "x.")])).as_deref(), Some("x"));
-        assert_eq!(host(None, &map(&[])), None);
+        let h = Some("API.example.com:8080");
+        assert_eq!(host(None, h).as_deref(), Some("api.example.com"));
+        assert_eq!(host(Some("[::1]:80"), h).as_deref(), Some("[::1]"));
+        assert_eq!(host(None, Some("x.")).as_deref(), Some("x"));
+        assert_eq!(host(None, None), None);
     }
 
     #[test]

@@ -11,6 +11,8 @@
 //! - `forward`: one request: route, pick, connect with retries, send, stream the
 //!   response back, account for it (metrics, access log).
 //! - `headers`: hop-by-hop headers, X-Forwarded-*, X-Request-Id.
+//! - `raw`: the fast path's request head as read, sent up to an HTTP/1.1
+//!   backend as its bytes with those edits (no `HeaderMap`).
 //! - `tunnel`: a WebSocket connection after its `101`.
 //! - `exchange`: one request's accounting, done when it is dropped.
 //! - `body`, `request_body`: the streaming bodies, their idle and size limits.
@@ -28,6 +30,7 @@ mod forward;
 mod h1;
 mod headers;
 pub mod path;
+mod raw;
 mod request_body;
 pub mod routes;
 mod scan;

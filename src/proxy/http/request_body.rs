@@ -42,7 +42,9 @@ impl Upload {
         self.empty || self.done_at().is_some()
     }
 
-    fn finish(&self) {
+    /// The whole request was handed upstream (its body's end, or a bodiless
+    /// request about to go).
+    pub(super) fn finish(&self) {
         if self.done_us.load(Ordering::Relaxed) == 0 {
             self.done_us
                 .store(crate::proxy::now_us().max(1), Ordering::Release);

@@ -23,7 +23,6 @@ use std::future::poll_fn;
 use std::future::Future;
 use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
-use std::ops::Range;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -32,13 +31,16 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use hyper::body::{Body, Frame};
-use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
-use hyper::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper::header;
+use hyper::{Method, Response, StatusCode, Uri, Version};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Instant, Sleep};
 
 use super::body::OutBody;
-use super::request_body::ReqBody;
+use super::forward::ClientReq;
+use super::h1::RawFields;
+use super::headers;
+use super::raw::{Field, Kind, RawHead};
 use super::state::ConnCtx;
 
 /// The client's socket (conn.rs's `ClientIo`, with its deadlines).
@@ -53,9 +55,6 @@ const MAX_HEADERS: usize = 100;
 /// past `max_header_bytes`).
 const MAX_FAST_HEAD: usize = 8192;
 
-/// Where a head's names and values are in the read buffer.
-type Fields = Vec<(Range<usize>, Range<usize>)>;
-
 /// How to answer a request, from its head.
 #[derive(Debug, Clone, Copy)]
 struct Answer {
@@ -68,27 +67,17 @@ struct Answer {
 }
 
 /// What the read buffer holds. (Used at once, never stored: no box.)
-#[allow(clippy::large_enum_variant)]
 enum Head {
     /// Not a whole head yet.
     Partial,
     /// A bodiless request the fast path serves; its head was taken off the buffer.
-    Simple(Request<ReqBody>, Answer),
+    Simple(RawHead, Answer),
     /// Anything else: hyper serves it.
     Other,
 }
 
 /// Parses the head at the start of `buf`.
 fn parse(buf: &mut BytesMut) -> Head {
-    thread_local! {
-        /// Where a head's names and values are: room kept per thread, not per
-        /// connection.
-        static FIELDS: std::cell::RefCell<Fields> = const { std::cell::RefCell::new(Vec::new()) };
-    }
-    FIELDS.with_borrow_mut(|at_list| parse_with(buf, at_list))
-}
-
-fn parse_with(buf: &mut BytesMut, at_list: &mut Fields) -> Head {
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
     let len = match req.parse_with_uninit_headers(buf, &mut slots) {
@@ -116,64 +105,63 @@ fn parse_with(buf: &mut BytesMut, at_list: &mut Fields) -> Head {
         http10: version == Version::HTTP_10,
         trailers: false,
     };
-    let mut length = false;
-    for h in req.headers.iter() {
-        let name = h.name.as_bytes();
-        let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
-        if is("content-length") {
-            if length || h.value != b"0" {
-                return Head::Other;
-            }
-            length = true;
-        } else if is("transfer-encoding") || is("upgrade") || is("expect") {
-            return Head::Other;
-        } else if is("te") {
-            answer.trailers |= super::headers::lists(h.value, "trailers");
-        }
-    }
     let base = buf.as_ptr() as usize;
     let at = |s: &[u8]| {
         let from = s.as_ptr() as usize - base;
         from..from + s.len()
     };
+    let mut length = false;
+    let mut hop = 0;
+    let mut fields = Vec::with_capacity(req.headers.len());
+    for h in req.headers.iter() {
+        let name = h.name.as_bytes();
+        let kind = Kind::of(name);
+        match kind {
+            Kind::Hop(bit) => {
+                if bit & (headers::TRANSFER_ENCODING | headers::UPGRADE) != 0 {
+                    return Head::Other;
+                }
+                if bit == headers::TE {
+                    answer.trailers |= headers::lists(h.value, "trailers");
+                }
+                hop |= bit;
+            }
+            Kind::Plain if name.eq_ignore_ascii_case(b"content-length") => {
+                if length || h.value != b"0" {
+                    return Head::Other;
+                }
+                length = true;
+            }
+            Kind::Plain if name.eq_ignore_ascii_case(b"expect") => return Head::Other,
+            _ => {}
+        }
+        fields.push(Field {
+            name: at(name),
+            value: at(h.value),
+            kind,
+        });
+    }
     let target = at(req.path.unwrap_or("").as_bytes());
-    // Where each name and value is, for slices of the head once it is cut off.
-    at_list.clear();
-    at_list.extend(
-        req.headers
-            .iter()
-            .map(|h| (at(h.name.as_bytes()), at(h.value))),
-    );
     let head = buf.split_to(len).freeze();
-    // What httparse let through but `http` refuses (rare): back to the buffer,
-    // for hyper.
-    let other = |buf: &mut BytesMut, head: Bytes| {
+    let Ok(uri) = Uri::from_maybe_shared(head.slice(target.clone())) else {
+        // What httparse let through but `http` refuses (rare): back to the
+        // buffer, for hyper.
         let mut back = BytesMut::with_capacity(head.len() + buf.len());
         back.extend_from_slice(&head);
         back.extend_from_slice(buf);
         *buf = back;
-        Head::Other
+        return Head::Other;
     };
-    let Ok(uri) = Uri::from_maybe_shared(head.slice(target)) else {
-        return other(buf, head);
+    let raw = RawHead {
+        bytes: head,
+        method,
+        version,
+        uri,
+        target,
+        fields,
+        hop,
     };
-    // Room for the X-Forwarded-* and X-Request-Id headers that go up with it.
-    let mut headers = HeaderMap::with_capacity(at_list.len() + 4);
-    for (name, value) in at_list.drain(..) {
-        let (Ok(name), Ok(value)) = (
-            HeaderName::from_bytes(&head[name]),
-            HeaderValue::from_maybe_shared(head.slice(value)),
-        ) else {
-            return other(buf, head);
-        };
-        headers.append(name, value);
-    }
-    let mut r = Request::new(ReqBody::Empty);
-    *r.method_mut() = method;
-    *r.uri_mut() = uri;
-    *r.version_mut() = version;
-    *r.headers_mut() = headers;
-    Head::Simple(r, answer)
+    Head::Simple(raw, answer)
 }
 
 /// What became of the bytes at the connection's read side.
@@ -281,11 +269,11 @@ async fn exchange(
     io: &mut impl Client,
     rbuf: &mut BytesMut,
     ctx: &Arc<ConnCtx>,
-    req: Request<ReqBody>,
+    req: RawHead,
     answer: Answer,
 ) -> bool {
     // (In the boxed state of [`serve`]: no allocation of its own.)
-    let handled = super::forward::handle(ctx.clone(), req);
+    let handled = super::forward::handle(ctx.clone(), ClientReq::Raw(req));
     tokio::pin!(handled);
     let mut watching = true;
     let resp = poll_fn(|cx| {
@@ -336,6 +324,12 @@ async fn respond(
 ) -> bool {
     let (parts, mut body) = resp.into_parts();
     let status = parts.status;
+    // The backend's fields as bytes (an HTTP/1.1 backend's); then `h` holds only
+    // what flowgate added.
+    let raw = match &mut body {
+        OutBody::Stream(b) => b.take_fields(),
+        OutBody::Full(_) => None,
+    };
     let h = &parts.headers;
     let mut close = ctx.state.close_after.load(Ordering::Relaxed)
         || super::headers::any_lists(h, header::CONNECTION, "close");
@@ -345,18 +339,29 @@ async fn respond(
     w.extend_from_slice(b" ");
     w.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());
     w.extend_from_slice(b"\r\n");
+    if let Some(raw) = &raw {
+        w.extend_from_slice(&raw.lines);
+    }
     super::h1::put_fields(&mut w, h);
+    // The length the head gives: `Some(None)` for one that is no number.
+    let length = match &raw {
+        Some(RawFields {
+            length: Some(n), ..
+        }) => Some(Some(*n)),
+        _ => h.get(header::CONTENT_LENGTH).map(|v| {
+            std::str::from_utf8(v.as_bytes())
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+        }),
+    };
     let bodiless = answer.head
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
     let mut framing = if bodiless {
         Framing::None
-    } else if let Some(v) = h.get(header::CONTENT_LENGTH) {
-        match std::str::from_utf8(v.as_bytes())
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-        {
+    } else if let Some(n) = length {
+        match n {
             Some(n) => Framing::Length(n),
             // (Not from the upstream clients, which check it.) The body as it
             // comes, then the close.
@@ -377,7 +382,7 @@ async fn respond(
         w.extend_from_slice(b"transfer-encoding: chunked\r\n");
         Framing::Chunked
     };
-    if !h.contains_key(header::DATE) {
+    if !raw.as_ref().is_some_and(|r| r.date) && !h.contains_key(header::DATE) {
         w.extend_from_slice(b"date: ");
         date(&mut w);
         w.extend_from_slice(b"\r\n");
@@ -579,8 +584,8 @@ mod tests {
         let mut b = BytesMut::from(&b"GET /a?b HTTP/1.1\r\nHost: x\r\nTE: trailers\r\n\r\nGET"[..]);
         match parse(&mut b) {
             Head::Simple(r, a) => {
-                assert_eq!(r.uri(), "/a?b");
-                assert_eq!(r.headers()["host"], "x");
+                assert_eq!(r.uri, "/a?b");
+                assert_eq!(r.host(), Some(&b"x"[..]));
                 assert!(a.trailers && !a.head && !a.http10);
             }
             _ => panic!("not simple"),
@@ -624,5 +629,84 @@ mod tests {
                 }
             )
         ));
+    }
+
+    /// The fast path's edits on the head's bytes ([`RawHead::encode_up`]) leave
+    /// the fields the `HeaderMap` edits leave (hyper's path): the same names and
+    /// values, whatever the order.
+    #[test]
+    fn raw_edits_match_the_header_map_edits() {
+        use crate::config::Xff;
+        use hyper::header::HeaderValue;
+        let ip = HeaderValue::from_static("10.0.0.9");
+        let heads = [
+            "GET /a HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, x-secret\r\nX-Secret: 1\r\nTE: gzip, trailers\r\nX-Forwarded-For: 1.2.3.4\r\nx-forwarded-for:  5.6.7.8 \r\nProxy-Authorization: y\r\nKeep-Alive: 5\r\nAccept: */*\r\n\r\n",
+            "GET /b?q HTTP/1.1\r\nhost: Y.example:8080\r\nX-Request-Id: abc\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: h\r\nX-Forwarded-For:\r\n\r\n",
+            "HEAD / HTTP/1.1\r\nConnection: close\r\nclose: 1\r\nX-A: 1\r\nx-a: 2\r\nContent-Length: 0\r\n\r\n",
+            "GET / HTTP/1.0\r\nUser-Agent: t\r\n\r\n",
+            "DELETE /c HTTP/1.1\r\nHost: z\r\nConnection: X-Request-Id\r\nX-Request-Id: gone\r\nTE: gzip\r\n\r\n",
+        ];
+        // `name: value` lines, names in lower case, the request's id as `<id>`.
+        fn lines(
+            fields: impl Iterator<Item = (String, String)>,
+            id: &str,
+        ) -> Vec<(String, String)> {
+            let mut v: Vec<_> = fields
+                .map(|(n, v)| {
+                    let n = n.to_ascii_lowercase();
+                    let v = if n == "x-request-id" && v == id {
+                        "<id>".into()
+                    } else {
+                        v
+                    };
+                    (n, v)
+                })
+                .collect();
+            v.sort();
+            v
+        }
+        for head in heads {
+            for xff in [Xff::Off, Xff::Append, Xff::Replace] {
+                let mut b = BytesMut::from(head.as_bytes());
+                let Head::Simple(raw, _) = parse(&mut b) else {
+                    panic!("not simple: {head:?}");
+                };
+                // hyper's path, as forward::prepare does it.
+                let req = raw.clone().into_request().expect("a hyper request");
+                let mut h = req.headers().clone();
+                let authority = h.get(header::HOST).cloned().filter(|v| v.to_str().is_ok());
+                headers::strip_hop_by_hop(&mut h, false);
+                headers::forwarded(&mut h, xff, &ip, authority.as_ref());
+                let map_id = headers::request_id(&mut h);
+                let want = lines(
+                    h.iter()
+                        .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap().to_string())),
+                    map_id.to_str().unwrap(),
+                );
+                // The bytes.
+                let mut w = BytesMut::new();
+                let id = raw.encode_up(&mut w, None, xff, &ip);
+                let text = std::str::from_utf8(&w).unwrap();
+                let mut it = text.split("\r\n");
+                let line = it.next().unwrap();
+                assert!(line.ends_with(" HTTP/1.1"), "{text:?}");
+                assert_eq!(line.split(' ').nth(1), Some(raw.uri.to_string().as_str()));
+                assert!(text.ends_with("\r\n\r\n"), "{text:?}");
+                let got = lines(
+                    it.take_while(|l| !l.is_empty()).map(|l| {
+                        let (n, v) = l.split_once(": ").unwrap_or((l, ""));
+                        (n.to_string(), v.to_string())
+                    }),
+                    id.to_str().unwrap(),
+                );
+                assert_eq!(got, want, "{head:?} with {xff:?}:\n{text}");
+                // A client's id is kept, else one is made (for the log too).
+                assert_eq!(
+                    id == map_id,
+                    head.contains("X-Request-Id: abc"),
+                    "{head:?}: {id:?} {map_id:?}"
+                );
+            }
+        }
     }
 }

@@ -25,40 +25,78 @@ struct Seen {
     chunked: Option<bool>,
     /// `Content-Length` lines.
     lengths: usize,
-    /// Headers `Connection` names (but `keep-alive`), to be taken out too.
-    listed: Vec<HeaderName>,
+    /// Whether a `Content-Length` value is a list (`5, 5`).
+    length_list: bool,
+    /// A `Connection` line names a header (anything but `keep-alive`): those
+    /// are taken out too.
+    names: bool,
+}
+
+/// What a `Content-Length` line does on the way to the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Length {
+    Keep,
+    /// Dropped (a chunked body's).
+    Drop,
+    /// One line of this value in place of the ones that came (`5, 5`, or two
+    /// lines of it).
+    Set(u64),
+}
+
+/// A response's header lines as they go to the client (the server fast path
+/// writes them as they are): hop-by-hop ones out, `Content-Length` as framed.
+#[derive(Debug)]
+pub struct RawFields {
+    /// `name: value` CRLF each.
+    pub lines: Bytes,
+    /// The `Content-Length` among them, when the body is framed by it.
+    pub length: Option<u64>,
+    /// A `Date` is among them.
+    pub date: bool,
 }
 
 impl Seen {
     /// Notes what `name: value` says about framing; false for a hop-by-hop
     /// header (RFC 9110 §7.6.1), which does not go on to the client.
-    fn note(&mut self, name: &HeaderName, value: &HeaderValue) -> bool {
-        let tokens = || {
-            value
-                .as_bytes()
-                .split(|&c| c == b',')
-                .map(<[u8]>::trim_ascii)
-        };
-        if name == header::CONTENT_LENGTH {
-            self.lengths += 1;
-        } else if name == header::TRANSFER_ENCODING {
-            // The last line's last coding decides.
-            self.chunked = Some(
-                tokens()
-                    .next_back()
-                    .is_some_and(|t| t.eq_ignore_ascii_case(b"chunked")),
-            );
-        } else if name == header::CONNECTION {
-            for t in tokens().filter(|t| !t.is_empty() && !t.eq_ignore_ascii_case(b"keep-alive")) {
-                self.close |= t.eq_ignore_ascii_case(b"close");
-                if let Ok(n) = HeaderName::from_bytes(t) {
-                    self.listed.push(n);
+    fn note(&mut self, name: &[u8], value: &[u8]) -> bool {
+        let tokens = || value.split(|&c| c == b',').map(<[u8]>::trim_ascii);
+        let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
+        match name.len() {
+            14 if is("content-length") => {
+                self.lengths += 1;
+                self.length_list |= value.contains(&b',');
+            }
+            17 if is("transfer-encoding") => {
+                // The last line's last coding decides.
+                self.chunked = Some(
+                    tokens()
+                        .next_back()
+                        .is_some_and(|t| t.eq_ignore_ascii_case(b"chunked")),
+                );
+            }
+            10 if is("connection") => {
+                for t in tokens().filter(|t| !t.is_empty()) {
+                    self.close |= t.eq_ignore_ascii_case(b"close");
+                    self.names |= !t.eq_ignore_ascii_case(b"keep-alive");
                 }
             }
+            _ => {}
         }
-        super::super::headers::hop_by_hop(name) == 0
+        super::super::headers::hop_by_hop_name(name) == 0
     }
 }
+
+/// Whether one of the `Connection` values in `head` at `at` names `name` (but
+/// `keep-alive`, hop-by-hop anyway).
+fn listed(head: &[u8], at: &Fields, name: &[u8]) -> bool {
+    at.iter()
+        .filter(|(n, _)| head[n.clone()].eq_ignore_ascii_case(b"connection"))
+        .flat_map(|(_, v)| head[v.clone()].split(|&c| c == b','))
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(name))
+}
+
+/// Where a head's names and values are.
+type Fields = Vec<(std::ops::Range<usize>, std::ops::Range<usize>)>;
 
 impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
     /// Reads more into the read buffer: the number of bytes (0: end of stream).
@@ -182,41 +220,104 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
                 (name..name + h.name.len(), value..value + h.value.len())
             }));
             let head = self.rbuf.split_to(len).freeze();
-            let mut headers = HeaderMap::with_capacity(self.at.len());
             let mut seen = Seen::default();
-            for (name, value) in self.at.drain(..) {
+            let mut keep = 0u128;
+            for (i, (name, value)) in self.at.iter().enumerate() {
+                if seen.note(&head[name.clone()], &head[value.clone()]) {
+                    keep |= 1 << i;
+                }
+            }
+            if seen.names {
+                for (i, (name, _)) in self.at.iter().enumerate() {
+                    if keep & (1 << i) != 0 && listed(&head, &self.at, &head[name.clone()]) {
+                        keep &= !(1 << i);
+                    }
+                }
+            }
+            let (down, length) = self.framing(status, version, &seen, &head)?;
+            let fields = keep.count_ones() as usize;
+            self.down = down;
+            let mut r = Response::new(());
+            *r.status_mut() = status;
+            *r.version_mut() = version;
+            let kept = self
+                .at
+                .drain(..)
+                .enumerate()
+                .filter(|(i, _)| keep & (1 << i) != 0)
+                .map(|(_, f)| f);
+            if self.raw_fields {
+                // The lines as they came, for the server fast path to write.
+                let mut w = bytes::BytesMut::with_capacity(len);
+                let mut date = false;
+                for (name, value) in kept {
+                    let n = &head[name];
+                    if n.eq_ignore_ascii_case(b"content-length") && length != Length::Keep {
+                        continue;
+                    }
+                    date |= n.eq_ignore_ascii_case(b"date");
+                    w.extend_from_slice(n);
+                    w.extend_from_slice(b": ");
+                    w.extend_from_slice(&head[value]);
+                    w.extend_from_slice(b"\r\n");
+                }
+                let framed = match (length, self.down) {
+                    (Length::Set(n), _) => Some(n),
+                    (Length::Keep, Down::Length(n)) => Some(n),
+                    (Length::Keep, Down::Done) if seen.lengths > 0 => Some(0),
+                    _ => None,
+                };
+                if let Length::Set(n) = length {
+                    w.extend_from_slice(b"content-length: ");
+                    w.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+                    w.extend_from_slice(b"\r\n");
+                }
+                // (A HEAD, 204 or 304 response's length is not the framing's:
+                // its line goes as it came, and the client's answer has no body.)
+                let bodiless = self.head_req
+                    || status == StatusCode::NO_CONTENT
+                    || status == StatusCode::NOT_MODIFIED;
+                self.fields = Some(RawFields {
+                    lines: w.freeze(),
+                    length: framed.filter(|_| !bodiless),
+                    date,
+                });
+                return Ok(Some(r));
+            }
+            let mut headers = HeaderMap::with_capacity(fields);
+            for (name, value) in kept {
                 let name = HeaderName::from_bytes(&head[name])
                     .map_err(|_| UpError::Invalid("bad header name"))?;
                 let value = HeaderValue::from_maybe_shared(head.slice(value))
                     .map_err(|_| UpError::Invalid("bad header value"))?;
-                if seen.note(&name, &value) {
-                    headers.append(name, value);
+                headers.append(name, value);
+            }
+            match length {
+                Length::Keep => {}
+                Length::Drop => {
+                    headers.remove(header::CONTENT_LENGTH);
+                }
+                Length::Set(n) => {
+                    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
                 }
             }
-            for n in &seen.listed {
-                headers.remove(n);
-            }
-            self.down = self.framing(status, version, &mut headers, &seen)?;
-            let mut r = Response::new(());
-            *r.status_mut() = status;
-            *r.version_mut() = version;
             *r.headers_mut() = headers;
             return Ok(Some(r));
         }
     }
 
-    /// The response body's framing (RFC 9112 §6.3), and whether the connection
-    /// stays open after it.
+    /// The response body's framing (RFC 9112 §6.3), what becomes of its
+    /// `Content-Length` lines, and whether the connection stays open after it.
     fn framing(
         &mut self,
         status: StatusCode,
         version: Version,
-        h: &mut HeaderMap,
         seen: &Seen,
-    ) -> Result<Down, UpError> {
+        head: &[u8],
+    ) -> Result<(Down, Length), UpError> {
         self.keep_alive = version == Version::HTTP_11 && !seen.close;
         if self.head_req || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
-            return Ok(Down::Done);
+            return Ok((Down::Done, Length::Keep));
         }
         if let Some(chunked) = seen.chunked {
             if version == Version::HTTP_10 {
@@ -225,25 +326,31 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
                     "Transfer-Encoding in an HTTP/1.0 response",
                 ));
             }
+            let mut length = Length::Keep;
             if seen.lengths > 0 {
                 // Both: the coding wins (RFC 9112 §6.3), and the connection is
                 // not trusted after it.
-                h.remove(header::CONTENT_LENGTH);
+                length = Length::Drop;
                 self.keep_alive = false;
             }
             if chunked {
-                return Ok(Down::ChunkSize);
+                return Ok((Down::ChunkSize, length));
             }
             self.keep_alive = false;
-            return Ok(Down::Close);
+            return Ok((Down::Close, length));
         }
         if seen.lengths == 0 {
             self.keep_alive = false;
-            return Ok(Down::Close);
+            return Ok((Down::Close, Length::Keep));
         }
         let mut len = None;
-        for v in h.get_all(header::CONTENT_LENGTH) {
-            for t in v.as_bytes().split(|&c| c == b',') {
+        let values = self
+            .at
+            .iter()
+            .filter(|(n, _)| head[n.clone()].eq_ignore_ascii_case(b"content-length"))
+            .map(|(_, v)| &head[v.clone()]);
+        for v in values {
+            for t in v.split(|&c| c == b',') {
                 let t = t.trim_ascii();
                 let n = std::str::from_utf8(t)
                     .ok()
@@ -258,13 +365,12 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
         }
         let n = len.ok_or(UpError::Invalid("bad Content-Length"))?;
         // One value goes on (`5, 5` or two lines of it: the same length).
-        if seen.lengths > 1
-            || h.get(header::CONTENT_LENGTH)
-                .is_some_and(|v| v.as_bytes().contains(&b','))
-        {
-            h.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
-        }
-        Ok(if n == 0 { Down::Done } else { Down::Length(n) })
+        let length = if seen.lengths > 1 || seen.length_list {
+            Length::Set(n)
+        } else {
+            Length::Keep
+        };
+        Ok((if n == 0 { Down::Done } else { Down::Length(n) }, length))
     }
 
     /// The whole response body has been read.

@@ -1,0 +1,248 @@
+//! A bodiless HTTP/1.1 request as the server fast path ([`super::serve1`]) read
+//! it: the head's bytes and where its fields are. Its headers are looked up by a
+//! scan of those few fields instead of through a `HeaderMap`, and for an HTTP/1.1
+//! backend it goes up as those bytes with flowgate's edits
+//! ([`RawHead::encode_up`]): hop-by-hop headers out, X-Forwarded-* and
+//! X-Request-Id in, the client's other fields as they came, in their order.
+//!
+//! Why: a `HeaderMap` built from the head (each name hashed and inserted), read
+//! for routing and the forwarded headers (hashed again) and encoded back to
+//! bytes was about a sixth of the instructions of a proxied request
+//! (callgrind, docs/performance.md). Anything else (an h2c backend, an
+//! absolute-form target) takes the request as a hyper `Request`
+//! ([`RawHead::into_request`]), as before.
+
+use std::ops::Range;
+
+use bytes::{Bytes, BytesMut};
+use hyper::header::{HeaderMap, HeaderName, HeaderValue};
+use hyper::{Method, Request, Uri, Version};
+
+use super::headers::{self, lists};
+use super::request_body::ReqBody;
+use crate::config::Xff;
+
+/// What a field is to the edits (found once, as the head is read).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Kind {
+    Plain,
+    /// A hop-by-hop header (its bit in [`headers::hop_by_hop_name`]).
+    Hop(u8),
+    XForwardedFor,
+    XForwardedProto,
+    XForwardedHost,
+    RequestId,
+    Host,
+}
+
+impl Kind {
+    pub(super) fn of(name: &[u8]) -> Kind {
+        let is = |s: &str| name.eq_ignore_ascii_case(s.as_bytes());
+        match name.len() {
+            4 if is("host") => Kind::Host,
+            12 if is("x-request-id") => Kind::RequestId,
+            15 if is("x-forwarded-for") => Kind::XForwardedFor,
+            16 if is("x-forwarded-host") => Kind::XForwardedHost,
+            17 if is("x-forwarded-proto") => Kind::XForwardedProto,
+            _ => match headers::hop_by_hop_name(name) {
+                0 => Kind::Plain,
+                bit => Kind::Hop(bit),
+            },
+        }
+    }
+}
+
+/// One header line: where its name and value are in the head.
+#[derive(Debug, Clone)]
+pub(super) struct Field {
+    pub name: Range<usize>,
+    pub value: Range<usize>,
+    pub kind: Kind,
+}
+
+/// A bodiless HTTP/1.1 (or 1.0) request head, as read.
+#[derive(Debug, Clone)]
+pub struct RawHead {
+    /// The whole head, request line to the empty line.
+    pub(super) bytes: Bytes,
+    pub(super) method: Method,
+    pub(super) version: Version,
+    /// The request target, parsed (path and query for routing).
+    pub(super) uri: Uri,
+    /// Where the target is in `bytes`.
+    pub(super) target: Range<usize>,
+    pub(super) fields: Vec<Field>,
+    /// The hop-by-hop headers present (their bits, or'ed).
+    pub(super) hop: u8,
+}
+
+impl RawHead {
+    fn field(&self, f: &Field) -> (&[u8], &[u8]) {
+        (&self.bytes[f.name.clone()], &self.bytes[f.value.clone()])
+    }
+
+    /// The values of the `kind` lines, in order.
+    pub(super) fn values(&self, kind: Kind) -> impl Iterator<Item = &[u8]> + '_ {
+        self.fields
+            .iter()
+            .filter(move |f| f.kind == kind)
+            .map(|f| &self.bytes[f.value.clone()])
+    }
+
+    /// The values of the lines named `name` (lower case), in order.
+    pub(super) fn named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.fields
+            .iter()
+            .map(|f| self.field(f))
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, v)| v)
+    }
+
+    /// The value of the first line named `name` (lower case).
+    pub(super) fn get(&self, name: &str) -> Option<&[u8]> {
+        self.fields
+            .iter()
+            .map(|f| self.field(f))
+            .find(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, v)| v)
+    }
+
+    /// Whether a `Connection` line lists `token`.
+    pub(super) fn connection_lists(&self, token: &[u8]) -> bool {
+        self.hop & headers::CONNECTION != 0
+            && self
+                .values(Kind::Hop(headers::CONNECTION))
+                .flat_map(|v| v.split(|&c| c == b','))
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+    }
+
+    /// The `Host` value as a header value, if it is one `to_str` takes (what
+    /// X-Forwarded-Host is made from).
+    pub(super) fn host(&self) -> Option<&[u8]> {
+        self.values(Kind::Host)
+            .next()
+            .filter(|v| v.iter().all(|&c| c == b'\t' || (32..127).contains(&c)))
+    }
+
+    /// As a hyper request with a `HeaderMap`, for what takes one (an h2c
+    /// backend). `None` if `http` refuses a name or value httparse let through.
+    pub(super) fn into_request(self) -> Option<Request<ReqBody>> {
+        // Room for the X-Forwarded-* and X-Request-Id headers that go up with it.
+        let mut headers = HeaderMap::with_capacity(self.fields.len() + 4);
+        for f in &self.fields {
+            let name = HeaderName::from_bytes(&self.bytes[f.name.clone()]).ok()?;
+            let value = HeaderValue::from_maybe_shared(self.bytes.slice(f.value.clone())).ok()?;
+            headers.append(name, value);
+        }
+        let mut r = Request::new(ReqBody::Empty);
+        *r.method_mut() = self.method;
+        *r.uri_mut() = self.uri;
+        *r.version_mut() = self.version;
+        *r.headers_mut() = headers;
+        Some(r)
+    }
+
+    /// Writes the head as it goes to an HTTP/1.1 backend into `w`: the request
+    /// line (`target` in place of the client's when given), the client's fields
+    /// in their order less the hop-by-hop ones (`Connection` and those it names,
+    /// `Keep-Alive`, `TE` but `trailers`, `Upgrade`, `Proxy-*`, ...), then
+    /// X-Forwarded-For/-Proto/-Host per `xff` for a client at `ip`, and an
+    /// X-Request-Id if the client sent none. Returns the request's id.
+    ///
+    /// The same edits as `headers::strip_hop_by_hop`, `headers::forwarded` and
+    /// `headers::request_id` make on a `HeaderMap` (a test holds them to it).
+    pub(super) fn encode_up(
+        &self,
+        w: &mut BytesMut,
+        target: Option<&str>,
+        xff: Xff,
+        ip: &HeaderValue,
+    ) -> HeaderValue {
+        let b = &self.bytes;
+        w.reserve(b.len() + 160);
+        w.extend_from_slice(self.method.as_str().as_bytes());
+        w.extend_from_slice(b" ");
+        w.extend_from_slice(target.map_or(&b[self.target.clone()], str::as_bytes));
+        w.extend_from_slice(b" HTTP/1.1\r\n");
+        let mut te_trailers = false;
+        let (mut proto, mut fhost) = (false, false);
+        let mut id: Option<&Field> = None;
+        // The client's X-Forwarded-For lines, joined (with `xff = "append"`).
+        let mut joined: Option<Vec<u8>> = None;
+        for f in &self.fields {
+            let (name, value) = self.field(f);
+            if f.kind != Kind::Hop(headers::CONNECTION) && self.connection_lists(name) {
+                continue;
+            }
+            match (f.kind, xff) {
+                (Kind::Hop(headers::TE), _) => {
+                    te_trailers |= lists(value, "trailers");
+                    continue;
+                }
+                (Kind::Hop(_), _) => continue,
+                (Kind::XForwardedFor, Xff::Append) => {
+                    // Several lines are one list (RFC 9110 §5.3): all of them as
+                    // they came, in order, then the client.
+                    let j = joined.get_or_insert_with(Vec::new);
+                    let prev = value.trim_ascii();
+                    if !prev.is_empty() {
+                        j.extend_from_slice(prev);
+                        j.extend_from_slice(b", ");
+                    }
+                    continue;
+                }
+                (
+                    Kind::XForwardedFor | Kind::XForwardedProto | Kind::XForwardedHost,
+                    Xff::Replace,
+                ) => continue,
+                (Kind::XForwardedProto, _) => proto = true,
+                (Kind::XForwardedHost, _) => fhost = true,
+                (Kind::RequestId, _) => {
+                    id.get_or_insert(f);
+                }
+                _ => {}
+            }
+            put(w, name, value);
+        }
+        if te_trailers {
+            w.extend_from_slice(b"te: trailers\r\n");
+        }
+        let host = self.host();
+        match xff {
+            Xff::Off => {}
+            Xff::Append | Xff::Replace => {
+                w.extend_from_slice(b"x-forwarded-for: ");
+                if let Some(j) = &joined {
+                    w.extend_from_slice(j);
+                }
+                w.extend_from_slice(ip.as_bytes());
+                w.extend_from_slice(b"\r\n");
+                if !proto {
+                    w.extend_from_slice(b"x-forwarded-proto: http\r\n");
+                }
+                if let (Some(h), false) = (host, fhost) {
+                    put(w, b"x-forwarded-host", h);
+                }
+            }
+        }
+        let id =
+            match id.and_then(|f| HeaderValue::from_maybe_shared(b.slice(f.value.clone())).ok()) {
+                Some(v) => v,
+                None => {
+                    let v = headers::new_request_id();
+                    put(w, b"x-request-id", v.as_bytes());
+                    v
+                }
+            };
+        w.extend_from_slice(b"\r\n");
+        id
+    }
+}
+
+/// `name: value` CRLF.
+fn put(w: &mut BytesMut, name: &[u8], value: &[u8]) {
+    w.extend_from_slice(name);
+    w.extend_from_slice(b": ");
+    w.extend_from_slice(value);
+    w.extend_from_slice(b"\r\n");
+}

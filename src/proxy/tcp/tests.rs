@@ -37,6 +37,26 @@ fn listener(
     (cfg, pools, settings, shared)
 }
 
+/// A current-thread runtime with I/O and time (enter it before making sockets).
+fn current_thread() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Two ends of one loopback TCP connection, non-blocking: the connecting one and
+/// the accepted one.
+fn loopback_pair() -> (std::net::TcpStream, std::net::TcpStream) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let accepted = l.accept().unwrap().0;
+    for s in [&c, &accepted] {
+        s.set_nonblocking(true).unwrap();
+    }
+    (c, accepted)
+}
+
 /// What an idle connection costs in user space is mostly this future (the task
 /// stores it inline); keep it small. Two sockets, two directions, a timer.
 #[test]
@@ -44,17 +64,10 @@ fn session_future_is_small() {
     fn size<F: std::future::Future>(_: &F) -> usize {
         std::mem::size_of::<F>()
     }
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = current_thread();
     let _g = rt.enter();
-    let std_l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let c = std::net::TcpStream::connect(std_l.local_addr().unwrap()).unwrap();
-    c.set_nonblocking(true).unwrap();
+    let (c, accepted) = loopback_pair();
     let mut a = TcpStream::from_std(c).unwrap();
-    let accepted = std_l.accept().unwrap().0;
-    accepted.set_nonblocking(true).unwrap();
     let mut b = TcpStream::from_std(accepted).unwrap();
     let token = CancellationToken::new();
     let backend = crate::backend::Backend::new(
@@ -102,14 +115,9 @@ fn session_future_is_small() {
 /// the next, and the future kept room for both (2,384 bytes before, 536 after).
 #[test]
 fn http_connection_future_is_small() {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = current_thread();
     let _g = rt.enter();
-    let std_l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let c = std::net::TcpStream::connect(std_l.local_addr().unwrap()).unwrap();
-    c.set_nonblocking(true).unwrap();
+    let (c, _accepted) = loopback_pair();
     let a = TcpStream::from_std(c).unwrap();
     let token = CancellationToken::new();
     let (_, _, settings, shared) = listener("http", &token);

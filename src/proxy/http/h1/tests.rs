@@ -20,6 +20,18 @@ async fn exchange(
     reply: &'static [u8],
     close: bool,
 ) -> (Conn<TcpStream>, tokio::task::JoinHandle<Vec<u8>>) {
+    exchange_as(method, reply, close, false).await
+}
+
+/// [`exchange`], the request sent as bytes with the response's fields kept as
+/// bytes when `raw` (the server fast path's way).
+#[allow(clippy::disallowed_methods)] // the backend's task, in a test
+async fn exchange_as(
+    method: Method,
+    reply: &'static [u8],
+    close: bool,
+    raw: bool,
+) -> (Conn<TcpStream>, tokio::task::JoinHandle<Vec<u8>>) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let backend = tokio::spawn(async move {
@@ -44,6 +56,11 @@ async fn exchange(
         head
     });
     let mut c = Conn::new(TcpStream::connect(addr).await.unwrap());
+    if raw {
+        let head = format!("{method} /p?q=1 HTTP/1.1\r\nhost: b\r\n\r\n");
+        c.start_raw(Bytes::from(head), method == Method::HEAD, true);
+        return (c, backend);
+    }
     let mut req = Request::new(UpBody::new_empty(Arc::new(Upload::default())));
     *req.method_mut() = method;
     *req.uri_mut() = "/p?q=1".parse().unwrap();
@@ -268,4 +285,76 @@ async fn a_kept_connection_the_backend_closed_is_not_usable() {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     assert!(!usable);
+}
+
+/// The response's fields kept as bytes (the server fast path) are the fields the
+/// `HeaderMap` gets: hop-by-hop ones and those `Connection` names out,
+/// `Content-Length` as framed; with the framed length and whether a `Date` came.
+#[tokio::test]
+async fn raw_fields_match_the_header_map() {
+    let cases: [(Method, &'static [u8], Option<u64>, bool); 5] = [
+        (
+            Method::GET,
+            b"HTTP/1.1 200 OK\r\nServer: x\r\nConnection: keep-alive, X-Drop\r\nX-Drop: 1\r\nKeep-Alive: t=5\r\nContent-Length: 3\r\n\r\nabc",
+            Some(3),
+            false,
+        ),
+        (
+            Method::GET,
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nDate: d\r\ncontent-length: 3, 3\r\n\r\nabc",
+            Some(3),
+            true,
+        ),
+        (
+            Method::GET,
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\nX-A: 1\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+            None,
+            false,
+        ),
+        (
+            Method::HEAD,
+            b"HTTP/1.1 200 OK\r\nContent-Length: 42\r\nX-B: 2\r\n\r\n",
+            None,
+            false,
+        ),
+        (
+            Method::GET,
+            b"HTTP/1.1 204 No Content\r\nX-C: 3\r\nProxy-Thing: y\r\n\r\n",
+            None,
+            false,
+        ),
+    ];
+    fn sorted(mut v: Vec<(String, String)>) -> Vec<(String, String)> {
+        v.sort();
+        v
+    }
+    for (method, reply, length, date) in cases {
+        let what = String::from_utf8_lossy(reply);
+        let (mut c, _b) = exchange_as(method.clone(), reply, true, false).await;
+        let r = head(&mut c).await.unwrap();
+        let want = sorted(
+            r.headers()
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_string()))
+                .collect(),
+        );
+        let want_body = body(&mut c).await.unwrap().0;
+        let (mut c, _b) = exchange_as(method, reply, true, true).await;
+        let r = head(&mut c).await.unwrap();
+        assert!(r.headers().is_empty(), "{what}: {:?}", r.headers());
+        let f = c.take_fields().expect("fields as bytes");
+        let lines = std::str::from_utf8(&f.lines).unwrap();
+        let got = sorted(
+            lines
+                .split_terminator("\r\n")
+                .map(|l| {
+                    let (n, v) = l.split_once(": ").unwrap();
+                    (n.to_ascii_lowercase(), v.to_string())
+                })
+                .collect(),
+        );
+        assert_eq!(got, want, "{what}");
+        assert_eq!((f.length, f.date), (length, date), "{what}");
+        assert_eq!(body(&mut c).await.unwrap().0, want_body, "{what}");
+    }
 }

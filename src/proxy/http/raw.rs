@@ -171,7 +171,11 @@ impl RawHead {
         let mut joined: Option<Vec<u8>> = None;
         for f in &self.fields {
             let (name, value) = self.field(f);
-            if f.kind != Kind::Hop(headers::CONNECTION) && self.connection_lists(name) {
+            // (Host stays even if `Connection` names it: the `HeaderMap` path
+            // puts the client's back.)
+            if !matches!(f.kind, Kind::Hop(headers::CONNECTION) | Kind::Host)
+                && self.connection_lists(name)
+            {
                 continue;
             }
             match (f.kind, xff) {

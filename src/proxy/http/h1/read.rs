@@ -95,6 +95,32 @@ fn listed(head: &[u8], at: &Fields, name: &[u8]) -> bool {
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(name))
 }
 
+/// The lines of the fields in `keep` (a bit per field of `at`) as one slice of
+/// `head`, if they are one run of whole lines, each ending in CRLF; else `None`
+/// (they are copied then).
+fn contiguous(head: &Bytes, at: &Fields, keep: u128) -> Option<Bytes> {
+    if keep == 0 {
+        return Some(Bytes::new());
+    }
+    let first = keep.trailing_zeros() as usize;
+    let run = keep >> first;
+    if run & (run + 1) != 0 {
+        return None;
+    }
+    let last = first + run.count_ones() as usize - 1;
+    for i in first..=last {
+        // From the end of this value to the next name, or past the line's end.
+        let to = at.get(i + 1).map_or(at[i].1.end + 2, |n| n.0.start);
+        let gap = head.get(at[i].1.end..to)?;
+        let line_ends = gap.iter().filter(|&&c| c == b'\r' || c == b'\n').count();
+        if !gap.ends_with(b"\r\n") || line_ends != 2 {
+            return None;
+        }
+    }
+    let end = at[last].1.end + 2;
+    Some(head.slice(at[first].0.start..end))
+}
+
 /// Where a head's names and values are.
 type Fields = Vec<(std::ops::Range<usize>, std::ops::Range<usize>)>;
 
@@ -240,6 +266,19 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
             let mut r = Response::new(());
             *r.status_mut() = status;
             *r.version_mut() = version;
+            if self.raw_fields && length == Length::Keep {
+                if let Some(lines) = contiguous(&head, &self.at, keep) {
+                    // The kept lines are one run of the head as it came (nginx's
+                    // only hop-by-hop line, `Connection: keep-alive`, is its
+                    // last): a slice of it, no copy.
+                    let date = self.at.iter().enumerate().any(|(i, (n, _))| {
+                        keep & (1 << i) != 0 && head[n.clone()].eq_ignore_ascii_case(b"date")
+                    });
+                    self.at.clear();
+                    self.fields = Some(self.raw(status, length, &seen, lines, date));
+                    return Ok(Some(r));
+                }
+            }
             let kept = self
                 .at
                 .drain(..)
@@ -261,27 +300,12 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
                     w.extend_from_slice(&head[value]);
                     w.extend_from_slice(b"\r\n");
                 }
-                let framed = match (length, self.down) {
-                    (Length::Set(n), _) => Some(n),
-                    (Length::Keep, Down::Length(n)) => Some(n),
-                    (Length::Keep, Down::Done) if seen.lengths > 0 => Some(0),
-                    _ => None,
-                };
                 if let Length::Set(n) = length {
                     w.extend_from_slice(b"content-length: ");
                     w.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
                     w.extend_from_slice(b"\r\n");
                 }
-                // (A HEAD, 204 or 304 response's length is not the framing's:
-                // its line goes as it came, and the client's answer has no body.)
-                let bodiless = self.head_req
-                    || status == StatusCode::NO_CONTENT
-                    || status == StatusCode::NOT_MODIFIED;
-                self.fields = Some(RawFields {
-                    lines: w.freeze(),
-                    length: framed.filter(|_| !bodiless),
-                    date,
-                });
+                self.fields = Some(self.raw(status, length, &seen, w.freeze(), date));
                 return Ok(Some(r));
             }
             let mut headers = HeaderMap::with_capacity(fields);
@@ -303,6 +327,33 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
             }
             *r.headers_mut() = headers;
             return Ok(Some(r));
+        }
+    }
+
+    /// The response's fields as bytes (`lines`), with the length the client's
+    /// answer is framed by.
+    fn raw(
+        &self,
+        status: StatusCode,
+        length: Length,
+        seen: &Seen,
+        lines: Bytes,
+        date: bool,
+    ) -> RawFields {
+        let framed = match (length, self.down) {
+            (Length::Set(n), _) => Some(n),
+            (Length::Keep, Down::Length(n)) => Some(n),
+            (Length::Keep, Down::Done) if seen.lengths > 0 => Some(0),
+            _ => None,
+        };
+        // (A HEAD, 204 or 304 response's length is not the framing's: its line
+        // goes as it came, and the client's answer has no body.)
+        let bodiless =
+            self.head_req || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
+        RawFields {
+            lines,
+            length: framed.filter(|_| !bodiless),
+            date,
         }
     }
 

@@ -292,7 +292,14 @@ async fn a_kept_connection_the_backend_closed_is_not_usable() {
 /// `Content-Length` as framed; with the framed length and whether a `Date` came.
 #[tokio::test]
 async fn raw_fields_match_the_header_map() {
-    let cases: [(Method, &'static [u8], Option<u64>, bool); 5] = [
+    let cases: [(Method, &'static [u8], Option<u64>, bool); 6] = [
+        // nginx's: the kept lines are one run (a slice of the head).
+        (
+            Method::GET,
+            b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: d\r\nContent-Type: text/plain\r\nContent-Length: 3\r\nConnection: keep-alive\r\n\r\nok\n",
+            Some(3),
+            true,
+        ),
         (
             Method::GET,
             b"HTTP/1.1 200 OK\r\nServer: x\r\nConnection: keep-alive, X-Drop\r\nX-Drop: 1\r\nKeep-Alive: t=5\r\nContent-Length: 3\r\n\r\nabc",

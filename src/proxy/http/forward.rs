@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use hyper::body::{Body as _, Incoming};
 use hyper::header::{self, HeaderValue};
-use hyper::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper::{Method, Request, Response, StatusCode, Version};
 use tokio::time::Instant;
 use tracing::debug;
 
@@ -23,47 +23,18 @@ use super::exchange::Exchange;
 use super::h1::UpError;
 use super::headers;
 use super::path;
-use super::raw::RawHead;
-use super::request_body::{BodyError, ReqBody, UpBody, Upload};
+pub use super::prepare::ClientReq;
+use super::prepare::{
+    content_length, is_websocket, prepare, session_key, upstream_path, wants_close, with_query,
+    Prepare,
+};
+use super::request_body::{BodyError, UpBody, Upload};
 use super::state::ConnCtx;
 use super::upstream::{self, Sender, H1};
-use super::HttpSettings;
 use crate::backend::{ActiveGuard, Backend, ConnectError};
-use crate::config::{AffinityKey, UpstreamProtocol};
+use crate::config::UpstreamProtocol;
 use crate::pool::NoSlot;
 use crate::proxy::passive_failure;
-
-/// A request as the client connection hands it over.
-pub enum ClientReq {
-    /// From hyper's server: HTTP/2, a body, an upgrade, ...
-    Full(Request<ReqBody>),
-    /// A bodiless HTTP/1.1 request from the server fast path, as read.
-    Raw(RawHead),
-}
-
-impl ClientReq {
-    fn uri(&self) -> &Uri {
-        match self {
-            ClientReq::Full(r) => r.uri(),
-            ClientReq::Raw(r) => &r.uri,
-        }
-    }
-
-    fn version(&self) -> Version {
-        match self {
-            ClientReq::Full(r) => r.version(),
-            ClientReq::Raw(r) => r.version,
-        }
-    }
-
-    /// Whether a `Connection` line lists `token`.
-    fn connection_lists(&self, token: &str) -> bool {
-        match self {
-            ClientReq::Full(r) => headers::any_lists(r.headers(), header::CONNECTION, token),
-            ClientReq::Raw(r) => r.connection_lists(token.as_bytes()),
-        }
-    }
-}
 
 /// Answers one request (never fails: errors are replies).
 pub async fn handle(ctx: Arc<ConnCtx>, req: ClientReq) -> Response<OutBody> {
@@ -197,17 +168,13 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: ClientReq) -> Response<OutBody> {
         ClientReq::Raw(raw)
             if version == upstream::Version::Http1 && raw.uri.authority().is_none() =>
         {
-            let target = (normalized || rc.strip_prefix).then(|| {
-                let path = match rc.strip_prefix {
-                    true => path::strip(&ex.path, &rc.path_prefix),
-                    false => &ex.path,
-                };
-                with_query(path, raw.uri.query())
-            });
+            let strip_prefix = rc.strip_prefix.then_some(rc.path_prefix.as_str());
+            let target = (normalized || rc.strip_prefix)
+                .then(|| with_query(upstream_path(&ex.path, strip_prefix), raw.uri.query()));
             let mut w = bytes::BytesMut::new();
             ex.request_id = Some(raw.encode_up(&mut w, target.as_deref(), http.xff, &ctx.peer_ip));
-            let session =
-                affinity.and_then(|key| session_key(key, |n| raw.get(n), raw.named("cookie")));
+            let session = affinity
+                .and_then(|key| session_key(key, |n| raw.named(n).next(), raw.named("cookie")));
             // Bodiless: all of it goes with the head (first_byte_timeout runs
             // from here, and the connection can be reused after the response).
             ex.up.finish();
@@ -451,105 +418,6 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: ClientReq) -> Response<OutBody> {
     )
 }
 
-/// How a hyper request is made ready to go upstream.
-struct Prepare<'a> {
-    version: upstream::Version,
-    normalized: bool,
-    websocket: bool,
-    /// The route's prefix, to strip.
-    strip_prefix: Option<&'a str>,
-    stream_idle: Duration,
-    affinity: Option<&'a AffinityKey>,
-}
-
-/// A hyper request as it goes upstream: its target, hop-by-hop headers out,
-/// X-Forwarded-* and X-Request-Id in, Host or `:authority` for the upstream
-/// version; with its session key. `None`: a target that cannot be rebuilt.
-fn prepare(
-    ex: &mut Exchange,
-    req: Request<ReqBody>,
-    how: &Prepare<'_>,
-    http: &HttpSettings,
-    ctx: &ConnCtx,
-) -> Option<(Request<UpBody>, Option<u64>)> {
-    let version = how.version;
-    let (mut parts, body) = req.into_parts();
-    // The authority as a header value: the client's Host as it came (shared,
-    // not copied), or the target's.
-    let from_target = parts.uri.authority().is_some();
-    let authority = match parts.uri.authority() {
-        Some(a) => HeaderValue::from_str(a.as_str()).ok(),
-        None => parts.headers.get(header::HOST).cloned(),
-    }
-    .filter(|v| v.to_str().is_ok());
-    // An origin-form target whose path stays as it is goes up as it came.
-    let keep_target = version != upstream::Version::H2c
-        && !from_target
-        && !how.normalized
-        && how.strip_prefix.is_none();
-    let uri = if keep_target {
-        None
-    } else {
-        let upstream_path = match how.strip_prefix {
-            Some(prefix) => path::strip(&ex.path, prefix),
-            None => &ex.path,
-        };
-        let authority = authority.as_ref().and_then(|v| v.to_str().ok());
-        Some(build_uri(
-            version,
-            authority,
-            upstream_path,
-            parts.uri.query(),
-        )?)
-    };
-    headers::strip_hop_by_hop(&mut parts.headers, how.websocket);
-    headers::forwarded(
-        &mut parts.headers,
-        http.xff,
-        &ctx.peer_ip,
-        authority.as_ref(),
-    );
-    ex.request_id = Some(headers::request_id(&mut parts.headers));
-    match version {
-        upstream::Version::Http1 | upstream::Version::Upgrade => {
-            // An HTTP/2 client's :authority, or an absolute-form target's
-            // authority, becomes Host (RFC 9112 §3.2.2: it wins over the Host
-            // the client sent, and it is what the request was routed by).
-            if from_target || !parts.headers.contains_key(header::HOST) {
-                if let Some(v) = authority {
-                    parts.headers.insert(header::HOST, v);
-                }
-            }
-            parts.version = Version::HTTP_11;
-        }
-        upstream::Version::H2c => {
-            parts.headers.remove(header::HOST);
-            parts.version = Version::HTTP_2;
-        }
-    }
-    if let Some(uri) = uri {
-        parts.uri = uri;
-    }
-    let h = &parts.headers;
-    let session = how.affinity.and_then(|key| {
-        session_key(
-            key,
-            |n| h.get(n).map(|v| v.as_bytes()),
-            h.get_all(header::COOKIE).iter().map(|v| v.as_bytes()),
-        )
-    });
-    let body = UpBody::new(body, how.stream_idle, http.max_body_bytes, ex.up.clone());
-    Some((Request::from_parts(parts, body), session))
-}
-
-/// `path?query`, or `path`.
-fn with_query(path: &str, query: Option<&str>) -> String {
-    match query {
-        Some(q) => format!("{path}?{q}"),
-        None => path.to_string(),
-    }
-}
-
 /// Generated replies, as the client gets them.
 trait Reply {
     fn reply(
@@ -583,29 +451,6 @@ type Attempt = (
 /// A response's body: hyper's (h2c, the WebSocket handshake), or `None` when it
 /// is read from the HTTP/1.1 connection the response came on.
 type Upstream = Option<Incoming>;
-
-/// The session key of a request under `[pools.affinity]`: the header's value
-/// (`header` looks the first up by its lower-case name), or the cookie's (the
-/// first with that name among the `cookies` lines). None when absent or empty:
-/// the pool's algorithm then picks.
-fn session_key<'a>(
-    key: &AffinityKey,
-    header: impl Fn(&str) -> Option<&'a [u8]>,
-    mut cookies: impl Iterator<Item = &'a [u8]>,
-) -> Option<u64> {
-    let value: &[u8] = match key {
-        AffinityKey::Header(name) => header(name.as_str())?,
-        AffinityKey::Cookie(name) => cookies
-            .by_ref()
-            .flat_map(|v| v.split(|&c| c == b';'))
-            .find_map(|pair| {
-                let pair = pair.trim_ascii();
-                let (k, v) = pair.split_at(pair.iter().position(|&c| c == b'=')?);
-                (k == name.as_bytes()).then(|| &v[1..])
-            })?,
-    };
-    (!value.is_empty()).then(|| crate::balance::affinity::key(value))
-}
 
 /// What a failed exchange is answered with.
 fn classify(e: &UpError) -> (StatusCode, &'static str, &'static str) {
@@ -758,51 +603,4 @@ async fn send_hyper(
         sent = exchange => sent,
         _ = deadline => Sent::TimedOut,
     }
-}
-
-/// The upstream URI: origin-form for HTTP/1.1, absolute for HTTP/2 (`:authority`).
-fn build_uri(
-    v: upstream::Version,
-    authority: Option<&str>,
-    path: &str,
-    query: Option<&str>,
-) -> Option<Uri> {
-    let pq = with_query(path, query);
-    match v {
-        upstream::Version::Http1 | upstream::Version::Upgrade => pq.parse().ok(),
-        upstream::Version::H2c => Uri::builder()
-            .scheme("http")
-            .authority(authority.unwrap_or("localhost"))
-            .path_and_query(pq)
-            .build()
-            .ok(),
-    }
-}
-
-fn content_length<B>(req: &Request<B>) -> Option<u64> {
-    req.headers()
-        .get(header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
-}
-
-/// The client asks to close after this request (`Connection: close`, or HTTP/1.0
-/// without `Connection: keep-alive`).
-fn wants_close(req: &ClientReq) -> bool {
-    match req.version() {
-        Version::HTTP_10 | Version::HTTP_09 => !req.connection_lists("keep-alive"),
-        Version::HTTP_11 => req.connection_lists("close"),
-        _ => false,
-    }
-}
-
-/// An HTTP/1.1 WebSocket handshake.
-fn is_websocket<B>(req: &Request<B>) -> bool {
-    let has = |name, token| headers::any_lists(req.headers(), name, token);
-    req.version() == Version::HTTP_11
-        && has(header::UPGRADE, "websocket")
-        && has(header::CONNECTION, "upgrade")
 }

@@ -10,6 +10,7 @@
 //!   without hyper; anything else goes to hyper's http1 server.
 //! - `forward`: one request: route, pick, connect with retries, send, stream the
 //!   response back, account for it (metrics, access log).
+//! - `prepare`: the request as it goes upstream (target, headers, session key).
 //! - `headers`: hop-by-hop headers, X-Forwarded-*, X-Request-Id.
 //! - `raw`: the fast path's request head as read, sent up to an HTTP/1.1
 //!   backend as its bytes with those edits (no `HeaderMap`).
@@ -30,6 +31,7 @@ mod forward;
 mod h1;
 mod headers;
 pub mod path;
+mod prepare;
 mod raw;
 mod request_body;
 pub mod routes;

@@ -89,21 +89,15 @@ impl RawHead {
             .map(|f| &self.bytes[f.value.clone()])
     }
 
-    /// The values of the lines named `name` (lower case), in order.
-    pub(super) fn named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+    /// The values of the lines named `name` (any case), in order.
+    pub(super) fn named<'a, 'n>(
+        &'a self,
+        name: &'n str,
+    ) -> impl Iterator<Item = &'a [u8]> + use<'a, 'n> {
         self.fields
             .iter()
             .map(|f| self.field(f))
             .filter(move |(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
-            .map(|(_, v)| v)
-    }
-
-    /// The value of the first line named `name` (lower case).
-    pub(super) fn get(&self, name: &str) -> Option<&[u8]> {
-        self.fields
-            .iter()
-            .map(|f| self.field(f))
-            .find(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
             .map(|(_, v)| v)
     }
 

@@ -1,0 +1,227 @@
+//! A client's request made ready to go upstream: the two forms it comes in
+//! ([`ClientReq`]), its target, hop-by-hop headers, X-Forwarded-*, X-Request-Id,
+//! Host or `:authority` on a hyper request ([`prepare`]; the fast path's bytes get
+//! the same edits in [`super::raw`]), and the facts the handler asks of it
+//! (close, WebSocket, length, session key).
+
+use std::time::Duration;
+
+use hyper::header::{self, HeaderValue};
+use hyper::{Request, Uri, Version};
+
+use super::exchange::Exchange;
+use super::headers;
+use super::path;
+use super::raw::RawHead;
+use super::request_body::{ReqBody, UpBody};
+use super::state::ConnCtx;
+use super::upstream;
+use super::HttpSettings;
+use crate::config::AffinityKey;
+
+/// A request as the client connection hands it over.
+pub enum ClientReq {
+    /// From hyper's server: HTTP/2, a body, an upgrade, ...
+    Full(Request<ReqBody>),
+    /// A bodiless HTTP/1.1 request from the server fast path, as read.
+    Raw(RawHead),
+}
+
+impl ClientReq {
+    pub(super) fn uri(&self) -> &Uri {
+        match self {
+            ClientReq::Full(r) => r.uri(),
+            ClientReq::Raw(r) => &r.uri,
+        }
+    }
+
+    pub(super) fn version(&self) -> Version {
+        match self {
+            ClientReq::Full(r) => r.version(),
+            ClientReq::Raw(r) => r.version,
+        }
+    }
+
+    /// Whether a `Connection` line lists `token`.
+    pub(super) fn connection_lists(&self, token: &str) -> bool {
+        match self {
+            ClientReq::Full(r) => headers::any_lists(r.headers(), header::CONNECTION, token),
+            ClientReq::Raw(r) => r.connection_lists(token.as_bytes()),
+        }
+    }
+}
+
+/// How a hyper request is made ready to go upstream.
+pub(super) struct Prepare<'a> {
+    pub version: upstream::Version,
+    pub normalized: bool,
+    pub websocket: bool,
+    /// The route's prefix, to strip.
+    pub strip_prefix: Option<&'a str>,
+    pub stream_idle: Duration,
+    pub affinity: Option<&'a AffinityKey>,
+}
+
+/// A hyper request as it goes upstream: its target, hop-by-hop headers out,
+/// X-Forwarded-* and X-Request-Id in, Host or `:authority` for the upstream
+/// version; with its session key. `None`: a target that cannot be rebuilt.
+pub(super) fn prepare(
+    ex: &mut Exchange,
+    req: Request<ReqBody>,
+    how: &Prepare<'_>,
+    http: &HttpSettings,
+    ctx: &ConnCtx,
+) -> Option<(Request<UpBody>, Option<u64>)> {
+    let version = how.version;
+    let (mut parts, body) = req.into_parts();
+    // The authority as a header value: the client's Host as it came (shared,
+    // not copied), or the target's.
+    let from_target = parts.uri.authority().is_some();
+    let authority = match parts.uri.authority() {
+        Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+        None => parts.headers.get(header::HOST).cloned(),
+    }
+    .filter(|v| v.to_str().is_ok());
+    // An origin-form target whose path stays as it is goes up as it came.
+    let keep_target = version != upstream::Version::H2c
+        && !from_target
+        && !how.normalized
+        && how.strip_prefix.is_none();
+    let uri = if keep_target {
+        None
+    } else {
+        let upstream_path = upstream_path(&ex.path, how.strip_prefix);
+        let authority = authority.as_ref().and_then(|v| v.to_str().ok());
+        Some(build_uri(
+            version,
+            authority,
+            upstream_path,
+            parts.uri.query(),
+        )?)
+    };
+    headers::strip_hop_by_hop(&mut parts.headers, how.websocket);
+    headers::forwarded(
+        &mut parts.headers,
+        http.xff,
+        &ctx.peer_ip,
+        authority.as_ref(),
+    );
+    ex.request_id = Some(headers::request_id(&mut parts.headers));
+    match version {
+        upstream::Version::Http1 | upstream::Version::Upgrade => {
+            // An HTTP/2 client's :authority, or an absolute-form target's
+            // authority, becomes Host (RFC 9112 §3.2.2: it wins over the Host
+            // the client sent, and it is what the request was routed by).
+            if from_target || !parts.headers.contains_key(header::HOST) {
+                if let Some(v) = authority {
+                    parts.headers.insert(header::HOST, v);
+                }
+            }
+            parts.version = Version::HTTP_11;
+        }
+        upstream::Version::H2c => {
+            parts.headers.remove(header::HOST);
+            parts.version = Version::HTTP_2;
+        }
+    }
+    if let Some(uri) = uri {
+        parts.uri = uri;
+    }
+    let h = &parts.headers;
+    let session = how.affinity.and_then(|key| {
+        session_key(
+            key,
+            |n| h.get(n).map(|v| v.as_bytes()),
+            h.get_all(header::COOKIE).iter().map(|v| v.as_bytes()),
+        )
+    });
+    let body = UpBody::new(body, how.stream_idle, http.max_body_bytes, ex.up.clone());
+    Some((Request::from_parts(parts, body), session))
+}
+
+/// The normalized `path` as it goes upstream: with the route's prefix stripped
+/// when it has `strip_prefix`.
+pub(super) fn upstream_path<'a>(path: &'a str, strip_prefix: Option<&str>) -> &'a str {
+    match strip_prefix {
+        Some(prefix) => path::strip(path, prefix),
+        None => path,
+    }
+}
+
+/// `path?query`, or `path`.
+pub(super) fn with_query(path: &str, query: Option<&str>) -> String {
+    match query {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_string(),
+    }
+}
+
+/// The session key of a request under `[pools.affinity]`: the header's value
+/// (`header` looks the first up by its lower-case name), or the cookie's (the
+/// first with that name among the `cookies` lines). None when absent or empty:
+/// the pool's algorithm then picks.
+pub(super) fn session_key<'a>(
+    key: &AffinityKey,
+    header: impl Fn(&str) -> Option<&'a [u8]>,
+    mut cookies: impl Iterator<Item = &'a [u8]>,
+) -> Option<u64> {
+    let value: &[u8] = match key {
+        AffinityKey::Header(name) => header(name.as_str())?,
+        AffinityKey::Cookie(name) => cookies
+            .by_ref()
+            .flat_map(|v| v.split(|&c| c == b';'))
+            .find_map(|pair| {
+                let pair = pair.trim_ascii();
+                let (k, v) = pair.split_at(pair.iter().position(|&c| c == b'=')?);
+                (k == name.as_bytes()).then(|| &v[1..])
+            })?,
+    };
+    (!value.is_empty()).then(|| crate::balance::affinity::key(value))
+}
+
+/// The upstream URI: origin-form for HTTP/1.1, absolute for HTTP/2 (`:authority`).
+fn build_uri(
+    v: upstream::Version,
+    authority: Option<&str>,
+    path: &str,
+    query: Option<&str>,
+) -> Option<Uri> {
+    let pq = with_query(path, query);
+    match v {
+        upstream::Version::Http1 | upstream::Version::Upgrade => pq.parse().ok(),
+        upstream::Version::H2c => Uri::builder()
+            .scheme("http")
+            .authority(authority.unwrap_or("localhost"))
+            .path_and_query(pq)
+            .build()
+            .ok(),
+    }
+}
+
+pub(super) fn content_length<B>(req: &Request<B>) -> Option<u64> {
+    req.headers()
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The client asks to close after this request (`Connection: close`, or HTTP/1.0
+/// without `Connection: keep-alive`).
+pub(super) fn wants_close(req: &ClientReq) -> bool {
+    match req.version() {
+        Version::HTTP_10 | Version::HTTP_09 => !req.connection_lists("keep-alive"),
+        Version::HTTP_11 => req.connection_lists("close"),
+        _ => false,
+    }
+}
+
+/// An HTTP/1.1 WebSocket handshake.
+pub(super) fn is_websocket<B>(req: &Request<B>) -> bool {
+    let has = |name, token| headers::any_lists(req.headers(), name, token);
+    req.version() == Version::HTTP_11
+        && has(header::UPGRADE, "websocket")
+        && has(header::CONNECTION, "upgrade")
+}

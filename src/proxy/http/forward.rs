@@ -25,8 +25,8 @@ use super::headers;
 use super::path;
 pub use super::prepare::ClientReq;
 use super::prepare::{
-    content_length, is_websocket, prepare, session_key, upstream_path, wants_close, with_query,
-    Prepare,
+    content_length, encode_h1, is_websocket, prepare, session_key, upstream_path, wants_close,
+    with_query, Prepare,
 };
 use super::request_body::{BodyError, UpBody, Upload};
 use super::state::ConnCtx;
@@ -137,7 +137,7 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: ClientReq) -> Response<OutBody> {
     };
     ex.route = Some(route.clone());
     let length = match &req {
-        ClientReq::Full(r) => content_length(r),
+        ClientReq::Full(r) => content_length(r.headers()),
         ClientReq::Raw(_) => None,
     };
     if let (Some(max), Some(len)) = (http.max_body_bytes, length) {
@@ -162,12 +162,32 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: ClientReq) -> Response<OutBody> {
     };
     let pool_config = route.pool.config();
     let affinity = pool_config.affinity.as_ref().map(|a| &a.key);
+    // The fast path's request: the response's fields come back as bytes too, for
+    // serve1 to write as they are.
+    let raw_fields = matches!(req, ClientReq::Raw(_));
+    let req = match req {
+        ClientReq::Raw(raw)
+            if version != upstream::Version::Http1 || raw.uri.authority().is_some() =>
+        {
+            // An h2c backend, an absolute-form target: as a hyper request.
+            match raw.into_request() {
+                Some(r) => ClientReq::Full(r),
+                None => {
+                    return ex.reply(
+                        StatusCode::BAD_REQUEST,
+                        "bad_path",
+                        "bad request target\n",
+                        true,
+                    )
+                }
+            }
+        }
+        req => req,
+    };
     let (request, session) = match req {
         // The fast path's origin-form request to an HTTP/1.1 backend: its bytes,
         // edited (no `HeaderMap`).
-        ClientReq::Raw(raw)
-            if version == upstream::Version::Http1 && raw.uri.authority().is_none() =>
-        {
+        ClientReq::Raw(raw) => {
             let strip_prefix = rc.strip_prefix.then_some(rc.path_prefix.as_str());
             let target = (normalized || rc.strip_prefix)
                 .then(|| with_query(upstream_path(&ex.path, strip_prefix), raw.uri.query()));
@@ -182,12 +202,63 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: ClientReq) -> Response<OutBody> {
             let out = Outgoing::Raw(w.freeze(), head_req, raw.method.is_idempotent());
             (out, session)
         }
-        req => {
-            let req = match req {
-                ClientReq::Full(r) => Some(r),
-                ClientReq::Raw(r) => r.into_request(),
+        // Any other request to an HTTP/1.1 backend: its head is written from
+        // its `HeaderMap` with the same edits (no edited copy of the map).
+        ClientReq::Full(r) if version == upstream::Version::Http1 => {
+            let (parts, body) = r.into_parts();
+            let strip_prefix = rc.strip_prefix.then_some(rc.path_prefix.as_str());
+            let keep_target = parts.uri.authority().is_none() && !normalized && !rc.strip_prefix;
+            let rebuilt;
+            let target = if keep_target {
+                parts.uri.path_and_query().map_or("/", |p| p.as_str())
+            } else {
+                rebuilt = with_query(upstream_path(&ex.path, strip_prefix), parts.uri.query());
+                &rebuilt
             };
-            let prepared = req.and_then(|r| {
+            let target = if target.is_empty() { "/" } else { target };
+            let bodiless = body.is_end_stream();
+            // (A malformed Content-Length, which hyper's server and h2 refuse,
+            // would leave room for no byte: the body fails rather than going up
+            // framed twice.)
+            let length = parts
+                .headers
+                .contains_key(header::CONTENT_LENGTH)
+                .then(|| content_length(&parts.headers).unwrap_or(0));
+            let mut w = bytes::BytesMut::new();
+            ex.request_id = Some(encode_h1(
+                &mut w,
+                &parts,
+                target.as_bytes(),
+                !bodiless && length.is_none(),
+                http.xff,
+                &ctx.peer_ip,
+            ));
+            let h = &parts.headers;
+            let session = affinity.and_then(|key| {
+                session_key(
+                    key,
+                    |n| h.get(n).map(|v| v.as_bytes()),
+                    h.get_all(header::COOKIE).iter().map(|v| v.as_bytes()),
+                )
+            });
+            let head = w.freeze();
+            let head_req = parts.method == Method::HEAD;
+            let out = if bodiless {
+                ex.up.finish();
+                Outgoing::Raw(head, head_req, parts.method.is_idempotent())
+            } else {
+                let body = UpBody::new(
+                    body,
+                    rc.stream_idle_timeout,
+                    http.max_body_bytes,
+                    ex.up.clone(),
+                );
+                Outgoing::Body(head, head_req, body, length)
+            };
+            (out, session)
+        }
+        ClientReq::Full(r) => {
+            let prepared = {
                 let how = Prepare {
                     version,
                     normalized,
@@ -197,7 +268,7 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: ClientReq) -> Response<OutBody> {
                     affinity,
                 };
                 prepare(&mut ex, r, &how, &http, &ctx)
-            });
+            };
             let Some((r, session)) = prepared else {
                 return ex.reply(
                     StatusCode::BAD_REQUEST,
@@ -210,9 +281,6 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: ClientReq) -> Response<OutBody> {
         }
     };
     let upload = ex.up.clone();
-    // The fast path's request: the response's fields come back as bytes too, for
-    // serve1 to write as they are.
-    let raw_fields = matches!(request, Outgoing::Raw(..));
     // Every failure before sending leaves the request here (a refusing pooled
     // connection hands it back), so it can go to the next backend as it is.
     let mut request = Some(request);
@@ -269,6 +337,7 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: ClientReq) -> Response<OutBody> {
                 && match &r {
                     Outgoing::Req(r) => r.method().is_idempotent() && r.body().is_end_stream(),
                     Outgoing::Raw(_, _, again) => *again,
+                    Outgoing::Body(..) => false,
                 };
             ex.sent = Some(Instant::now());
             let (result, h1) = send(s, r, rc.first_byte_timeout, &upload, raw_fields).await;
@@ -493,6 +562,10 @@ enum Outgoing {
     /// again on a fresh connection if a pooled one closes under it (an
     /// idempotent method).
     Raw(bytes::Bytes, bool, bool),
+    /// A request with a body, to an HTTP/1.1 backend: its head, whether it is
+    /// HEAD, the body, and its length if the head gives one (else it goes
+    /// chunked).
+    Body(bytes::Bytes, bool, UpBody, Option<u64>),
 }
 
 /// How sending a request went.
@@ -528,8 +601,12 @@ async fn send(
         Sender::Http1(mut h) => {
             // The request goes out and its response head comes back in this task.
             match req {
-                Outgoing::Req(req) => h.conn.start(req),
+                // (Never: every request to an HTTP/1.1 backend is encoded.)
+                Outgoing::Req(_) => return (Sent::Closed(None), None),
                 Outgoing::Raw(head, head_req, _) => h.conn.start_raw(head, head_req, raw_fields),
+                Outgoing::Body(head, head_req, body, length) => {
+                    h.conn.start_body(head, head_req, body, length)
+                }
             }
             let exchange = std::future::poll_fn(|cx| h.conn.poll_head(cx));
             let r = tokio::select! {
@@ -543,7 +620,7 @@ async fn send(
             }
         }
         // (Only an HTTP/1.1 connection is ever given its bytes again.)
-        _ if matches!(req, Outgoing::Raw(..)) => (Sent::Closed(None), None),
+        _ if !matches!(req, Outgoing::Req(..)) => (Sent::Closed(None), None),
         // Boxed: these exchanges' states are larger than HTTP/1.1's, and would
         // size every request's future (HTTP/1.1 ones too).
         Sender::Upgrade(s) => (

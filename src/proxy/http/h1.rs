@@ -24,8 +24,7 @@ use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
 use hyper::body::Body;
-use hyper::header::{self, HeaderMap};
-use hyper::{Method, Request};
+use hyper::header::HeaderMap;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::request_body::{BoxError, UpBody};
@@ -85,19 +84,6 @@ impl std::error::Error for UpError {
     }
 }
 
-/// The request body's length from its head (hyper's server and h2 have checked
-/// it: one valid value). A malformed one leaves room for no byte, so a body
-/// fails rather than going up unframed.
-fn request_length(h: &HeaderMap) -> Option<u64> {
-    let v = h.get(header::CONTENT_LENGTH)?;
-    Some(
-        std::str::from_utf8(v.as_bytes())
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0),
-    )
-}
-
 /// Header (or trailer) lines: `name: value` CRLF each.
 pub(super) fn put_fields(w: &mut BytesMut, h: &HeaderMap) {
     for (k, v) in h {
@@ -139,8 +125,6 @@ pub struct Conn<T> {
     rbuf: BytesMut,
     /// Head and body bytes not written yet, in order.
     out: VecDeque<Bytes>,
-    /// The head being built (its buffer is reused).
-    wbuf: BytesMut,
     /// Where a response head's names and values are, while it is cut off the
     /// read buffer (kept: no allocation per response).
     at: Vec<(std::ops::Range<usize>, std::ops::Range<usize>)>,
@@ -173,7 +157,6 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
             io,
             rbuf: BytesMut::new(),
             out: VecDeque::with_capacity(4),
-            wbuf: BytesMut::new(),
             at: Vec::new(),
             body: None,
             resend: None,
@@ -229,32 +212,16 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
         self.read_size = READ_SIZE;
     }
 
-    /// Queues `req`: its head, then its body as it comes (see [`Conn::poll_head`]).
-    pub fn start(&mut self, req: Request<UpBody>) {
-        let (parts, body) = req.into_parts();
-        self.head_req = parts.method == Method::HEAD;
+    /// Queues a request with a body: its head (as the handler encoded it,
+    /// `Transfer-Encoding: chunked` in it when `length` is `None`), then the
+    /// body, as it comes.
+    pub fn start_body(&mut self, head: Bytes, head_req: bool, body: UpBody, length: Option<u64>) {
+        self.head_req = head_req;
         self.raw_fields = false;
         self.got = false;
         self.down = Down::Done;
-        let w = &mut self.wbuf;
-        w.reserve(256);
-        w.extend_from_slice(parts.method.as_str().as_bytes());
-        w.extend_from_slice(b" ");
-        let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        w.extend_from_slice(if target.is_empty() { "/" } else { target }.as_bytes());
-        w.extend_from_slice(b" HTTP/1.1\r\n");
-        put_fields(w, &parts.headers);
-        self.body = if body.is_end_stream() {
-            None
-        } else if let Some(n) = request_length(&parts.headers) {
-            Some((body, Up::Length(n)))
-        } else {
-            w.extend_from_slice(b"transfer-encoding: chunked\r\n");
-            Some((body, Up::Chunked))
-        };
-        w.extend_from_slice(b"\r\n");
-        let head = self.wbuf.split().freeze();
-        self.resend = self.body.is_none().then(|| (head.clone(), self.head_req));
+        self.body = Some((body, length.map_or(Up::Chunked, Up::Length)));
+        self.resend = None;
         self.out.push_back(head);
     }
 

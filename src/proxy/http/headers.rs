@@ -45,9 +45,14 @@ pub(super) fn hop_by_hop_name(n: &[u8]) -> u8 {
 /// Whether a comma-separated header value lists `token` (ASCII case-insensitive,
 /// blanks around each element ignored).
 pub(super) fn lists(value: &[u8], token: &str) -> bool {
+    lists_token(value, token.as_bytes())
+}
+
+/// [`lists`] for a token as bytes.
+pub(super) fn lists_token(value: &[u8], token: &[u8]) -> bool {
     value
         .split(|&c| c == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }
 
 /// Whether any of `h`'s `name` lines lists `token`.

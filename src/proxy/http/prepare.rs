@@ -6,18 +6,20 @@
 
 use std::time::Duration;
 
+use bytes::BytesMut;
 use hyper::header::{self, HeaderValue};
+use hyper::http::request;
 use hyper::{Request, Uri, Version};
 
 use super::exchange::Exchange;
 use super::headers;
 use super::path;
-use super::raw::RawHead;
+use super::raw::{self, RawHead};
 use super::request_body::{ReqBody, UpBody};
 use super::state::ConnCtx;
 use super::upstream;
 use super::HttpSettings;
-use crate::config::AffinityKey;
+use crate::config::{AffinityKey, Xff};
 
 /// A request as the client connection hands it over.
 pub enum ClientReq {
@@ -139,6 +141,49 @@ pub(super) fn prepare(
     Some((Request::from_parts(parts, body), session))
 }
 
+/// A hyper request's head as it goes to an HTTP/1.1 backend, written into `w`
+/// with the edits [`prepare`] makes on its `HeaderMap` (see [`raw::encode_up`]),
+/// without making them: `target` as the request target, the target's authority
+/// (absolute form, HTTP/2's `:authority`) as Host. Returns the request's id.
+pub(super) fn encode_h1(
+    w: &mut BytesMut,
+    parts: &request::Parts,
+    target: &[u8],
+    chunked: bool,
+    xff: Xff,
+    ip: &HeaderValue,
+) -> HeaderValue {
+    let h = &parts.headers;
+    let from_target = parts.uri.authority();
+    let authority = match from_target {
+        Some(a) => Some(a.as_str().as_bytes()),
+        None => h
+            .get(header::HOST)
+            .filter(|v| v.to_str().is_ok())
+            .map(HeaderValue::as_bytes),
+    };
+    let up = raw::UpHead {
+        method: &parts.method,
+        target,
+        authority,
+        host_from_target: from_target.is_some(),
+        xff,
+        ip,
+        chunked,
+    };
+    let fields = || {
+        h.iter().map(|(k, v)| {
+            let name = k.as_str().as_bytes();
+            (name, v.as_bytes(), raw::Kind::of(name))
+        })
+    };
+    let hop = h.keys().fold(0, |p, k| p | headers::hop_by_hop(k));
+    match raw::encode_up(w, &up, fields, hop) {
+        Some(v) => HeaderValue::from_bytes(v).unwrap_or_else(|_| headers::new_request_id()),
+        None => raw::new_id(w),
+    }
+}
+
 /// The normalized `path` as it goes upstream: with the route's prefix stripped
 /// when it has `strip_prefix`.
 pub(super) fn upstream_path<'a>(path: &'a str, strip_prefix: Option<&str>) -> &'a str {
@@ -198,9 +243,9 @@ fn build_uri(
     }
 }
 
-pub(super) fn content_length<B>(req: &Request<B>) -> Option<u64> {
-    req.headers()
-        .get(header::CONTENT_LENGTH)?
+/// The request's Content-Length, if it has a valid one.
+pub(super) fn content_length(h: &header::HeaderMap) -> Option<u64> {
+    h.get(header::CONTENT_LENGTH)?
         .to_str()
         .ok()?
         .trim()

@@ -18,7 +18,7 @@ use bytes::{Bytes, BytesMut};
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request, Uri, Version};
 
-use super::headers::{self, lists};
+use super::headers::{self, lists, lists_token};
 use super::request_body::ReqBody;
 use crate::config::Xff;
 
@@ -106,8 +106,7 @@ impl RawHead {
         self.hop & headers::CONNECTION != 0
             && self
                 .values(Kind::Hop(headers::CONNECTION))
-                .flat_map(|v| v.split(|&c| c == b','))
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+                .any(|v| lists_token(v, token))
     }
 
     /// The `Host` value as a header value, if it is one `to_str` takes (what
@@ -136,15 +135,9 @@ impl RawHead {
         Some(r)
     }
 
-    /// Writes the head as it goes to an HTTP/1.1 backend into `w`: the request
-    /// line (`target` in place of the client's when given), the client's fields
-    /// in their order less the hop-by-hop ones (`Connection` and those it names,
-    /// `Keep-Alive`, `TE` but `trailers`, `Upgrade`, `Proxy-*`, ...), then
-    /// X-Forwarded-For/-Proto/-Host per `xff` for a client at `ip`, and an
-    /// X-Request-Id if the client sent none. Returns the request's id.
-    ///
-    /// The same edits as `headers::strip_hop_by_hop`, `headers::forwarded` and
-    /// `headers::request_id` make on a `HeaderMap` (a test holds them to it).
+    /// Writes the head as it goes to an HTTP/1.1 backend into `w` (see
+    /// [`encode_up`]; `target` in place of the client's when given). Returns the
+    /// request's id.
     pub(super) fn encode_up(
         &self,
         w: &mut BytesMut,
@@ -153,88 +146,160 @@ impl RawHead {
         ip: &HeaderValue,
     ) -> HeaderValue {
         let b = &self.bytes;
-        w.reserve(b.len() + 160);
-        w.extend_from_slice(self.method.as_str().as_bytes());
-        w.extend_from_slice(b" ");
-        w.extend_from_slice(target.map_or(&b[self.target.clone()], str::as_bytes));
-        w.extend_from_slice(b" HTTP/1.1\r\n");
-        let mut te_trailers = false;
-        let (mut proto, mut fhost) = (false, false);
-        let mut id: Option<&Field> = None;
-        // The client's X-Forwarded-For lines, joined (with `xff = "append"`).
-        let mut joined: Option<Vec<u8>> = None;
-        for f in &self.fields {
-            let (name, value) = self.field(f);
-            // (Host stays even if `Connection` names it: the `HeaderMap` path
-            // puts the client's back.)
-            if !matches!(f.kind, Kind::Hop(headers::CONNECTION) | Kind::Host)
-                && self.connection_lists(name)
-            {
+        let up = UpHead {
+            method: &self.method,
+            target: target.map_or(&b[self.target.clone()], str::as_bytes),
+            authority: self.host(),
+            host_from_target: false,
+            xff,
+            ip,
+            chunked: false,
+        };
+        let fields = || {
+            self.fields.iter().map(|f| {
+                let (name, value) = self.field(f);
+                (name, value, f.kind)
+            })
+        };
+        match encode_up(w, &up, fields, self.hop) {
+            Some(v) => HeaderValue::from_maybe_shared(b.slice_ref(v))
+                .unwrap_or_else(|_| headers::new_request_id()),
+            None => new_id(w),
+        }
+    }
+}
+
+/// How a request head goes to an HTTP/1.1 backend ([`encode_up`]).
+pub(super) struct UpHead<'a> {
+    pub method: &'a Method,
+    /// The request target, as it goes.
+    pub target: &'a [u8],
+    /// The request's authority (X-Forwarded-Host is made from it): the client's
+    /// Host, or the target's authority.
+    pub authority: Option<&'a [u8]>,
+    /// The authority came from the target (absolute form, HTTP/2's
+    /// `:authority`): it goes as Host in place of the client's (RFC 9112 §3.2.2).
+    pub host_from_target: bool,
+    pub xff: Xff,
+    /// The client's address, as a header value.
+    pub ip: &'a HeaderValue,
+    /// The body goes chunked (it has one and no Content-Length).
+    pub chunked: bool,
+}
+
+/// Writes a request head as it goes to an HTTP/1.1 backend into `w`, all but
+/// the X-Request-Id a client without one gets (which [`new_id`] writes, then the
+/// empty line): the request line, the client's `fields` (name, value, kind; as
+/// often as asked for) in
+/// their order less the hop-by-hop ones (`Connection` and those it names,
+/// `Keep-Alive`, `TE` but `trailers`, `Upgrade`, `Proxy-*`, ...; `hop` says which
+/// are present), then X-Forwarded-For/-Proto/-Host per `xff`. Returns the
+/// client's X-Request-Id, if it sent one: with it, the head is complete.
+///
+/// The same edits as `headers::strip_hop_by_hop`, `headers::forwarded` and
+/// `headers::request_id` make on a `HeaderMap` (tests hold them to it), for the
+/// fast path's bytes ([`RawHead::encode_up`]) and for a hyper request alike.
+pub(super) fn encode_up<'f, I>(
+    w: &mut BytesMut,
+    up: &UpHead<'_>,
+    fields: impl Fn() -> I,
+    hop: u8,
+) -> Option<&'f [u8]>
+where
+    I: Iterator<Item = (&'f [u8], &'f [u8], Kind)>,
+{
+    w.reserve(up.target.len() + 400);
+    w.extend_from_slice(up.method.as_str().as_bytes());
+    w.extend_from_slice(b" ");
+    w.extend_from_slice(up.target);
+    w.extend_from_slice(b" HTTP/1.1\r\n");
+    if let (true, Some(a)) = (up.host_from_target, up.authority) {
+        put(w, b"host", a);
+    }
+    // Whether a `Connection` line names `name`.
+    let named = |name: &[u8]| {
+        hop & headers::CONNECTION != 0
+            && fields()
+                .filter(|f| f.2 == Kind::Hop(headers::CONNECTION))
+                .any(|(_, v, _)| lists_token(v, name))
+    };
+    let mut te_trailers = false;
+    let (mut proto, mut fhost) = (false, false);
+    let mut id = None;
+    // The client's X-Forwarded-For lines, joined (with `xff = "append"`).
+    let mut joined: Option<Vec<u8>> = None;
+    for (name, value, kind) in fields() {
+        // (Host stays even if `Connection` names it: the `HeaderMap` path
+        // puts the client's back.)
+        if !matches!(kind, Kind::Hop(headers::CONNECTION) | Kind::Host) && named(name) {
+            continue;
+        }
+        match (kind, up.xff) {
+            (Kind::Hop(headers::TE), _) => {
+                te_trailers |= lists(value, "trailers");
                 continue;
             }
-            match (f.kind, xff) {
-                (Kind::Hop(headers::TE), _) => {
-                    te_trailers |= lists(value, "trailers");
-                    continue;
+            (Kind::Hop(_), _) => continue,
+            (Kind::Host, _) if up.host_from_target => continue,
+            (Kind::XForwardedFor, Xff::Append) => {
+                // Several lines are one list (RFC 9110 §5.3): all of them as
+                // they came, in order, then the client.
+                let j = joined.get_or_insert_with(Vec::new);
+                let prev = value.trim_ascii();
+                if !prev.is_empty() {
+                    j.extend_from_slice(prev);
+                    j.extend_from_slice(b", ");
                 }
-                (Kind::Hop(_), _) => continue,
-                (Kind::XForwardedFor, Xff::Append) => {
-                    // Several lines are one list (RFC 9110 §5.3): all of them as
-                    // they came, in order, then the client.
-                    let j = joined.get_or_insert_with(Vec::new);
-                    let prev = value.trim_ascii();
-                    if !prev.is_empty() {
-                        j.extend_from_slice(prev);
-                        j.extend_from_slice(b", ");
-                    }
-                    continue;
-                }
-                (
-                    Kind::XForwardedFor | Kind::XForwardedProto | Kind::XForwardedHost,
-                    Xff::Replace,
-                ) => continue,
-                (Kind::XForwardedProto, _) => proto = true,
-                (Kind::XForwardedHost, _) => fhost = true,
-                (Kind::RequestId, _) => {
-                    id.get_or_insert(f);
-                }
-                _ => {}
+                continue;
             }
-            put(w, name, value);
-        }
-        if te_trailers {
-            w.extend_from_slice(b"te: trailers\r\n");
-        }
-        let host = self.host();
-        match xff {
-            Xff::Off => {}
-            Xff::Append | Xff::Replace => {
-                w.extend_from_slice(b"x-forwarded-for: ");
-                if let Some(j) = &joined {
-                    w.extend_from_slice(j);
-                }
-                w.extend_from_slice(ip.as_bytes());
-                w.extend_from_slice(b"\r\n");
-                if !proto {
-                    w.extend_from_slice(b"x-forwarded-proto: http\r\n");
-                }
-                if let (Some(h), false) = (host, fhost) {
-                    put(w, b"x-forwarded-host", h);
-                }
+            (Kind::XForwardedFor | Kind::XForwardedProto | Kind::XForwardedHost, Xff::Replace) => {
+                continue
             }
+            (Kind::XForwardedProto, _) => proto = true,
+            (Kind::XForwardedHost, _) => fhost = true,
+            (Kind::RequestId, _) => {
+                id.get_or_insert(value);
+            }
+            _ => {}
         }
-        let id =
-            match id.and_then(|f| HeaderValue::from_maybe_shared(b.slice(f.value.clone())).ok()) {
-                Some(v) => v,
-                None => {
-                    let v = headers::new_request_id();
-                    put(w, b"x-request-id", v.as_bytes());
-                    v
-                }
-            };
-        w.extend_from_slice(b"\r\n");
-        id
+        put(w, name, value);
     }
+    if te_trailers {
+        w.extend_from_slice(b"te: trailers\r\n");
+    }
+    if up.chunked {
+        w.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    match up.xff {
+        Xff::Off => {}
+        Xff::Append | Xff::Replace => {
+            w.extend_from_slice(b"x-forwarded-for: ");
+            if let Some(j) = &joined {
+                w.extend_from_slice(j);
+            }
+            w.extend_from_slice(up.ip.as_bytes());
+            w.extend_from_slice(b"\r\n");
+            if !proto {
+                w.extend_from_slice(b"x-forwarded-proto: http\r\n");
+            }
+            if let (Some(h), false) = (up.authority, fhost) {
+                put(w, b"x-forwarded-host", h);
+            }
+        }
+    }
+    if id.is_some() {
+        w.extend_from_slice(b"\r\n");
+    }
+    id
+}
+
+/// Ends a head [`encode_up`] wrote for a request without an X-Request-Id: a new
+/// one, then the empty line. Returns it.
+pub(super) fn new_id(w: &mut BytesMut) -> HeaderValue {
+    let v = headers::new_request_id();
+    put(w, b"x-request-id", v.as_bytes());
+    w.extend_from_slice(b"\r\n");
+    v
 }
 
 /// `name: value` CRLF.

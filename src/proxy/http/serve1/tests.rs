@@ -2,6 +2,8 @@
 //! `HeaderMap` ones.
 
 use super::*;
+use crate::proxy::http::prepare;
+use hyper::header::HeaderValue;
 
 #[test]
 fn chunk_lines_are_hex() {
@@ -76,7 +78,6 @@ fn simple_and_other_heads() {
 #[test]
 fn raw_edits_match_the_header_map_edits() {
     use crate::config::Xff;
-    use hyper::header::HeaderValue;
     let ip = HeaderValue::from_static("10.0.0.9");
     let heads = [
         "GET /a HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, x-secret\r\nX-Secret: 1\r\nTE: gzip, trailers\r\nX-Forwarded-For: 1.2.3.4\r\nx-forwarded-for:  5.6.7.8 \r\nProxy-Authorization: y\r\nKeep-Alive: 5\r\nAccept: */*\r\n\r\n",
@@ -125,29 +126,89 @@ fn raw_edits_match_the_header_map_edits() {
                     .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap().to_string())),
                 map_id.to_str().unwrap(),
             );
-            // The bytes.
+            // The bytes, from the fast path's fields and from the request's
+            // `HeaderMap` (a request hyper read).
             let mut w = BytesMut::new();
             let id = raw.encode_up(&mut w, None, xff, &ip);
-            let text = std::str::from_utf8(&w).unwrap();
-            let mut it = text.split("\r\n");
-            let line = it.next().unwrap();
-            assert!(line.ends_with(" HTTP/1.1"), "{text:?}");
-            assert_eq!(line.split(' ').nth(1), Some(raw.uri.to_string().as_str()));
-            assert!(text.ends_with("\r\n\r\n"), "{text:?}");
-            let got = lines(
-                it.take_while(|l| !l.is_empty()).map(|l| {
-                    let (n, v) = l.split_once(": ").unwrap_or((l, ""));
-                    (n.to_string(), v.to_string())
-                }),
-                id.to_str().unwrap(),
-            );
-            assert_eq!(got, want, "{head:?} with {xff:?}:\n{text}");
-            // A client's id is kept, else one is made (for the log too).
-            assert_eq!(
-                id == map_id,
-                head.contains("X-Request-Id: abc"),
-                "{head:?}: {id:?} {map_id:?}"
-            );
+            let (parts, _) = req.into_parts();
+            let target = raw.uri.to_string();
+            let mut w2 = BytesMut::new();
+            let id2 = prepare::encode_h1(&mut w2, &parts, target.as_bytes(), false, xff, &ip);
+            for (w, id) in [(&w, &id), (&w2, &id2)] {
+                let (line, got) = encoded(w, id);
+                assert_eq!(line, format!("{} {target} HTTP/1.1", raw.method));
+                assert_eq!(got, want, "{head:?} with {xff:?}:\n{w:?}");
+                // A client's id is kept, else one is made (for the log too).
+                assert_eq!(
+                    *id == map_id,
+                    head.contains("X-Request-Id: abc"),
+                    "{head:?}: {id:?} {map_id:?}"
+                );
+            }
         }
     }
+}
+
+/// A head `encode_up` wrote: its request line, and its `name: value` lines as
+/// `lines` has them in the test above (the id `<id>`).
+fn encoded(w: &[u8], id: &HeaderValue) -> (String, Vec<(String, String)>) {
+    let text = std::str::from_utf8(w).unwrap();
+    assert!(text.ends_with("\r\n\r\n"), "{text:?}");
+    let mut it = text.split("\r\n");
+    let line = it.next().unwrap().to_string();
+    let mut v: Vec<(String, String)> = it
+        .take_while(|l| !l.is_empty())
+        .map(|l| {
+            let (n, v) = l.split_once(": ").unwrap_or((l, ""));
+            let n = n.to_ascii_lowercase();
+            let v = if n == "x-request-id" && v.as_bytes() == id.as_bytes() {
+                "<id>"
+            } else {
+                v
+            };
+            (n, v.to_string())
+        })
+        .collect();
+    v.sort();
+    (line, v)
+}
+
+/// A request whose authority is in its target (absolute form; HTTP/2's
+/// `:authority`) goes up with that authority as Host, in place of the
+/// client's, and as X-Forwarded-Host; the body's framing is written when asked.
+#[test]
+fn an_authority_in_the_target_becomes_host() {
+    use crate::config::Xff;
+    let ip = HeaderValue::from_static("10.0.0.9");
+    let mut req = hyper::Request::new(());
+    *req.method_mut() = Method::POST;
+    *req.uri_mut() = "http://api.example:8080/v1/x?q=1".parse().unwrap();
+    *req.version_mut() = hyper::Version::HTTP_2;
+    let h = req.headers_mut();
+    h.insert(header::HOST, HeaderValue::from_static("other"));
+    h.insert(header::TE, HeaderValue::from_static("trailers"));
+    h.insert("proxy-authorization", HeaderValue::from_static("s"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    let (parts, _) = req.into_parts();
+    let mut w = BytesMut::new();
+    let id = prepare::encode_h1(&mut w, &parts, b"/x?q=1", true, Xff::Append, &ip);
+    let (line, got) = encoded(&w, &id);
+    assert_eq!(line, "POST /x?q=1 HTTP/1.1");
+    let want: Vec<(String, String)> = [
+        ("content-type", "application/grpc"),
+        ("host", "api.example:8080"),
+        ("te", "trailers"),
+        ("transfer-encoding", "chunked"),
+        ("x-forwarded-for", "10.0.0.9"),
+        ("x-forwarded-host", "api.example:8080"),
+        ("x-forwarded-proto", "http"),
+        ("x-request-id", "<id>"),
+    ]
+    .iter()
+    .map(|(n, v)| (n.to_string(), v.to_string()))
+    .collect();
+    assert_eq!(got, want, "{w:?}");
 }

@@ -207,9 +207,11 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: ClientReq) -> Response<OutBody> {
         ClientReq::Full(r) if version == upstream::Version::Http1 => {
             let (parts, body) = r.into_parts();
             let strip_prefix = rc.strip_prefix.then_some(rc.path_prefix.as_str());
-            let keep_target = parts.uri.authority().is_none() && !normalized && !rc.strip_prefix;
+            // Origin form: the target's path and query, as they came unless
+            // normalizing or the route changed the path (an HTTP/2 request's
+            // authority, or an absolute-form one's, goes as Host).
             let rebuilt;
-            let target = if keep_target {
+            let target = if !normalized && !rc.strip_prefix {
                 parts.uri.path_and_query().map_or("/", |p| p.as_str())
             } else {
                 rebuilt = with_query(upstream_path(&ex.path, strip_prefix), parts.uri.query());

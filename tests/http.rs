@@ -2245,6 +2245,81 @@ async fn h2c_client_uploads_and_downloads_64_mib_with_equal_sha256() {
     assert!(growth < 32 << 10, "flowgate's RSS grew by {growth} KiB");
 }
 
+/// An h2c request with a body of unknown length (no content-length) goes to an
+/// HTTP/1.1 backend chunked, its `:authority` as Host and in X-Forwarded-Host,
+/// with the forwarded headers, and its body arrives whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_upload_without_a_length_goes_chunked_to_an_http1_backend() {
+    use tokio::io::AsyncWriteExt;
+    const SIZE: u64 = 1 << 20;
+    let py = Py::start(1).await;
+    let fg = start(&one_pool(&py, "", "upstream_protocol = \"http1\"", false));
+    let l = fg.local_addr("l").unwrap();
+    let mut curl = Command::new("curl")
+        .args([
+            "-sS",
+            "--noproxy",
+            "*",
+            "--max-time",
+            "60",
+            "--http2-prior-knowledge",
+        ])
+        .args(["-X", "POST", "-T", "-", "-H", "X-Forwarded-For: 192.0.2.7"])
+        .arg(format!("http://api.example:{}/up?x=1", l.port()))
+        .args(["--connect-to", &format!("api.example:{}:{l}", l.port())])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("curl (apt-get install -y curl)");
+    let mut stdin = curl.stdin.take().unwrap();
+    for k in 0..(SIZE / 65536) {
+        stdin.write_all(&block(k, 65536)).await.unwrap();
+    }
+    drop(stdin);
+    let out = tokio::time::timeout(LIVENESS * 6, curl.wait_with_output())
+        .await
+        .expect("curl finishes")
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("the backend's JSON");
+    assert_eq!(v["method"], "POST", "{v}");
+    assert_eq!(v["target"], "/up?x=1", "{v}");
+    assert_eq!(v["body_len"], SIZE, "{v}");
+    assert_eq!(v["sha256"], generated_sha256(SIZE), "{v}");
+    let headers: Vec<(String, String)> = v["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p[0].as_str().unwrap().to_ascii_lowercase(),
+                p[1].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let get = |n: &str| -> Vec<&str> {
+        headers
+            .iter()
+            .filter(|(k, _)| k == n)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    };
+    let authority = format!("api.example:{}", l.port());
+    assert_eq!(get("host"), [authority.as_str()], "{v}");
+    assert_eq!(get("transfer-encoding"), ["chunked"], "{v}");
+    assert!(get("content-length").is_empty(), "{v}");
+    assert_eq!(get("x-forwarded-for"), ["192.0.2.7, 127.0.0.1"], "{v}");
+    assert_eq!(get("x-forwarded-proto"), ["http"], "{v}");
+    assert_eq!(get("x-forwarded-host"), [authority.as_str()], "{v}");
+    assert_eq!(get("x-request-id").len(), 1, "{v}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http1_upload_with_expect_100_continue() {
     const SIZE: u64 = 8 << 20;

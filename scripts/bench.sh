@@ -54,9 +54,10 @@
 #                  udp-latency udp-pps udp-iperf (UDP; targets direct, flowgate,
 #                  flowgate-shared, flowgate-metrics, flowgate-base and
 #                  nginx); http-rps http-h2-rps http-latency http-sse
-#                  http-mem (HTTP, L7; every target but haproxy-splice); the
-#                  words tcp, udp, http and all stand for the TCP figures, the
-#                  UDP figures, the HTTP figures and all fourteen.
+#                  http-sse-l4 http-mem (HTTP, L7; every target but
+#                  haproxy-splice); the words tcp, udp, http and all stand for
+#                  the TCP figures, the UDP figures, the HTTP figures and all
+#                  fifteen.
 #                  edge-pp edge-sni (issue 13's edge features; the word edge
 #                  stands for the two, and `all` does not include them):
 #                  new connections per second, measured like cps (wrk -t
@@ -185,6 +186,9 @@
 #                    kept-alive connection and times each with perf_counter
 #                    in-process); p50/p99 in µs, and in the report what each
 #                    balancer adds over direct.
+#                  http-sse-l4: the same through each balancer's L4 (TCP)
+#                    mode, a tcp listener in the same instance in front of the
+#                    same SSE backend: what the L7 mode adds is held to this.
 #                  http-mem: like mem, but MEM_CONNS HTTP/1.1 client connections
 #                    that each made one kept-alive request (to the nginx
 #                    backend) and are then idle; KiB of balancer RSS per
@@ -303,7 +307,7 @@ ALL_TARGETS="direct flowgate flowgate-shared flowgate-metrics flowgate-base flow
 TCP_FIGURES="bulk1 bulk4 latency cps rps mem"
 UDP_FIGURES="udp-latency udp-pps udp-iperf"
 UDP_TARGETS="direct flowgate flowgate-shared flowgate-metrics flowgate-base flowgate-busy nginx" # the targets that can measure UDP
-HTTP_FIGURES="http-rps http-h2-rps http-latency http-sse http-mem"
+HTTP_FIGURES="http-rps http-h2-rps http-latency http-sse http-sse-l4 http-mem"
 # The targets that run the HTTP (L7) figures: not haproxy-splice, whose only
 # difference, splice-auto, does nothing for the few bytes of these responses.
 HTTP_TARGETS="direct flowgate flowgate-shared flowgate-metrics flowgate-base flowgate-busy haproxy haproxy-busy nginx"
@@ -414,7 +418,7 @@ can_edge() { [[ " $EDGE_TARGETS " == *" $1 "* ]]; }
 # nginx stream answering a ClientHello with a fixed reply). One instance of each
 # balancer, <target>-edge; one nginx backend instance for both ($OUT_DIR/edge-backend).
 
-SVC_NAMES=(none iperf sockperf http hold udp-sockperf udp-iperf udp-pps l7-http l7-h2c l7-sse sys-tcp sys-udp edge-pp edge-sni)
+SVC_NAMES=(none iperf sockperf http hold udp-sockperf udp-iperf udp-pps l7-http l7-h2c l7-sse sys-tcp sys-udp edge-pp edge-sni sse-l4)
 target_index() {
     case $1 in
         flowgate) echo 1 ;; haproxy) echo 2 ;; haproxy-splice) echo 3 ;; nginx) echo 4 ;;
@@ -436,9 +440,9 @@ admin_port() { # instance-name: the admin API of a flowgate-metrics instance
 }
 mem_port() { echo $((PORT_BASE + 100 * $(target_index "$1") + 50)); }
 http_mem_port() { echo $((PORT_BASE + 100 * $(target_index "$1") + 51)); }
-http_port() { # target service(8|9|10): where an HTTP figure's client connects
+http_port() { # target service(8|9|10|15): where an HTTP figure's client connects
     if [[ $1 == direct ]]; then
-        case $2 in 8) backend_port 3 ;; *) backend_port "$2" ;; esac
+        case $2 in 8) backend_port 3 ;; 15) backend_port 10 ;; *) backend_port "$2" ;; esac
     else
         target_port "$1" "$2"
     fi
@@ -629,7 +633,7 @@ ensure_tools() {
     has_any_figure cps rps && need+=(wrk nginx)
     # shellcheck disable=SC2086 # word splitting intended
     has_any_figure $EDGE_FIGURES && need+=(wrk nginx)
-    has_any_figure http-rps http-h2-rps http-latency http-sse http-mem && need+=(nginx)
+    has_any_figure http-rps http-h2-rps http-latency http-sse http-sse-l4 http-mem && need+=(nginx)
     has_figure http-rps && need+=(wrk)
     has_any_figure http-h2-rps http-latency && need+=(h2load)
     { has_target haproxy || has_target haproxy-splice || has_target haproxy-busy; } && need+=(haproxy)
@@ -747,7 +751,7 @@ EOF
         BACKEND_PID[http]=$LAST_PID BACKEND_LOG[http]=$logf
         wait_listen "$LAST_PID" "nginx HTTP backend" "$logf" "$port" ${h2c_port:+"$h2c_port"}
     fi
-    if has_figure http-sse; then
+    if has_any_figure http-sse http-sse-l4; then
         port=$(backend_port 10)
         logf=$OUT_DIR/logs/sse-server.log
         start_bg "SSE backend" "$logf" python3 "$HELPERS/sse.py" server --bind "$HOST" --port "$port" \
@@ -1204,6 +1208,9 @@ start_http_balancers() {
         has_any_figure http-rps http-latency && specs+=("${SVC_NAMES[8]}:$(target_port "$t" 8):$(backend_port 3):http")
         has_figure http-h2-rps && specs+=("${SVC_NAMES[9]}:$(target_port "$t" 9):$(backend_port 3):h2c")
         has_figure http-sse && specs+=("${SVC_NAMES[10]}:$(target_port "$t" 10):$(backend_port 10):sse")
+        # The same SSE backend through the balancer's L4 (TCP) mode: what L7 adds
+        # is held to what L4 adds (issue 11's goal).
+        has_figure http-sse-l4 && specs+=("${SVC_NAMES[15]}:$(target_port "$t" 15):$(backend_port 10)")
         ((${#specs[@]})) || continue # http-mem only: it starts its own instances
         log "starting $t-l7"
         start_lb "$t" "$t-l7" "${specs[@]}"
@@ -1579,9 +1586,9 @@ measure_http_latency() { # target prefix ; RESULT = "p50-us p99-us achieved-req/
         { log "error: no requests in the h2load log via $1; see $pre.tsv"; return 1; }
 }
 
-measure_sse() { # target logfile ; RESULT = "p50-us p99-us" of the time to the first event
+measure_sse() { # target logfile [service(10|15)] ; RESULT = "p50-us p99-us" of the time to the first event
     local port out=$2 rc
-    port=$(http_port "$1" 10)
+    port=$(http_port "$1" "${3:-10}")
     rc=0
     RESULT=$(timeout $((SSE_REQUESTS * (SSE_GAP_MS + 10) / 1000 + 60)) python3 "$HELPERS/sse.py" client --host "$HOST" --port "$port" \
         --requests "$SSE_REQUESTS" 2>"$out") || rc=$?
@@ -1946,14 +1953,15 @@ measure_one() {
                 return 1
             fi
             ;;
-        http-sse)
+        http-sse | http-sse-l4)
+            local key=${f//-/_}
             check_backend sse
-            if measure_sse "$t" "$pre.log"; then
+            if measure_sse "$t" "$pre.log" "$([[ $f == http-sse ]] && echo 10 || echo 15)"; then
                 read -r p50 p99 <<<"$RESULT"
-                LINES="http_sse_p50 $p50"$'\n'"http_sse_p99 $p99"
+                LINES="${key}_p50 $p50"$'\n'"${key}_p99 $p99"
                 MSG="first event p50 $p50 p99 $p99 us"
             else
-                LINES="http_sse_p50 NA"$'\n'"http_sse_p99 NA"
+                LINES="${key}_p50 NA"$'\n'"${key}_p99 NA"
                 return 1
             fi
             ;;

@@ -1,8 +1,10 @@
 //! A client's request made ready to go upstream: the two forms it comes in
 //! ([`ClientReq`]), its target, hop-by-hop headers, X-Forwarded-*, X-Request-Id,
-//! Host or `:authority` on a hyper request ([`prepare`]; the fast path's bytes get
-//! the same edits in [`super::raw`]), and the facts the handler asks of it
-//! (close, WebSocket, length, session key).
+//! Host or `:authority`: written as an HTTP/1.1 head with those edits
+//! ([`encode_h1`], [`super::raw::encode_up`]), or, for hyper's client (an h2c
+//! backend, a WebSocket handshake), made on the request's `HeaderMap`
+//! ([`prepare`]); and the facts the handler asks of it (close, WebSocket,
+//! length, session key).
 
 use std::time::Duration;
 
@@ -64,7 +66,8 @@ pub(super) struct Prepare<'a> {
     pub affinity: Option<&'a AffinityKey>,
 }
 
-/// A hyper request as it goes upstream: its target, hop-by-hop headers out,
+/// A hyper request as it goes upstream through hyper's client (h2c, the
+/// WebSocket handshake): its target, hop-by-hop headers out,
 /// X-Forwarded-* and X-Request-Id in, Host or `:authority` for the upstream
 /// version; with its session key. `None`: a target that cannot be rebuilt.
 pub(super) fn prepare(

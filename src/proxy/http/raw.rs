@@ -10,7 +10,8 @@
 //! bytes was about a sixth of the instructions of a proxied request
 //! (callgrind, docs/performance.md). Anything else (an h2c backend, an
 //! absolute-form target) takes the request as a hyper `Request`
-//! ([`RawHead::into_request`]), as before.
+//! ([`RawHead::into_request`]). [`encode_up`] also writes the head of a hyper
+//! request bound for an HTTP/1.1 backend, from its `HeaderMap` as it is.
 
 use std::ops::Range;
 

@@ -185,7 +185,9 @@
 #                    requests, plus 20 uncounted, one after another on one
 #                    kept-alive connection and times each with perf_counter
 #                    in-process); p50/p99 in µs, and in the report what each
-#                    balancer adds over direct.
+#                    balancer adds over direct. Also p50/p99 of the second,
+#                    mid-stream event's delay: from the backend's write (a
+#                    CLOCK_MONOTONIC stamp in the event) to the client's read.
 #                  http-sse-l4: the same through each balancer's L4 (TCP)
 #                    mode, a tcp listener in the same instance in front of the
 #                    same SSE backend: what the L7 mode adds is held to this.
@@ -1586,7 +1588,7 @@ measure_http_latency() { # target prefix ; RESULT = "p50-us p99-us achieved-req/
         { log "error: no requests in the h2load log via $1; see $pre.tsv"; return 1; }
 }
 
-measure_sse() { # target logfile [service(10|15)] ; RESULT = "p50-us p99-us" of the time to the first event
+measure_sse() { # target logfile [service(10|15)] ; RESULT = "p50-us p99-us" of the time to the first event, then p50 and p99 of the second event's delay
     local port out=$2 rc
     port=$(http_port "$1" "${3:-10}")
     rc=0
@@ -1597,7 +1599,7 @@ measure_sse() { # target logfile [service(10|15)] ; RESULT = "p50-us p99-us" of 
         log "error: the SSE client via $1 failed (status $rc); see $out"
         return 1
     fi
-    RESULT=$(awk '{ print $1, $2 }' <<<"$RESULT")
+    RESULT=$(awk '{ print $1, $2, $4, $5 }' <<<"$RESULT")
 }
 
 # ------------------------------------------------------- syscall figures --
@@ -1957,11 +1959,12 @@ measure_one() {
             local key=${f//-/_}
             check_backend sse
             if measure_sse "$t" "$pre.log" "$([[ $f == http-sse ]] && echo 10 || echo 15)"; then
-                read -r p50 p99 <<<"$RESULT"
-                LINES="${key}_p50 $p50"$'\n'"${key}_p99 $p99"
-                MSG="first event p50 $p50 p99 $p99 us"
+                local ev50 ev99
+                read -r p50 p99 ev50 ev99 <<<"$RESULT"
+                LINES="${key}_p50 $p50"$'\n'"${key}_p99 $p99"$'\n'"${key}_ev_p50 $ev50"$'\n'"${key}_ev_p99 $ev99"
+                MSG="first event p50 $p50 p99 $p99 us; second event delayed p50 $ev50 p99 $ev99 us"
             else
-                LINES="${key}_p50 NA"$'\n'"${key}_p99 NA"
+                LINES="${key}_p50 NA"$'\n'"${key}_p99 NA"$'\n'"${key}_ev_p50 NA"$'\n'"${key}_ev_p99 NA"
                 return 1
             fi
             ;;

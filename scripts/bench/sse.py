@@ -5,8 +5,9 @@
       A tiny asyncio HTTP/1.1 server. Every request (any method and path) is
       answered at once with a `text/event-stream` response, chunked, whose
       first event ("data: first") goes out in the same write as the response
-      head; GAP-MS later a second event ("data: [DONE]") and the last chunk
-      end the response, and the connection stays open for the next request
+      head; GAP-MS later a second event ("data: T", T the server's
+      time.monotonic_ns() just before the write) and the last chunk end the
+      response, and the connection stays open for the next request
       (keep-alive). TCP_NODELAY is set on every connection. A balancer that
       held the first event back until more data or the end of the response
       came would show a first-event time of GAP-MS or more.
@@ -17,9 +18,11 @@
       measures, in the process with time.perf_counter(), the time from just
       before the request is written to the moment the first complete event
       (a "data:" line ended by a blank line) of the decoded body has been
-      read. The first WARMUP requests are not counted (the balancer's
-      upstream connection is set up there). Prints "p50 p99 mean" in
-      microseconds on stdout; exits non-zero on any error (status other than
+      read; and the delay of the second event, a mid-stream one: from T (the
+      server's CLOCK_MONOTONIC, which this process shares) to the moment its
+      chunk has been read. The first WARMUP requests are not counted (the
+      balancer's upstream connection is set up there). Prints "p50 p99 mean
+      event-p50 event-p99" in microseconds on stdout; exits non-zero on any error (status other than
       200, a response without an event, a connection failure).
 
 Only the standard library is used.
@@ -45,7 +48,11 @@ def chunk(data):
 
 
 FIRST = chunk(b"data: first\n\n")
-LAST = chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n"
+
+
+def last():
+    """The second event, stamped with the time it is written, and the end."""
+    return chunk(b"data: %d\n\n" % time.monotonic_ns()) + b"0\r\n\r\n"
 
 
 async def handle(reader, writer, gap):
@@ -68,7 +75,7 @@ async def handle(reader, writer, gap):
             writer.write(HEAD + FIRST)
             await writer.drain()
             await asyncio.sleep(gap)
-            writer.write(LAST)
+            writer.write(last())
             await writer.drain()
     except (ConnectionError, asyncio.IncompleteReadError):
         pass
@@ -122,7 +129,8 @@ class Conn:
 
 
 def one_request(conn, host):
-    """Sends one request; returns (seconds to the first event, keep_alive)."""
+    """Sends one request; returns (seconds to the first event, nanoseconds from
+    the second event's write to its arrival or None, keep_alive)."""
     req = b"GET /sse HTTP/1.1\r\nHost: %s\r\nAccept: text/event-stream\r\n\r\n" % host.encode()
     t0 = time.perf_counter()
     conn.sock.sendall(req)
@@ -139,6 +147,7 @@ def one_request(conn, host):
     keep = b"close" not in headers.get(b"connection", b"")
     body = b""
     first = None
+    event = None
 
     def saw_event():
         return first is None and b"\n\n" in body and b"data:" in body
@@ -154,6 +163,14 @@ def one_request(conn, host):
             conn.take(2)
             if saw_event():
                 first = time.perf_counter() - t0
+            elif first is not None and event is None:
+                # The second event: "data: T" (the server's write time).
+                rest = body.split(b"\n\n", 1)[1]
+                if rest.startswith(b"data: ") and rest.endswith(b"\n\n"):
+                    try:
+                        event = time.monotonic_ns() - int(rest[6:-2])
+                    except ValueError:
+                        pass
     elif length is not None:
         while len(body) < length:
             if not conn.buf:
@@ -175,11 +192,12 @@ def one_request(conn, host):
             pass
     if first is None:
         raise ValueError("no event in the response body %r" % body[:200])
-    return first, keep
+    return first, event, keep
 
 
 def client(args):
     samples = []
+    events = []
     conn = None
     reconnects = -1
     try:
@@ -187,9 +205,11 @@ def client(args):
             if conn is None:
                 conn = Conn(args.host, args.port, args.timeout)
                 reconnects += 1
-            first, keep = one_request(conn, args.host)
+            first, event, keep = one_request(conn, args.host)
             if i >= args.warmup:
                 samples.append(first * 1e6)
+                if event is not None:
+                    events.append(event / 1e3)
             if not keep:
                 conn.sock.close()
                 conn = None
@@ -197,14 +217,19 @@ def client(args):
         print("sse client: request %d failed: %s" % (len(samples) + 1, e), file=sys.stderr)
         return 1
     samples.sort()
+    events.sort()
+    if not events:
+        print("sse client: no stamped second event in any response", file=sys.stderr)
+        return 1
 
-    def pct(p):
-        return samples[max(0, math.ceil(p / 100.0 * len(samples)) - 1)]  # nearest rank
+    def pct(p, of=samples):
+        return of[max(0, math.ceil(p / 100.0 * len(of)) - 1)]  # nearest rank
 
     if reconnects:
         print("sse client: note: %d reconnects (the peer closed the connection)" % reconnects,
               file=sys.stderr)
-    print("%.1f %.1f %.1f" % (pct(50), pct(99), statistics.fmean(samples)))
+    print("%.1f %.1f %.1f %.1f %.1f" % (pct(50), pct(99), statistics.fmean(samples),
+                                        pct(50, events), pct(99, events)))
     return 0
 
 

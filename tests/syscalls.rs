@@ -494,6 +494,98 @@ async fn an_upstream_connection_taken_by_another_worker_wakes_no_other_thread() 
     );
 }
 
+/// A chunked HTTP/1.1 backend: answers every request with its head and a first
+/// chunk in one write, then, 2 ms later, a last chunk and the end of the body in
+/// another (as an SSE server ends a stream).
+async fn chunked_backend() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let _ = s.set_nodelay(true);
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..end + 4);
+                        let head =
+                            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n";
+                        if s.write_all(head).await.is_err() {
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                        if s.write_all(b"4\r\ndone\r\n0\r\n\r\n").await.is_err() {
+                            return;
+                        }
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A streamed (chunked) response whose last chunk and end come in one read from
+/// the backend goes to the client in one write with them, not two: the response
+/// costs the client two writes (the head with the first chunk, then the last
+/// chunk with the end) and the backend one (the request).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_response_ends_in_the_write_of_its_last_chunk() {
+    const REQUESTS: usize = 100;
+    let backend = chunked_backend().await;
+    let fg = two_workers_http(backend, "http1");
+    let pid = fg.pid();
+    let h = fg.addr("h");
+    let dir = tempdir::Dir::new();
+    let mut s = tokio::net::TcpStream::connect(h).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    // One response: its body de-chunked is "okdone", and it ends with the last chunk.
+    let one = async |s: &mut tokio::net::TcpStream| {
+        s.write_all(b"GET / HTTP/1.1\r\nhost: t\r\n\r\n")
+            .await
+            .unwrap();
+        let mut back = Vec::new();
+        let mut b = [0u8; 4096];
+        while !back.ends_with(b"0\r\n\r\n") {
+            let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut b))
+                .await
+                .expect("the response in time")
+                .unwrap();
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&back));
+            back.extend_from_slice(&b[..n]);
+        }
+        let text = String::from_utf8_lossy(&back).into_owned();
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        assert!(
+            text.contains("\r\n2\r\nok\r\n4\r\ndone\r\n0\r\n\r\n"),
+            "{text}"
+        );
+    };
+    one(&mut s).await;
+    let trace = Trace::attach(pid, &dir.0.join("chunked.txt"));
+    for _ in 0..REQUESTS {
+        one(&mut s).await;
+    }
+    let calls = trace.finish();
+    report_per("streamed HTTP/1.1 response (2 chunks)", &calls, REQUESTS);
+    let writes = ["writev", "write", "sendto", "sendmsg"]
+        .iter()
+        .map(|n| per_op(&calls, n, REQUESTS))
+        .sum::<f64>();
+    // 3 per request, and room for the tick timers' wake-ups (a `write` each,
+    // four a second per worker).
+    assert!(
+        writes <= 3.2,
+        "{writes:.2} writes per streamed response (3: the request up, the head with \
+         the first chunk, the last chunk with the end)"
+    );
+}
+
 /// A tiny h2c backend (hyper): answers every stream with 2 bytes. Returns its
 /// address and the number of streams it answered.
 async fn h2c_backend() -> (SocketAddr, Arc<AtomicUsize>) {

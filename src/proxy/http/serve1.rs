@@ -401,28 +401,63 @@ async fn respond(
             .is_ok();
         return ok && !close;
     }
+    // A frame the body had ready at once after the last one (see below).
+    let mut ready = None;
     loop {
         // The head goes with the first frame if that is ready at once.
-        let frame = match &head {
-            Some(hd) => match poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await {
-                Poll::Ready(f) => f,
-                Poll::Pending => {
-                    if write_all(io, &mut [hd]).await.is_err() {
-                        return false;
+        let frame = match ready.take() {
+            Some(f) => f,
+            None => match &head {
+                Some(hd) => {
+                    match poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await {
+                        Poll::Ready(f) => f,
+                        Poll::Pending => {
+                            if write_all(io, &mut [hd]).await.is_err() {
+                                return false;
+                            }
+                            head = None;
+                            poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+                        }
                     }
-                    head = None;
-                    poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
                 }
+                None => poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await,
             },
-            None => poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await,
         };
         let hd = head.take().unwrap_or_default();
         let r = match frame {
-            Some(Ok(f)) => match write_frame(io, &hd, f, &mut framing, answer).await {
-                Ok(true) => continue,
-                Ok(false) => Ok(()),
-                Err(e) => Err(e),
-            },
+            Some(Ok(f)) => {
+                // A chunk: if the body ended in the same read upstream (an SSE
+                // stream's last event and its end), the last chunk goes in the
+                // same write as it; no write of its own. Only what is there at
+                // once: nothing waits.
+                let next = if framing == Framing::Chunked && f.is_data() {
+                    match poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await {
+                        Poll::Ready(n) => Some(n),
+                        Poll::Pending => None,
+                    }
+                } else {
+                    None
+                };
+                if let Some(None) = next {
+                    let d = f.into_data().unwrap_or_default();
+                    let mut size = [0u8; 18];
+                    let n = if d.is_empty() {
+                        0
+                    } else {
+                        chunk_line(&mut size, d.len())
+                    };
+                    let crlf: &[u8] = if d.is_empty() { b"" } else { b"\r\n" };
+                    framing = Framing::None;
+                    write_all(io, &mut [&hd, &size[..n], &d, crlf, b"0\r\n\r\n"]).await
+                } else {
+                    ready = next;
+                    match write_frame(io, &hd, f, &mut framing, answer).await {
+                        Ok(true) => continue,
+                        Ok(false) => Ok(()),
+                        Err(e) => Err(e),
+                    }
+                }
+            }
             // The end: a length not reached is a cut response.
             None => match framing {
                 Framing::Chunked => write_all(io, &mut [&hd, b"0\r\n\r\n"]).await,
@@ -513,7 +548,7 @@ async fn write_all(io: &mut impl Client, parts: &mut [&[u8]]) -> io::Result<()> 
         if first == parts.len() {
             return Ok(());
         }
-        let mut slices = [IoSlice::new(&[]); 4];
+        let mut slices = [IoSlice::new(&[]); 6];
         let k = (parts.len() - first).min(slices.len());
         for (s, p) in slices.iter_mut().zip(&parts[first..first + k]) {
             *s = IoSlice::new(p);

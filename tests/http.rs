@@ -588,6 +588,45 @@ async fn refused(want: &[u16], heads: &[&str]) {
     assert!(seen.iter().any(|s| s == "GET /after"), "{seen:?}");
 }
 
+/// A Content-Length that `Connection` names is not dropped from under its body:
+/// the body goes up framed as it is sent (flowgate writes the framing), so its
+/// bytes never reach the backend as a request of their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_named_content_length_still_frames_the_body() {
+    let py = Py::start(1).await;
+    let fg = start(&one_pool(&py, "", "", false));
+    let l = fg.local_addr("l").unwrap();
+    let smuggled = "GET /admin HTTP/1.1\r\nHost: app\r\n\r\n";
+    let req = format!(
+        "POST /upload HTTP/1.1\r\nHost: app\r\nConnection: content-length, close\r\n\
+         Content-Length: {}\r\n\r\n{smuggled}",
+        smuggled.len()
+    );
+    let (resp, _) = raw(l, req.as_bytes()).await;
+    assert_eq!(status_of(&resp), 200, "{resp}");
+    let json = resp.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(json).expect("the backend's JSON");
+    assert_eq!(v["body_len"], smuggled.len(), "{v}");
+    let lengths: Vec<&str> = v["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| {
+            p[0].as_str()
+                .unwrap()
+                .eq_ignore_ascii_case("content-length")
+        })
+        .map(|p| p[1].as_str().unwrap())
+        .collect();
+    assert_eq!(lengths, ["34"], "{v}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let seen = py.seen(0).await;
+    assert!(
+        !seen.iter().any(|s| s.contains("/admin")),
+        "the backend saw the body as a request: {seen:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn desync_content_length_and_transfer_encoding_is_400() {
     refused(
@@ -2151,6 +2190,16 @@ async fn absolute_form_target_routes_by_its_authority_and_sets_host_from_it() {
         .collect();
     // RFC 9112 §3.2.2: a proxy replaces Host with the target's authority.
     assert_eq!(hosts, ["api.example.com"], "{v}");
+    // An empty path with a query goes up as `/?query`.
+    let (resp, _) = raw(
+        l,
+        b"GET http://api.example.com?q=1 HTTP/1.1\r\nHost: other\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status_of(&resp), 200, "{resp:?}");
+    let body = &resp[resp.find("\r\n\r\n").unwrap() + 4..];
+    let v: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(v["target"], "/?q=1", "origin-form upstream: {v}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

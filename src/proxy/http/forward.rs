@@ -28,6 +28,7 @@ use super::prepare::{
     content_length, encode_h1, is_websocket, prepare, session_key, upstream_path, wants_close,
     with_query, Prepare,
 };
+use super::raw::Framing;
 use super::request_body::{BodyError, UpBody, Upload};
 use super::state::ConnCtx;
 use super::upstream::{self, Sender, H1};
@@ -210,36 +211,46 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: ClientReq) -> Response<OutBody> {
             // Origin form: the target's path and query, as they came unless
             // normalizing or the route changed the path (an HTTP/2 request's
             // authority, or an absolute-form one's, goes as Host).
+            // (An empty path with a query, `http://a?q` or an h2 `:path` of
+            // `?q`, is rebuilt: `/?q`.)
             let rebuilt;
-            let target = if !normalized && !rc.strip_prefix {
-                parts.uri.path_and_query().map_or("/", |p| p.as_str())
-            } else {
-                rebuilt = with_query(upstream_path(&ex.path, strip_prefix), parts.uri.query());
-                &rebuilt
+            let target = match parts.uri.path_and_query().map(|p| p.as_str()) {
+                Some(t) if !normalized && !rc.strip_prefix && t.starts_with('/') => t,
+                _ => {
+                    rebuilt = with_query(upstream_path(&ex.path, strip_prefix), parts.uri.query());
+                    &rebuilt
+                }
             };
-            let target = if target.is_empty() { "/" } else { target };
             let bodiless = body.is_end_stream();
-            // (A malformed Content-Length, which hyper's server and h2 refuse,
-            // would leave room for no byte: the body fails rather than going up
-            // framed twice.)
-            let length = parts
-                .headers
-                .contains_key(header::CONTENT_LENGTH)
-                .then(|| content_length(&parts.headers).unwrap_or(0));
+            // The body's framing is flowgate's: its length when hyper knows it
+            // (a Content-Length it checked), else chunked; the client's
+            // Content-Length and Transfer-Encoding lines do not go up with a
+            // body, so what the head says is what is sent.
+            let framing = match body.size_hint().exact() {
+                _ if bodiless => Framing::None,
+                Some(n) => Framing::Length(n),
+                None => Framing::Chunked,
+            };
             let mut w = bytes::BytesMut::new();
             ex.request_id = Some(encode_h1(
                 &mut w,
                 &parts,
                 target.as_bytes(),
-                !bodiless && length.is_none(),
+                framing,
                 http.xff,
                 &ctx.peer_ip,
             ));
             let h = &parts.headers;
+            // (`host`: the authority the request was routed by, an HTTP/2
+            // client's `:authority` too.)
+            let host = parts.uri.authority().map(|a| a.as_str().as_bytes());
             let session = affinity.and_then(|key| {
                 session_key(
                     key,
-                    |n| h.get(n).map(|v| v.as_bytes()),
+                    |n| match host {
+                        Some(a) if n.eq_ignore_ascii_case("host") => Some(a),
+                        _ => h.get(n).map(|v| v.as_bytes()),
+                    },
                     h.get_all(header::COOKIE).iter().map(|v| v.as_bytes()),
                 )
             });
@@ -255,6 +266,10 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: ClientReq) -> Response<OutBody> {
                     http.max_body_bytes,
                     ex.up.clone(),
                 );
+                let length = match framing {
+                    Framing::Length(n) => Some(n),
+                    _ => None,
+                };
                 Outgoing::Body(head, head_req, body, length)
             };
             (out, session)

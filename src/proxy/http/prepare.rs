@@ -147,12 +147,13 @@ pub(super) fn prepare(
 /// A hyper request's head as it goes to an HTTP/1.1 backend, written into `w`
 /// with the edits [`prepare`] makes on its `HeaderMap` (see [`raw::encode_up`]),
 /// without making them: `target` as the request target, the target's authority
-/// (absolute form, HTTP/2's `:authority`) as Host. Returns the request's id.
+/// (absolute form, HTTP/2's `:authority`) as Host, `body` as the framing.
+/// Returns the request's id.
 pub(super) fn encode_h1(
     w: &mut BytesMut,
     parts: &request::Parts,
     target: &[u8],
-    chunked: bool,
+    body: raw::Framing,
     xff: Xff,
     ip: &HeaderValue,
 ) -> HeaderValue {
@@ -172,7 +173,7 @@ pub(super) fn encode_h1(
         host_from_target: from_target.is_some(),
         xff,
         ip,
-        chunked,
+        body,
     };
     let fields = || {
         h.iter().map(|(k, v)| {

@@ -34,6 +34,7 @@ pub(super) enum Kind {
     XForwardedHost,
     RequestId,
     Host,
+    ContentLength,
 }
 
 impl Kind {
@@ -42,6 +43,7 @@ impl Kind {
         match name.len() {
             4 if is("host") => Kind::Host,
             12 if is("x-request-id") => Kind::RequestId,
+            14 if is("content-length") => Kind::ContentLength,
             15 if is("x-forwarded-for") => Kind::XForwardedFor,
             16 if is("x-forwarded-host") => Kind::XForwardedHost,
             17 if is("x-forwarded-proto") => Kind::XForwardedProto,
@@ -154,7 +156,7 @@ impl RawHead {
             host_from_target: false,
             xff,
             ip,
-            chunked: false,
+            body: Framing::None,
         };
         let fields = || {
             self.fields.iter().map(|f| {
@@ -184,8 +186,20 @@ pub(super) struct UpHead<'a> {
     pub xff: Xff,
     /// The client's address, as a header value.
     pub ip: &'a HeaderValue,
-    /// The body goes chunked (it has one and no Content-Length).
-    pub chunked: bool,
+    /// How the body goes, when there is one.
+    pub body: Framing,
+}
+
+/// A request body's framing on its way to an HTTP/1.1 backend, which the head
+/// says in flowgate's words, not the client's (RFC 9112 §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Framing {
+    /// No body: the client's Content-Length (`0`), if any, goes as it came.
+    None,
+    /// `Content-Length: n`, in place of the client's.
+    Length(u64),
+    /// `Transfer-Encoding: chunked`.
+    Chunked,
 }
 
 /// Writes a request head as it goes to an HTTP/1.1 backend into `w`, all but
@@ -194,8 +208,10 @@ pub(super) struct UpHead<'a> {
 /// often as asked for) in
 /// their order less the hop-by-hop ones (`Connection` and those it names,
 /// `Keep-Alive`, `TE` but `trailers`, `Upgrade`, `Proxy-*`, ...; `hop` says which
-/// are present), then X-Forwarded-For/-Proto/-Host per `xff`. Returns the
-/// client's X-Request-Id, if it sent one: with it, the head is complete.
+/// are present), then the body's framing per `up.body` (a client's
+/// `Content-Length` goes as it came only without a body), then
+/// X-Forwarded-For/-Proto/-Host per `xff`. Returns the client's X-Request-Id, if
+/// it sent one: with it, the head is complete.
 ///
 /// The same edits as `headers::strip_hop_by_hop`, `headers::forwarded` and
 /// `headers::request_id` make on a `HeaderMap` (tests hold them to it), for the
@@ -217,12 +233,24 @@ where
     if let (true, Some(a)) = (up.host_from_target, up.authority) {
         put(w, b"host", a);
     }
-    // Whether a `Connection` line names `name`.
+    // The names `Connection` lines list, sorted (ignoring case) and deduplicated:
+    // a field is looked up in them, not in every line again (a head of many
+    // fields and a long `Connection` costs their sum, not their product).
+    let mut listed: Vec<&[u8]> = Vec::new();
+    if hop & headers::CONNECTION != 0 {
+        for (_, v, kind) in fields() {
+            if kind == Kind::Hop(headers::CONNECTION) {
+                listed.extend(v.split(|&c| c == b',').map(<[u8]>::trim_ascii));
+            }
+        }
+        listed.sort_unstable_by(|a, b| cmp_ignore_case(a, b));
+        listed.dedup_by(|a, b| a.eq_ignore_ascii_case(b));
+    }
     let named = |name: &[u8]| {
-        hop & headers::CONNECTION != 0
-            && fields()
-                .filter(|f| f.2 == Kind::Hop(headers::CONNECTION))
-                .any(|(_, v, _)| lists_token(v, name))
+        !listed.is_empty()
+            && listed
+                .binary_search_by(|t| cmp_ignore_case(t, name))
+                .is_ok()
     };
     let mut te_trailers = false;
     let (mut proto, mut fhost) = (false, false);
@@ -242,6 +270,8 @@ where
             }
             (Kind::Hop(_), _) => continue,
             (Kind::Host, _) if up.host_from_target => continue,
+            // A body's framing is flowgate's (below).
+            (Kind::ContentLength, _) if up.body != Framing::None => continue,
             (Kind::XForwardedFor, Xff::Append) => {
                 // Several lines are one list (RFC 9110 §5.3): all of them as
                 // they came, in order, then the client.
@@ -268,8 +298,14 @@ where
     if te_trailers {
         w.extend_from_slice(b"te: trailers\r\n");
     }
-    if up.chunked {
-        w.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    match up.body {
+        Framing::None => {}
+        Framing::Length(n) => put(
+            w,
+            b"content-length",
+            itoa::Buffer::new().format(n).as_bytes(),
+        ),
+        Framing::Chunked => w.extend_from_slice(b"transfer-encoding: chunked\r\n"),
     }
     match up.xff {
         Xff::Off => {}
@@ -301,6 +337,13 @@ pub(super) fn new_id(w: &mut BytesMut) -> HeaderValue {
     put(w, b"x-request-id", v.as_bytes());
     w.extend_from_slice(b"\r\n");
     v
+}
+
+/// Orders names as ASCII lower case.
+fn cmp_ignore_case(a: &[u8], b: &[u8]) -> std::cmp::Ordering {
+    a.iter()
+        .map(u8::to_ascii_lowercase)
+        .cmp(b.iter().map(u8::to_ascii_lowercase))
 }
 
 /// `name: value` CRLF.

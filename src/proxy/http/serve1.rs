@@ -126,7 +126,7 @@ fn parse(buf: &mut BytesMut) -> Head {
                 }
                 hop |= bit;
             }
-            Kind::Plain if name.eq_ignore_ascii_case(b"content-length") => {
+            Kind::ContentLength => {
                 if length || h.value != b"0" {
                     return Head::Other;
                 }

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::proxy::http::prepare;
+use crate::proxy::http::raw::Framing;
 use hyper::header::HeaderValue;
 
 #[test]
@@ -133,7 +134,8 @@ fn raw_edits_match_the_header_map_edits() {
             let (parts, _) = req.into_parts();
             let target = raw.uri.to_string();
             let mut w2 = BytesMut::new();
-            let id2 = prepare::encode_h1(&mut w2, &parts, target.as_bytes(), false, xff, &ip);
+            let id2 =
+                prepare::encode_h1(&mut w2, &parts, target.as_bytes(), Framing::None, xff, &ip);
             for (w, id) in [(&w, &id), (&w2, &id2)] {
                 let (line, got) = encoded(w, id);
                 assert_eq!(line, format!("{} {target} HTTP/1.1", raw.method));
@@ -194,7 +196,14 @@ fn an_authority_in_the_target_becomes_host() {
     );
     let (parts, _) = req.into_parts();
     let mut w = BytesMut::new();
-    let id = prepare::encode_h1(&mut w, &parts, b"/x?q=1", true, Xff::Append, &ip);
+    let id = prepare::encode_h1(
+        &mut w,
+        &parts,
+        b"/x?q=1",
+        Framing::Chunked,
+        Xff::Append,
+        &ip,
+    );
     let (line, got) = encoded(&w, &id);
     assert_eq!(line, "POST /x?q=1 HTTP/1.1");
     let want: Vec<(String, String)> = [
@@ -211,4 +220,44 @@ fn an_authority_in_the_target_becomes_host() {
     .map(|(n, v)| (n.to_string(), v.to_string()))
     .collect();
     assert_eq!(got, want, "{w:?}");
+}
+
+/// A body's framing in the head is flowgate's: the client's Content-Length goes
+/// only without a body (even when `Connection` names it, it cannot leave a body
+/// unframed), `Content-Length: n` or `Transfer-Encoding: chunked` with one.
+#[test]
+fn a_body_is_framed_by_flowgate() {
+    use crate::config::Xff;
+    let ip = HeaderValue::from_static("10.0.0.9");
+    let mut req = hyper::Request::new(());
+    *req.method_mut() = Method::POST;
+    *req.uri_mut() = "/up".parse().unwrap();
+    let h = req.headers_mut();
+    h.insert(header::HOST, HeaderValue::from_static("app"));
+    h.insert(
+        header::CONNECTION,
+        HeaderValue::from_static("content-length"),
+    );
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("34"));
+    let (parts, _) = req.into_parts();
+    let framing = |w: &BytesMut| -> Vec<String> {
+        let text = std::str::from_utf8(w).unwrap();
+        text.split("\r\n")
+            .filter(|l| {
+                let l = l.to_ascii_lowercase();
+                l.starts_with("content-length:") || l.starts_with("transfer-encoding:")
+            })
+            .map(str::to_string)
+            .collect()
+    };
+    for (body, want) in [
+        (Framing::Length(34), vec!["content-length: 34"]),
+        (Framing::Chunked, vec!["transfer-encoding: chunked"]),
+        // No body: the client's line as `Connection` left it (named: gone).
+        (Framing::None, vec![]),
+    ] {
+        let mut w = BytesMut::new();
+        prepare::encode_h1(&mut w, &parts, b"/up", body, Xff::Off, &ip);
+        assert_eq!(framing(&w), want, "{body:?}: {w:?}");
+    }
 }

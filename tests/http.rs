@@ -231,14 +231,19 @@ impl Reply {
 
     /// The values of request header `name` as the backend received it.
     fn sent(&self, name: &str) -> Vec<String> {
-        self.json()["headers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|kv| kv[0].as_str().unwrap().eq_ignore_ascii_case(name))
-            .map(|kv| kv[1].as_str().unwrap().to_string())
-            .collect()
+        sent(&self.json(), name)
     }
+}
+
+/// The values of request header `name` in a backend's JSON answer.
+fn sent(v: &serde_json::Value, name: &str) -> Vec<String> {
+    v["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|kv| kv[0].as_str().unwrap().eq_ignore_ascii_case(name))
+        .map(|kv| kv[1].as_str().unwrap().to_string())
+        .collect()
 }
 
 /// Sends `req` on `s` and reads the whole response.
@@ -607,17 +612,7 @@ async fn a_connection_named_content_length_still_frames_the_body() {
     let json = resp.split("\r\n\r\n").nth(1).unwrap_or_default();
     let v: serde_json::Value = serde_json::from_str(json).expect("the backend's JSON");
     assert_eq!(v["body_len"], smuggled.len(), "{v}");
-    let lengths: Vec<&str> = v["headers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|p| {
-            p[0].as_str()
-                .unwrap()
-                .eq_ignore_ascii_case("content-length")
-        })
-        .map(|p| p[1].as_str().unwrap())
-        .collect();
+    let lengths = sent(&v, "content-length");
     assert_eq!(lengths, ["34"], "{v}");
     tokio::time::sleep(Duration::from_millis(300)).await;
     let seen = py.seen(0).await;
@@ -2181,13 +2176,7 @@ async fn absolute_form_target_routes_by_its_authority_and_sets_host_from_it() {
     let v: serde_json::Value = serde_json::from_str(body).unwrap();
     assert_eq!(v["backend"], py.name(EXACT), "routed by the authority: {v}");
     assert_eq!(v["target"], "/x", "origin-form upstream: {v}");
-    let hosts: Vec<&str> = v["headers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|kv| kv[0].as_str().unwrap().eq_ignore_ascii_case("host"))
-        .map(|kv| kv[1].as_str().unwrap())
-        .collect();
+    let hosts = sent(&v, "host");
     // RFC 9112 §3.2.2: a proxy replaces Host with the target's authority.
     assert_eq!(hosts, ["api.example.com"], "{v}");
     // An empty path with a query goes up as `/?query`.
@@ -2217,13 +2206,7 @@ async fn h2c_authority_routes_and_becomes_host_upstream() {
     let v: serde_json::Value = serde_json::from_str(text.trim()).expect("the backend's JSON");
     assert_eq!(v["backend"], py.name(EXACT), "{v}");
     assert_eq!(v["target"], "/h2/x?q=1", "{v}");
-    let host: Vec<&str> = v["headers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|kv| kv[0].as_str().unwrap().eq_ignore_ascii_case("host"))
-        .map(|kv| kv[1].as_str().unwrap())
-        .collect();
+    let host = sent(&v, "host");
     assert_eq!(host, ["api.example.com:8443"], "{v}");
 }
 
@@ -2341,24 +2324,7 @@ async fn h2c_upload_without_a_length_goes_chunked_to_an_http1_backend() {
     assert_eq!(v["target"], "/up?x=1", "{v}");
     assert_eq!(v["body_len"], SIZE, "{v}");
     assert_eq!(v["sha256"], generated_sha256(SIZE), "{v}");
-    let headers: Vec<(String, String)> = v["headers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| {
-            (
-                p[0].as_str().unwrap().to_ascii_lowercase(),
-                p[1].as_str().unwrap().to_string(),
-            )
-        })
-        .collect();
-    let get = |n: &str| -> Vec<&str> {
-        headers
-            .iter()
-            .filter(|(k, _)| k == n)
-            .map(|(_, v)| v.as_str())
-            .collect()
-    };
+    let get = |n: &str| sent(&v, n);
     let authority = format!("api.example:{}", l.port());
     assert_eq!(get("host"), [authority.as_str()], "{v}");
     assert_eq!(get("transfer-encoding"), ["chunked"], "{v}");

@@ -25,7 +25,7 @@ use super::headers;
 use super::path;
 pub use super::prepare::ClientReq;
 use super::prepare::{
-    content_length, encode_h1, is_websocket, prepare, session_key, upstream_path, wants_close,
+    content_length, is_websocket, prepare, prepare_h1, session_key, upstream_path, wants_close,
     with_query, Prepare,
 };
 use super::raw::Framing;
@@ -185,13 +185,20 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: ClientReq) -> Response<OutBody> {
         }
         req => req,
     };
+    let how = Prepare {
+        version,
+        normalized,
+        websocket,
+        strip_prefix: rc.strip_prefix.then_some(rc.path_prefix.as_str()),
+        stream_idle: rc.stream_idle_timeout,
+        affinity,
+    };
     let (request, session) = match req {
         // The fast path's origin-form request to an HTTP/1.1 backend: its bytes,
         // edited (no `HeaderMap`).
         ClientReq::Raw(raw) => {
-            let strip_prefix = rc.strip_prefix.then_some(rc.path_prefix.as_str());
             let target = (normalized || rc.strip_prefix)
-                .then(|| with_query(upstream_path(&ex.path, strip_prefix), raw.uri.query()));
+                .then(|| with_query(upstream_path(&ex.path, how.strip_prefix), raw.uri.query()));
             let mut w = bytes::BytesMut::new();
             ex.request_id = Some(raw.encode_up(&mut w, target.as_deref(), http.xff, &ctx.peer_ip));
             let session = affinity
@@ -206,87 +213,15 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: ClientReq) -> Response<OutBody> {
         // Any other request to an HTTP/1.1 backend: its head is written from
         // its `HeaderMap` with the same edits (no edited copy of the map).
         ClientReq::Full(r) if version == upstream::Version::Http1 => {
-            let (parts, body) = r.into_parts();
-            let strip_prefix = rc.strip_prefix.then_some(rc.path_prefix.as_str());
-            // Origin form: the target's path and query, as they came unless
-            // normalizing or the route changed the path (an HTTP/2 request's
-            // authority, or an absolute-form one's, goes as Host).
-            // (An empty path with a query, `http://a?q` or an h2 `:path` of
-            // `?q`, is rebuilt: `/?q`.)
-            let rebuilt;
-            let target = match parts.uri.path_and_query().map(|p| p.as_str()) {
-                Some(t) if !normalized && !rc.strip_prefix && t.starts_with('/') => t,
-                _ => {
-                    rebuilt = with_query(upstream_path(&ex.path, strip_prefix), parts.uri.query());
-                    &rebuilt
-                }
+            let up = prepare_h1(&mut ex, r, &how, &http, &ctx);
+            let out = match up.body {
+                None => Outgoing::Raw(up.head, up.head_req, up.idempotent),
+                Some((body, framing)) => Outgoing::Body(up.head, up.head_req, body, framing),
             };
-            let bodiless = body.is_end_stream();
-            // The body's framing is flowgate's: its length when hyper knows it
-            // (a Content-Length it checked), else chunked; the client's
-            // Content-Length and Transfer-Encoding lines do not go up with a
-            // body, so what the head says is what is sent.
-            let framing = match body.size_hint().exact() {
-                _ if bodiless => Framing::None,
-                Some(n) => Framing::Length(n),
-                None => Framing::Chunked,
-            };
-            let mut w = bytes::BytesMut::new();
-            ex.request_id = Some(encode_h1(
-                &mut w,
-                &parts,
-                target.as_bytes(),
-                framing,
-                http.xff,
-                &ctx.peer_ip,
-            ));
-            let h = &parts.headers;
-            // (`host`: the authority the request was routed by, an HTTP/2
-            // client's `:authority` too.)
-            let host = parts.uri.authority().map(|a| a.as_str().as_bytes());
-            let session = affinity.and_then(|key| {
-                session_key(
-                    key,
-                    |n| match host {
-                        Some(a) if n.eq_ignore_ascii_case("host") => Some(a),
-                        _ => h.get(n).map(|v| v.as_bytes()),
-                    },
-                    h.get_all(header::COOKIE).iter().map(|v| v.as_bytes()),
-                )
-            });
-            let head = w.freeze();
-            let head_req = parts.method == Method::HEAD;
-            let out = if bodiless {
-                ex.up.finish();
-                Outgoing::Raw(head, head_req, parts.method.is_idempotent())
-            } else {
-                let body = UpBody::new(
-                    body,
-                    rc.stream_idle_timeout,
-                    http.max_body_bytes,
-                    ex.up.clone(),
-                );
-                let length = match framing {
-                    Framing::Length(n) => Some(n),
-                    _ => None,
-                };
-                Outgoing::Body(head, head_req, body, length)
-            };
-            (out, session)
+            (out, up.session)
         }
         ClientReq::Full(r) => {
-            let prepared = {
-                let how = Prepare {
-                    version,
-                    normalized,
-                    websocket,
-                    strip_prefix: rc.strip_prefix.then_some(rc.path_prefix.as_str()),
-                    stream_idle: rc.stream_idle_timeout,
-                    affinity,
-                };
-                prepare(&mut ex, r, &how, &http, &ctx)
-            };
-            let Some((r, session)) = prepared else {
+            let Some((r, session)) = prepare(&mut ex, r, &how, &http, &ctx) else {
                 return ex.reply(
                     StatusCode::BAD_REQUEST,
                     "bad_path",
@@ -580,9 +515,8 @@ enum Outgoing {
     /// idempotent method).
     Raw(bytes::Bytes, bool, bool),
     /// A request with a body, to an HTTP/1.1 backend: its head, whether it is
-    /// HEAD, the body, and its length if the head gives one (else it goes
-    /// chunked).
-    Body(bytes::Bytes, bool, UpBody, Option<u64>),
+    /// HEAD, the body, and how the head frames it.
+    Body(bytes::Bytes, bool, UpBody, Framing),
 }
 
 /// How sending a request went.
@@ -621,8 +555,8 @@ async fn send(
                 // (Never: every request to an HTTP/1.1 backend is encoded.)
                 Outgoing::Req(_) => return (Sent::Closed(None), None),
                 Outgoing::Raw(head, head_req, _) => h.conn.start_raw(head, head_req, raw_fields),
-                Outgoing::Body(head, head_req, body, length) => {
-                    h.conn.start_body(head, head_req, body, length)
+                Outgoing::Body(head, head_req, body, framing) => {
+                    h.conn.start_body(head, head_req, body, framing)
                 }
             }
             let exchange = std::future::poll_fn(|cx| h.conn.poll_head(cx));

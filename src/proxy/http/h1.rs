@@ -27,6 +27,7 @@ use hyper::body::Body;
 use hyper::header::HeaderMap;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::raw::Framing;
 use super::request_body::{BoxError, UpBody};
 
 mod read;
@@ -212,15 +213,25 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
         self.read_size = READ_SIZE;
     }
 
-    /// Queues a request with a body: its head (as the handler encoded it,
-    /// `Transfer-Encoding: chunked` in it when `length` is `None`), then the
-    /// body, as it comes.
-    pub fn start_body(&mut self, head: Bytes, head_req: bool, body: UpBody, length: Option<u64>) {
+    /// Queues a request with a body: its head (as the handler encoded it, with
+    /// `framing` in it), then the body, as it comes.
+    pub(super) fn start_body(
+        &mut self,
+        head: Bytes,
+        head_req: bool,
+        body: UpBody,
+        framing: Framing,
+    ) {
         self.head_req = head_req;
         self.raw_fields = false;
         self.got = false;
         self.down = Down::Done;
-        self.body = Some((body, length.map_or(Up::Chunked, Up::Length)));
+        let up = match framing {
+            Framing::Length(n) => Up::Length(n),
+            // (`None`: a body the head does not frame is never started.)
+            Framing::Chunked | Framing::None => Up::Chunked,
+        };
+        self.body = Some((body, up));
         self.resend = None;
         self.out.push_back(head);
     }

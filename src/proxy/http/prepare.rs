@@ -8,7 +8,8 @@
 
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
+use hyper::body::Body as _;
 use hyper::header::{self, HeaderValue};
 use hyper::http::request;
 use hyper::{Request, Uri, Version};
@@ -142,6 +143,90 @@ pub(super) fn prepare(
     });
     let body = UpBody::new(body, how.stream_idle, http.max_body_bytes, ex.up.clone());
     Some((Request::from_parts(parts, body), session))
+}
+
+/// A hyper request made ready for an HTTP/1.1 backend ([`prepare_h1`]).
+pub(super) struct H1Up {
+    /// Its head, as written.
+    pub head: Bytes,
+    pub head_req: bool,
+    /// It may go again on a fresh connection (an idempotent method, no body).
+    pub idempotent: bool,
+    /// Its body and how the head frames it; `None`: bodiless (sent in full).
+    pub body: Option<(UpBody, raw::Framing)>,
+    pub session: Option<u64>,
+}
+
+/// A hyper request (an h2c client's, one with a body, an absolute-form target)
+/// as it goes to an HTTP/1.1 backend: its head written with [`encode_h1`], its
+/// body's framing flowgate's (the length hyper checked, else chunked: the
+/// client's Content-Length and Transfer-Encoding lines do not go up with a
+/// body, so what the head says is what is sent), and its session key.
+pub(super) fn prepare_h1(
+    ex: &mut Exchange,
+    req: Request<ReqBody>,
+    how: &Prepare<'_>,
+    http: &HttpSettings,
+    ctx: &ConnCtx,
+) -> H1Up {
+    let (parts, body) = req.into_parts();
+    // Origin form: the target's path and query as they came, unless normalizing
+    // or the route changed the path (an authority in the target goes as Host);
+    // an empty path with a query (`http://a?q`, an h2 `:path` of `?q`) is
+    // rebuilt: `/?q`.
+    let rebuilt;
+    let target = match parts.uri.path_and_query().map(|p| p.as_str()) {
+        Some(t) if !how.normalized && how.strip_prefix.is_none() && t.starts_with('/') => t,
+        _ => {
+            rebuilt = with_query(upstream_path(&ex.path, how.strip_prefix), parts.uri.query());
+            &rebuilt
+        }
+    };
+    let bodiless = body.is_end_stream();
+    let framing = match body.size_hint().exact() {
+        _ if bodiless => raw::Framing::None,
+        Some(n) => raw::Framing::Length(n),
+        None => raw::Framing::Chunked,
+    };
+    let mut w = BytesMut::new();
+    let id = encode_h1(
+        &mut w,
+        &parts,
+        target.as_bytes(),
+        framing,
+        http.xff,
+        &ctx.peer_ip,
+    );
+    ex.request_id = Some(id);
+    let h = &parts.headers;
+    // (`host`: the authority the request was routed by, an HTTP/2 client's
+    // `:authority` too.)
+    let host = parts.uri.authority().map(|a| a.as_str().as_bytes());
+    let session = how.affinity.and_then(|key| {
+        session_key(
+            key,
+            |n| match host {
+                Some(a) if n.eq_ignore_ascii_case("host") => Some(a),
+                _ => h.get(n).map(|v| v.as_bytes()),
+            },
+            h.get_all(header::COOKIE).iter().map(|v| v.as_bytes()),
+        )
+    });
+    let body = if bodiless {
+        // All of it goes with the head (first_byte_timeout runs from here).
+        ex.up.finish();
+        None
+    } else {
+        let body = UpBody::new(body, how.stream_idle, http.max_body_bytes, ex.up.clone());
+        Some((body, framing))
+    };
+    H1Up {
+        head: w.freeze(),
+        head_req: parts.method == hyper::Method::HEAD,
+        idempotent: bodiless && parts.method.is_idempotent(),
+        body,
+        session,
+    }
 }
 
 /// A hyper request's head as it goes to an HTTP/1.1 backend, written into `w`

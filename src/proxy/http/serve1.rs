@@ -447,7 +447,6 @@ async fn respond(
                         chunk_line(&mut size, d.len())
                     };
                     let crlf: &[u8] = if d.is_empty() { b"" } else { b"\r\n" };
-                    framing = Framing::None;
                     write_all(io, &mut [&hd, &size[..n], &d, crlf, b"0\r\n\r\n"]).await
                 } else {
                     ready = next;

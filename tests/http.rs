@@ -2444,6 +2444,75 @@ async fn sequential_requests_reuse_one_upstream_connection() {
     assert_eq!(py.open_conns(0).await, 1);
 }
 
+/// An h2c client that resets a stream (RST_STREAM, as a gRPC or browser client
+/// does when it cancels) ends that request, mid-response or before its head,
+/// while its connection stays open and goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2c_stream_reset_by_its_client_ends_its_request() {
+    let py = Py::start(1).await;
+    let fg = start(&one_pool(&py, "", "upstream_protocol = \"http1\"", true));
+    let (l, admin) = (fg.local_addr("l").unwrap(), fg.admin_addr().unwrap());
+    let tcp = TcpStream::connect(l).await.unwrap();
+    let (mut h2, conn) = h2::client::handshake(tcp).await.unwrap();
+    let driver = tokio::spawn(conn);
+    let get = |target: &str| {
+        Request::get(format!("http://{l}{target}"))
+            .body(())
+            .unwrap()
+    };
+    // One stream mid-response (an event read), one waiting for its head.
+    let (resp, mut sse) = h2
+        .send_request(get("/sse?do=sse&n=100&ms=100"), true)
+        .unwrap();
+    let resp = tokio::time::timeout(LIVENESS, resp).await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut events = resp.into_body();
+    let first = tokio::time::timeout(LIVENESS, events.data()).await.unwrap();
+    assert!(first.is_some_and(|d| d.is_ok()), "the first event arrives");
+    let (_slow_resp, mut slow) = h2
+        .send_request(get("/slow?do=sleep&ms=30000"), true)
+        .unwrap();
+    let pools = || async {
+        backends_of(&get_pools(admin).await, "p")[0]["active_connections"]
+            .as_u64()
+            .unwrap()
+    };
+    let mut active = 0;
+    for _ in 0..300 {
+        active = pools().await;
+        if active == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(active, 2, "both requests in flight");
+    sse.send_reset(h2::Reason::CANCEL);
+    slow.send_reset(h2::Reason::CANCEL);
+    for _ in 0..300 {
+        active = pools().await;
+        if active == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        active, 0,
+        "requests in flight once their streams were reset"
+    );
+    // The event stream's backend connection is closed, not pooled mid-body (the
+    // sleeping one only notices when it writes).
+    assert_eq!(py.conns_until(0, |n| n <= 1).await, 1);
+    // The connection itself serves on, on a fresh upstream connection.
+    let (resp, _) = h2.send_request(get("/after"), true).unwrap();
+    let resp = tokio::time::timeout(LIVENESS, resp).await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = tokio::time::timeout(LIVENESS, resp.into_body().data())
+        .await
+        .unwrap();
+    assert!(body.is_some_and(|d| d.is_ok()));
+    assert!(!driver.is_finished(), "the h2c connection is still open");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_in_flight_return_to_zero_when_clients_give_up() {
     let py = Py::start(2).await;

@@ -247,6 +247,32 @@ pub fn host(authority: Option<&str>, host: Option<&str>) -> Option<String> {
     (!name.is_empty()).then(|| name.to_ascii_lowercase())
 }
 
+/// Calls `f` with the `Date` value (RFC 9110 §6.6.1), formatted once a second
+/// per thread.
+pub(super) fn with_date<R>(f: impl FnOnce(&[u8]) -> R) -> R {
+    use std::cell::RefCell;
+    use std::time::SystemTime;
+    thread_local! {
+        static CACHED: RefCell<(u64, [u8; 29])> = const { RefCell::new((0, [0; 29])) };
+    }
+    let now = SystemTime::now();
+    let secs = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    CACHED.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.0 != secs {
+            let s = httpdate::fmt_http_date(now);
+            if s.len() != 29 {
+                return f(s.as_bytes());
+            }
+            c.1.copy_from_slice(s.as_bytes());
+            c.0 = secs;
+        }
+        f(&c.1)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

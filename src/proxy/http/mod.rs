@@ -5,9 +5,12 @@
 //! - `routes`, `path`: the route table and path normalization (pure).
 //! - `conn`: one client connection (HTTP/1.1 or h2c, told apart by the first
 //!   bytes; an idle HTTP/1.1 one parked as a bare socket), its head and idle
-//!   deadlines, GOAWAY / `Connection: close` when the listener stops.
+//!   deadlines, GOAWAY / `Connection: close` when the listener stops;
+//!   `client_io`: its socket, with the head and idle deadlines.
 //! - `serve1`: the HTTP/1.1 fast path: bodiless requests read and answered
 //!   without hyper; anything else goes to hyper's http1 server.
+//! - `serve2`: h2c clients, on the `h2` crate directly: a connection's streams
+//!   run in its own task.
 //! - `forward`: one request: route, pick, connect with retries, send, stream the
 //!   response back, account for it (metrics, access log).
 //! - `prepare`: the request as it goes upstream (target, headers, session key).
@@ -25,6 +28,7 @@
 //! TCP listener whose settings carry [`HttpSettings`].
 
 mod body;
+mod client_io;
 mod conn;
 mod exchange;
 mod forward;
@@ -37,6 +41,7 @@ mod request_body;
 pub mod routes;
 mod scan;
 mod serve1;
+mod serve2;
 mod state;
 mod tunnel;
 mod upstream;

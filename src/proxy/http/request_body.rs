@@ -73,9 +73,10 @@ pub enum BodyError {
     Idle(Duration),
     #[error("request body over max_body_bytes ({0})")]
     TooLarge(u64),
-    /// The client's body was malformed (a bad chunk) or cut short.
+    /// The client's body was malformed (a bad chunk) or cut short (or, h2c,
+    /// reset).
     #[error("client body: {0}")]
-    Client(hyper::Error),
+    Client(BoxError),
 }
 
 /// An idle deadline pushed back by every frame. The timer itself is made (and
@@ -120,24 +121,74 @@ impl IdleTimer {
     }
 }
 
-/// A client's request body as it came: hyper's, or none (a bodiless request
-/// read by the HTTP/1.1 fast path, [`super::serve1`]).
+/// A client's request body as it came: hyper's (HTTP/1.1), the `h2` crate's
+/// (h2c, [`super::serve2`]), or none (a bodiless request read by the HTTP/1.1
+/// fast path, [`super::serve1`]).
 #[derive(Debug)]
 pub enum ReqBody {
     Hyper(Incoming),
+    H2(H2Body),
     Empty,
+}
+
+/// An h2c request's body: its DATA frames (each one's flow-control window given
+/// back as it is taken), then its trailers.
+#[derive(Debug)]
+pub struct H2Body {
+    recv: h2::RecvStream,
+    data_done: bool,
+    /// What the request's Content-Length says is left (h2 holds the stream to
+    /// it).
+    remaining: Option<u64>,
+}
+
+impl H2Body {
+    pub fn new(recv: h2::RecvStream, content_length: Option<u64>) -> H2Body {
+        H2Body {
+            recv,
+            data_done: false,
+            remaining: content_length,
+        }
+    }
+
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        // RFC 9113 §8.1: a reset with NO_ERROR after the response ends the body
+        // early without failing it.
+        let early_end = |e: h2::Error| match e.reason() {
+            Some(h2::Reason::NO_ERROR) => None,
+            _ => Some(Err(e.into())),
+        };
+        if !self.data_done {
+            match std::task::ready!(self.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    if let Some(r) = self.remaining.as_mut() {
+                        *r = r.saturating_sub(data.len() as u64);
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(e)) => return Poll::Ready(early_end(e)),
+                None => self.data_done = true,
+            }
+        }
+        match std::task::ready!(self.recv.poll_trailers(cx)) {
+            Ok(t) => Poll::Ready(t.map(|t| Ok(Frame::trailers(t)))),
+            Err(e) => Poll::Ready(early_end(e)),
+        }
+    }
 }
 
 impl Body for ReqBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
-            ReqBody::Hyper(b) => Pin::new(b).poll_frame(cx),
+            ReqBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            ReqBody::H2(b) => b.poll_frame(cx),
             ReqBody::Empty => Poll::Ready(None),
         }
     }
@@ -145,6 +196,7 @@ impl Body for ReqBody {
     fn is_end_stream(&self) -> bool {
         match self {
             ReqBody::Hyper(b) => b.is_end_stream(),
+            ReqBody::H2(b) => b.recv.is_end_stream(),
             ReqBody::Empty => true,
         }
     }
@@ -152,6 +204,9 @@ impl Body for ReqBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             ReqBody::Hyper(b) => b.size_hint(),
+            ReqBody::H2(b) => b
+                .remaining
+                .map_or_else(SizeHint::default, SizeHint::with_exact),
             ReqBody::Empty => SizeHint::with_exact(0),
         }
     }
@@ -160,7 +215,7 @@ impl Body for ReqBody {
 /// A client's request body on its way upstream.
 #[derive(Debug)]
 pub struct UpBody {
-    inner: Option<Incoming>,
+    inner: Option<ReqBody>,
     idle: Option<IdleTimer>,
     limit: Option<u64>,
     /// Progress, shared with the exchange (first_byte_timeout starts at its end).
@@ -169,13 +224,10 @@ pub struct UpBody {
 
 impl UpBody {
     pub fn new(inner: ReqBody, idle: Duration, limit: Option<u64>, upload: Arc<Upload>) -> UpBody {
-        let inner = match inner {
-            ReqBody::Hyper(b) => b,
-            ReqBody::Empty => {
-                upload.finish();
-                return UpBody::new_empty(upload);
-            }
-        };
+        if let ReqBody::Empty = inner {
+            upload.finish();
+            return UpBody::new_empty(upload);
+        }
         let empty = inner.is_end_stream();
         if empty {
             upload.finish();

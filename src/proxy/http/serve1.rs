@@ -567,31 +567,9 @@ async fn write_all(io: &mut impl Client, parts: &mut [&[u8]]) -> io::Result<()> 
     }
 }
 
-/// The `Date` value (RFC 9110 §6.6.1), formatted once a second per thread.
+/// The `Date` value, written.
 fn date(w: &mut BytesMut) {
-    use std::cell::RefCell;
-    use std::time::SystemTime;
-    thread_local! {
-        static CACHED: RefCell<(u64, [u8; 29])> = const { RefCell::new((0, [0; 29])) };
-    }
-    let now = SystemTime::now();
-    let secs = now
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    CACHED.with(|c| {
-        let mut c = c.borrow_mut();
-        if c.0 != secs {
-            let s = httpdate::fmt_http_date(now);
-            if s.len() == 29 {
-                c.1.copy_from_slice(s.as_bytes());
-                c.0 = secs;
-            } else {
-                w.extend_from_slice(s.as_bytes());
-                return;
-            }
-        }
-        w.extend_from_slice(&c.1);
-    });
+    super::headers::with_date(|d| w.extend_from_slice(d));
 }
 
 #[cfg(test)]

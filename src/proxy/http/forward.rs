@@ -38,7 +38,7 @@ use crate::pool::NoSlot;
 use crate::proxy::passive_failure;
 
 /// Answers one request (never fails: errors are replies).
-pub async fn handle(ctx: Arc<ConnCtx>, req: ClientReq) -> Response<OutBody> {
+pub async fn handle(ctx: Arc<ConnCtx>, mut req: ClientReq) -> Response<OutBody> {
     ctx.state.begin();
     if wants_close(&req) {
         ctx.state.close_after.store(true, Ordering::Relaxed);
@@ -166,7 +166,9 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: ClientReq) -> Response<OutBody> {
     // The fast path's request: the response's fields come back as bytes too, for
     // serve1 to write as they are.
     let raw_fields = matches!(req, ClientReq::Raw(_));
-    let req = match req {
+    // (Assigned, not bound anew: a second binding would be a second place for a
+    // request in this function's future, which is moved as it is set up.)
+    req = match req {
         ClientReq::Raw(raw)
             if version != upstream::Version::Http1 || raw.uri.authority().is_some() =>
         {
@@ -229,7 +231,7 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: ClientReq) -> Response<OutBody> {
                     true,
                 );
             };
-            (Outgoing::Req(r), session)
+            (Outgoing::Req(Box::new(r)), session)
         }
     };
     let upload = ex.up.clone();
@@ -509,7 +511,10 @@ fn classify(e: &UpError) -> (StatusCode, &'static str, &'static str) {
 /// connection after a pooled one closed under it, the bytes it went as.
 #[allow(clippy::large_enum_variant)] // on one function's stack; `Raw` is rare
 enum Outgoing {
-    Req(Request<UpBody>),
+    /// Through hyper's client (an h2c backend, a WebSocket handshake). Boxed,
+    /// as in [`Sent::Refused`]: a `Request` is twice the size of the other
+    /// variants, and every request's future has room for a few of these.
+    Req(Box<Request<UpBody>>),
     /// A bodiless request's head, whether it is HEAD, and whether it may go
     /// again on a fresh connection if a pooled one closes under it (an
     /// idempotent method).
@@ -523,7 +528,7 @@ enum Outgoing {
 enum Sent {
     Response(Response<Upstream>),
     /// The connection refused it before any of it was written: it can go elsewhere.
-    Refused(Request<UpBody>),
+    Refused(Box<Request<UpBody>>),
     /// It may have reached the backend.
     Failed(UpError),
     /// The HTTP/1.1 connection closed before any byte of the response (with the
@@ -616,13 +621,13 @@ async fn send_hyper(
     }
     let exchange = async move {
         let r = match &mut s {
-            Hyper::H1(s) => s.try_send_request(req).await,
-            Hyper::H2(s) => s.try_send_request(req).await,
+            Hyper::H1(s) => s.try_send_request(*req).await,
+            Hyper::H2(s) => s.try_send_request(*req).await,
         };
         match r {
             Ok(r) => Sent::Response(r.map(Some)),
             Err(mut e) => match e.take_message() {
-                Some(back) => Sent::Refused(back),
+                Some(back) => Sent::Refused(Box::new(back)),
                 None => Sent::Failed(UpError::Hyper(e.into_error())),
             },
         }

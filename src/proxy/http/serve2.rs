@@ -98,30 +98,81 @@ pub(super) async fn serve(
     .await
 }
 
-/// One stream: the request handled, its response sent, the body piped. Dropped
-/// (and the request with it) if the client resets the stream.
-async fn stream(ctx: Arc<ConnCtx>, req: Request<h2::RecvStream>, mut reply: SendResponse<Bytes>) {
-    let (parts, recv) = req.into_parts();
-    let length = content_length(&parts.headers);
-    let req = Request::from_parts(parts, ReqBody::H2(H2Body::new(recv, length)));
-    let resp = {
-        let mut handled = pin!(forward::handle(ctx, forward::ClientReq::Full(req)));
-        std::future::poll_fn(|cx| {
-            if let Poll::Ready(r) = handled.as_mut().poll(cx) {
-                return Poll::Ready(Some(r));
-            }
-            // A client's RST_STREAM cancels the request.
-            match reply.poll_reset(cx) {
-                Poll::Ready(_) => Poll::Ready(None),
-                Poll::Pending => Poll::Pending,
-            }
-        })
-        .await
-    };
-    let Some(resp) = resp else {
-        debug!("h2c stream reset by the client");
-        return;
-    };
+/// One stream: the request handled, its response sent, the body piped. Ends
+/// (and drops the request) if the client resets the stream.
+fn stream(
+    ctx: Arc<ConnCtx>,
+    req: Request<h2::RecvStream>,
+    reply: SendResponse<Bytes>,
+) -> Stream<impl Future<Output = Response<OutBody>>> {
+    let length = content_length(req.headers());
+    let req = req.map(|recv| ReqBody::H2(H2Body::new(recv, length)));
+    Stream {
+        reply,
+        state: State::Handling {
+            handled: forward::handle(ctx, forward::ClientReq::Full(req)),
+        },
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A stream's future, written out rather than an `async fn`: it holds the
+    /// handler's future once (an `async fn` keeps its arguments and their moved
+    /// copies beside it), and it is moved three times on its way into the
+    /// connection's set of streams.
+    struct Stream<F> {
+        reply: SendResponse<Bytes>,
+        #[pin]
+        state: State<F>,
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = StateProj]
+    enum State<F> {
+        Handling { #[pin] handled: F },
+        Piping { pipe: Pipe },
+    }
+}
+
+impl<F: Future<Output = Response<OutBody>>> Future for Stream<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut me = self.project();
+        loop {
+            let next = match me.state.as_mut().project() {
+                StateProj::Piping { pipe } => {
+                    return pipe.poll(cx).map(|r| {
+                        if let Err(e) = r {
+                            debug!(error = %e, "h2c response body ended early");
+                        }
+                    })
+                }
+                StateProj::Handling { handled } => {
+                    let Poll::Ready(resp) = handled.poll(cx) else {
+                        // A client's RST_STREAM cancels the request.
+                        return match me.reply.poll_reset(cx) {
+                            Poll::Ready(_) => {
+                                debug!("h2c stream reset by the client");
+                                Poll::Ready(())
+                            }
+                            Poll::Pending => Poll::Pending,
+                        };
+                    };
+                    match respond(me.reply, resp) {
+                        Some(pipe) => State::Piping { pipe },
+                        None => return Poll::Ready(()),
+                    }
+                }
+            };
+            me.state.set(next);
+        }
+    }
+}
+
+/// Sends a response's head; the body to pipe, if it has one.
+fn respond(reply: &mut SendResponse<Bytes>, resp: Response<OutBody>) -> Option<Pipe> {
     let (mut parts, body) = resp.into_parts();
     if !parts.headers.contains_key(header::DATE) {
         let date = super::headers::with_date(HeaderValue::from_bytes);
@@ -137,22 +188,16 @@ async fn stream(ctx: Arc<ConnCtx>, req: Request<h2::RecvStream>, mut reply: Send
                 .insert(header::CONTENT_LENGTH, HeaderValue::from(n));
         }
     }
-    let send = match reply.send_response(Response::from_parts(parts, ()), end) {
-        Ok(s) => s,
-        Err(e) => {
-            debug!(error = %e, "h2c response not sent");
-            reply.send_reset(Reason::INTERNAL_ERROR);
-            return;
-        }
-    };
-    if !end {
-        let mut pipe = Pipe {
+    match reply.send_response(Response::from_parts(parts, ()), end) {
+        Ok(send) => (!end).then_some(Pipe {
             send,
             body,
             held: None,
-        };
-        if let Err(e) = std::future::poll_fn(|cx| pipe.poll(cx)).await {
-            debug!(error = %e, "h2c response body ended early");
+        }),
+        Err(e) => {
+            debug!(error = %e, "h2c response not sent");
+            reply.send_reset(Reason::INTERNAL_ERROR);
+            None
         }
     }
 }

@@ -2444,6 +2444,52 @@ async fn sequential_requests_reuse_one_upstream_connection() {
     assert_eq!(py.open_conns(0).await, 1);
 }
 
+/// CONNECT asks for a tunnel, which a balancer does not give (nginx answers 405
+/// too): 405, from HTTP/1.1 and h2c clients alike, and nothing goes upstream as a
+/// body. A backend that answers 101 to a request that asked for no upgrade gets
+/// the client a 502 (HTTP/2 has no 101 to relay), not a reset stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_gets_405_and_an_unasked_101_gets_502() {
+    let py = Py::start(1).await;
+    let fg = start(&one_pool(&py, "", "upstream_protocol = \"http1\"", false));
+    let l = fg.local_addr("l").unwrap();
+    let (resp, closed) = raw(
+        l,
+        b"CONNECT example.com:443 HTTP/1.1\r\nhost: example.com:443\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status_of(&resp), 405, "{resp}");
+    assert!(closed, "the connection closes after a refused CONNECT");
+    assert_eq!(get(l, "/x?do=status&code=101", &[]).await.status, 502);
+
+    let tcp = TcpStream::connect(l).await.unwrap();
+    let (mut h2, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let connect = Request::builder()
+        .method("CONNECT")
+        .uri("example.com:443")
+        .body(())
+        .unwrap();
+    let (resp, _body) = h2.send_request(connect, false).unwrap();
+    let resp = tokio::time::timeout(LIVENESS, resp).await.unwrap().unwrap();
+    assert_eq!(resp.status(), 405);
+    let get101 = Request::get(format!("http://{l}/x?do=status&code=101"))
+        .body(())
+        .unwrap();
+    let (resp, _) = h2.send_request(get101, true).unwrap();
+    let resp = tokio::time::timeout(LIVENESS, resp).await.unwrap();
+    assert_eq!(resp.expect("a response, not a reset").status(), 502);
+    // The connection serves on.
+    let (resp, _) = h2
+        .send_request(
+            Request::get(format!("http://{l}/ok")).body(()).unwrap(),
+            true,
+        )
+        .unwrap();
+    let resp = tokio::time::timeout(LIVENESS, resp).await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+}
+
 /// An h2c client that resets a stream (RST_STREAM, as a gRPC or browser client
 /// does when it cancels) ends that request, mid-response or before its head,
 /// while its connection stays open and goes on serving.

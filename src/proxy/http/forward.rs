@@ -76,8 +76,19 @@ pub async fn handle(ctx: Arc<ConnCtx>, mut req: ClientReq) -> Response<OutBody> 
             true,
         );
     }
-    // (The fast path takes no request with a Transfer-Encoding.)
+    // (The fast path takes no request with a Transfer-Encoding, nor CONNECT.)
     if let ClientReq::Full(r) = &req {
+        if r.method() == Method::CONNECT {
+            // A tunnel to an address the client names: what a forward proxy does,
+            // not a balancer (nginx answers 405 too). Its data would otherwise go
+            // upstream as a body.
+            return ex.reply(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "bad_request",
+                "CONNECT is not supported\n",
+                true,
+            );
+        }
         let codings = r
             .headers()
             .get_all(header::TRANSFER_ENCODING)
@@ -396,6 +407,16 @@ pub async fn handle(ctx: Arc<ConnCtx>, mut req: ClientReq) -> Response<OutBody> 
     ex.status = resp.status().as_u16();
     ex.backend_ok();
 
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS && !websocket {
+        // No upgrade was asked for upstream (only WebSocket's `Upgrade` goes
+        // up): a 101 could not be relayed (HTTP/2 has none) or followed.
+        return ex.reply(
+            StatusCode::BAD_GATEWAY,
+            "backend_error",
+            "invalid or no response from the backend\n",
+            true,
+        );
+    }
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         // hyper hands the upgraded socket over from the connection's driver task.
         if websocket {

@@ -15,19 +15,21 @@
 //! the listener stops.
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::{pin, Pin};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::FutureExt;
 use h2::server::SendResponse;
 use h2::{Reason, SendStream};
 use hyper::body::Body;
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response};
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{debug, error};
 
 use super::body::OutBody;
 use super::client_io::ClientIo;
@@ -83,10 +85,19 @@ pub(super) async fn serve(
         loop {
             // The streams first: what they send goes out as the connection is
             // polled next.
-            while let Poll::Ready(Some(())) = streams.poll_next_unpin(cx) {}
+            while let Poll::Ready(Some(r)) = streams.poll_next_unpin(cx) {
+                let r: Result<(), _> = r;
+                if r.is_err() {
+                    // (The panic hook has said where.) Its stream is reset as
+                    // its future is dropped; the connection's others go on, as
+                    // when each stream was a task of its own.
+                    error!("an h2c stream's request panicked");
+                }
+            }
             match conn.poll_accept(cx) {
                 Poll::Ready(Some(Ok((req, reply)))) => {
-                    streams.push(stream(ctx.clone(), req, reply))
+                    let s = stream(ctx.clone(), req, reply);
+                    streams.push(AssertUnwindSafe(s).catch_unwind())
                 }
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
                 // Closed (after GOAWAY, once the streams ended).
@@ -210,6 +221,20 @@ fn content_length(h: &hyper::HeaderMap) -> Option<u64> {
         .then_some(first)
 }
 
+/// The reason a failed response body resets the client's stream with: an h2c
+/// backend's own reset reason (a cancelled gRPC call stays CANCEL), else
+/// INTERNAL_ERROR.
+fn reset_reason(e: &(dyn std::error::Error + 'static)) -> Reason {
+    let mut src = Some(e);
+    while let Some(s) = src {
+        if let Some(r) = s.downcast_ref::<h2::Error>().and_then(h2::Error::reason) {
+            return r;
+        }
+        src = s.source();
+    }
+    Reason::INTERNAL_ERROR
+}
+
 /// A response body on its way into a stream, frame by frame, as the stream's
 /// send capacity allows.
 struct Pipe {
@@ -248,7 +273,7 @@ impl Pipe {
                 Poll::Ready(None) => return Poll::Ready(self.send.send_data(Bytes::new(), true)),
                 Poll::Ready(Some(Err(e))) => {
                     debug!(error = %e, "response body failed: h2c stream reset");
-                    self.send.send_reset(Reason::INTERNAL_ERROR);
+                    self.send.send_reset(reset_reason(&*e));
                     return Poll::Ready(Ok(()));
                 }
                 Poll::Ready(Some(Ok(f))) => f,

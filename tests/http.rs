@@ -2444,6 +2444,102 @@ async fn sequential_requests_reuse_one_upstream_connection() {
     assert_eq!(py.open_conns(0).await, 1);
 }
 
+/// An h2c connection to `l` with the `h2` crate's client (its default windows),
+/// and the task that drives it.
+async fn h2c_connect(
+    l: SocketAddr,
+) -> (
+    h2::client::SendRequest<Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
+    let tcp = TcpStream::connect(l).await.unwrap();
+    let (h2, conn) = h2::client::handshake(tcp).await.unwrap();
+    (h2, tokio::spawn(conn))
+}
+
+/// A GET of `target` on `l`, for an h2c client.
+fn h2c_get(l: SocketAddr, target: &str) -> Request<()> {
+    Request::get(format!("http://{l}{target}"))
+        .body(())
+        .unwrap()
+}
+
+/// Waits until pool "p"'s first backend has `want` requests in flight; returns
+/// the last count.
+async fn in_flight_until(admin: SocketAddr, want: u64) -> u64 {
+    let mut n = u64::MAX;
+    for _ in 0..300 {
+        n = backends_of(&get_pools(admin).await, "p")[0]["active_connections"]
+            .as_u64()
+            .unwrap();
+        if n == want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    n
+}
+
+/// An h2c client that stops taking a response (no WINDOW_UPDATE: a slow-read
+/// client) holds the backend's response only for `stream_idle_timeout`: then its
+/// stream is reset and the request ends, while its connection serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2c_client_that_stops_reading_is_cut_after_stream_idle_timeout() {
+    let py = Py::start(1).await;
+    let cfg = head(true)
+        + &listener("l", "")
+        + &route(None, "/", "p", "stream_idle_timeout = \"1s\"")
+        + &pool("p", &[py.name(0)], "upstream_protocol = \"http1\"");
+    let fg = start(&cfg);
+    let (l, admin) = (fg.local_addr("l").unwrap(), fg.admin_addr().unwrap());
+    // h2's default windows (64 KiB), never given back: the client reads nothing.
+    let (mut h2, driver) = h2c_connect(l).await;
+    let get = |target: &str| h2c_get(l, target);
+    let (resp, _) = h2
+        .send_request(get("/big?do=download&bytes=50000000"), true)
+        .unwrap();
+    let resp = tokio::time::timeout(LIVENESS, resp).await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    let t = Instant::now();
+    assert_eq!(
+        in_flight_until(admin, 1).await,
+        1,
+        "the download is in flight"
+    );
+    assert_eq!(
+        in_flight_until(admin, 0).await,
+        0,
+        "the stalled download ended"
+    );
+    assert!(
+        t.elapsed() >= Duration::from_millis(800),
+        "ended by stream_idle_timeout (1 s), not before: {:?}",
+        t.elapsed()
+    );
+    // The client finds its stream reset once it looks.
+    let mut body = resp.into_body();
+    let mut failed = false;
+    while let Some(d) = tokio::time::timeout(LIVENESS, body.data()).await.unwrap() {
+        match d {
+            Ok(d) => {
+                let _ = body.flow_control().release_capacity(d.len());
+            }
+            Err(_) => {
+                failed = true;
+                break;
+            }
+        }
+    }
+    assert!(
+        failed,
+        "the cut stream ends in a reset, not as a complete body"
+    );
+    let (resp, _) = h2.send_request(get("/after"), true).unwrap();
+    let resp = tokio::time::timeout(LIVENESS, resp).await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(!driver.is_finished(), "the h2c connection is still open");
+}
+
 /// CONNECT asks for a tunnel, which a balancer does not give (nginx answers 405
 /// too): 405, from HTTP/1.1 and h2c clients alike, and nothing goes upstream as a
 /// body. A backend that answers 101 to a request that asked for no upgrade gets
@@ -2462,9 +2558,7 @@ async fn connect_gets_405_and_an_unasked_101_gets_502() {
     assert!(closed, "the connection closes after a refused CONNECT");
     assert_eq!(get(l, "/x?do=status&code=101", &[]).await.status, 502);
 
-    let tcp = TcpStream::connect(l).await.unwrap();
-    let (mut h2, conn) = h2::client::handshake(tcp).await.unwrap();
-    tokio::spawn(conn);
+    let (mut h2, _driver) = h2c_connect(l).await;
     let connect = Request::builder()
         .method("CONNECT")
         .uri("example.com:443")
@@ -2473,10 +2567,9 @@ async fn connect_gets_405_and_an_unasked_101_gets_502() {
     let (resp, _body) = h2.send_request(connect, false).unwrap();
     let resp = tokio::time::timeout(LIVENESS, resp).await.unwrap().unwrap();
     assert_eq!(resp.status(), 405);
-    let get101 = Request::get(format!("http://{l}/x?do=status&code=101"))
-        .body(())
+    let (resp, _) = h2
+        .send_request(h2c_get(l, "/x?do=status&code=101"), true)
         .unwrap();
-    let (resp, _) = h2.send_request(get101, true).unwrap();
     let resp = tokio::time::timeout(LIVENESS, resp).await.unwrap();
     assert_eq!(resp.expect("a response, not a reset").status(), 502);
     // The connection serves on.
@@ -2498,14 +2591,8 @@ async fn an_h2c_stream_reset_by_its_client_ends_its_request() {
     let py = Py::start(1).await;
     let fg = start(&one_pool(&py, "", "upstream_protocol = \"http1\"", true));
     let (l, admin) = (fg.local_addr("l").unwrap(), fg.admin_addr().unwrap());
-    let tcp = TcpStream::connect(l).await.unwrap();
-    let (mut h2, conn) = h2::client::handshake(tcp).await.unwrap();
-    let driver = tokio::spawn(conn);
-    let get = |target: &str| {
-        Request::get(format!("http://{l}{target}"))
-            .body(())
-            .unwrap()
-    };
+    let (mut h2, driver) = h2c_connect(l).await;
+    let get = |target: &str| h2c_get(l, target);
     // One stream mid-response (an event read), one waiting for its head.
     let (resp, mut sse) = h2
         .send_request(get("/sse?do=sse&n=100&ms=100"), true)
@@ -2518,31 +2605,16 @@ async fn an_h2c_stream_reset_by_its_client_ends_its_request() {
     let (_slow_resp, mut slow) = h2
         .send_request(get("/slow?do=sleep&ms=30000"), true)
         .unwrap();
-    let pools = || async {
-        backends_of(&get_pools(admin).await, "p")[0]["active_connections"]
-            .as_u64()
-            .unwrap()
-    };
-    let mut active = 0;
-    for _ in 0..300 {
-        active = pools().await;
-        if active == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(active, 2, "both requests in flight");
+    assert_eq!(
+        in_flight_until(admin, 2).await,
+        2,
+        "both requests in flight"
+    );
     sse.send_reset(h2::Reason::CANCEL);
     slow.send_reset(h2::Reason::CANCEL);
-    for _ in 0..300 {
-        active = pools().await;
-        if active == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     assert_eq!(
-        active, 0,
+        in_flight_until(admin, 0).await,
+        0,
         "requests in flight once their streams were reset"
     );
     // The event stream's backend connection is closed, not pooled mid-body (the

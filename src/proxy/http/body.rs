@@ -55,6 +55,18 @@ impl RespBody {
         }
     }
 
+    /// The client has taken nothing of the body for `stream_idle_timeout` (a
+    /// chunk waits to be sent; nothing more is read from the backend meanwhile):
+    /// true once that passed, the exchange failed with that reason; else `cx`
+    /// is woken when it will have.
+    pub fn client_stalled(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.exchange.ended() || !self.idle.expired(cx) {
+            return false;
+        }
+        self.exchange.failed("stream_idle_timeout");
+        true
+    }
+
     /// The response head's fields as the backend sent them (less hop-by-hop
     /// ones), when they were kept as bytes: written to the client with the
     /// response's `HeaderMap` (which then holds only what flowgate added).
@@ -147,6 +159,14 @@ pub enum OutBody {
 impl OutBody {
     pub fn text(s: &'static str) -> OutBody {
         OutBody::Full(Some(Bytes::from_static(s.as_bytes())))
+    }
+
+    /// [`RespBody::client_stalled`]; a generated reply never stalls.
+    pub fn client_stalled(&mut self, cx: &mut Context<'_>) -> bool {
+        match self {
+            OutBody::Full(_) => false,
+            OutBody::Stream(s) => s.client_stalled(cx),
+        }
     }
 }
 

@@ -258,6 +258,14 @@ impl Pipe {
                         Poll::Ready(None) => return Poll::Ready(Err(Reason::CANCEL.into())),
                         Poll::Pending => {
                             self.held = Some((data, end));
+                            // A client that stops taking the body (no
+                            // WINDOW_UPDATE) holds the backend's response:
+                            // cut after stream_idle_timeout, as a stalled
+                            // backend is.
+                            if self.body.client_stalled(cx) {
+                                self.send.send_reset(Reason::CANCEL);
+                                return Poll::Ready(Err(Reason::CANCEL.into()));
+                            }
                             return self.pending(cx);
                         }
                     }

@@ -404,27 +404,22 @@ pub async fn handle(ctx: Arc<ConnCtx>, mut req: ClientReq) -> Response<OutBody> 
     if let (Some(m), Some(h)) = (&ex.backend_metrics, ex.head) {
         m.head.record(h);
     }
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS && !websocket {
+        // No upgrade was asked for upstream (only WebSocket's `Upgrade` goes
+        // up): a 101 could not be relayed (HTTP/2 has none) or followed. An
+        // invalid answer, not a backend that answered well.
+        return ex.reply(StatusCode::BAD_GATEWAY, "backend_error", BAD_UPSTREAM, true);
+    }
     ex.status = resp.status().as_u16();
     ex.backend_ok();
 
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS && !websocket {
-        // No upgrade was asked for upstream (only WebSocket's `Upgrade` goes
-        // up): a 101 could not be relayed (HTTP/2 has none) or followed.
-        return ex.reply(
-            StatusCode::BAD_GATEWAY,
-            "backend_error",
-            "invalid or no response from the backend\n",
-            true,
-        );
-    }
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        // hyper hands the upgraded socket over from the connection's driver task.
-        if websocket {
-            // The connection's own task takes the client socket over once hyper
-            // has written this response (see conn.rs).
-            let upstream = hyper::upgrade::on(&mut resp);
-            ctx.state.upgrade_to(upstream, rc.stream_idle_timeout);
-        }
+        // A WebSocket handshake (any other 101 got its 502 above). hyper hands
+        // the upgraded socket over from the connection's driver task; the
+        // connection's own task takes the client socket over once hyper has
+        // written this response (see conn.rs).
+        let upstream = hyper::upgrade::on(&mut resp);
+        ctx.state.upgrade_to(upstream, rc.stream_idle_timeout);
         let (parts, _) = resp.into_parts();
         ex.complete_now("upgraded");
         return Response::from_parts(parts, OutBody::Full(None));
@@ -496,6 +491,9 @@ type Attempt = (
 /// is read from the HTTP/1.1 connection the response came on.
 type Upstream = Option<Incoming>;
 
+/// The 502's text for a backend's invalid answer (or none).
+const BAD_UPSTREAM: &str = "invalid or no response from the backend\n";
+
 /// What a failed exchange is answered with.
 fn classify(e: &UpError) -> (StatusCode, &'static str, &'static str) {
     let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
@@ -521,11 +519,7 @@ fn classify(e: &UpError) -> (StatusCode, &'static str, &'static str) {
         }
         src = s.source();
     }
-    (
-        StatusCode::BAD_GATEWAY,
-        "backend_error",
-        "invalid or no response from the backend\n",
-    )
+    (StatusCode::BAD_GATEWAY, "backend_error", BAD_UPSTREAM)
 }
 
 /// A request on its way upstream: hyper's type, or, sent again on a fresh

@@ -34,6 +34,7 @@ use tracing::{debug, error};
 use super::body::OutBody;
 use super::client_io::ClientIo;
 use super::forward;
+use super::prepare::content_length;
 use super::request_body::{H2Body, ReqBody};
 use super::state::ConnCtx;
 use super::HttpSettings;
@@ -116,6 +117,7 @@ fn stream(
     req: Request<h2::RecvStream>,
     reply: SendResponse<Bytes>,
 ) -> Stream<impl Future<Output = Response<OutBody>>> {
+    // (h2 holds the stream's DATA to the first value.)
     let length = content_length(req.headers());
     let req = req.map(|recv| ReqBody::H2(H2Body::new(recv, length)));
     Stream {
@@ -211,14 +213,6 @@ fn respond(reply: &mut SendResponse<Bytes>, resp: Response<OutBody>) -> Option<P
             None
         }
     }
-}
-
-/// A request's Content-Length, when all its values agree.
-fn content_length(h: &hyper::HeaderMap) -> Option<u64> {
-    let mut all = h.get_all(header::CONTENT_LENGTH).iter();
-    let first = all.next()?.to_str().ok()?.parse::<u64>().ok()?;
-    all.all(|v| v.to_str().ok().and_then(|v| v.parse().ok()) == Some(first))
-        .then_some(first)
 }
 
 /// The reason a failed response body resets the client's stream with: an h2c

@@ -2480,11 +2480,9 @@ async fn in_flight_until(admin: SocketAddr, want: u64) -> u64 {
     n
 }
 
-/// An h2c client that stops taking a response (no WINDOW_UPDATE: a slow-read
-/// client) holds the backend's response only for `stream_idle_timeout`: then its
-/// stream is reset and the request ends, while its connection serves on.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_h2c_client_that_stops_reading_is_cut_after_stream_idle_timeout() {
+/// One backend behind a route whose `stream_idle_timeout` is 1 s: the
+/// listener's and the admin API's addresses.
+async fn stream_idle_of_a_second() -> (Py, Flowgate, SocketAddr, SocketAddr) {
     let py = Py::start(1).await;
     let cfg = head(true)
         + &listener("l", "")
@@ -2492,6 +2490,32 @@ async fn an_h2c_client_that_stops_reading_is_cut_after_stream_idle_timeout() {
         + &pool("p", &[py.name(0)], "upstream_protocol = \"http1\"");
     let fg = start(&cfg);
     let (l, admin) = (fg.local_addr("l").unwrap(), fg.admin_addr().unwrap());
+    (py, fg, l, admin)
+}
+
+/// The one download in flight on pool `p` ends, not sooner than its route's
+/// `stream_idle_timeout` of 1 s.
+async fn cut_after_a_second(admin: SocketAddr, what: &str) {
+    let t = Instant::now();
+    assert_eq!(in_flight_until(admin, 1).await, 1, "{what}: in flight");
+    assert_eq!(
+        in_flight_until(admin, 0).await,
+        0,
+        "{what}: the stalled download ended"
+    );
+    assert!(
+        t.elapsed() >= Duration::from_millis(800),
+        "{what}: ended by stream_idle_timeout (1 s), not before: {:?}",
+        t.elapsed()
+    );
+}
+
+/// An h2c client that stops taking a response (no WINDOW_UPDATE: a slow-read
+/// client) holds the backend's response only for `stream_idle_timeout`: then its
+/// stream is reset and the request ends, while its connection serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2c_client_that_stops_reading_is_cut_after_stream_idle_timeout() {
+    let (_py, _fg, l, admin) = stream_idle_of_a_second().await;
     // h2's default windows (64 KiB), never given back: the client reads nothing.
     let (mut h2, driver) = h2c_connect(l).await;
     let get = |target: &str| h2c_get(l, target);
@@ -2500,22 +2524,7 @@ async fn an_h2c_client_that_stops_reading_is_cut_after_stream_idle_timeout() {
         .unwrap();
     let resp = tokio::time::timeout(LIVENESS, resp).await.unwrap().unwrap();
     assert_eq!(resp.status(), 200);
-    let t = Instant::now();
-    assert_eq!(
-        in_flight_until(admin, 1).await,
-        1,
-        "the download is in flight"
-    );
-    assert_eq!(
-        in_flight_until(admin, 0).await,
-        0,
-        "the stalled download ended"
-    );
-    assert!(
-        t.elapsed() >= Duration::from_millis(800),
-        "ended by stream_idle_timeout (1 s), not before: {:?}",
-        t.elapsed()
-    );
+    cut_after_a_second(admin, "h2c").await;
     // The client finds its stream reset once it looks.
     let mut body = resp.into_body();
     let mut failed = false;
@@ -3305,4 +3314,48 @@ async fn bodiless_requests_are_answered_as_hyper_would() {
             "GET /j",
         ]
     );
+}
+
+/// An HTTP/1.1 client that stops reading its response holds the backend's
+/// response only for `stream_idle_timeout` once the socket buffers are full:
+/// then the write fails and the connection closes, the response cut short. Both
+/// the fast path (a GET) and hyper's server (a POST with a body) are held to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_client_that_stops_reading_is_cut_after_stream_idle_timeout() {
+    let (_py, _fg, l, admin) = stream_idle_of_a_second().await;
+    const TOTAL: usize = 100_000_000;
+    for req in [
+        format!("GET /big?do=download&bytes={TOTAL} HTTP/1.1\r\nhost: x\r\n\r\n"),
+        format!(
+            "POST /big?do=download&bytes={TOTAL} HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nhello"
+        ),
+    ] {
+        let mut s = TcpStream::connect(l).await.unwrap();
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut first = [0u8; 12];
+        tokio::time::timeout(LIVENESS, s.read_exact(&mut first))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&first, b"HTTP/1.1 200", "{req}");
+        // Now the client reads nothing.
+        cut_after_a_second(admin, &req).await;
+        // What the kernel buffered arrives, then the close: well short of it all.
+        let mut got = first.len();
+        let mut buf = vec![0u8; 1 << 16];
+        let closed = tokio::time::timeout(LIVENESS, async {
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => got += n,
+                }
+            }
+        })
+        .await
+        .is_ok();
+        assert!(closed, "{req}: the connection closes");
+        assert!(got < TOTAL / 2, "{req}: cut short, got {got} bytes");
+    }
+    // The listener serves on.
+    assert_eq!(get(l, "/after", &[]).await.status, 200);
 }

@@ -1,7 +1,10 @@
 //! An http listener's client socket, with the head and idle deadlines hyper
 //! lacks: `header_timeout` from accept for the first request and from the first
 //! byte of each later one (an HTTP/1.1 client whose head is incomplete then gets
-//! a written 408 before the close), `idle_timeout` while nothing is in flight.
+//! a written 408 before the close), `idle_timeout` while nothing is in flight,
+//! and a write deadline: a client that takes no byte of what is written to it
+//! for the latest request's `stream_idle_timeout` gets a write error (hyper's
+//! HTTP/1.1 server, the fast path and `h2` alike then end the connection).
 //! It also tells HTTP/2's preface apart ([`ClientIo::sniff`]) and scans
 //! HTTP/1.1 heads for what hyper lets through ([`super::scan`]).
 
@@ -18,6 +21,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
+use super::request_body::IdleTimer;
 use super::scan::HeadScan;
 use super::state::ConnState;
 
@@ -42,6 +46,10 @@ pub struct ClientIo {
     /// Bytes read but not yet handed to hyper (read ahead by the last hyper
     /// connection, or by [`ClientIo::sniff`]); served before the socket.
     pub(super) leftover: Bytes,
+    /// Runs from the first write the client's socket could not take; `None`
+    /// while writes go through (made when first needed).
+    write_wait: Option<IdleTimer>,
+    waiting: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -72,7 +80,41 @@ impl ClientIo {
             armed: Some(now + header_timeout),
             scan: HeadScan::new(),
             leftover: Bytes::new(),
+            write_wait: None,
+            waiting: false,
         }
+    }
+
+    /// A write's outcome, the write deadline applied: a socket that has taken
+    /// no byte for the write limit fails the write.
+    fn wrote(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        if r.is_ready() {
+            self.waiting = false;
+            return r;
+        }
+        let ms = self.state.write_idle_ms.load(Ordering::Relaxed);
+        let after = match ms {
+            0 => self.idle_timeout,
+            ms => Duration::from_millis(ms),
+        };
+        let timer = self.write_wait.get_or_insert_with(|| IdleTimer::new(after));
+        timer.after = after;
+        if !self.waiting {
+            self.waiting = true;
+            timer.touch();
+        }
+        if !timer.expired(cx) {
+            return Poll::Pending;
+        }
+        self.state.write_stalled.store(true, Ordering::Relaxed);
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the client took no bytes within stream_idle_timeout",
+        )))
     }
 
     /// The deadline that applies now, if any.
@@ -236,7 +278,9 @@ impl AsyncWrite for ClientIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.stream).poll_write(cx, buf);
+        this.wrote(cx, r)
     }
 
     fn poll_write_vectored(
@@ -244,7 +288,9 @@ impl AsyncWrite for ClientIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        this.wrote(cx, r)
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -236,6 +236,10 @@ impl Drop for Exchange {
             st.bytes_to.fetch_add(up, Ordering::Relaxed);
             st.http_in_flight.fetch_sub(1, Ordering::Relaxed);
         }
+        if !i.ended && i.ctx.state.write_stalled.load(Ordering::Relaxed) {
+            // Not gone: it stopped taking the response (see `ClientIo`).
+            i.reason = "stream_idle_timeout";
+        }
         // A client gone before the end: what it got is what it got.
         let status = if i.status == 0 { 499 } else { i.status };
         match (&i.route, &i.backend_metrics) {

@@ -148,6 +148,13 @@ pub async fn handle(ctx: Arc<ConnCtx>, mut req: ClientReq) -> Response<OutBody> 
         );
     };
     ex.route = Some(route.clone());
+    ctx.state.write_idle_ms.store(
+        rc.stream_idle_timeout
+            .as_millis()
+            .try_into()
+            .unwrap_or(u64::MAX),
+        Ordering::Relaxed,
+    );
     let length = match &req {
         ClientReq::Full(r) => content_length(r.headers()),
         ClientReq::Raw(_) => None,

@@ -29,6 +29,13 @@ pub struct ConnState {
     /// Bytes of a new head have started to arrive (its number), so the
     /// connection is not idle although nothing is in flight.
     pub reading: AtomicU64,
+    /// How long a write to the client may wait for it to take bytes, in
+    /// milliseconds: the `stream_idle_timeout` of the connection's latest routed
+    /// request; 0 before one (the listener's `idle_timeout` then).
+    pub write_idle_ms: AtomicU64,
+    /// A write to the client waited past that: the response being written ends
+    /// as `stream_idle_timeout`, not as the client's abort.
+    pub write_stalled: AtomicBool,
     /// A WebSocket handshake succeeded: the upstream side of the tunnel, and its
     /// idle limit.
     upgrade: Mutex<Option<(OnUpgrade, Duration)>>,

@@ -3359,3 +3359,65 @@ async fn an_http1_client_that_stops_reading_is_cut_after_stream_idle_timeout() {
     // The listener serves on.
     assert_eq!(get(l, "/after", &[]).await.status, 200);
 }
+
+/// POSTs whose bodies come whole with their heads (a JSON request to an
+/// inference server, pipelined here in one write with a GET after them) each
+/// reach the backend with all of their body, framed by flowgate's own
+/// Content-Length, one request each: none of a body is read as a request, and
+/// the bytes after each body start the next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn posts_whose_bodies_came_with_their_heads_go_up_whole() {
+    let py = Py::start(1).await;
+    let fg = start(&one_pool(&py, "", "upstream_protocol = \"http1\"", false));
+    let l = fg.local_addr("l").unwrap();
+    let json = br#"{"model":"m","messages":[{"role":"user","content":"GET /smuggled HTTP/1.1"}]}"#;
+    let empty: &[u8] = b"";
+    let mut req = Vec::new();
+    for (target, body) in [
+        ("/chat/1", &json[..]),
+        ("/chat/2", empty),
+        ("/chat/3", json),
+    ] {
+        req.extend_from_slice(
+            format!(
+                "POST {target} HTTP/1.1\r\nHost: app\r\ncontent-type: application/json\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            )
+            .as_bytes(),
+        );
+        req.extend_from_slice(body);
+    }
+    req.extend_from_slice(b"GET /after HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n");
+    let (resp, closed) = raw(l, &req).await;
+    assert!(closed, "closed after the last request");
+    let answers: Vec<serde_json::Value> = resp
+        .split("HTTP/1.1 ")
+        .skip(1)
+        .map(|r| {
+            assert!(r.starts_with("200 "), "{r}");
+            serde_json::from_str(r.split("\r\n\r\n").nth(1).unwrap()).expect("the backend's JSON")
+        })
+        .collect();
+    assert_eq!(answers.len(), 4, "{resp}");
+    let want = [
+        ("POST", "/chat/1", json.len()),
+        ("POST", "/chat/2", 0),
+        ("POST", "/chat/3", json.len()),
+        ("GET", "/after", 0),
+    ];
+    for (v, (method, target, len)) in answers.iter().zip(want) {
+        assert_eq!(v["method"], method, "{v}");
+        assert_eq!(v["target"], target, "{v}");
+        assert_eq!(v["body_len"], len, "{v}");
+        if len > 0 {
+            assert_eq!(v["sha256"], hex(&Sha256::digest(json)), "{v}");
+            assert_eq!(sent(v, "content-length"), [len.to_string()], "{v}");
+        }
+    }
+    let seen = py.seen(0).await;
+    assert!(
+        !seen.iter().any(|s| s.contains("/smuggled")),
+        "the backend saw a body as a request: {seen:?}"
+    );
+    assert_eq!(seen.len(), 4, "{seen:?}");
+}

@@ -1,6 +1,7 @@
 //! One client connection of an http listener: HTTP/1.1, or h2c with prior
-//! knowledge (told apart by the first bytes). Bodiless HTTP/1.1 requests are
-//! served by the fast path ([`super::serve1`]), the rest by hyper; h2c by
+//! knowledge (told apart by the first bytes). Bodiless HTTP/1.1 requests, and
+//! those whose `Content-Length` body came whole with the head, are served by
+//! the fast path ([`super::serve1`]), the rest by hyper; h2c by
 //! [`super::serve2`] on the `h2` crate.
 //!
 //! **An idle HTTP/1.1 connection holds only the socket.** Requests run on a
@@ -176,7 +177,8 @@ async fn serve_h1(
                 return Ok(());
             }
         }
-        // A bodiless request is served here (serve1.rs); anything else by a
+        // A bodiless request, or one whose body came whole with its head, is
+        // served here (serve1.rs); anything else by a
         // hyper connection, with the bytes read so far. Boxed: a request's
         // state lives only while it is served; the task that waits between
         // requests stays small.

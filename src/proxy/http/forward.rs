@@ -51,7 +51,9 @@ pub async fn handle(ctx: Arc<ConnCtx>, mut req: ClientReq) -> Response<OutBody> 
             r.version(),
             r.body().is_end_stream(),
         ),
-        ClientReq::Raw(r) => Exchange::start(ctx.clone(), r.method.clone(), r.version, true),
+        ClientReq::Raw(r) => {
+            Exchange::start(ctx.clone(), r.method.clone(), r.version, r.body.is_empty())
+        }
     };
     let Some(http) = settings.http.clone() else {
         // A reload made this listener plain TCP: finish this connection.
@@ -157,7 +159,7 @@ pub async fn handle(ctx: Arc<ConnCtx>, mut req: ClientReq) -> Response<OutBody> 
     );
     let length = match &req {
         ClientReq::Full(r) => content_length(r.headers()),
-        ClientReq::Raw(_) => None,
+        ClientReq::Raw(r) => Some(r.body.len() as u64).filter(|&n| n > 0),
     };
     if let (Some(max), Some(len)) = (http.max_body_bytes, length) {
         if len > max {
@@ -223,11 +225,19 @@ pub async fn handle(ctx: Arc<ConnCtx>, mut req: ClientReq) -> Response<OutBody> 
             ex.request_id = Some(raw.encode_up(&mut w, target.as_deref(), http.xff, &ctx.peer_ip));
             let session = affinity
                 .and_then(|key| session_key(key, |n| raw.named(n).next(), raw.named("cookie")));
-            // Bodiless: all of it goes with the head (first_byte_timeout runs
-            // from here, and the connection can be reused after the response).
+            // The body, if any, was read whole: it goes right after the head,
+            // in the same write, and so all of the request is handed upstream
+            // here (first_byte_timeout runs from here, and the connection can
+            // be reused after the response).
+            w.extend_from_slice(&raw.body);
+            ex.up
+                .bytes
+                .fetch_add(raw.body.len() as u64, Ordering::Relaxed);
             ex.up.finish();
             let head_req = raw.method == Method::HEAD;
-            let out = Outgoing::Raw(w.freeze(), head_req, raw.method.is_idempotent());
+            // (As for hyper's requests: one with a body is not sent again.)
+            let again = raw.method.is_idempotent() && raw.body.is_empty();
+            let out = Outgoing::Raw(w.freeze(), head_req, again);
             (out, session)
         }
         // Any other request to an HTTP/1.1 backend: its head is written from
@@ -537,8 +547,9 @@ enum Outgoing {
     /// as in [`Sent::Refused`]: a `Request` is twice the size of the other
     /// variants, and every request's future has room for a few of these.
     Req(Box<Request<UpBody>>),
-    /// A bodiless request's head, whether it is HEAD, and whether it may go
-    /// again on a fresh connection if a pooled one closes under it (an
+    /// A request's bytes (its head, and a body the fast path read whole with
+    /// it), whether it is HEAD, and whether it may go again on a fresh
+    /// connection if a pooled one closes under it (a bodiless request of an
     /// idempotent method).
     Raw(bytes::Bytes, bool, bool),
     /// A request with a body, to an HTTP/1.1 backend: its head, whether it is
@@ -554,7 +565,7 @@ enum Sent {
     /// It may have reached the backend.
     Failed(UpError),
     /// The HTTP/1.1 connection closed before any byte of the response (with the
-    /// head of a bodiless request, to send again).
+    /// bytes of a bodiless request, to send again).
     Closed(Option<(bytes::Bytes, bool)>),
     /// No response head within `first_byte_timeout`.
     TimedOut,

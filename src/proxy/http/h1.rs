@@ -131,7 +131,7 @@ pub struct Conn<T> {
     at: Vec<(std::ops::Range<usize>, std::ops::Range<usize>)>,
     /// The request body still going up, and how.
     body: Option<(UpBody, Up)>,
-    /// A bodiless request's head as written (and whether it was HEAD), until
+    /// A request's bytes as written (and whether it was HEAD), until
     /// its response head comes: what goes again on a fresh connection if the
     /// backend closes this one under it ([`Conn::take_resend`]).
     resend: Option<(Bytes, bool)>,
@@ -236,8 +236,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
         self.out.push_back(head);
     }
 
-    /// Queues a bodiless request's head (as [`Conn::take_resend`] gave it, or
-    /// as the server fast path encoded it); with `raw_fields`, the response's
+    /// Queues a request's bytes: a bodiless request's head (as
+    /// [`Conn::take_resend`] gave it), or what the server fast path encoded (a
+    /// head, and a body read whole with it); with `raw_fields`, the response's
     /// fields are kept as bytes for [`Conn::take_fields`].
     pub fn start_raw(&mut self, head: Bytes, head_req: bool, raw_fields: bool) {
         self.head_req = head_req;

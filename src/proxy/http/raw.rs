@@ -1,5 +1,6 @@
-//! A bodiless HTTP/1.1 request as the server fast path ([`super::serve1`]) read
-//! it: the head's bytes and where its fields are. Its headers are looked up by a
+//! An HTTP/1.1 request as the server fast path ([`super::serve1`]) read it: the
+//! head's bytes and where its fields are, and its body when that came whole
+//! with the head (a `Content-Length` one). Its headers are looked up by a
 //! scan of those few fields instead of through a `HeaderMap`, and for an HTTP/1.1
 //! backend it goes up as those bytes with flowgate's edits
 //! ([`RawHead::encode_up`]): hop-by-hop headers out, X-Forwarded-* and
@@ -63,7 +64,8 @@ pub(super) struct Field {
     pub kind: Kind,
 }
 
-/// A bodiless HTTP/1.1 (or 1.0) request head, as read.
+/// An HTTP/1.1 (or 1.0) request head, as read, with its body when that was
+/// read whole with it.
 #[derive(Debug, Clone)]
 pub struct RawHead {
     /// The whole head, request line to the empty line.
@@ -77,6 +79,10 @@ pub struct RawHead {
     pub(super) fields: Vec<Field>,
     /// The hop-by-hop headers present (their bits, or'ed).
     pub(super) hop: u8,
+    /// The body its `Content-Length` line announced (empty for none), all of
+    /// it: it goes upstream right after the head, framed by flowgate's own
+    /// `Content-Length` line.
+    pub(super) body: Bytes,
 }
 
 impl RawHead {
@@ -130,7 +136,11 @@ impl RawHead {
             let value = HeaderValue::from_maybe_shared(self.bytes.slice(f.value.clone())).ok()?;
             headers.append(name, value);
         }
-        let mut r = Request::new(ReqBody::Empty);
+        let mut r = Request::new(if self.body.is_empty() {
+            ReqBody::Empty
+        } else {
+            ReqBody::Buffered(self.body)
+        });
         *r.method_mut() = self.method;
         *r.uri_mut() = self.uri;
         *r.version_mut() = self.version;
@@ -156,7 +166,13 @@ impl RawHead {
             host_from_target: false,
             xff,
             ip,
-            body: Framing::None,
+            // A body's framing is flowgate's, as for hyper's requests: a
+            // `Content-Length` that `Connection` names must not go missing
+            // from under it.
+            body: match self.body.len() {
+                0 => Framing::None,
+                n => Framing::Length(n as u64),
+            },
         };
         let fields = || {
             self.fields.iter().map(|f| {

@@ -128,6 +128,9 @@ impl IdleTimer {
 pub enum ReqBody {
     Hyper(Incoming),
     H2(H2Body),
+    /// A body the HTTP/1.1 fast path found whole in its read buffer with the
+    /// head (taken once; empty after).
+    Buffered(Bytes),
     Empty,
 }
 
@@ -189,6 +192,8 @@ impl Body for ReqBody {
         match self.get_mut() {
             ReqBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
             ReqBody::H2(b) => b.poll_frame(cx),
+            ReqBody::Buffered(b) if b.is_empty() => Poll::Ready(None),
+            ReqBody::Buffered(b) => Poll::Ready(Some(Ok(Frame::data(std::mem::take(b))))),
             ReqBody::Empty => Poll::Ready(None),
         }
     }
@@ -197,6 +202,7 @@ impl Body for ReqBody {
         match self {
             ReqBody::Hyper(b) => b.is_end_stream(),
             ReqBody::H2(b) => b.recv.is_end_stream(),
+            ReqBody::Buffered(b) => b.is_empty(),
             ReqBody::Empty => true,
         }
     }
@@ -207,6 +213,7 @@ impl Body for ReqBody {
             ReqBody::H2(b) => b
                 .remaining
                 .map_or_else(SizeHint::default, SizeHint::with_exact),
+            ReqBody::Buffered(b) => SizeHint::with_exact(b.len() as u64),
             ReqBody::Empty => SizeHint::with_exact(0),
         }
     }

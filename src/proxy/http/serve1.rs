@@ -1,10 +1,14 @@
 //! The HTTP/1.1 server fast path: a bodiless request (GET, HEAD, DELETE, ... with
 //! no `Content-Length` but `0`, no `Transfer-Encoding`, no `Upgrade`, no
-//! `Expect`) is read, handed to [`super::forward::handle`] and answered here,
-//! without a hyper connection. Everything else (a body, a WebSocket handshake,
-//! `Expect: 100-continue`, CONNECT, a head httparse refuses or one over 8 KiB) goes
-//! to hyper's server with the bytes read so far, as before: its answers (400, 431)
-//! and its defences stay as they were.
+//! `Expect`), or one whose body, framed by one `Content-Length` of plain digits,
+//! came whole in the same reads as its head (a JSON POST to an inference
+//! server), is read, handed to [`super::forward::handle`] and answered here,
+//! without a hyper connection. Everything else (a chunked body, one not all
+//! read yet, a WebSocket handshake, `Expect: 100-continue`, CONNECT, a head
+//! httparse refuses or one over 8 KiB) goes to hyper's server with the bytes
+//! read so far, as before: its answers (400, 431) and its defences stay as they
+//! were. A body is never waited for here: what has not arrived streams through
+//! hyper.
 //!
 //! Why: per request, hyper's server (its dispatcher, head parser and encoder)
 //! was about a third of flowgate's instructions on a kept-alive HTTP/1.1 client
@@ -67,10 +71,12 @@ struct Answer {
 }
 
 /// What the read buffer holds. (Used at once, never stored: no box.)
+#[allow(clippy::large_enum_variant)] // returned and taken apart at once
 enum Head {
     /// Not a whole head yet.
     Partial,
-    /// A bodiless request the fast path serves; its head was taken off the buffer.
+    /// A request the fast path serves, bodiless or with its whole body read
+    /// (see [`parse`]); its head and body were taken off the buffer.
     Simple(RawHead, Answer),
     /// Anything else: hyper serves it.
     Other,
@@ -98,8 +104,11 @@ fn parse(buf: &mut BytesMut) -> Head {
     if method == Method::CONNECT {
         return Head::Other;
     }
-    // Anything with a body (but `Content-Length: 0`), an upgrade or `Expect`
-    // goes to hyper, the buffer left as it was.
+    // A body that came whole with the head, by one `Content-Length` line of
+    // plain digits (what a JSON POST to an inference server is), is served here
+    // too: it goes upstream with the head, as it came. Anything else with a
+    // body (chunked, not all read yet, a length written any other way), an
+    // upgrade or `Expect` goes to hyper, the buffer left as it was.
     let mut answer = Answer {
         head: method == Method::HEAD,
         http10: version == Version::HTTP_10,
@@ -110,7 +119,7 @@ fn parse(buf: &mut BytesMut) -> Head {
         let from = s.as_ptr() as usize - base;
         from..from + s.len()
     };
-    let mut length = false;
+    let mut length: Option<usize> = None;
     let mut hop = 0;
     let mut fields = Vec::with_capacity(req.headers.len());
     for h in req.headers.iter() {
@@ -127,10 +136,16 @@ fn parse(buf: &mut BytesMut) -> Head {
                 hop |= bit;
             }
             Kind::ContentLength => {
-                if length || h.value != b"0" {
+                let n = match h.value {
+                    v if length.is_some() || v.is_empty() || v.len() > 12 => return Head::Other,
+                    v if !v.iter().all(u8::is_ascii_digit) => return Head::Other,
+                    v => v.iter().fold(0usize, |n, d| n * 10 + usize::from(d - b'0')),
+                };
+                if n > buf.len() - len {
+                    // Not all here yet: hyper streams it.
                     return Head::Other;
                 }
-                length = true;
+                length = Some(n);
             }
             Kind::Plain if name.eq_ignore_ascii_case(b"expect") => return Head::Other,
             _ => {}
@@ -152,6 +167,10 @@ fn parse(buf: &mut BytesMut) -> Head {
         *buf = back;
         return Head::Other;
     };
+    let body = match length {
+        Some(n) if n > 0 => buf.split_to(n).freeze(),
+        _ => Bytes::new(),
+    };
     let raw = RawHead {
         bytes: head,
         method,
@@ -160,6 +179,7 @@ fn parse(buf: &mut BytesMut) -> Head {
         target,
         fields,
         hop,
+        body,
     };
     Head::Simple(raw, answer)
 }
@@ -260,7 +280,7 @@ fn room(rbuf: &mut BytesMut) {
     }
 }
 
-/// Answers one bodiless request: the handler's response, written as it comes.
+/// Answers one request (its body, if any, read): the handler's response, written as it comes.
 /// While the handler waits, the client is watched: bytes it sends (a pipelined
 /// request) are kept in `rbuf`, its end of stream leaves the answer to go (a
 /// half-close), an error (a reset) drops the request. Whether the connection

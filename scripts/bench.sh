@@ -53,11 +53,11 @@
 #   FIGURES        any of: bulk1 bulk4 latency cps rps mem (TCP)          [these six]
 #                  udp-latency udp-pps udp-iperf (UDP; targets direct, flowgate,
 #                  flowgate-shared, flowgate-metrics, flowgate-base and
-#                  nginx); http-rps http-h2-rps http-latency http-sse
-#                  http-sse-l4 http-mem (HTTP, L7; every target but
+#                  nginx); http-rps http-post-rps http-h2-rps http-latency
+#                  http-sse http-sse-l4 http-mem (HTTP, L7; every target but
 #                  haproxy-splice); the words tcp, udp, http and all stand for
 #                  the TCP figures, the UDP figures, the HTTP figures and all
-#                  fifteen.
+#                  sixteen.
 #                  edge-pp edge-sni (issue 13's edge features; the word edge
 #                  stands for the two, and `all` does not include them):
 #                  new connections per second, measured like cps (wrk -t
@@ -160,6 +160,11 @@
 #                  http-rps: wrk -t WRK_THREADS -c WRK_CONNS -d WRK_TIME, HTTP/1.1
 #                    on kept-alive connections to the nginx backend's tiny
 #                    static response; requests/s.
+#                  http-post-rps: as http-rps, each request a POST with a
+#                    228-byte JSON body (scripts/bench/post.lua: an OpenAI-style
+#                    chat request, what an inference client sends; wrk writes
+#                    the head and body in one write), to the same backend
+#                    (nginx's `return` reads and drops the body).
 #                  http-h2-rps: h2load -c H2_CLIENTS -m H2_STREAMS -t WRK_THREADS
 #                    -D WRK_TIME over h2c (prior knowledge); requests/s. direct
 #                    is h2c to nginx's own `listen ... http2` port; the
@@ -309,7 +314,7 @@ ALL_TARGETS="direct flowgate flowgate-shared flowgate-metrics flowgate-base flow
 TCP_FIGURES="bulk1 bulk4 latency cps rps mem"
 UDP_FIGURES="udp-latency udp-pps udp-iperf"
 UDP_TARGETS="direct flowgate flowgate-shared flowgate-metrics flowgate-base flowgate-busy nginx" # the targets that can measure UDP
-HTTP_FIGURES="http-rps http-h2-rps http-latency http-sse http-sse-l4 http-mem"
+HTTP_FIGURES="http-rps http-post-rps http-h2-rps http-latency http-sse http-sse-l4 http-mem"
 # The targets that run the HTTP (L7) figures: not haproxy-splice, whose only
 # difference, splice-auto, does nothing for the few bytes of these responses.
 HTTP_TARGETS="direct flowgate flowgate-shared flowgate-metrics flowgate-base flowgate-busy haproxy haproxy-busy nginx"
@@ -402,7 +407,7 @@ can_edge() { [[ " $EDGE_TARGETS " == *" $1 "* ]]; }
 # udp-iperf-tcp.
 #
 # HTTP (L7) figures: 8 = an HTTP listener (HTTP/1.1 clients; http-rps,
-# http-latency) in front of the nginx backend (3), 9 = an HTTP listener for h2c
+# http-post-rps, http-latency) in front of the nginx backend (3), 9 = an HTTP listener for h2c
 # clients (prior knowledge; http-h2-rps) in front of the same nginx backend,
 # whose own h2c port for direct is backend port 9, 10 = an HTTP listener in
 # front of the SSE backend (scripts/bench/sse.py on backend port 10). They go
@@ -635,8 +640,8 @@ ensure_tools() {
     has_any_figure cps rps && need+=(wrk nginx)
     # shellcheck disable=SC2086 # word splitting intended
     has_any_figure $EDGE_FIGURES && need+=(wrk nginx)
-    has_any_figure http-rps http-h2-rps http-latency http-sse http-sse-l4 http-mem && need+=(nginx)
-    has_figure http-rps && need+=(wrk)
+    has_any_figure http-rps http-post-rps http-h2-rps http-latency http-sse http-sse-l4 http-mem && need+=(nginx)
+    has_any_figure http-rps http-post-rps && need+=(wrk)
     has_any_figure http-h2-rps http-latency && need+=(h2load)
     { has_target haproxy || has_target haproxy-splice || has_target haproxy-busy; } && need+=(haproxy)
     has_target nginx && need+=(nginx)
@@ -715,7 +720,7 @@ start_backends() {
         BACKEND_PID[sockperf]=$LAST_PID BACKEND_LOG[sockperf]=$logf
         wait_listen "$LAST_PID" "sockperf server" "$logf" "$port"
     fi
-    if has_any_figure cps rps http-rps http-h2-rps http-latency http-mem; then
+    if has_any_figure cps rps http-rps http-post-rps http-h2-rps http-latency http-mem; then
         port=$(backend_port 3)
         dir=$OUT_DIR/nginx-http
         mkdir -p "$dir/tmp"
@@ -1207,7 +1212,7 @@ start_http_balancers() {
         fi
         [[ $t == direct ]] && continue
         specs=()
-        has_any_figure http-rps http-latency && specs+=("${SVC_NAMES[8]}:$(target_port "$t" 8):$(backend_port 3):http")
+        has_any_figure http-rps http-post-rps http-latency && specs+=("${SVC_NAMES[8]}:$(target_port "$t" 8):$(backend_port 3):http")
         has_figure http-h2-rps && specs+=("${SVC_NAMES[9]}:$(target_port "$t" 9):$(backend_port 3):h2c")
         has_figure http-sse && specs+=("${SVC_NAMES[10]}:$(target_port "$t" 10):$(backend_port 10):sse")
         # The same SSE backend through the balancer's L4 (TCP) mode: what L7 adds
@@ -1438,12 +1443,16 @@ EOF
     ) || { log "error: could not read the iperf3 -u result via $1; see $out"; return 1; }
 }
 
-measure_wrk() { # target close(0|1) logfile [port [edge.lua-mode(pp|sni)]]
+measure_wrk() { # target close(0|1) logfile [port [edge.lua-mode(pp|sni) | post]]
     local port out rc hdr=() script=() args=()
     port=${4:-$(target_port "$1" 3)}
     out=$3
     (($2)) && hdr=(-H 'Connection: close')
-    [[ -n ${5:-} ]] && script=(-s "$HELPERS/edge.lua") args=(-- "$5")
+    case ${5:-} in
+        '') ;;
+        post) script=(-s "$HELPERS/post.lua") ;;
+        *) script=(-s "$HELPERS/edge.lua") args=(-- "$5") ;;
+    esac
     rc=0
     timeout $((WRK_TIME + 30)) wrk -t "$WRK_THREADS" -c "$WRK_CONNS" -d "${WRK_TIME}s" "${hdr[@]}" "${script[@]}" \
         "http://$HOST:$port/" "${args[@]}" >"$out" 2>&1 || rc=$?
@@ -1920,7 +1929,7 @@ measure_one() {
                 return 1
             fi
             ;;
-        http-rps | http-h2-rps)
+        http-rps | http-post-rps | http-h2-rps)
             # Also the balancer's CPU time per request (user + system, all
             # its processes), which other work on the machine disturbs less
             # than the rate. Not for direct (no balancer).
@@ -1929,6 +1938,8 @@ measure_one() {
             [[ $t == direct ]] || ticks0=$(proc_ticks "${LB_PID[$t-l7]}")
             if [[ $f == http-rps ]]; then
                 measure_wrk "$t" 0 "$pre.log" "$(http_port "$t" 8)" || { LINES="$key NA"; return 1; }
+            elif [[ $f == http-post-rps ]]; then
+                measure_wrk "$t" 0 "$pre.log" "$(http_port "$t" 8)" post || { LINES="$key NA"; return 1; }
             else
                 measure_h2_rps "$t" "$pre.log" || { LINES="$key NA"; return 1; }
             fi

@@ -423,6 +423,20 @@ async fn unrouted_requests_go_to_the_listener_pool_or_get_404() {
         );
         assert_eq!(r.backend(), "", "a generated reply: {r:?}");
     }
+    // A POST whose body came with its head, answered 404: the body was read,
+    // so the kept-alive connection serves the next request.
+    let (resp, _) = raw(
+        n,
+        b"POST /nowhere HTTP/1.1\r\nHost: other\r\nContent-Length: 4\r\n\r\n{}\r\n\
+          GET /v1/x HTTP/1.1\r\nHost: other\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let statuses: Vec<u16> = resp
+        .split("HTTP/1.1 ")
+        .skip(1)
+        .map(|r| status_of(&format!("HTTP/1.1 {r}")))
+        .collect();
+    assert_eq!(statuses, [404, 200], "{resp}");
     for (i, name) in ROUTING_POOLS.iter().enumerate() {
         let seen = py.seen(i).await;
         assert!(
@@ -3053,7 +3067,9 @@ async fn an_early_answer_to_an_upload_reaches_the_client() {
 /// A request answered before its body was read (here: no route, 404): the body's
 /// bytes must never be read as a next request, even when they look like one. The
 /// connection closes after the answer, and the backend never sees the "request"
-/// inside the body.
+/// inside the body. A body that came whole with its head (the fast path reads it
+/// with the head) is read: that connection goes on, and its next request is the
+/// one after the body.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unread_body_is_never_taken_for_a_request() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -3100,14 +3116,20 @@ async fn an_unread_body_is_never_taken_for_a_request() {
         } else {
             c.write_all((head + inner).as_bytes()).await.unwrap();
         }
+        if !wait {
+            // Read whole with its head: answered, and the connection serves on.
+            c.write_all(b"GET /api/next HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n")
+                .await
+                .unwrap();
+        }
         let mut got = Vec::new();
         let closed = tokio::time::timeout(LIVENESS, c.read_to_end(&mut got)).await;
         let text = String::from_utf8_lossy(&got).into_owned();
         assert!(text.starts_with("HTTP/1.1 404"), "{text:?}");
         assert_eq!(
             text.matches("HTTP/1.1").count(),
-            1,
-            "one answer only: {text:?}"
+            if wait { 1 } else { 2 },
+            "one answer each: {text:?}"
         );
         assert!(closed.is_ok(), "the connection closed after the answer");
     }
@@ -3115,6 +3137,10 @@ async fn an_unread_body_is_never_taken_for_a_request() {
     assert!(
         !seen.iter().any(|r| r.contains("smuggled")),
         "the body went upstream as a request: {seen:?}"
+    );
+    assert!(
+        seen.iter().any(|r| r.starts_with("GET /api/next ")),
+        "the request after a read body went up: {seen:?}"
     );
     drop(fg);
 }

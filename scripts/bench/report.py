@@ -70,6 +70,8 @@ NO_RATIO = re.compile(r"loss")  # a ratio of loss percentages means little (and 
 HTTP_METRICS = [
     ("http_rps", "HTTP/1.1 requests, kept-alive connections (wrk)", "req/s", True, "{:,.0f}"),
     ("http_rps_cpu_us", "Balancer CPU per HTTP/1.1 request (wrk run)", "µs", False, "{:.1f}"),
+    ("http_post_rps", "HTTP/1.1 JSON POSTs (228 B), kept-alive connections (wrk)", "req/s", True, "{:,.0f}"),
+    ("http_post_rps_cpu_us", "Balancer CPU per HTTP/1.1 POST (wrk run)", "µs", False, "{:.1f}"),
     ("http_h2_rps", "h2c requests, multiplexed streams (h2load)", "req/s", True, "{:,.0f}"),
     ("http_h2_rps_cpu_us", "Balancer CPU per h2c request (h2load run)", "µs", False, "{:.1f}"),
     ("http_lat_p50", "HTTP/1.1 latency p50 at a fixed rate (h2load --rps)", "µs", False, "{:,.0f}"),

@@ -51,9 +51,9 @@ pub async fn handle(ctx: Arc<ConnCtx>, mut req: ClientReq) -> Response<OutBody> 
             r.version(),
             r.body().is_end_stream(),
         ),
-        ClientReq::Raw(r) => {
-            Exchange::start(ctx.clone(), r.method.clone(), r.version, r.body.is_empty())
-        }
+        // (A fast-path body is all read from the client already: whatever the
+        // answer, the connection can take the next request.)
+        ClientReq::Raw(r) => Exchange::start(ctx.clone(), r.method.clone(), r.version, true),
     };
     let Some(http) = settings.http.clone() else {
         // A reload made this listener plain TCP: finish this connection.
@@ -150,13 +150,22 @@ pub async fn handle(ctx: Arc<ConnCtx>, mut req: ClientReq) -> Response<OutBody> 
         );
     };
     ex.route = Some(route.clone());
-    ctx.state.write_idle_ms.store(
-        rc.stream_idle_timeout
-            .as_millis()
-            .try_into()
-            .unwrap_or(u64::MAX),
-        Ordering::Relaxed,
-    );
+    // The client socket's write limit (`ClientIo`): this request's. An h2c
+    // connection's streams share the socket, each watched on its own through
+    // its window (serve2), so the socket's limit is the longest of their
+    // routes'.
+    let write_idle: u64 = rc
+        .stream_idle_timeout
+        .as_millis()
+        .try_into()
+        .unwrap_or(u64::MAX);
+    if ctx.state.h2.load(Ordering::Relaxed) {
+        ctx.state
+            .write_idle_ms
+            .fetch_max(write_idle, Ordering::Relaxed);
+    } else {
+        ctx.state.write_idle_ms.store(write_idle, Ordering::Relaxed);
+    }
     let length = match &req {
         ClientReq::Full(r) => content_length(r.headers()),
         ClientReq::Raw(r) => Some(r.body.len() as u64).filter(|&n| n > 0),
@@ -215,6 +224,8 @@ pub async fn handle(ctx: Arc<ConnCtx>, mut req: ClientReq) -> Response<OutBody> 
         stream_idle: rc.stream_idle_timeout,
         affinity,
     };
+    // The length of a body the fast path read, counted as sent below.
+    let mut raw_body = 0u64;
     let (request, session) = match req {
         // The fast path's origin-form request to an HTTP/1.1 backend: its bytes,
         // edited (no `HeaderMap`).
@@ -230,9 +241,7 @@ pub async fn handle(ctx: Arc<ConnCtx>, mut req: ClientReq) -> Response<OutBody> 
             // here (first_byte_timeout runs from here, and the connection can
             // be reused after the response).
             w.extend_from_slice(&raw.body);
-            ex.up
-                .bytes
-                .fetch_add(raw.body.len() as u64, Ordering::Relaxed);
+            raw_body = raw.body.len() as u64;
             ex.up.finish();
             let head_req = raw.method == Method::HEAD;
             // (As for hyper's requests: one with a body is not sent again.)
@@ -309,6 +318,10 @@ pub async fn handle(ctx: Arc<ConnCtx>, mut req: ClientReq) -> Response<OutBody> 
                 }
             };
             let Some(r) = request.take() else { break };
+            // A fast-path body counts as sent once a connection takes it.
+            ex.up
+                .bytes
+                .fetch_add(std::mem::take(&mut raw_body), Ordering::Relaxed);
             // A kept-alive connection the backend closed just as this request went
             // out fails after taking it: a bodiless request of an idempotent
             // method (RFC 9110 §9.2.2, as nginx has it: the backend may have acted

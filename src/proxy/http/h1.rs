@@ -256,8 +256,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
         self.fields.take()
     }
 
-    /// The head of the bodiless request this connection failed under, to go
-    /// again on another.
+    /// The bytes of the request this connection failed under, to go again on
+    /// another if it is bodiless.
     pub fn take_resend(&mut self) -> Option<(Bytes, bool)> {
         self.resend.take()
     }

@@ -28,7 +28,8 @@ use crate::config::{AffinityKey, Xff};
 pub enum ClientReq {
     /// From hyper's server: HTTP/2, a body, an upgrade, ...
     Full(Request<ReqBody>),
-    /// A bodiless HTTP/1.1 request from the server fast path, as read.
+    /// An HTTP/1.1 request from the server fast path, as read: bodiless, or
+    /// with a body it read whole.
     Raw(RawHead),
 }
 

@@ -122,8 +122,8 @@ impl IdleTimer {
 }
 
 /// A client's request body as it came: hyper's (HTTP/1.1), the `h2` crate's
-/// (h2c, [`super::serve2`]), or none (a bodiless request read by the HTTP/1.1
-/// fast path, [`super::serve1`]).
+/// (h2c, [`super::serve2`]), one the HTTP/1.1 fast path ([`super::serve1`])
+/// read whole, or none.
 #[derive(Debug)]
 pub enum ReqBody {
     Hyper(Incoming),

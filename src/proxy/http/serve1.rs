@@ -136,15 +136,16 @@ fn parse(buf: &mut BytesMut) -> Head {
                 hop |= bit;
             }
             Kind::ContentLength => {
+                // Plain digits, at most 12 of them (no overflow, on any width).
                 let n = match h.value {
                     v if length.is_some() || v.is_empty() || v.len() > 12 => return Head::Other,
                     v if !v.iter().all(u8::is_ascii_digit) => return Head::Other,
-                    v => v.iter().fold(0usize, |n, d| n * 10 + usize::from(d - b'0')),
+                    v => v.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')),
                 };
-                if n > buf.len() - len {
+                let Some(n) = usize::try_from(n).ok().filter(|&n| n <= buf.len() - len) else {
                     // Not all here yet: hyper streams it.
                     return Head::Other;
-                }
+                };
                 length = Some(n);
             }
             Kind::Plain if name.eq_ignore_ascii_case(b"expect") => return Head::Other,

@@ -31,7 +31,8 @@ pub struct ConnState {
     pub reading: AtomicU64,
     /// How long a write to the client may wait for it to take bytes, in
     /// milliseconds: the `stream_idle_timeout` of the connection's latest routed
-    /// request; 0 before one (the listener's `idle_timeout` then).
+    /// request (HTTP/2: the longest of its requests' so far); 0 before one (the
+    /// listener's `idle_timeout` then).
     pub write_idle_ms: AtomicU64,
     /// A write to the client waited past that: the response being written ends
     /// as `stream_idle_timeout`, not as the client's abort.

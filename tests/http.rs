@@ -3447,3 +3447,80 @@ async fn posts_whose_bodies_came_with_their_heads_go_up_whole() {
     );
     assert_eq!(seen.len(), 4, "{seen:?}");
 }
+
+/// A POST whose body is written apart from its head (as httpx writes them), at
+/// once or after a pause: either way the backend gets all of it, once, on the
+/// same kept-alive connection, and the request after it is its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_written_apart_from_its_head_goes_up_whole() {
+    let py = Py::start(1).await;
+    let fg = start(&one_pool(&py, "", "upstream_protocol = \"http1\"", false));
+    let l = fg.local_addr("l").unwrap();
+    let body = br#"{"model":"m","prompt":"GET /smuggled HTTP/1.1"}"#;
+    let mut s = TcpStream::connect(l).await.unwrap();
+    for (i, pause) in [0u64, 0, 200, 0].into_iter().enumerate() {
+        let head = format!(
+            "POST /apart/{i} HTTP/1.1\r\nHost: app\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        s.write_all(body).await.unwrap();
+        let resp = read_response(&mut s).await;
+        assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+        let v: serde_json::Value =
+            serde_json::from_str(resp.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+        assert_eq!(v["target"], format!("/apart/{i}"), "{v}");
+        assert_eq!(v["body_len"], body.len(), "{v}");
+        assert_eq!(v["sha256"], hex(&Sha256::digest(body)), "{v}");
+    }
+    let seen = py.seen(0).await;
+    assert_eq!(seen.len(), 4, "{seen:?}");
+    assert!(!seen.iter().any(|s| s.contains("/smuggled")), "{seen:?}");
+}
+
+/// A backend that answers before the client has sent all of the request body
+/// (nginx's `return`, an early 413): the client connection cannot be kept (the
+/// rest of the body may never be read), and the response says so with
+/// `Connection: close` rather than the connection closing under the client's
+/// next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_before_the_whole_body_says_connection_close() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = backend.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = backend.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                // Answers the head at once, reads (and drops) whatever follows.
+                if matches!(s.read(&mut buf).await, Ok(n) if n > 0) {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await;
+                }
+                while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+            });
+        }
+    });
+    let cfg = head(false) + &listener("l", "pool = \"p\"") + &pool("p", &[addr.to_string()], "");
+    let fg = start(&cfg);
+    let l = fg.local_addr("l").unwrap();
+    let mut c = TcpStream::connect(l).await.unwrap();
+    c.write_all(b"POST /early HTTP/1.1\r\nhost: t\r\ncontent-length: 10\r\n\r\n")
+        .await
+        .unwrap();
+    let resp = tokio::time::timeout(LIVENESS, read_response(&mut c))
+        .await
+        .unwrap();
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(
+        resp.to_ascii_lowercase()
+            .contains("\r\nconnection: close\r\n"),
+        "the answer says the connection closes: {resp}"
+    );
+    let _ = c.write_all(b"0123456789").await;
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(LIVENESS, c.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "and it closes");
+}

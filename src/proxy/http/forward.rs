@@ -455,9 +455,13 @@ pub async fn handle(ctx: Arc<ConnCtx>, mut req: ClientReq) -> Response<OutBody> 
         return Response::from_parts(parts, OutBody::Full(None));
     }
     // The backend stopped reading the request body (it answered early and
-    // closed): the rest of it will never be read, so the client connection
-    // closes after this response rather than have its body taken for a request.
-    let cut = h1.as_ref().is_some_and(|h| h.conn.upload_cut());
+    // closed), or answered before the client had sent all of it (nginx's
+    // `return`, an early 413): the rest may never be read, so the client
+    // connection closes after this response rather than have its body taken
+    // for a request, and the response says so (`Connection: close`), so that
+    // the client does not send its next request into a closing connection.
+    let cut = h1.as_ref().is_some_and(|h| h.conn.upload_cut())
+        || (!ctx.state.h2.load(Ordering::Relaxed) && !ex.up.body_read());
     if cut {
         ctx.state.close_after.store(true, Ordering::Relaxed);
     }

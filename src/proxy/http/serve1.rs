@@ -7,7 +7,9 @@
 //! read yet, a WebSocket handshake, `Expect: 100-continue`, CONNECT, a head
 //! httparse refuses or one over 8 KiB) goes to hyper's server with the bytes
 //! read so far, as before: its answers (400, 431) and its defences stay as they
-//! were. A body is never waited for here: what has not arrived streams through
+//! were. A body is never waited for here: when a little of it is missing, the
+//! socket is read once more without waiting (a client that writes head and body
+//! apart has usually sent both); what has still not arrived streams through
 //! hyper.
 //!
 //! Why: per request, hyper's server (its dispatcher, head parser and encoder)
@@ -59,6 +61,12 @@ const MAX_HEADERS: usize = 100;
 /// past `max_header_bytes`).
 const MAX_FAST_HEAD: usize = 8192;
 
+/// A body that had not all come with its head is looked for once more, without
+/// waiting, if this much or less is missing: what a client wrote right after
+/// the head (httpx, the OpenAI SDK's client, writes head and body apart) is
+/// often in the socket already.
+const MAX_FAST_BODY: usize = 16 * 1024;
+
 /// How to answer a request, from its head.
 #[derive(Debug, Clone, Copy)]
 struct Answer {
@@ -78,6 +86,9 @@ enum Head {
     /// A request the fast path serves, bodiless or with its whole body read
     /// (see [`parse`]); its head and body were taken off the buffer.
     Simple(RawHead, Answer),
+    /// A head the fast path would serve but for this many bytes of its body,
+    /// not read yet (at most [`MAX_FAST_BODY`]); the buffer left as it was.
+    Short(usize),
     /// Anything else: hyper serves it.
     Other,
 }
@@ -142,8 +153,7 @@ fn parse(buf: &mut BytesMut) -> Head {
                     v if !v.iter().all(u8::is_ascii_digit) => return Head::Other,
                     v => v.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')),
                 };
-                let Some(n) = usize::try_from(n).ok().filter(|&n| n <= buf.len() - len) else {
-                    // Not all here yet: hyper streams it.
+                let Ok(n) = usize::try_from(n) else {
                     return Head::Other;
                 };
                 length = Some(n);
@@ -156,6 +166,16 @@ fn parse(buf: &mut BytesMut) -> Head {
             value: at(h.value),
             kind,
         });
+    }
+    if let Some(n) = length.filter(|&n| n > buf.len() - len) {
+        // Not all here yet: looked for once more if little is missing, else
+        // hyper streams it.
+        let missing = n - (buf.len() - len);
+        return if missing <= MAX_FAST_BODY {
+            Head::Short(missing)
+        } else {
+            Head::Other
+        };
     }
     let target = at(req.path.unwrap_or("").as_bytes());
     let head = buf.split_to(len).freeze();
@@ -210,12 +230,36 @@ pub(super) async fn serve(
     let mut between = Between::First;
     // Made once per busy spell, moved on lazily.
     let mut timer: Option<Pin<Box<Sleep>>> = None;
+    // The current head's body was looked for once more already.
+    let mut looked = false;
     loop {
         if !rbuf.is_empty() {
             match parse(rbuf) {
                 Head::Partial => {}
                 Head::Other => return Fast::Hyper,
+                Head::Short(_) if looked => return Fast::Hyper,
+                Head::Short(missing) => {
+                    // One read that does not wait: what is in the socket
+                    // already. Whatever is still missing then, hyper streams.
+                    looked = true;
+                    rbuf.reserve(missing);
+                    let read = poll_fn(|cx| {
+                        Poll::Ready(tokio_util::io::poll_read_buf(
+                            Pin::new(&mut *io),
+                            cx,
+                            &mut *rbuf,
+                        ))
+                    })
+                    .await;
+                    match read {
+                        Poll::Ready(Ok(n)) if n > 0 => continue,
+                        Poll::Ready(Err(_)) => return Fast::Closed,
+                        // (The end of stream, or nothing yet: hyper sees to it.)
+                        _ => return Fast::Hyper,
+                    }
+                }
                 Head::Simple(req, answer) => {
+                    looked = false;
                     let keep = exchange(io, rbuf, ctx, req, answer).await;
                     if !keep || ctx.state.close_after.load(Ordering::Relaxed) || stop.is_cancelled()
                     {

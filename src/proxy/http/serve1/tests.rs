@@ -42,9 +42,14 @@ fn simple_and_other_heads() {
         _ => panic!("not simple"),
     }
     assert_eq!(&b[..], b"GET");
+    // Not all of the body read yet: a little is looked for once more (the
+    // buffer as it was), more goes to hyper, which streams it.
+    let short = b"POST / HTTP/1.1\r\nContent-Length: 6\r\n\r\nhello";
+    let mut b = BytesMut::from(&short[..]);
+    assert!(matches!(parse(&mut b), Head::Short(1)));
+    assert_eq!(&b[..], short, "left as it was");
     for other in [
-        // Not all of the body read yet: hyper streams it.
-        &b"POST / HTTP/1.1\r\nContent-Length: 6\r\n\r\nhello"[..],
+        &b"POST / HTTP/1.1\r\nContent-Length: 16390\r\n\r\nhello"[..],
         // A length written any other way than plain digits: hyper's to judge.
         b"POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\nhello",
         b"POST / HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\nhello",

@@ -136,11 +136,7 @@ impl RawHead {
             let value = HeaderValue::from_maybe_shared(self.bytes.slice(f.value.clone())).ok()?;
             headers.append(name, value);
         }
-        let mut r = Request::new(if self.body.is_empty() {
-            ReqBody::Empty
-        } else {
-            ReqBody::Buffered(self.body)
-        });
+        let mut r = Request::new(ReqBody::Buffered(self.body));
         *r.method_mut() = self.method;
         *r.uri_mut() = self.uri;
         *r.version_mut() = self.version;

@@ -122,16 +122,15 @@ impl IdleTimer {
 }
 
 /// A client's request body as it came: hyper's (HTTP/1.1), the `h2` crate's
-/// (h2c, [`super::serve2`]), one the HTTP/1.1 fast path ([`super::serve1`])
-/// read whole, or none.
+/// (h2c, [`super::serve2`]), or one the HTTP/1.1 fast path ([`super::serve1`])
+/// read whole (empty: none).
 #[derive(Debug)]
 pub enum ReqBody {
     Hyper(Incoming),
     H2(H2Body),
     /// A body the HTTP/1.1 fast path found whole in its read buffer with the
-    /// head (taken once; empty after).
+    /// head (taken once; empty after), or none.
     Buffered(Bytes),
-    Empty,
 }
 
 /// An h2c request's body: its DATA frames (each one's flow-control window given
@@ -194,7 +193,6 @@ impl Body for ReqBody {
             ReqBody::H2(b) => b.poll_frame(cx),
             ReqBody::Buffered(b) if b.is_empty() => Poll::Ready(None),
             ReqBody::Buffered(b) => Poll::Ready(Some(Ok(Frame::data(std::mem::take(b))))),
-            ReqBody::Empty => Poll::Ready(None),
         }
     }
 
@@ -203,7 +201,6 @@ impl Body for ReqBody {
             ReqBody::Hyper(b) => b.is_end_stream(),
             ReqBody::H2(b) => b.recv.is_end_stream(),
             ReqBody::Buffered(b) => b.is_empty(),
-            ReqBody::Empty => true,
         }
     }
 
@@ -214,7 +211,6 @@ impl Body for ReqBody {
                 .remaining
                 .map_or_else(SizeHint::default, SizeHint::with_exact),
             ReqBody::Buffered(b) => SizeHint::with_exact(b.len() as u64),
-            ReqBody::Empty => SizeHint::with_exact(0),
         }
     }
 }
@@ -231,10 +227,6 @@ pub struct UpBody {
 
 impl UpBody {
     pub fn new(inner: ReqBody, idle: Duration, limit: Option<u64>, upload: Arc<Upload>) -> UpBody {
-        if let ReqBody::Empty = inner {
-            upload.finish();
-            return UpBody::new_empty(upload);
-        }
         let empty = inner.is_end_stream();
         if empty {
             upload.finish();
@@ -244,18 +236,6 @@ impl UpBody {
             // A timer only for a body that will move.
             idle: (!empty).then(|| IdleTimer::new(idle)),
             limit,
-            upload,
-        }
-    }
-}
-
-impl UpBody {
-    /// No body: a bodiless request sent again.
-    pub fn new_empty(upload: Arc<Upload>) -> UpBody {
-        UpBody {
-            inner: None,
-            idle: None,
-            limit: None,
             upload,
         }
     }

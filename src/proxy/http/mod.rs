@@ -33,6 +33,7 @@ mod conn;
 mod exchange;
 mod forward;
 mod h1;
+mod h2;
 mod headers;
 pub mod path;
 mod prepare;

@@ -137,7 +137,7 @@ pub enum ReqBody {
 /// back as it is taken), then its trailers.
 #[derive(Debug)]
 pub struct H2Body {
-    recv: h2::RecvStream,
+    recv: super::h2::RecvBody,
     data_done: bool,
     /// What the request's Content-Length says is left (h2 holds the stream to
     /// it).
@@ -145,7 +145,7 @@ pub struct H2Body {
 }
 
 impl H2Body {
-    pub fn new(recv: h2::RecvStream, content_length: Option<u64>) -> H2Body {
+    pub fn new(recv: super::h2::RecvBody, content_length: Option<u64>) -> H2Body {
         H2Body {
             recv,
             data_done: false,
@@ -156,14 +156,13 @@ impl H2Body {
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         // RFC 9113 §8.1: a reset with NO_ERROR after the response ends the body
         // early without failing it.
-        let early_end = |e: h2::Error| match e.reason() {
-            Some(h2::Reason::NO_ERROR) => None,
-            _ => Some(Err(e.into())),
+        let early_end = |r: h2::Reason| match r {
+            h2::Reason::NO_ERROR => None,
+            r => Some(Err(h2::Error::from(r).into())),
         };
         if !self.data_done {
             match std::task::ready!(self.recv.poll_data(cx)) {
                 Some(Ok(data)) => {
-                    let _ = self.recv.flow_control().release_capacity(data.len());
                     if let Some(r) = self.remaining.as_mut() {
                         *r = r.saturating_sub(data.len() as u64);
                     }

@@ -1,5 +1,5 @@
-//! h2c: an HTTP/2 client connection (prior knowledge), served on the `h2` crate
-//! directly rather than through hyper's server.
+//! h2c: an HTTP/2 client connection (prior knowledge), served by flowgate's
+//! own HTTP/2 layer ([`super::h2`]).
 //!
 //! The connection's streams run in its own task, polled through a
 //! [`FuturesUnordered`] (only the woken ones): no task is spawned, no handler
@@ -8,7 +8,7 @@
 //! an h2c request's instructions through hyper (docs/performance.md); HAProxy
 //! and nginx serve a connection's streams from one task the same way.
 //!
-//! What hyper's server did is kept: its flow-control windows and buffer sizes,
+//! What hyper's server did is kept: its flow-control windows,
 //! the `Date` header, `Content-Length` from a body whose length is known, a
 //! stream whose client resets it dropped (and with it the request), backpressure
 //! on a response body through the stream's send capacity, trailers, GOAWAY when
@@ -23,8 +23,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::FutureExt;
-use h2::server::SendResponse;
-use h2::{Reason, SendStream};
+use h2::Reason;
 use hyper::body::Body;
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response};
@@ -34,19 +33,17 @@ use tracing::{debug, error};
 use super::body::OutBody;
 use super::client_io::ClientIo;
 use super::forward;
+use super::h2::{Conn, ConnError, RecvBody, Settings, StreamHandle};
 use super::prepare::content_length;
 use super::request_body::{H2Body, ReqBody};
 use super::state::ConnCtx;
 use super::HttpSettings;
 
-/// Flow-control windows and buffers as hyper's server sets them: a 1 MiB
-/// window per stream and per connection (h2's default of 64 KiB would hold a
-/// large upload to one window per round trip), 16 KiB frames, and up to
-/// 400 KiB of a stream's response buffered for sending.
+/// Flow-control windows as hyper's server sets them: 1 MiB per stream and per
+/// connection (HTTP/2's default of 64 KiB would hold a large upload to one
+/// window per round trip).
 const STREAM_WINDOW: u32 = 1024 * 1024;
 const CONN_WINDOW: u32 = 1024 * 1024;
-const MAX_FRAME: u32 = 16 * 1024;
-const MAX_SEND_BUFFER: usize = 400 * 1024;
 const MAX_LOCAL_ERROR_RESETS: usize = 1024;
 
 /// Serves an h2c connection until it ends: GOAWAY when the listener stops
@@ -57,21 +54,18 @@ pub(super) async fn serve(
     http: &HttpSettings,
     stop: &CancellationToken,
     cut: &CancellationToken,
-) -> Result<(), h2::Error> {
-    let mut builder = h2::server::Builder::new();
-    builder
-        .initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONN_WINDOW)
-        .max_frame_size(MAX_FRAME)
-        .max_send_buffer_size(MAX_SEND_BUFFER)
-        .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
-        .max_concurrent_streams(http.max_streams_per_connection)
-        .max_header_list_size(http.max_header_bytes.min(u32::MAX as usize) as u32);
+) -> Result<(), ConnError> {
+    let mut conn = Conn::new(
+        io,
+        Settings {
+            max_streams: http.max_streams_per_connection,
+            max_header_list: http.max_header_bytes,
+            stream_window: STREAM_WINDOW,
+            conn_window: CONN_WINDOW,
+            max_error_resets: MAX_LOCAL_ERROR_RESETS,
+        },
+    );
     let mut cancelled = pin!(cut.cancelled());
-    let mut conn = tokio::select! {
-        c = builder.handshake::<_, Bytes>(io) => c?,
-        _ = &mut cancelled => return Ok(()),
-    };
     let mut stopped = pin!(stop.cancelled());
     let mut stopping = false;
     let mut streams = FuturesUnordered::new();
@@ -83,6 +77,9 @@ pub(super) async fn serve(
             stopping = true;
             conn.graceful_shutdown();
         }
+        // What the streams queue while polled here goes out with this turn's
+        // write: no wake-up needed for it.
+        conn.set_polling(true);
         loop {
             // The streams first: what they send goes out as the connection is
             // polled next.
@@ -103,7 +100,10 @@ pub(super) async fn serve(
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
                 // Closed (after GOAWAY, once the streams ended).
                 Poll::Ready(None) => return Poll::Ready(Ok(())),
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    conn.set_polling(false);
+                    return Poll::Pending;
+                }
             }
         }
     })
@@ -114,10 +114,9 @@ pub(super) async fn serve(
 /// (and drops the request) if the client resets the stream.
 fn stream(
     ctx: Arc<ConnCtx>,
-    req: Request<h2::RecvStream>,
-    reply: SendResponse<Bytes>,
+    req: Request<RecvBody>,
+    reply: StreamHandle,
 ) -> Stream<impl Future<Output = Response<OutBody>>> {
-    // (h2 holds the stream's DATA to the first value.)
     let length = content_length(req.headers());
     let req = req.map(|recv| ReqBody::H2(H2Body::new(recv, length)));
     Stream {
@@ -134,7 +133,7 @@ pin_project_lite::pin_project! {
     /// copies beside it), and it is moved three times on its way into the
     /// connection's set of streams.
     struct Stream<F> {
-        reply: SendResponse<Bytes>,
+        reply: StreamHandle,
         #[pin]
         state: State<F>,
     }
@@ -156,9 +155,9 @@ impl<F: Future<Output = Response<OutBody>>> Future for Stream<F> {
         loop {
             let next = match me.state.as_mut().project() {
                 StateProj::Piping { pipe } => {
-                    return pipe.poll(cx).map(|r| {
+                    return pipe.poll(me.reply, cx).map(|r| {
                         if let Err(e) = r {
-                            debug!(error = %e, "h2c response body ended early");
+                            debug!(reason = ?e, "h2c response body ended early");
                         }
                     })
                 }
@@ -185,7 +184,7 @@ impl<F: Future<Output = Response<OutBody>>> Future for Stream<F> {
 }
 
 /// Sends a response's head; the body to pipe, if it has one.
-fn respond(reply: &mut SendResponse<Bytes>, resp: Response<OutBody>) -> Option<Pipe> {
+fn respond(reply: &mut StreamHandle, resp: Response<OutBody>) -> Option<Pipe> {
     let (mut parts, body) = resp.into_parts();
     if !parts.headers.contains_key(header::DATE) {
         let date = super::headers::with_date(HeaderValue::from_bytes);
@@ -201,15 +200,10 @@ fn respond(reply: &mut SendResponse<Bytes>, resp: Response<OutBody>) -> Option<P
                 .insert(header::CONTENT_LENGTH, HeaderValue::from(n));
         }
     }
-    match reply.send_response(Response::from_parts(parts, ()), end) {
-        Ok(send) => (!end).then_some(Pipe {
-            send,
-            body,
-            held: None,
-        }),
-        Err(e) => {
-            debug!(error = %e, "h2c response not sent");
-            reply.send_reset(Reason::INTERNAL_ERROR);
+    match reply.send_response(parts.status, &parts.headers, end) {
+        Ok(()) => (!end).then_some(Pipe { body, held: None }),
+        Err(reason) => {
+            debug!(?reason, "h2c response not sent");
             None
         }
     }
@@ -230,52 +224,46 @@ fn reset_reason(e: &(dyn std::error::Error + 'static)) -> Reason {
 }
 
 /// A response body on its way into a stream, frame by frame, as the stream's
-/// send capacity allows.
+/// flow-control windows allow.
 struct Pipe {
-    send: SendStream<Bytes>,
     body: OutBody,
-    /// A chunk taken from the body that waits for send capacity, and whether
-    /// the body ended with it.
+    /// A chunk taken from the body that is still (partly) to be sent, and
+    /// whether the body ended with it.
     held: Option<(Bytes, bool)>,
 }
 
 impl Pipe {
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), h2::Error>> {
+    fn poll(&mut self, send: &mut StreamHandle, cx: &mut Context<'_>) -> Poll<Result<(), Reason>> {
         loop {
-            if let Some((data, end)) = self.held.take() {
-                while self.send.capacity() == 0 {
-                    match self.send.poll_capacity(cx) {
-                        Poll::Ready(Some(Ok(0))) => {}
-                        Poll::Ready(Some(Ok(_))) => break,
-                        Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
-                        // Reset, or closed under it.
-                        Poll::Ready(None) => return Poll::Ready(Err(Reason::CANCEL.into())),
-                        Poll::Pending => {
-                            self.held = Some((data, end));
-                            // A client that stops taking the body (no
-                            // WINDOW_UPDATE) holds the backend's response:
-                            // cut after stream_idle_timeout, as a stalled
-                            // backend is.
-                            if self.body.client_stalled(cx) {
-                                self.send.send_reset(Reason::CANCEL);
-                                return Poll::Ready(Err(Reason::CANCEL.into()));
-                            }
-                            return self.pending(cx);
+            if let Some((mut data, end)) = self.held.take() {
+                match send.poll_send_data(cx, &mut data, end) {
+                    Poll::Ready(Ok(())) if end => return Poll::Ready(Ok(())),
+                    Poll::Ready(Ok(())) => continue,
+                    Poll::Ready(Err(r)) => return Poll::Ready(Err(r)),
+                    Poll::Pending => {
+                        self.held = Some((data, end));
+                        // A client that stops taking the body (no
+                        // WINDOW_UPDATE) holds the backend's response: cut
+                        // after stream_idle_timeout, as a stalled backend is.
+                        if self.body.client_stalled(cx) {
+                            send.send_reset(Reason::CANCEL);
+                            return Poll::Ready(Err(Reason::CANCEL));
                         }
+                        return Poll::Pending;
                     }
                 }
-                self.send.send_data(data, end)?;
-                if end {
-                    return Poll::Ready(Ok(()));
-                }
-                continue;
             }
             let frame = match Pin::new(&mut self.body).poll_frame(cx) {
-                Poll::Pending => return self.pending(cx),
-                Poll::Ready(None) => return Poll::Ready(self.send.send_data(Bytes::new(), true)),
+                // (A reset from the client wakes the stream through its
+                // handle, and the next send fails.)
+                Poll::Pending => return pending(send, cx),
+                Poll::Ready(None) => {
+                    self.held = Some((Bytes::new(), true));
+                    continue;
+                }
                 Poll::Ready(Some(Err(e))) => {
                     debug!(error = %e, "response body failed: h2c stream reset");
-                    self.send.send_reset(reset_reason(&*e));
+                    send.send_reset(reset_reason(&*e));
                     return Poll::Ready(Ok(()));
                 }
                 Poll::Ready(Some(Ok(f))) => f,
@@ -283,39 +271,26 @@ impl Pipe {
             match frame.into_data() {
                 Ok(data) => {
                     let end = self.body.is_end_stream();
-                    if end || data.is_empty() {
-                        // The last chunk (or an empty one) is as much as the
-                        // stream will ever hold: no capacity to wait for first.
-                        self.send.send_data(data, end)?;
-                        if end {
-                            return Poll::Ready(Ok(()));
-                        }
+                    if data.is_empty() && !end {
                         continue;
                     }
-                    // A claim on the window only once a chunk is in hand (not
-                    // speculatively, which could pin window another stream
-                    // needs); h2 raises it to the chunk's length as it sends.
-                    self.send.reserve_capacity(1);
-                    self.held = Some((data, false));
+                    self.held = Some((data, end));
                 }
                 Err(frame) => {
                     if let Ok(trailers) = frame.into_trailers() {
-                        self.send.reserve_capacity(0);
-                        self.send.send_trailers(trailers)?;
+                        send.send_trailers(&trailers)?;
                         return Poll::Ready(Ok(()));
                     }
                 }
             }
         }
     }
+}
 
-    /// Waiting (for the body, or for capacity): a reset from the client wakes
-    /// the stream too, and ends it.
-    fn pending(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), h2::Error>> {
-        match self.send.poll_reset(cx) {
-            Poll::Ready(Ok(reason)) => Poll::Ready(Err(reason.into())),
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => Poll::Pending,
-        }
+/// Waiting for the body: a reset from the client ends the stream.
+fn pending(send: &mut StreamHandle, cx: &mut Context<'_>) -> Poll<Result<(), Reason>> {
+    match send.poll_reset(cx) {
+        Poll::Ready(r) => Poll::Ready(Err(r)),
+        Poll::Pending => Poll::Pending,
     }
 }

@@ -1,0 +1,1294 @@
+//! The server side of an HTTP/2 connection: frames read and checked, streams
+//! opened and closed, both flow-control windows kept, and what the streams
+//! send written out in one write per turn.
+//!
+//! [`Conn`] is driven by the connection's task. The state the streams share
+//! with it (their received data, their windows, the bytes waiting to be
+//! written) is behind one mutex: a request body may be read from another task
+//! (hyper's, for an h2c backend), and the lock is uncontended otherwise.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use h2::Reason;
+use hyper::header::HeaderMap;
+use hyper::http::uri::{Authority, PathAndQuery, Scheme};
+use hyper::{Method, Request, StatusCode, Uri, Version};
+use rustc_hash::FxHashMap;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::frame::{self, Head};
+use super::hpack;
+
+/// What a connection advertises.
+#[derive(Clone, Copy, Debug)]
+pub struct Settings {
+    pub max_streams: u32,
+    pub max_header_list: usize,
+    /// Each stream's receive window (SETTINGS_INITIAL_WINDOW_SIZE).
+    pub stream_window: u32,
+    /// The connection's receive window.
+    pub conn_window: u32,
+    /// Streams this connection may reset for the client's errors before it
+    /// is closed with ENHANCE_YOUR_CALM.
+    pub max_error_resets: usize,
+}
+
+/// The largest frame read (SETTINGS_MAX_FRAME_SIZE is left at its default).
+const MAX_FRAME: usize = frame::MIN_MAX_FRAME as usize;
+/// Bytes waiting to be written above which streams wait to add more and no
+/// frame is read (a client that sends PINGs and reads nothing is held here).
+const OUT_HIGH: usize = 256 * 1024;
+/// Client resets of streams in one second above which the connection is
+/// closed (the "rapid reset" attack, CVE-2023-44487).
+const MAX_RESETS_PER_SECOND: u32 = 1000;
+
+/// A connection error: GOAWAY with this reason, then the close.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnError(pub Reason, pub &'static str);
+
+impl std::fmt::Display for ConnError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "HTTP/2 connection error {:?}: {}", self.0, self.1)
+    }
+}
+
+impl std::error::Error for ConnError {}
+
+/// A stream's state as its handles and the connection share it.
+#[derive(Default)]
+struct Slot {
+    /// DATA received and not yet taken by the request body.
+    rx: VecDeque<Bytes>,
+    rx_trailers: Option<HeaderMap>,
+    /// END_STREAM received.
+    rx_end: bool,
+    /// What the client may still send on the stream.
+    rx_window: i64,
+    /// Taken by the body and not yet given back in a WINDOW_UPDATE.
+    rx_release: u32,
+    /// What the request's Content-Length says is still to come.
+    rx_left: Option<u64>,
+    rx_waker: Option<Waker>,
+    /// The request body exists (received DATA is dropped once it is gone).
+    body: bool,
+    /// What the stream may still send.
+    tx_window: i64,
+    /// The response's task: waiting for window, for room to write, or for a
+    /// reset.
+    tx_waker: Option<Waker>,
+    /// END_STREAM sent.
+    tx_end: bool,
+    /// RST_STREAM sent or received.
+    reset: Option<Reason>,
+    /// The response handle exists.
+    handle: bool,
+    /// Counts towards SETTINGS_MAX_CONCURRENT_STREAMS.
+    counted: bool,
+}
+
+impl Slot {
+    fn closed(&self) -> bool {
+        self.reset.is_some() || (self.rx_end && self.tx_end)
+    }
+
+    fn wake(&mut self) {
+        if let Some(w) = self.rx_waker.take() {
+            w.wake();
+        }
+        if let Some(w) = self.tx_waker.take() {
+            w.wake();
+        }
+    }
+}
+
+struct Inner {
+    streams: FxHashMap<u32, Slot>,
+    /// Open streams (not closed both ways nor reset).
+    active: u32,
+    /// Frames waiting to be written.
+    out: BytesMut,
+    /// Scratch space for a header block being encoded.
+    block: BytesMut,
+    conn_send: i64,
+    /// The client's SETTINGS_INITIAL_WINDOW_SIZE and SETTINGS_MAX_FRAME_SIZE.
+    init_send: i64,
+    max_send_frame: usize,
+    /// Taken by request bodies (or dropped) and not yet given back to the
+    /// connection's window.
+    conn_release: u32,
+    /// What the client may still send on the connection.
+    conn_recv: i64,
+    stream_window: u32,
+    conn_window: u32,
+    /// The connection's task, woken when a handle in another task queued a
+    /// frame; not needed while it is polling its streams itself.
+    driver: Option<Waker>,
+    polling: bool,
+    /// Streams waiting for `out` to drain.
+    out_waiters: Vec<Waker>,
+    /// The connection is gone: every handle fails with this.
+    gone: Option<Reason>,
+    /// Streams reset for the client's errors.
+    error_resets: usize,
+}
+
+impl Inner {
+    fn queued(&mut self) {
+        if !self.polling {
+            if let Some(w) = self.driver.take() {
+                w.wake();
+            }
+        }
+    }
+
+    /// Resets a stream from this side (once).
+    fn reset(&mut self, id: u32, reason: Reason) {
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
+        if s.reset.is_some() {
+            return;
+        }
+        s.reset = Some(reason);
+        frame::rst_stream(&mut self.out, id, reason);
+        s.wake();
+        self.settle(id);
+    }
+
+    /// A stream that both ended stops counting, and goes once neither handle
+    /// is left. What a gone body left unread goes back to the window.
+    fn settle(&mut self, id: u32) {
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
+        if s.closed() && s.counted {
+            s.counted = false;
+            self.active -= 1;
+        }
+        if !s.body {
+            let n: usize = s.rx.drain(..).map(|b| b.len()).sum();
+            self.conn_release += n as u32;
+        }
+        if s.closed() && !s.body && !s.handle {
+            self.streams.remove(&id);
+        }
+    }
+
+    /// The response ended: a request still coming is cut short (RFC 9113
+    /// §8.1: RST_STREAM with NO_ERROR).
+    fn sent_end(&mut self, id: u32) {
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
+        s.tx_end = true;
+        if !s.rx_end && s.reset.is_none() {
+            self.reset(id, Reason::NO_ERROR);
+        }
+        self.settle(id);
+    }
+
+    /// WINDOW_UPDATEs for what was taken, once half a window's worth.
+    fn give_back(&mut self, id: u32) {
+        if let Some(s) = self.streams.get_mut(&id) {
+            if s.rx_release >= self.stream_window / 2 && !s.rx_end && s.reset.is_none() {
+                frame::window_update(&mut self.out, id, s.rx_release);
+                s.rx_window += s.rx_release as i64;
+                s.rx_release = 0;
+            }
+        }
+        if self.conn_release >= self.conn_window / 2 {
+            frame::window_update(&mut self.out, 0, self.conn_release);
+            self.conn_recv += self.conn_release as i64;
+            self.conn_release = 0;
+        }
+    }
+
+    fn wake_senders(&mut self) {
+        for s in self.streams.values_mut() {
+            if let Some(w) = s.tx_waker.take() {
+                w.wake();
+            }
+        }
+    }
+}
+
+/// The shared state.
+pub struct Shared(Mutex<Inner>);
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A header block being received (HEADERS, then CONTINUATIONs).
+struct Pending {
+    stream: u32,
+    end_stream: bool,
+    bytes: BytesMut,
+}
+
+/// An HTTP/2 server connection over `io`.
+pub struct Conn<T> {
+    io: T,
+    shared: Arc<Shared>,
+    settings: Settings,
+    rbuf: BytesMut,
+    dec: hpack::Decoder,
+    /// The client's preface has been read.
+    preface: bool,
+    /// A frame other than SETTINGS came first: PROTOCOL_ERROR.
+    got_settings: bool,
+    block: Option<Pending>,
+    /// The highest stream the client opened.
+    last: u32,
+    /// GOAWAY sent: no stream is opened past `last`.
+    going_away: bool,
+    /// The client sent GOAWAY.
+    peer_away: bool,
+    eof: bool,
+    resets: (Instant, u32),
+}
+
+/// What [`Conn::poll_accept`] gives.
+pub type Accepted = (Request<RecvBody>, StreamHandle);
+
+impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
+    /// A connection whose preface is still to be read; its SETTINGS (and the
+    /// connection window's raise) go out with the first write.
+    pub fn new(io: T, settings: Settings) -> Conn<T> {
+        let mut out = BytesMut::with_capacity(16 * 1024);
+        frame::settings(
+            &mut out,
+            &[
+                (frame::SETTINGS_ENABLE_PUSH, 0),
+                (frame::SETTINGS_MAX_CONCURRENT_STREAMS, settings.max_streams),
+                (frame::SETTINGS_INITIAL_WINDOW_SIZE, settings.stream_window),
+                (
+                    frame::SETTINGS_MAX_HEADER_LIST_SIZE,
+                    settings.max_header_list.min(u32::MAX as usize) as u32,
+                ),
+            ],
+        );
+        let raise = settings.conn_window as i64 - frame::DEFAULT_WINDOW;
+        if raise > 0 {
+            frame::window_update(&mut out, 0, raise as u32);
+        }
+        let inner = Inner {
+            streams: FxHashMap::default(),
+            active: 0,
+            out,
+            block: BytesMut::new(),
+            conn_send: frame::DEFAULT_WINDOW,
+            init_send: frame::DEFAULT_WINDOW,
+            max_send_frame: frame::MIN_MAX_FRAME as usize,
+            conn_release: 0,
+            conn_recv: settings.conn_window.max(frame::DEFAULT_WINDOW as u32) as i64,
+            stream_window: settings.stream_window,
+            conn_window: settings.conn_window.max(frame::DEFAULT_WINDOW as u32),
+            driver: None,
+            polling: false,
+            out_waiters: Vec::new(),
+            gone: None,
+            error_resets: 0,
+        };
+        Conn {
+            io,
+            shared: Arc::new(Shared(Mutex::new(inner))),
+            settings,
+            rbuf: BytesMut::with_capacity(MAX_FRAME + frame::HEADER_LEN),
+            dec: hpack::decoder(),
+            preface: false,
+            got_settings: false,
+            block: None,
+            last: 0,
+            going_away: false,
+            peer_away: false,
+            eof: false,
+            resets: (Instant::now(), 0),
+        }
+    }
+
+    /// Marks the streams as polled by the connection's own task (a frame they
+    /// queue then needs no wake-up), or not.
+    pub fn set_polling(&self, polling: bool) {
+        self.shared.lock().polling = polling;
+    }
+
+    /// GOAWAY: the streams opened so far finish; no new one is taken.
+    pub fn graceful_shutdown(&mut self) {
+        if self.going_away {
+            return;
+        }
+        self.going_away = true;
+        let mut g = self.shared.lock();
+        frame::goaway(&mut g.out, self.last, Reason::NO_ERROR);
+    }
+
+    /// The next request, once read; `None` when the connection is done (the
+    /// client closed, or it went away and its streams ended). Writes what is
+    /// waiting before it waits.
+    pub fn poll_accept(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Accepted, ConnError>>> {
+        match self.poll_inner(cx) {
+            Poll::Ready(Some(Err(e))) => {
+                // Best effort: the GOAWAY goes with what was queued.
+                let mut g = self.shared.lock();
+                frame::goaway(&mut g.out, self.last, e.0);
+                let out = g.out.split();
+                drop(g);
+                let _ = std::pin::Pin::new(&mut self.io).poll_write(cx, &out);
+                Poll::Ready(Some(Err(e)))
+            }
+            other => other,
+        }
+    }
+
+    fn poll_inner(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Accepted, ConnError>>> {
+        loop {
+            // Frames already read first.
+            if self.room() {
+                match self.next_frame() {
+                    Err(e) => return Poll::Ready(Some(Err(e))),
+                    Ok(Some(Some(accepted))) => return Poll::Ready(Some(Ok(accepted))),
+                    Ok(Some(None)) => continue,
+                    Ok(None) => {}
+                }
+            }
+            // Then out what is waiting.
+            let blocked = match self.poll_flush(cx) {
+                Err(e) => return Poll::Ready(Some(Err(e))),
+                Ok(blocked) => blocked,
+            };
+            if self.done() {
+                return Poll::Ready(None);
+            }
+            if !self.room() {
+                // The client is not reading: wait for the socket to take more.
+                return Poll::Pending;
+            }
+            if self.eof {
+                return Poll::Ready(None);
+            }
+            if self.rbuf.capacity() - self.rbuf.len() < 4096 {
+                self.rbuf.reserve(MAX_FRAME + frame::HEADER_LEN);
+            }
+            match tokio_util::io::poll_read_buf(
+                std::pin::Pin::new(&mut self.io),
+                cx,
+                &mut self.rbuf,
+            ) {
+                Poll::Ready(Ok(0)) => {
+                    self.eof = true;
+                    return Poll::Ready(None);
+                }
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(_)) => return Poll::Ready(None),
+                Poll::Pending => {
+                    let mut g = self.shared.lock();
+                    match &g.driver {
+                        Some(w) if w.will_wake(cx.waker()) => {}
+                        _ => g.driver = Some(cx.waker().clone()),
+                    }
+                    // A handle may have queued since the flush.
+                    if !g.out.is_empty() && !blocked {
+                        drop(g);
+                        continue;
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+
+    /// Whether there is room in the write buffer to read more frames.
+    fn room(&self) -> bool {
+        self.shared.lock().out.len() < OUT_HIGH
+    }
+
+    /// Nothing more will come: the connection went away (either side) and its
+    /// streams are over, and everything is written.
+    fn done(&self) -> bool {
+        let g = self.shared.lock();
+        (self.going_away || self.peer_away) && g.active == 0 && g.out.is_empty()
+    }
+
+    /// Writes what is queued, as far as the socket takes it; whether the
+    /// socket is full.
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Result<bool, ConnError> {
+        let mut g = self.shared.lock();
+        let mut blocked = false;
+        while !g.out.is_empty() {
+            match std::pin::Pin::new(&mut self.io).poll_write(cx, &g.out) {
+                Poll::Ready(Ok(0)) => return Err(ConnError(Reason::INTERNAL_ERROR, "write zero")),
+                Poll::Ready(Ok(n)) => {
+                    g.out.advance(n);
+                }
+                Poll::Ready(Err(_)) => {
+                    return Err(ConnError(Reason::INTERNAL_ERROR, "client socket failed"))
+                }
+                Poll::Pending => {
+                    blocked = true;
+                    break;
+                }
+            }
+        }
+        if g.out.len() < OUT_HIGH / 2 && !g.out_waiters.is_empty() {
+            for w in g.out_waiters.drain(..) {
+                w.wake();
+            }
+        }
+        if g.out.is_empty() && g.out.capacity() > 64 * 1024 {
+            // Let go of a large buffer once a big response went out.
+            g.out = BytesMut::with_capacity(16 * 1024);
+        }
+        Ok(blocked)
+    }
+
+    /// The next complete frame in the read buffer, handled: `Ok(None)` if
+    /// there is none, `Ok(Some(Some(_)))` for a request.
+    fn next_frame(&mut self) -> Result<Option<Option<Accepted>>, ConnError> {
+        if !self.preface {
+            if self.rbuf.len() < frame::PREFACE.len() {
+                if !frame::PREFACE.starts_with(&self.rbuf) {
+                    return Err(ConnError(Reason::PROTOCOL_ERROR, "bad connection preface"));
+                }
+                return Ok(None);
+            }
+            if &self.rbuf[..frame::PREFACE.len()] != frame::PREFACE {
+                return Err(ConnError(Reason::PROTOCOL_ERROR, "bad connection preface"));
+            }
+            self.rbuf.advance(frame::PREFACE.len());
+            self.preface = true;
+        }
+        if self.rbuf.len() < frame::HEADER_LEN {
+            return Ok(None);
+        }
+        let h = Head::parse(&self.rbuf);
+        if h.len > MAX_FRAME {
+            return Err(ConnError(
+                Reason::FRAME_SIZE_ERROR,
+                "frame larger than SETTINGS_MAX_FRAME_SIZE",
+            ));
+        }
+        if self.rbuf.len() < frame::HEADER_LEN + h.len {
+            self.rbuf
+                .reserve(frame::HEADER_LEN + h.len - self.rbuf.len());
+            return Ok(None);
+        }
+        self.rbuf.advance(frame::HEADER_LEN);
+        let payload = self.rbuf.split_to(h.len).freeze();
+        if !self.got_settings {
+            if h.kind != frame::SETTINGS || h.flags & frame::ACK != 0 {
+                return Err(ConnError(
+                    Reason::PROTOCOL_ERROR,
+                    "the first frame is not SETTINGS",
+                ));
+            }
+            self.got_settings = true;
+        }
+        if let Some(p) = &self.block {
+            if h.kind != frame::CONTINUATION || h.stream != p.stream {
+                return Err(ConnError(
+                    Reason::PROTOCOL_ERROR,
+                    "a header block interrupted",
+                ));
+            }
+        }
+        Ok(Some(match h.kind {
+            frame::DATA => {
+                self.on_data(h, payload)?;
+                None
+            }
+            frame::HEADERS => self.on_headers(h, payload)?,
+            frame::CONTINUATION => self.on_continuation(h, payload)?,
+            frame::PRIORITY => {
+                if h.stream == 0 {
+                    return Err(ConnError(Reason::PROTOCOL_ERROR, "PRIORITY on stream 0"));
+                }
+                if h.len != 5 {
+                    self.shared.lock().reset(h.stream, Reason::FRAME_SIZE_ERROR);
+                }
+                None
+            }
+            frame::RST_STREAM => {
+                self.on_rst(h, &payload)?;
+                None
+            }
+            frame::SETTINGS => {
+                self.on_settings(h, &payload)?;
+                None
+            }
+            frame::PUSH_PROMISE => {
+                return Err(ConnError(
+                    Reason::PROTOCOL_ERROR,
+                    "PUSH_PROMISE from a client",
+                ))
+            }
+            frame::PING => {
+                if h.stream != 0 {
+                    return Err(ConnError(Reason::PROTOCOL_ERROR, "PING on a stream"));
+                }
+                if h.len != 8 {
+                    return Err(ConnError(Reason::FRAME_SIZE_ERROR, "PING not 8 bytes"));
+                }
+                if h.flags & frame::ACK == 0 {
+                    frame::ping_ack(&mut self.shared.lock().out, &payload);
+                }
+                None
+            }
+            frame::GOAWAY => {
+                if h.stream != 0 {
+                    return Err(ConnError(Reason::PROTOCOL_ERROR, "GOAWAY on a stream"));
+                }
+                if h.len < 8 {
+                    return Err(ConnError(Reason::FRAME_SIZE_ERROR, "GOAWAY too short"));
+                }
+                self.peer_away = true;
+                None
+            }
+            frame::WINDOW_UPDATE => {
+                self.on_window_update(h, &payload)?;
+                None
+            }
+            // Unknown types are ignored (RFC 9113 §5.5).
+            _ => None,
+        }))
+    }
+
+    fn on_data(&mut self, h: Head, payload: Bytes) -> Result<(), ConnError> {
+        if h.stream == 0 {
+            return Err(ConnError(Reason::PROTOCOL_ERROR, "DATA on stream 0"));
+        }
+        if h.stream > self.last {
+            return Err(ConnError(Reason::PROTOCOL_ERROR, "DATA on an idle stream"));
+        }
+        let data = frame::unpad(h.flags, h.kind, &payload).ok_or(ConnError(
+            Reason::PROTOCOL_ERROR,
+            "padding longer than the frame",
+        ))?;
+        let data = payload.slice_ref(data);
+        let pad = h.len - data.len();
+        let end = h.flags & frame::END_STREAM != 0;
+        let mut g = self.shared.lock();
+        let g = &mut *g;
+        g.conn_recv -= h.len as i64;
+        if g.conn_recv < 0 {
+            return Err(ConnError(
+                Reason::FLOW_CONTROL_ERROR,
+                "DATA past the connection window",
+            ));
+        }
+        // What the connection window gets back at once: padding, and data no
+        // body will take.
+        let mut release = pad;
+        let mut stream_error = None;
+        match g.streams.get_mut(&h.stream) {
+            None => release += data.len(),
+            Some(s) if s.reset.is_some() => release += data.len(),
+            Some(s) if s.rx_end => {
+                release += data.len();
+                stream_error = Some(Reason::STREAM_CLOSED);
+            }
+            Some(s) => {
+                s.rx_window -= h.len as i64;
+                let over = match s.rx_left.as_mut() {
+                    Some(left) if data.len() as u64 > *left => true,
+                    Some(left) => {
+                        *left -= data.len() as u64;
+                        end && *left != 0
+                    }
+                    None => false,
+                };
+                if s.rx_window < 0 {
+                    release += data.len();
+                    stream_error = Some(Reason::FLOW_CONTROL_ERROR);
+                } else if over {
+                    release += data.len();
+                    stream_error = Some(Reason::PROTOCOL_ERROR);
+                } else {
+                    s.rx_release += pad as u32;
+                    if s.body {
+                        if !data.is_empty() {
+                            s.rx.push_back(data);
+                        }
+                    } else {
+                        release += data.len();
+                    }
+                    if end {
+                        s.rx_end = true;
+                    }
+                    if let Some(w) = s.rx_waker.take() {
+                        w.wake();
+                    }
+                }
+            }
+        }
+        g.conn_release += release as u32;
+        if let Some(r) = stream_error {
+            g.error_resets += 1;
+            g.reset(h.stream, r);
+            if g.error_resets > self.settings.max_error_resets {
+                return Err(ConnError(
+                    Reason::ENHANCE_YOUR_CALM,
+                    "too many stream errors",
+                ));
+            }
+        } else if end {
+            g.settle(h.stream);
+        }
+        g.give_back(h.stream);
+        Ok(())
+    }
+
+    fn on_headers(&mut self, h: Head, payload: Bytes) -> Result<Option<Accepted>, ConnError> {
+        if h.stream == 0 {
+            return Err(ConnError(Reason::PROTOCOL_ERROR, "HEADERS on stream 0"));
+        }
+        let block = frame::unpad(h.flags, h.kind, &payload).ok_or(ConnError(
+            Reason::PROTOCOL_ERROR,
+            "padding longer than the frame",
+        ))?;
+        let end_stream = h.flags & frame::END_STREAM != 0;
+        if h.flags & frame::END_HEADERS == 0 {
+            self.block = Some(Pending {
+                stream: h.stream,
+                end_stream,
+                bytes: BytesMut::from(block),
+            });
+            return Ok(None);
+        }
+        self.on_block(h.stream, end_stream, block)
+    }
+
+    fn on_continuation(&mut self, h: Head, payload: Bytes) -> Result<Option<Accepted>, ConnError> {
+        let Some(mut p) = self.block.take() else {
+            return Err(ConnError(
+                Reason::PROTOCOL_ERROR,
+                "CONTINUATION without HEADERS",
+            ));
+        };
+        p.bytes.extend_from_slice(&payload);
+        // A block this much larger than the list it may decode to is not a
+        // request anyone sends (the CONTINUATION flood).
+        if p.bytes.len() > self.settings.max_header_list.saturating_mul(2) + 16 * 1024 {
+            return Err(ConnError(
+                Reason::ENHANCE_YOUR_CALM,
+                "header block too large",
+            ));
+        }
+        if h.flags & frame::END_HEADERS == 0 {
+            self.block = Some(p);
+            return Ok(None);
+        }
+        let bytes = p.bytes.freeze();
+        self.on_block(p.stream, p.end_stream, &bytes)
+    }
+
+    /// A whole header block: a request, or a stream's trailers.
+    fn on_block(
+        &mut self,
+        id: u32,
+        end_stream: bool,
+        block: &[u8],
+    ) -> Result<Option<Accepted>, ConnError> {
+        // Decoded whatever becomes of it: the table must follow the client's.
+        let b = hpack::decode(
+            &mut self.dec,
+            block,
+            id <= self.last,
+            self.settings.max_header_list,
+        )
+        .map_err(|()| ConnError(Reason::COMPRESSION_ERROR, "undecodable header block"))?;
+        let mut g = self.shared.lock();
+        let g = &mut *g;
+        if id <= self.last {
+            // Trailers, on a stream still receiving.
+            let Some(s) = g.streams.get_mut(&id) else {
+                return Ok(None);
+            };
+            if s.reset.is_some() {
+                return Ok(None);
+            }
+            let error = if s.rx_end {
+                Some(Reason::STREAM_CLOSED)
+            } else if !end_stream || b.malformed.is_some() || b.oversize {
+                Some(Reason::PROTOCOL_ERROR)
+            } else if s.rx_left.is_some_and(|l| l != 0) {
+                Some(Reason::PROTOCOL_ERROR)
+            } else {
+                None
+            };
+            if let Some(r) = error {
+                g.error_resets += 1;
+                g.reset(id, r);
+                return self.calm(g.error_resets);
+            }
+            s.rx_trailers = Some(b.headers);
+            s.rx_end = true;
+            if let Some(w) = s.rx_waker.take() {
+                w.wake();
+            }
+            g.settle(id);
+            return Ok(None);
+        }
+        if id % 2 == 0 {
+            return Err(ConnError(
+                Reason::PROTOCOL_ERROR,
+                "a client opened an even stream",
+            ));
+        }
+        if self.going_away || self.peer_away {
+            // Past the GOAWAY: not processed (the client may retry it).
+            return Ok(None);
+        }
+        self.last = id;
+        if g.active >= self.settings.max_streams {
+            frame::rst_stream(&mut g.out, id, Reason::REFUSED_STREAM);
+            return Ok(None);
+        }
+        if b.oversize {
+            // RFC 9113 §8.2.3's answer: 431, then the stream is done.
+            frame::header_block(
+                &mut g.out,
+                id,
+                &[0x08, 0x03, b'4', b'3', b'1'],
+                true,
+                g.max_send_frame,
+            );
+            if !end_stream {
+                frame::rst_stream(&mut g.out, id, Reason::NO_ERROR);
+            }
+            return Ok(None);
+        }
+        let req = match request(b) {
+            Ok(r) => r,
+            Err(_) => {
+                frame::rst_stream(&mut g.out, id, Reason::PROTOCOL_ERROR);
+                g.error_resets += 1;
+                return self.calm(g.error_resets);
+            }
+        };
+        let rx_left = super::super::prepare::content_length(req.headers());
+        if end_stream && rx_left.is_some_and(|l| l != 0) {
+            frame::rst_stream(&mut g.out, id, Reason::PROTOCOL_ERROR);
+            g.error_resets += 1;
+            return self.calm(g.error_resets);
+        }
+        g.streams.insert(
+            id,
+            Slot {
+                rx_end: end_stream,
+                rx_window: self.settings.stream_window as i64,
+                rx_left,
+                body: true,
+                tx_window: g.init_send,
+                handle: true,
+                counted: true,
+                ..Slot::default()
+            },
+        );
+        g.active += 1;
+        let body = RecvBody {
+            shared: self.shared.clone(),
+            id,
+            data_done: false,
+        };
+        let handle = StreamHandle {
+            shared: self.shared.clone(),
+            id,
+        };
+        Ok(Some((req.map(|()| body), handle)))
+    }
+
+    fn calm(&self, error_resets: usize) -> Result<Option<Accepted>, ConnError> {
+        if error_resets > self.settings.max_error_resets {
+            return Err(ConnError(
+                Reason::ENHANCE_YOUR_CALM,
+                "too many stream errors",
+            ));
+        }
+        Ok(None)
+    }
+
+    fn on_rst(&mut self, h: Head, payload: &[u8]) -> Result<(), ConnError> {
+        if h.stream == 0 {
+            return Err(ConnError(Reason::PROTOCOL_ERROR, "RST_STREAM on stream 0"));
+        }
+        if h.len != 4 {
+            return Err(ConnError(
+                Reason::FRAME_SIZE_ERROR,
+                "RST_STREAM not 4 bytes",
+            ));
+        }
+        if h.stream > self.last {
+            return Err(ConnError(
+                Reason::PROTOCOL_ERROR,
+                "RST_STREAM on an idle stream",
+            ));
+        }
+        let reason = Reason::from(u32::from_be_bytes([
+            payload[0], payload[1], payload[2], payload[3],
+        ]));
+        let mut g = self.shared.lock();
+        let Some(s) = g.streams.get_mut(&h.stream) else {
+            return Ok(());
+        };
+        if s.reset.is_some() {
+            return Ok(());
+        }
+        let cut_short = !s.tx_end;
+        s.reset = Some(reason);
+        s.wake();
+        g.settle(h.stream);
+        drop(g);
+        if cut_short {
+            let now = Instant::now();
+            if now.duration_since(self.resets.0) > Duration::from_secs(1) {
+                self.resets = (now, 0);
+            }
+            self.resets.1 += 1;
+            if self.resets.1 > MAX_RESETS_PER_SECOND {
+                return Err(ConnError(
+                    Reason::ENHANCE_YOUR_CALM,
+                    "too many streams reset",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn on_settings(&mut self, h: Head, payload: &[u8]) -> Result<(), ConnError> {
+        if h.stream != 0 {
+            return Err(ConnError(Reason::PROTOCOL_ERROR, "SETTINGS on a stream"));
+        }
+        if h.flags & frame::ACK != 0 {
+            if h.len != 0 {
+                return Err(ConnError(
+                    Reason::FRAME_SIZE_ERROR,
+                    "SETTINGS ack with a payload",
+                ));
+            }
+            return Ok(());
+        }
+        if h.len % 6 != 0 {
+            return Err(ConnError(
+                Reason::FRAME_SIZE_ERROR,
+                "SETTINGS not a multiple of 6 bytes",
+            ));
+        }
+        let mut g = self.shared.lock();
+        for s in payload.chunks_exact(6) {
+            let id = u16::from_be_bytes([s[0], s[1]]);
+            let v = u32::from_be_bytes([s[2], s[3], s[4], s[5]]);
+            match id {
+                frame::SETTINGS_ENABLE_PUSH if v > 1 => {
+                    return Err(ConnError(
+                        Reason::PROTOCOL_ERROR,
+                        "SETTINGS_ENABLE_PUSH not 0 or 1",
+                    ))
+                }
+                frame::SETTINGS_INITIAL_WINDOW_SIZE => {
+                    if v as i64 > frame::MAX_WINDOW {
+                        return Err(ConnError(
+                            Reason::FLOW_CONTROL_ERROR,
+                            "SETTINGS_INITIAL_WINDOW_SIZE too large",
+                        ));
+                    }
+                    let delta = v as i64 - g.init_send;
+                    g.init_send = v as i64;
+                    for s in g.streams.values_mut() {
+                        s.tx_window += delta;
+                        if s.tx_window > frame::MAX_WINDOW {
+                            return Err(ConnError(
+                                Reason::FLOW_CONTROL_ERROR,
+                                "a stream window past 2^31-1",
+                            ));
+                        }
+                    }
+                    g.wake_senders();
+                }
+                frame::SETTINGS_MAX_FRAME_SIZE => {
+                    if !(frame::MIN_MAX_FRAME..=frame::MAX_MAX_FRAME).contains(&v) {
+                        return Err(ConnError(
+                            Reason::PROTOCOL_ERROR,
+                            "SETTINGS_MAX_FRAME_SIZE out of range",
+                        ));
+                    }
+                    g.max_send_frame = v as usize;
+                }
+                // The encoder uses no dynamic table; the rest are for clients.
+                _ => {}
+            }
+        }
+        frame::settings_ack(&mut g.out);
+        Ok(())
+    }
+
+    fn on_window_update(&mut self, h: Head, payload: &[u8]) -> Result<(), ConnError> {
+        if h.len != 4 {
+            return Err(ConnError(
+                Reason::FRAME_SIZE_ERROR,
+                "WINDOW_UPDATE not 4 bytes",
+            ));
+        }
+        let inc = (u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]])
+            & 0x7fff_ffff) as i64;
+        let mut g = self.shared.lock();
+        if h.stream == 0 {
+            if inc == 0 {
+                return Err(ConnError(Reason::PROTOCOL_ERROR, "WINDOW_UPDATE of 0"));
+            }
+            g.conn_send += inc;
+            if g.conn_send > frame::MAX_WINDOW {
+                return Err(ConnError(
+                    Reason::FLOW_CONTROL_ERROR,
+                    "connection window past 2^31-1",
+                ));
+            }
+            g.wake_senders();
+            return Ok(());
+        }
+        if h.stream > self.last {
+            return Err(ConnError(
+                Reason::PROTOCOL_ERROR,
+                "WINDOW_UPDATE on an idle stream",
+            ));
+        }
+        let Some(s) = g.streams.get_mut(&h.stream) else {
+            return Ok(());
+        };
+        if inc == 0 {
+            g.reset(h.stream, Reason::PROTOCOL_ERROR);
+            return Ok(());
+        }
+        s.tx_window += inc;
+        if s.tx_window > frame::MAX_WINDOW {
+            g.reset(h.stream, Reason::FLOW_CONTROL_ERROR);
+            return Ok(());
+        }
+        if let Some(w) = s.tx_waker.take() {
+            w.wake();
+        }
+        Ok(())
+    }
+}
+
+impl<T> Drop for Conn<T> {
+    fn drop(&mut self) {
+        // Handles left (a body read by another task) fail from now on.
+        let mut g = self.shared.lock();
+        g.gone = Some(Reason::CANCEL);
+        for s in g.streams.values_mut() {
+            s.wake();
+        }
+        for w in g.out_waiters.drain(..) {
+            w.wake();
+        }
+    }
+}
+
+/// A request from a decoded block; `Err` if it is malformed.
+fn request(b: hpack::Block) -> Result<Request<()>, &'static str> {
+    if let Some(m) = b.malformed {
+        return Err(m);
+    }
+    let method = b.method.ok_or("no :method")?;
+    let method = Method::from_bytes(&method).map_err(|_| "bad :method")?;
+    let mut parts = hyper::http::uri::Parts::default();
+    if method == Method::CONNECT {
+        if b.scheme.is_some() || b.path.is_some() {
+            return Err("CONNECT with :scheme or :path");
+        }
+        let a = b.authority.ok_or("CONNECT without :authority")?;
+        parts.authority = Some(Authority::from_maybe_shared(a).map_err(|_| "bad :authority")?);
+    } else {
+        let scheme = b.scheme.ok_or("no :scheme")?;
+        let path = b.path.ok_or("no :path")?;
+        if path.is_empty() {
+            return Err("empty :path");
+        }
+        parts.scheme = Some(match &scheme[..] {
+            b"http" => Scheme::HTTP,
+            b"https" => Scheme::HTTPS,
+            s => Scheme::try_from(s).map_err(|_| "bad :scheme")?,
+        });
+        if let Some(a) = b.authority {
+            parts.authority = Some(Authority::from_maybe_shared(a).map_err(|_| "bad :authority")?);
+        } else {
+            // http's Uri wants an authority with a scheme; the Host field, if
+            // any, names the host.
+            parts.authority = Some(Authority::from_static("localhost"));
+        }
+        parts.path_and_query =
+            Some(PathAndQuery::from_maybe_shared(path).map_err(|_| "bad :path")?);
+    }
+    let uri = Uri::from_parts(parts).map_err(|_| "bad request target")?;
+    let mut req = Request::new(());
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    *req.version_mut() = Version::HTTP_2;
+    *req.headers_mut() = b.headers;
+    Ok(req)
+}
+
+/// A request's body: its DATA, each chunk's window given back as it is taken,
+/// then its trailers.
+pub struct RecvBody {
+    shared: Arc<Shared>,
+    id: u32,
+    data_done: bool,
+}
+
+impl std::fmt::Debug for RecvBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecvBody")
+            .field("stream", &self.id)
+            .finish()
+    }
+}
+
+impl RecvBody {
+    /// The next chunk; `None` at the end. A reset stream fails with its
+    /// reason (NO_ERROR: the client was told the response came first).
+    pub fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, Reason>>> {
+        if self.data_done {
+            return Poll::Ready(None);
+        }
+        let mut g = self.shared.lock();
+        let g = &mut *g;
+        let gone = g.gone;
+        let Some(s) = g.streams.get_mut(&self.id) else {
+            return Poll::Ready(Some(Err(gone.unwrap_or(Reason::CANCEL))));
+        };
+        if let Some(d) = s.rx.pop_front() {
+            s.rx_release += d.len() as u32;
+            g.conn_release += d.len() as u32;
+            let before = g.out.len();
+            g.give_back(self.id);
+            if g.out.len() != before {
+                g.queued();
+            }
+            return Poll::Ready(Some(Ok(d)));
+        }
+        if let Some(r) = s.reset.or(gone) {
+            return Poll::Ready(Some(Err(r)));
+        }
+        if s.rx_end {
+            self.data_done = true;
+            return Poll::Ready(None);
+        }
+        s.rx_waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+
+    /// The trailers, once the data is over.
+    pub fn poll_trailers(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Option<HeaderMap>, Reason>> {
+        let mut g = self.shared.lock();
+        let gone = g.gone;
+        let Some(s) = g.streams.get_mut(&self.id) else {
+            return Poll::Ready(gone.map_or(Ok(None), Err));
+        };
+        if let Some(t) = s.rx_trailers.take() {
+            return Poll::Ready(Ok(Some(t)));
+        }
+        if s.rx_end {
+            return Poll::Ready(Ok(None));
+        }
+        if let Some(r) = s.reset.or(gone) {
+            return Poll::Ready(Err(r));
+        }
+        s.rx_waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+
+    /// Whether nothing more will come.
+    pub fn is_end_stream(&self) -> bool {
+        let g = self.shared.lock();
+        match g.streams.get(&self.id) {
+            None => true,
+            Some(s) => s.rx_end && s.rx.is_empty() && s.rx_trailers.is_none(),
+        }
+    }
+}
+
+impl Drop for RecvBody {
+    fn drop(&mut self) {
+        let mut g = self.shared.lock();
+        if let Some(s) = g.streams.get_mut(&self.id) {
+            s.body = false;
+            g.settle(self.id);
+            let before = g.out.len();
+            g.give_back(self.id);
+            if g.out.len() != before {
+                g.queued();
+            }
+        }
+    }
+}
+
+/// A stream's sending side: its response head, data and trailers.
+pub struct StreamHandle {
+    shared: Arc<Shared>,
+    id: u32,
+}
+
+impl StreamHandle {
+    /// Ready with the reason once the stream is reset (by the client, or
+    /// because the connection is gone).
+    pub fn poll_reset(&mut self, cx: &mut Context<'_>) -> Poll<Reason> {
+        let mut g = self.shared.lock();
+        let gone = g.gone;
+        let Some(s) = g.streams.get_mut(&self.id) else {
+            return Poll::Ready(gone.unwrap_or(Reason::CANCEL));
+        };
+        if let Some(r) = s.reset.or(gone) {
+            return Poll::Ready(r);
+        }
+        s.tx_waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+
+    fn open(g: &mut Inner, id: u32) -> Result<(), Reason> {
+        Self::slot(&mut g.streams, g.gone, id).map(|_| ())
+    }
+
+    fn slot(
+        streams: &mut FxHashMap<u32, Slot>,
+        gone: Option<Reason>,
+        id: u32,
+    ) -> Result<&mut Slot, Reason> {
+        match streams.get_mut(&id) {
+            None => Err(gone.unwrap_or(Reason::CANCEL)),
+            Some(s) => match s.reset.or(gone) {
+                Some(r) => Err(r),
+                None if s.tx_end => Err(Reason::STREAM_CLOSED),
+                None => Ok(s),
+            },
+        }
+    }
+
+    /// Sends the response head; `end`: it has no body.
+    pub fn send_response(
+        &mut self,
+        status: StatusCode,
+        headers: &HeaderMap,
+        end: bool,
+    ) -> Result<(), Reason> {
+        let mut g = self.shared.lock();
+        let g = &mut *g;
+        Self::open(g, self.id)?;
+        g.block.clear();
+        hpack::encode_response(&mut g.block, status, headers);
+        frame::header_block(&mut g.out, self.id, &g.block, end, g.max_send_frame);
+        if end {
+            g.sent_end(self.id);
+        }
+        g.queued();
+        Ok(())
+    }
+
+    /// Sends the trailers, which end the stream.
+    pub fn send_trailers(&mut self, trailers: &HeaderMap) -> Result<(), Reason> {
+        let mut g = self.shared.lock();
+        let g = &mut *g;
+        Self::open(g, self.id)?;
+        g.block.clear();
+        hpack::encode_fields(&mut g.block, trailers);
+        frame::header_block(&mut g.out, self.id, &g.block, true, g.max_send_frame);
+        g.sent_end(self.id);
+        g.queued();
+        Ok(())
+    }
+
+    /// Sends `data` as the windows allow (taking what went out off its
+    /// front); ready once all of it went, with END_STREAM if `end`.
+    pub fn poll_send_data(
+        &mut self,
+        cx: &mut Context<'_>,
+        data: &mut Bytes,
+        end: bool,
+    ) -> Poll<Result<(), Reason>> {
+        let mut g = self.shared.lock();
+        let g = &mut *g;
+        let id = self.id;
+        loop {
+            let s = match Self::slot(&mut g.streams, g.gone, id) {
+                Ok(s) => s,
+                Err(r) => return Poll::Ready(Err(r)),
+            };
+            if data.is_empty() {
+                if end {
+                    frame::head(&mut g.out, 0, frame::DATA, frame::END_STREAM, id);
+                    g.sent_end(id);
+                    g.queued();
+                }
+                return Poll::Ready(Ok(()));
+            }
+            if g.out.len() >= OUT_HIGH {
+                g.out_waiters.push(cx.waker().clone());
+                return Poll::Pending;
+            }
+            let n = (data.len() as i64)
+                .min(s.tx_window)
+                .min(g.conn_send)
+                .min(g.max_send_frame as i64);
+            if n <= 0 {
+                s.tx_waker = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
+            let n = n as usize;
+            s.tx_window -= n as i64;
+            g.conn_send -= n as i64;
+            let last = end && n == data.len();
+            frame::head(
+                &mut g.out,
+                n,
+                frame::DATA,
+                if last { frame::END_STREAM } else { 0 },
+                id,
+            );
+            g.out.extend_from_slice(&data[..n]);
+            data.advance(n);
+            g.queued();
+            if last {
+                g.sent_end(id);
+                return Poll::Ready(Ok(()));
+            }
+        }
+    }
+
+    /// Resets the stream.
+    pub fn send_reset(&mut self, reason: Reason) {
+        let mut g = self.shared.lock();
+        g.reset(self.id, reason);
+        g.queued();
+    }
+}
+
+impl Drop for StreamHandle {
+    fn drop(&mut self) {
+        let mut g = self.shared.lock();
+        let g = &mut *g;
+        let Some(s) = g.streams.get_mut(&self.id) else {
+            return;
+        };
+        s.handle = false;
+        if !s.tx_end && s.reset.is_none() {
+            // Dropped before its response ended (its request cancelled, or the
+            // connection cut).
+            g.reset(self.id, Reason::CANCEL);
+            g.queued();
+        }
+        g.settle(self.id);
+    }
+}

@@ -13,6 +13,8 @@
 //! event held back stalls the stream.
 
 mod common;
+#[path = "http/h2_frames.rs"]
+mod h2_frames;
 
 use std::net::SocketAddr;
 use std::pin::Pin;

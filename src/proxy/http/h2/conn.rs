@@ -244,8 +244,11 @@ pub struct Conn<T> {
     /// A frame other than SETTINGS came first: PROTOCOL_ERROR.
     got_settings: bool,
     block: Option<Pending>,
-    /// The highest stream the client opened.
+    /// The highest stream the client opened (and this side processes).
     last: u32,
+    /// The highest stream the client started, processed or not: those above
+    /// are idle.
+    seen: u32,
     /// GOAWAY sent: no stream is opened past `last`.
     going_away: bool,
     /// The client sent GOAWAY.
@@ -306,6 +309,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
             got_settings: false,
             block: None,
             last: 0,
+            seen: 0,
             going_away: false,
             peer_away: false,
             eof: false,
@@ -566,7 +570,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
         if h.stream == 0 {
             return Err(ConnError(Reason::PROTOCOL_ERROR, "DATA on stream 0"));
         }
-        if h.stream > self.last {
+        if h.stream > self.seen {
             return Err(ConnError(Reason::PROTOCOL_ERROR, "DATA on an idle stream"));
         }
         let data = frame::unpad(h.flags, h.kind, &payload).ok_or(ConnError(
@@ -702,13 +706,13 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
         let b = hpack::decode(
             &mut self.dec,
             block,
-            id <= self.last,
+            id <= self.seen,
             self.settings.max_header_list,
         )
         .map_err(|()| ConnError(Reason::COMPRESSION_ERROR, "undecodable header block"))?;
         let mut g = self.shared.lock();
         let g = &mut *g;
-        if id <= self.last {
+        if id <= self.seen {
             // Trailers, on a stream still receiving.
             let Some(s) = g.streams.get_mut(&id) else {
                 return Ok(None);
@@ -718,9 +722,11 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
             }
             let error = if s.rx_end {
                 Some(Reason::STREAM_CLOSED)
-            } else if !end_stream || b.malformed.is_some() || b.oversize {
-                Some(Reason::PROTOCOL_ERROR)
-            } else if s.rx_left.is_some_and(|l| l != 0) {
+            } else if !end_stream
+                || b.malformed.is_some()
+                || b.oversize
+                || s.rx_left.is_some_and(|l| l != 0)
+            {
                 Some(Reason::PROTOCOL_ERROR)
             } else {
                 None
@@ -738,12 +744,13 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
             g.settle(id);
             return Ok(None);
         }
-        if id % 2 == 0 {
+        if id.is_multiple_of(2) {
             return Err(ConnError(
                 Reason::PROTOCOL_ERROR,
                 "a client opened an even stream",
             ));
         }
+        self.seen = id;
         if self.going_away || self.peer_away {
             // Past the GOAWAY: not processed (the client may retry it).
             return Ok(None);
@@ -827,7 +834,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
                 "RST_STREAM not 4 bytes",
             ));
         }
-        if h.stream > self.last {
+        if h.stream > self.seen {
             return Err(ConnError(
                 Reason::PROTOCOL_ERROR,
                 "RST_STREAM on an idle stream",
@@ -877,7 +884,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
             }
             return Ok(());
         }
-        if h.len % 6 != 0 {
+        if !h.len.is_multiple_of(6) {
             return Err(ConnError(
                 Reason::FRAME_SIZE_ERROR,
                 "SETTINGS not a multiple of 6 bytes",
@@ -955,7 +962,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
             g.wake_senders();
             return Ok(());
         }
-        if h.stream > self.last {
+        if h.stream > self.seen {
             return Err(ConnError(
                 Reason::PROTOCOL_ERROR,
                 "WINDOW_UPDATE on an idle stream",
@@ -1014,17 +1021,16 @@ fn request(b: hpack::Block) -> Result<Request<()>, &'static str> {
         if path.is_empty() {
             return Err("empty :path");
         }
-        parts.scheme = Some(match &scheme[..] {
+        let scheme = match &scheme[..] {
             b"http" => Scheme::HTTP,
             b"https" => Scheme::HTTPS,
             s => Scheme::try_from(s).map_err(|_| "bad :scheme")?,
-        });
+        };
+        // Without :authority (the Host field names the host) the scheme is
+        // left out: a Uri has none without an authority.
         if let Some(a) = b.authority {
             parts.authority = Some(Authority::from_maybe_shared(a).map_err(|_| "bad :authority")?);
-        } else {
-            // http's Uri wants an authority with a scheme; the Host field, if
-            // any, names the host.
-            parts.authority = Some(Authority::from_static("localhost"));
+            parts.scheme = Some(scheme);
         }
         parts.path_and_query =
             Some(PathAndQuery::from_maybe_shared(path).map_err(|_| "bad :path")?);

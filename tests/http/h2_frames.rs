@@ -229,7 +229,7 @@ async fn a_malformed_h2c_request_resets_only_its_stream() {
     ));
     let l = fg.local_addr("l").unwrap();
     let mut c = Raw::open(l).await;
-    let malformed: [(&str, Vec<u8>); 4] = [
+    let malformed: [(&str, Vec<u8>); 6] = [
         (
             "an uppercase field name",
             get_block("/", &[("X-Upper", "1")]),
@@ -239,6 +239,14 @@ async fn a_malformed_h2c_request_resets_only_its_stream() {
             get_block("/", &[("connection", "close")]),
         ),
         ("TE other than trailers", get_block("/", &[("te", "gzip")])),
+        (
+            "a Content-Length not all digits",
+            get_block("/", &[("content-length", "0x0")]),
+        ),
+        (
+            "differing Content-Lengths",
+            get_block("/", &[("content-length", "0"), ("content-length", "5")]),
+        ),
         // :method GET, :scheme http, :authority; no :path.
         ("no :path", vec![0x82, 0x86, 0x01, 0x01, b'h']),
     ];
@@ -304,6 +312,18 @@ async fn continuation_floods_and_rapid_resets_get_enhance_your_calm() {
     }
     c.send(&flood).await;
     assert_eq!(c.goaway().await, ENHANCE_YOUR_CALM, "CONTINUATION flood");
+    // The same with empty CONTINUATION frames, which add no bytes.
+    let mut c = Raw::open(l).await;
+    let mut flood = frame(HEADERS, 0, 1, &get_block("/", &[]));
+    for _ in 0..5000 {
+        flood.extend(frame(CONTINUATION, 0, 1, &[]));
+    }
+    c.send(&flood).await;
+    assert_eq!(
+        c.goaway().await,
+        ENHANCE_YOUR_CALM,
+        "empty CONTINUATION flood"
+    );
     // Streams opened and reset at once, thousands of them (CVE-2023-44487).
     let mut c = Raw::open(l).await;
     let mut batch = Vec::new();
@@ -329,4 +349,74 @@ async fn continuation_floods_and_rapid_resets_get_enhance_your_calm() {
     ))
     .await;
     c.until("the response", |f| is_200(f, 1)).await;
+}
+
+/// A graceful shutdown's GOAWAY comes in two (RFC 9113 §6.8): the first
+/// names no last stream, and a request the client sends before it answers the
+/// PING that goes with it is still served; the final one names it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_sent_as_the_shutdown_began_is_still_served() {
+    let py = Py::start(1).await;
+    let fg = start(&one_pool(&py, "", "upstream_protocol = \"http1\"", false));
+    let l = fg.local_addr("l").unwrap();
+    let mut c = Raw::open(l).await;
+    c.send(&frame(
+        HEADERS,
+        END_HEADERS | END_STREAM,
+        1,
+        &get_block("/first?do=sleep&ms=500", &[]),
+    ))
+    .await;
+    let mut reached = false;
+    for _ in 0..500 {
+        if py.seen(0).await.iter().any(|s| s.contains("/first")) {
+            reached = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(reached, "the first request reached the backend");
+    let shutdown = tokio::spawn(fg.clone().shutdown());
+    let f = c.until("the first GOAWAY", |f| f.0 == GOAWAY).await;
+    let last = |p: &[u8]| u32::from_be_bytes([p[0], p[1], p[2], p[3]]) & 0x7fff_ffff;
+    assert_eq!(
+        last(&f.3),
+        0x7fff_ffff,
+        "the first GOAWAY names no last stream"
+    );
+    let ping = c.until("the PING", |f| f.0 == PING && f.1 == 0).await;
+    // A request the client sent before it saw the GOAWAY.
+    c.send(&frame(
+        HEADERS,
+        END_HEADERS | END_STREAM,
+        3,
+        &get_block("/second", &[]),
+    ))
+    .await;
+    c.send(&frame(PING, 0x1, 0, &ping.3)).await;
+    let mut statuses = Vec::new();
+    let mut final_last = None;
+    while let Some(f) = c.next().await {
+        if f.0 == GOAWAY {
+            final_last = Some(last(&f.3));
+        }
+        if f.0 == HEADERS {
+            statuses.push((f.2, is_200(&f, f.2)));
+        }
+    }
+    assert_eq!(final_last, Some(3), "the final GOAWAY names stream 3");
+    statuses.sort();
+    assert_eq!(
+        statuses,
+        vec![(1, true), (3, true)],
+        "both streams answered"
+    );
+    let all_finished = tokio::time::timeout(LIVENESS, shutdown)
+        .await
+        .expect("shutdown ends")
+        .unwrap();
+    assert!(
+        all_finished,
+        "every session finished within shutdown_timeout"
+    );
 }

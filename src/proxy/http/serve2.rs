@@ -79,7 +79,7 @@ pub(super) async fn serve(
         }
         // What the streams queue while polled here goes out with this turn's
         // write: no wake-up needed for it.
-        conn.set_polling(true);
+        conn.enter();
         loop {
             // The streams first: what they send goes out as the connection is
             // polled next.
@@ -100,10 +100,7 @@ pub(super) async fn serve(
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
                 // Closed (after GOAWAY, once the streams ended).
                 Poll::Ready(None) => return Poll::Ready(Ok(())),
-                Poll::Pending => {
-                    conn.set_polling(false);
-                    return Poll::Pending;
-                }
+                Poll::Pending => return Poll::Pending,
             }
         }
     })

@@ -42,6 +42,11 @@ const MAX_FRAME: usize = frame::MIN_MAX_FRAME as usize;
 /// Bytes waiting to be written above which streams wait to add more and no
 /// frame is read (a client that sends PINGs and reads nothing is held here).
 const OUT_HIGH: usize = 256 * 1024;
+/// DATA chunks smaller than this (or padded) are copied rather than kept as
+/// slices of the read buffer.
+const SMALL_DATA: usize = 4096;
+/// The PING payload of a graceful shutdown's first GOAWAY.
+const DRAIN_PING: [u8; 8] = *b"fg-drain";
 /// Client resets of streams in one second above which the connection is
 /// closed (the "rapid reset" attack, CVE-2023-44487).
 const MAX_RESETS_PER_SECOND: u32 = 1000;
@@ -61,8 +66,12 @@ impl std::error::Error for ConnError {}
 /// A stream's state as its handles and the connection share it.
 #[derive(Default)]
 struct Slot {
-    /// DATA received and not yet taken by the request body.
+    /// DATA received and not yet taken by the request body: large chunks as
+    /// they came (slices of the read buffer), then small or padded ones
+    /// copied together into `rx_tail`, so that a client's tiny frames cannot
+    /// pin more memory than the window they fill.
     rx: VecDeque<Bytes>,
+    rx_tail: BytesMut,
     rx_trailers: Option<HeaderMap>,
     /// END_STREAM received.
     rx_end: bool,
@@ -170,7 +179,8 @@ impl Inner {
             self.active -= 1;
         }
         if !s.body {
-            let n: usize = s.rx.drain(..).map(|b| b.len()).sum();
+            let n: usize = s.rx.drain(..).map(|b| b.len()).sum::<usize>() + s.rx_tail.len();
+            s.rx_tail = BytesMut::new();
             self.conn_release += n as u32;
         }
         if s.closed() && !s.body && !s.handle {
@@ -230,6 +240,8 @@ struct Pending {
     stream: u32,
     end_stream: bool,
     bytes: BytesMut,
+    /// CONTINUATION frames so far.
+    frames: usize,
 }
 
 /// An HTTP/2 server connection over `io`.
@@ -249,7 +261,10 @@ pub struct Conn<T> {
     /// The highest stream the client started, processed or not: those above
     /// are idle.
     seen: u32,
-    /// GOAWAY sent: no stream is opened past `last`.
+    /// The first GOAWAY of a graceful shutdown sent, with a PING: streams are
+    /// still taken until its ack.
+    draining: bool,
+    /// The final GOAWAY sent: no stream is opened past `last`.
     going_away: bool,
     /// The client sent GOAWAY.
     peer_away: bool,
@@ -310,6 +325,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
             block: None,
             last: 0,
             seen: 0,
+            draining: false,
             going_away: false,
             peer_away: false,
             eof: false,
@@ -317,20 +333,27 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
         }
     }
 
-    /// Marks the streams as polled by the connection's own task (a frame they
-    /// queue then needs no wake-up), or not.
-    pub fn set_polling(&self, polling: bool) {
-        self.shared.lock().polling = polling;
+    /// Marks the streams as polled by the connection's own task: a frame they
+    /// queue needs no wake-up, as it goes out before the task waits (which
+    /// [`Conn::poll_accept`] marks when it returns `Pending`).
+    pub fn enter(&self) {
+        self.shared.lock().polling = true;
     }
 
-    /// GOAWAY: the streams opened so far finish; no new one is taken.
+    /// A graceful shutdown, as RFC 9113 §6.8 advises: GOAWAY with the largest
+    /// stream id and a PING; once the PING comes back (the client has seen the
+    /// GOAWAY), the final GOAWAY names the last stream taken, so a request the
+    /// client sent meanwhile is served rather than lost. The streams taken
+    /// finish.
     pub fn graceful_shutdown(&mut self) {
-        if self.going_away {
+        if self.draining || self.going_away {
             return;
         }
-        self.going_away = true;
+        self.draining = true;
         let mut g = self.shared.lock();
-        frame::goaway(&mut g.out, self.last, Reason::NO_ERROR);
+        frame::goaway(&mut g.out, 0x7fff_ffff, Reason::NO_ERROR);
+        frame::head(&mut g.out, 8, frame::PING, 0, 0);
+        g.out.extend_from_slice(&DRAIN_PING);
     }
 
     /// The next request, once read; `None` when the connection is done (the
@@ -357,7 +380,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
     fn poll_inner(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Accepted, ConnError>>> {
         loop {
             // Frames already read first.
-            if self.room() {
+            let room = self.room();
+            if room {
                 match self.next_frame() {
                     Err(e) => return Poll::Ready(Some(Err(e))),
                     Ok(Some(Some(accepted))) => return Poll::Ready(Some(Ok(accepted))),
@@ -374,8 +398,14 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
                 return Poll::Ready(None);
             }
             if !self.room() {
-                // The client is not reading: wait for the socket to take more.
+                // The client is not reading: wait for the socket to take more
+                // (its write is pending, so the task is woken when it can).
+                self.shared.lock().polling = false;
                 return Poll::Pending;
+            }
+            if !room {
+                // There was no room for the frames already read; there is now.
+                continue;
             }
             if self.eof {
                 return Poll::Ready(None);
@@ -405,6 +435,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
                         drop(g);
                         continue;
                     }
+                    // Under the same lock as the check above: a handle in
+                    // another task that queues from here on wakes the task.
+                    g.polling = false;
                     return Poll::Pending;
                 }
             }
@@ -544,6 +577,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
                 }
                 if h.flags & frame::ACK == 0 {
                     frame::ping_ack(&mut self.shared.lock().out, &payload);
+                } else if self.draining && !self.going_away && payload[..] == DRAIN_PING {
+                    self.going_away = true;
+                    frame::goaway(&mut self.shared.lock().out, self.last, Reason::NO_ERROR);
                 }
                 None
             }
@@ -619,7 +655,13 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
                 } else {
                     s.rx_release += pad as u32;
                     if s.body {
-                        if !data.is_empty() {
+                        if pad > 0 || data.len() < SMALL_DATA {
+                            s.rx_tail.extend_from_slice(&data);
+                        } else {
+                            if !s.rx_tail.is_empty() {
+                                let tail = s.rx_tail.split().freeze();
+                                s.rx.push_back(tail);
+                            }
                             s.rx.push_back(data);
                         }
                     } else {
@@ -665,6 +707,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
                 stream: h.stream,
                 end_stream,
                 bytes: BytesMut::from(block),
+                frames: 0,
             });
             return Ok(None);
         }
@@ -679,6 +722,14 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
             ));
         };
         p.bytes.extend_from_slice(&payload);
+        p.frames += 1;
+        // Nor empty CONTINUATIONs without end: a client fills its frames.
+        if p.frames > self.settings.max_header_list / 1024 + 16 {
+            return Err(ConnError(
+                Reason::ENHANCE_YOUR_CALM,
+                "too many CONTINUATION frames",
+            ));
+        }
         // A block this much larger than the list it may decode to is not a
         // request anyone sends (the CONTINUATION flood).
         if p.bytes.len() > self.settings.max_header_list.saturating_mul(2) + 16 * 1024 {
@@ -782,7 +833,11 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
                 return self.calm(g.error_resets);
             }
         };
-        let rx_left = super::super::prepare::content_length(req.headers());
+        let Ok(rx_left) = content_length(req.headers()) else {
+            frame::rst_stream(&mut g.out, id, Reason::PROTOCOL_ERROR);
+            g.error_resets += 1;
+            return self.calm(g.error_resets);
+        };
         if end_stream && rx_left.is_some_and(|l| l != 0) {
             frame::rst_stream(&mut g.out, id, Reason::PROTOCOL_ERROR);
             g.error_resets += 1;
@@ -971,6 +1026,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
         let Some(s) = g.streams.get_mut(&h.stream) else {
             return Ok(());
         };
+        if s.closed() {
+            return Ok(());
+        }
         if inc == 0 {
             g.reset(h.stream, Reason::PROTOCOL_ERROR);
             return Ok(());
@@ -999,6 +1057,24 @@ impl<T> Drop for Conn<T> {
             w.wake();
         }
     }
+}
+
+/// A request's Content-Length; `Err` if a value is not all digits, or two
+/// differ (RFC 9110 §8.6; the stream is reset).
+fn content_length(h: &HeaderMap) -> Result<Option<u64>, ()> {
+    let mut n = None;
+    for v in h.get_all(hyper::header::CONTENT_LENGTH) {
+        let b = v.as_bytes();
+        if b.is_empty() || b.len() > 18 || !b.iter().all(u8::is_ascii_digit) {
+            return Err(());
+        }
+        let x = b.iter().fold(0u64, |a, d| a * 10 + (d - b'0') as u64);
+        if n.is_some_and(|m| m != x) {
+            return Err(());
+        }
+        n = Some(x);
+    }
+    Ok(n)
 }
 
 /// A request from a decoded block; `Err` if it is malformed.
@@ -1073,7 +1149,12 @@ impl RecvBody {
         let Some(s) = g.streams.get_mut(&self.id) else {
             return Poll::Ready(Some(Err(gone.unwrap_or(Reason::CANCEL))));
         };
-        if let Some(d) = s.rx.pop_front() {
+        let next = match s.rx.pop_front() {
+            Some(d) => Some(d),
+            None if !s.rx_tail.is_empty() => Some(s.rx_tail.split().freeze()),
+            None => None,
+        };
+        if let Some(d) = next {
             s.rx_release += d.len() as u32;
             g.conn_release += d.len() as u32;
             let before = g.out.len();
@@ -1122,7 +1203,9 @@ impl RecvBody {
         let g = self.shared.lock();
         match g.streams.get(&self.id) {
             None => true,
-            Some(s) => s.rx_end && s.rx.is_empty() && s.rx_trailers.is_none(),
+            Some(s) => {
+                s.rx_end && s.rx.is_empty() && s.rx_tail.is_empty() && s.rx_trailers.is_none()
+            }
         }
     }
 }

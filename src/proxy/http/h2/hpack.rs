@@ -1,5 +1,6 @@
-//! Header blocks (RFC 7541): decoded by `loona-hpack` into a request's parts,
-//! with RFC 9113 §8.2–8.3's checks; a response's fields encoded here.
+//! Header blocks (RFC 7541): a request's decoded into its parts, with RFC 9113
+//! §8.2–8.3's checks (Huffman codes by `httlib-huffman`), a response's
+//! encoded.
 //!
 //! The encoder is the plainest HPACK allows: a name in the static table by its
 //! index, every value a literal without indexing and without Huffman coding.
@@ -7,7 +8,7 @@
 //! keeps no state for it. Loopback and data-centre links do not miss the 20 or
 //! so bytes per response that a dynamic table would save.
 
-use std::borrow::Cow;
+use std::collections::VecDeque;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -17,12 +18,220 @@ use hyper::StatusCode;
 /// default.
 pub const TABLE_SIZE: usize = 4096;
 
-pub type Decoder = loona_hpack::Decoder<'static>;
+/// The static table (RFC 7541 Appendix A).
+const STATIC: [(&[u8], &[u8]); 61] = [
+    (b":authority", b""),
+    (b":method", b"GET"),
+    (b":method", b"POST"),
+    (b":path", b"/"),
+    (b":path", b"/index.html"),
+    (b":scheme", b"http"),
+    (b":scheme", b"https"),
+    (b":status", b"200"),
+    (b":status", b"204"),
+    (b":status", b"206"),
+    (b":status", b"304"),
+    (b":status", b"400"),
+    (b":status", b"404"),
+    (b":status", b"500"),
+    (b"accept-charset", b""),
+    (b"accept-encoding", b"gzip, deflate"),
+    (b"accept-language", b""),
+    (b"accept-ranges", b""),
+    (b"accept", b""),
+    (b"access-control-allow-origin", b""),
+    (b"age", b""),
+    (b"allow", b""),
+    (b"authorization", b""),
+    (b"cache-control", b""),
+    (b"content-disposition", b""),
+    (b"content-encoding", b""),
+    (b"content-language", b""),
+    (b"content-length", b""),
+    (b"content-location", b""),
+    (b"content-range", b""),
+    (b"content-type", b""),
+    (b"cookie", b""),
+    (b"date", b""),
+    (b"etag", b""),
+    (b"expect", b""),
+    (b"expires", b""),
+    (b"from", b""),
+    (b"host", b""),
+    (b"if-match", b""),
+    (b"if-modified-since", b""),
+    (b"if-none-match", b""),
+    (b"if-range", b""),
+    (b"if-unmodified-since", b""),
+    (b"last-modified", b""),
+    (b"link", b""),
+    (b"location", b""),
+    (b"max-forwards", b""),
+    (b"proxy-authenticate", b""),
+    (b"proxy-authorization", b""),
+    (b"range", b""),
+    (b"referer", b""),
+    (b"refresh", b""),
+    (b"retry-after", b""),
+    (b"server", b""),
+    (b"set-cookie", b""),
+    (b"strict-transport-security", b""),
+    (b"transfer-encoding", b""),
+    (b"user-agent", b""),
+    (b"vary", b""),
+    (b"via", b""),
+    (b"www-authenticate", b""),
+];
+
+/// An HPACK decoder: the dynamic table the client's encoder keeps in step
+/// with (RFC 7541 §2.3).
+pub struct Decoder {
+    /// Newest first.
+    table: VecDeque<(Bytes, Bytes)>,
+    size: usize,
+    max: usize,
+}
 
 pub fn decoder() -> Decoder {
-    let mut d = loona_hpack::Decoder::new();
-    d.set_max_allowed_table_size(TABLE_SIZE);
-    d
+    Decoder {
+        table: VecDeque::new(),
+        size: 0,
+        max: TABLE_SIZE,
+    }
+}
+
+/// An integer with an `n`-bit prefix (RFC 7541 §5.1): its value and the
+/// bytes it took. Values past 2^28 are refused.
+fn read_integer(b: &[u8], n: u8) -> Result<(usize, usize), ()> {
+    let max = (1usize << n) - 1;
+    let first = *b.first().ok_or(())? as usize & max;
+    if first < max {
+        return Ok((first, 1));
+    }
+    let mut v = max;
+    for (i, &byte) in b[1..].iter().enumerate().take(4) {
+        v += ((byte & 0x7f) as usize) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Ok((v, i + 2));
+        }
+    }
+    Err(())
+}
+
+impl Decoder {
+    /// Entry `i` (1-based: the static table, then the dynamic one).
+    fn get(&self, i: usize) -> Result<(&[u8], &[u8]), ()> {
+        if i == 0 {
+            return Err(());
+        }
+        if let Some((n, v)) = STATIC.get(i - 1) {
+            return Ok((n, v));
+        }
+        let (n, v) = self.table.get(i - 1 - STATIC.len()).ok_or(())?;
+        Ok((n, v))
+    }
+
+    fn evict_to(&mut self, max: usize) {
+        while self.size > max {
+            let Some((n, v)) = self.table.pop_back() else {
+                break;
+            };
+            self.size -= n.len() + v.len() + 32;
+        }
+    }
+
+    fn insert(&mut self, n: Bytes, v: Bytes) {
+        let size = n.len() + v.len() + 32;
+        // An entry larger than the table empties it (RFC 7541 §4.4).
+        self.evict_to(self.max.saturating_sub(size));
+        if size <= self.max {
+            self.size += size;
+            self.table.push_front((n, v));
+        }
+    }
+
+    /// A string literal (RFC 7541 §5.2) at the start of `b`, Huffman codes
+    /// decoded into `scratch`: the bytes and the length it took.
+    fn string<'a>(b: &'a [u8], scratch: &'a mut Vec<u8>) -> Result<(&'a [u8], usize), ()> {
+        let huffman = *b.first().ok_or(())? & 0x80 != 0;
+        let (len, at) = read_integer(b, 7)?;
+        let raw = b.get(at..at.checked_add(len).ok_or(())?).ok_or(())?;
+        if !huffman {
+            return Ok((raw, at + len));
+        }
+        scratch.clear();
+        httlib_huffman::decode(raw, scratch, httlib_huffman::DecoderSpeed::FourBits)
+            .map_err(|_| ())?;
+        // The padding must be fewer than 8 bits, all ones (the start of EOS);
+        // the decoder lets zeros through.
+        let bits: usize = scratch
+            .iter()
+            .map(|&c| httlib_huffman::encoder::table::ENCODE_TABLE[c as usize].0 as usize)
+            .sum();
+        let pad = (raw.len() * 8).checked_sub(bits).ok_or(())?;
+        if pad >= 8 {
+            return Err(());
+        }
+        let mask = (1u8 << pad).wrapping_sub(1);
+        if pad > 0 && raw[raw.len() - 1] & mask != mask {
+            return Err(());
+        }
+        Ok((scratch, at + len))
+    }
+
+    /// Decodes a whole block, calling `f` with each field; `Err` if it is not
+    /// valid HPACK.
+    fn decode(&mut self, mut b: &[u8], mut f: impl FnMut(&[u8], &[u8])) -> Result<(), ()> {
+        let mut first = true;
+        let (mut sn, mut sv) = (Vec::new(), Vec::new());
+        while let Some(&byte) = b.first() {
+            if byte & 0x80 != 0 {
+                // Indexed.
+                let (i, used) = read_integer(b, 7)?;
+                let (n, v) = self.get(i)?;
+                f(n, v);
+                b = &b[used..];
+            } else if byte & 0xe0 == 0x20 {
+                // A table size update: only at the start of a block.
+                if !first {
+                    return Err(());
+                }
+                let (max, used) = read_integer(b, 5)?;
+                if max > TABLE_SIZE {
+                    return Err(());
+                }
+                self.max = max;
+                self.evict_to(max);
+                b = &b[used..];
+                continue;
+            } else {
+                // A literal: with incremental indexing (01), else without or
+                // never indexed (0000, 0001).
+                let index = byte & 0xc0 == 0x40;
+                let (i, mut used) = read_integer(b, if index { 6 } else { 4 })?;
+                let name: &[u8] = if i == 0 {
+                    let (n, l) = Self::string(&b[used..], &mut sn)?;
+                    used += l;
+                    n
+                } else {
+                    let (n, _) = self.get(i)?;
+                    sn.clear();
+                    sn.extend_from_slice(n);
+                    &sn
+                };
+                let (value, l) = Self::string(&b[used..], &mut sv)?;
+                used += l;
+                f(name, value);
+                if index {
+                    let (n, v) = (Bytes::copy_from_slice(name), Bytes::copy_from_slice(value));
+                    self.insert(n, v);
+                }
+                b = &b[used..];
+            }
+            first = false;
+        }
+        Ok(())
+    }
 }
 
 /// A decoded header block.
@@ -52,11 +261,12 @@ enum Field {
 pub fn decode(dec: &mut Decoder, block: &[u8], trailers: bool, limit: usize) -> Result<Block, ()> {
     let mut out = Block::default();
     // One copy of every value, sliced into the header values after.
-    let mut bytes = BytesMut::with_capacity(block.len() * 2);
+    // (Indexed fields decode to many times their size.)
+    let mut bytes = BytesMut::with_capacity(block.len() * 4 + 192);
     let mut size = 0usize;
     let mut regular_seen = false;
     let mut fields: Vec<Field> = Vec::with_capacity(16);
-    let r = dec.decode_with_cb(block, |name: Cow<'_, [u8]>, value: Cow<'_, [u8]>| {
+    let r = dec.decode(block, |name: &[u8], value: &[u8]| {
         size = size.saturating_add(name.len() + value.len() + 32);
         if size > limit {
             out.oversize = true;
@@ -65,7 +275,7 @@ pub fn decode(dec: &mut Decoder, block: &[u8], trailers: bool, limit: usize) -> 
             return;
         }
         let start = bytes.len();
-        bytes.put_slice(&value);
+        bytes.put_slice(value);
         let end = bytes.len();
         if let Some(p) = name.strip_prefix(b":") {
             let which = match p {
@@ -90,7 +300,7 @@ pub fn decode(dec: &mut Decoder, block: &[u8], trailers: bool, limit: usize) -> 
             out.malformed = Some("uppercase field name");
             return;
         }
-        let Ok(n) = HeaderName::from_bytes(&name) else {
+        let Ok(n) = HeaderName::from_bytes(name) else {
             out.malformed = Some("invalid field name");
             return;
         };
@@ -99,7 +309,7 @@ pub fn decode(dec: &mut Decoder, block: &[u8], trailers: bool, limit: usize) -> 
             || n == header::UPGRADE
             || n == "keep-alive"
             || n == "proxy-connection"
-            || (n == header::TE && &*value != b"trailers")
+            || (n == header::TE && value != b"trailers")
         {
             out.malformed = Some("connection-specific field");
             return;
@@ -276,13 +486,112 @@ pub fn encode_response(out: &mut BytesMut, status: StatusCode, headers: &HeaderM
 mod tests {
     use super::*;
 
-    fn decoded(block: &[u8]) -> Vec<(String, String)> {
-        let mut d = decoder();
-        d.decode(block)
-            .unwrap()
-            .into_iter()
-            .map(|(n, v)| (String::from_utf8(n).unwrap(), String::from_utf8(v).unwrap()))
+    fn hex(s: &str) -> Vec<u8> {
+        let s: String = s.split_whitespace().collect();
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
             .collect()
+    }
+
+    fn fields(d: &mut Decoder, block: &[u8]) -> Vec<(String, String)> {
+        let mut v = Vec::new();
+        d.decode(block, |n, val| {
+            v.push((
+                String::from_utf8(n.to_vec()).unwrap(),
+                String::from_utf8(val.to_vec()).unwrap(),
+            ))
+        })
+        .unwrap();
+        v
+    }
+
+    fn pairs(v: &[(String, String)]) -> Vec<(&str, &str)> {
+        v.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect()
+    }
+
+    /// RFC 7541 Appendix C.3 and C.4: three requests on one connection, each
+    /// leaning on the table the one before filled, without and with Huffman
+    /// codes.
+    #[test]
+    fn the_rfc_examples_decode() {
+        let first = [
+            (":method", "GET"),
+            (":scheme", "http"),
+            (":path", "/"),
+            (":authority", "www.example.com"),
+        ];
+        let mut second = first.to_vec();
+        second.push(("cache-control", "no-cache"));
+        let third = [
+            (":method", "GET"),
+            (":scheme", "https"),
+            (":path", "/index.html"),
+            (":authority", "www.example.com"),
+            ("custom-key", "custom-value"),
+        ];
+        for blocks in [
+            [
+                "8286 8441 0f77 7777 2e65 7861 6d70 6c65 2e63 6f6d",
+                "8286 84be 5808 6e6f 2d63 6163 6865",
+                "8287 85bf 400a 6375 7374 6f6d 2d6b 6579 0c63 7573 746f 6d2d 7661 6c75 65",
+            ],
+            [
+                "8286 8441 8cf1 e3c2 e5f2 3a6b a0ab 90f4 ff",
+                "8286 84be 5886 a8eb 1064 9cbf",
+                "8287 85bf 4088 25a8 49e9 5ba9 7d7f 8925 a849 e95b b8e8 b4bf",
+            ],
+        ] {
+            let mut d = decoder();
+            assert_eq!(pairs(&fields(&mut d, &hex(blocks[0]))), first);
+            assert_eq!(d.size, 57);
+            assert_eq!(pairs(&fields(&mut d, &hex(blocks[1]))), second);
+            assert_eq!(d.size, 110);
+            assert_eq!(pairs(&fields(&mut d, &hex(blocks[2]))), third);
+            assert_eq!(d.size, 164);
+        }
+    }
+
+    #[test]
+    fn the_table_evicts_the_oldest_and_obeys_size_updates() {
+        let mut d = decoder();
+        // Literal with incremental indexing, new name: 0x40, name, value.
+        let entry = |n: &str, v: &str| {
+            let mut b = vec![0x40, n.len() as u8];
+            b.extend_from_slice(n.as_bytes());
+            b.push(v.len() as u8);
+            b.extend_from_slice(v.as_bytes());
+            b
+        };
+        let v = "x".repeat(100);
+        for i in 0..40 {
+            fields(&mut d, &entry(&format!("n{i:02}"), &v));
+        }
+        // Each entry is 3 + 100 + 32 = 135 bytes: 30 fit in 4096.
+        assert_eq!(d.table.len(), 30);
+        assert_eq!(&d.table[0].0[..], b"n39");
+        // Index 62 is the newest.
+        assert_eq!(fields(&mut d, &[0x80 | 62])[0].0, "n39");
+        // A size update at the start of a block evicts; one after a field, or
+        // past SETTINGS_HEADER_TABLE_SIZE, is an error.
+        fields(&mut d, &[0x3f, 0xe1, 0x01]); // 31 + 225 = 256
+        assert_eq!(d.table.len(), 1);
+        assert!(d.decode(&[0x82, 0x20], |_, _| {}).is_err());
+        assert!(d.decode(&[0x3f, 0xe2, 0x1f], |_, _| {}).is_err()); // 4097
+    }
+
+    #[test]
+    fn broken_blocks_are_errors() {
+        for b in [
+            &[0x80][..],                                     // index 0
+            &[0xff, 0x7f][..],                               // past both tables
+            &[0x00, 0x05, b'a'][..],                         // a string longer than the block
+            &[0x00][..],                                     // a literal cut short
+            &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01][..], // an integer too long
+            &[0x00, 0x81, 0x00, 0x00][..],                   // Huffman padding of zeros
+        ] {
+            assert!(decoder().decode(b, |_, _| {}).is_err(), "{b:?}");
+        }
     }
 
     #[test]
@@ -306,14 +615,10 @@ mod tests {
         for (code, s) in [(200, "200"), (404, "404"), (201, "201"), (503, "503")] {
             let mut out = BytesMut::new();
             encode_response(&mut out, StatusCode::from_u16(code).unwrap(), &h);
-            let got = decoded(&out);
+            let got = fields(&mut decoder(), &out);
             assert_eq!(got[0], (":status".into(), s.into()));
-            let rest: Vec<_> = got[1..]
-                .iter()
-                .map(|(n, v)| (n.as_str(), v.as_str()))
-                .collect();
             assert_eq!(
-                rest,
+                pairs(&got[1..]),
                 vec![
                     ("content-type", "text/event-stream"),
                     ("date", "Thu, 03 Dec 2026 15:00:00 GMT"),
@@ -327,20 +632,25 @@ mod tests {
 
     #[test]
     fn every_static_name_has_its_index() {
-        // The decoder's own static table says what each index is.
-        for i in 15u8..=61 {
-            let mut b = BytesMut::new();
-            integer(&mut b, 0, 4, i as usize);
-            string(&mut b, b"x");
-            let (n, _) = decoded(&b).remove(0);
-            assert_eq!(static_name(&n), Some(i), "{n}");
+        for (i, (n, _)) in STATIC.iter().enumerate().skip(14) {
+            let n = std::str::from_utf8(n).unwrap();
+            assert_eq!(static_name(n), Some(i as u8 + 1), "{n}");
         }
     }
 
+    /// Fields as literals without indexing, new names.
+    fn literal_block(fields: &[(&str, &str)]) -> Vec<u8> {
+        let mut b = BytesMut::new();
+        for (n, v) in fields {
+            b.put_u8(0);
+            string(&mut b, n.as_bytes());
+            string(&mut b, v.as_bytes());
+        }
+        b.to_vec()
+    }
+
     fn request(fields: &[(&str, &str)], trailers: bool, limit: usize) -> Block {
-        let mut enc = loona_hpack::Encoder::new();
-        let block = enc.encode(fields.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())));
-        decode(&mut decoder(), &block, trailers, limit).unwrap()
+        decode(&mut decoder(), &literal_block(fields), trailers, limit).unwrap()
     }
 
     #[test]

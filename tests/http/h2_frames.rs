@@ -420,3 +420,88 @@ async fn a_request_sent_as_the_shutdown_began_is_still_served() {
         "every session finished within shutdown_timeout"
     );
 }
+
+/// The backend's JSON answers (method, target, body length and sha256, the
+/// fields it got) on each stream, read until every stream in `streams` ended.
+async fn answers(c: &mut Raw, streams: &[u32]) -> Vec<(u32, serde_json::Value)> {
+    let mut bodies: std::collections::HashMap<u32, Vec<u8>> = Default::default();
+    let mut ended = Vec::new();
+    while ended.len() < streams.len() {
+        let f = c.next().await.expect("the connection stays open");
+        match f.0 {
+            HEADERS => assert!(is_200(&f, f.2), "stream {} not 200: {:?}", f.2, f.3),
+            DATA => bodies.entry(f.2).or_default().extend_from_slice(&f.3),
+            RST_STREAM | GOAWAY => panic!("{f:?}"),
+            _ => {}
+        }
+        if (f.0 == DATA || f.0 == HEADERS) && f.1 & END_STREAM != 0 {
+            ended.push(f.2);
+        }
+    }
+    let mut v: Vec<(u32, serde_json::Value)> = bodies
+        .into_iter()
+        .map(|(id, b)| (id, serde_json::from_slice(&b).expect("the backend's JSON")))
+        .collect();
+    v.sort_by_key(|(id, _)| *id);
+    v
+}
+
+/// Request bodies go up whole and framed by their length, however their DATA
+/// came: with the head in one write (taken as one piece), after it (streamed),
+/// or in padded and tiny frames mixed with a large one (copied together in
+/// order).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_request_bodies_go_up_whole_however_their_frames_came() {
+    let py = Py::start(1).await;
+    let fg = start(&one_pool(&py, "", "upstream_protocol = \"http1\"", false));
+    let l = fg.local_addr("l").unwrap();
+    let post = |path: &str, len: usize| {
+        let n = len.to_string();
+        let mut b = get_block(path, &[("content-length", &n)]);
+        b[0] = 0x83; // :method POST
+        b
+    };
+    let json = br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+    let mut c = Raw::open(l).await;
+    // Stream 1: head and body in one write.
+    let mut w = frame(HEADERS, END_HEADERS, 1, &post("/whole", json.len()));
+    w.extend(frame(DATA, END_STREAM, 1, json));
+    c.send(&w).await;
+    let got = answers(&mut c, &[1]).await;
+    // Stream 3: the body after a pause.
+    c.send(&frame(HEADERS, END_HEADERS, 3, &post("/later", json.len())))
+        .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    c.send(&frame(DATA, END_STREAM, 3, json)).await;
+    let got3 = answers(&mut c, &[3]).await;
+    // Stream 5: a padded frame, a tiny one, a large one, a tiny last one.
+    let big: Vec<u8> = (0..6000u32).map(|i| (i % 251) as u8).collect();
+    let mut body = Vec::new();
+    let mut w = Vec::new();
+    let mut padded = vec![3u8];
+    padded.extend_from_slice(b"pad");
+    padded.extend_from_slice(&[0, 0, 0]);
+    body.extend_from_slice(b"pad");
+    w.extend(frame(DATA, 0x8, 5, &padded));
+    body.extend_from_slice(b"t");
+    w.extend(frame(DATA, 0, 5, b"t"));
+    body.extend_from_slice(&big);
+    w.extend(frame(DATA, 0, 5, &big));
+    body.extend_from_slice(b"end");
+    w.extend(frame(DATA, END_STREAM, 5, b"end"));
+    let mut all = frame(HEADERS, END_HEADERS, 5, &post("/mixed", body.len()));
+    all.extend(w);
+    c.send(&all).await;
+    let got5 = answers(&mut c, &[5]).await;
+    for ((_, v), (target, b)) in got.iter().chain(&got3).chain(&got5).zip([
+        ("/whole", &json[..]),
+        ("/later", json),
+        ("/mixed", &body),
+    ]) {
+        assert_eq!(v["method"], "POST", "{v}");
+        assert_eq!(v["target"], target, "{v}");
+        assert_eq!(v["body_len"], b.len(), "{v}");
+        assert_eq!(v["sha256"], hex(&Sha256::digest(b)), "{v}");
+        assert_eq!(sent(v, "content-length"), [b.len().to_string()], "{v}");
+    }
+}

@@ -224,7 +224,8 @@ pub async fn handle(ctx: Arc<ConnCtx>, mut req: ClientReq) -> Response<OutBody> 
         stream_idle: rc.stream_idle_timeout,
         affinity,
     };
-    // The length of a body the fast path read, counted as sent below.
+    // The length of a body written with the head (the fast path's, or an h2c
+    // client's that came whole), counted as sent below.
     let mut raw_body = 0u64;
     let (request, session) = match req {
         // The fast path's origin-form request to an HTTP/1.1 backend: its bytes,
@@ -253,6 +254,7 @@ pub async fn handle(ctx: Arc<ConnCtx>, mut req: ClientReq) -> Response<OutBody> 
         // its `HeaderMap` with the same edits (no edited copy of the map).
         ClientReq::Full(r) if version == upstream::Version::Http1 => {
             let up = prepare_h1(&mut ex, r, &how, &http, &ctx);
+            raw_body = up.inline;
             let out = match up.body {
                 None => Outgoing::Raw(up.head, up.head_req, up.idempotent),
                 Some((body, framing)) => Outgoing::Body(up.head, up.head_req, body, framing),

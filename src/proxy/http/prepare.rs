@@ -153,8 +153,11 @@ pub(super) struct H1Up {
     pub head_req: bool,
     /// It may go again on a fresh connection (an idempotent method, no body).
     pub idempotent: bool,
-    /// Its body and how the head frames it; `None`: bodiless (sent in full).
+    /// Its body and how the head frames it; `None`: bodiless, or written
+    /// after the head (sent in full).
     pub body: Option<(UpBody, raw::Framing)>,
+    /// The length of a body written after the head, in `head`.
+    pub inline: u64,
     pub session: Option<u64>,
 }
 
@@ -213,8 +216,22 @@ pub(super) fn prepare_h1(
             h.get_all(header::COOKIE).iter().map(|v| v.as_bytes()),
         )
     });
+    // A body held whole (an h2c client's, all come with its head) goes in the
+    // head's write, as the fast path's does.
+    let whole = match &body {
+        ReqBody::Buffered(b) if http.max_body_bytes.is_none_or(|m| b.len() as u64 <= m) => {
+            Some(b.clone())
+        }
+        _ => None,
+    };
+    let mut inline = 0;
     let body = if bodiless {
         // All of it goes with the head (first_byte_timeout runs from here).
+        ex.up.finish();
+        None
+    } else if let Some(b) = whole {
+        w.extend_from_slice(&b);
+        inline = b.len() as u64;
         ex.up.finish();
         None
     } else {
@@ -222,6 +239,7 @@ pub(super) fn prepare_h1(
         Some((body, framing))
     };
     H1Up {
+        inline,
         head: w.freeze(),
         head_req: parts.method == hyper::Method::HEAD,
         idempotent: bodiless && parts.method.is_idempotent(),

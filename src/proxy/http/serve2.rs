@@ -45,6 +45,9 @@ use super::HttpSettings;
 const STREAM_WINDOW: u32 = 1024 * 1024;
 const CONN_WINDOW: u32 = 1024 * 1024;
 const MAX_LOCAL_ERROR_RESETS: usize = 1024;
+/// A request body that has all come by the time its handler starts, up to
+/// this size, is taken as one piece of bytes rather than streamed.
+const MAX_WHOLE_BODY: usize = 64 * 1024;
 
 /// Serves an h2c connection until it ends: GOAWAY when the listener stops
 /// accepting (its streams finish), everything dropped when it is cut.
@@ -114,8 +117,15 @@ fn stream(
     req: Request<RecvBody>,
     reply: StreamHandle,
 ) -> Stream<impl Future<Output = Response<OutBody>>> {
-    let length = content_length(req.headers());
-    let req = req.map(|recv| ReqBody::H2(H2Body::new(recv, length)));
+    // A body that came whole with its head (a JSON POST, a unary gRPC call)
+    // goes on as bytes: to an HTTP/1.1 backend, in the write that carries the
+    // head.
+    let (parts, mut recv) = req.into_parts();
+    let body = match recv.take_whole(MAX_WHOLE_BODY) {
+        Some(b) => ReqBody::Buffered(b),
+        None => ReqBody::H2(H2Body::new(recv, content_length(&parts.headers))),
+    };
+    let req = Request::from_parts(parts, body);
     Stream {
         reply,
         state: State::Handling {

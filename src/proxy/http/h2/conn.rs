@@ -270,6 +270,10 @@ pub struct Conn<T> {
     peer_away: bool,
     eof: bool,
     resets: (Instant, u32),
+    /// Requests read and not yet handed out: all the frames a read brought are
+    /// handled first, so that a request's body that came with its head is
+    /// there when its handler starts.
+    ready: VecDeque<Accepted>,
 }
 
 /// What [`Conn::poll_accept`] gives.
@@ -330,6 +334,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
             peer_away: false,
             eof: false,
             resets: (Instant::now(), 0),
+            ready: VecDeque::new(),
         }
     }
 
@@ -378,15 +383,24 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
     }
 
     fn poll_inner(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Accepted, ConnError>>> {
+        if let Some(a) = self.ready.pop_front() {
+            return Poll::Ready(Some(Ok(a)));
+        }
         loop {
             // Frames already read first.
             let room = self.room();
             if room {
                 match self.next_frame() {
                     Err(e) => return Poll::Ready(Some(Err(e))),
-                    Ok(Some(Some(accepted))) => return Poll::Ready(Some(Ok(accepted))),
+                    Ok(Some(Some(accepted))) => {
+                        self.ready.push_back(accepted);
+                        continue;
+                    }
                     Ok(Some(None)) => continue,
                     Ok(None) => {}
+                }
+                if let Some(a) = self.ready.pop_front() {
+                    return Poll::Ready(Some(Ok(a)));
                 }
             }
             // Then out what is waiting.
@@ -1173,6 +1187,42 @@ impl RecvBody {
         }
         s.rx_waker = Some(cx.waker().clone());
         Poll::Pending
+    }
+
+    /// The whole body, if all of it came (END_STREAM, no trailers) and it is
+    /// at most `max` bytes: taken at once, its window given back.
+    pub fn take_whole(&mut self, max: usize) -> Option<Bytes> {
+        let mut g = self.shared.lock();
+        let g = &mut *g;
+        let s = g.streams.get_mut(&self.id)?;
+        if !s.rx_end || s.reset.is_some() || s.rx_trailers.is_some() {
+            return None;
+        }
+        let len = s.rx.iter().map(Bytes::len).sum::<usize>() + s.rx_tail.len();
+        if len > max {
+            return None;
+        }
+        let whole = match s.rx.pop_front() {
+            None => s.rx_tail.split().freeze(),
+            Some(only) if s.rx.is_empty() && s.rx_tail.is_empty() => only,
+            Some(first) => {
+                let mut b = BytesMut::with_capacity(len);
+                b.extend_from_slice(&first);
+                for c in s.rx.drain(..) {
+                    b.extend_from_slice(&c);
+                }
+                b.extend_from_slice(&s.rx_tail.split());
+                b.freeze()
+            }
+        };
+        self.data_done = true;
+        g.conn_release += len as u32;
+        let before = g.out.len();
+        g.give_back(self.id);
+        if g.out.len() != before {
+            g.queued();
+        }
+        Some(whole)
     }
 
     /// The trailers, once the data is over.

@@ -505,3 +505,60 @@ async fn h2c_request_bodies_go_up_whole_however_their_frames_came() {
         assert_eq!(sent(v, "content-length"), [b.len().to_string()], "{v}");
     }
 }
+
+/// A stream the client resets in the same read that opened it starts no work
+/// (its request never reaches a backend), and streams opened after the
+/// client's GOAWAY are refused at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_at_once_or_past_goaway_streams_reach_no_backend() {
+    let py = Py::start(1).await;
+    let fg = start(&one_pool(&py, "", "upstream_protocol = \"http1\"", false));
+    let l = fg.local_addr("l").unwrap();
+    let mut c = Raw::open(l).await;
+    let mut w = frame(
+        HEADERS,
+        END_HEADERS | END_STREAM,
+        1,
+        &get_block("/reset", &[]),
+    );
+    w.extend(frame(RST_STREAM, 0, 1, &CANCEL.to_be_bytes()));
+    c.send(&w).await;
+    c.send(&frame(
+        HEADERS,
+        END_HEADERS | END_STREAM,
+        3,
+        &get_block("/after", &[]),
+    ))
+    .await;
+    c.until("the response", |f| is_200(f, 3)).await;
+    assert_eq!(py.seen(0).await, vec!["GET /after".to_string()]);
+    // The client goes away while a stream is in flight; a stream it opens
+    // after that is refused, and the one in flight completes.
+    c.send(&frame(
+        HEADERS,
+        END_HEADERS | END_STREAM,
+        5,
+        &get_block("/slow?do=sleep&ms=700", &[]),
+    ))
+    .await;
+    c.send(&frame(GOAWAY, 0, 0, &[0, 0, 0, 5, 0, 0, 0, 0]))
+        .await;
+    c.send(&frame(
+        HEADERS,
+        END_HEADERS | END_STREAM,
+        7,
+        &get_block("/late", &[]),
+    ))
+    .await;
+    let f = c.until("the refusal", |f| f.2 == 7).await;
+    assert_eq!((f.0, error_code(&f.3)), (RST_STREAM, 0x7), "REFUSED_STREAM");
+    c.until("the slow response", |f| is_200(f, 5)).await;
+    let seen = py.seen(0).await;
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert!(
+        !seen
+            .iter()
+            .any(|s| s.contains("/reset") || s.contains("/late")),
+        "{seen:?}"
+    );
+}

@@ -97,6 +97,8 @@ struct Slot {
     handle: bool,
     /// Counts towards SETTINGS_MAX_CONCURRENT_STREAMS.
     counted: bool,
+    /// The body's length, if it was taken whole (see `Inner::whole_held`).
+    whole: usize,
 }
 
 impl Slot {
@@ -143,6 +145,10 @@ struct Inner {
     gone: Option<Reason>,
     /// Streams reset for the client's errors.
     error_resets: usize,
+    /// Bytes of request bodies taken whole (their window given back) whose
+    /// streams are not over: held to the connection's window, so that what a
+    /// connection's requests hold stays bounded by it.
+    whole_held: usize,
 }
 
 impl Inner {
@@ -184,6 +190,7 @@ impl Inner {
             self.conn_release += n as u32;
         }
         if s.closed() && !s.body && !s.handle {
+            self.whole_held -= s.whole;
             self.streams.remove(&id);
         }
     }
@@ -317,6 +324,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
             out_waiters: Vec::new(),
             gone: None,
             error_resets: 0,
+            whole_held: 0,
         };
         Conn {
             io,
@@ -370,9 +378,17 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
     ) -> Poll<Option<Result<Accepted, ConnError>>> {
         match self.poll_inner(cx) {
             Poll::Ready(Some(Err(e))) => {
+                // Requests read but not handed out were not processed: the
+                // GOAWAY names the last one that was, so the client may retry
+                // the others.
+                let last = self
+                    .ready
+                    .front()
+                    .map_or(self.last, |(_, h)| h.id.saturating_sub(2));
+                self.ready.clear();
                 // Best effort: the GOAWAY goes with what was queued.
                 let mut g = self.shared.lock();
-                frame::goaway(&mut g.out, self.last, e.0);
+                frame::goaway(&mut g.out, last, e.0);
                 let out = g.out.split();
                 drop(g);
                 let _ = std::pin::Pin::new(&mut self.io).poll_write(cx, &out);
@@ -382,8 +398,23 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
         }
     }
 
+    /// The next request read, less those the client reset meanwhile (a
+    /// HEADERS and its RST_STREAM in one read start no work).
+    fn pop_ready(&mut self) -> Option<Accepted> {
+        while let Some(a) = self.ready.pop_front() {
+            let reset = {
+                let g = self.shared.lock();
+                g.streams.get(&a.1.id).is_none_or(|s| s.reset.is_some())
+            };
+            if !reset {
+                return Some(a);
+            }
+        }
+        None
+    }
+
     fn poll_inner(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Accepted, ConnError>>> {
-        if let Some(a) = self.ready.pop_front() {
+        if let Some(a) = self.pop_ready() {
             return Poll::Ready(Some(Ok(a)));
         }
         loop {
@@ -399,7 +430,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
                     Ok(Some(None)) => continue,
                     Ok(None) => {}
                 }
-                if let Some(a) = self.ready.pop_front() {
+                if let Some(a) = self.pop_ready() {
                     return Poll::Ready(Some(Ok(a)));
                 }
             }
@@ -817,7 +848,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
         }
         self.seen = id;
         if self.going_away || self.peer_away {
-            // Past the GOAWAY: not processed (the client may retry it).
+            // Past a GOAWAY (either side's): not processed, and said so at
+            // once (the client may retry it elsewhere).
+            frame::rst_stream(&mut g.out, id, Reason::REFUSED_STREAM);
             return Ok(None);
         }
         self.last = id;
@@ -1199,9 +1232,11 @@ impl RecvBody {
             return None;
         }
         let len = s.rx.iter().map(Bytes::len).sum::<usize>() + s.rx_tail.len();
-        if len > max {
+        if len > max || g.whole_held + len > g.conn_window as usize {
             return None;
         }
+        s.whole = len;
+        g.whole_held += len;
         let whole = match s.rx.pop_front() {
             None => s.rx_tail.split().freeze(),
             Some(only) if s.rx.is_empty() && s.rx_tail.is_empty() => only,

@@ -140,11 +140,23 @@ fn is_200(f: &Frame, stream: u32) -> bool {
     f.0 == HEADERS && f.2 == stream && f.3.first() == Some(&0x88)
 }
 
+/// One backend behind listener "l" (HTTP/1.1 upstream, `extra` in the
+/// listener's table): the backend, flowgate and the listener's address.
+async fn served(extra: &str) -> (Py, Flowgate, SocketAddr) {
+    let py = Py::start(1).await;
+    let fg = start(&one_pool(
+        &py,
+        extra,
+        "upstream_protocol = \"http1\"",
+        false,
+    ));
+    let l = fg.local_addr("l").unwrap();
+    (py, fg, l)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2c_protocol_errors_end_the_connection_with_goaway() {
-    let py = Py::start(1).await;
-    let fg = start(&one_pool(&py, "", "upstream_protocol = \"http1\"", false));
-    let l = fg.local_addr("l").unwrap();
+    let (_py, _fg, l) = served("").await;
     let settings = |id: u16, v: u32| {
         let mut p = id.to_be_bytes().to_vec();
         p.extend_from_slice(&v.to_be_bytes());
@@ -220,14 +232,7 @@ async fn h2c_protocol_errors_end_the_connection_with_goaway() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_h2c_request_resets_only_its_stream() {
-    let py = Py::start(1).await;
-    let fg = start(&one_pool(
-        &py,
-        "max_header_bytes = 8192",
-        "upstream_protocol = \"http1\"",
-        false,
-    ));
-    let l = fg.local_addr("l").unwrap();
+    let (py, _fg, l) = served("max_header_bytes = 8192").await;
     let mut c = Raw::open(l).await;
     let malformed: [(&str, Vec<u8>); 6] = [
         (
@@ -300,9 +305,7 @@ async fn a_malformed_h2c_request_resets_only_its_stream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn continuation_floods_and_rapid_resets_get_enhance_your_calm() {
-    let py = Py::start(1).await;
-    let fg = start(&one_pool(&py, "", "upstream_protocol = \"http1\"", false));
-    let l = fg.local_addr("l").unwrap();
+    let (_py, _fg, l) = served("").await;
     // A header block that never ends (the CONTINUATION flood): cut off once
     // it is far past max_header_bytes, not read for ever.
     let mut c = Raw::open(l).await;
@@ -356,9 +359,7 @@ async fn continuation_floods_and_rapid_resets_get_enhance_your_calm() {
 /// PING that goes with it is still served; the final one names it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_sent_as_the_shutdown_began_is_still_served() {
-    let py = Py::start(1).await;
-    let fg = start(&one_pool(&py, "", "upstream_protocol = \"http1\"", false));
-    let l = fg.local_addr("l").unwrap();
+    let (py, fg, l) = served("").await;
     let mut c = Raw::open(l).await;
     c.send(&frame(
         HEADERS,
@@ -452,9 +453,7 @@ async fn answers(c: &mut Raw, streams: &[u32]) -> Vec<(u32, serde_json::Value)> 
 /// order).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2c_request_bodies_go_up_whole_however_their_frames_came() {
-    let py = Py::start(1).await;
-    let fg = start(&one_pool(&py, "", "upstream_protocol = \"http1\"", false));
-    let l = fg.local_addr("l").unwrap();
+    let (_py, _fg, l) = served("").await;
     let post = |path: &str, len: usize| {
         let n = len.to_string();
         let mut b = get_block(path, &[("content-length", &n)]);
@@ -511,9 +510,7 @@ async fn h2c_request_bodies_go_up_whole_however_their_frames_came() {
 /// client's GOAWAY are refused at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reset_at_once_or_past_goaway_streams_reach_no_backend() {
-    let py = Py::start(1).await;
-    let fg = start(&one_pool(&py, "", "upstream_protocol = \"http1\"", false));
-    let l = fg.local_addr("l").unwrap();
+    let (py, _fg, l) = served("").await;
     let mut c = Raw::open(l).await;
     let mut w = frame(
         HEADERS,

@@ -135,6 +135,19 @@ fn error_code(payload: &[u8]) -> u32 {
     u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]])
 }
 
+/// A fresh connection to `l` gets a GET answered.
+async fn serves(l: SocketAddr) {
+    let mut c = Raw::open(l).await;
+    c.send(&frame(
+        HEADERS,
+        END_HEADERS | END_STREAM,
+        1,
+        &get_block("/after", &[]),
+    ))
+    .await;
+    c.until("the response", |f| is_200(f, 1)).await;
+}
+
 /// A 200 response's HEADERS on `stream` (`:status 200` is static entry 8).
 fn is_200(f: &Frame, stream: u32) -> bool {
     f.0 == HEADERS && f.2 == stream && f.3.first() == Some(&0x88)
@@ -219,15 +232,7 @@ async fn h2c_protocol_errors_end_the_connection_with_goaway() {
     c.send(&frame(PING, 0, 0, &[0; 8])).await;
     assert_eq!(c.goaway().await, PROTOCOL_ERROR, "PING before SETTINGS");
     // The listener serves on.
-    let mut c = Raw::open(l).await;
-    c.send(&frame(
-        HEADERS,
-        END_HEADERS | END_STREAM,
-        1,
-        &get_block("/after", &[]),
-    ))
-    .await;
-    c.until("the response", |f| is_200(f, 1)).await;
+    serves(l).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -343,15 +348,7 @@ async fn continuation_floods_and_rapid_resets_get_enhance_your_calm() {
     c.send(&batch).await;
     assert_eq!(c.goaway().await, ENHANCE_YOUR_CALM, "rapid reset");
     // Others are served.
-    let mut c = Raw::open(l).await;
-    c.send(&frame(
-        HEADERS,
-        END_HEADERS | END_STREAM,
-        1,
-        &get_block("/after", &[]),
-    ))
-    .await;
-    c.until("the response", |f| is_200(f, 1)).await;
+    serves(l).await;
 }
 
 /// A graceful shutdown's GOAWAY comes in two (RFC 9113 §6.8): the first

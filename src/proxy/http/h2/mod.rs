@@ -7,5 +7,8 @@
 mod conn;
 mod frame;
 mod hpack;
+mod request;
+mod stream;
 
-pub use conn::{Conn, ConnError, RecvBody, Settings, StreamHandle};
+pub use conn::{Conn, ConnError, Settings};
+pub use stream::{RecvBody, StreamHandle};
